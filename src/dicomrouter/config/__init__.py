@@ -1,0 +1,29 @@
+"""Configuration: pydantic models, YAML loading with key-path errors, environment overrides."""
+
+from .loader import ConfigError, load_config, parse_config
+from .models import (
+    DicomDestinationConfig,
+    DicomListenerConfig,
+    DispatchConfig,
+    RetryConfig,
+    RouteConfig,
+    RouterConfig,
+    StorageConfig,
+)
+from .units import TimeWindow, format_duration, parse_duration
+
+__all__ = [
+    "ConfigError",
+    "DicomDestinationConfig",
+    "DicomListenerConfig",
+    "DispatchConfig",
+    "RetryConfig",
+    "RouteConfig",
+    "RouterConfig",
+    "StorageConfig",
+    "TimeWindow",
+    "format_duration",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+]

@@ -1,0 +1,271 @@
+"""Configuration models: the single source of truth for every option.
+
+Every key of the YAML file is a field here, with its default and a description.
+``docs/configuration.md`` is generated from these models (``dicomrouter config-docs``)
+and a test checks that the committed file is current.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .units import Duration, Window
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash, 1..16 chars
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_RE.match(value) or not value.strip():
+        raise ValueError(f"invalid AE title {value!r}: 1-16 printable characters, no backslash")
+    return value.strip()
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class DicomListenerConfig(_Model):
+    """The C-STORE / C-ECHO service that modalities send to."""
+
+    port: int = Field(11112, ge=1, le=65535, description="TCP port of the DICOM listener.")
+    bind: str = Field("0.0.0.0", description="Address to listen on; '::' for IPv6.")
+    allowed_callers: list[str] | None = Field(
+        None,
+        description="Calling AE titles allowed to associate. Unset or null: any caller.",
+    )
+    allowed_networks: list[str] | None = Field(
+        None,
+        description="Source IP addresses or CIDR networks allowed to connect. Unset: any.",
+    )
+    require_called_ae: bool = Field(
+        True, description="Reject associations whose called AE title is not `ae_title`."
+    )
+    max_pdu_size: int = Field(
+        0, ge=0, description="Maximum PDU size we receive; 0 means unlimited (fastest)."
+    )
+    max_associations: int = Field(
+        32, ge=1, description="Concurrent inbound associations before new ones are rejected."
+    )
+    acse_timeout: Duration = Field(30.0, description="Association negotiation timeout.")
+    dimse_timeout: Duration = Field(60.0, description="Timeout waiting for a DIMSE message.")
+    network_timeout: Duration = Field(
+        120.0, description="Idle network timeout before an inbound association is aborted."
+    )
+
+    @field_validator("allowed_callers")
+    @classmethod
+    def _callers(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [_check_ae_title(v) for v in value]
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"invalid IP address or CIDR network {item!r}") from exc
+        return value
+
+
+class StorageConfig(_Model):
+    """Where received objects live. The embedded SQLite index lives here too."""
+
+    path: Path = Field(Path("./data"), description="Storage folder for objects and the index.")
+    on_duplicate: Literal["overwrite", "ignore"] = Field(
+        "overwrite",
+        description=(
+            "A SOP Instance UID received again: `overwrite` replaces the stored copy and routes "
+            "it again; `ignore` keeps the first copy, answers success and routes nothing."
+        ),
+    )
+    min_free_space: int = Field(
+        256 * 1024 * 1024,
+        ge=0,
+        description="Bytes of free disk below which C-STOREs are refused with 0xA700.",
+    )
+    retention: Duration | None = Field(
+        None,
+        description=(
+            "Delete delivered objects this long after all their jobs ended. "
+            "Unset: keep everything (not yet enforced; reserved)."
+        ),
+    )
+
+
+class RetryConfig(_Model):
+    """Exponential backoff with jitter between delivery attempts."""
+
+    max_attempts: int = Field(20, ge=1, description="Attempts before a job is `failed`.")
+    initial_delay: Duration = Field(10.0, description="Delay after the first failure.")
+    max_delay: Duration = Field(1800.0, description="Upper bound of the delay.")
+    multiplier: float = Field(2.0, ge=1.0, description="Growth factor between attempts.")
+    jitter: float = Field(0.2, ge=0.0, le=1.0, description="Random +/- fraction of the delay.")
+
+    @model_validator(mode="after")
+    def _order(self) -> RetryConfig:
+        if self.max_delay < self.initial_delay:
+            raise ValueError("max_delay must not be smaller than initial_delay")
+        return self
+
+
+class DicomDestinationConfig(_Model):
+    """A DICOM C-STORE SCP that receives objects (a PACS, a VNA, an AI node...)."""
+
+    type: Literal["dicom"] = Field("dicom", description="Destination kind.")
+    ae_title: str = Field(..., description="Called AE title of the destination.")
+    host: str = Field(..., description="Host name or IP address.")
+    port: int = Field(..., ge=1, le=65535, description="TCP port.")
+    calling_ae_title: str | None = Field(
+        None, description="Calling AE title we present; default: the router's `ae_title`."
+    )
+    max_associations: int = Field(
+        1, ge=1, le=32, description="Associations opened in parallel to this destination."
+    )
+    batch_size: int = Field(
+        1000, ge=1, description="Instances sent over one association before it is renewed."
+    )
+    send_window: Window | None = Field(
+        None, description="Deliver only inside this local-time window, e.g. '19:00-07:00'."
+    )
+    retry: RetryConfig = Field(default_factory=RetryConfig, description="Retry policy.")
+    connect_timeout: Duration = Field(10.0, description="TCP connect timeout.")
+    acse_timeout: Duration = Field(30.0, description="Association negotiation timeout.")
+    dimse_timeout: Duration = Field(120.0, description="Timeout for each C-STORE response.")
+    network_timeout: Duration = Field(120.0, description="Idle network timeout.")
+    pause_after_failures: int = Field(
+        3,
+        ge=1,
+        description="Consecutive failed connections after which the destination is paused "
+        "and probed with C-ECHO instead of retried job by job.",
+    )
+    probe_interval: Duration = Field(15.0, description="C-ECHO probe period while paused.")
+    enabled: bool = Field(True, description="A disabled destination keeps its queue unsent.")
+
+    _check_ae = field_validator("ae_title", "calling_ae_title")(
+        classmethod(lambda cls, v: v if v is None else _check_ae_title(v))
+    )
+
+
+TriggerLevel = Literal["instance", "series", "study"]
+ForwardLevel = Literal["instance", "series", "study", "patient", "matched"]
+
+
+class RouteConfig(_Model):
+    """A declarative rule: when an object matches, forward something to destinations."""
+
+    name: str = Field(..., min_length=1, description="Unique route name, shown in history.")
+    trigger: TriggerLevel = Field(
+        "instance",
+        description="`instance`: route each instance as it arrives. `series`/`study`: wait "
+        "until no new instance of that series/study arrived for `stable_after`.",
+    )
+    stable_after: Duration = Field(
+        60.0, description="Quiet time that makes a series or study stable (series/study triggers)."
+    )
+    when: dict[str, Any] | None = Field(
+        None, description="Conditions (see docs/rules.md). Unset: every object matches."
+    )
+    forward: ForwardLevel | None = Field(
+        None,
+        description="What to send once triggered. Default: the trigger level (`instance`, "
+        "`series` or `study`), so one matching instance sends its whole series or study; "
+        "`matched` sends only the matching instances.",
+    )
+    to: list[str] = Field(..., min_length=1, description="Destination names.")
+    enabled: bool = Field(True, description="A disabled route is kept but never fires.")
+
+    @model_validator(mode="after")
+    def _compile_when(self) -> RouteConfig:
+        from dicomrouter.rules import RuleError, compile_condition
+
+        if self.when is not None:
+            try:
+                compile_condition(self.when)
+            except RuleError as exc:
+                raise ValueError(f"when.{exc.path}: {exc.message}" if exc.path else exc.message)
+        return self
+
+    @property
+    def forward_level(self) -> ForwardLevel:
+        return self.forward or self.trigger
+
+
+class DispatchConfig(_Model):
+    """The delivery engine."""
+
+    lease: Duration = Field(
+        120.0, description="A claimed job not renewed within this time is taken back."
+    )
+    poll_interval: Duration = Field(0.05, description="How often idle workers look for work.")
+
+
+class RouterConfig(_Model):
+    """The whole file."""
+
+    ae_title: str = Field("DICOMROUTER", description="Our AE title, called and calling.")
+    dicom: DicomListenerConfig = Field(default_factory=DicomListenerConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    database: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the index. Default: SQLite at `<storage.path>/index.sqlite`.",
+    )
+    destinations: dict[str, DicomDestinationConfig] = Field(
+        default_factory=dict, description="Named destinations."
+    )
+    routes: list[RouteConfig] = Field(default_factory=list, description="Routing rules.")
+    dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
+
+    _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RouterConfig:
+        names = [route.name for route in self.routes]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"routes: duplicate route name(s): {', '.join(duplicates)}")
+        for index, route in enumerate(self.routes):
+            for target in route.to:
+                if target not in self.destinations:
+                    known = ", ".join(sorted(self.destinations)) or "none defined"
+                    raise ValueError(
+                        f"routes[{index}].to: unknown destination {target!r} (known: {known})"
+                    )
+        for name, dest in self.destinations.items():
+            if self.is_self(dest):
+                raise ValueError(
+                    f"destinations.{name}: routing loop: {dest.ae_title}@{dest.host}:{dest.port} "
+                    "is this router itself"
+                )
+        return self
+
+    def is_self(self, dest: DicomDestinationConfig) -> bool:
+        """True when a destination points back at this router (a routing loop)."""
+        return (
+            dest.ae_title == self.ae_title
+            and dest.port == self.dicom.port
+            and _is_local_host(dest.host)
+        )
+
+    @property
+    def database_url(self) -> str:
+        return self.database or f"sqlite:///{(self.storage.path / 'index.sqlite').resolve()}"
+
+
+def _is_local_host(host: str) -> bool:
+    import socket
+
+    if host in {"localhost", "0.0.0.0", "::", socket.gethostname(), socket.getfqdn()}:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
