@@ -190,7 +190,9 @@ class RouteConfig(_Model):
             try:
                 compile_condition(self.when)
             except RuleError as exc:
-                raise ValueError(f"when.{exc.path}: {exc.message}" if exc.path else exc.message)
+                raise ValueError(
+                    f"when.{exc.path}: {exc.message}" if exc.path else exc.message
+                ) from None
         return self
 
     @property
@@ -215,7 +217,8 @@ class RouterConfig(_Model):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     database: str | None = Field(
         None,
-        description="SQLAlchemy URL of the index. Default: SQLite at `<storage.path>/index.sqlite`.",
+        description="SQLAlchemy URL of the index. "
+        "Default: SQLite at `<storage.path>/index.sqlite`.",
     )
     destinations: dict[str, DicomDestinationConfig] = Field(
         default_factory=dict, description="Named destinations."

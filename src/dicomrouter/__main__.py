@@ -1,0 +1,3 @@
+from dicomrouter.cli.main import app
+
+app(prog_name="dicomrouter")

@@ -1,0 +1,1 @@
+"""Command line edge (typer + rich)."""

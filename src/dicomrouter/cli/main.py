@@ -1,0 +1,112 @@
+"""``dicomrouter``: the command line. Every command exits non-zero with a clear message."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from dicomrouter import __version__
+
+from .common import console, err_console, fail, load, parse_target
+from .queue_cmd import queue_app
+from .rules_cmd import check_command, test_rule_command
+from .send_cmd import send_command
+
+app = typer.Typer(
+    name="dicomrouter",
+    help="Store-and-forward DICOM router: receive durably, route by rules, deliver with retries.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(queue_app, name="queue")
+app.command("check")(check_command)
+app.command("test-rule")(test_rule_command)
+app.command("send")(send_command)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML configuration file; default: embedded defaults.",
+        envvar="DICOMROUTER_CONFIG",
+    ),
+]
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Run the router in the foreground until SIGTERM or Ctrl-C."""
+    from dicomrouter.node import Node, configure_logging
+
+    settings = load(config)
+    configure_logging(settings.log_level)
+    try:
+        node = Node(settings)
+    except OSError as exc:
+        fail(f"cannot open storage {settings.storage.path}: {exc}")
+    try:
+        node.serve_forever()
+    except OSError as exc:
+        fail(f"cannot listen on {settings.dicom.bind}:{settings.dicom.port}: {exc}")
+
+
+@app.command()
+def echo(
+    target: Annotated[str, typer.Argument(help="AE@HOST:PORT")],
+    calling_ae: Annotated[str, typer.Option("--calling-ae", help="Our AE title.")] = "DICOMROUTER",
+    timeout: Annotated[float, typer.Option(help="Seconds for connect and response.")] = 10.0,
+) -> None:
+    """Send a C-ECHO (DICOM ping) and report the round trip."""
+    import time
+
+    from dicomrouter.destinations import DicomSender
+
+    dest = parse_target(
+        target, connect_timeout=timeout, acse_timeout=timeout, dimse_timeout=timeout
+    )
+    started = time.perf_counter()
+    try:
+        DicomSender(dest, calling_ae).echo()
+    except Exception as exc:
+        fail(f"C-ECHO to {target} failed: {exc}")
+    console.print(
+        f"[green]C-ECHO to {target} succeeded[/] in {(time.perf_counter() - started) * 1000:.0f} ms"
+    )
+
+
+@app.command("config-docs")
+def config_docs(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this file.")
+    ] = None,
+) -> None:
+    """Print the configuration reference generated from the models (docs/configuration.md)."""
+    from dicomrouter.config.reference import render_reference
+
+    text = render_reference()
+    if output:
+        output.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    console.print(f"dicomrouter {__version__}")
+
+
+def _table(title: str, *columns: str) -> Table:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    return table
+
+
+__all__ = ["app", "err_console"]

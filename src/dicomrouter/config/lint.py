@@ -1,0 +1,102 @@
+"""``dicomrouter check``: findings about a configuration that loads but is probably wrong.
+
+Validation (models.py) refuses what cannot work; the lint flags what works but is
+likely a mistake: dead routes, double deliveries, unused destinations, loops.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+from .models import RouterConfig, _is_local_host
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: Literal["error", "warning"]
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.where}: {self.message}"
+
+
+def lint(config: RouterConfig) -> list[Finding]:
+    from dicomrouter.rules import compile_condition, never_matches
+
+    findings: list[Finding] = []
+    used: set[str] = set()
+    for index, route in enumerate(config.routes):
+        where = f"routes[{index}] ({route.name})"
+        used.update(route.to)
+        if route.when is not None:
+            reason = never_matches(compile_condition(route.when))
+            if reason:
+                findings.append(Finding("warning", where, f"can never match: {reason}"))
+        if len(set(route.to)) != len(route.to):
+            findings.append(Finding("warning", where, "lists the same destination twice"))
+        if route.trigger != "instance" and route.forward == "instance":
+            findings.append(
+                Finding(
+                    "warning",
+                    where,
+                    "forward: instance with a series/study trigger sends "
+                    "only the matching instances; write forward: matched to say so",
+                )
+            )
+        if not route.enabled:
+            findings.append(Finding("warning", where, "is disabled"))
+
+    findings += _overlaps(config)
+    for name in sorted(set(config.destinations) - used):
+        findings.append(Finding("warning", f"destinations.{name}", "is not used by any route"))
+    for name, dest in config.destinations.items():
+        if config.is_self(dest):
+            findings.append(Finding("error", f"destinations.{name}", "routing loop: this router"))
+        elif dest.port == config.dicom.port and _is_local_host(dest.host):
+            findings.append(
+                Finding(
+                    "warning",
+                    f"destinations.{name}",
+                    f"points at this host's DICOM port {dest.port}: probably a routing loop",
+                )
+            )
+    return findings
+
+
+def _overlaps(config: RouterConfig) -> list[Finding]:
+    """Two enabled routes with the same conditions and the same destination send the
+    same data twice (the queue delivers it once, but the rules say it twice)."""
+    findings = []
+    routes = [r for r in config.routes if r.enabled]
+    for i, first in enumerate(routes):
+        for second in routes[i + 1 :]:
+            shared = sorted(set(first.to) & set(second.to))
+            if not shared:
+                continue
+            same_when = json.dumps(first.when, sort_keys=True, default=str) == json.dumps(
+                second.when, sort_keys=True, default=str
+            )
+            if same_when and first.forward_level == second.forward_level:
+                findings.append(
+                    Finding(
+                        "warning",
+                        f"routes {first.name!r} and {second.name!r}",
+                        f"send the same data to {', '.join(shared)}",
+                    )
+                )
+            elif first.when is None or second.when is None:
+                catch_all = first if first.when is None else second
+                other = second if catch_all is first else first
+                findings.append(
+                    Finding(
+                        "warning",
+                        f"routes {first.name!r} and {second.name!r}",
+                        f"{catch_all.name!r} already sends everything to "
+                        f"{', '.join(shared)}; {other.name!r} adds nothing there "
+                        "(each instance is delivered once)",
+                    )
+                )
+    return findings

@@ -1,0 +1,123 @@
+"""Destination health: count connection failures, pause, probe with C-ECHO, resume.
+
+A destination that refuses connections is not retried job by job (that would burn
+every job's attempts while a PACS is down for maintenance). After
+``pause_after_failures`` consecutive failures it is *paused*: only C-ECHO probes go
+out, every ``probe_interval``. The first successful probe resumes it and pulls its
+whole queue forward, so nothing waits out a long backoff after the peer is back.
+The state is mirrored in the index so the CLI and the API can show it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from sqlalchemy import Engine, select, update
+
+from dicomrouter.config import DicomDestinationConfig
+from dicomrouter.store.schema import destination_state
+
+log = logging.getLogger("dicomrouter.dispatch")
+
+OK = "ok"
+PAUSED = "paused"
+
+
+class DestinationHealth:
+    def __init__(self, name: str, config: DicomDestinationConfig, engine: Engine):
+        self.name = name
+        self.config = config
+        self.engine = engine
+        self._lock = threading.Lock()
+        self.state = OK
+        self.failures = 0
+        self.next_probe_at = 0.0
+        self._load()
+
+    def _load(self) -> None:
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                select(destination_state).where(destination_state.c.name == self.name)
+            ).first()
+            if row is None:
+                conn.execute(
+                    destination_state.insert().values(
+                        name=self.name, state=OK, consecutive_failures=0, updated_at=time.time()
+                    )
+                )
+                return
+        self.state = row.state
+        self.failures = row.consecutive_failures
+        # After a restart, probe a paused destination at once.
+        self.next_probe_at = 0.0
+
+    def _save(self, **values: object) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(destination_state)
+                .where(destination_state.c.name == self.name)
+                .values(
+                    state=self.state,
+                    consecutive_failures=self.failures,
+                    next_probe_at=self.next_probe_at or None,
+                    updated_at=time.time(),
+                    **values,
+                )
+            )
+
+    @property
+    def paused(self) -> bool:
+        return self.state == PAUSED
+
+    def unavailable_delay(self) -> float:
+        """How long a job waits after the destination could not be reached."""
+        return min(
+            self.config.retry.initial_delay * 2 ** max(self.failures - 1, 0),
+            self.config.probe_interval,
+        )
+
+    def record_success(self) -> None:
+        with self._lock:
+            if self.failures == 0 and self.state == OK:
+                return
+            self.failures = 0
+            self.state = OK
+            self._save(last_success_at=time.time(), paused_since=None)
+
+    def record_unreachable(self, reason: str) -> None:
+        with self._lock:
+            self.failures += 1
+            values: dict[str, object] = {"last_error": reason[:1000]}
+            if self.state == OK and self.failures >= self.config.pause_after_failures:
+                self.state = PAUSED
+                self.next_probe_at = time.time() + self.config.probe_interval
+                values["paused_since"] = time.time()
+                log.warning(
+                    "destination %s paused after %d failed connections (%s); probing every %gs",
+                    self.name,
+                    self.failures,
+                    reason,
+                    self.config.probe_interval,
+                )
+            self._save(**values)
+
+    def probe_due(self) -> bool:
+        with self._lock:
+            if self.state != PAUSED or time.time() < self.next_probe_at:
+                return False
+            self.next_probe_at = time.time() + self.config.probe_interval
+            return True
+
+    def probe_failed(self, reason: str) -> None:
+        with self._lock:
+            self._save(last_error=reason[:1000])
+
+    def resume(self) -> None:
+        with self._lock:
+            self.state = OK
+            self.failures = 0
+            self.next_probe_at = 0.0
+            self._save(paused_since=None)
+        log.warning("destination %s answers again: resumed", self.name)

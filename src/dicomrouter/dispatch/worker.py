@@ -1,0 +1,213 @@
+"""One delivery worker: claims jobs for one destination and sends them.
+
+A destination gets ``max_associations`` workers, each a thread with its own
+association, so a hung destination only ever blocks its own workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from datetime import datetime
+
+from dicomrouter.config import DicomDestinationConfig, RouterConfig
+from dicomrouter.destinations import (
+    DestinationUnavailable,
+    DicomSender,
+    InstanceResult,
+    Outcome,
+    OutgoingInstance,
+)
+from dicomrouter.queue import Claim, ItemResult, JobStore
+from dicomrouter.queue import states as S
+from dicomrouter.store import ObjectStore
+
+from .health import DestinationHealth
+
+log = logging.getLogger("dicomrouter.dispatch")
+
+_ITEM_STATE = {
+    Outcome.SUCCESS: S.ITEM_COMPLETED,
+    Outcome.WARNING: S.ITEM_WARNING,
+    Outcome.PERMANENT: S.ITEM_FAILED,
+    Outcome.TRANSIENT: S.ITEM_PENDING,
+}
+_FLUSH_EVERY = 0.5  # seconds between persisting per-instance results
+
+
+def node_id() -> str:
+    """Lease owners are ``<node>:<pid>:<worker>``; a restarted node reclaims its own."""
+    return socket.gethostname()
+
+
+class DestinationWorker(threading.Thread):
+    def __init__(
+        self,
+        name: str,
+        index: int,
+        config: RouterConfig,
+        jobs: JobStore,
+        store: ObjectStore,
+        health: DestinationHealth,
+        stop: threading.Event,
+    ):
+        super().__init__(name=f"dispatch-{name}-{index}", daemon=True)
+        self.dest_name = name
+        self.index = index
+        self.config = config
+        self.dest: DicomDestinationConfig = config.destinations[name]
+        self.jobs = jobs
+        self.store = store
+        self.health = health
+        self.stop_event = stop
+        self.owner = f"{node_id()}:{os.getpid()}:{name}:{index}"
+        calling = self.dest.calling_ae_title or config.ae_title
+        self.sender = DicomSender(self.dest, calling)
+
+    def run(self) -> None:
+        poll = self.config.dispatch.poll_interval
+        while not self.stop_event.is_set():
+            try:
+                worked = self._tick()
+            except Exception:  # never let one bad batch kill the worker
+                log.exception("dispatch worker %s failed; continuing", self.name)
+                worked = False
+            if not worked:
+                self.stop_event.wait(poll)
+        self.sender.close()
+
+    def _tick(self) -> bool:
+        if not self.dest.enabled:
+            return False
+        if self.health.paused:
+            if self.index == 0 and self.health.probe_due():
+                self._probe()
+            return False
+        window = self.dest.send_window
+        if window is not None and not window.contains(datetime.now()):
+            return False
+        claim = self.jobs.claim(
+            self.dest_name,
+            self.owner,
+            self.config.dispatch.lease,
+            max_items=max(self.dest.batch_size, 1) * 5,
+        )
+        if claim is None:
+            return False
+        self._deliver(claim)
+        return True
+
+    def _probe(self) -> None:
+        try:
+            self.sender.echo()
+        except Exception as exc:
+            self.health.probe_failed(str(exc))
+            log.info("probe of %s failed: %s", self.dest_name, exc)
+            return
+        self.health.resume()
+        self.jobs.wake_destination(self.dest_name, self.dest)
+
+    def _deliver(self, claim: Claim) -> None:
+        by_key = dict(enumerate(claim.items))
+        batch = [
+            OutgoingInstance(
+                key=key,
+                path=self.store.absolute(item.path),
+                sop_class_uid=item.sop_class_uid,
+                sop_instance_uid=item.sop_instance_uid,
+                transfer_syntax_uid=item.transfer_syntax_uid,
+            )
+            for key, item in by_key.items()
+        ]
+        buffer: list[ItemResult] = []
+        counts = {"sent": 0, "failed": 0}
+        canceled: set[int] = set()
+        last_flush = last_renew = time.monotonic()
+        last_message = ""
+
+        def on_result(result: InstanceResult) -> None:
+            nonlocal last_flush, last_renew, last_message
+            item = by_key[result.key]
+            state = _ITEM_STATE[result.outcome]
+            if state in (S.ITEM_COMPLETED, S.ITEM_WARNING):
+                counts["sent"] += 1
+            else:
+                counts["failed"] += 1
+                last_message = result.message
+            buffer.append(
+                ItemResult(item.job_id, item.instance_id, state, result.status, result.message)
+            )
+            now = time.monotonic()
+            if now - last_flush >= _FLUSH_EVERY:
+                self.jobs.record_results(buffer)
+                buffer.clear()
+                last_flush = now
+            if now - last_renew >= self.config.dispatch.lease / 3:
+                canceled.update(self.jobs.renew(claim, self.config.dispatch.lease))
+                last_renew = now
+
+        def should_stop() -> bool:
+            if self.stop_event.is_set():
+                return True
+            window = self.dest.send_window
+            if window is not None and not window.contains(datetime.now()):
+                return True
+            return bool(canceled) and all(job_id in canceled for job_id in claim.job_ids)
+
+        try:
+            results = self.sender.send(batch, on_result=on_result, should_stop=should_stop)
+        except DestinationUnavailable as exc:
+            self.jobs.record_results(buffer)
+            self.health.record_unreachable(str(exc))
+            self.jobs.finish(
+                claim,
+                self.dest,
+                count_attempt=False,
+                unavailable_delay=self.health.unavailable_delay(),
+                message=str(exc),
+                outcome="unavailable",
+                sent=0,
+                failed=0,
+            )
+            return
+        except Exception as exc:
+            self.jobs.record_results(buffer)
+            log.exception("unexpected error sending to %s", self.dest_name)
+            self.jobs.finish(
+                claim,
+                self.dest,
+                count_attempt=True,
+                unavailable_delay=0.0,
+                message=f"internal error: {exc}",
+                outcome="retry",
+                sent=counts["sent"],
+                failed=counts["failed"],
+            )
+            return
+        self.jobs.record_results(buffer)
+        if counts["sent"] or not results:
+            self.health.record_success()
+        transient = any(r.outcome is Outcome.TRANSIENT for r in results)
+        interrupted = len(results) < len(batch)
+        outcome = (
+            "interrupted"
+            if interrupted and not transient
+            else "retry"
+            if transient
+            else "failed"
+            if counts["failed"]
+            else "completed"
+        )
+        self.jobs.finish(
+            claim,
+            self.dest,
+            count_attempt=transient,
+            unavailable_delay=0.0,
+            message=last_message,
+            outcome=outcome,
+            sent=counts["sent"],
+            failed=counts["failed"],
+        )

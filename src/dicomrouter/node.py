@@ -1,0 +1,118 @@
+"""Run a router node: the receiver in this process, the dispatcher in a child process.
+
+Two processes because pynetdicom is pure Python and both receiving and sending are
+CPU-bound on the GIL (field notes: parallel associations in one process gave no
+gain, separate processes do). They share nothing but the index and the files, which
+is also what makes a crash of either one harmless: the index is the truth.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import signal
+import sys
+import threading
+from types import FrameType
+
+from dicomrouter.config import RouterConfig
+from dicomrouter.dispatch import Dispatcher
+from dicomrouter.receive import Receiver
+from dicomrouter.store import InstanceIndex, ObjectStore, create_index_engine
+
+log = logging.getLogger("dicomrouter")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def _die_with_parent() -> None:
+    """Linux: if the parent is killed (even with SIGKILL), take this process down too."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _dispatch_main(config: RouterConfig, ready: multiprocessing.synchronize.Event) -> None:
+    _die_with_parent()
+    configure_logging(config.log_level)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    engine = create_index_engine(config.database_url)
+    store = ObjectStore(config.storage.path)
+    dispatcher = Dispatcher(config, engine, store)
+    dispatcher.start()
+    ready.set()
+    stop.wait()
+    dispatcher.stop()
+
+
+class Node:
+    def __init__(self, config: RouterConfig):
+        self.config = config
+        self.store = ObjectStore(config.storage.path)
+        self.store.prepare()
+        self.engine = create_index_engine(config.database_url)
+        self.receiver = Receiver(config, self.store, InstanceIndex(self.engine))
+        self._dispatch: multiprocessing.process.BaseProcess | None = None
+
+    def start(self) -> None:
+        swept = self.store.sweep_tmp()
+        if swept:
+            log.info("removed %d partial file(s) left by interrupted transfers", swept)
+        context = multiprocessing.get_context("spawn")
+        ready = context.Event()
+        self._dispatch = context.Process(
+            target=_dispatch_main, args=(self.config, ready), name="dispatch", daemon=False
+        )
+        self._dispatch.start()
+        if not ready.wait(60):
+            raise RuntimeError("dispatch process did not start")
+        self.receiver.start()
+
+    def stop(self) -> None:
+        self.receiver.stop()
+        if self._dispatch is not None and self._dispatch.is_alive():
+            self._dispatch.terminate()  # SIGTERM: finish the current instance, release jobs
+            self._dispatch.join(60)
+            if self._dispatch.is_alive():
+                self._dispatch.kill()
+        self.engine.dispose()
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM/SIGINT, or until the dispatch process dies."""
+        stop = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("received signal %d: shutting down", signum)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        log.info("dicomrouter ready")
+        try:
+            while not stop.wait(1.0):
+                if self._dispatch is not None and not self._dispatch.is_alive():
+                    log.error("dispatch process exited unexpectedly (%s)", self._dispatch.exitcode)
+                    break
+        finally:
+            self.stop()
+            log.info("dicomrouter stopped")

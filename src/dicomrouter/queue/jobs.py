@@ -1,0 +1,485 @@
+"""The durable job queue: one job per (resource, destination), delivery state per instance.
+
+Workers claim jobs under a lease (owner + expiry). A worker that dies simply stops
+renewing; its jobs go back to ``pending`` when the lease expires, or at once when
+the same node restarts. Every state change is one short transaction.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import Connection, Engine, and_, bindparam, case, func, select, update
+
+from dicomrouter.config import DicomDestinationConfig
+from dicomrouter.store.schema import attempts, instances, job_instances, jobs
+
+from . import states as S
+
+
+@dataclass(frozen=True)
+class QueuedInstance:
+    job_id: int
+    instance_id: int
+    path: str  # relative to the object store
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+
+
+@dataclass
+class Claim:
+    """Jobs one worker holds, and the instances still to send for them."""
+
+    destination: str
+    owner: str
+    job_ids: list[int]
+    items: list[QueuedInstance] = field(default_factory=list)
+    started_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    job_id: int
+    instance_id: int
+    state: str  # ITEM_COMPLETED | ITEM_WARNING | ITEM_FAILED | ITEM_PENDING (transient)
+    status: int | None
+    message: str
+
+
+def initial_state(dest: DicomDestinationConfig, now: float) -> tuple[str, float]:
+    """``scheduled`` until the send window opens, else ``pending`` now."""
+    if dest.send_window is None:
+        return S.PENDING, now
+    moment = datetime.fromtimestamp(now)
+    if dest.send_window.contains(moment):
+        return S.PENDING, now
+    return S.SCHEDULED, dest.send_window.next_open(moment).timestamp()
+
+
+class JobStore:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    # -- creation ---------------------------------------------------------------
+    def enqueue(
+        self,
+        conn: Connection,
+        dest_name: str,
+        dest: DicomDestinationConfig,
+        level: str,
+        resource_uid: str,
+        study_uid: str,
+        routes: Iterable[str],
+        members: Sequence[tuple[int, int]],
+        now: float,
+    ) -> int | None:
+        """Queue ``members`` ((instance_id, generation) pairs) for ``dest_name``.
+
+        Instances already queued or delivered to this destination (same generation)
+        are skipped: two routes, or a follow-up, never send an instance twice. New
+        instances join a waiting job for the same resource, or start a follow-up job.
+        Returns the job id, or None when nothing was left to send.
+        """
+        if not members:
+            return None
+        wanted = {instance_id: generation for instance_id, generation in members}
+        already = set()
+        ids = list(wanted)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            already.update(
+                (row.instance_id, row.generation)
+                for row in conn.execute(
+                    select(job_instances.c.instance_id, job_instances.c.generation).where(
+                        job_instances.c.destination == dest_name,
+                        job_instances.c.instance_id.in_(chunk),
+                    )
+                )
+            )
+        fresh = [(i, g) for i, g in wanted.items() if (i, g) not in already]
+        route_names = sorted(set(routes))
+        if not fresh:
+            return None
+        waiting = conn.execute(
+            select(jobs.c.id, jobs.c.routes).where(
+                jobs.c.destination == dest_name,
+                jobs.c.level == level,
+                jobs.c.resource_uid == resource_uid,
+                jobs.c.state.in_(S.WAITING_STATES),
+            )
+        ).first()
+        if waiting is not None:
+            job_id = int(waiting.id)
+            merged = sorted(set(filter(None, waiting.routes.split(","))) | set(route_names))
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id)
+                .values(routes=",".join(merged), updated_at=now)
+            )
+        else:
+            state, next_at = initial_state(dest, now)
+            job_id = int(
+                conn.execute(
+                    jobs.insert().values(
+                        destination=dest_name,
+                        level=level,
+                        resource_uid=resource_uid,
+                        study_instance_uid=study_uid,
+                        routes=",".join(route_names),
+                        state=state,
+                        priority=0,
+                        attempts=0,
+                        next_attempt_at=next_at,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                ).inserted_primary_key[0]  # type: ignore[index]
+            )
+        conn.execute(
+            job_instances.insert(),
+            [
+                {
+                    "job_id": job_id,
+                    "instance_id": instance_id,
+                    "destination": dest_name,
+                    "generation": generation,
+                    "state": S.ITEM_PENDING,
+                    "updated_at": now,
+                }
+                for instance_id, generation in fresh
+            ],
+        )
+        return job_id
+
+    # -- claiming -----------------------------------------------------------------
+    def claim(
+        self,
+        dest_name: str,
+        owner: str,
+        lease: float,
+        max_jobs: int = 200,
+        max_items: int = 5000,
+        now: float | None = None,
+    ) -> Claim | None:
+        now = time.time() if now is None else now
+        with self.engine.begin() as conn:
+            candidates = [
+                row.id
+                for row in conn.execute(
+                    select(jobs.c.id)
+                    .where(
+                        jobs.c.destination == dest_name,
+                        jobs.c.state.in_(S.WAITING_STATES),
+                        jobs.c.next_attempt_at <= now,
+                    )
+                    .order_by(jobs.c.priority.desc(), jobs.c.id)
+                    .limit(max_jobs)
+                )
+            ]
+            if not candidates:
+                return None
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id.in_(candidates), jobs.c.state.in_(S.WAITING_STATES))
+                .values(
+                    state=S.IN_PROGRESS,
+                    lease_owner=owner,
+                    lease_expires_at=now + lease,
+                    updated_at=now,
+                )
+            )
+            claimed = [
+                row.id
+                for row in conn.execute(
+                    select(jobs.c.id).where(jobs.c.id.in_(candidates), jobs.c.lease_owner == owner)
+                )
+            ]
+            claim = Claim(dest_name, owner, claimed, started_at=now)
+            rows = conn.execute(
+                select(
+                    job_instances.c.job_id,
+                    instances.c.id,
+                    instances.c.path,
+                    instances.c.sop_class_uid,
+                    instances.c.sop_instance_uid,
+                    instances.c.transfer_syntax_uid,
+                )
+                .join(instances, instances.c.id == job_instances.c.instance_id)
+                .where(
+                    job_instances.c.job_id.in_(claimed),
+                    job_instances.c.state == S.ITEM_PENDING,
+                )
+                .order_by(job_instances.c.job_id, instances.c.id)
+                .limit(max_items)
+            )
+            claim.items = [QueuedInstance(*row) for row in rows]
+        return claim
+
+    def renew(self, claim: Claim, lease: float) -> set[int]:
+        """Extend the lease; returns the ids of jobs that were canceled meanwhile."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id.in_(claim.job_ids), jobs.c.lease_owner == claim.owner)
+                .values(lease_expires_at=now + lease)
+            )
+            canceled = {
+                row.id
+                for row in conn.execute(
+                    select(jobs.c.id).where(
+                        jobs.c.id.in_(claim.job_ids), jobs.c.state == S.CANCELED
+                    )
+                )
+            }
+        return canceled
+
+    def record_results(self, results: Sequence[ItemResult]) -> None:
+        """Persist per-instance outcomes. A transient result keeps the instance
+        pending (with the reason); a canceled instance is never overwritten."""
+        if not results:
+            return
+        now = time.time()
+        statement = (
+            update(job_instances)
+            .where(
+                job_instances.c.job_id == bindparam("b_job"),
+                job_instances.c.instance_id == bindparam("b_instance"),
+                job_instances.c.state == S.ITEM_PENDING,
+            )
+            .values(
+                state=bindparam("b_state"),
+                status=bindparam("b_status"),
+                message=bindparam("b_message"),
+                updated_at=now,
+            )
+        )
+        rows = [
+            {
+                "b_job": r.job_id,
+                "b_instance": r.instance_id,
+                "b_state": r.state,
+                "b_status": r.status,
+                "b_message": r.message[:1000],
+            }
+            for r in results
+        ]
+        with self.engine.begin() as conn:
+            conn.execute(statement, rows)
+
+    def finish(
+        self,
+        claim: Claim,
+        dest: DicomDestinationConfig,
+        count_attempt: bool,
+        unavailable_delay: float,
+        message: str,
+        outcome: str,
+        sent: int,
+        failed: int,
+    ) -> None:
+        """Settle each claimed job from its instances' states.
+
+        ``count_attempt`` is False when the destination could not be reached at all:
+        an unreachable destination is paused and probed, and its jobs wait without
+        using up ``retry.max_attempts`` (a peer may be down for a week).
+        """
+        now = time.time()
+        with self.engine.begin() as conn:
+            counts = {
+                (row.job_id, row.state): row.n
+                for row in conn.execute(
+                    select(job_instances.c.job_id, job_instances.c.state, func.count().label("n"))
+                    .where(job_instances.c.job_id.in_(claim.job_ids))
+                    .group_by(job_instances.c.job_id, job_instances.c.state)
+                )
+            }
+            current = {
+                row.id: row
+                for row in conn.execute(
+                    select(jobs.c.id, jobs.c.state, jobs.c.attempts, jobs.c.lease_owner).where(
+                        jobs.c.id.in_(claim.job_ids)
+                    )
+                )
+            }
+            for job_id in claim.job_ids:
+                row = current.get(job_id)
+                if row is None or row.lease_owner != claim.owner:
+                    continue  # lease lost: someone else owns it now
+                conn.execute(
+                    attempts.insert().values(
+                        job_id=job_id,
+                        started_at=claim.started_at,
+                        ended_at=now,
+                        outcome=outcome,
+                        sent=sent,
+                        failed=failed,
+                        message=message[:2000] if message else None,
+                    )
+                )
+                pending = counts.get((job_id, S.ITEM_PENDING), 0)
+                failed_n = counts.get((job_id, S.ITEM_FAILED), 0)
+                warned = counts.get((job_id, S.ITEM_WARNING), 0)
+                values: dict[str, object] = {
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                    "updated_at": now,
+                }
+                if row.state == S.CANCELED:
+                    self._cancel_items(conn, [job_id], now)
+                    values["finished_at"] = now
+                elif pending == 0:
+                    values["state"] = S.FAILED if failed_n else S.WARNING if warned else S.COMPLETED
+                    values["finished_at"] = now
+                    values["last_error"] = (
+                        f"{failed_n} instance(s) refused permanently: {message}"
+                        if failed_n
+                        else None
+                    )
+                else:
+                    tries = row.attempts + (1 if count_attempt else 0)
+                    values["attempts"] = tries
+                    values["last_error"] = message or None
+                    if tries >= dest.retry.max_attempts:
+                        conn.execute(
+                            update(job_instances)
+                            .where(
+                                job_instances.c.job_id == job_id,
+                                job_instances.c.state == S.ITEM_PENDING,
+                            )
+                            .values(state=S.ITEM_FAILED, updated_at=now)
+                        )
+                        values["state"] = S.FAILED
+                        values["finished_at"] = now
+                    else:
+                        state, window_at = initial_state(dest, now)
+                        values["state"] = state
+                        delay = (
+                            S.retry_delay(dest.retry, tries) if count_attempt else unavailable_delay
+                        )
+                        values["next_attempt_at"] = max(window_at, now + delay)
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
+
+    def release(self, claim: Claim) -> None:
+        """Give jobs back untouched (shutdown or window closed)."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(jobs)
+                .where(
+                    jobs.c.id.in_(claim.job_ids),
+                    jobs.c.lease_owner == claim.owner,
+                    jobs.c.state == S.IN_PROGRESS,
+                )
+                .values(state=S.PENDING, lease_owner=None, lease_expires_at=None, updated_at=now)
+            )
+
+    # -- recovery -------------------------------------------------------------------
+    def recover(self, owner_prefix: str | None = None, now: float | None = None) -> int:
+        """Return expired leases (and, at start-up, this node's own) to ``pending``."""
+        now = time.time() if now is None else now
+        condition = and_(jobs.c.state == S.IN_PROGRESS, jobs.c.lease_expires_at < now)
+        if owner_prefix is not None:
+            condition = and_(
+                jobs.c.state == S.IN_PROGRESS,
+                (jobs.c.lease_expires_at < now) | jobs.c.lease_owner.like(owner_prefix + "%"),
+            )
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(jobs)
+                .where(condition)
+                .values(state=S.PENDING, lease_owner=None, lease_expires_at=None, updated_at=now)
+            )
+        return int(result.rowcount or 0)
+
+    # -- manual actions ---------------------------------------------------------------
+    def retry(self, job_ids: Sequence[int]) -> int:
+        """Send again what did not arrive: failed/canceled instances become pending."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            eligible = [
+                row.id
+                for row in conn.execute(
+                    select(jobs.c.id).where(
+                        jobs.c.id.in_(job_ids),
+                        jobs.c.state.in_((S.FAILED, S.CANCELED, S.PENDING, S.SCHEDULED, S.WARNING)),
+                    )
+                )
+            ]
+            if not eligible:
+                return 0
+            conn.execute(
+                update(job_instances)
+                .where(
+                    job_instances.c.job_id.in_(eligible),
+                    job_instances.c.state.in_((S.ITEM_FAILED, S.ITEM_CANCELED)),
+                )
+                .values(state=S.ITEM_PENDING, updated_at=now)
+            )
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id.in_(eligible))
+                .values(
+                    state=case(
+                        (
+                            select(func.count())
+                            .where(
+                                job_instances.c.job_id == jobs.c.id,
+                                job_instances.c.state == S.ITEM_PENDING,
+                            )
+                            .scalar_subquery()
+                            > 0,
+                            S.PENDING,
+                        ),
+                        else_=jobs.c.state,
+                    ),
+                    attempts=0,
+                    next_attempt_at=now,
+                    finished_at=None,
+                    updated_at=now,
+                )
+            )
+        return len(eligible)
+
+    def cancel(self, job_ids: Sequence[int]) -> int:
+        now = time.time()
+        with self.engine.begin() as conn:
+            eligible = [
+                row.id
+                for row in conn.execute(
+                    select(jobs.c.id).where(jobs.c.id.in_(job_ids), jobs.c.state.in_(S.OPEN_STATES))
+                )
+            ]
+            if not eligible:
+                return 0
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id.in_(eligible))
+                .values(state=S.CANCELED, finished_at=now, updated_at=now)
+            )
+            self._cancel_items(conn, eligible, now)
+        return len(eligible)
+
+    @staticmethod
+    def _cancel_items(conn: Connection, job_ids: Sequence[int], now: float) -> None:
+        conn.execute(
+            update(job_instances)
+            .where(job_instances.c.job_id.in_(job_ids), job_instances.c.state == S.ITEM_PENDING)
+            .values(state=S.ITEM_CANCELED, updated_at=now)
+        )
+
+    def wake_destination(self, dest_name: str, dest: DicomDestinationConfig) -> int:
+        """A paused destination answered again: its queue resumes now, not after backoff."""
+        now = time.time()
+        state, at = initial_state(dest, now)
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(jobs)
+                .where(jobs.c.destination == dest_name, jobs.c.state.in_(S.WAITING_STATES))
+                .values(next_attempt_at=at, state=state, updated_at=now)
+            )
+        return int(result.rowcount or 0)

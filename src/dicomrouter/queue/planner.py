@@ -1,0 +1,312 @@
+"""From rules to jobs: the stage between the index and the queue.
+
+It reads instances the receiver committed (``routed = 0``), evaluates every route
+once per instance, and either queues deliveries at once (``trigger: instance``) or
+arms a series/study trigger that fires when the series or study has been quiet for
+``stable_after``. Everything one pass decides is written in one transaction, so a
+crash re-plans the batch rather than half-planning it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from pydicom.dataset import Dataset
+from sqlalchemy import Connection, Engine, Row, and_, bindparam, delete, select, update
+
+from dicomrouter.config import RouteConfig, RouterConfig
+from dicomrouter.rules import Condition, InstanceFacts, compile_condition
+from dicomrouter.store import ObjectStore, read_header
+from dicomrouter.store.schema import instances, route_matches, triggers
+
+from .jobs import JobStore
+
+log = logging.getLogger("dicomrouter.planner")
+
+_LEVEL_COLUMN = {
+    "series": instances.c.series_instance_uid,
+    "study": instances.c.study_instance_uid,
+    "patient": instances.c.patient_id,
+}
+
+
+@dataclass
+class CompiledRoute:
+    config: RouteConfig
+    condition: Condition | None  # None: matches everything, no header needed
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+@dataclass
+class _Plan:
+    """Deliveries decided in one pass, merged per (destination, resource)."""
+
+    study_uid: str
+    routes: set[str] = field(default_factory=set)
+    members: dict[int, int] = field(default_factory=dict)  # instance id -> generation
+
+
+def compile_routes(config: RouterConfig) -> list[CompiledRoute]:
+    return [
+        CompiledRoute(route, compile_condition(route.when) if route.when else None)
+        for route in config.routes
+        if route.enabled
+    ]
+
+
+class Planner:
+    def __init__(self, config: RouterConfig, engine: Engine, store: ObjectStore):
+        self.config = config
+        self.engine = engine
+        self.store = store
+        self.jobs = JobStore(engine)
+        self.routes = compile_routes(config)
+        self._needs_header = any(route.condition is not None for route in self.routes)
+
+    # -- instance arrival ---------------------------------------------------------
+    def route_new_instances(self, limit: int = 500) -> int:
+        """Plan the next batch of received instances. Returns how many were planned."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            batch = conn.execute(
+                select(instances)
+                .where(instances.c.routed == 0)
+                .order_by(instances.c.id)
+                .limit(limit)
+            ).all()
+            if not batch:
+                return 0
+            plans: dict[tuple[str, str, str], _Plan] = {}
+            for row in batch:
+                self._plan_instance(conn, row, plans, now)
+            self._commit_plans(conn, plans, now)
+            conn.execute(
+                update(instances)
+                .where(
+                    instances.c.id == bindparam("b_id"),
+                    instances.c.generation == bindparam("b_gen"),
+                )
+                .values(routed=1),
+                [{"b_id": row.id, "b_gen": row.generation} for row in batch],
+            )
+        return len(batch)
+
+    def _facts(self, row: Row) -> InstanceFacts:
+        dataset = Dataset()
+        if self._needs_header:
+            try:
+                dataset = read_header(self.store.absolute(row.path))
+            except Exception as exc:  # the file was validated at receive; be defensive
+                log.error("cannot re-read %s for routing: %s", row.sop_instance_uid, exc)
+        return InstanceFacts(
+            dataset=dataset,
+            calling_ae=row.calling_ae,
+            called_ae=row.called_ae,
+            source_address=row.source_address,
+            received_at=datetime.fromtimestamp(row.received_at),
+        )
+
+    def _plan_instance(
+        self, conn: Connection, row: Row, plans: dict[tuple[str, str, str], _Plan], now: float
+    ) -> None:
+        facts = self._facts(row) if self.routes else None
+        for route in self.routes:
+            matched = route.condition is None or route.condition.evaluate(facts)  # type: ignore[arg-type]
+            if matched:
+                conn.execute(
+                    delete(route_matches).where(
+                        route_matches.c.instance_id == row.id, route_matches.c.route == route.name
+                    )
+                )
+                conn.execute(
+                    route_matches.insert().values(
+                        instance_id=row.id,
+                        route=route.name,
+                        generation=row.generation,
+                        matched_at=now,
+                    )
+                )
+            trigger = route.config.trigger
+            if trigger == "instance":
+                if matched:
+                    self._plan_forward(conn, route, row, "instance", row.sop_instance_uid, plans)
+                continue
+            uid = row.series_instance_uid if trigger == "series" else row.study_instance_uid
+            self._arm_trigger(conn, route, trigger, uid, row.study_instance_uid, matched, now)
+
+    def _arm_trigger(
+        self,
+        conn: Connection,
+        route: CompiledRoute,
+        level: str,
+        uid: str,
+        study_uid: str,
+        matched: bool,
+        now: float,
+    ) -> None:
+        existing = conn.execute(
+            select(triggers.c.id).where(
+                triggers.c.route == route.name, triggers.c.level == level, triggers.c.uid == uid
+            )
+        ).first()
+        if existing is None:
+            if matched:
+                conn.execute(
+                    triggers.insert().values(
+                        route=route.name,
+                        level=level,
+                        uid=uid,
+                        study_instance_uid=study_uid,
+                        last_arrival=now,
+                        pending=1,
+                    )
+                )
+            return
+        # Any new instance restarts the quiet period. After a route fired, a new
+        # instance re-arms it: the follow-up sends only what was not sent yet.
+        values: dict[str, object] = {"last_arrival": now}
+        if matched or route.config.forward_level not in ("matched", "instance"):
+            values["pending"] = 1
+        conn.execute(update(triggers).where(triggers.c.id == existing.id).values(**values))
+
+    # -- stable series/studies --------------------------------------------------------
+    def fire_stable_triggers(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        by_name = {route.name: route for route in self.routes}
+        fired = 0
+        with self.engine.begin() as conn:
+            armed = conn.execute(select(triggers).where(triggers.c.pending == 1)).all()
+            plans: dict[tuple[str, str, str], _Plan] = {}
+            for trig in armed:
+                route = by_name.get(trig.route)
+                if route is None:  # route removed or disabled since
+                    conn.execute(delete(triggers).where(triggers.c.id == trig.id))
+                    continue
+                if now - trig.last_arrival < route.config.stable_after:
+                    continue
+                self._plan_trigger(conn, route, trig, plans)
+                conn.execute(
+                    update(triggers)
+                    .where(triggers.c.id == trig.id, triggers.c.last_arrival == trig.last_arrival)
+                    .values(pending=0, fired_at=now)
+                )
+                fired += 1
+            self._commit_plans(conn, plans, now)
+        return fired
+
+    def _plan_trigger(
+        self,
+        conn: Connection,
+        route: CompiledRoute,
+        trig: Row,
+        plans: dict[tuple[str, str, str], _Plan],
+    ) -> None:
+        column = _LEVEL_COLUMN[trig.level]
+        scope = conn.execute(
+            select(instances).where(column == trig.uid).order_by(instances.c.id)
+        ).all()
+        if not scope:
+            return
+        self._plan_forward(conn, route, scope[0], trig.level, trig.uid, plans, scope=scope)
+
+    # -- what to send ----------------------------------------------------------------
+    def _plan_forward(
+        self,
+        conn: Connection,
+        route: CompiledRoute,
+        row: Row,
+        trigger_level: str,
+        trigger_uid: str,
+        plans: dict[tuple[str, str, str], _Plan],
+        scope: list[Row] | None = None,
+    ) -> None:
+        """Expand the route's ``forward`` into instances and merge them into ``plans``."""
+        forward = route.config.forward_level
+        if forward in ("matched", "instance"):
+            if scope is None:
+                members = [row]
+            else:
+                matched_ids = self._matched_ids(conn, route.name, [r.id for r in scope])
+                members = [r for r in scope if (r.id, r.generation) in matched_ids]
+            level, uid = trigger_level, trigger_uid
+        elif forward == "series" and trigger_level == "study" and scope is not None:
+            matched_ids = self._matched_ids(conn, route.name, [r.id for r in scope])
+            wanted = {r.series_instance_uid for r in scope if (r.id, r.generation) in matched_ids}
+            for series_uid in sorted(wanted):
+                members = [r for r in scope if r.series_instance_uid == series_uid]
+                self._merge(plans, route, "series", series_uid, row.study_instance_uid, members)
+            return
+        else:
+            if forward == "patient" and not row.patient_id:
+                forward = "study"  # no Patient ID: the study is the widest safe scope
+            level = forward
+            uid = {
+                "series": row.series_instance_uid,
+                "study": row.study_instance_uid,
+                "patient": row.patient_id,
+            }[forward]
+            if scope is not None and level == trigger_level:
+                members = scope
+            else:
+                members = conn.execute(
+                    select(instances.c.id, instances.c.generation).where(
+                        _LEVEL_COLUMN[level] == uid
+                    )
+                ).all()
+        self._merge(plans, route, level, uid, row.study_instance_uid, members)
+
+    @staticmethod
+    def _matched_ids(conn: Connection, route: str, ids: list[int]) -> set[tuple[int, int]]:
+        found: set[tuple[int, int]] = set()
+        for start in range(0, len(ids), 500):
+            found.update(
+                (r.instance_id, r.generation)
+                for r in conn.execute(
+                    select(route_matches.c.instance_id, route_matches.c.generation).where(
+                        and_(
+                            route_matches.c.route == route,
+                            route_matches.c.instance_id.in_(ids[start : start + 500]),
+                        )
+                    )
+                )
+            )
+        return found
+
+    @staticmethod
+    def _merge(
+        plans: dict[tuple[str, str, str], _Plan],
+        route: CompiledRoute,
+        level: str,
+        uid: str,
+        study_uid: str,
+        members: Iterable[Row],
+    ) -> None:
+        for dest in route.config.to:
+            plan = plans.setdefault((dest, level, uid), _Plan(study_uid))
+            plan.routes.add(route.name)
+            for member in members:
+                plan.members[member.id] = member.generation
+
+    def _commit_plans(
+        self, conn: Connection, plans: dict[tuple[str, str, str], _Plan], now: float
+    ) -> None:
+        for (dest_name, level, uid), plan in plans.items():
+            dest = self.config.destinations[dest_name]
+            self.jobs.enqueue(
+                conn,
+                dest_name,
+                dest,
+                level,
+                uid,
+                plan.study_uid,
+                plan.routes,
+                list(plan.members.items()),
+                now,
+            )

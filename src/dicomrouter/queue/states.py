@@ -1,0 +1,36 @@
+"""Job and delivery states, and the retry delay."""
+
+from __future__ import annotations
+
+import random
+
+from dicomrouter.config import RetryConfig
+
+SCHEDULED = "scheduled"  # waiting for the destination's send window
+PENDING = "pending"  # ready (or waiting out a retry delay: see next_attempt_at)
+IN_PROGRESS = "in_progress"  # claimed by a worker under a lease
+COMPLETED = "completed"
+WARNING = "warning"  # delivered, the destination answered a warning status
+FAILED = "failed"
+CANCELED = "canceled"
+
+JOB_STATES = (SCHEDULED, PENDING, IN_PROGRESS, COMPLETED, WARNING, FAILED, CANCELED)
+OPEN_STATES = (SCHEDULED, PENDING, IN_PROGRESS)
+WAITING_STATES = (SCHEDULED, PENDING)
+FINAL_STATES = (COMPLETED, WARNING, FAILED, CANCELED)
+
+# Per-instance delivery states inside a job.
+ITEM_PENDING = "pending"
+ITEM_COMPLETED = "completed"
+ITEM_WARNING = "warning"
+ITEM_FAILED = "failed"
+ITEM_CANCELED = "canceled"
+
+
+def retry_delay(policy: RetryConfig, attempts: int, rng: random.Random | None = None) -> float:
+    """Exponential backoff with jitter: initial * multiplier^(attempts-1), capped."""
+    base = policy.initial_delay * policy.multiplier ** max(attempts - 1, 0)
+    base = min(base, policy.max_delay)
+    spread = base * policy.jitter
+    value = base + (rng or random).uniform(-spread, spread)
+    return max(0.0, min(value, policy.max_delay))

@@ -1,0 +1,5 @@
+"""Receive stage: the DICOM C-STORE/C-ECHO service (pynetdicom SCP)."""
+
+from .scp import Receiver
+
+__all__ = ["Receiver"]

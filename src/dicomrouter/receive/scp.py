@@ -1,0 +1,191 @@
+"""The C-STORE/C-ECHO service. Its one job: make each object durable, then say so.
+
+The ``EVT_C_STORE`` handler runs in the association's thread and the response is
+sent when it returns, so it does only this: parse the header of the file
+pynetdicom streamed to ``<storage>/tmp``, validate, fsync and rename it into
+place, commit the index row, answer. Routing and delivery happen in another
+process, so a slow destination can never slow a modality down.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config, evt
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
+
+from dicomrouter.config import RouterConfig
+from dicomrouter.net import install_tcp_nodelay
+from dicomrouter.store import (
+    InstanceHeader,
+    InstanceIndex,
+    InvalidUID,
+    ObjectStore,
+    Provenance,
+    Recorded,
+    StorageError,
+    read_header,
+)
+
+from .contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES, VERIFICATION_SOP_CLASS
+
+log = logging.getLogger("dicomrouter.receive")
+
+# DIMSE statuses we answer (PS3.4 Annex B.2.3).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+INVALID_UID = 0xC001
+UID_MISMATCH = 0xC002
+
+
+def _status(code: int, comment: str) -> Dataset:
+    response = Dataset()
+    response.Status = code
+    response.ErrorComment = comment[:64]
+    return response
+
+
+class Receiver:
+    """Owns the pynetdicom AE; ``start()`` listens, ``stop()`` shuts down cleanly."""
+
+    def __init__(self, config: RouterConfig, store: ObjectStore, index: InstanceIndex):
+        self.config = config
+        self.store = store
+        self.index = index
+        self._server: ThreadedAssociationServer | None = None
+        self._networks = [
+            ipaddress.ip_network(net, strict=False) for net in (config.dicom.allowed_networks or [])
+        ]
+        self.stored = 0
+        self._count_lock = threading.Lock()
+
+    # -- set-up -----------------------------------------------------------------
+    def _build_ae(self) -> AE:
+        listener = self.config.dicom
+        ae = AE(ae_title=self.config.ae_title)
+        ae.maximum_pdu_size = listener.max_pdu_size
+        ae.maximum_associations = listener.max_associations
+        ae.acse_timeout = listener.acse_timeout
+        ae.dimse_timeout = listener.dimse_timeout
+        ae.network_timeout = listener.network_timeout
+        ae.require_called_aet = listener.require_called_ae
+        if listener.allowed_callers is not None:
+            ae.require_calling_aet = list(listener.allowed_callers)
+        ae.add_supported_context(VERIFICATION_SOP_CLASS)
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
+        return ae
+
+    def start(self) -> None:
+        """Listen on the configured port. Objects stream to ``<storage>/tmp``."""
+        install_tcp_nodelay()
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        # pynetdicom creates its temporary files in tempfile's folder: make that our
+        # tmp folder on the storage filesystem so a file is renamed, never copied.
+        tempfile.tempdir = str(self.store.tmp)
+        self.store.prepare()
+        ae = self._build_ae()
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, lambda event: SUCCESS),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        address = (self.config.dicom.bind, self.config.dicom.port)
+        server = ae.start_server(address, block=False, evt_handlers=handlers)
+        if self._networks:
+            server.verify_request = self._verify_source  # type: ignore[method-assign]
+        self._server = server
+        log.info("listening for DICOM as %s on %s:%s", self.config.ae_title, *address)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # -- handlers ---------------------------------------------------------------
+    def _verify_source(self, request: Any, client_address: Any) -> bool:
+        host = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        allowed = any(address in network for network in self._networks)
+        if not allowed:
+            log.warning("refused connection from %s: not in dicom.allowed_networks", host)
+        return allowed
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        log.warning(
+            "rejected association from %s (%s:%s) calling %s",
+            requestor.ae_title,
+            requestor.address,
+            requestor.port,
+            event.assoc.acceptor.ae_title,
+        )
+
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        request = event.request
+        temp_path = Path(event.dataset_path)
+        assoc = event.assoc
+        try:
+            if self.store.free_bytes() < self.config.storage.min_free_space:
+                log.error("refusing C-STORE: free disk below storage.min_free_space")
+                return _status(OUT_OF_RESOURCES, "storage is full")
+            try:
+                header = InstanceHeader.from_dataset(read_header(temp_path))
+            except InvalidUID as exc:
+                log.warning("rejected instance from %s: %s", assoc.requestor.ae_title, exc)
+                return _status(INVALID_UID, str(exc))
+            except Exception as exc:  # pydicom raises many types on garbage input
+                log.warning("unreadable dataset from %s: %s", assoc.requestor.ae_title, exc)
+                return _status(CANNOT_UNDERSTAND, f"unreadable dataset: {exc}")
+            if header.sop_instance_uid != str(request.AffectedSOPInstanceUID).strip("\x00 "):
+                return _status(UID_MISMATCH, "SOPInstanceUID differs from the C-STORE request")
+            if self.config.storage.on_duplicate == "ignore" and self.index.exists(
+                header.sop_instance_uid
+            ):
+                log.info("duplicate %s ignored (storage.on_duplicate)", header.sop_instance_uid)
+                return SUCCESS
+            relative = self.store.relative_path(
+                header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+            )
+            size = temp_path.stat().st_size
+            self.store.commit(temp_path, relative)
+            provenance = Provenance(
+                calling_ae=str(assoc.requestor.ae_title).strip(),
+                called_ae=str(assoc.acceptor.ae_title).strip(),
+                source_address=str(assoc.requestor.address),
+            )
+            recorded = self.index.record(header, relative, size, provenance)
+            if recorded is Recorded.OVERWRITTEN:
+                log.info("instance %s received again: replaced", header.sop_instance_uid)
+            with self._count_lock:
+                self.stored += 1
+            return SUCCESS
+        except StorageError as exc:
+            log.error("cannot store instance: %s", exc)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return _status(OUT_OF_RESOURCES, "storage is full")
+            return _status(OUT_OF_RESOURCES, "storage error")
+        except SQLAlchemyError as exc:
+            log.error("cannot index instance: %s", exc)
+            return _status(OUT_OF_RESOURCES, "index unavailable")
+        finally:
+            # pynetdicom unlinks the temp file after we return; on success it was
+            # renamed away already. Remove it here too so rejects never linger.
+            if temp_path.exists():
+                try:
+                    os.unlink(temp_path)
+                except OSError:
+                    pass

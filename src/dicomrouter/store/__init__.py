@@ -1,0 +1,20 @@
+"""Store/index stage: durable object files plus the SQL index every later stage reads."""
+
+from .database import create_index_engine
+from .files import ObjectStore, StorageError
+from .header import InstanceHeader, read_header
+from .index import InstanceIndex, Provenance, Recorded
+from .uids import InvalidUID, validate_uid
+
+__all__ = [
+    "InstanceHeader",
+    "InstanceIndex",
+    "InvalidUID",
+    "ObjectStore",
+    "Provenance",
+    "Recorded",
+    "StorageError",
+    "create_index_engine",
+    "read_header",
+    "validate_uid",
+]

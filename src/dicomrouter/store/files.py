@@ -1,0 +1,108 @@
+"""The object store: where files live and how they become durable.
+
+Layout: ``<root>/objects/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``. UIDs are
+validated (digits and dots) before they become path components, and the final
+path is checked to be inside the root as a second line of defence.
+
+Durability: a file is written in ``<root>/tmp`` (same filesystem), fsynced, then
+atomically renamed into place and its directory fsynced. Only then is it indexed,
+and only then is success answered. A crash at any step leaves either nothing
+visible or a complete file (orphans in tmp are swept at start-up).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .uids import validate_uid
+
+
+class StorageError(OSError):
+    """The store could not keep an object (disk full, permissions...)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ObjectStore:
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+        self.objects = self.root / "objects"
+        self.tmp = self.root / "tmp"
+
+    def prepare(self) -> None:
+        for folder in (self.root, self.objects, self.tmp):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def sweep_tmp(self, older_than: float = 0.0) -> int:
+        """Delete temporary files left by aborted transfers or a crash."""
+        removed = 0
+        cutoff = time.time() - older_than
+        for entry in self.tmp.iterdir():
+            try:
+                if entry.stat().st_mtime <= cutoff:
+                    entry.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
+    def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        parts = [
+            validate_uid(study_uid, "StudyInstanceUID"),
+            validate_uid(series_uid, "SeriesInstanceUID"),
+            validate_uid(sop_uid, "SOPInstanceUID") + ".dcm",
+        ]
+        return "/".join(parts)
+
+    def absolute(self, relative: str) -> Path:
+        path = (self.objects / relative).resolve()
+        if not path.is_relative_to(self.objects):
+            raise StorageError(f"path {relative!r} escapes the storage folder")
+        return path
+
+    def commit(self, temp_path: Path, relative: str, fsync_file: bool = True) -> Path:
+        """Make ``temp_path`` durable at ``relative``; returns the final path."""
+        final = self.absolute(relative)
+        try:
+            if fsync_file:
+                fd = os.open(temp_path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            created = self._ensure_dir(final.parent)
+            os.replace(temp_path, final)
+            _fsync_dir(final.parent)
+            for folder in created:
+                _fsync_dir(folder.parent)
+        except OSError as exc:
+            raise StorageError(exc.errno, f"cannot store object: {exc.strerror}") from exc
+        return final
+
+    def _ensure_dir(self, folder: Path) -> list[Path]:
+        created: list[Path] = []
+        probe = folder
+        while not probe.exists():
+            created.append(probe)
+            probe = probe.parent
+        if created:
+            folder.mkdir(parents=True, exist_ok=True)
+        return created
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def delete(self, relative: str) -> None:
+        try:
+            self.absolute(relative).unlink()
+        except FileNotFoundError:
+            pass

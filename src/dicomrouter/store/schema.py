@@ -1,0 +1,165 @@
+"""The index schema (SQLAlchemy Core). SQLite by default; written to run on PostgreSQL.
+
+Times are stored as POSIX seconds (float) so that comparisons and arithmetic are
+identical on every backend.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+SCHEMA_VERSION = 1
+
+meta_info = Table(
+    "meta_info",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("sop_instance_uid", String(64), nullable=False, unique=True),
+    Column("sop_class_uid", String(64), nullable=False),
+    Column("transfer_syntax_uid", String(64), nullable=False),
+    Column("study_instance_uid", String(64), nullable=False, index=True),
+    Column("series_instance_uid", String(64), nullable=False, index=True),
+    Column("patient_id", String(64), nullable=False, default="", index=True),
+    Column("patient_name", String(324), nullable=False, default=""),
+    Column("accession_number", String(64), nullable=False, default=""),
+    Column("study_date", String(8), nullable=False, default=""),
+    Column("study_description", String(64), nullable=False, default=""),
+    Column("modality", String(16), nullable=False, default=""),
+    Column("path", Text, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("received_at", Float, nullable=False),
+    Column("calling_ae", String(16), nullable=False, default=""),
+    Column("called_ae", String(16), nullable=False, default=""),
+    Column("source_address", String(64), nullable=False, default=""),
+    # Bumped each time the same SOP Instance UID is received again (overwrite policy).
+    Column("generation", Integer, nullable=False, default=1),
+    # 0 until the rules stage has looked at this generation of the instance.
+    Column("routed", Integer, nullable=False, default=0),
+)
+Index("ix_instances_unrouted", instances.c.routed, instances.c.id)
+
+route_matches = Table(
+    "route_matches",
+    metadata,
+    Column("instance_id", Integer, ForeignKey("instances.id"), primary_key=True),
+    Column("route", String(128), primary_key=True),
+    Column("generation", Integer, primary_key=True),
+    Column("matched_at", Float, nullable=False),
+)
+
+# Pending series/study triggers: fire when now - last_arrival >= stable_after.
+triggers = Table(
+    "triggers",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("route", String(128), nullable=False),
+    Column("level", String(16), nullable=False),
+    Column("uid", String(64), nullable=False),
+    Column("study_instance_uid", String(64), nullable=False),
+    Column("last_arrival", Float, nullable=False),
+    Column("pending", Integer, nullable=False, default=1),
+    Column("fired_at", Float),
+    UniqueConstraint("route", "level", "uid", name="uq_trigger"),
+)
+Index("ix_triggers_pending", triggers.c.pending, triggers.c.last_arrival)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("destination", String(128), nullable=False),
+    Column("level", String(16), nullable=False),  # instance|series|study|patient
+    Column("resource_uid", String(64), nullable=False),
+    Column("study_instance_uid", String(64), nullable=False, default=""),
+    Column("routes", Text, nullable=False, default=""),  # comma-separated route names
+    # scheduled|pending|in_progress|completed|warning|failed|canceled
+    Column("state", String(16), nullable=False),
+    Column("priority", Integer, nullable=False, default=0),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("lease_owner", String(128)),
+    Column("lease_expires_at", Float),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("finished_at", Float),
+    Column("last_error", Text),
+)
+Index("ix_jobs_claim", jobs.c.destination, jobs.c.state, jobs.c.next_attempt_at)
+Index("ix_jobs_resource", jobs.c.destination, jobs.c.level, jobs.c.resource_uid)
+Index("ix_jobs_study", jobs.c.study_instance_uid)
+
+# Per-instance delivery state inside a job: a retry resends only what did not arrive.
+job_instances = Table(
+    "job_instances",
+    metadata,
+    Column("job_id", Integer, ForeignKey("jobs.id"), primary_key=True),
+    Column("instance_id", Integer, ForeignKey("instances.id"), primary_key=True),
+    Column("destination", String(128), nullable=False),
+    Column("generation", Integer, nullable=False),
+    # pending|completed|warning|failed|canceled
+    Column("state", String(16), nullable=False, default="pending"),
+    Column("status", Integer),
+    Column("message", Text),
+    Column("updated_at", Float, nullable=False),
+    # One delivery of one generation of an instance per destination, however many routes.
+    UniqueConstraint("destination", "instance_id", "generation", name="uq_delivery"),
+)
+Index("ix_job_instances_state", job_instances.c.job_id, job_instances.c.state)
+
+attempts = Table(
+    "attempts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False, index=True),
+    Column("started_at", Float, nullable=False),
+    Column("ended_at", Float),
+    Column("outcome", String(16)),  # completed|warning|retry|failed|unavailable|interrupted
+    Column("sent", Integer, nullable=False, default=0),
+    Column("failed", Integer, nullable=False, default=0),
+    Column("message", Text),
+)
+
+destination_state = Table(
+    "destination_state",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("state", String(16), nullable=False, default="ok"),  # ok|paused
+    Column("consecutive_failures", Integer, nullable=False, default=0),
+    Column("paused_since", Float),
+    Column("next_probe_at", Float),
+    Column("last_error", Text),
+    Column("last_success_at", Float),
+    Column("updated_at", Float, nullable=False),
+)
+
+__all__ = [
+    "attempts",
+    "destination_state",
+    "instances",
+    "job_instances",
+    "jobs",
+    "meta_info",
+    "metadata",
+    "route_matches",
+    "triggers",
+]
