@@ -143,7 +143,7 @@ class Receiver:
                 log.error("refusing C-STORE: free disk below storage.min_free_space")
                 return _status(OUT_OF_RESOURCES, "storage is full")
             try:
-                header = InstanceHeader.from_dataset(read_header(temp_path))
+                header = InstanceHeader.from_dataset(read_header(temp_path, identity_only=True))
             except InvalidUID as exc:
                 log.warning("rejected instance from %s: %s", assoc.requestor.ae_title, exc)
                 return _status(INVALID_UID, str(exc))

@@ -64,7 +64,9 @@ class ObjectStore:
         return "/".join(parts)
 
     def absolute(self, relative: str) -> Path:
-        path = (self.objects / relative).resolve()
+        # normpath, not resolve(): no symlink walk on the hot path. UIDs are already
+        # digits and dots; this is the second line of defence.
+        path = Path(os.path.normpath(self.objects / relative))
         if not path.is_relative_to(self.objects):
             raise StorageError(f"path {relative!r} escapes the storage folder")
         return path

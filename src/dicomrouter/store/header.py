@@ -20,16 +20,28 @@ _PIXEL_GROUP_START = 0x7FE00000
 _DEFER_SIZE = 64 * 1024  # large private blobs stay on disk
 
 
+_LAST_INDEXED_TAG = 0x0020000E  # SeriesInstanceUID: every indexed element comes before it
+
+
 def _stop_at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
     return tag >= _PIXEL_GROUP_START
 
 
-def read_header(source: str | Path | BinaryIO) -> Dataset:
-    """Parse a Part-10 file up to (not including) pixel data."""
+def _stop_after_identity(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag > _LAST_INDEXED_TAG
+
+
+def read_header(source: str | Path | BinaryIO, identity_only: bool = False) -> Dataset:
+    """Parse a Part-10 file up to (not including) pixel data.
+
+    ``identity_only`` stops after SeriesInstanceUID: enough for :class:`InstanceHeader`
+    and about half the cost, which matters on the receive path.
+    """
+    stop = _stop_after_identity if identity_only else _stop_at_pixels
     if isinstance(source, str | Path):
         with open(source, "rb") as handle:
-            return read_partial(handle, stop_when=_stop_at_pixels, defer_size=_DEFER_SIZE)
-    return read_partial(source, stop_when=_stop_at_pixels, defer_size=_DEFER_SIZE)
+            return read_partial(handle, stop_when=stop, defer_size=_DEFER_SIZE)
+    return read_partial(source, stop_when=stop, defer_size=_DEFER_SIZE)
 
 
 def _text(dataset: Dataset, keyword: str) -> str:

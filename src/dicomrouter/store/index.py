@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
+from functools import cached_property
 from dataclasses import dataclass
 from enum import StrEnum
 
-from sqlalchemy import Engine, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Engine, Executable, select
 
 from .header import InstanceHeader
 from .schema import instances
@@ -47,9 +47,10 @@ class InstanceIndex:
         provenance: Provenance,
         received_at: float | None = None,
     ) -> Recorded:
-        """Insert the instance, or replace the existing record of the same SOP Instance UID
-        (a new generation, to be routed again). Committed when this returns."""
+        """Insert the instance, or replace the record of the same SOP Instance UID as a
+        new generation (to be routed again). One statement; committed on return."""
         values = {
+            "sop_instance_uid": header.sop_instance_uid,
             "sop_class_uid": header.sop_class_uid,
             "transfer_syntax_uid": header.transfer_syntax_uid,
             "study_instance_uid": header.study_instance_uid,
@@ -63,32 +64,32 @@ class InstanceIndex:
             "path": relative_path,
             "size": size,
             "received_at": received_at or time.time(),
-            "calling_ae": provenance.calling_ae,
-            "called_ae": provenance.called_ae,
-            "source_address": provenance.source_address,
+            "calling_ae": provenance.calling_ae[:16],
+            "called_ae": provenance.called_ae[:16],
+            "source_address": provenance.source_address[:64],
+            "generation": 1,
             "routed": 0,
         }
-        for _ in range(2):
-            with self.engine.begin() as conn:
-                existing = conn.execute(
-                    select(instances.c.id, instances.c.generation).where(
-                        instances.c.sop_instance_uid == header.sop_instance_uid
-                    )
-                ).first()
-                if existing is None:
-                    try:
-                        conn.execute(
-                            instances.insert().values(
-                                sop_instance_uid=header.sop_instance_uid, generation=1, **values
-                            )
-                        )
-                        return Recorded.NEW
-                    except IntegrityError:
-                        continue  # a concurrent association stored it first: overwrite
-                conn.execute(
-                    instances.update()
-                    .where(instances.c.id == existing.id)
-                    .values(generation=existing.generation + 1, **values)
-                )
-                return Recorded.OVERWRITTEN
-        raise RuntimeError("could not record instance")  # pragma: no cover
+        with self.engine.begin() as conn:
+            generation = conn.execute(self._upsert, values).scalar_one()
+        return Recorded.NEW if generation == 1 else Recorded.OVERWRITTEN
+
+    @cached_property
+    def _upsert(self) -> Executable:
+        """``INSERT .. ON CONFLICT (sop_instance_uid) DO UPDATE .. RETURNING generation``
+        (SQLite and PostgreSQL share the syntax)."""
+        dialect = self.engine.dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        statement = insert(instances)
+        replaced = {
+            column.name: statement.excluded[column.name]
+            for column in instances.columns
+            if column.name not in ("id", "sop_instance_uid", "generation")
+        }
+        replaced["generation"] = instances.c.generation + 1
+        return statement.on_conflict_do_update(
+            index_elements=[instances.c.sop_instance_uid], set_=replaced
+        ).returning(instances.c.generation)
