@@ -139,20 +139,45 @@ class JobStore:
                     )
                 ).inserted_primary_key[0]  # type: ignore[index]
             )
-        conn.execute(
-            job_instances.insert(),
-            [
-                {
-                    "job_id": job_id,
-                    "instance_id": instance_id,
-                    "destination": dest_name,
-                    "generation": generation,
-                    "state": S.ITEM_PENDING,
-                    "updated_at": now,
-                }
-                for instance_id, generation in fresh
-            ],
+        # An instance received again while its older copy still waits in this job:
+        # the job sends the newer copy once, instead of both.
+        in_job = (
+            {
+                row.instance_id
+                for row in conn.execute(
+                    select(job_instances.c.instance_id).where(
+                        job_instances.c.job_id == job_id,
+                        job_instances.c.instance_id.in_([i for i, _ in fresh]),
+                    )
+                )
+            }
+            if waiting is not None
+            else set()
         )
+        for instance_id, generation in fresh:
+            if instance_id in in_job:
+                conn.execute(
+                    update(job_instances)
+                    .where(
+                        job_instances.c.job_id == job_id,
+                        job_instances.c.instance_id == instance_id,
+                    )
+                    .values(generation=generation, state=S.ITEM_PENDING, updated_at=now)
+                )
+        inserts = [
+            {
+                "job_id": job_id,
+                "instance_id": instance_id,
+                "destination": dest_name,
+                "generation": generation,
+                "state": S.ITEM_PENDING,
+                "updated_at": now,
+            }
+            for instance_id, generation in fresh
+            if instance_id not in in_job
+        ]
+        if inserts:
+            conn.execute(job_instances.insert(), inserts)
         return job_id
 
     # -- claiming -----------------------------------------------------------------

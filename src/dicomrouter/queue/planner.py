@@ -178,6 +178,8 @@ class Planner:
 
     # -- stable series/studies --------------------------------------------------------
     def fire_stable_triggers(self, now: float | None = None) -> int:
+        """Fire armed triggers whose series/study has been quiet for ``stable_after``
+        (``now`` is the clock the quiet time is measured against)."""
         now = time.time() if now is None else now
         by_name = {route.name: route for route in self.routes}
         fired = 0
@@ -198,7 +200,7 @@ class Planner:
                     .values(pending=0, fired_at=now)
                 )
                 fired += 1
-            self._commit_plans(conn, plans, now)
+            self._commit_plans(conn, plans, time.time())
         return fired
 
     def _plan_trigger(

@@ -1,0 +1,428 @@
+"""Queue semantics at the index level: planning, dedup, follow-ups, leases, retries.
+
+These run the real planner and job store on a real SQLite index and real files,
+without the network, so each rule of the issue is checked precisely and fast.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import select
+
+from dicomrouter.config import parse_config
+from dicomrouter.queue import ItemResult, JobStore, Planner
+from dicomrouter.queue import states as S
+from dicomrouter.queue.views import job_detail, list_jobs
+from dicomrouter.store import (
+    InstanceHeader,
+    InstanceIndex,
+    ObjectStore,
+    Provenance,
+    create_index_engine,
+    read_header,
+)
+from dicomrouter.store.schema import jobs
+from tests.support.synth import make_study
+
+DEST = {"ae_title": "PACS", "host": "127.0.0.1", "port": 4242}
+
+
+class Pipeline:
+    """Receive (minus the network) -> plan; the same calls the receiver makes."""
+
+    def __init__(self, tmp_path: Path, config: dict[str, Any]):
+        config.setdefault("storage", {"path": str(tmp_path / "store")})
+        self.config = parse_config(config, environ={})
+        self.store = ObjectStore(self.config.storage.path)
+        self.store.prepare()
+        self.engine = create_index_engine(self.config.database_url)
+        self.index = InstanceIndex(self.engine)
+        self.planner = Planner(self.config, self.engine, self.store)
+        self.jobs = JobStore(self.engine)
+
+    def receive(self, files: list[Path], calling_ae: str = "CT1") -> None:
+        for file in files:
+            header = InstanceHeader.from_dataset(read_header(file))
+            temp = self.store.tmp / file.name
+            shutil.copyfile(file, temp)
+            relative = self.store.relative_path(
+                header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+            )
+            self.store.commit(temp, relative)
+            self.index.record(
+                header, relative, file.stat().st_size, Provenance(calling_ae, "R", "10.1.2.3")
+            )
+
+    def plan(self, later: float = 0.0) -> None:
+        while self.planner.route_new_instances():
+            pass
+        self.planner.fire_stable_triggers(now=time.time() + later)
+
+    def job_list(self, **filters: Any) -> list[dict[str, Any]]:
+        return sorted(list_jobs(self.engine, limit=10_000, **filters), key=lambda j: j["id"])
+
+    def members(self, job_id: int) -> set[str]:
+        detail = job_detail(self.engine, job_id)
+        assert detail is not None
+        return {i["sop_instance_uid"] for i in detail["instances"]}
+
+
+def uids(files: list[Path]) -> set[str]:
+    return {dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
+
+
+def route(**kwargs: Any) -> dict[str, Any]:
+    return {"name": kwargs.pop("name", "r"), "to": kwargs.pop("to", ["pacs"]), **kwargs}
+
+
+def test_instance_trigger_one_job_per_instance(tmp_path: Path) -> None:
+    p = Pipeline(tmp_path, {"destinations": {"pacs": DEST}, "routes": [route()]})
+    files = make_study(tmp_path / "in", 3)
+    p.receive(files)
+    p.plan()
+    found = p.job_list()
+    assert [(j["level"], j["state"], j["total"]) for j in found] == [("instance", "pending", 1)] * 3
+    assert set().union(*(p.members(j["id"]) for j in found)) == uids(files)
+
+
+def test_study_trigger_waits_for_stability_then_sends_whole_study(tmp_path: Path) -> None:
+    config = {
+        "destinations": {"research": DEST},
+        "routes": [
+            route(
+                to=["research"],
+                trigger="study",
+                stable_after="30s",
+                when={"Modality": "CT", "StudyDescription": {"contains": "HEAD"}},
+            )
+        ],
+    }
+    p = Pipeline(tmp_path, config)
+    head = make_study(
+        tmp_path / "in", 4, study_description="CT HEAD W/O", series_count=2, prefix="H"
+    )
+    chest = make_study(tmp_path / "in", 2, study_description="CT CHEST", prefix="C")
+    p.receive(head + chest)
+    p.plan()
+    assert p.job_list() == []  # not stable yet
+    p.plan(later=31)
+    (job,) = p.job_list()
+    assert (job["level"], job["destination"], job["routes"]) == ("study", "research", ["r"])
+    assert p.members(job["id"]) == uids(head)
+
+
+def test_matched_forward_sends_only_matching_instances(tmp_path: Path) -> None:
+    config = {
+        "destinations": {"pacs": DEST},
+        "routes": [
+            route(
+                trigger="study",
+                stable_after="1s",
+                forward="matched",
+                when={"SeriesDescription": {"contains": "KEY"}},
+            )
+        ],
+    }
+    p = Pipeline(tmp_path, config)
+    files = make_study(tmp_path / "in", 10, series_count=2)
+    key_file = files[0]
+    ds = dcmread(key_file)
+    ds.SeriesDescription = "KEY IMAGES"
+    ds.save_as(key_file)
+    p.receive(files)
+    p.plan(later=2)
+    (job,) = p.job_list()
+    assert p.members(job["id"]) == uids([key_file])
+
+
+def test_default_forward_sends_whole_study_for_one_matching_instance(tmp_path: Path) -> None:
+    config = {
+        "destinations": {"pacs": DEST},
+        "routes": [
+            route(
+                trigger="study", stable_after="1s", when={"SeriesDescription": {"contains": "KEY"}}
+            )
+        ],
+    }
+    p = Pipeline(tmp_path, config)
+    files = make_study(tmp_path / "in", 6)
+    ds = dcmread(files[3])
+    ds.SeriesDescription = "KEY IMAGES"
+    ds.save_as(files[3])
+    p.receive(files)
+    p.plan(later=2)
+    (job,) = p.job_list()
+    assert p.members(job["id"]) == uids(files)
+
+
+def test_two_routes_same_destination_deliver_once(tmp_path: Path) -> None:
+    config = {
+        "destinations": {"pacs": DEST},
+        "routes": [
+            route(name="a", trigger="study", stable_after="1s"),
+            route(name="b", trigger="study", stable_after="1s", when={"Modality": "CT"}),
+        ],
+    }
+    p = Pipeline(tmp_path, config)
+    files = make_study(tmp_path / "in", 5)
+    p.receive(files)
+    p.plan(later=2)
+    (job,) = p.job_list()
+    assert job["routes"] == ["a", "b"]
+    assert job["total"] == 5
+
+
+def test_instance_and_study_routes_to_same_destination_do_not_double_send(tmp_path: Path) -> None:
+    config = {
+        "destinations": {"pacs": DEST},
+        "routes": [route(name="each"), route(name="study", trigger="study", stable_after="1s")],
+    }
+    p = Pipeline(tmp_path, config)
+    files = make_study(tmp_path / "in", 4)
+    p.receive(files)
+    p.plan(later=2)
+    delivered = [m for j in p.job_list() for m in p.members(j["id"])]
+    assert sorted(delivered) == sorted(uids(files))
+
+
+def test_follow_up_sends_only_new_instances(tmp_path: Path) -> None:
+    config = {"destinations": {"pacs": DEST}, "routes": [route(trigger="study", stable_after="1s")]}
+    p = Pipeline(tmp_path, config)
+    first = make_study(tmp_path / "in", 4, prefix="A")
+    study_uid = dcmread(first[0]).StudyInstanceUID
+    p.receive(first)
+    p.plan(later=2)
+    (job1,) = p.job_list()
+    # The first job is being sent (claimed), so the follow-up cannot join it.
+    claim = p.jobs.claim("pacs", "test:1", lease=60)
+    assert claim is not None and claim.job_ids == [job1["id"]]
+    late = make_study(tmp_path / "in", 3, study_uid=study_uid, prefix="B")
+    p.receive(late)
+    p.plan()
+    assert len(p.job_list()) == 1  # re-armed, waiting for stability again
+    p.plan(later=2)
+    job1_now, job2 = p.job_list()
+    assert p.members(job2["id"]) == uids(late)
+    assert p.members(job1_now["id"]) == uids(first)
+
+
+def test_waiting_job_absorbs_new_instances(tmp_path: Path) -> None:
+    p = Pipeline(tmp_path, {"destinations": {"pacs": DEST}, "routes": [route(forward="study")]})
+    files = make_study(tmp_path / "in", 3)
+    p.receive(files[:1])
+    p.plan()
+    p.receive(files[1:])
+    p.plan()
+    (job,) = p.job_list()
+    assert job["level"] == "study" and p.members(job["id"]) == uids(files)
+
+
+def test_calling_ae_and_source_address_pseudo_keys(tmp_path: Path) -> None:
+    config = {
+        "destinations": {"pacs": DEST},
+        "routes": [
+            route(when={"CallingAETitle": {"in": ["CT1", "CT2"]}, "SourceAddress": "10.0.0.0/8"})
+        ],
+    }
+    p = Pipeline(tmp_path, config)
+    ok = make_study(tmp_path / "in", 2, prefix="OK")
+    other = make_study(tmp_path / "in", 2, prefix="NO")
+    p.receive(ok, calling_ae="CT2")
+    p.receive(other, calling_ae="MR1")
+    p.plan()
+    delivered = set().union(*(p.members(j["id"]) for j in p.job_list()))
+    assert delivered == uids(ok)
+
+
+def test_overwrite_after_delivery_routes_the_new_copy_again(tmp_path: Path) -> None:
+    p = Pipeline(tmp_path, {"destinations": {"pacs": DEST}, "routes": [route()]})
+    files = make_study(tmp_path / "in", 1)
+    p.receive(files)
+    p.plan()
+    claim = p.jobs.claim("pacs", "w", lease=60)
+    _settle(p, claim, {}, count_attempt=True)
+    p.receive(files)  # the same SOP Instance UID again
+    p.plan()
+    first, second = p.job_list()
+    assert (first["state"], second["state"]) == (S.COMPLETED, S.PENDING)
+    assert p.members(second["id"]) == uids(files)
+
+
+def test_overwrite_while_queued_sends_the_newer_copy_once(tmp_path: Path) -> None:
+    p = Pipeline(tmp_path, {"destinations": {"pacs": DEST}, "routes": [route()]})
+    files = make_study(tmp_path / "in", 1)
+    p.receive(files)
+    p.plan()
+    p.receive(files)
+    p.plan()
+    (job,) = p.job_list()
+    claim = p.jobs.claim("pacs", "w", lease=60)
+    assert claim is not None and len(claim.items) == 1
+
+
+def test_send_window_schedules_jobs(tmp_path: Path) -> None:
+    now = time.localtime()
+    start = f"{(now.tm_hour + 2) % 24:02d}:00"
+    end = f"{(now.tm_hour + 3) % 24:02d}:00"
+    p = Pipeline(
+        tmp_path,
+        {"destinations": {"pacs": {**DEST, "send_window": f"{start}-{end}"}}, "routes": [route()]},
+    )
+    p.receive(make_study(tmp_path / "in", 1))
+    p.plan()
+    (job,) = p.job_list()
+    assert job["state"] == S.SCHEDULED
+    assert job["next_attempt_at"] > time.time() + 3600
+    assert p.jobs.claim("pacs", "w", lease=10) is None
+
+
+def _settle(p: Pipeline, claim, states: dict[str, str], count_attempt: bool) -> None:  # type: ignore[no-untyped-def]
+    results = [
+        ItemResult(
+            item.job_id,
+            item.instance_id,
+            states.get(item.sop_instance_uid, S.ITEM_COMPLETED),
+            0xA700 if states.get(item.sop_instance_uid) == S.ITEM_PENDING else 0,
+            "x",
+        )
+        for item in claim.items
+    ]
+    p.jobs.record_results(results)
+    p.jobs.finish(
+        claim,
+        p.config.destinations["pacs"],
+        count_attempt=count_attempt,
+        unavailable_delay=5.0,
+        message="0xA700 Out of resources",
+        outcome="retry",
+        sent=0,
+        failed=0,
+    )
+
+
+def test_retry_resends_only_what_did_not_arrive_then_fails_after_max_attempts(
+    tmp_path: Path,
+) -> None:
+    dest = {**DEST, "retry": {"max_attempts": 2, "initial_delay": "10s", "max_delay": "1m"}}
+    p = Pipeline(tmp_path, {"destinations": {"pacs": dest}, "routes": [route(forward="study")]})
+    files = make_study(tmp_path / "in", 3)
+    p.receive(files)
+    p.plan()
+    claim = p.jobs.claim("pacs", "w", lease=60)
+    assert claim is not None and len(claim.items) == 3
+    bad = claim.items[0].sop_instance_uid
+    _settle(p, claim, {bad: S.ITEM_PENDING}, count_attempt=True)
+    (job,) = p.job_list()
+    assert job["state"] == S.PENDING and job["attempts"] == 1
+    assert 7 <= job["next_attempt_at"] - time.time() <= 13  # 10s +/- 20% jitter
+    assert p.jobs.claim("pacs", "w", lease=60) is None  # backing off
+    claim = p.jobs.claim("pacs", "w", lease=60, now=time.time() + 20)
+    assert claim is not None and [i.sop_instance_uid for i in claim.items] == [bad]
+    _settle(p, claim, {bad: S.ITEM_PENDING}, count_attempt=True)
+    (job,) = p.job_list()
+    assert job["state"] == S.FAILED and job["delivered"] == 2
+    # Manual retry sends the failed instance only.
+    assert p.jobs.retry([job["id"]]) == 1
+    claim = p.jobs.claim("pacs", "w", lease=60)
+    assert claim is not None and [i.sop_instance_uid for i in claim.items] == [bad]
+
+
+def test_unreachable_destination_does_not_use_up_attempts(tmp_path: Path) -> None:
+    dest = {**DEST, "retry": {"max_attempts": 1}}
+    p = Pipeline(tmp_path, {"destinations": {"pacs": dest}, "routes": [route()]})
+    p.receive(make_study(tmp_path / "in", 1))
+    p.plan()
+    for _ in range(5):
+        claim = p.jobs.claim("pacs", "w", lease=60, now=time.time() + 3600)
+        assert claim is not None
+        p.jobs.finish(
+            claim,
+            p.config.destinations["pacs"],
+            count_attempt=False,
+            unavailable_delay=5.0,
+            message="connection refused",
+            outcome="unavailable",
+            sent=0,
+            failed=0,
+        )
+    (job,) = p.job_list()
+    assert (job["state"], job["attempts"]) == (S.PENDING, 0)
+    assert len(job_detail(p.engine, job["id"])["attempts"]) == 5  # type: ignore[index]
+
+
+def test_warning_and_permanent_failure_states(tmp_path: Path) -> None:
+    p = Pipeline(tmp_path, {"destinations": {"pacs": DEST}, "routes": [route(forward="study")]})
+    files = make_study(tmp_path / "in", 2)
+    p.receive(files)
+    p.plan()
+    claim = p.jobs.claim("pacs", "w", lease=60)
+    assert claim is not None
+    first, second = (i.sop_instance_uid for i in claim.items)
+    _settle(p, claim, {first: S.ITEM_WARNING}, count_attempt=False)
+    assert p.job_list()[0]["state"] == S.WARNING
+
+
+def test_expired_lease_is_recovered_and_restart_reclaims_own_jobs(tmp_path: Path) -> None:
+    p = Pipeline(tmp_path, {"destinations": {"pacs": DEST}, "routes": [route()]})
+    p.receive(make_study(tmp_path / "in", 2))
+    p.plan()
+    assert p.jobs.claim("pacs", "nodeA:1:pacs:0", lease=60, max_jobs=1) is not None
+    assert p.jobs.claim("pacs", "nodeB:1:pacs:0", lease=1, max_jobs=1) is not None
+    assert p.jobs.recover() == 0
+    assert p.jobs.recover(now=time.time() + 2) == 1  # nodeB's lease expired
+    assert p.jobs.recover(owner_prefix="nodeA:") == 1  # nodeA restarted
+    assert {j["state"] for j in p.job_list()} == {S.PENDING}
+
+
+def test_cancel_and_retry(tmp_path: Path) -> None:
+    p = Pipeline(tmp_path, {"destinations": {"pacs": DEST}, "routes": [route()]})
+    p.receive(make_study(tmp_path / "in", 2))
+    p.plan()
+    ids = [j["id"] for j in p.job_list()]
+    assert p.jobs.cancel(ids) == 2
+    assert {j["state"] for j in p.job_list()} == {S.CANCELED}
+    assert p.jobs.claim("pacs", "w", lease=60) is None
+    assert p.jobs.cancel(ids) == 0  # already final
+    assert p.jobs.retry(ids) == 2
+    claim = p.jobs.claim("pacs", "w", lease=60)
+    assert claim is not None and len(claim.items) == 2
+
+
+def test_canceled_while_in_progress_is_noticed_on_renew(tmp_path: Path) -> None:
+    p = Pipeline(tmp_path, {"destinations": {"pacs": DEST}, "routes": [route()]})
+    p.receive(make_study(tmp_path / "in", 1))
+    p.plan()
+    claim = p.jobs.claim("pacs", "w", lease=60)
+    assert claim is not None
+    p.jobs.cancel(claim.job_ids)
+    assert p.jobs.renew(claim, 60) == set(claim.job_ids)
+    _settle(p, claim, {}, count_attempt=False)
+    with p.engine.connect() as conn:
+        assert conn.execute(select(jobs.c.state)).scalar_one() == S.CANCELED
+
+
+@pytest.mark.parametrize("level", ["series", "patient"])
+def test_forward_levels(tmp_path: Path, level: str) -> None:
+    p = Pipeline(
+        tmp_path,
+        {
+            "destinations": {"pacs": DEST},
+            "routes": [route(forward=level, when={"SeriesNumber": 1})],
+        },
+    )
+    files = make_study(tmp_path / "in", 4, series_count=2)
+    p.receive(files)
+    p.plan()
+    (job,) = p.job_list()
+    assert job["level"] == level
+    series = {dcmread(f).SeriesNumber: [] for f in files}
+    for f in files:
+        series[dcmread(f).SeriesNumber].append(f)
+    expected = uids(series[1]) if level == "series" else uids(files)
+    assert p.members(job["id"]) == expected
