@@ -77,6 +77,10 @@ class Node:
         swept = self.store.sweep_tmp()
         if swept:
             log.info("removed %d partial file(s) left by interrupted transfers", swept)
+        self._start_dispatch()
+        self.receiver.start()
+
+    def _start_dispatch(self) -> None:
         context = multiprocessing.get_context("spawn")
         ready = context.Event()
         self._dispatch = context.Process(
@@ -85,7 +89,6 @@ class Node:
         self._dispatch.start()
         if not ready.wait(60):
             raise RuntimeError("dispatch process did not start")
-        self.receiver.start()
 
     def stop(self) -> None:
         self.receiver.stop()
@@ -111,8 +114,13 @@ class Node:
         try:
             while not stop.wait(1.0):
                 if self._dispatch is not None and not self._dispatch.is_alive():
-                    log.error("dispatch process exited unexpectedly (%s)", self._dispatch.exitcode)
-                    break
+                    # Receiving goes on regardless; the index holds the work, so a new
+                    # dispatch process resumes it (its own leases are reclaimed).
+                    log.error(
+                        "dispatch process exited unexpectedly (%s); restarting it",
+                        self._dispatch.exitcode,
+                    )
+                    self._start_dispatch()
         finally:
             self.stop()
             log.info("dicomrouter stopped")

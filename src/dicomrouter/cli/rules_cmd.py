@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -56,7 +56,7 @@ def test_rule_command(
     files = _expand(paths)
     if not files:
         fail("no files found")
-    report = []
+    report: list[dict[str, Any]] = []
     for file in files:
         try:
             dataset = read_header(file)
@@ -70,7 +70,7 @@ def test_rule_command(
             source_address=source,
             received_at=datetime.now(),
         )
-        matches = []
+        matches: list[dict[str, Any]] = []
         for route in routes:
             matched = route.condition is None or route.condition.evaluate(facts)
             matches.append(

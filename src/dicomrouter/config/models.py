@@ -135,7 +135,7 @@ class DicomDestinationConfig(_Model):
     send_window: Window | None = Field(
         None, description="Deliver only inside this local-time window, e.g. '19:00-07:00'."
     )
-    retry: RetryConfig = Field(default_factory=RetryConfig, description="Retry policy.")
+    retry: RetryConfig = Field(default_factory=lambda: RetryConfig(), description="Retry policy.")
     connect_timeout: Duration = Field(10.0, description="TCP connect timeout.")
     acse_timeout: Duration = Field(30.0, description="Association negotiation timeout.")
     dimse_timeout: Duration = Field(120.0, description="Timeout for each C-STORE response.")
@@ -213,8 +213,8 @@ class RouterConfig(_Model):
     """The whole file."""
 
     ae_title: str = Field("DICOMROUTER", description="Our AE title, called and calling.")
-    dicom: DicomListenerConfig = Field(default_factory=DicomListenerConfig)
-    storage: StorageConfig = Field(default_factory=StorageConfig)
+    dicom: DicomListenerConfig = Field(default_factory=lambda: DicomListenerConfig())
+    storage: StorageConfig = Field(default_factory=lambda: StorageConfig())
     database: str | None = Field(
         None,
         description="SQLAlchemy URL of the index. "
@@ -224,7 +224,7 @@ class RouterConfig(_Model):
         default_factory=dict, description="Named destinations."
     )
     routes: list[RouteConfig] = Field(default_factory=list, description="Routing rules.")
-    dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
+    dispatch: DispatchConfig = Field(default_factory=lambda: DispatchConfig())
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))

@@ -87,7 +87,7 @@ class JobStore:
         if not members:
             return None
         wanted = {instance_id: generation for instance_id, generation in members}
-        already = set()
+        already: set[tuple[int, int]] = set()
         ids = list(wanted)
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -227,10 +227,11 @@ class Planner:
         trigger_level: str,
         trigger_uid: str,
         plans: dict[tuple[str, str, str], _Plan],
-        scope: list[Row] | None = None,
+        scope: Sequence[Row] | None = None,
     ) -> None:
         """Expand the route's ``forward`` into instances and merge them into ``plans``."""
         forward = route.config.forward_level
+        members: Sequence[Row]
         if forward in ("matched", "instance"):
             if scope is None:
                 members = [row]
@@ -257,11 +258,13 @@ class Planner:
             if scope is not None and level == trigger_level:
                 members = scope
             else:
-                members = conn.execute(
-                    select(instances.c.id, instances.c.generation).where(
-                        _LEVEL_COLUMN[level] == uid
-                    )
-                ).all()
+                members = list(
+                    conn.execute(
+                        select(instances.c.id, instances.c.generation).where(
+                            _LEVEL_COLUMN[level] == uid
+                        )
+                    ).all()
+                )
         self._merge(plans, route, level, uid, row.study_instance_uid, members)
 
     @staticmethod

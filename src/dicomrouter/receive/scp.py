@@ -95,14 +95,14 @@ class Receiver:
         tempfile.tempdir = str(self.store.tmp)
         self.store.prepare()
         ae = self._build_ae()
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
         address = (self.config.dicom.bind, self.config.dicom.port)
         server = ae.start_server(address, block=False, evt_handlers=handlers)
-        if self._networks:
+        if self._networks and server is not None:
             server.verify_request = self._verify_source  # type: ignore[method-assign]
         self._server = server
         log.info("listening for DICOM as %s on %s:%s", self.config.ae_title, *address)
@@ -135,7 +135,7 @@ class Receiver:
         )
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
-        request = event.request
+        request: Any = event.request
         temp_path = Path(event.dataset_path)
         assoc = event.assoc
         try:

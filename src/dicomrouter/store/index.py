@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 from functools import cached_property
 from dataclasses import dataclass
 from enum import StrEnum
@@ -78,13 +79,11 @@ class InstanceIndex:
     def _upsert(self) -> Executable:
         """``INSERT .. ON CONFLICT (sop_instance_uid) DO UPDATE .. RETURNING generation``
         (SQLite and PostgreSQL share the syntax)."""
-        dialect = self.engine.dialect.name
-        if dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
-        statement = insert(instances)
-        replaced = {
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        statement = dialect.insert(instances)
+        replaced: dict[str, Any] = {
             column.name: statement.excluded[column.name]
             for column in instances.columns
             if column.name not in ("id", "sop_instance_uid", "generation")

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The README's test command. On a fresh Debian machine it installs what the tests
+# need (dcmtk and Orthanc as real DICOM peers, the Python dependencies), lints, and
+# runs the whole suite, interop tests included. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
+
+missing=()
+[ -x /usr/bin/storescu ] || missing+=(dcmtk)
+[ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "== installing ${missing[*]} (apt-get)"
+  $SUDO apt-get update -qq
+  # policy-rc.d keeps the package's own Orthanc service from starting on ports we use.
+  $SUDO env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+echo "== installing Python dependencies"
+"$PYTHON" -m pip install -q -e '.[test]'
+
+echo "== lint"
+"$PYTHON" -m ruff check src tests bench
+"$PYTHON" -m ruff format --check src tests bench
+
+echo "== tests"
+"$PYTHON" -m pytest -p no:cacheprovider -ra "$@"
