@@ -1,0 +1,732 @@
+#!/usr/bin/env python
+"""End-to-end routing benchmark: dcmtk direct vs Orthanc auto-routing vs dicomrouter.
+
+Why this shape: a router's cost is what it adds between a sender and a receiver, so
+every path starts at the same ``storescu`` and ends at the same ``storescp``, and the
+clock runs from ``storescu`` start until the final ``storescp`` has written the last
+file (we poll its output folder). Three paths per dataset:
+
+a. ``storescu -> storescp``: the ceiling (no intermediary);
+b. ``storescu -> Orthanc -> storescp``: the peer, a Lua ``OnStoredInstance`` script that
+   forwards every instance with ``SendToModality`` (per-instance, like our
+   ``trigger: instance`` routes);
+c. ``storescu -> dicomrouter -> storescp``: ``python -m dicomrouter serve``.
+
+Every dcmtk tool and Orthanc gets ``TCP_NODELAY=1`` (see docs: without it Nagle's
+algorithm dominates the numbers). Every server is started fresh for each repeat, so no
+run profits from a previous run's state, and legs are interleaved within a repeat so
+slow drift of the machine affects them alike. Medians are reported.
+
+This is a benchmark, not a test: run it by hand, see ``bench/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # for tests.support when run as a script
+
+from tests.support.dcmtk import dcmtk_env, dcmtk_tool, free_port  # noqa: E402
+from tests.support.orthanc import Orthanc, orthanc_executable  # noqa: E402
+from tests.support.synth import (  # noqa: E402
+    LARGE_SHAPE,
+    SMALL_SHAPE,
+    instances_for_bytes,
+    iter_study,
+)
+
+# Wide enough for the tables when piped (rich falls back to 80 columns without a tty).
+console = Console() if sys.stdout.isatty() else Console(width=120)
+
+DEST_AET = "DEST"
+ORTHANC_AET = "ORTHANC"
+ROUTER_AET = "DICOMROUTER"
+SCU_AET = "BENCHSCU"
+POLL_INTERVAL = 0.02
+RSS_INTERVAL = 0.2
+MB = 1_000_000
+
+LUA_FORWARD = """
+-- Per-instance auto-routing: forward each stored instance to the destination.
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  SendToModality(instanceId, 'dest')
+end
+"""
+
+LEGS = {
+    "direct": "a. direct",
+    "orthanc": "b. Orthanc (Lua)",
+    "router": "c. dicomrouter",
+}
+
+
+class BenchError(RuntimeError):
+    """A leg failed: a peer died, answered an error, or a wait timed out."""
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def _env() -> dict[str, str]:
+    return dcmtk_env()  # TCP_NODELAY=1, or Nagle's algorithm dominates the numbers
+
+
+def echo(aet: str, port: int, timeout: float = 5.0) -> bool:
+    """One C-ECHO with dcmtk's echoscu; True if the peer answered."""
+    try:
+        result = subprocess.run(
+            [dcmtk_tool("echoscu"), "-aet", SCU_AET, "-aec", aet, "-to", "2", "-ta", "2"]
+            + ["-td", "2", "127.0.0.1", str(port)],
+            env=_env(),
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    return result.returncode == 0
+
+
+def wait_echo(
+    aet: str, port: int, proc: subprocess.Popen[bytes], timeout: float, what: str
+) -> None:
+    """Poll C-ECHO until ``proc``'s server answers; fail fast if it exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{what} exited with code {proc.returncode} during startup")
+        if echo(aet, port):
+            return
+        time.sleep(0.1)
+    raise BenchError(f"{what} did not answer C-ECHO within {timeout:.0f}s")
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """SIGTERM, wait, then SIGKILL this process (and its own process group)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # started with start_new_session
+            proc.wait(timeout=timeout)
+
+
+def count_files(folder: Path) -> int:
+    """Number of regular files directly in ``folder`` (storescp writes flat)."""
+    try:
+        with os.scandir(folder) as entries:
+            return sum(1 for entry in entries if entry.is_file(follow_symlinks=False))
+    except FileNotFoundError:
+        return 0
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` across all its threads (Linux /proc)."""
+    kids: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children") as fh:
+                kids.extend(int(k) for k in fh.read().split())
+    return kids
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` plus all its descendants (0 if it is gone)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    total, stack, seen = 0, [pid], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            with open(f"/proc/{current}/statm") as fh:
+                total += int(fh.read().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            continue
+        stack.extend(_children(current))
+    return total
+
+
+class RssSampler:
+    """Samples the RSS of a process tree every 0.2 s in a thread and keeps the peak.
+
+    Why sampling and not ``ru_maxrss``: the server is not our child's child in every
+    leg, it runs many processes/threads, and we want the peak *during the transfer*,
+    not during startup.
+    """
+
+    def __init__(self, pid: int | None, interval: float = RSS_INTERVAL) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            if self.pid is not None:
+                self.peak = max(self.peak, tree_rss(self.pid))
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if self.pid is not None:
+            self.peak = max(self.peak, tree_rss(self.pid))
+
+
+# --------------------------------------------------------------------------- peers
+
+
+@contextlib.contextmanager
+def storescp(workdir: Path, name: str) -> Iterator[tuple[int, Path]]:
+    """A fresh destination ``storescp`` writing into an empty folder."""
+    port = free_port()
+    outdir = workdir / f"{name}-out"
+    shutil.rmtree(outdir, ignore_errors=True)
+    outdir.mkdir(parents=True)
+    log = open(workdir / f"{name}-storescp.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [dcmtk_tool("storescp"), "-aet", DEST_AET, "-od", str(outdir), "-dhl"]
+        + ["-ta", "30", "-td", "60", str(port)],
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_echo(DEST_AET, port, proc, 15, "storescp")
+        yield port, outdir
+    finally:
+        stop_process(proc, timeout=5)
+        log.close()
+        shutil.rmtree(outdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def router(workdir: Path, name: str, dest_port: int) -> Iterator[tuple[int, int]]:
+    """A fresh ``python -m dicomrouter serve`` forwarding everything to ``dest_port``."""
+    port = free_port()
+    storage = workdir / f"{name}-router-storage"
+    shutil.rmtree(storage, ignore_errors=True)
+    config = {
+        "ae_title": ROUTER_AET,
+        "dicom": {"port": port, "bind": "127.0.0.1"},
+        "storage": {"path": str(storage)},
+        "destinations": {"dest": {"ae_title": DEST_AET, "host": "127.0.0.1", "port": dest_port}},
+        "routes": [{"name": "all", "trigger": "instance", "to": ["dest"]}],
+        "log_level": "WARNING",
+    }
+    config_path = workdir / f"{name}-router.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    log_path = workdir / f"{name}-router.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dicomrouter", "serve", "--config", str(config_path)],
+        cwd=workdir,
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        try:
+            wait_echo(ROUTER_AET, port, proc, 30, "dicomrouter")
+        except BenchError as exc:
+            tail = log_path.read_text(errors="replace").splitlines()[-5:]
+            raise BenchError(f"{exc}: {' | '.join(tail)}") from exc
+        yield port, proc.pid
+    finally:
+        stop_process(proc)
+        log.close()
+        shutil.rmtree(storage, ignore_errors=True)
+
+
+def router_unavailable() -> str | None:
+    """Why ``python -m dicomrouter serve`` cannot run yet, or ``None`` if it can."""
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "dicomrouter", "serve", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return "`python -m dicomrouter serve --help` timed out"
+    if result.returncode != 0:
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        if not lines:
+            return f"exit code {result.returncode}"
+        # "/path/to/python: No module named ..." -> "No module named ..."
+        return lines[-1].removeprefix(f"{sys.executable}: ")
+    return None
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def send_and_wait(
+    called_aet: str, port: int, source: Path, outdir: Path, expected: int, timeout: float
+) -> float:
+    """Run storescu over ``source`` (one association) and time until ``outdir`` is full.
+
+    The end is the later of storescu's exit and the last file appearing at the final
+    destination, so for the direct leg it includes the last response, and for routed
+    legs the last forwarded file.
+    """
+    command = [dcmtk_tool("storescu"), "-aet", SCU_AET, "-aec", called_aet]
+    command += ["-to", "10", "-ta", "30", "-td", "60", "+sd", "+r"]
+    command += ["127.0.0.1", str(port), str(source)]
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        command,
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + timeout
+    exited_at: float | None = None
+    full_at: float | None = None
+    try:
+        while True:
+            now = time.perf_counter()
+            if exited_at is None and proc.poll() is not None:
+                exited_at = now
+                if proc.returncode != 0:
+                    output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+                    tail = " | ".join(output.strip().splitlines()[-3:])
+                    raise BenchError(f"storescu exit code {proc.returncode}: {tail}")
+            if full_at is None and count_files(outdir) >= expected:
+                full_at = now
+            if exited_at is not None and full_at is not None:
+                return max(exited_at, full_at) - start
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"timeout after {timeout:.0f}s: {count_files(outdir)}/{expected} delivered"
+                )
+            time.sleep(POLL_INTERVAL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def run_direct(workdir: Path, source: Path, n: int, timeout: float) -> tuple[float, int | None]:
+    with storescp(workdir, "direct") as (dest_port, outdir):
+        return send_and_wait(DEST_AET, dest_port, source, outdir, n, timeout), None
+
+
+def run_orthanc(workdir: Path, source: Path, n: int, timeout: float) -> tuple[float, int | None]:
+    with storescp(workdir, "orthanc") as (dest_port, outdir):
+        peer_dir = workdir / "orthanc-peer"
+        shutil.rmtree(peer_dir, ignore_errors=True)
+        peer = Orthanc(
+            peer_dir,
+            aet=ORTHANC_AET,
+            modalities={"dest": (DEST_AET, "127.0.0.1", dest_port)},
+            lua=LUA_FORWARD,
+        )
+        try:
+            with peer:
+                with RssSampler(peer.pid) as rss:
+                    seconds = send_and_wait(
+                        ORTHANC_AET, peer.dicom_port, source, outdir, n, timeout
+                    )
+                return seconds, rss.peak
+        finally:
+            shutil.rmtree(peer_dir, ignore_errors=True)
+
+
+def run_router(workdir: Path, source: Path, n: int, timeout: float) -> tuple[float, int | None]:
+    with (
+        storescp(workdir, "router") as (dest_port, outdir),
+        router(workdir, "router", dest_port) as (port, pid),
+        RssSampler(pid) as rss,
+    ):
+        seconds = send_and_wait(ROUTER_AET, port, source, outdir, n, timeout)
+    return seconds, rss.peak
+
+
+RUNNERS = {"direct": run_direct, "orthanc": run_orthanc, "router": run_router}
+
+
+@dataclass
+class LegResult:
+    """All repeats of one path for one dataset."""
+
+    leg: str
+    status: str = "ok"
+    seconds: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    peak_rss_bytes: int | None = None
+    median_s: float | None = None
+    instances_per_s: float | None = None
+    mb_per_s: float | None = None
+
+    def finish(self, instances: int, total_bytes: int) -> None:
+        if self.failures and not self.status.startswith("unavailable"):
+            runs = len(self.seconds) + len(self.failures)
+            self.status = f"failed {len(self.failures)}/{runs}: {self.failures[0]}"
+        if self.seconds:
+            self.median_s = statistics.median(self.seconds)
+            self.instances_per_s = instances / self.median_s
+            self.mb_per_s = total_bytes / MB / self.median_s
+
+
+@dataclass
+class DatasetResult:
+    name: str
+    instances: int
+    total_bytes: int
+    legs: dict[str, LegResult] = field(default_factory=dict)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def timeout_for(instances: int, total_bytes: int, override: float | None) -> float:
+    """Generous but bounded (60 s + 10 inst/s + 2 MB/s), so a dead peer never hangs us."""
+    return override if override else 60.0 + instances / 10 + total_bytes / (2 * MB)
+
+
+def bench_dataset(
+    name: str,
+    source: Path,
+    legs: dict[str, str | None],
+    repeats: int,
+    workdir: Path,
+    timeout: float | None,
+) -> DatasetResult:
+    """Run every available leg ``repeats`` times, interleaved, on one dataset."""
+    n = sum(1 for p in source.iterdir() if p.is_file())
+    total = folder_bytes(source)
+    result = DatasetResult(name, n, total)
+    limit = timeout_for(n, total, timeout)
+    for leg, unavailable in legs.items():
+        result.legs[leg] = LegResult(
+            leg, status=f"unavailable: {unavailable}" if unavailable else "ok"
+        )
+    for repeat in range(1, repeats + 1):
+        for leg, leg_result in result.legs.items():
+            if leg_result.status != "ok":
+                continue
+            os.sync()  # flush the previous run's writes so they do not bill this one
+            try:
+                seconds, peak = RUNNERS[leg](workdir, source, n, limit)
+            except BenchError as exc:
+                # One failed repeat does not void the others; the report shows both.
+                leg_result.failures.append(str(exc))
+                console.print(f"  [red]{name:>6} {leg:<8} #{repeat}: {exc}[/red]")
+                continue
+            leg_result.seconds.append(seconds)
+            if peak is not None:
+                leg_result.peak_rss_bytes = max(leg_result.peak_rss_bytes or 0, peak)
+            rss = f", peak RSS {peak / MB:.0f} MB" if peak else ""
+            console.print(
+                f"  {name:>6} {leg:<8} #{repeat}: {seconds:7.2f} s  "
+                f"({n / seconds:7.1f} inst/s, {total / MB / seconds:6.1f} MB/s{rss})"
+            )
+    for leg_result in result.legs.values():
+        leg_result.finish(n, total)
+    return result
+
+
+def generate(folder: Path, n: int, shape: tuple[int, int], label: str) -> Path:
+    started = time.perf_counter()
+    for _ in iter_study(folder, n, rows=shape[0], cols=shape[1], series_count=max(1, n // 500)):
+        pass
+    size = folder_bytes(folder)
+    console.print(
+        f"[dim]generated {label}: {n} instances, {size / MB:.1f} MB "
+        f"in {time.perf_counter() - started:.1f} s[/dim]"
+    )
+    return folder
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def ratio(a: LegResult | None, b: LegResult | None) -> float | None:
+    """Throughput ratio a/b (1.0 = as fast; below 1 = a is slower)."""
+    if a is None or b is None or not a.instances_per_s or not b.instances_per_s:
+        return None
+    return a.instances_per_s / b.instances_per_s
+
+
+def print_report(results: list[DatasetResult], huge: dict[str, Any] | None, repeats: int) -> None:
+    table = Table(title=f"End-to-end routing, median of {repeats} (storescu start → last file)")
+    for column in ("Dataset", "Path", "Median s", "Inst/s", "MB/s", "Peak RSS MB", "Runs (s)"):
+        table.add_column(column, justify="left" if column in ("Dataset", "Path") else "right")
+    table.caption = (
+        "a. storescu → storescp   b. storescu → Orthanc (Lua OnStoredInstance → SendToModality)"
+        " → storescp   c. storescu → dicomrouter serve → storescp"
+    )
+    notes: dict[str, str] = {}
+    for ds in results:
+        label = f"{ds.name}: {ds.instances} × {ds.total_bytes / ds.instances / 1000:.1f} KB"
+        for index, (leg, res) in enumerate(ds.legs.items()):
+            runs = " ".join(f"{s:.2f}" for s in res.seconds)
+            if res.status != "ok":
+                kind = res.status.split(":", 1)[0]
+                notes[f"{ds.name}/{leg}"] = res.status
+                runs = f"{runs} [yellow]{kind} (see below)[/yellow]".strip()
+            rss = res.peak_rss_bytes / MB if res.peak_rss_bytes else None
+            table.add_row(
+                label if index == 0 else "",
+                LEGS[leg],
+                _fmt(res.median_s, ".2f"),
+                _fmt(res.instances_per_s, ".1f"),
+                _fmt(res.mb_per_s, ".1f"),
+                _fmt(rss, ".0f"),
+                runs,
+            )
+        table.add_section()
+    console.print(table)
+    for key, status in notes.items():
+        console.print(f"[yellow]{key}: {status}[/yellow]")
+
+    ratios = Table(title="Throughput ratios (1.00 = as fast; below 1 = first one slower)")
+    for column in ("Dataset", "router / direct", "router / Orthanc", "Orthanc / direct"):
+        ratios.add_column(column, justify="right")
+    for ds in results:
+        legs = ds.legs
+        ratios.add_row(
+            ds.name,
+            _fmt(ratio(legs.get("router"), legs.get("direct")), ".2f"),
+            _fmt(ratio(legs.get("router"), legs.get("orthanc")), ".2f"),
+            _fmt(ratio(legs.get("orthanc"), legs.get("direct")), ".2f"),
+        )
+    console.print(ratios)
+
+    if huge is not None:
+        if huge["status"] != "ok":
+            console.print(f"Flat-memory run ({huge['target_gb']} GB): {huge['status']}")
+        else:
+            ref = huge["reference_peak_rss_bytes"]
+            console.print(
+                f"Flat-memory run: {huge['instances']} instances, {huge['bytes'] / MB:.0f} MB "
+                f"through the router in {huge['seconds']:.1f} s "
+                f"({huge['instances_per_s']:.1f} inst/s, {huge['mb_per_s']:.1f} MB/s); "
+                f"peak RSS {huge['peak_rss_bytes'] / MB:.0f} MB vs "
+                f"{_fmt(ref / MB if ref else None, '.0f')} MB for the {huge['reference']} dataset"
+            )
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    versions: dict[str, str] = {}
+    for tool, command in (
+        ("dcmtk", [dcmtk_tool("storescu"), "--version"]),
+        ("orthanc", [orthanc_executable() or "Orthanc", "--version"]),
+    ):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(command, capture_output=True, text=True, timeout=10).stdout
+            versions[tool] = out.strip().splitlines()[0] if out.strip() else "?"
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "network": "loopback 127.0.0.1",
+        **versions,
+    }
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--small", type=int, default=1000, help="small (64x64) instances; 0 skips")
+    parser.add_argument("--large", type=int, default=300, help="large (512x512) instances; 0 skips")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats per leg (median reported)")
+    parser.add_argument("--huge-gb", type=float, default=0.0, help="flat-memory run size; 0 skips")
+    parser.add_argument(
+        "--legs",
+        default="direct,orthanc,router",
+        help="comma-separated subset of: direct,orthanc,router",
+    )
+    parser.add_argument("--json", type=Path, help="also write results as JSON here")
+    parser.add_argument("--workdir", type=Path, help="scratch parent folder (default: /tmp)")
+    parser.add_argument("--timeout", type=float, help="per-run timeout in seconds")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        for tool in ("storescu", "storescp", "echoscu"):
+            dcmtk_tool(tool)
+    except FileNotFoundError as exc:
+        console.print(f"[red]{exc}[/red]")
+        return 2
+    wanted = [leg.strip() for leg in args.legs.split(",") if leg.strip()]
+    unknown = set(wanted) - set(LEGS)
+    if unknown:
+        console.print(f"[red]unknown legs: {', '.join(sorted(unknown))}[/red]")
+        return 2
+    legs: dict[str, str | None] = {}
+    for leg in wanted:
+        if leg == "orthanc":
+            legs[leg] = None if orthanc_executable() else "Orthanc not installed"
+        elif leg == "router":
+            legs[leg] = router_unavailable()
+        else:
+            legs[leg] = None
+    for leg, reason in legs.items():
+        if reason:
+            console.print(f"[yellow]{leg}: unavailable: {reason}[/yellow]")
+
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="dicomrouter-bench-", dir=args.workdir))
+    info = machine_info()
+    console.print(
+        f"[dim]{info['cpus']} CPUs ({info['cpu_model']}), {info['platform']}, "
+        f"{info.get('dcmtk', '')}, {info.get('orthanc', '')}; scratch {workdir}[/dim]"
+    )
+    results: list[DatasetResult] = []
+    huge: dict[str, Any] | None = None
+    try:
+        for name, n, shape in (
+            ("small", args.small, SMALL_SHAPE),
+            ("large", args.large, LARGE_SHAPE),
+        ):
+            if n <= 0:
+                continue
+            source = generate(workdir / f"src-{name}", n, shape, name)
+            results.append(bench_dataset(name, source, legs, args.repeats, workdir, args.timeout))
+            shutil.rmtree(source, ignore_errors=True)
+        if args.huge_gb > 0:
+            huge = run_huge(args, legs.get("router", "router leg not selected"), workdir, results)
+    finally:
+        if args.keep:
+            console.print(f"[dim]kept {workdir}[/dim]")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    print_report(results, huge, args.repeats)
+    if args.json:
+        payload = {
+            "machine": info,
+            "command": " ".join(
+                [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
+            ),
+            "repeats": args.repeats,
+            "datasets": [
+                {**asdict(ds), "legs": {k: asdict(v) for k, v in ds.legs.items()}} for ds in results
+            ],
+            "ratios": {
+                ds.name: {
+                    "router/direct": ratio(ds.legs.get("router"), ds.legs.get("direct")),
+                    "router/orthanc": ratio(ds.legs.get("router"), ds.legs.get("orthanc")),
+                    "orthanc/direct": ratio(ds.legs.get("orthanc"), ds.legs.get("direct")),
+                }
+                for ds in results
+            },
+            "huge": huge,
+        }
+        args.json.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+        console.print(f"[dim]wrote {args.json}[/dim]")
+    return 0
+
+
+def run_huge(
+    args: argparse.Namespace,
+    unavailable: str | None,
+    workdir: Path,
+    results: list[DatasetResult],
+) -> dict[str, Any]:
+    """Route one ~N GB study through the router once and compare its peak RSS.
+
+    A store-and-forward router should stream: its memory must not grow with study size.
+    The reference is the router's peak RSS on the large dataset.
+    """
+    reference = next((ds for ds in results if ds.name == "large"), None) or (
+        results[-1] if results else None
+    )
+    ref_leg = reference.legs.get("router") if reference else None
+    report: dict[str, Any] = {
+        "target_gb": args.huge_gb,
+        "status": "ok",
+        "reference": reference.name if reference else None,
+        "reference_peak_rss_bytes": ref_leg.peak_rss_bytes if ref_leg else None,
+    }
+    if unavailable:
+        report["status"] = f"unavailable: {unavailable}"
+        return report
+    n = instances_for_bytes(int(args.huge_gb * 1e9), *LARGE_SHAPE)
+    source = generate(workdir / "src-huge", n, LARGE_SHAPE, "huge")
+    try:
+        total = folder_bytes(source)
+        os.sync()
+        seconds, peak = run_router(workdir, source, n, timeout_for(n, total, args.timeout))
+    except BenchError as exc:
+        report["status"] = f"failed: {exc}"
+        return report
+    finally:
+        shutil.rmtree(source, ignore_errors=True)
+    report.update(
+        instances=n,
+        bytes=total,
+        seconds=seconds,
+        instances_per_s=n / seconds,
+        mb_per_s=total / MB / seconds,
+        peak_rss_bytes=peak,
+    )
+    console.print(f"  huge router: {seconds:.1f} s, peak RSS {(peak or 0) / MB:.0f} MB")
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(main())
