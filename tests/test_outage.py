@@ -1,0 +1,178 @@
+"""Destination outages end to end: a real router, a destination port with nobody listening,
+then a real storescp appearing on that port.
+
+Contract under test: connection failures pause a destination (C-ECHO probes instead of
+per-job retries), so an outage never burns jobs' attempts into ``failed``; the first
+successful probe resumes the queue at once; other destinations are unaffected; and the
+``queue cancel`` / ``queue retry`` CLI act on real jobs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+
+from tests.support.dcmtk import HOST, StoreSCP, free_port
+from tests.support.router import RouterProcess, all_settled, wait_until
+from tests.support.synth import make_study
+
+pytestmark = pytest.mark.interop
+
+OUTAGE_POLICY: dict[str, Any] = {
+    "pause_after_failures": 2,
+    "probe_interval": "1s",
+    "retry": {"initial_delay": "1s", "max_delay": "2s", "max_attempts": 3},
+}
+
+
+def down_destination(port: int, aet: str = "DOWN") -> dict[str, Any]:
+    return {"ae_title": aet, "host": HOST, "port": port, **OUTAGE_POLICY}
+
+
+def store_requests(scp: StoreSCP) -> int:
+    return scp.log().count("Received Store Request")
+
+
+def received_sops(scp: StoreSCP) -> set[str]:
+    return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in scp.received_files()}
+
+
+def sops(files: list[Path]) -> set[str]:
+    return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+
+
+def queue_json(router: RouterProcess) -> dict[str, Any]:
+    out = router.cli(
+        "queue", "list", "--config", str(router.config_path), "--json", "--limit", "100000",
+        check=True,
+    )  # fmt: skip
+    return dict(json.loads(out.stdout))
+
+
+def health(router: RouterProcess, destination: str) -> str | None:
+    for entry in queue_json(router)["summary"]:
+        if entry["destination"] == destination:
+            return entry.get("health")  # type: ignore[no-any-return]
+    return None
+
+
+def send_ok(router: RouterProcess, files: list[Path]) -> None:
+    result = router.send(files)
+    assert result.returncode == 0, f"storescu failed:\n{result.stderr}\n{router.log()[-2000:]}"
+
+
+def failed_probes(router: RouterProcess, destination: str) -> int:
+    return router.log().count(f"probe of {destination} failed")
+
+
+def test_outage_pauses_keeps_jobs_pending_and_resumes_at_once(tmp_path: Path, dcmtk: None) -> None:
+    port = free_port()  # nobody listens here until the destination "comes back"
+    config = {
+        "destinations": {"down": down_destination(port)},
+        "routes": [{"name": "all", "trigger": "instance", "to": ["down"]}],
+    }
+    files = make_study(tmp_path / "in", 20)
+    with RouterProcess(tmp_path / "router", config) as router:
+        send_ok(router, files)
+        router.wait_jobs(lambda js: len(js) == 20, 30, message="20 jobs")
+        wait_until(lambda: health(router, "down") == "paused", 30, message="destination paused")
+        # 2 failed connections paused it; 3 failed probes later it has failed more
+        # often than max_attempts (3), and still no job may be failed.
+        wait_until(lambda: failed_probes(router, "down") >= 3, 30, interval=0.3, message="3 probes")
+        jobs = router.jobs()
+        assert sorted({j["state"] for j in jobs}) == ["pending"], [
+            (j["id"], j["state"], j["attempts"], j["last_error"]) for j in jobs
+        ]
+        assert health(router, "down") == "paused"
+
+        with StoreSCP(port, "DOWN", tmp_path / "back", accept="all") as scp:
+            # Probes run every 1s and a resume pulls the whole queue forward, so 20
+            # small instances arrive within seconds (generous bound for a busy box).
+            wait_until(lambda: store_requests(scp) >= 20, 20, message="20 instances after return")
+            jobs = router.wait_jobs(all_settled, 20, message="all jobs settled")
+            assert received_sops(scp) == sops(files)
+            assert store_requests(scp) == 20
+        assert [j["state"] for j in jobs] == ["completed"] * 20
+        assert health(router, "down") == "ok"
+
+
+def test_a_down_destination_does_not_hold_up_another(tmp_path: Path, dcmtk: None) -> None:
+    with StoreSCP(free_port(), "UP", tmp_path / "up", accept="all") as up:
+        config = {
+            "destinations": {
+                "down": down_destination(free_port()),
+                "up": {"ae_title": "UP", "host": HOST, "port": up.port},
+            },
+            "routes": [{"name": "both", "trigger": "instance", "to": ["down", "up"]}],
+        }
+        first = make_study(tmp_path / "in", 10, prefix="A")
+        second = make_study(tmp_path / "in", 10, prefix="B")
+        with RouterProcess(tmp_path / "router", config) as router:
+            send_ok(router, first)
+            wait_until(lambda: store_requests(up) >= 10, 30, message="first 10 at the up peer")
+            wait_until(lambda: health(router, "down") == "paused", 30, message="down paused")
+            # While "down" is paused, new data still flows to "up" promptly.
+            send_ok(router, second)
+            wait_until(lambda: store_requests(up) >= 20, 30, message="next 10 at the up peer")
+            jobs = router.wait_jobs(
+                lambda js: (
+                    len([j for j in js if j["destination"] == "up"]) == 20
+                    and all_settled([j for j in js if j["destination"] == "up"])
+                ),
+                30,
+                message="the 20 jobs to the up peer settled",
+            )
+    up_jobs = [j for j in jobs if j["destination"] == "up"]
+    down_jobs = [j for j in jobs if j["destination"] == "down"]
+    assert received_sops(up) == sops(first + second)
+    assert store_requests(up) == 20
+    assert [j["state"] for j in up_jobs] == ["completed"] * 20, up_jobs
+    assert [j["state"] for j in down_jobs] == ["pending"] * 20, down_jobs
+
+
+def test_cancel_then_retry_pending_jobs_with_the_cli(tmp_path: Path, dcmtk: None) -> None:
+    port = free_port()
+    config = {
+        "destinations": {"down": down_destination(port)},
+        "routes": [{"name": "all", "trigger": "instance", "to": ["down"]}],
+    }
+    files = make_study(tmp_path / "in", 5, prefix="A")
+    later = make_study(tmp_path / "in", 1, prefix="B")
+    with RouterProcess(tmp_path / "router", config) as router:
+        send_ok(router, files)
+        router.wait_jobs(lambda js: len(js) == 5, 30, message="5 jobs")
+        wait_until(lambda: health(router, "down") == "paused", 30, message="destination paused")
+        ids = sorted(j["id"] for j in router.jobs())
+
+        cancel = router.cli(
+            "queue", "cancel", "--state", "pending", "--config", str(router.config_path), "--json"
+        )
+        assert cancel.returncode == 0, cancel.stderr
+        assert json.loads(cancel.stdout)["changed"] == 5
+        assert {j["state"] for j in router.jobs()} == {"canceled"}
+
+        with StoreSCP(port, "DOWN", tmp_path / "back", accept="all") as scp:
+            wait_until(lambda: health(router, "down") == "ok", 20, message="destination resumed")
+            # A new instance after the return is delivered; the canceled ones are not.
+            send_ok(router, later)
+            wait_until(lambda: store_requests(scp) >= 1, 20, message="the new instance")
+            router.wait_jobs(all_settled, 20, message="jobs settled")
+            assert received_sops(scp) == sops(later)
+            assert store_requests(scp) == 1, "a canceled job was delivered"
+            states = {j["id"]: j["state"] for j in router.jobs()}
+            assert [states[i] for i in ids] == ["canceled"] * 5
+
+            retry = router.cli(
+                "queue", "retry", *map(str, ids), "--config", str(router.config_path), "--json"
+            )
+            assert retry.returncode == 0, retry.stderr
+            assert json.loads(retry.stdout)["changed"] == 5
+            wait_until(lambda: store_requests(scp) >= 6, 20, message="the retried instances")
+            jobs = router.wait_jobs(all_settled, 20, message="jobs settled after retry")
+            assert received_sops(scp) == sops(files + later)
+            assert store_requests(scp) == 6
+    assert {j["state"] for j in jobs} == {"completed"}
