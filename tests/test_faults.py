@@ -510,14 +510,6 @@ def test_status_c000_fails_the_instance_without_retry(status_run: dict[str, Any]
     assert len(detail["attempts"]) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a failed job's last_error names another job's error. dispatch/worker.py "
-    "_deliver keeps one claim-wide `last_message` (the last non-delivered result of the "
-    "whole batch) and JobStore.finish writes it into every job of the claim, so the job "
-    "refused with 0xC000 reads '1 instance(s) refused permanently: 0xA700 Out of "
-    "resources' when an 0xA700 came later in the same batch",
-)
 def test_failed_job_last_error_names_its_own_status(status_run: dict[str, Any]) -> None:
     uid = status_run["uids"]["refused"]
     assert "0xC000" in (status_run["jobs"][uid]["last_error"] or "")
@@ -538,17 +530,6 @@ def test_status_b007_is_a_warning(status_run: dict[str, Any]) -> None:
 # -- clean stop while a destination hangs ----------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: SIGTERM does not stop the router while a destination hangs: the dispatch "
-    "process keeps waiting for the pending C-STORE-RSP until the destination's "
-    "dimse_timeout (60s here, 120s by default) instead of aborting the association "
-    "(Dispatcher.stop only sets stop_event; pynetdicom's DUL thread is non-daemon, "
-    "pynetdicom/dul.py:110, so the process cannot exit before the association ends); "
-    "node.py Node.stop() blocks in self._dispatch.join(60), so the node needs "
-    "up to a minute or more to exit (log: 'received signal 15: shutting down' then "
-    "nothing until 'DIMSE timeout reached while waiting for message response' 60s later)",
-)
 def test_sigterm_stops_promptly_while_destination_hangs(tmp_path: Path, peer: Any) -> None:
     entered = threading.Event()
     hung = peer(hung_handler(peer, entered), aet="HUNG")

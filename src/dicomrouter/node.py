@@ -11,9 +11,11 @@ from __future__ import annotations
 import ctypes
 import logging
 import multiprocessing
+import os
 import signal
 import sys
 import threading
+import time
 from types import FrameType
 
 from dicomrouter.config import RouterConfig
@@ -24,6 +26,7 @@ from dicomrouter.store import InstanceIndex, ObjectStore, create_index_engine
 log = logging.getLogger("dicomrouter")
 
 _PR_SET_PDEATHSIG = 1
+_SWEEP_EVERY = 60.0
 
 
 def configure_logging(level: str) -> None:
@@ -62,6 +65,10 @@ def _dispatch_main(config: RouterConfig, ready: multiprocessing.synchronize.Even
     ready.set()
     stop.wait()
     dispatcher.stop()
+    logging.shutdown()
+    # pynetdicom's DUL threads are not daemons: one blocked on a hung peer would keep
+    # the process alive until its timeout. Everything that matters is in the index.
+    os._exit(0)
 
 
 class Node:
@@ -94,10 +101,19 @@ class Node:
         self.receiver.stop()
         if self._dispatch is not None and self._dispatch.is_alive():
             self._dispatch.terminate()  # SIGTERM: finish the current instance, release jobs
-            self._dispatch.join(60)
+            self._dispatch.join(30)
             if self._dispatch.is_alive():
                 self._dispatch.kill()
         self.engine.dispose()
+
+    def _sweep_aborted_transfers(self) -> None:
+        """Remove partial files of transfers aborted mid-instance. A file still being
+        received is written to continuously, so one untouched for longer than the
+        network timeout belongs to an association that is gone."""
+        idle = 2 * max(self.config.dicom.network_timeout, self.config.dicom.dimse_timeout)
+        removed = self.store.sweep_tmp(older_than=idle)
+        if removed:
+            log.info("removed %d partial file(s) of aborted transfers", removed)
 
     def serve_forever(self) -> None:
         """Run until SIGTERM/SIGINT, or until the dispatch process dies."""
@@ -111,8 +127,12 @@ class Node:
         signal.signal(signal.SIGINT, on_signal)
         self.start()
         log.info("dicomrouter ready")
+        last_sweep = time.monotonic()
         try:
             while not stop.wait(1.0):
+                if time.monotonic() - last_sweep >= _SWEEP_EVERY:
+                    self._sweep_aborted_transfers()
+                    last_sweep = time.monotonic()
                 if self._dispatch is not None and not self._dispatch.is_alive():
                     # Receiving goes on regardless; the index holds the work, so a new
                     # dispatch process resumes it (its own leases are reclaimed).

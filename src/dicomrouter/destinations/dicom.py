@@ -167,11 +167,21 @@ class DicomSender:
     association each); the shared ``AE`` is only configured once, under a lock.
     """
 
-    def __init__(self, config: DicomDestinationConfig, calling_ae: str) -> None:
+    def __init__(
+        self, config: DicomDestinationConfig, calling_ae: str, keep_alive: float = 0.0
+    ) -> None:
+        """``keep_alive`` > 0 keeps the last association open that many seconds after
+        ``send`` returns, so the next batch with the same (SOP class, transfer syntax)
+        pairs reuses it: with instance-level routing a worker sends many small batches
+        in a row, and opening an association for each one costs more than sending.
+        Such a sender belongs to one thread; call :meth:`close` when done."""
         self.config = config
         self.calling_ae = config.calling_ae_title or calling_ae
+        self.keep_alive = keep_alive
         self._ae: AE | None = None
         self._lock = threading.Lock()
+        self._kept: _KeptAssociation | None = None
+        self._active: Association | None = None
 
     # -- setup -------------------------------------------------------------------
 
@@ -298,27 +308,84 @@ class DicomSender:
         for index, chunk in enumerate(chunks):
             if should_stop is not None and should_stop():
                 return results
-            contexts = [build_context(sop, [ts]) for sop, ts in chunk.contexts]
-            try:
-                assoc = self._associate(contexts)
-            except DestinationUnavailable as exc:
-                if index == 0:
-                    raise
-                log.warning("%s", exc)
-                self._fail_rest(chunks[index:], 0, str(exc), emit)
-                return results
+            wanted = frozenset(chunk.contexts)
+            assoc = self._reuse(wanted, len(chunk.instances))
+            if assoc is None:
+                contexts = [build_context(sop, [ts]) for sop, ts in chunk.contexts]
+                try:
+                    assoc = self._associate(contexts)
+                except DestinationUnavailable as exc:
+                    if index == 0:
+                        raise
+                    log.warning("%s", exc)
+                    self._fail_rest(chunks[index:], 0, str(exc), emit)
+                    return results
+                kept = _KeptAssociation(assoc, wanted)
+            else:
+                kept = self._kept  # type: ignore[assignment]
+                self._kept = None
+            keep = False
             try:
                 position = self._send_chunk(assoc, chunk, emit, should_stop)
+                kept.sent += position
+                keep = (
+                    self.keep_alive > 0
+                    and position == len(chunk.instances)
+                    and index == len(chunks) - 1
+                    and assoc.is_established
+                )
             except _ConnectionLost as lost:
                 position, reason = lost.args
                 log.warning("sending to %s: %s", self._where, reason)
                 self._fail_rest(chunks[index:], position, reason, emit)
                 return results
             finally:
-                _close(assoc)
+                if keep:
+                    kept.idle_since = time.monotonic()
+                    self._kept = kept
+                else:
+                    _close(assoc)
             if position < len(chunk.instances):  # should_stop
                 return results
         return results
+
+    def _reuse(self, wanted: frozenset[tuple[str, str]], count: int) -> Association | None:
+        """The kept association, if it is alive, fresh, proposed every context this
+        chunk needs and has room left under ``batch_size``; else close it."""
+        kept, self._kept = self._kept, None
+        if kept is None:
+            return None
+        usable = (
+            kept.assoc.is_established
+            and time.monotonic() - kept.idle_since < self.keep_alive
+            and wanted <= kept.proposed
+            and kept.sent + count <= self.config.batch_size
+        )
+        if not usable:
+            _close(kept.assoc)
+            return None
+        self._kept = kept
+        return kept.assoc
+
+    def abort(self) -> None:
+        """From another thread: A-ABORT the association a ``send`` is blocked on (a
+        shutdown must not wait out a hung peer's ``dimse_timeout``)."""
+        active = self._active
+        if active is not None and active.is_established:
+            with contextlib.suppress(Exception):
+                active.abort()
+
+    def close(self) -> None:
+        """Release the kept association, if any."""
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            _close(kept.assoc)
+
+    def close_if_idle(self) -> None:
+        """Release the kept association once it has been idle for ``keep_alive``."""
+        kept = self._kept
+        if kept is not None and time.monotonic() - kept.idle_since >= self.keep_alive:
+            self.close()
 
     # -- internals -----------------------------------------------------------------
 
@@ -346,8 +413,14 @@ class DicomSender:
             (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
         }
         supported = {sop for sop, _ in accepted}
-        with _ReactorParking(assoc) as parking:
-            return self._send_loop(assoc, chunk, accepted, supported, parking, emit, should_stop)
+        self._active = assoc
+        try:
+            with _ReactorParking(assoc) as parking:
+                return self._send_loop(
+                    assoc, chunk, accepted, supported, parking, emit, should_stop
+                )
+        finally:
+            self._active = None
 
     def _send_loop(
         self,
@@ -448,6 +521,16 @@ class DicomSender:
 
 class _ConversionError(Exception):
     pass
+
+
+@dataclass
+class _KeptAssociation:
+    """An association kept open between ``send`` calls (see ``keep_alive``)."""
+
+    assoc: Association
+    proposed: frozenset[tuple[str, str]]
+    sent: int = 0
+    idle_since: float = 0.0
 
 
 def _convert(inst: OutgoingInstance, target: UID) -> Dataset:

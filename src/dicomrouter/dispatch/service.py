@@ -48,11 +48,17 @@ class Dispatcher:
         for thread in self.threads:
             thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop between instances; after ``timeout``, abandon sends that are stuck
+        on a hung peer (their jobs go back to pending, nothing is lost)."""
         self.stop_event.set()
         deadline = time.monotonic() + timeout
         for thread in self.threads:
             thread.join(max(0.1, deadline - time.monotonic()))
+        for thread in self.threads:
+            if thread.is_alive() and isinstance(thread, DestinationWorker):
+                log.warning("abandoning a blocked send in %s", thread.name)
+                thread.abandon()
 
     def _plan_loop(self) -> None:
         poll = self.config.dispatch.poll_interval

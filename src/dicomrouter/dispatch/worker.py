@@ -36,6 +36,7 @@ _ITEM_STATE = {
     Outcome.TRANSIENT: S.ITEM_PENDING,
 }
 _FLUSH_EVERY = 0.5  # seconds between persisting per-instance results
+_KEEP_ALIVE = 2.0  # seconds an idle association is kept for the next claim
 
 
 def node_id() -> str:
@@ -65,7 +66,8 @@ class DestinationWorker(threading.Thread):
         self.stop_event = stop
         self.owner = f"{node_id()}:{os.getpid()}:{name}:{index}"
         calling = self.dest.calling_ae_title or config.ae_title
-        self.sender = DicomSender(self.dest, calling)
+        self.sender = DicomSender(self.dest, calling, keep_alive=_KEEP_ALIVE)
+        self.current_claim: Claim | None = None
 
     def run(self) -> None:
         poll = self.config.dispatch.poll_interval
@@ -76,6 +78,7 @@ class DestinationWorker(threading.Thread):
                 log.exception("dispatch worker %s failed; continuing", self.name)
                 worked = False
             if not worked:
+                self.sender.close_if_idle()
                 self.stop_event.wait(poll)
         self.sender.close()
 
@@ -97,8 +100,20 @@ class DestinationWorker(threading.Thread):
         )
         if claim is None:
             return False
-        self._deliver(claim)
+        self.current_claim = claim
+        try:
+            self._deliver(claim)
+        finally:
+            self.current_claim = None
         return True
+
+    def abandon(self) -> None:
+        """Shutdown while a send is blocked: abort the association and hand the jobs
+        back (a restart would reclaim them anyway; this makes it immediate)."""
+        claim = self.current_claim
+        self.sender.abort()
+        if claim is not None:
+            self.jobs.release(claim)
 
     def _probe(self) -> None:
         try:
@@ -126,17 +141,17 @@ class DestinationWorker(threading.Thread):
         counts = {"sent": 0, "failed": 0}
         canceled: set[int] = set()
         last_flush = last_renew = time.monotonic()
-        last_message = ""
+        errors: dict[int, str] = {}  # job id -> its last failure, never another job's
 
         def on_result(result: InstanceResult) -> None:
-            nonlocal last_flush, last_renew, last_message
+            nonlocal last_flush, last_renew
             item = by_key[result.key]
             state = _ITEM_STATE[result.outcome]
             if state in (S.ITEM_COMPLETED, S.ITEM_WARNING):
                 counts["sent"] += 1
             else:
                 counts["failed"] += 1
-                last_message = result.message
+                errors[item.job_id] = result.message
             buffer.append(
                 ItemResult(item.job_id, item.instance_id, state, result.status, result.message)
             )
@@ -206,7 +221,8 @@ class DestinationWorker(threading.Thread):
             self.dest,
             count_attempt=transient,
             unavailable_delay=0.0,
-            message=last_message,
+            message="",
+            job_messages=errors,
             outcome=outcome,
             sent=counts["sent"],
             failed=counts["failed"],

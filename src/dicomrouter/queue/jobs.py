@@ -306,8 +306,12 @@ class JobStore:
         outcome: str,
         sent: int,
         failed: int,
+        job_messages: dict[int, str] | None = None,
     ) -> None:
         """Settle each claimed job from its instances' states.
+
+        ``message`` applies to every job of the claim (e.g. the destination was
+        unreachable); ``job_messages`` holds per-job errors and takes precedence.
 
         ``count_attempt`` is False when the destination could not be reached at all:
         an unreachable destination is paused and probed, and its jobs wait without
@@ -335,6 +339,7 @@ class JobStore:
                 row = current.get(job_id)
                 if row is None or row.lease_owner != claim.owner:
                     continue  # lease lost: someone else owns it now
+                job_message = (job_messages or {}).get(job_id, message)
                 conn.execute(
                     attempts.insert().values(
                         job_id=job_id,
@@ -343,7 +348,7 @@ class JobStore:
                         outcome=outcome,
                         sent=sent,
                         failed=failed,
-                        message=message[:2000] if message else None,
+                        message=job_message[:2000] if job_message else None,
                     )
                 )
                 pending = counts.get((job_id, S.ITEM_PENDING), 0)
@@ -361,14 +366,14 @@ class JobStore:
                     values["state"] = S.FAILED if failed_n else S.WARNING if warned else S.COMPLETED
                     values["finished_at"] = now
                     values["last_error"] = (
-                        f"{failed_n} instance(s) refused permanently: {message}"
+                        f"{failed_n} instance(s) refused permanently: {job_message}"
                         if failed_n
                         else None
                     )
                 else:
                     tries = row.attempts + (1 if count_attempt else 0)
                     values["attempts"] = tries
-                    values["last_error"] = message or None
+                    values["last_error"] = job_message or None
                     if tries >= dest.retry.max_attempts:
                         conn.execute(
                             update(job_instances)

@@ -33,6 +33,7 @@ from dicomrouter.store import (
     Provenance,
     Recorded,
     StorageError,
+    missing_identity,
     read_header,
 )
 
@@ -143,7 +144,18 @@ class Receiver:
                 log.error("refusing C-STORE: free disk below storage.min_free_space")
                 return _status(OUT_OF_RESOURCES, "storage is full")
             try:
-                header = InstanceHeader.from_dataset(read_header(temp_path, identity_only=True))
+                dataset = read_header(temp_path, identity_only=True)
+                missing = missing_identity(dataset)
+                if missing:
+                    log.warning(
+                        "unreadable dataset from %s: no %s",
+                        assoc.requestor.ae_title,
+                        ", ".join(missing),
+                    )
+                    return _status(
+                        CANNOT_UNDERSTAND, f"unreadable dataset: no {', '.join(missing)}"
+                    )
+                header = InstanceHeader.from_dataset(dataset)
             except InvalidUID as exc:
                 log.warning("rejected instance from %s: %s", assoc.requestor.ae_title, exc)
                 return _status(INVALID_UID, str(exc))

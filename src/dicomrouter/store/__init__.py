@@ -2,7 +2,7 @@
 
 from .database import create_index_engine
 from .files import ObjectStore, StorageError
-from .header import InstanceHeader, read_header
+from .header import InstanceHeader, missing_identity, read_header
 from .index import InstanceIndex, Provenance, Recorded
 from .uids import InvalidUID, validate_uid
 
@@ -15,6 +15,7 @@ __all__ = [
     "Recorded",
     "StorageError",
     "create_index_engine",
+    "missing_identity",
     "read_header",
     "validate_uid",
 ]

@@ -51,6 +51,16 @@ def _text(dataset: Dataset, keyword: str) -> str:
     return str(value).strip("\x00 ")
 
 
+IDENTITY_KEYWORDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def missing_identity(dataset: Dataset) -> list[str]:
+    """Identity elements absent from ``dataset``. Parsing stops quietly at garbage or
+    at a truncation, so an absent element means "could not read", which is a
+    different failure (0xC000) from a present but invalid UID (0xC001)."""
+    return [keyword for keyword in IDENTITY_KEYWORDS if keyword not in dataset]
+
+
 @dataclass(frozen=True)
 class InstanceHeader:
     """The indexed identity of one instance, validated."""

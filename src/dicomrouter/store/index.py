@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import Any
-from functools import cached_property
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
+from typing import Any
 
 from sqlalchemy import Engine, Executable, select
 
