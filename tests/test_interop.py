@@ -65,7 +65,9 @@ STORESCU_OPTION: dict[str, str] = {
     U.RLELossless: "-xr",
 }
 #: The syntaxes the brief lists. JPEG Lossless process 14 (1.2.840.10008.1.2.4.57) has
-#: no bundled file (only in the downloadable pydicom-data) and no storescu option.
+#: no bundled file and dcmtk's storescu cannot propose it, so that one is a relabelled
+#: copy of the SV1 sample (an SV1 codestream is a valid process 14 codestream) sent
+#: with pynetdicom (see :func:`_send_process14`).
 WANTED_SYNTAXES: list[str] = [
     *STORESCU_OPTION,
     U.JPEGLossless,
@@ -332,6 +334,11 @@ def interop_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         results = send_by_syntax({ts: p[0] for ts, p in picks.items()}, router.port, "DICOMROUTER")
         for result in results:
             assert result.returncode == 0, f"storescu -> router failed:\n{result.stderr}"
+        sv1_origin = picks[U.JPEGLosslessSV1][2]
+        p14_file, p14_sop = _process14_copy(sv1_origin, work)
+        _send_process14(p14_file, router.port)
+        picks[U.JPEGLossless] = (p14_file, p14_sop, sv1_origin)
+        wire_by_sop[p14_sop] = p14_file  # pynetdicom streamed the file's dataset bytes
         n = len(picks)
         jobs = router.wait_jobs(
             lambda js: len(js) == 2 * n and all_settled(js), 60, message=f"{2 * n} jobs settled"
@@ -369,9 +376,44 @@ def test_every_job_completed(interop_run: dict[str, Any]) -> None:
 
 
 def _pick_for(interop_run: dict[str, Any], ts: str) -> tuple[Path, str, Path]:
-    if ts not in interop_run["picks"]:
-        pytest.skip(f"no sendable bundled file in {U.UID(ts).name}")
-    return interop_run["picks"][ts]  # type: ignore[no-any-return]
+    picks = interop_run["picks"]
+    assert ts in picks, f"no file was sent in {U.UID(ts).name}; skipped {interop_run['skipped']}"
+    return picks[ts]  # type: ignore[no-any-return]
+
+
+def _process14_copy(sv1_file: Path, workdir: Path) -> tuple[Path, str]:
+    """The SV1 sample relabelled as JPEG Lossless process 14, with a new SOP UID."""
+    ds = dcmread(sv1_file)
+    ds.file_meta.TransferSyntaxUID = U.JPEGLossless
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if not ds.get("StudyInstanceUID"):
+        ds.StudyInstanceUID = generate_uid()
+    if not ds.get("SeriesInstanceUID"):
+        ds.SeriesInstanceUID = generate_uid()
+    target = workdir / "process14.dcm"
+    ds.save_as(target, enforce_file_format=True)
+    return target, str(ds.SOPInstanceUID)
+
+
+def _send_process14(path: Path, port: int) -> None:
+    """Send ``path`` with pynetdicom, streaming the file's own bytes (as storescu would)
+    over a context that proposes exactly JPEG Lossless process 14."""
+    from pynetdicom import AE, _config
+
+    ds = dcmread(path, stop_before_pixels=True)
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(ds.SOPClassUID, [U.JPEGLossless])
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = ae.associate(HOST, port, ae_title="DICOMROUTER")
+        assert assoc.is_established, "router refused the process 14 association"
+        status = assoc.send_c_store(path)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+    assert status.Status == 0x0000, f"router answered 0x{status.Status:04X} for process 14"
 
 
 @pytest.mark.parametrize("ts", WANTED_SYNTAXES, ids=lambda ts: U.UID(ts).keyword or ts)
@@ -380,6 +422,13 @@ def test_storescp_receives_identical_dataset(interop_run: dict[str, Any], ts: st
     sent = interop_run["wire"][sop]
     received = interop_run["pacs"].get(sop)
     assert received is not None, f"{path.name} ({sop}) never reached storescp"
+    if ts == U.JPEGLossless:
+        # dcmtk's storescp does not accept process 14 even with +xa: the router must
+        # fall back to decoding it, and the pixels must survive unchanged.
+        arrived = dcmread(received)
+        assert arrived.file_meta.TransferSyntaxUID == U.ExplicitVRLittleEndian
+        assert np.array_equal(arrived.pixel_array, dcmread(sent).pixel_array)
+        return
     assert dcmread(received, stop_before_pixels=True).file_meta.TransferSyntaxUID == ts
     assert dataset_bytes(received) == dataset_bytes(sent), (
         f"{path.name}: dataset bytes at storescp differ from what storescu sent"
