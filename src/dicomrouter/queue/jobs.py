@@ -8,11 +8,12 @@ the same node restarts. Every state change is one short transaction.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, case, func, select, update
+from sqlalchemy import Connection, Engine, Row, and_, bindparam, case, func, select, update
 
 from dicomrouter.config import DicomDestinationConfig
 from dicomrouter.store.schema import attempts, instances, job_instances, jobs
@@ -41,6 +42,24 @@ class Claim:
     started_at: float = field(default_factory=time.time)
 
 
+@dataclass
+class Delivery:
+    """What the planner decided to send to one destination for one resource."""
+
+    destination: str
+    config: DicomDestinationConfig
+    level: str  # instance | series | study | patient
+    resource_uid: str
+    study_uid: str
+    routes: set[str] = field(default_factory=set)
+    members: dict[int, int] = field(default_factory=dict)  # instance id -> generation
+
+
+def _chunks(values: Sequence[Any], size: int = 500) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
 @dataclass(frozen=True)
 class ItemResult:
     job_id: int
@@ -65,32 +84,28 @@ class JobStore:
         self.engine = engine
 
     # -- creation ---------------------------------------------------------------
-    def enqueue(
-        self,
-        conn: Connection,
-        dest_name: str,
-        dest: DicomDestinationConfig,
-        level: str,
-        resource_uid: str,
-        study_uid: str,
-        routes: Iterable[str],
-        members: Sequence[tuple[int, int]],
-        now: float,
-    ) -> int | None:
-        """Queue ``members`` ((instance_id, generation) pairs) for ``dest_name``.
+    def enqueue_many(self, conn: Connection, plans: Sequence[Delivery], now: float) -> list[int]:
+        """Queue each planned delivery, in bulk (one short write transaction per batch).
 
-        Instances already queued or delivered to this destination (same generation)
-        are skipped: two routes, or a follow-up, never send an instance twice. New
-        instances join a waiting job for the same resource, or start a follow-up job.
-        Returns the job id, or None when nothing was left to send.
+        Instances already queued or delivered to a destination (same generation) are
+        skipped: two routes, or a follow-up, never send an instance twice. New
+        instances join a waiting job for the same (destination, resource), or start a
+        follow-up job. Returns the ids of the jobs that received instances.
         """
-        if not members:
-            return None
-        wanted = {instance_id: generation for instance_id, generation in members}
+        touched: list[int] = []
+        by_dest: dict[str, list[Delivery]] = {}
+        for plan in plans:
+            by_dest.setdefault(plan.destination, []).append(plan)
+        for dest_name, dest_plans in by_dest.items():
+            touched += self._enqueue_for(conn, dest_name, dest_plans, now)
+        return touched
+
+    def _enqueue_for(
+        self, conn: Connection, dest_name: str, plans: list[Delivery], now: float
+    ) -> list[int]:
+        ids = sorted({i for plan in plans for i in plan.members})
         already: set[tuple[int, int]] = set()
-        ids = list(wanted)
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
+        for chunk in _chunks(ids):
             already.update(
                 (row.instance_id, row.generation)
                 for row in conn.execute(
@@ -100,60 +115,95 @@ class JobStore:
                     )
                 )
             )
-        fresh = [(i, g) for i, g in wanted.items() if (i, g) not in already]
-        route_names = sorted(set(routes))
-        if not fresh:
-            return None
-        waiting = conn.execute(
-            select(jobs.c.id, jobs.c.routes).where(
-                jobs.c.destination == dest_name,
-                jobs.c.level == level,
-                jobs.c.resource_uid == resource_uid,
-                jobs.c.state.in_(S.WAITING_STATES),
-            )
-        ).first()
-        if waiting is not None:
-            job_id = int(waiting.id)
-            merged = sorted(set(filter(None, waiting.routes.split(","))) | set(route_names))
-            conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id)
-                .values(routes=",".join(merged), updated_at=now)
-            )
-        else:
-            state, next_at = initial_state(dest, now)
-            job_id = int(
-                conn.execute(
-                    jobs.insert().values(
-                        destination=dest_name,
-                        level=level,
-                        resource_uid=resource_uid,
-                        study_instance_uid=study_uid,
-                        routes=",".join(route_names),
-                        state=state,
-                        priority=0,
-                        attempts=0,
-                        next_attempt_at=next_at,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                ).inserted_primary_key[0]  # type: ignore[index]
-            )
-        # An instance received again while its older copy still waits in this job:
-        # the job sends the newer copy once, instead of both.
-        in_job = (
-            {
-                row.instance_id
-                for row in conn.execute(
-                    select(job_instances.c.instance_id).where(
-                        job_instances.c.job_id == job_id,
-                        job_instances.c.instance_id.in_([i for i, _ in fresh]),
-                    )
+        fresh_plans: list[tuple[Delivery, list[tuple[int, int]]]] = []
+        for plan in plans:
+            fresh = [(i, g) for i, g in plan.members.items() if (i, g) not in already]
+            if fresh:
+                fresh_plans.append((plan, fresh))
+        if not fresh_plans:
+            return []
+        waiting: dict[tuple[str, str], Row] = {}
+        for chunk in _chunks(sorted({plan.resource_uid for plan, _ in fresh_plans})):
+            for row in conn.execute(
+                select(jobs.c.id, jobs.c.level, jobs.c.resource_uid, jobs.c.routes).where(
+                    jobs.c.destination == dest_name,
+                    jobs.c.resource_uid.in_(chunk),
+                    jobs.c.state.in_(S.WAITING_STATES),
                 )
-            }
-            if waiting is not None
-            else set()
-        )
+            ):
+                waiting[(row.level, row.resource_uid)] = row
+        dest = fresh_plans[0][0].config
+        state, next_at = initial_state(dest, now)
+        new_plans = [(p, f) for p, f in fresh_plans if (p.level, p.resource_uid) not in waiting]
+        touched: list[int] = []
+        if new_plans:
+            rows = [
+                {
+                    "destination": dest_name,
+                    "level": plan.level,
+                    "resource_uid": plan.resource_uid,
+                    "study_instance_uid": plan.study_uid,
+                    "routes": ",".join(sorted(plan.routes)),
+                    "state": state,
+                    "priority": 0,
+                    "attempts": 0,
+                    "next_attempt_at": next_at,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for plan, _ in new_plans
+            ]
+            inserted = conn.execute(
+                jobs.insert().returning(jobs.c.id, sort_by_parameter_order=True), rows
+            ).scalars()
+            new_ids = iter(inserted.all())
+        items: list[dict[str, object]] = []
+        for plan, fresh in fresh_plans:
+            existing = waiting.get((plan.level, plan.resource_uid))
+            if existing is None:
+                job_id = next(new_ids)
+            else:
+                job_id = int(existing.id)
+                merged = sorted(set(filter(None, existing.routes.split(","))) | plan.routes)
+                if merged != existing.routes.split(","):
+                    conn.execute(
+                        update(jobs)
+                        .where(jobs.c.id == job_id)
+                        .values(routes=",".join(merged), updated_at=now)
+                    )
+                fresh = self._refresh_members(conn, job_id, fresh, now)
+            if job_id not in touched:
+                touched.append(job_id)
+            items += [
+                {
+                    "job_id": job_id,
+                    "instance_id": instance_id,
+                    "destination": dest_name,
+                    "generation": generation,
+                    "state": S.ITEM_PENDING,
+                    "updated_at": now,
+                }
+                for instance_id, generation in fresh
+            ]
+        if items:
+            conn.execute(job_instances.insert(), items)
+        return touched
+
+    @staticmethod
+    def _refresh_members(
+        conn: Connection, job_id: int, fresh: list[tuple[int, int]], now: float
+    ) -> list[tuple[int, int]]:
+        """An instance received again while its older copy still waits in this job:
+        the job sends the newer copy once, instead of both. Returns the rest."""
+        in_job = {
+            row.instance_id
+            for row in conn.execute(
+                select(job_instances.c.instance_id).where(
+                    job_instances.c.job_id == job_id,
+                    job_instances.c.instance_id.in_([i for i, _ in fresh]),
+                )
+            )
+        }
         for instance_id, generation in fresh:
             if instance_id in in_job:
                 conn.execute(
@@ -164,21 +214,7 @@ class JobStore:
                     )
                     .values(generation=generation, state=S.ITEM_PENDING, updated_at=now)
                 )
-        inserts = [
-            {
-                "job_id": job_id,
-                "instance_id": instance_id,
-                "destination": dest_name,
-                "generation": generation,
-                "state": S.ITEM_PENDING,
-                "updated_at": now,
-            }
-            for instance_id, generation in fresh
-            if instance_id not in in_job
-        ]
-        if inserts:
-            conn.execute(job_instances.insert(), inserts)
-        return job_id
+        return [(i, g) for i, g in fresh if i not in in_job]
 
     # -- claiming -----------------------------------------------------------------
     def claim(
@@ -330,69 +366,106 @@ class JobStore:
             current = {
                 row.id: row
                 for row in conn.execute(
-                    select(jobs.c.id, jobs.c.state, jobs.c.attempts, jobs.c.lease_owner).where(
-                        jobs.c.id.in_(claim.job_ids)
-                    )
+                    select(
+                        jobs.c.id,
+                        jobs.c.state,
+                        jobs.c.attempts,
+                        jobs.c.lease_owner,
+                        jobs.c.next_attempt_at,
+                        jobs.c.finished_at,
+                        jobs.c.last_error,
+                    ).where(jobs.c.id.in_(claim.job_ids))
                 )
             }
+            history: list[dict[str, object]] = []
+            settled: list[dict[str, object]] = []
+            canceled: list[int] = []
+            exhausted: list[int] = []
             for job_id in claim.job_ids:
                 row = current.get(job_id)
                 if row is None or row.lease_owner != claim.owner:
                     continue  # lease lost: someone else owns it now
                 job_message = (job_messages or {}).get(job_id, message)
-                conn.execute(
-                    attempts.insert().values(
-                        job_id=job_id,
-                        started_at=claim.started_at,
-                        ended_at=now,
-                        outcome=outcome,
-                        sent=sent,
-                        failed=failed,
-                        message=job_message[:2000] if job_message else None,
-                    )
+                history.append(
+                    {
+                        "job_id": job_id,
+                        "started_at": claim.started_at,
+                        "ended_at": now,
+                        "outcome": outcome,
+                        "sent": sent,
+                        "failed": failed,
+                        "message": job_message[:2000] if job_message else None,
+                    }
                 )
                 pending = counts.get((job_id, S.ITEM_PENDING), 0)
                 failed_n = counts.get((job_id, S.ITEM_FAILED), 0)
                 warned = counts.get((job_id, S.ITEM_WARNING), 0)
                 values: dict[str, object] = {
-                    "lease_owner": None,
-                    "lease_expires_at": None,
-                    "updated_at": now,
+                    "b_id": job_id,
+                    "b_state": row.state,
+                    "b_attempts": row.attempts,
+                    "b_next": row.next_attempt_at,
+                    "b_finished": row.finished_at,
+                    "b_error": row.last_error,
                 }
                 if row.state == S.CANCELED:
-                    self._cancel_items(conn, [job_id], now)
-                    values["finished_at"] = now
+                    canceled.append(job_id)
+                    values["b_finished"] = now
                 elif pending == 0:
-                    values["state"] = S.FAILED if failed_n else S.WARNING if warned else S.COMPLETED
-                    values["finished_at"] = now
-                    values["last_error"] = (
+                    values["b_state"] = (
+                        S.FAILED if failed_n else S.WARNING if warned else S.COMPLETED
+                    )
+                    values["b_finished"] = now
+                    values["b_error"] = (
                         f"{failed_n} instance(s) refused permanently: {job_message}"
                         if failed_n
                         else None
                     )
                 else:
                     tries = row.attempts + (1 if count_attempt else 0)
-                    values["attempts"] = tries
-                    values["last_error"] = job_message or None
+                    values["b_attempts"] = tries
+                    values["b_error"] = job_message or None
                     if tries >= dest.retry.max_attempts:
-                        conn.execute(
-                            update(job_instances)
-                            .where(
-                                job_instances.c.job_id == job_id,
-                                job_instances.c.state == S.ITEM_PENDING,
-                            )
-                            .values(state=S.ITEM_FAILED, updated_at=now)
-                        )
-                        values["state"] = S.FAILED
-                        values["finished_at"] = now
+                        exhausted.append(job_id)
+                        values["b_state"] = S.FAILED
+                        values["b_finished"] = now
                     else:
                         state, window_at = initial_state(dest, now)
-                        values["state"] = state
+                        values["b_state"] = state
                         delay = (
                             S.retry_delay(dest.retry, tries) if count_attempt else unavailable_delay
                         )
-                        values["next_attempt_at"] = max(window_at, now + delay)
-                conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
+                        values["b_next"] = max(window_at, now + delay)
+                settled.append(values)
+            if canceled:
+                self._cancel_items(conn, canceled, now)
+            if exhausted:
+                conn.execute(
+                    update(job_instances)
+                    .where(
+                        job_instances.c.job_id.in_(exhausted),
+                        job_instances.c.state == S.ITEM_PENDING,
+                    )
+                    .values(state=S.ITEM_FAILED, updated_at=now)
+                )
+            if history:
+                conn.execute(attempts.insert(), history)
+            if settled:
+                conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id == bindparam("b_id"))
+                    .values(
+                        state=bindparam("b_state"),
+                        attempts=bindparam("b_attempts"),
+                        next_attempt_at=bindparam("b_next"),
+                        finished_at=bindparam("b_finished"),
+                        last_error=bindparam("b_error"),
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        updated_at=now,
+                    ),
+                    settled,
+                )
 
     def release(self, claim: Claim) -> None:
         """Give jobs back untouched (shutdown or window closed)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 from pydicom.dataset import Dataset
@@ -23,7 +23,7 @@ from dicomrouter.rules import Condition, InstanceFacts, compile_condition
 from dicomrouter.store import ObjectStore, read_header
 from dicomrouter.store.schema import instances, route_matches, triggers
 
-from .jobs import JobStore
+from .jobs import Delivery, JobStore
 
 log = logging.getLogger("dicomrouter.planner")
 
@@ -44,13 +44,12 @@ class CompiledRoute:
         return self.config.name
 
 
-@dataclass
-class _Plan:
-    """Deliveries decided in one pass, merged per (destination, resource)."""
+Plans = dict[tuple[str, str, str], Delivery]
+"""Deliveries decided in one pass, merged per (destination, level, resource uid)."""
 
-    study_uid: str
-    routes: set[str] = field(default_factory=set)
-    members: dict[int, int] = field(default_factory=dict)  # instance id -> generation
+#: Instances planned per transaction. Small enough that the receiver, which needs the
+#: same write lock to commit each C-STORE, never waits long behind the planner.
+PLAN_BATCH = 100
 
 
 def compile_routes(config: RouterConfig) -> list[CompiledRoute]:
@@ -71,7 +70,7 @@ class Planner:
         self._needs_header = any(route.condition is not None for route in self.routes)
 
     # -- instance arrival ---------------------------------------------------------
-    def route_new_instances(self, limit: int = 500) -> int:
+    def route_new_instances(self, limit: int = PLAN_BATCH) -> int:
         """Plan the next batch of received instances. Returns how many were planned."""
         now = time.time()
         with self.engine.begin() as conn:
@@ -83,9 +82,19 @@ class Planner:
             ).all()
             if not batch:
                 return 0
-            plans: dict[tuple[str, str, str], _Plan] = {}
+            plans: Plans = {}
+            matches: list[dict[str, object]] = []
             for row in batch:
-                self._plan_instance(conn, row, plans, now)
+                self._plan_instance(conn, row, plans, matches, now)
+            if matches:
+                conn.execute(
+                    delete(route_matches).where(
+                        route_matches.c.instance_id == bindparam("b_instance"),
+                        route_matches.c.route == bindparam("b_route"),
+                    ),
+                    [{"b_instance": m["instance_id"], "b_route": m["route"]} for m in matches],
+                )
+                conn.execute(route_matches.insert(), matches)
             self._commit_plans(conn, plans, now)
             conn.execute(
                 update(instances)
@@ -114,24 +123,24 @@ class Planner:
         )
 
     def _plan_instance(
-        self, conn: Connection, row: Row, plans: dict[tuple[str, str, str], _Plan], now: float
+        self,
+        conn: Connection,
+        row: Row,
+        plans: Plans,
+        matches: list[dict[str, object]],
+        now: float,
     ) -> None:
         facts = self._facts(row) if self.routes else None
         for route in self.routes:
             matched = route.condition is None or route.condition.evaluate(facts)  # type: ignore[arg-type]
             if matched:
-                conn.execute(
-                    delete(route_matches).where(
-                        route_matches.c.instance_id == row.id, route_matches.c.route == route.name
-                    )
-                )
-                conn.execute(
-                    route_matches.insert().values(
-                        instance_id=row.id,
-                        route=route.name,
-                        generation=row.generation,
-                        matched_at=now,
-                    )
+                matches.append(
+                    {
+                        "instance_id": row.id,
+                        "route": route.name,
+                        "generation": row.generation,
+                        "matched_at": now,
+                    }
                 )
             trigger = route.config.trigger
             if trigger == "instance":
@@ -185,7 +194,7 @@ class Planner:
         fired = 0
         with self.engine.begin() as conn:
             armed = conn.execute(select(triggers).where(triggers.c.pending == 1)).all()
-            plans: dict[tuple[str, str, str], _Plan] = {}
+            plans: Plans = {}
             for trig in armed:
                 route = by_name.get(trig.route)
                 if route is None:  # route removed or disabled since
@@ -208,7 +217,7 @@ class Planner:
         conn: Connection,
         route: CompiledRoute,
         trig: Row,
-        plans: dict[tuple[str, str, str], _Plan],
+        plans: Plans,
     ) -> None:
         column = _LEVEL_COLUMN[trig.level]
         scope = conn.execute(
@@ -226,7 +235,7 @@ class Planner:
         row: Row,
         trigger_level: str,
         trigger_uid: str,
-        plans: dict[tuple[str, str, str], _Plan],
+        plans: Plans,
         scope: Sequence[Row] | None = None,
     ) -> None:
         """Expand the route's ``forward`` into instances and merge them into ``plans``."""
@@ -284,9 +293,9 @@ class Planner:
             )
         return found
 
-    @staticmethod
     def _merge(
-        plans: dict[tuple[str, str, str], _Plan],
+        self,
+        plans: Plans,
         route: CompiledRoute,
         level: str,
         uid: str,
@@ -294,24 +303,14 @@ class Planner:
         members: Iterable[Row],
     ) -> None:
         for dest in route.config.to:
-            plan = plans.setdefault((dest, level, uid), _Plan(study_uid))
+            plan = plans.get((dest, level, uid))
+            if plan is None:
+                plan = Delivery(dest, self.config.destinations[dest], level, uid, study_uid)
+                plans[(dest, level, uid)] = plan
             plan.routes.add(route.name)
             for member in members:
                 plan.members[member.id] = member.generation
 
-    def _commit_plans(
-        self, conn: Connection, plans: dict[tuple[str, str, str], _Plan], now: float
-    ) -> None:
-        for (dest_name, level, uid), plan in plans.items():
-            dest = self.config.destinations[dest_name]
-            self.jobs.enqueue(
-                conn,
-                dest_name,
-                dest,
-                level,
-                uid,
-                plan.study_uid,
-                plan.routes,
-                list(plan.members.items()),
-                now,
-            )
+    def _commit_plans(self, conn: Connection, plans: Plans, now: float) -> None:
+        if plans:
+            self.jobs.enqueue_many(conn, list(plans.values()), now)

@@ -18,21 +18,33 @@ class IndexVersionError(RuntimeError):
     pass
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA busy_timeout=60000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
+def _sqlite_pragmas(busy_timeout_ms: int):  # type: ignore[no-untyped-def]
+    def apply(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    return apply
 
 
-def create_index_engine(url: str, create: bool = True) -> Engine:
-    """Open (and by default create or check) the index at ``url``."""
+def create_index_engine(url: str, create: bool = True, busy_timeout_ms: int = 60_000) -> Engine:
+    """Open (and by default create or check) the index at ``url``.
+
+    ``busy_timeout_ms`` is how long SQLite itself waits for a lock. Its busy handler
+    sleeps in steps of up to 100 ms; the receiver sets 0 and retries with sub-
+    millisecond sleeps instead (see ``InstanceIndex``), because every millisecond it
+    waits is a millisecond a modality waits for its C-STORE response.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        engine = create_engine(
+            url,
+            connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False},
+        )
+        event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms))
         # pysqlite's own transaction handling defers BEGIN; take the write lock
         # up-front so concurrent writers queue instead of failing with "locked".
         event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))

@@ -8,10 +8,18 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Any
 
-from sqlalchemy import Engine, Executable, select
+from sqlalchemy import Engine, bindparam, literal_column, select
 
 from .header import InstanceHeader
 from .schema import instances
+
+_LOCK_WAIT = 60.0  # seconds before a locked index is reported as an error (0xA700)
+_LOCK_RETRY_SLEEP = 0.0003
+
+
+def _is_lock_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
 
 
 class Recorded(StrEnum):
@@ -34,11 +42,37 @@ class InstanceIndex:
         self.engine = engine
 
     def exists(self, sop_instance_uid: str) -> bool:
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                select(instances.c.id).where(instances.c.sop_instance_uid == sop_instance_uid)
-            ).first()
-        return row is not None
+        def query(cursor: Any) -> bool:
+            cursor.execute(self._exists_sql, (sop_instance_uid,))
+            return cursor.fetchone() is not None
+
+        return bool(self._run(query, commit=False))
+
+    @cached_property
+    def _exists_sql(self) -> str:
+        statement = select(instances.c.id).where(instances.c.sop_instance_uid == bindparam("uid"))
+        return str(statement.compile(dialect=self.engine.dialect))
+
+    def _run(self, work: Any, commit: bool) -> Any:
+        """Run ``work(cursor)`` on a pooled DBAPI connection; retry while another
+        process holds the write lock (short sleeps: the caller is a C-STORE waiting)."""
+        deadline = time.monotonic() + _LOCK_WAIT
+        while True:
+            raw = self.engine.raw_connection()
+            try:
+                cursor = raw.cursor()
+                result = work(cursor)
+                cursor.close()
+                if commit:
+                    raw.commit()
+                return result
+            except Exception as exc:  # the DBAPI's own OperationalError on this path
+                raw.rollback()
+                if not _is_lock_error(exc) or time.monotonic() > deadline:
+                    raise
+            finally:
+                raw.close()
+            time.sleep(_LOCK_RETRY_SLEEP)
 
     def record(
         self,
@@ -71,24 +105,41 @@ class InstanceIndex:
             "generation": 1,
             "routed": 0,
         }
-        with self.engine.begin() as conn:
-            generation = conn.execute(self._upsert, values).scalar_one()
+        sql, order = self._upsert_sql
+        params = tuple(values[name] for name in order) if order is not None else values
+
+        # The receive hot path: one pre-compiled statement on a pooled DBAPI connection.
+        # An Engine transaction costs more than the INSERT itself (profiled: 0.7 ms).
+        def upsert(cursor: Any) -> int:
+            cursor.execute(sql, params)
+            return int(cursor.fetchone()[0])
+
+        generation = self._run(upsert, commit=True)
         return Recorded.NEW if generation == 1 else Recorded.OVERWRITTEN
 
     @cached_property
-    def _upsert(self) -> Executable:
+    def _upsert_sql(self) -> tuple[str, tuple[str, ...] | None]:
+        """The upsert compiled once for this engine's dialect, with its parameter order
+        (None for dialects that take named parameters)."""
+        compiled = self._upsert.compile(dialect=self.engine.dialect)
+        order = tuple(compiled.positiontup or ()) if self.engine.dialect.positional else None
+        return str(compiled), order
+
+    @cached_property
+    def _upsert(self) -> Any:
         """``INSERT .. ON CONFLICT (sop_instance_uid) DO UPDATE .. RETURNING generation``
         (SQLite and PostgreSQL share the syntax)."""
         from sqlalchemy.dialects import postgresql, sqlite
 
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
-        statement = dialect.insert(instances)
+        columns = [c.name for c in instances.columns if c.name != "id"]
+        statement = dialect.insert(instances).values({name: bindparam(name) for name in columns})
         replaced: dict[str, Any] = {
             column.name: statement.excluded[column.name]
             for column in instances.columns
             if column.name not in ("id", "sop_instance_uid", "generation")
         }
-        replaced["generation"] = instances.c.generation + 1
+        replaced["generation"] = instances.c.generation + literal_column("1")
         return statement.on_conflict_do_update(
             index_elements=[instances.c.sop_instance_uid], set_=replaced
         ).returning(instances.c.generation)
