@@ -42,3 +42,44 @@ def install_tcp_nodelay() -> None:
     AssociationSocket._create_socket = create_socket  # type: ignore[method-assign]
     AssociationServer.get_request = get_request  # type: ignore[method-assign]
     _installed = True
+
+
+#: pynetdicom's reactors sleep 1 ms whenever they find nothing to do. A 512x512 image
+#: arrives as dozens of PDUs, and each gap can cost a whole sleep: measured on
+#: loopback, receiving 300 x 525 KB took 2.2-2.7 s with 1 ms and 1.6-1.9 s with
+#: 0.1 ms. 0.2 ms keeps most of that gain; an idle association then costs about 2-3%
+#: of a core for its polling threads, which we accept for a router.
+REACTOR_DELAY = 0.0002
+
+_low_latency = False
+
+
+def install_low_latency_reactors(delay: float = REACTOR_DELAY) -> None:
+    """Shorten pynetdicom's idle sleeps (DUL and association reactors). Idempotent."""
+    global _low_latency
+    if _low_latency:
+        return
+    import time as _time
+
+    from pynetdicom import association, dul
+
+    original_init = dul.DULServiceProvider.__init__
+
+    def init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        original_init(self, *args, **kwargs)
+        self._run_loop_delay = delay
+
+    class _FastSleep:
+        """``time`` for pynetdicom.association: its reactor's 1 ms sleep becomes
+        ``delay``; every other use of ``time`` is unchanged."""
+
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return getattr(_time, name)
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            _time.sleep(delay if seconds == 0.001 else seconds)
+
+    dul.DULServiceProvider.__init__ = init  # type: ignore[method-assign]
+    association.time = _FastSleep()  # type: ignore[assignment]
+    _low_latency = True

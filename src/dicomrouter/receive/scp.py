@@ -24,7 +24,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicomrouter.config import RouterConfig
-from dicomrouter.net import install_tcp_nodelay
+from dicomrouter.net import install_low_latency_reactors, install_tcp_nodelay
 from dicomrouter.store import (
     InstanceHeader,
     InstanceIndex,
@@ -90,6 +90,7 @@ class Receiver:
     def start(self) -> None:
         """Listen on the configured port. Objects stream to ``<storage>/tmp``."""
         install_tcp_nodelay()
+        install_low_latency_reactors()
         _config.STORE_RECV_CHUNKED_DATASET = True
         # pynetdicom creates its temporary files in tempfile's folder: make that our
         # tmp folder on the storage filesystem so a file is renamed, never copied.
