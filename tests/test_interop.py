@@ -20,7 +20,6 @@ with pixels equal to pydicom's decoding of the original.
 from __future__ import annotations
 
 import functools
-import os
 import struct
 import subprocess
 import warnings
@@ -38,13 +37,13 @@ from pydicom.data import data_manager, download, get_testdata_files
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from tests.support.dcmtk import HOST, StoreSCP, dcmtk_env, dcmtk_tool, free_port, have_dcmtk
-from tests.support.orthanc import Orthanc, orthanc_executable
+from tests.support import require_peers
+from tests.support.dcmtk import HOST, StoreSCP, dcmtk_env, dcmtk_tool, free_port
+from tests.support.orthanc import Orthanc
 from tests.support.router import RouterProcess, all_settled, wait_until
 
 pytestmark = pytest.mark.interop
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 #: storescu proposes only uncompressed syntaxes by default and cannot send a compressed
 #: file without a matching context, so each syntax gets the option that proposes it.
@@ -81,18 +80,6 @@ LOSSLESS_COMPRESSED: list[str] = [
     U.RLELossless,
     U.JPEGLSLossless,
 ]
-
-
-def _require_peers(*, orthanc: bool) -> None:
-    missing = [] if have_dcmtk() else ["dcmtk"]
-    if orthanc and orthanc_executable() is None:
-        missing.append("Orthanc")
-    if not missing:
-        return
-    message = f"{' and '.join(missing)} not installed (run: bash scripts/test.sh)"
-    if IN_CI:
-        pytest.fail(f"{message}; CI must not skip interop tests")
-    pytest.skip(message)
 
 
 # -- the bundled test files ---------------------------------------------------------------
@@ -310,7 +297,7 @@ def element_differences(expected: Dataset, actual: Dataset, where: str = "") -> 
 @pytest.fixture(scope="module")
 def interop_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Select the files, capture what storescu sends, route it to storescp and Orthanc."""
-    _require_peers(orthanc=True)
+    require_peers(orthanc=True)
     work = tmp_path_factory.mktemp("interop")
 
     # 1. Which bundled files storescu can send, and the exact bytes it sends.

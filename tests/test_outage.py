@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom import dcmread
 
-from tests.support.dcmtk import HOST, StoreSCP, free_port
+from tests.support.dcmtk import HOST, StoreSCP, free_port, sop_uids
 from tests.support.router import RouterProcess, all_settled, wait_until
 from tests.support.synth import make_study
 
@@ -31,18 +30,6 @@ OUTAGE_POLICY: dict[str, Any] = {
 
 def down_destination(port: int, aet: str = "DOWN") -> dict[str, Any]:
     return {"ae_title": aet, "host": HOST, "port": port, **OUTAGE_POLICY}
-
-
-def store_requests(scp: StoreSCP) -> int:
-    return scp.log().count("Received Store Request")
-
-
-def received_sops(scp: StoreSCP) -> set[str]:
-    return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in scp.received_files()}
-
-
-def sops(files: list[Path]) -> set[str]:
-    return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
 
 
 def queue_json(router: RouterProcess) -> dict[str, Any]:
@@ -92,10 +79,10 @@ def test_outage_pauses_keeps_jobs_pending_and_resumes_at_once(tmp_path: Path, dc
         with StoreSCP(port, "DOWN", tmp_path / "back", accept="all") as scp:
             # Probes run every 1s and a resume pulls the whole queue forward, so 20
             # small instances arrive within seconds (generous bound for a busy box).
-            wait_until(lambda: store_requests(scp) >= 20, 20, message="20 instances after return")
+            wait_until(lambda: scp.store_requests() >= 20, 20, message="20 instances after return")
             jobs = router.wait_jobs(all_settled, 20, message="all jobs settled")
-            assert received_sops(scp) == sops(files)
-            assert store_requests(scp) == 20
+            assert scp.received_sops() == sop_uids(files)
+            assert scp.store_requests() == 20
         assert [j["state"] for j in jobs] == ["completed"] * 20
         assert health(router, "down") == "ok"
 
@@ -113,11 +100,11 @@ def test_a_down_destination_does_not_hold_up_another(tmp_path: Path, dcmtk: None
         second = make_study(tmp_path / "in", 10, prefix="B")
         with RouterProcess(tmp_path / "router", config) as router:
             send_ok(router, first)
-            wait_until(lambda: store_requests(up) >= 10, 30, message="first 10 at the up peer")
+            wait_until(lambda: up.store_requests() >= 10, 30, message="first 10 at the up peer")
             wait_until(lambda: health(router, "down") == "paused", 30, message="down paused")
             # While "down" is paused, new data still flows to "up" promptly.
             send_ok(router, second)
-            wait_until(lambda: store_requests(up) >= 20, 30, message="next 10 at the up peer")
+            wait_until(lambda: up.store_requests() >= 20, 30, message="next 10 at the up peer")
             jobs = router.wait_jobs(
                 lambda js: (
                     len([j for j in js if j["destination"] == "up"]) == 20
@@ -128,8 +115,8 @@ def test_a_down_destination_does_not_hold_up_another(tmp_path: Path, dcmtk: None
             )
     up_jobs = [j for j in jobs if j["destination"] == "up"]
     down_jobs = [j for j in jobs if j["destination"] == "down"]
-    assert received_sops(up) == sops(first + second)
-    assert store_requests(up) == 20
+    assert up.received_sops() == sop_uids(first + second)
+    assert up.store_requests() == 20
     assert [j["state"] for j in up_jobs] == ["completed"] * 20, up_jobs
     assert [j["state"] for j in down_jobs] == ["pending"] * 20, down_jobs
 
@@ -159,10 +146,10 @@ def test_cancel_then_retry_pending_jobs_with_the_cli(tmp_path: Path, dcmtk: None
             wait_until(lambda: health(router, "down") == "ok", 20, message="destination resumed")
             # A new instance after the return is delivered; the canceled ones are not.
             send_ok(router, later)
-            wait_until(lambda: store_requests(scp) >= 1, 20, message="the new instance")
+            wait_until(lambda: scp.store_requests() >= 1, 20, message="the new instance")
             router.wait_jobs(all_settled, 20, message="jobs settled")
-            assert received_sops(scp) == sops(later)
-            assert store_requests(scp) == 1, "a canceled job was delivered"
+            assert scp.received_sops() == sop_uids(later)
+            assert scp.store_requests() == 1, "a canceled job was delivered"
             states = {j["id"]: j["state"] for j in router.jobs()}
             assert [states[i] for i in ids] == ["canceled"] * 5
 
@@ -171,8 +158,8 @@ def test_cancel_then_retry_pending_jobs_with_the_cli(tmp_path: Path, dcmtk: None
             )
             assert retry.returncode == 0, retry.stderr
             assert json.loads(retry.stdout)["changed"] == 5
-            wait_until(lambda: store_requests(scp) >= 6, 20, message="the retried instances")
+            wait_until(lambda: scp.store_requests() >= 6, 20, message="the retried instances")
             jobs = router.wait_jobs(all_settled, 20, message="jobs settled after retry")
-            assert received_sops(scp) == sops(files + later)
-            assert store_requests(scp) == 6
+            assert scp.received_sops() == sop_uids(files + later)
+            assert scp.store_requests() == 6
     assert {j["state"] for j in jobs} == {"completed"}

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from pydicom import dcmread
 
-from tests.support.dcmtk import HOST, StoreSCP, free_port
+from tests.support.dcmtk import HOST, StoreSCP, free_port, sop_uids
 from tests.support.router import RouterProcess, all_settled, wait_until
 from tests.support.synth import make_study
 
@@ -41,19 +41,6 @@ CT_HEAD_ROUTE: dict[str, Any] = {
 
 def dest(scp: StoreSCP) -> dict[str, Any]:
     return {"ae_title": scp.aet, "host": HOST, "port": scp.port}
-
-
-def store_requests(scp: StoreSCP) -> int:
-    """C-STORE requests storescp received (duplicates included)."""
-    return scp.log().count("Received Store Request")
-
-
-def received_sops(scp: StoreSCP) -> set[str]:
-    return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in scp.received_files()}
-
-
-def sops(files: list[Path]) -> set[str]:
-    return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
 
 
 def send_ok(router: RouterProcess, files: list[Path], calling: str = "STORESCU") -> None:
@@ -123,7 +110,7 @@ def test_ct_head_from_ct1_reaches_research_as_one_study_job_and_nothing_else_doe
             60,
             message="the research job and every archive job settled",
         )
-        wait_until(lambda: store_requests(archive) >= total, 30, message="archive got all")
+        wait_until(lambda: archive.store_requests() >= total, 30, message="archive got all")
     research_jobs = [j for j in jobs if j["destination"] == "research"]
     assert len(research_jobs) == 1, research_jobs
     job = research_jobs[0]
@@ -131,9 +118,9 @@ def test_ct_head_from_ct1_reaches_research_as_one_study_job_and_nothing_else_doe
     assert (job["level"], job["resource_uid"], job["state"]) == ("study", study_uid, "completed")
     assert job["total"] == 6 and job["delivered"] == 6
     assert job["routes"] == ["ct-head-research"]
-    assert received_sops(research) == sops(head_ct)
-    assert store_requests(research) == 6, "research received something else or twice"
-    assert received_sops(archive) == sops(head_ct + head_ct_from_mr1 + chest_ct + mr_head)
+    assert research.received_sops() == sop_uids(head_ct)
+    assert research.store_requests() == 6, "research received something else or twice"
+    assert archive.received_sops() == sop_uids(head_ct + head_ct_from_mr1 + chest_ct + mr_head)
 
 
 # -- (b) forward: matched ------------------------------------------------------------------
@@ -165,10 +152,10 @@ def test_forward_matched_sends_only_the_matching_instance_of_the_study(
     with RouterProcess(tmp_path / "router", config) as router:
         send_ok(router, files)
         jobs = router.wait_jobs(settled_count(1), 30, message="the matched job")
-        wait_until(lambda: store_requests(research) >= 1, 15, message="delivery")
+        wait_until(lambda: research.store_requests() >= 1, 15, message="delivery")
     assert [(j["state"], j["total"]) for j in jobs] == [("completed", 1)]
-    assert received_sops(research) == sops([localizer])
-    assert store_requests(research) == 1
+    assert research.received_sops() == sop_uids([localizer])
+    assert research.store_requests() == 1
 
 
 # -- (c) two routes, one destination: each instance once --------------------------------------
@@ -194,12 +181,14 @@ def test_two_routes_to_the_same_destination_deliver_each_instance_once(
     with RouterProcess(tmp_path / "router", config) as router:
         send_ok(router, files)
         jobs = router.wait_jobs(settled_count(5), 30, message="5 jobs settled")
-        wait_until(lambda: store_requests(research) >= 5, 15, message="5 deliveries")
-    assert sorted(j["resource_uid"] for j in jobs) == sorted(sops(files)), "one job per instance"
+        wait_until(lambda: research.store_requests() >= 5, 15, message="5 deliveries")
+    assert sorted(j["resource_uid"] for j in jobs) == sorted(sop_uids(files)), (
+        "one job per instance"
+    )
     for job in jobs:
         assert (job["state"], job["total"], job["routes"]) == ("completed", 1, ["ct", "head"])
-    assert received_sops(research) == sops(files)
-    assert store_requests(research) == 5
+    assert research.received_sops() == sop_uids(files)
+    assert research.store_requests() == 5
 
 
 def test_instance_route_and_study_route_to_the_same_destination_deliver_each_instance_once(
@@ -229,11 +218,11 @@ def test_instance_route_and_study_route_to_the_same_destination_deliver_each_ins
             30,
             message="the study trigger fired and every job settled",
         )
-        wait_until(lambda: store_requests(research) >= 4, 15, message="4 deliveries")
-    assert store_requests(research) == 4, "an instance was delivered twice"
-    assert received_sops(research) == sops(files)
+        wait_until(lambda: research.store_requests() >= 4, 15, message="4 deliveries")
+    assert research.store_requests() == 4, "an instance was delivered twice"
+    assert research.received_sops() == sop_uids(files)
     research_jobs = [j for j in jobs if j["destination"] == "research"]
-    assert sorted(j["resource_uid"] for j in research_jobs) == sorted(sops(files)), (
+    assert sorted(j["resource_uid"] for j in research_jobs) == sorted(sop_uids(files)), (
         f"the study job to research should be empty (all instances already queued): {research_jobs}"
     )
     archive_jobs = [j for j in jobs if j["destination"] == "archive"]
@@ -269,14 +258,14 @@ def test_instances_arriving_after_the_study_was_routed_make_a_follow_up_job(
         assert [(j["state"], j["total"]) for j in jobs] == [("completed", 5)]
         send_ok(router, late)
         jobs = router.wait_jobs(settled_count(2), 30, message="the follow-up job")
-        wait_until(lambda: store_requests(research) >= 8, 15, message="8 deliveries")
+        wait_until(lambda: research.store_requests() >= 8, 15, message="8 deliveries")
         first_job, follow_up = sorted(jobs, key=lambda j: j["id"])
-        assert job_sops(router, first_job["id"]) == sops(first)
-        assert job_sops(router, follow_up["id"]) == sops(late)
+        assert job_sops(router, first_job["id"]) == sop_uids(first)
+        assert job_sops(router, follow_up["id"]) == sop_uids(late)
     assert (follow_up["level"], follow_up["resource_uid"]) == ("study", study_uid)
     assert (follow_up["state"], follow_up["total"]) == ("completed", 3)
-    assert received_sops(research) == sops(first + late)
-    assert store_requests(research) == 8, "an instance was delivered twice"
+    assert research.received_sops() == sop_uids(first + late)
+    assert research.store_requests() == 8, "an instance was delivered twice"
 
 
 # -- (e) trigger: series ------------------------------------------------------------------------
@@ -298,13 +287,13 @@ def test_series_trigger_fires_once_per_series(tmp_path: Path, scps: dict[str, St
     with RouterProcess(tmp_path / "router", config) as router:
         send_ok(router, files)
         jobs = router.wait_jobs(settled_count(3), 30, message="3 series jobs")
-        wait_until(lambda: store_requests(research) >= 6, 15, message="6 deliveries")
+        wait_until(lambda: research.store_requests() >= 6, 15, message="6 deliveries")
         per_job = {j["resource_uid"]: job_sops(router, j["id"]) for j in jobs}
     assert len(jobs) == 3
     assert {j["level"] for j in jobs} == {"series"}
     assert {j["state"] for j in jobs} == {"completed"}
     assert per_job == series
-    assert store_requests(research) == 6
+    assert research.store_requests() == 6
 
 
 # -- (f) the CLI: test-rule and check -----------------------------------------------------------

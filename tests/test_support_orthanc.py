@@ -12,8 +12,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from tests.support import require_peers
 from tests.support.dcmtk import dcmtk_env, dcmtk_tool
-from tests.support.orthanc import Orthanc, orthanc_executable
+from tests.support.orthanc import Orthanc
 from tests.support.synth import make_study
 
 pytestmark = pytest.mark.interop
@@ -30,9 +31,8 @@ def _storescu() -> str | None:
 STORESCU = _storescu()
 
 
-@pytest.mark.skipif(orthanc_executable() is None, reason="Orthanc not installed")
-@pytest.mark.skipif(STORESCU is None, reason="dcmtk storescu not installed")
 def test_storescu_to_orthanc(tmp_path: Path) -> None:
+    require_peers(dcmtk=True, orthanc=True)
     files = make_study(tmp_path / "in", 3, series_count=2)
     sop_uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
 

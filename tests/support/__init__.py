@@ -1,1 +1,30 @@
 """Helpers shared by tests that drive real DICOM peers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_peers(*, dcmtk: bool = True, orthanc: bool = False) -> None:
+    """Skip (locally, with the reason printed) or fail (in CI) when a peer is missing:
+    interop tests must never be skipped in CI."""
+    from .dcmtk import have_dcmtk
+    from .orthanc import orthanc_executable
+
+    missing = []
+    if dcmtk and not have_dcmtk():
+        missing.append("dcmtk")
+    if orthanc and orthanc_executable() is None:
+        missing.append("Orthanc")
+    if not missing:
+        return
+    message = (
+        f"{' and '.join(missing)} not installed (run: bash scripts/test.sh, which installs it)"
+    )
+    if IN_CI:
+        pytest.fail(f"{message}; CI must not skip interop tests")
+    pytest.skip(message)

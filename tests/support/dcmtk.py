@@ -58,6 +58,13 @@ def dcmtk_env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
 
 
+def sop_uids(files: Sequence[Path]) -> set[str]:
+    """SOP Instance UIDs of DICOM files (header only)."""
+    from pydicom import dcmread
+
+    return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+
+
 def free_port() -> int:
     """A TCP port that was free on 127.0.0.1 a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -164,6 +171,14 @@ class StoreSCP:
     def association_count(self) -> int:
         """Associations received so far, including the readiness C-ECHOs."""
         return self.log().count("Association Received")
+
+    def store_requests(self) -> int:
+        """C-STORE requests received so far, duplicates included (from the log)."""
+        return self.log().count("Received Store Request")
+
+    def received_sops(self) -> set[str]:
+        """SOP Instance UIDs of the files received so far."""
+        return sop_uids(self.received_files())
 
     def received_files(self) -> list[Path]:
         """Files storescp wrote so far, sorted by name."""

@@ -1,0 +1,79 @@
+"""The command line as an operator uses it: exit codes and messages, real peers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.dcmtk import HOST, StoreSCP, free_port, sop_uids
+from tests.support.router import wait_until
+from tests.support.synth import make_study
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dicomrouter", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.interop
+def test_echo_reports_success_and_failure(pacs: StoreSCP) -> None:
+    ok = run("echo", f"PACS@{HOST}:{pacs.port}")
+    assert ok.returncode == 0, ok.stderr
+    assert "succeeded" in ok.stdout
+    closed = run("echo", f"PACS@{HOST}:{free_port()}", "--timeout", "2")
+    assert closed.returncode == 1
+    assert "C-ECHO to PACS@" in closed.stderr and "failed" in closed.stderr
+
+
+def test_echo_rejects_a_malformed_target() -> None:
+    result = run("echo", "PACS-127.0.0.1-104")
+    assert result.returncode == 1
+    assert "expected AE@HOST:PORT" in result.stderr
+
+
+@pytest.mark.interop
+def test_send_delivers_files_and_prints_a_summary(tmp_path: Path, pacs: StoreSCP) -> None:
+    files = make_study(tmp_path / "in", 5)
+    (tmp_path / "in" / "notes.txt").write_text("not DICOM")
+    result = run("send", str(tmp_path / "in"), "--to", f"PACS@{HOST}:{pacs.port}")
+    wait_until(lambda: len(pacs.received_files()) == 5, 20, message="5 files at storescp")
+    assert pacs.received_sops() == sop_uids(files)
+    # The unreadable file is reported and makes the exit code non-zero.
+    assert result.returncode == 1
+    assert "skipped" in result.stderr and "notes.txt" in result.stderr
+    assert "sent to PACS@" in result.stdout
+    assert pacs.association_count() >= 1
+
+
+@pytest.mark.interop
+def test_send_to_a_closed_port_fails_clearly(tmp_path: Path, dcmtk: None) -> None:
+    files = make_study(tmp_path / "in", 1)
+    result = run("send", str(files[0]), "--to", f"PACS@{HOST}:{free_port()}")
+    assert result.returncode == 1
+    assert "cannot reach PACS@" in result.stderr
+
+
+def test_queue_commands_explain_missing_index_and_bad_state(tmp_path: Path) -> None:
+    config = tmp_path / "router.yaml"
+    config.write_text(f"storage: {{path: {tmp_path / 'data'}}}\n")
+    missing = run("queue", "list", "--config", str(config))
+    assert missing.returncode == 1 and "no index at" in missing.stderr
+    bad = run("queue", "list", "--config", str(config), "--state", "lost")
+    assert bad.returncode == 1 and "unknown state 'lost'" in bad.stderr
+
+
+def test_check_json_on_the_issue_example() -> None:
+    example = Path(__file__).resolve().parents[1] / "examples" / "dicomrouter.yaml"
+    result = run("check", "--config", str(example), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"valid": True, "findings": []}
+
+
+def test_config_docs_matches_the_committed_reference() -> None:
+    committed = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert run("config-docs").stdout == committed.read_text(encoding="utf-8")
