@@ -91,13 +91,6 @@ class StorageConfig(_Model):
         ge=0,
         description="Bytes of free disk below which C-STOREs are refused with 0xA700.",
     )
-    retention: Duration | None = Field(
-        None,
-        description=(
-            "Delete delivered objects this long after all their jobs ended. "
-            "Unset: keep everything (not yet enforced; reserved)."
-        ),
-    )
 
 
 class RetryConfig(_Model):
