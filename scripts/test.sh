@@ -15,7 +15,8 @@ missing=()
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]} (apt-get)"
   $SUDO apt-get update -qq
-  # policy-rc.d keeps the package's own Orthanc service from starting on ports we use.
+  # RUNLEVEL=1 asks invoke-rc.d not to start the packaged Orthanc service: the tests
+  # start their own Orthanc instances on free ports.
   $SUDO env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
