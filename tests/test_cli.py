@@ -77,3 +77,22 @@ def test_check_json_on_the_issue_example() -> None:
 def test_config_docs_matches_the_committed_reference() -> None:
     committed = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
     assert run("config-docs").stdout == committed.read_text(encoding="utf-8")
+
+
+def test_serve_fails_fast_when_the_port_is_taken(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "router.yaml"
+        config.write_text(
+            f"dicom: {{port: {port}, bind: 127.0.0.1}}\nstorage: {{path: {tmp_path / 'data'}}}\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "dicomrouter", "serve", "--config", str(config)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr

@@ -27,7 +27,7 @@ from dicomrouter.store import (
     create_index_engine,
     read_header,
 )
-from dicomrouter.store.schema import jobs
+from dicomrouter.store.schema import instances, jobs
 from tests.support.synth import make_study
 
 DEST = {"ae_title": "PACS", "host": "127.0.0.1", "port": 4242}
@@ -426,3 +426,92 @@ def test_forward_levels(tmp_path: Path, level: str) -> None:
         series[dcmread(f).SeriesNumber].append(f)
     expected = uids(series[1]) if level == "series" else uids(files)
     assert p.members(job["id"]) == expected
+
+
+def test_routes_at_different_levels_to_one_destination_queue_each_instance_once(
+    tmp_path: Path,
+) -> None:
+    # Regression: the instance-level and series-level plans of one batch both named
+    # the same instances for the same destination; the duplicate row broke the unique
+    # key and wedged the planner on that batch forever.
+    config = {
+        "destinations": {"pacs": DEST},
+        "routes": [route(name="each"), route(name="series", forward="series")],
+    }
+    p = Pipeline(tmp_path, config)
+    files = make_study(tmp_path / "in", 4)
+    p.receive(files)
+    p.plan()
+    delivered = [m for j in p.job_list() for m in p.members(j["id"])]
+    assert sorted(delivered) == sorted(uids(files))
+    with p.engine.connect() as conn:
+        assert conn.execute(select(instances.c.id).where(instances.c.routed == 0)).all() == []
+
+
+def test_study_and_series_forward_of_one_trigger_do_not_conflict(tmp_path: Path) -> None:
+    config = {
+        "destinations": {"pacs": DEST},
+        "routes": [
+            route(name="study", trigger="study", stable_after="1s", forward="study"),
+            route(name="series", trigger="study", stable_after="1s", forward="series"),
+        ],
+    }
+    p = Pipeline(tmp_path, config)
+    files = make_study(tmp_path / "in", 4, series_count=2)
+    p.receive(files)
+    p.plan(later=2)
+    delivered = [m for j in p.job_list() for m in p.members(j["id"])]
+    assert sorted(delivered) == sorted(uids(files))
+
+
+def test_claim_keeps_only_jobs_whose_instances_it_loaded(tmp_path: Path) -> None:
+    # Regression: jobs claimed beyond the item limit used up attempts without a send.
+    p = Pipeline(tmp_path, {"destinations": {"pacs": DEST}, "routes": [route()]})
+    p.receive(make_study(tmp_path / "in", 15))
+    p.plan()
+    claim = p.jobs.claim("pacs", "w", lease=60, max_items=10)
+    assert claim is not None and len(claim.job_ids) == 10 and len(claim.items) == 10
+    rest = [j for j in p.job_list() if j["id"] not in claim.job_ids]
+    assert [(j["state"], j["lease_owner"], j["attempts"]) for j in rest] == [
+        ("pending", None, 0)
+    ] * 5
+
+
+def test_a_job_cut_by_the_item_limit_continues_without_an_attempt(tmp_path: Path) -> None:
+    p = Pipeline(tmp_path, {"destinations": {"pacs": DEST}, "routes": [route(forward="study")]})
+    p.receive(make_study(tmp_path / "in", 3))
+    p.plan()
+    claim = p.jobs.claim("pacs", "w", lease=60, max_items=2)
+    assert claim is not None and len(claim.items) == 2
+    p.jobs.record_results(
+        [ItemResult(i.job_id, i.instance_id, S.ITEM_COMPLETED, 0, "ok") for i in claim.items]
+    )
+    p.jobs.finish(
+        claim,
+        p.config.destinations["pacs"],
+        count_attempt=True,
+        unavailable_delay=0.0,
+        message="",
+        outcome="completed",
+        sent=2,
+        failed=0,
+        transient_jobs=set(),
+    )
+    (job,) = p.job_list()
+    assert (job["state"], job["attempts"], job["delivered"]) == (S.PENDING, 0, 2)
+    assert job["next_attempt_at"] <= time.time()
+    claim = p.jobs.claim("pacs", "w", lease=60)
+    assert claim is not None and len(claim.items) == 1
+
+
+def test_renew_reports_a_lease_lost_to_recovery(tmp_path: Path) -> None:
+    p = Pipeline(tmp_path, {"destinations": {"pacs": DEST}, "routes": [route()]})
+    p.receive(make_study(tmp_path / "in", 1))
+    p.plan()
+    first = p.jobs.claim("pacs", "w1", lease=1)
+    assert first is not None and p.jobs.renew(first, 1) == set()
+    assert p.jobs.recover(now=time.time() + 5) == 1  # w1 looked dead
+    second = p.jobs.claim("pacs", "w2", lease=60)
+    assert second is not None and second.job_ids == first.job_ids
+    assert p.jobs.renew(first, 60) == set(first.job_ids)  # w1 must stop sending
+    assert p.jobs.renew(second, 60) == set()

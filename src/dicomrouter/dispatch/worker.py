@@ -37,6 +37,7 @@ _ITEM_STATE = {
 }
 _FLUSH_EVERY = 0.5  # seconds between persisting per-instance results
 _KEEP_ALIVE = 2.0  # seconds an idle association is kept for the next claim
+_RENEW_EVERY = 2.0  # seconds between lease renewals (and cancel checks) during a send
 
 
 def node_id() -> str:
@@ -139,12 +140,12 @@ class DestinationWorker(threading.Thread):
         ]
         buffer: list[ItemResult] = []
         counts = {"sent": 0, "failed": 0}
-        canceled: set[int] = set()
-        last_flush = last_renew = time.monotonic()
+        last_flush = time.monotonic()
         errors: dict[int, str] = {}  # job id -> its last failure, never another job's
+        renewer = _LeaseRenewer(self.jobs, claim, self.config.dispatch.lease)
 
         def on_result(result: InstanceResult) -> None:
-            nonlocal last_flush, last_renew
+            nonlocal last_flush
             item = by_key[result.key]
             state = _ITEM_STATE[result.outcome]
             if state in (S.ITEM_COMPLETED, S.ITEM_WARNING):
@@ -160,21 +161,20 @@ class DestinationWorker(threading.Thread):
                 self.jobs.record_results(buffer)
                 buffer.clear()
                 last_flush = now
-            if now - last_renew >= self.config.dispatch.lease / 3:
-                canceled.update(self.jobs.renew(claim, self.config.dispatch.lease))
-                last_renew = now
 
         def should_stop() -> bool:
-            if self.stop_event.is_set():
+            if self.stop_event.is_set() or renewer.stop_sending:
+                # Canceled jobs, or jobs whose lease was lost: stop between instances.
+                # The claim's other jobs go back to pending and continue at once.
                 return True
             window = self.dest.send_window
-            if window is not None and not window.contains(datetime.now()):
-                return True
-            return bool(canceled) and all(job_id in canceled for job_id in claim.job_ids)
+            return window is not None and not window.contains(datetime.now())
 
+        renewer.start()
         try:
             results = self.sender.send(batch, on_result=on_result, should_stop=should_stop)
         except DestinationUnavailable as exc:
+            renewer.stop()
             self.jobs.record_results(buffer)
             self.health.record_unreachable(str(exc))
             self.jobs.finish(
@@ -189,6 +189,7 @@ class DestinationWorker(threading.Thread):
             )
             return
         except Exception as exc:
+            renewer.stop()
             self.jobs.record_results(buffer)
             log.exception("unexpected error sending to %s", self.dest_name)
             self.jobs.finish(
@@ -202,16 +203,17 @@ class DestinationWorker(threading.Thread):
                 failed=counts["failed"],
             )
             return
+        renewer.stop()
         self.jobs.record_results(buffer)
         if counts["sent"] or not results:
             self.health.record_success()
-        transient = any(r.outcome is Outcome.TRANSIENT for r in results)
+        transient_jobs = {by_key[r.key].job_id for r in results if r.outcome is Outcome.TRANSIENT}
         interrupted = len(results) < len(batch)
         outcome = (
-            "interrupted"
-            if interrupted and not transient
-            else "retry"
-            if transient
+            "retry"
+            if transient_jobs
+            else "interrupted"
+            if interrupted
             else "failed"
             if counts["failed"]
             else "completed"
@@ -219,7 +221,8 @@ class DestinationWorker(threading.Thread):
         self.jobs.finish(
             claim,
             self.dest,
-            count_attempt=transient,
+            count_attempt=True,
+            transient_jobs=transient_jobs,
             unavailable_delay=0.0,
             message="",
             job_messages=errors,
@@ -227,3 +230,34 @@ class DestinationWorker(threading.Thread):
             sent=counts["sent"],
             failed=counts["failed"],
         )
+
+
+class _LeaseRenewer(threading.Thread):
+    """Keeps a claim's lease alive while it is being sent, whatever the peer does.
+
+    Renewing from the send loop would stop while a response is awaited, and a lease
+    shorter than a DIMSE timeout would then expire under a live send. Every renewal
+    also reports jobs canceled meanwhile or no longer ours, so the send stops soon.
+    """
+
+    def __init__(self, jobs: JobStore, claim: Claim, lease: float):
+        super().__init__(name="lease-renewer", daemon=True)
+        self.jobs = jobs
+        self.claim = claim
+        self.lease = lease
+        self.interval = min(lease / 3, _RENEW_EVERY)
+        self.stop_sending = False
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            try:
+                if self.jobs.renew(self.claim, self.lease):
+                    self.stop_sending = True
+            except Exception:
+                log.exception("lease renewal failed; retrying")
+
+    def stop(self) -> None:
+        self._done.set()
+        if self.is_alive():
+            self.join(5)

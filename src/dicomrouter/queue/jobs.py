@@ -118,6 +118,9 @@ class JobStore:
         fresh_plans: list[tuple[Delivery, list[tuple[int, int]]]] = []
         for plan in plans:
             fresh = [(i, g) for i, g in plan.members.items() if (i, g) not in already]
+            # Routes at different levels may name the same instance in one batch: the
+            # first plan takes it, so it is queued once per destination.
+            already.update(fresh)
             if fresh:
                 fresh_plans.append((plan, fresh))
         if not fresh_plans:
@@ -278,10 +281,34 @@ class JobStore:
                 .limit(max_items)
             )
             claim.items = [QueuedInstance(*row) for row in rows]
+            # Keep only the jobs this claim will work on: those with instances loaded
+            # (the item limit may cut the list) and those with nothing left to send
+            # (settled by finish). The rest go straight back, untouched.
+            loaded = {item.job_id for item in claim.items}
+            with_pending = {
+                row.job_id
+                for row in conn.execute(
+                    select(job_instances.c.job_id)
+                    .where(
+                        job_instances.c.job_id.in_(claimed),
+                        job_instances.c.state == S.ITEM_PENDING,
+                    )
+                    .distinct()
+                )
+            }
+            unloaded = [j for j in claimed if j in with_pending and j not in loaded]
+            if unloaded:
+                conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id.in_(unloaded))
+                    .values(state=S.PENDING, lease_owner=None, lease_expires_at=None)
+                )
+            claim.job_ids = [j for j in claimed if j not in unloaded]
         return claim
 
     def renew(self, claim: Claim, lease: float) -> set[int]:
-        """Extend the lease; returns the ids of jobs that were canceled meanwhile."""
+        """Extend the lease. Returns the jobs this worker must stop sending: canceled
+        meanwhile, or no longer ours (the lease expired and was recovered)."""
         now = time.time()
         with self.engine.begin() as conn:
             conn.execute(
@@ -289,15 +316,17 @@ class JobStore:
                 .where(jobs.c.id.in_(claim.job_ids), jobs.c.lease_owner == claim.owner)
                 .values(lease_expires_at=now + lease)
             )
-            canceled = {
+            still_ours = {
                 row.id
                 for row in conn.execute(
                     select(jobs.c.id).where(
-                        jobs.c.id.in_(claim.job_ids), jobs.c.state == S.CANCELED
+                        jobs.c.id.in_(claim.job_ids),
+                        jobs.c.lease_owner == claim.owner,
+                        jobs.c.state != S.CANCELED,
                     )
                 )
             }
-        return canceled
+        return set(claim.job_ids) - still_ours
 
     def record_results(self, results: Sequence[ItemResult]) -> None:
         """Persist per-instance outcomes. A transient result keeps the instance
@@ -343,11 +372,16 @@ class JobStore:
         sent: int,
         failed: int,
         job_messages: dict[int, str] | None = None,
+        transient_jobs: set[int] | None = None,
     ) -> None:
         """Settle each claimed job from its instances' states.
 
         ``message`` applies to every job of the claim (e.g. the destination was
         unreachable); ``job_messages`` holds per-job errors and takes precedence.
+        ``transient_jobs`` are the jobs that met a transient failure: only they use
+        up an attempt and back off. A job with instances left for another reason
+        (the batch was cut short, stopped, or its job was canceled alongside)
+        continues at once.
 
         ``count_attempt`` is False when the destination could not be reached at all:
         an unreachable destination is paused and probed, and its jobs wait without
@@ -421,6 +455,9 @@ class JobStore:
                         if failed_n
                         else None
                     )
+                elif count_attempt and transient_jobs is not None and job_id not in transient_jobs:
+                    values["b_state"], window_at = initial_state(dest, now)
+                    values["b_next"] = window_at
                 else:
                     tries = row.attempts + (1 if count_attempt else 0)
                     values["b_attempts"] = tries

@@ -71,15 +71,45 @@ class Planner:
 
     # -- instance arrival ---------------------------------------------------------
     def route_new_instances(self, limit: int = PLAN_BATCH) -> int:
-        """Plan the next batch of received instances. Returns how many were planned."""
+        """Plan the next batch of received instances. Returns how many were planned.
+
+        If a batch cannot be planned, its instances are planned one by one, and one
+        that still fails is set aside (``routed = -1``, logged) so that it can never
+        hold up the instances behind it.
+        """
+        try:
+            return self._route_batch(limit)
+        except Exception:
+            log.exception("planning a batch failed; planning its instances one by one")
+        with self.engine.connect() as conn:
+            ids = (
+                conn.execute(
+                    select(instances.c.id)
+                    .where(instances.c.routed == 0)
+                    .order_by(instances.c.id)
+                    .limit(limit)
+                )
+                .scalars()
+                .all()
+            )
+        for instance_id in ids:
+            try:
+                self._route_batch(1, only=instance_id)
+            except Exception:
+                log.exception("cannot plan instance %s; it is set aside (routed = -1)", instance_id)
+                with self.engine.begin() as conn:
+                    conn.execute(
+                        update(instances).where(instances.c.id == instance_id).values(routed=-1)
+                    )
+        return len(ids)
+
+    def _route_batch(self, limit: int, only: int | None = None) -> int:
         now = time.time()
         with self.engine.begin() as conn:
-            batch = conn.execute(
-                select(instances)
-                .where(instances.c.routed == 0)
-                .order_by(instances.c.id)
-                .limit(limit)
-            ).all()
+            query = select(instances).where(instances.c.routed == 0)
+            if only is not None:
+                query = query.where(instances.c.id == only)
+            batch = conn.execute(query.order_by(instances.c.id).limit(limit)).all()
             if not batch:
                 return 0
             plans: Plans = {}

@@ -26,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from dicomrouter.config import RouterConfig
 from dicomrouter.net import install_low_latency_reactors, install_tcp_nodelay
 from dicomrouter.store import (
+    IndexUnavailable,
     InstanceHeader,
     InstanceIndex,
     InvalidUID,
@@ -191,7 +192,9 @@ class Receiver:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 return _status(OUT_OF_RESOURCES, "storage is full")
             return _status(OUT_OF_RESOURCES, "storage error")
-        except SQLAlchemyError as exc:
+        except (IndexUnavailable, SQLAlchemyError) as exc:
+            # The file may already be in place (a retry by the sender re-indexes it);
+            # nothing refers to it until the index row is committed.
             log.error("cannot index instance: %s", exc)
             return _status(OUT_OF_RESOURCES, "index unavailable")
         finally:

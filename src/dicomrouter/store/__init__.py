@@ -3,11 +3,12 @@
 from .database import create_index_engine
 from .files import ObjectStore, StorageError
 from .header import InstanceHeader, missing_identity, read_header
-from .index import InstanceIndex, Provenance, Recorded
+from .index import IndexUnavailable, InstanceIndex, Provenance, Recorded
 from .uids import InvalidUID, validate_uid
 
 __all__ = [
     "InstanceHeader",
+    "IndexUnavailable",
     "InstanceIndex",
     "InvalidUID",
     "ObjectStore",

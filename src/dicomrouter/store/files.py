@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
 from .uids import validate_uid
+
+_DURABLE_CACHE = 10_000  # series folders remembered as durable
 
 
 class StorageError(OSError):
@@ -37,6 +40,9 @@ class ObjectStore:
         self.root = Path(root).resolve()
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
+        # Series folders whose names are known to be on disk (see _ensure_durable_dir).
+        self._durable: set[Path] = set()
+        self._durable_lock = threading.Lock()
 
     def prepare(self) -> None:
         for folder in (self.root, self.objects, self.tmp):
@@ -81,24 +87,32 @@ class ObjectStore:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-            created = self._ensure_dir(final.parent)
+            self._ensure_durable_dir(final.parent)
             os.replace(temp_path, final)
             _fsync_dir(final.parent)
-            for folder in created:
-                _fsync_dir(folder.parent)
         except OSError as exc:
             raise StorageError(exc.errno, f"cannot store object: {exc.strerror}") from exc
         return final
 
-    def _ensure_dir(self, folder: Path) -> list[Path]:
-        created: list[Path] = []
+    def _ensure_durable_dir(self, folder: Path) -> None:
+        """Create ``folder`` if needed and make sure its name is on disk.
+
+        A directory is only known durable once its parents were fsynced after it was
+        created. Another association may have just created it and not yet fsynced
+        its parents, so a thread that finds a directory it does not know to be
+        durable fsyncs the chain up to ``objects`` itself before relying on it.
+        """
+        if folder in self._durable:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
         probe = folder
-        while not probe.exists():
-            created.append(probe)
+        while probe != self.objects:
+            _fsync_dir(probe.parent)
             probe = probe.parent
-        if created:
-            folder.mkdir(parents=True, exist_ok=True)
-        return created
+        with self._durable_lock:
+            if len(self._durable) >= _DURABLE_CACHE:
+                self._durable.clear()  # forgetting only costs a few extra fsyncs
+            self._durable.add(folder)
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free

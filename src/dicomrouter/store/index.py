@@ -22,6 +22,11 @@ def _is_lock_error(exc: BaseException) -> bool:
     return "locked" in text or "busy" in text
 
 
+class IndexUnavailable(RuntimeError):
+    """The index could not be written (locked too long, disk error...): the receiver
+    answers 0xA700 so the sender retries later."""
+
+
 class Recorded(StrEnum):
     NEW = "new"
     OVERWRITTEN = "overwritten"
@@ -58,7 +63,10 @@ class InstanceIndex:
         process holds the write lock (short sleeps: the caller is a C-STORE waiting)."""
         deadline = time.monotonic() + _LOCK_WAIT
         while True:
-            raw = self.engine.raw_connection()
+            try:
+                raw = self.engine.raw_connection()
+            except Exception as exc:
+                raise IndexUnavailable(f"cannot open the index: {exc}") from exc
             try:
                 cursor = raw.cursor()
                 result = work(cursor)
@@ -69,7 +77,7 @@ class InstanceIndex:
             except Exception as exc:  # the DBAPI's own OperationalError on this path
                 raw.rollback()
                 if not _is_lock_error(exc) or time.monotonic() > deadline:
-                    raise
+                    raise IndexUnavailable(str(exc)) from exc
             finally:
                 raw.close()
             time.sleep(_LOCK_RETRY_SLEEP)

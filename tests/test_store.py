@@ -1,0 +1,124 @@
+"""The store: UIDs never become paths outside storage; commits are atomic; the index
+reports a locked or broken database as unavailable (the receiver answers 0xA700)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from pydicom.data import get_testdata_file
+
+from dicomrouter.store import (
+    IndexUnavailable,
+    InstanceHeader,
+    InstanceIndex,
+    InvalidUID,
+    ObjectStore,
+    Provenance,
+    Recorded,
+    StorageError,
+    create_index_engine,
+    missing_identity,
+    read_header,
+    validate_uid,
+)
+from dicomrouter.store import index as index_module
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "   ",
+        "../../etc/passwd",
+        "1.2.3/../../x",
+        "1.2..3",
+        ".1.2",
+        "1.2.",
+        "1.2.a",
+        "1" * 65,
+        None,
+    ],
+)
+def test_invalid_uids_are_refused(bad: object) -> None:
+    with pytest.raises(InvalidUID):
+        validate_uid(bad, "SOPInstanceUID")
+
+
+def test_valid_uid_is_stripped_of_padding() -> None:
+    assert validate_uid("1.2.840.10008.1.2\x00", "TransferSyntaxUID") == "1.2.840.10008.1.2"
+
+
+def test_paths_stay_inside_storage(tmp_path: Path) -> None:
+    store = ObjectStore(tmp_path / "s")
+    store.prepare()
+    assert store.relative_path("1.2", "1.2.3", "1.2.3.4") == "1.2/1.2.3/1.2.3.4.dcm"
+    with pytest.raises(InvalidUID):
+        store.relative_path("1.2", "..", "1.2.3.4")
+    with pytest.raises(StorageError):
+        store.absolute("../../outside.dcm")
+
+
+def test_commit_moves_the_file_into_place(tmp_path: Path) -> None:
+    store = ObjectStore(tmp_path / "s")
+    store.prepare()
+    temp = store.tmp / "incoming.dcm"
+    temp.write_bytes(b"x" * 100)
+    final = store.commit(temp, store.relative_path("1.2", "1.2.3", "1.2.3.4"))
+    assert final.read_bytes() == b"x" * 100
+    assert not temp.exists()
+    assert final.parent in store._durable
+
+
+def test_sweep_removes_only_idle_partial_files(tmp_path: Path) -> None:
+    store = ObjectStore(tmp_path / "s")
+    store.prepare()
+    old, fresh = store.tmp / "old.dcm", store.tmp / "fresh.dcm"
+    old.write_bytes(b"a")
+    fresh.write_bytes(b"b")
+    os.utime(old, (time.time() - 600, time.time() - 600))
+    assert store.sweep_tmp(older_than=300) == 1
+    assert not old.exists() and fresh.exists()
+
+
+def test_header_identity_and_missing_elements() -> None:
+    dataset = read_header(get_testdata_file("CT_small.dcm"), identity_only=True)
+    assert missing_identity(dataset) == []
+    header = InstanceHeader.from_dataset(dataset)
+    assert header.modality == "CT" and header.transfer_syntax_uid == "1.2.840.10008.1.2.1"
+    assert "PixelData" not in read_header(get_testdata_file("CT_small.dcm"))
+
+
+def _header() -> InstanceHeader:
+    return InstanceHeader.from_dataset(read_header(get_testdata_file("CT_small.dcm")))
+
+
+def test_record_new_then_overwritten(tmp_path: Path) -> None:
+    index = InstanceIndex(create_index_engine(f"sqlite:///{tmp_path / 'i.sqlite'}"))
+    assert index.record(_header(), "a/b/c.dcm", 10, Provenance("CT1")) is Recorded.NEW
+    assert index.exists(_header().sop_instance_uid)
+    assert index.record(_header(), "a/b/c.dcm", 11, Provenance("CT1")) is Recorded.OVERWRITTEN
+
+
+def test_locked_index_is_reported_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "i.sqlite"
+    create_index_engine(f"sqlite:///{path}").dispose()
+    index = InstanceIndex(create_index_engine(f"sqlite:///{path}", create=False, busy_timeout_ms=0))
+    monkeypatch.setattr(index_module, "_LOCK_WAIT", 0.3)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(IndexUnavailable):
+            index.record(_header(), "a/b/c.dcm", 10, Provenance())
+        assert time.monotonic() - started < 5
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    # Once the lock is gone the same call succeeds.
+    assert index.record(_header(), "a/b/c.dcm", 10, Provenance()) is Recorded.NEW
