@@ -96,3 +96,14 @@ def test_serve_fails_fast_when_the_port_is_taken(tmp_path: Path) -> None:
         )  # fmt: skip
     assert result.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_a_second_router_on_the_same_storage_is_refused(tmp_path: Path, dcmtk: None) -> None:
+    from tests.support.router import RouterProcess
+
+    with RouterProcess(tmp_path / "first", {}) as first:
+        config = tmp_path / "second.yaml"
+        config.write_text(f"dicom: {{port: {free_port()}}}\nstorage: {{path: {first.storage}}}\n")
+        result = run("serve", "--config", str(config))
+    assert result.returncode == 1
+    assert "is in use by another dicomrouter process" in result.stderr

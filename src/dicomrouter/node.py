@@ -82,6 +82,7 @@ class Node:
         self.config = config
         self.store = ObjectStore(config.storage.path)
         self.store.prepare()
+        self.store.lock()
         create_index_engine(config.database_url).dispose()  # create or check the schema
         # The receiver retries a locked index itself, with sub-millisecond sleeps.
         self.engine = create_index_engine(config.database_url, create=False, busy_timeout_ms=0)

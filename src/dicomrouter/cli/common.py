@@ -13,8 +13,8 @@ from rich.console import Console
 
 from dicomrouter.config import ConfigError, DicomDestinationConfig, RouterConfig, load_config
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 _TARGET_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d{1,5})$")
 

@@ -43,11 +43,14 @@ ConfigOption = Annotated[
 def serve(config: ConfigOption = None) -> None:
     """Run the router in the foreground until SIGTERM or Ctrl-C."""
     from dicomrouter.node import Node, configure_logging
+    from dicomrouter.store import StorageError
 
     settings = load(config)
     configure_logging(settings.log_level)
     try:
         node = Node(settings)
+    except StorageError as exc:
+        fail(str(exc))
     except OSError as exc:
         fail(f"cannot open storage {settings.storage.path}: {exc}")
     try:

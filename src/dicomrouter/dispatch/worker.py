@@ -140,6 +140,7 @@ class DestinationWorker(threading.Thread):
         ]
         buffer: list[ItemResult] = []
         counts = {"sent": 0, "failed": 0}
+        per_job: dict[int, list[int]] = {}  # job id -> [sent, failed]
         last_flush = time.monotonic()
         errors: dict[int, str] = {}  # job id -> its last failure, never another job's
         renewer = _LeaseRenewer(self.jobs, claim, self.config.dispatch.lease)
@@ -148,9 +149,12 @@ class DestinationWorker(threading.Thread):
             nonlocal last_flush
             item = by_key[result.key]
             state = _ITEM_STATE[result.outcome]
+            tally = per_job.setdefault(item.job_id, [0, 0])
             if state in (S.ITEM_COMPLETED, S.ITEM_WARNING):
                 counts["sent"] += 1
+                tally[0] += 1
             else:
+                tally[1] += 1
                 counts["failed"] += 1
                 errors[item.job_id] = result.message
             buffer.append(
@@ -223,6 +227,7 @@ class DestinationWorker(threading.Thread):
             self.dest,
             count_attempt=True,
             transient_jobs=transient_jobs,
+            job_counts={job: (s, f) for job, (s, f) in per_job.items()},
             unavailable_delay=0.0,
             message="",
             job_messages=errors,

@@ -373,6 +373,7 @@ class JobStore:
         failed: int,
         job_messages: dict[int, str] | None = None,
         transient_jobs: set[int] | None = None,
+        job_counts: dict[int, tuple[int, int]] | None = None,
     ) -> None:
         """Settle each claimed job from its instances' states.
 
@@ -381,7 +382,8 @@ class JobStore:
         ``transient_jobs`` are the jobs that met a transient failure: only they use
         up an attempt and back off. A job with instances left for another reason
         (the batch was cut short, stopped, or its job was canceled alongside)
-        continues at once.
+        continues at once. ``job_counts`` gives each job's (sent, failed) for its
+        attempt record; ``sent``/``failed`` apply to jobs without an entry.
 
         ``count_attempt`` is False when the destination could not be reached at all:
         an unreachable destination is paused and probed, and its jobs wait without
@@ -426,8 +428,8 @@ class JobStore:
                         "started_at": claim.started_at,
                         "ended_at": now,
                         "outcome": outcome,
-                        "sent": sent,
-                        "failed": failed,
+                        "sent": (job_counts or {}).get(job_id, (sent, failed))[0],
+                        "failed": (job_counts or {}).get(job_id, (sent, failed))[1],
                         "message": job_message[:2000] if job_message else None,
                     }
                 )
@@ -547,6 +549,9 @@ class JobStore:
                     select(jobs.c.id).where(
                         jobs.c.id.in_(job_ids),
                         jobs.c.state.in_((S.FAILED, S.CANCELED, S.PENDING, S.SCHEDULED, S.WARNING)),
+                        # A canceled job a worker still holds is retried once the
+                        # worker lets go; retrying now could send it twice at once.
+                        jobs.c.lease_owner.is_(None),
                     )
                 )
             ]

@@ -137,13 +137,20 @@ class Planner:
             )
         return len(batch)
 
-    def _facts(self, row: Row) -> InstanceFacts:
+    def _facts(self, row: Row) -> InstanceFacts | None:
+        """What the rules see; None when the header cannot be read, so that no
+        conditional route matches (an empty dataset would satisfy ``not`` tests)."""
         dataset = Dataset()
         if self._needs_header:
             try:
                 dataset = read_header(self.store.absolute(row.path))
             except Exception as exc:  # the file was validated at receive; be defensive
-                log.error("cannot re-read %s for routing: %s", row.sop_instance_uid, exc)
+                log.error(
+                    "cannot re-read %s for routing: %s; only routes without conditions apply to it",
+                    row.sop_instance_uid,
+                    exc,
+                )
+                return None
         return InstanceFacts(
             dataset=dataset,
             calling_ae=row.calling_ae,
@@ -162,7 +169,10 @@ class Planner:
     ) -> None:
         facts = self._facts(row) if self.routes else None
         for route in self.routes:
-            matched = route.condition is None or route.condition.evaluate(facts)  # type: ignore[arg-type]
+            if route.condition is None:
+                matched = True
+            else:
+                matched = facts is not None and route.condition.evaluate(facts)
             if matched:
                 matches.append(
                     {

@@ -48,6 +48,22 @@ class ObjectStore:
         for folder in (self.root, self.objects, self.tmp):
             folder.mkdir(parents=True, exist_ok=True)
 
+    def lock(self) -> None:
+        """Take the storage folder for this node (an exclusive ``flock`` held for the
+        life of the process). A second router on the same folder would sweep the
+        first one's transfers in progress and take over its jobs."""
+        import fcntl
+
+        handle = open(self.root / ".lock", "a+")  # noqa: SIM115 - held until exit
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise StorageError(
+                f"storage folder {self.root} is in use by another dicomrouter process"
+            ) from None
+        self._lock_handle = handle
+
     def sweep_tmp(self, older_than: float = 0.0) -> int:
         """Delete temporary files left by aborted transfers or a crash."""
         removed = 0

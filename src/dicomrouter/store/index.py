@@ -30,7 +30,6 @@ class IndexUnavailable(RuntimeError):
 class Recorded(StrEnum):
     NEW = "new"
     OVERWRITTEN = "overwritten"
-    DUPLICATE_IGNORED = "duplicate-ignored"
 
 
 @dataclass(frozen=True)
