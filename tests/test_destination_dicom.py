@@ -537,3 +537,23 @@ def test_throughput_small_files(tmp_path: Path, storescp) -> None:
     print(f"\n{rate:.0f} instances/s over one association ({len(batch)} x CT_small.dcm)")
     assert all(r.outcome is Outcome.SUCCESS for r in results)
     assert rate > 50
+
+
+def test_echo_tells_a_peer_without_verification_from_a_dead_one() -> None:
+    """A peer that accepts associations but not C-ECHO is up: the dispatcher's probe
+    must be able to tell it from an unreachable one, or it would never resume it."""
+    from dicomrouter.destinations import VerificationNotSupported
+
+    install_tcp_nodelay()
+    ae = AE(ae_title="NOECHO")
+    ae.add_supported_context(CTImageStorage, ALL_TRANSFER_SYNTAXES)
+    port = free_port()
+    server = ae.start_server((HOST, port), block=False)
+    try:
+        with pytest.raises(VerificationNotSupported):
+            DicomSender(dest(port, "NOECHO"), "ROUTER").echo()
+    finally:
+        server.shutdown()
+    with pytest.raises(DestinationUnavailable) as dead:
+        DicomSender(dest(port, "NOECHO", connect_timeout=2), "ROUTER").echo()
+    assert not isinstance(dead.value, VerificationNotSupported)

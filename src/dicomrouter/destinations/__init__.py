@@ -1,6 +1,12 @@
 """Delivery to destinations: per-instance outcomes for the dispatcher."""
 
-from .dicom import DestinationUnavailable, DicomSender, InstanceResult, OutgoingInstance
+from .dicom import (
+    DestinationUnavailable,
+    DicomSender,
+    InstanceResult,
+    OutgoingInstance,
+    VerificationNotSupported,
+)
 from .status import Outcome, classify_status, describe_status
 
 __all__ = [
@@ -9,6 +15,7 @@ __all__ = [
     "InstanceResult",
     "Outcome",
     "OutgoingInstance",
+    "VerificationNotSupported",
     "classify_status",
     "describe_status",
 ]

@@ -91,6 +91,11 @@ class DestinationUnavailable(Exception):
         self.transient = transient
 
 
+class VerificationNotSupported(DestinationUnavailable):
+    """The peer accepted an association but not the Verification SOP Class: it is up,
+    it just cannot be pinged. A probe treats this as an answer."""
+
+
 def fallback_syntaxes(transfer_syntax: str) -> tuple[UID, ...]:
     """Transfer syntaxes to propose for a file stored in ``transfer_syntax``, best first.
 
@@ -264,7 +269,7 @@ class DicomSender:
         assoc = self._associate([build_context(_VERIFICATION)])
         try:
             if not assoc.is_established:
-                raise DestinationUnavailable(
+                raise VerificationNotSupported(
                     f"{self._where} accepted the association but not the Verification SOP Class",
                     transient=False,
                 )

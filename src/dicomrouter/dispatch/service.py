@@ -35,6 +35,15 @@ class Dispatcher:
         recovered = self.jobs.recover(owner_prefix=node_id() + ":")
         if recovered:
             log.warning("resumed %d job(s) that were in progress before a restart", recovered)
+        for name, count in self.jobs.open_jobs_by_destination().items():
+            if name not in self.config.destinations:
+                log.warning(
+                    "%d open job(s) for destination %r, which is no longer configured: "
+                    "they wait until it is configured again (or cancel them with "
+                    "'dicomrouter queue cancel')",
+                    count,
+                    name,
+                )
         planner = threading.Thread(target=self._plan_loop, name="planner", daemon=True)
         self.threads.append(planner)
         for name, dest in self.config.destinations.items():

@@ -20,6 +20,7 @@ from dicomrouter.destinations import (
     InstanceResult,
     Outcome,
     OutgoingInstance,
+    VerificationNotSupported,
 )
 from dicomrouter.queue import Claim, ItemResult, JobStore
 from dicomrouter.queue import states as S
@@ -119,6 +120,8 @@ class DestinationWorker(threading.Thread):
     def _probe(self) -> None:
         try:
             self.sender.echo()
+        except VerificationNotSupported:
+            pass  # it answered: up, but without C-ECHO support
         except Exception as exc:
             self.health.probe_failed(str(exc))
             log.info("probe of %s failed: %s", self.dest_name, exc)

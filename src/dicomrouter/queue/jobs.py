@@ -617,6 +617,16 @@ class JobStore:
             .values(state=S.ITEM_CANCELED, updated_at=now)
         )
 
+    def open_jobs_by_destination(self) -> dict[str, int]:
+        """Jobs not yet finished, per destination."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(jobs.c.destination, func.count())
+                .where(jobs.c.state.in_(S.OPEN_STATES))
+                .group_by(jobs.c.destination)
+            ).all()
+        return {row[0]: int(row[1]) for row in rows}
+
     def wake_destination(self, dest_name: str, dest: DicomDestinationConfig) -> int:
         """A paused destination answered again: its queue resumes now, not after backoff."""
         now = time.time()
