@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Engine, Row, and_, bindparam, delete, select,
 
 from dicomrouter.config import RouteConfig, RouterConfig
 from dicomrouter.rules import Condition, InstanceFacts, compile_condition
-from dicomrouter.store import ObjectStore, read_header
+from dicomrouter.store import ObjectStore, create_index_engine, read_header
 from dicomrouter.store.schema import instances, route_matches, triggers
 
 from .jobs import Delivery, JobStore
@@ -66,6 +66,13 @@ class Planner:
         self.engine = engine
         self.store = store
         self.jobs = JobStore(engine)
+        # Reads that must not hold the write lock (SQLite: a reader engine on the same
+        # file; other databases: the same engine).
+        self.reader = (
+            create_index_engine(str(engine.url), create=False, writer=False)
+            if engine.dialect.name == "sqlite"
+            else engine
+        )
         self.routes = compile_routes(config)
         self._needs_header = any(route.condition is not None for route in self.routes)
 
@@ -104,18 +111,22 @@ class Planner:
         return len(ids)
 
     def _route_batch(self, limit: int, only: int | None = None) -> int:
+        # Read the batch and its headers before taking the write lock: the receiver
+        # needs that lock for every C-STORE, so only the writes happen under it.
+        query = select(instances).where(instances.c.routed == 0)
+        if only is not None:
+            query = query.where(instances.c.id == only)
+        with self.reader.connect() as reader:
+            batch = reader.execute(query.order_by(instances.c.id).limit(limit)).all()
+        if not batch:
+            return 0
+        facts = {row.id: self._facts(row) for row in batch} if self.routes else {}
         now = time.time()
         with self.engine.begin() as conn:
-            query = select(instances).where(instances.c.routed == 0)
-            if only is not None:
-                query = query.where(instances.c.id == only)
-            batch = conn.execute(query.order_by(instances.c.id).limit(limit)).all()
-            if not batch:
-                return 0
             plans: Plans = {}
             matches: list[dict[str, object]] = []
             for row in batch:
-                self._plan_instance(conn, row, plans, matches, now)
+                self._plan_instance(conn, row, facts.get(row.id), plans, matches, now)
             if matches:
                 conn.execute(
                     delete(route_matches).where(
@@ -163,11 +174,11 @@ class Planner:
         self,
         conn: Connection,
         row: Row,
+        facts: InstanceFacts | None,
         plans: Plans,
         matches: list[dict[str, object]],
         now: float,
     ) -> None:
-        facts = self._facts(row) if self.routes else None
         for route in self.routes:
             if route.condition is None:
                 matched = True

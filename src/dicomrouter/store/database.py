@@ -30,13 +30,19 @@ def _sqlite_pragmas(busy_timeout_ms: int):  # type: ignore[no-untyped-def]
     return apply
 
 
-def create_index_engine(url: str, create: bool = True, busy_timeout_ms: int = 60_000) -> Engine:
+def create_index_engine(
+    url: str, create: bool = True, busy_timeout_ms: int = 60_000, writer: bool = True
+) -> Engine:
     """Open (and by default create or check) the index at ``url``.
 
     ``busy_timeout_ms`` is how long SQLite itself waits for a lock. Its busy handler
     sleeps in steps of up to 100 ms; the receiver sets 0 and retries with sub-
     millisecond sleeps instead (see ``InstanceIndex``), because every millisecond it
     waits is a millisecond a modality waits for its C-STORE response.
+
+    A ``writer`` engine starts every transaction with ``BEGIN IMMEDIATE`` (the write
+    lock up-front, so concurrent writers queue instead of failing); a reader engine
+    (``writer=False``) never takes the write lock: WAL lets it read alongside writers.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -47,7 +53,8 @@ def create_index_engine(url: str, create: bool = True, busy_timeout_ms: int = 60
         event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms))
         # pysqlite's own transaction handling defers BEGIN; take the write lock
         # up-front so concurrent writers queue instead of failing with "locked".
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        if writer:
+            event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
 
         @event.listens_for(engine, "connect")
         def _no_auto_begin(dbapi_connection, _record):  # type: ignore[no-untyped-def]
