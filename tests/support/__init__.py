@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 
 import pytest
 
@@ -28,3 +30,20 @@ def require_peers(*, dcmtk: bool = True, orthanc: bool = False) -> None:
     if IN_CI:
         pytest.fail(f"{message}; CI must not skip interop tests")
     pytest.skip(message)
+
+
+def stop_process(
+    process: subprocess.Popen[bytes] | None, timeout: float, sig: int = signal.SIGTERM
+) -> int | None:
+    """Send ``sig`` and wait up to ``timeout``; kill it if it has not exited by then.
+    Returns the exit code (None if there was no process)."""
+    if process is None:
+        return None
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+    return process.returncode

@@ -23,6 +23,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
+from . import stop_process
+
 HOST = "127.0.0.1"
 
 
@@ -145,13 +147,7 @@ class StoreSCP:
         raise TimeoutError(f"storescp not ready on port {self.port}")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 10)
         self.process = None
 
     def __enter__(self) -> StoreSCP:

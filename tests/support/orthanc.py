@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from tests.support import stop_process
 from tests.support.dcmtk import free_port
 
 __all__ = ["Orthanc", "OrthancError", "orthanc_executable"]
@@ -202,16 +204,7 @@ class Orthanc:
     def stop(self, timeout: float = 15.0) -> None:
         """Stop Orthanc: SIGKILL if ``fast_stop``, else SIGTERM then SIGKILL after ``timeout``."""
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            if self.fast_stop:
-                proc.kill()
-            else:
-                proc.terminate()
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=timeout)
+        stop_process(proc, timeout, signal.SIGKILL if self.fast_stop else signal.SIGTERM)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from . import stop_process
 from .dcmtk import HOST, dcmtk_env, dcmtk_tool, echo, free_port
 
 AE_TITLE = "DICOMROUTER"
@@ -115,15 +116,9 @@ class RouterProcess:
         """Clean stop with SIGTERM; returns the exit code."""
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        code = stop_process(self.process, timeout)
         self._wait_port_free()
-        return self.process.returncode
+        return code
 
     def _wait_port_free(self, timeout: float = 30.0) -> None:
         # The dispatch child may need a moment to notice its parent's death.

@@ -199,7 +199,7 @@ def iter_study(
     """Write the study lazily, yielding each path right after its file is written.
 
     Useful when a caller wants to start sending before the whole study exists, or to
-    report progress on a multi-GB study. :func:`make_study` documents the arguments.
+    report progress on a multi-GB study. :func:`make_study` describes the options.
     """
     if n_instances < 0:
         raise ValueError("n_instances must be >= 0")
@@ -248,53 +248,21 @@ def iter_study(
             yield path
 
 
-def make_study(
-    outdir: str | Path,
-    n_instances: int,
-    *,
-    rows: int = SMALL_SHAPE[0],
-    cols: int = SMALL_SHAPE[1],
-    bits: int = 16,
-    modality: str = "CT",
-    study_description: str = "SYNTHETIC STUDY",
-    patient_id: str = "SYNTH0001",
-    patient_name: str = "SYNTHETIC^PATIENT",
-    accession_number: str = "",
-    series_count: int = 1,
-    study_uid: str | None = None,
-    sop_class_uid: str | None = None,
-    prefix: str = "IMG",
-) -> list[Path]:
+def make_study(outdir: str | Path, n_instances: int, **options: Any) -> list[Path]:
     """Write one study of ``n_instances`` images into ``outdir`` and return the paths.
 
-    Instances are spread as evenly as possible over ``series_count`` series, each with a
-    fresh Series Instance UID; every SOP Instance UID is fresh from ``generate_uid()``.
-    The defaults give "small" ~9.4 KB CT images; pass ``rows=512, cols=512`` (or use
-    :func:`make_large_study`) for ~525 KB images. Files are named
-    ``<prefix><NNNNNN>.dcm`` in write order, flat in ``outdir`` (created if missing), so
-    use a distinct ``prefix`` to write several studies into one folder.
-
+    Takes the keyword options of :func:`iter_study` (rows, cols, bits, modality,
+    study_description, patient_id, patient_name, accession_number, series_count,
+    study_uid, sop_class_uid, prefix). Instances are spread as evenly as possible over
+    ``series_count`` series, each with a fresh Series Instance UID; every SOP Instance
+    UID is fresh from ``generate_uid()``. The defaults give "small" ~9.4 KB CT images;
+    pass ``rows=512, cols=512`` (or use :func:`make_large_study`) for ~525 KB images.
+    Files are named ``<prefix><NNNNNN>.dcm`` in write order, flat in ``outdir`` (created
+    if missing), so use a distinct ``prefix`` to write several studies into one folder.
     ``study_uid`` lets several calls add series to the same study. ``sop_class_uid``
     overrides the class derived from ``modality`` (CT, MR, else Secondary Capture).
     """
-    return list(
-        iter_study(
-            outdir,
-            n_instances,
-            rows=rows,
-            cols=cols,
-            bits=bits,
-            modality=modality,
-            study_description=study_description,
-            patient_id=patient_id,
-            patient_name=patient_name,
-            accession_number=accession_number,
-            series_count=series_count,
-            study_uid=study_uid,
-            sop_class_uid=sop_class_uid,
-            prefix=prefix,
-        )
-    )
+    return list(iter_study(outdir, n_instances, **options))
 
 
 def make_small_study(outdir: str | Path, n_instances: int, **kwargs: Any) -> list[Path]:
