@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from dicomrouter import __version__
 
@@ -103,13 +102,6 @@ def config_docs(
 def version() -> None:
     """Print the version."""
     console.print(f"dicomrouter {__version__}")
-
-
-def _table(title: str, *columns: str) -> Table:
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column)
-    return table
 
 
 __all__ = ["app", "err_console"]

@@ -14,7 +14,6 @@ import ipaddress
 import logging
 import os
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +67,6 @@ class Receiver:
         self._networks = [
             ipaddress.ip_network(net, strict=False) for net in (config.dicom.allowed_networks or [])
         ]
-        self.stored = 0
-        self._count_lock = threading.Lock()
 
     # -- set-up -----------------------------------------------------------------
     def _build_ae(self) -> AE:
@@ -184,8 +181,6 @@ class Receiver:
             recorded = self.index.record(header, relative, size, provenance)
             if recorded is Recorded.OVERWRITTEN:
                 log.info("instance %s received again: replaced", header.sop_instance_uid)
-            with self._count_lock:
-                self.stored += 1
             return SUCCESS
         except StorageError as exc:
             log.error("cannot store instance: %s", exc)

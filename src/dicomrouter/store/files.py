@@ -132,9 +132,3 @@ class ObjectStore:
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
-
-    def delete(self, relative: str) -> None:
-        try:
-            self.absolute(relative).unlink()
-        except FileNotFoundError:
-            pass
