@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,9 @@ class Receiver:
         self.store = store
         self.index = index
         self._server: ThreadedAssociationServer | None = None
+        # Per-association counts of stored / refused objects, for one log line each.
+        self._tally: dict[int, tuple[int, int]] = {}
+        self._tally_lock = threading.Lock()
         self._networks = [
             ipaddress.ip_network(net, strict=False) for net in (config.dicom.allowed_networks or [])
         ]
@@ -99,6 +103,8 @@ class Receiver:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_association_end),
+            (evt.EVT_ABORTED, self._on_association_end),
         ]
         address = (self.config.dicom.bind, self.config.dicom.port)
         server = ae.start_server(address, block=False, evt_handlers=handlers)
@@ -134,7 +140,30 @@ class Receiver:
             event.assoc.acceptor.ae_title,
         )
 
+    def _on_association_end(self, event: evt.Event) -> None:
+        """One log line per association that sent objects: who, and what came of it."""
+        with self._tally_lock:
+            stored, refused = self._tally.pop(id(event.assoc), (0, 0))
+        if stored or refused:
+            requestor = event.assoc.requestor
+            log.info(
+                "association from %s (%s) %s: %d stored, %d refused",
+                str(requestor.ae_title).strip(),
+                requestor.address,
+                "aborted" if event.event is evt.EVT_ABORTED else "released",
+                stored,
+                refused,
+            )
+
     def _on_store(self, event: evt.Event) -> int | Dataset:
+        result = self._store(event)
+        ok = result == SUCCESS
+        with self._tally_lock:
+            stored, refused = self._tally.get(id(event.assoc), (0, 0))
+            self._tally[id(event.assoc)] = (stored + ok, refused + (not ok))
+        return result
+
+    def _store(self, event: evt.Event) -> int | Dataset:
         request: Any = event.request
         temp_path = Path(event.dataset_path)
         assoc = event.assoc
