@@ -206,8 +206,14 @@ class RouterConfig(_Model):
     """The whole file."""
 
     ae_title: str = Field("DICOMROUTER", description="Our AE title, called and calling.")
-    dicom: DicomListenerConfig = Field(default_factory=lambda: DicomListenerConfig())
-    storage: StorageConfig = Field(default_factory=lambda: StorageConfig())
+    dicom: DicomListenerConfig = Field(
+        default_factory=lambda: DicomListenerConfig(),
+        description="The DICOM listener modalities send to.",
+    )
+    storage: StorageConfig = Field(
+        default_factory=lambda: StorageConfig(),
+        description="Where received objects (and the embedded index) are kept.",
+    )
     database: str | None = Field(
         None,
         description="SQLAlchemy URL of the index. "
@@ -217,8 +223,14 @@ class RouterConfig(_Model):
         default_factory=dict, description="Named destinations."
     )
     routes: list[RouteConfig] = Field(default_factory=list, description="Routing rules.")
-    dispatch: DispatchConfig = Field(default_factory=lambda: DispatchConfig())
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
+    dispatch: DispatchConfig = Field(
+        default_factory=lambda: DispatchConfig(),
+        description="The delivery engine's timing.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO",
+        description="Log verbosity (stderr). DEBUG also turns on pynetdicom's per-message logs.",
+    )
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
