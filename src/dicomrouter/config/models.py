@@ -217,7 +217,8 @@ class RouterConfig(_Model):
     database: str | None = Field(
         None,
         description="SQLAlchemy URL of the index. "
-        "Default: SQLite at `<storage.path>/index.sqlite`.",
+        "Default: SQLite at `<storage.path>/index.sqlite`. Other databases (PostgreSQL, "
+        "for scale-out) are planned; only SQLite is tested today.",
     )
     destinations: dict[str, DicomDestinationConfig] = Field(
         default_factory=dict, description="Named destinations."
