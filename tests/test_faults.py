@@ -8,8 +8,11 @@ shows it, the storage folder and the index on disk.
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import struct
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -551,3 +554,29 @@ def test_sigterm_stops_promptly_while_destination_hangs(tmp_path: Path, peer: An
     assert "dicomrouter stopped" in router.log()
     # Nothing was lost: the jobs wait for the next start.
     assert {j["state"] for j in router.jobs()} <= {"pending", "in_progress"}
+
+
+# -- the dispatch process dies on its own ----------------------------------------------
+
+
+@pytest.mark.interop
+def test_a_killed_dispatch_process_is_restarted_and_delivers(tmp_path: Path, pacs) -> None:  # type: ignore[no-untyped-def]
+    config = {
+        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}},
+        "routes": [{"name": "all", "trigger": "instance", "to": ["pacs"]}],
+    }
+    with RouterProcess(tmp_path / "router", config) as router:
+        assert router.process is not None
+        wait_until(lambda: "dicomrouter ready" in router.log(), 60, message="dispatch started")
+        children = subprocess.run(
+            ["pgrep", "-P", str(router.process.pid)], capture_output=True, text=True
+        ).stdout.split()
+        dispatch = [
+            pid for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()
+        ]
+        assert len(dispatch) == 1, children
+        os.kill(int(dispatch[0]), signal.SIGKILL)
+        files = make_small_study(tmp_path / "in", 5)
+        assert router.send(files).returncode == 0  # receiving never stopped
+        wait_until(lambda: len(pacs.received_files()) == 5, 60, message="5 files after restart")
+        assert "dispatch process exited unexpectedly" in router.log()

@@ -88,6 +88,7 @@ class Node:
         self.engine = create_index_engine(config.database_url, create=False, busy_timeout_ms=0)
         self.receiver = Receiver(config, self.store, InstanceIndex(self.engine))
         self._dispatch: multiprocessing.process.BaseProcess | None = None
+        self._restart_delay, self._last_restart, self._next_restart = 1.0, 0.0, 0.0
 
     def start(self) -> None:
         """Listen first (a port in use fails fast, with nothing else started), then
@@ -109,8 +110,15 @@ class Node:
             target=_dispatch_main, args=(self.config, ready), name="dispatch", daemon=False
         )
         self._dispatch.start()
-        if not ready.wait(60):
-            raise RuntimeError("dispatch process did not start")
+        deadline = time.monotonic() + 60
+        while not ready.wait(0.2):
+            if not self._dispatch.is_alive():
+                raise RuntimeError(
+                    f"dispatch process exited during start-up ({self._dispatch.exitcode})"
+                )
+            if time.monotonic() > deadline:
+                self._dispatch.kill()
+                raise RuntimeError("dispatch process did not start within 60 s")
 
     def stop(self) -> None:
         self.receiver.stop()
@@ -130,8 +138,29 @@ class Node:
         if removed:
             log.info("removed %d partial file(s) of aborted transfers", removed)
 
+    def _supervise_dispatch(self) -> None:
+        """Restart a dispatch process that died. Receiving goes on regardless, and the
+        index holds the work, so the new process resumes it (reclaiming its leases).
+        One that keeps dying is restarted less and less often (up to every 5 min)."""
+        if self._dispatch is None or self._dispatch.is_alive():
+            return
+        now = time.monotonic()
+        if now < self._next_restart:
+            return
+        quick_failure = now - self._last_restart < 60
+        self._restart_delay = min(self._restart_delay * 2, 300.0) if quick_failure else 1.0
+        self._last_restart, self._next_restart = now, now + self._restart_delay
+        log.error(
+            "dispatch process exited unexpectedly (%s); restarting it",
+            self._dispatch.exitcode,
+        )
+        try:
+            self._start_dispatch()
+        except RuntimeError as exc:
+            log.error("%s", exc)
+
     def serve_forever(self) -> None:
-        """Run until SIGTERM/SIGINT, or until the dispatch process dies."""
+        """Run until SIGTERM/SIGINT; a dispatch process that dies is restarted."""
         stop = threading.Event()
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -148,14 +177,7 @@ class Node:
                 if time.monotonic() - last_sweep >= _SWEEP_EVERY:
                     self._sweep_aborted_transfers()
                     last_sweep = time.monotonic()
-                if self._dispatch is not None and not self._dispatch.is_alive():
-                    # Receiving goes on regardless; the index holds the work, so a new
-                    # dispatch process resumes it (its own leases are reclaimed).
-                    log.error(
-                        "dispatch process exited unexpectedly (%s); restarting it",
-                        self._dispatch.exitcode,
-                    )
-                    self._start_dispatch()
+                self._supervise_dispatch()
         finally:
             self.stop()
             log.info("dicomrouter stopped")
