@@ -122,3 +122,27 @@ def test_locked_index_is_reported_unavailable(
         holder.close()
     # Once the lock is gone the same call succeeds.
     assert index.record(_header(), "a/b/c.dcm", 10, Provenance()) is Recorded.NEW
+
+
+def test_commit_without_replace_keeps_the_first_copy(tmp_path: Path) -> None:
+    store = ObjectStore(tmp_path / "s")
+    store.prepare()
+    relative = store.relative_path("1.2", "1.2.3", "1.2.3.4")
+    first, second = store.tmp / "a.dcm", store.tmp / "b.dcm"
+    first.write_bytes(b"first")
+    second.write_bytes(b"second")
+    assert store.commit(first, relative, replace=False) is not None
+    assert store.commit(second, relative, replace=False) is None
+    assert store.absolute(relative).read_bytes() == b"first"
+    assert second.exists()  # left for the caller (pynetdicom removes it)
+
+
+def test_record_without_replace_keeps_the_indexed_copy(tmp_path: Path) -> None:
+    index = InstanceIndex(create_index_engine(f"sqlite:///{tmp_path / 'i.sqlite'}"))
+    assert (
+        index.record(_header(), "a/b/c.dcm", 10, Provenance("CT1"), replace=False) is Recorded.NEW
+    )
+    assert (
+        index.record(_header(), "a/b/c.dcm", 11, Provenance("CT2"), replace=False) is Recorded.KEPT
+    )
+    assert index.record(_header(), "a/b/c.dcm", 12, Provenance("CT3")) is Recorded.OVERWRITTEN

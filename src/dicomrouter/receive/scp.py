@@ -192,22 +192,32 @@ class Receiver:
                 return _status(CANNOT_UNDERSTAND, f"unreadable dataset: {exc}")
             if header.sop_instance_uid != str(request.AffectedSOPInstanceUID).strip("\x00 "):
                 return _status(UID_MISMATCH, "SOPInstanceUID differs from the C-STORE request")
-            if self.config.storage.on_duplicate == "ignore" and self.index.exists(
-                header.sop_instance_uid
-            ):
-                log.info("duplicate %s ignored (storage.on_duplicate)", header.sop_instance_uid)
-                return SUCCESS
             relative = self.store.relative_path(
                 header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
             )
             size = temp_path.stat().st_size
-            self.store.commit(temp_path, relative)
+            keep_first = self.config.storage.on_duplicate == "ignore"
+            if keep_first:
+                # Atomic create-if-absent: of two concurrent copies only one is placed.
+                placed = self.store.commit(temp_path, relative, replace=False)
+                if placed is None:
+                    if self.index.exists(header.sop_instance_uid):
+                        log.info(
+                            "duplicate %s ignored (storage.on_duplicate)",
+                            header.sop_instance_uid,
+                        )
+                        return SUCCESS
+                    # A file nobody indexed (a crash before its index commit; its
+                    # sender got no success): this copy takes its place.
+                    self.store.commit(temp_path, relative)
+            else:
+                self.store.commit(temp_path, relative)
             provenance = Provenance(
                 calling_ae=str(assoc.requestor.ae_title).strip(),
                 called_ae=str(assoc.acceptor.ae_title).strip(),
                 source_address=str(assoc.requestor.address),
             )
-            recorded = self.index.record(header, relative, size, provenance)
+            recorded = self.index.record(header, relative, size, provenance, replace=not keep_first)
             if recorded is Recorded.OVERWRITTEN:
                 log.info("instance %s received again: replaced", header.sop_instance_uid)
             return SUCCESS

@@ -93,8 +93,15 @@ class ObjectStore:
             raise StorageError(f"path {relative!r} escapes the storage folder")
         return path
 
-    def commit(self, temp_path: Path, relative: str, fsync_file: bool = True) -> Path:
-        """Make ``temp_path`` durable at ``relative``; returns the final path."""
+    def commit(
+        self, temp_path: Path, relative: str, fsync_file: bool = True, replace: bool = True
+    ) -> Path | None:
+        """Make ``temp_path`` durable at ``relative``; returns the final path.
+
+        With ``replace=False`` an existing file is kept: the new one is linked into
+        place only if none exists (atomically, so two concurrent copies cannot both
+        win), and None is returned when one already did.
+        """
         final = self.absolute(relative)
         try:
             if fsync_file:
@@ -104,7 +111,14 @@ class ObjectStore:
                 finally:
                     os.close(fd)
             self._ensure_durable_dir(final.parent)
-            os.replace(temp_path, final)
+            if replace:
+                os.replace(temp_path, final)
+            else:
+                try:
+                    os.link(temp_path, final)
+                except FileExistsError:
+                    return None
+                os.unlink(temp_path)
             _fsync_dir(final.parent)
         except OSError as exc:
             raise StorageError(exc.errno, f"cannot store object: {exc.strerror}") from exc
