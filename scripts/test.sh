@@ -26,6 +26,7 @@ echo "== installing Python dependencies"
 echo "== lint"
 "$PYTHON" -m ruff check src tests bench
 "$PYTHON" -m ruff format --check src tests bench
+"$PYTHON" -m mypy src/dicomrouter
 
 echo "== tests"
 "$PYTHON" -m pytest -p no:cacheprovider -ra "$@"
