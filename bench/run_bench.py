@@ -246,6 +246,7 @@ def router(workdir: Path, name: str, dest_port: int) -> Iterator[tuple[int, int]
     config = {
         "ae_title": ROUTER_AET,
         "dicom": {"port": port, "bind": "127.0.0.1"},
+        "http": {"port": free_port(), "bind": "127.0.0.1"},  # as shipped: HTTP runs too
         "storage": {"path": str(storage)},
         "destinations": {"dest": {"ae_title": DEST_AET, "host": "127.0.0.1", "port": dest_port}},
         "routes": [{"name": "all", "trigger": "instance", "to": ["dest"]}],

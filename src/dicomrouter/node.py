@@ -1,9 +1,11 @@
-"""Run a router node: the receiver in this process, the dispatcher in a child process.
+"""Run a router node: the receiver in this process; dispatch and HTTP in child processes.
 
-Two processes because pynetdicom is pure Python and both receiving and sending are
-CPU-bound on the GIL (field notes: parallel associations in one process gave no
-gain, separate processes do). They share nothing but the index and the files, which
-is also what makes a crash of either one harmless: the index is the truth.
+Separate processes because pynetdicom is pure Python and both receiving and sending
+are CPU-bound on the GIL (field notes: parallel associations in one process gave no
+gain, separate processes do); the HTTP service is kept out of the receiver's GIL
+for the same reason. They share nothing but the index and the files, which is also
+what makes a crash of any one harmless: the index is the truth. This process
+supervises the children and restarts one that dies.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from dicomrouter.config import RouterConfig
 from dicomrouter.dispatch import Dispatcher
@@ -54,7 +58,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def _dispatch_main(config: RouterConfig, ready: multiprocessing.synchronize.Event) -> None:
+def _dispatch_main(
+    config: RouterConfig, config_path: Path | None, ready: multiprocessing.synchronize.Event
+) -> None:
     _die_with_parent()
     configure_logging(config.log_level)
     stop = threading.Event()
@@ -77,56 +83,114 @@ def _dispatch_main(config: RouterConfig, ready: multiprocessing.synchronize.Even
     os._exit(0)
 
 
-class Node:
-    def __init__(self, config: RouterConfig):
-        self.config = config
-        self.store = ObjectStore(config.storage.path)
-        self.store.prepare()
-        self.store.lock()
-        create_index_engine(config.database_url).dispose()  # create or check the schema
-        # The receiver retries a locked index itself, with sub-millisecond sleeps.
-        self.engine = create_index_engine(config.database_url, create=False, busy_timeout_ms=0)
-        self.receiver = Receiver(config, self.store, InstanceIndex(self.engine))
-        self._dispatch: multiprocessing.process.BaseProcess | None = None
+def _http_main(
+    config: RouterConfig, config_path: Path | None, ready: multiprocessing.synchronize.Event
+) -> None:
+    _die_with_parent()
+    configure_logging(config.log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    from dicomrouter.api.server import serve_http
+
+    serve_http(config, config_path, on_ready=ready.set)
+    logging.shutdown()
+    os._exit(0)
+
+
+class _Child:
+    """A supervised child process: started with a readiness handshake, restarted with
+    backoff when it dies (up to every 5 min for one that keeps dying)."""
+
+    def __init__(self, name: str, target: Any, args: tuple[Any, ...]):
+        self.name, self.target, self.args = name, target, args
+        self.process: multiprocessing.process.BaseProcess | None = None
         self._restart_delay, self._last_restart, self._next_restart = 1.0, 0.0, 0.0
 
     def start(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        ready = context.Event()
+        self.process = context.Process(
+            target=self.target, args=(*self.args, ready), name=self.name, daemon=False
+        )
+        self.process.start()
+        deadline = time.monotonic() + 60
+        while not ready.wait(0.2):
+            if not self.process.is_alive():
+                raise RuntimeError(
+                    f"{self.name} process exited during start-up ({self.process.exitcode})"
+                )
+            if time.monotonic() > deadline:
+                self.process.kill()
+                raise RuntimeError(f"{self.name} process did not start within 60 s")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+    def signal(self, signum: int) -> None:
+        if self.process is not None and self.process.pid and self.alive():
+            os.kill(self.process.pid, signum)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is not None and self.process.is_alive():
+            self.process.terminate()  # SIGTERM: finish what is in hand, release jobs
+            self.process.join(timeout)
+            if self.process.is_alive():
+                self.process.kill()
+
+    def supervise(self) -> None:
+        """Restart the child if it died. The index holds the work, so a new dispatch
+        process resumes it (reclaiming its leases); receiving goes on regardless."""
+        if self.process is None or self.process.is_alive():
+            return
+        now = time.monotonic()
+        if now < self._next_restart:
+            return
+        quick_failure = now - self._last_restart < 60
+        self._restart_delay = min(self._restart_delay * 2, 300.0) if quick_failure else 1.0
+        self._last_restart, self._next_restart = now, now + self._restart_delay
+        log.error(
+            "%s process exited unexpectedly (%s); restarting it",
+            self.name,
+            self.process.exitcode,
+        )
+        try:
+            self.start()
+        except RuntimeError as exc:
+            log.error("%s", exc)
+
+
+class Node:
+    def __init__(self, config: RouterConfig, config_path: Path | None = None):
+        self.config = config
+        self.config_path = config_path
+        self.store = ObjectStore(config.storage.path)
+        self.store.prepare()
+        self.store.lock()
+        create_index_engine(config.database_url).dispose()  # create, check or upgrade
+        # The receiver retries a locked index itself, with sub-millisecond sleeps.
+        self.engine = create_index_engine(config.database_url, create=False, busy_timeout_ms=0)
+        self.receiver = Receiver(config, self.store, InstanceIndex(self.engine))
+        self.children = [_Child("dispatch", _dispatch_main, (config, config_path))]
+        if config.http.enabled:
+            self.children.append(_Child("http", _http_main, (config, config_path)))
+
+    def start(self) -> None:
         """Listen first (a port in use fails fast, with nothing else started), then
-        start the dispatch process."""
+        start the child processes."""
         swept = self.store.sweep_tmp()
         if swept:
             log.info("removed %d partial file(s) left by interrupted transfers", swept)
         self.receiver.start()
         try:
-            self._start_dispatch()
+            for child in self.children:
+                child.start()
         except BaseException:
-            self.receiver.stop()
+            self.stop()
             raise
-
-    def _start_dispatch(self) -> None:
-        context = multiprocessing.get_context("spawn")
-        ready = context.Event()
-        self._dispatch = context.Process(
-            target=_dispatch_main, args=(self.config, ready), name="dispatch", daemon=False
-        )
-        self._dispatch.start()
-        deadline = time.monotonic() + 60
-        while not ready.wait(0.2):
-            if not self._dispatch.is_alive():
-                raise RuntimeError(
-                    f"dispatch process exited during start-up ({self._dispatch.exitcode})"
-                )
-            if time.monotonic() > deadline:
-                self._dispatch.kill()
-                raise RuntimeError("dispatch process did not start within 60 s")
 
     def stop(self) -> None:
         self.receiver.stop()
-        if self._dispatch is not None and self._dispatch.is_alive():
-            self._dispatch.terminate()  # SIGTERM: finish the current instance, release jobs
-            self._dispatch.join(30)
-            if self._dispatch.is_alive():
-                self._dispatch.kill()
+        for child in self.children:
+            child.stop()
         self.engine.dispose()
 
     def _sweep_aborted_transfers(self) -> None:
@@ -138,29 +202,8 @@ class Node:
         if removed:
             log.info("removed %d partial file(s) of aborted transfers", removed)
 
-    def _supervise_dispatch(self) -> None:
-        """Restart a dispatch process that died. Receiving goes on regardless, and the
-        index holds the work, so the new process resumes it (reclaiming its leases).
-        One that keeps dying is restarted less and less often (up to every 5 min)."""
-        if self._dispatch is None or self._dispatch.is_alive():
-            return
-        now = time.monotonic()
-        if now < self._next_restart:
-            return
-        quick_failure = now - self._last_restart < 60
-        self._restart_delay = min(self._restart_delay * 2, 300.0) if quick_failure else 1.0
-        self._last_restart, self._next_restart = now, now + self._restart_delay
-        log.error(
-            "dispatch process exited unexpectedly (%s); restarting it",
-            self._dispatch.exitcode,
-        )
-        try:
-            self._start_dispatch()
-        except RuntimeError as exc:
-            log.error("%s", exc)
-
     def serve_forever(self) -> None:
-        """Run until SIGTERM/SIGINT; a dispatch process that dies is restarted."""
+        """Run until SIGTERM/SIGINT; a child process that dies is restarted."""
         stop = threading.Event()
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -177,7 +220,8 @@ class Node:
                 if time.monotonic() - last_sweep >= _SWEEP_EVERY:
                     self._sweep_aborted_transfers()
                     last_sweep = time.monotonic()
-                self._supervise_dispatch()
+                for child in self.children:
+                    child.supervise()
         finally:
             self.stop()
             log.info("dicomrouter stopped")

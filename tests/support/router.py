@@ -69,6 +69,7 @@ class RouterProcess:
         self.config.setdefault("dicom", {}).setdefault("port", free_port())
         self.config.setdefault("storage", {}).setdefault("path", str(self.workdir / "data"))
         self.config.setdefault("dispatch", {}).setdefault("poll_interval", "50ms")
+        self.config.setdefault("http", {}).setdefault("port", free_port())
         self.config_path = self.workdir / "dicomrouter.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         self.log_path = self.workdir / "router.log"

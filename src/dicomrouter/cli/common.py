@@ -13,6 +13,9 @@ from rich.console import Console
 
 from dicomrouter.config import ConfigError, DicomDestinationConfig, RouterConfig, load_config
 
+#: The file ``dicomrouter init`` writes and ``dicomrouter serve`` picks up by default.
+DEFAULT_CONFIG = "dicomrouter.yaml"
+
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 

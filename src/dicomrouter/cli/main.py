@@ -10,9 +10,10 @@ import typer
 
 from dicomrouter import __version__
 
-from .common import console, err_console, fail, load, parse_target
+from .common import DEFAULT_CONFIG, console, err_console, fail, load, parse_target
 from .queue_cmd import queue_app
 from .rules_cmd import check_command, test_rule_command
+from .security_cmd import hash_password_command, init_command, token_command
 from .send_cmd import send_command
 
 app = typer.Typer(
@@ -26,13 +27,17 @@ app.add_typer(queue_app, name="queue")
 app.command("check")(check_command)
 app.command("test-rule")(test_rule_command)
 app.command("send")(send_command)
+app.command("init")(init_command)
+app.command("hash-password")(hash_password_command)
+app.command("token")(token_command)
 
 ConfigOption = Annotated[
     Path | None,
     typer.Option(
         "--config",
         "-c",
-        help="YAML configuration file; default: embedded defaults.",
+        help=f"YAML configuration file; default: ./{DEFAULT_CONFIG} if it exists "
+        "(as written by 'dicomrouter init'), else the embedded defaults.",
         envvar="DICOMROUTER_CONFIG",
     ),
 ]
@@ -40,14 +45,16 @@ ConfigOption = Annotated[
 
 @app.command()
 def serve(config: ConfigOption = None) -> None:
-    """Run the router in the foreground until SIGTERM or Ctrl-C."""
+    """Run the router in the foreground until SIGTERM or Ctrl-C (SIGHUP reloads the file)."""
     from dicomrouter.node import Node, configure_logging
     from dicomrouter.store import StorageError
 
+    if config is None and Path(DEFAULT_CONFIG).is_file():
+        config = Path(DEFAULT_CONFIG)
     settings = load(config)
     configure_logging(settings.log_level)
     try:
-        node = Node(settings)
+        node = Node(settings, config.resolve() if config else None)
     except StorageError as exc:
         fail(str(exc))
     except OSError as exc:
@@ -56,6 +63,8 @@ def serve(config: ConfigOption = None) -> None:
         node.serve_forever()
     except OSError as exc:
         fail(f"cannot listen on {settings.dicom.bind}:{settings.dicom.port}: {exc}")
+    except RuntimeError as exc:
+        fail(str(exc))
 
 
 @app.command()

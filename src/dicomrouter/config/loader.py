@@ -14,7 +14,7 @@ from .models import RouterConfig
 
 ENV_PREFIX = "DICOMROUTER_"
 #: Top-level sections that environment variables may override (the node settings).
-NODE_KEYS = {"ae_title", "dicom", "storage", "database", "log_level", "dispatch"}
+NODE_KEYS = {"ae_title", "dicom", "storage", "database", "log_level", "dispatch", "http"}
 
 
 class ConfigError(Exception):

@@ -202,6 +202,76 @@ class DispatchConfig(_Model):
     poll_interval: Duration = Field(0.05, description="How often idle workers look for work.")
 
 
+Role = Literal["viewer", "operator", "admin"]
+
+
+class HttpConfig(_Model):
+    """The HTTP service: REST API, web dashboard and Prometheus metrics."""
+
+    enabled: bool = Field(True, description="Serve HTTP beside the DICOM service.")
+    port: int = Field(8080, ge=1, le=65535, description="TCP port of the HTTP service.")
+    bind: str = Field("0.0.0.0", description="Address to listen on; '127.0.0.1' for local only.")
+    open_probes: bool = Field(
+        True,
+        description="Serve `/healthz`, `/readyz` and `/metrics` without credentials "
+        "(for load balancers and Prometheus). `false`: they need a `viewer` login too.",
+    )
+    session_lifetime: Duration = Field(
+        8 * 3600.0, description="How long a dashboard login lasts without activity."
+    )
+
+
+class UserConfig(_Model):
+    """A person who logs in to the dashboard or the API with a password."""
+
+    password_hash: str = Field(
+        ...,
+        description="scrypt hash of the password, as printed by `dicomrouter hash-password` "
+        "(never the password itself).",
+    )
+    role: Role = Field("viewer", description="`viewer`, `operator` or `admin`.")
+
+    @field_validator("password_hash")
+    @classmethod
+    def _hash_format(cls, value: str) -> str:
+        from dicomrouter.control.security import check_password_hash_format
+
+        return check_password_hash_format(value)
+
+
+class TokenConfig(_Model):
+    """An API token for scripts (sent as `Authorization: Bearer <token>`)."""
+
+    token_hash: str = Field(
+        ...,
+        description="SHA-256 hash of the token, as printed by `dicomrouter token`.",
+    )
+    role: Role = Field("viewer", description="`viewer`, `operator` or `admin`.")
+
+    @field_validator("token_hash")
+    @classmethod
+    def _hash_format(cls, value: str) -> str:
+        from dicomrouter.control.security import check_token_hash_format
+
+        return check_token_hash_format(value)
+
+
+class AuthConfig(_Model):
+    """Who may use the HTTP service. On by default: no users means nobody gets in."""
+
+    enabled: bool = Field(
+        True,
+        description="Require credentials. `false` gives every request the admin role: "
+        "only for a router reachable from a trusted machine alone.",
+    )
+    users: dict[str, UserConfig] = Field(
+        default_factory=dict, description="Dashboard and API users by login name."
+    )
+    tokens: dict[str, TokenConfig] = Field(
+        default_factory=dict, description="API tokens by name (the name shows in the audit log)."
+    )
+
+
 class RouterConfig(_Model):
     """The whole file."""
 
@@ -227,6 +297,14 @@ class RouterConfig(_Model):
     dispatch: DispatchConfig = Field(
         default_factory=lambda: DispatchConfig(),
         description="The delivery engine's timing.",
+    )
+    http: HttpConfig = Field(
+        default_factory=lambda: HttpConfig(),
+        description="The REST API, web dashboard and metrics.",
+    )
+    auth: AuthConfig = Field(
+        default_factory=lambda: AuthConfig(),
+        description="Users, API tokens and their roles.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO",

@@ -18,6 +18,22 @@ class IndexVersionError(RuntimeError):
     pass
 
 
+#: Upgrades of an existing index, by the version they produce. New tables are made
+#: by ``create_all``; only changes to existing tables need a step here. Each step
+#: runs in the same transaction as the version bump.
+MIGRATIONS: dict[int, list[str]] = {
+    2: ["ALTER TABLE destination_state ADD COLUMN admin_paused INTEGER NOT NULL DEFAULT 0"],
+}
+
+
+#: The audit log is append-only: the index itself refuses to change or delete a row.
+_APPEND_ONLY_SQLITE = [
+    f"CREATE TRIGGER IF NOT EXISTS audit_log_no_{verb.lower()} BEFORE {verb} ON audit_log "
+    "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END"
+    for verb in ("UPDATE", "DELETE")
+]
+
+
 def _sqlite_pragmas(busy_timeout_ms: int):  # type: ignore[no-untyped-def]
     def apply(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
         cursor = dbapi_connection.cursor()
@@ -64,6 +80,10 @@ def create_index_engine(
         engine = create_engine(url, pool_pre_ping=True)
     if create:
         metadata.create_all(engine)
+        if parsed.get_backend_name() == "sqlite":
+            with engine.begin() as conn:
+                for statement in _APPEND_ONLY_SQLITE:
+                    conn.exec_driver_sql(statement)
         with engine.begin() as conn:
             row = conn.execute(select(meta_info.c.value).where(meta_info.c.key == "schema")).first()
             if row is None:
@@ -72,5 +92,14 @@ def create_index_engine(
                 raise IndexVersionError(
                     f"index schema version {row.value} is newer than this dicomrouter "
                     f"({SCHEMA_VERSION}); upgrade dicomrouter"
+                )
+            elif int(row.value) < SCHEMA_VERSION:
+                for version in range(int(row.value) + 1, SCHEMA_VERSION + 1):
+                    for statement in MIGRATIONS.get(version, []):
+                        conn.exec_driver_sql(statement)
+                conn.execute(
+                    meta_info.update()
+                    .where(meta_info.c.key == "schema")
+                    .values(value=str(SCHEMA_VERSION))
                 )
     return engine

@@ -21,7 +21,8 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""Bumped when the schema changes; ``database.MIGRATIONS`` upgrades older indexes."""
 
 meta_info = Table(
     "meta_info",
@@ -143,7 +144,9 @@ destination_state = Table(
     "destination_state",
     metadata,
     Column("name", String(128), primary_key=True),
-    Column("state", String(16), nullable=False, default="ok"),  # ok|paused
+    Column("state", String(16), nullable=False, default="ok"),  # ok|paused (unreachable)
+    # Paused by an operator (API, dashboard): nothing is sent until resumed by hand.
+    Column("admin_paused", Integer, nullable=False, default=0, server_default="0"),
     Column("consecutive_failures", Integer, nullable=False, default=0),
     Column("paused_since", Float),
     Column("next_probe_at", Float),
@@ -152,7 +155,37 @@ destination_state = Table(
     Column("updated_at", Float, nullable=False),
 )
 
+# Append-only: who did what, when (config changes, manual actions, rejected
+# associations, failed logins, alerts). Nothing updates or deletes rows here.
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False, index=True),
+    Column("actor", String(128), nullable=False),  # user, token name, or "system"
+    Column("source", String(64), nullable=False, default=""),  # IP address or process
+    Column("action", String(64), nullable=False, index=True),
+    Column("target", String(256), nullable=False, default=""),
+    Column("outcome", String(16), nullable=False, default="ok"),  # ok|denied|failed
+    Column("detail", Text, nullable=False, default="{}"),  # JSON
+)
+
+# Every configuration that was applied, newest last: list, diff, roll back.
+config_versions = Table(
+    "config_versions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("applied_at", Float, nullable=False),
+    Column("author", String(128), nullable=False),
+    Column("source", String(32), nullable=False),  # startup|api|sighup|rollback|import
+    Column("sha256", String(64), nullable=False),
+    Column("yaml", Text, nullable=False),
+    Column("comment", Text, nullable=False, default=""),
+)
+
 __all__ = [
+    "audit_log",
+    "config_versions",
     "attempts",
     "destination_state",
     "instances",

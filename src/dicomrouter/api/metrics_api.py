@@ -1,0 +1,7 @@
+"""metrics: TODO(issue 3) being built."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(prefix="", tags=["metrics"])
