@@ -1,0 +1,428 @@
+"""Received studies: search them, and trace where one of them went.
+
+The trace answers the on-call question "where did this study go, when, and did it
+arrive?" in one timeline: receptions (per instance, or per series and sender for a
+big study), route matches with the reason (re-explained on one stored header),
+every job queued for it, each delivery attempt and the final outcome.
+
+Everything is aggregated in SQL (GROUP BY study, series, route, job), so a 3000-
+instance study costs a handful of queries and one header read per matched route;
+no query here scales with the number of instance files on disk.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import ColumnElement, Connection, Engine, func, select
+
+from dicomrouter.queue import states as S
+from dicomrouter.store.schema import attempts, instances, job_instances, jobs, route_matches
+
+from .routes import NodeContext, explain_match
+
+#: Up to this many instances, the trace lists each reception; above, one event per
+#: (series, sender) with counts and first/last times keeps the timeline readable.
+PER_INSTANCE_EVENTS = 100
+
+_DELIVERED = (S.ITEM_COMPLETED, S.ITEM_WARNING)
+_FINAL_KIND = {
+    S.COMPLETED: "delivered",
+    S.WARNING: "delivered",
+    S.FAILED: "failed",
+    S.CANCELED: "canceled",
+}
+# Events at the same instant read in pipeline order.
+_KIND_ORDER = {
+    "received": 0,
+    "matched": 1,
+    "queued": 2,
+    "attempt": 3,
+    "delivered": 4,
+    "failed": 4,
+    "canceled": 4,
+}
+
+
+def _like_pattern(value: str) -> str | None:
+    """A SQL LIKE pattern for a DICOM wildcard value (``*`` any run, ``?`` one
+    character), or None when ``value`` has no wildcard (then it is an equality)."""
+    if "*" not in value and "?" not in value:
+        return None
+    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+def _text_filter(column: Any, value: str) -> ColumnElement[bool]:
+    pattern = _like_pattern(value.strip())
+    if pattern is None:
+        return column == value.strip()  # type: ignore[no-any-return]
+    return column.like(pattern, escape="\\")  # type: ignore[no-any-return]
+
+
+def _study_filters(
+    patient_id: str | None,
+    patient_name: str | None,
+    accession_number: str | None,
+    study_date_from: str | None,
+    study_date_to: str | None,
+    modality: str | None,
+    calling_ae: str | None,
+) -> list[ColumnElement[bool]]:
+    """Conditions on instances; a study matches when any of its instances does."""
+    conditions: list[ColumnElement[bool]] = []
+    if patient_id:
+        conditions.append(_text_filter(instances.c.patient_id, patient_id))
+    if patient_name:
+        conditions.append(_text_filter(instances.c.patient_name, patient_name))
+    if accession_number:
+        conditions.append(_text_filter(instances.c.accession_number, accession_number))
+    if study_date_from:
+        conditions.append(instances.c.study_date >= study_date_from)
+    if study_date_to:
+        conditions.append(instances.c.study_date <= study_date_to)
+    if study_date_from or study_date_to:
+        conditions.append(instances.c.study_date != "")
+    if modality:
+        conditions.append(instances.c.modality == modality.strip().upper())
+    if calling_ae:
+        conditions.append(_text_filter(instances.c.calling_ae, calling_ae))
+    return conditions
+
+
+def search_studies(
+    engine: Engine,
+    *,
+    patient_id: str | None = None,
+    patient_name: str | None = None,
+    accession_number: str | None = None,
+    study_date_from: str | None = None,
+    study_date_to: str | None = None,
+    modality: str | None = None,
+    calling_ae: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[int, list[dict[str, Any]]]:
+    """Received studies matching every given filter, most recently received first.
+
+    Text filters take DICOM wildcards (``DOE^*``, ``?123``); without one they are
+    exact. Dates are ``YYYYMMDD`` bounds on the Study Date, both inclusive. Returns
+    ``(total, page)``; each item is a study summary (see :func:`_summaries`).
+    """
+    conditions = _study_filters(
+        patient_id,
+        patient_name,
+        accession_number,
+        study_date_from,
+        study_date_to,
+        modality,
+        calling_ae,
+    )
+    uid = instances.c.study_instance_uid
+    matching = (
+        select(uid, func.max(instances.c.received_at).label("last"))
+        .where(*conditions)
+        .group_by(uid)
+        .subquery()
+    )
+    with engine.connect() as conn:
+        total = conn.execute(select(func.count()).select_from(matching)).scalar_one()
+        page = (
+            conn.execute(
+                select(matching.c.study_instance_uid)
+                .order_by(matching.c.last.desc(), matching.c.study_instance_uid)
+                .limit(limit)
+                .offset(offset)
+            )
+            .scalars()
+            .all()
+        )
+        summaries = _summaries(conn, page)
+    return int(total), [summaries[u] for u in page if u in summaries]
+
+
+def study_summary(engine: Engine, study_uid: str) -> dict[str, Any] | None:
+    with engine.connect() as conn:
+        return _summaries(conn, [study_uid]).get(study_uid)
+
+
+def _summaries(conn: Connection, study_uids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per study: identity (from its latest instance), modalities, senders, counts,
+    first/last reception and jobs by state. Four grouped queries for the whole page."""
+    if not study_uids:
+        return {}
+    uid = instances.c.study_instance_uid
+    in_page = uid.in_(list(study_uids))
+    result: dict[str, dict[str, Any]] = {}
+    for row in conn.execute(
+        select(
+            uid,
+            func.count().label("instances"),
+            func.count(instances.c.series_instance_uid.distinct()).label("series"),
+            func.min(instances.c.received_at).label("first"),
+            func.max(instances.c.received_at).label("last"),
+            func.max(instances.c.id).label("latest_id"),
+        )
+        .where(in_page)
+        .group_by(uid)
+    ):
+        result[row.study_instance_uid] = {
+            "study_instance_uid": row.study_instance_uid,
+            "instances": row.instances,
+            "series": row.series,
+            "first_received_at": row.first,
+            "last_received_at": row.last,
+            "modalities": [],
+            "calling_aes": [],
+            "deliveries": {},
+            "_latest": row.latest_id,
+        }
+    latest = {entry.pop("_latest"): entry for entry in result.values()}
+    for row in conn.execute(
+        select(
+            instances.c.id,
+            instances.c.patient_id,
+            instances.c.patient_name,
+            instances.c.accession_number,
+            instances.c.study_date,
+            instances.c.study_description,
+        ).where(instances.c.id.in_(list(latest)))
+    ):
+        latest[row.id].update(
+            patient_id=row.patient_id,
+            patient_name=row.patient_name,
+            accession_number=row.accession_number,
+            study_date=row.study_date,
+            study_description=row.study_description,
+        )
+    for column, key in (
+        (instances.c.modality, "modalities"),
+        (instances.c.calling_ae, "calling_aes"),
+    ):
+        for row in conn.execute(
+            select(uid, column).where(in_page).group_by(uid, column).order_by(uid, column)
+        ):
+            if row[1]:
+                result[row[0]][key].append(row[1])
+    for row in conn.execute(
+        select(jobs.c.study_instance_uid, jobs.c.state, func.count().label("n"))
+        .where(jobs.c.study_instance_uid.in_(list(study_uids)))
+        .group_by(jobs.c.study_instance_uid, jobs.c.state)
+    ):
+        if row.study_instance_uid in result:
+            result[row.study_instance_uid]["deliveries"][row.state] = row.n
+    return result
+
+
+# -- the trace ----------------------------------------------------------------------
+
+
+def study_trace(ctx: NodeContext, study_uid: str) -> dict[str, Any] | None:
+    """Where this study went: ``{study, events, deliveries, routes}``, or None when
+    no instance of it was ever received.
+
+    ``events`` are ordered by time (``at``, POSIX seconds); each has a ``kind``:
+    ``received``, ``matched`` (with ``reason``), ``queued``, ``attempt``, and one of
+    ``delivered``/``failed``/``canceled`` per finished job. ``deliveries`` has one
+    entry per job with its instance counts and attempts.
+    """
+    engine = ctx.reader
+    with engine.connect() as conn:
+        summary = _summaries(conn, [study_uid]).get(study_uid)
+        if summary is None:
+            return None
+        events = _received_events(conn, study_uid, summary["instances"])
+        matches = _match_groups(conn, study_uid)
+        deliveries = _deliveries(conn, study_uid)
+    for match in matches:
+        explanation = explain_match(ctx.config, ctx.store, match.pop("_sample"), match["route"])
+        match.update(explanation)
+        events.append(match)
+    for job in deliveries:
+        events.extend(_job_events(job))
+    events.sort(key=lambda e: (e["at"], _KIND_ORDER[e["kind"]]))
+    return {"study": summary, "events": events, "deliveries": deliveries}
+
+
+def _received_events(conn: Connection, study_uid: str, count: int) -> list[dict[str, Any]]:
+    where = instances.c.study_instance_uid == study_uid
+    if count <= PER_INSTANCE_EVENTS:
+        return [
+            {
+                "at": row.received_at,
+                "kind": "received",
+                "sop_instance_uid": row.sop_instance_uid,
+                "series_instance_uid": row.series_instance_uid,
+                "modality": row.modality,
+                "calling_ae": row.calling_ae,
+                "called_ae": row.called_ae,
+                "source_address": row.source_address,
+                "generation": row.generation,
+                "size": row.size,
+            }
+            for row in conn.execute(
+                select(instances).where(where).order_by(instances.c.received_at, instances.c.id)
+            )
+        ]
+    sender = (
+        instances.c.series_instance_uid,
+        instances.c.modality,
+        instances.c.calling_ae,
+        instances.c.called_ae,
+        instances.c.source_address,
+    )
+    return [
+        {
+            "at": row.first,
+            "kind": "received",
+            "series_instance_uid": row.series_instance_uid,
+            "modality": row.modality,
+            "calling_ae": row.calling_ae,
+            "called_ae": row.called_ae,
+            "source_address": row.source_address,
+            "instances": row.n,
+            "bytes": row.bytes,
+            "first_at": row.first,
+            "last_at": row.last,
+        }
+        for row in conn.execute(
+            select(
+                *sender,
+                func.count().label("n"),
+                func.sum(instances.c.size).label("bytes"),
+                func.min(instances.c.received_at).label("first"),
+                func.max(instances.c.received_at).label("last"),
+            )
+            .where(where)
+            .group_by(*sender)
+        )
+    ]
+
+
+def _match_groups(conn: Connection, study_uid: str) -> list[dict[str, Any]]:
+    """One ``matched`` event per route: how many instances, when, and one sample
+    instance row whose stored header will explain the match."""
+    rows = conn.execute(
+        select(
+            route_matches.c.route,
+            func.count().label("n"),
+            func.min(route_matches.c.matched_at).label("first"),
+            func.max(route_matches.c.matched_at).label("last"),
+            func.min(instances.c.id).label("sample"),
+        )
+        .join(instances, instances.c.id == route_matches.c.instance_id)
+        .where(instances.c.study_instance_uid == study_uid)
+        .group_by(route_matches.c.route)
+    ).all()
+    samples = {
+        row.id: row
+        for row in conn.execute(
+            select(instances).where(instances.c.id.in_([r.sample for r in rows]))
+        )
+    }
+    return [
+        {
+            "at": row.first,
+            "kind": "matched",
+            "route": row.route,
+            "instances": row.n,
+            "first_at": row.first,
+            "last_at": row.last,
+            "_sample": samples[row.sample],
+        }
+        for row in rows
+    ]
+
+
+def _deliveries(conn: Connection, study_uid: str) -> list[dict[str, Any]]:
+    job_rows = conn.execute(
+        select(jobs).where(jobs.c.study_instance_uid == study_uid).order_by(jobs.c.id)
+    ).all()
+    ids = [row.id for row in job_rows]
+    counts: dict[int, dict[str, int]] = defaultdict(dict)
+    tries: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for chunk in _chunks(ids):
+        for row in conn.execute(
+            select(job_instances.c.job_id, job_instances.c.state, func.count().label("n"))
+            .where(job_instances.c.job_id.in_(chunk))
+            .group_by(job_instances.c.job_id, job_instances.c.state)
+        ):
+            counts[row.job_id][row.state] = row.n
+        for row in conn.execute(
+            select(attempts).where(attempts.c.job_id.in_(chunk)).order_by(attempts.c.id)
+        ):
+            tries[row.job_id].append(dict(row._mapping))
+    deliveries = []
+    for row in job_rows:
+        by_state = counts[row.id]
+        deliveries.append(
+            {
+                "job_id": row.id,
+                "destination": row.destination,
+                "routes": [r for r in (row.routes or "").split(",") if r],
+                "level": row.level,
+                "resource_uid": row.resource_uid,
+                "state": row.state,
+                "priority": row.priority,
+                "created_at": row.created_at,
+                "updated_at": row.updated_at,
+                "finished_at": row.finished_at,
+                "last_error": row.last_error,
+                "instances": sum(by_state.values()),
+                "delivered": sum(by_state.get(s, 0) for s in _DELIVERED),
+                "warning": by_state.get(S.ITEM_WARNING, 0),
+                "failed": by_state.get(S.ITEM_FAILED, 0),
+                "pending": by_state.get(S.ITEM_PENDING, 0),
+                "canceled": by_state.get(S.ITEM_CANCELED, 0),
+                "attempts": tries[row.id],
+            }
+        )
+    return deliveries
+
+
+def _job_events(job: dict[str, Any]) -> list[dict[str, Any]]:
+    common = {"job_id": job["job_id"], "destination": job["destination"]}
+    events: list[dict[str, Any]] = [
+        {
+            "at": job["created_at"],
+            "kind": "queued",
+            **common,
+            "routes": job["routes"],
+            "level": job["level"],
+            "instances": job["instances"],
+        }
+    ]
+    for attempt in job["attempts"]:
+        events.append(
+            {
+                "at": attempt["started_at"],
+                "kind": "attempt",
+                **common,
+                "ended_at": attempt["ended_at"],
+                "outcome": attempt["outcome"],
+                "sent": attempt["sent"],
+                "failed": attempt["failed"],
+                "message": attempt["message"],
+            }
+        )
+    kind = _FINAL_KIND.get(job["state"])
+    if kind is not None:
+        events.append(
+            {
+                "at": job["finished_at"] or job["updated_at"],
+                "kind": kind,
+                **common,
+                "state": job["state"],
+                "delivered": job["delivered"],
+                "failed": job["failed"],
+                "message": job["last_error"],
+            }
+        )
+    return events
+
+
+def _chunks(values: Sequence[int], size: int = 500) -> Iterable[Sequence[int]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
