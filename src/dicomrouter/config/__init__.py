@@ -1,6 +1,6 @@
 """Configuration: pydantic models, YAML loading with key-path errors, environment overrides."""
 
-from .loader import ConfigError, load_config, parse_config
+from .loader import ConfigError, load_config, load_config_text, parse_config
 from .models import (
     DicomDestinationConfig,
     DicomListenerConfig,
@@ -24,6 +24,7 @@ __all__ = [
     "TimeWindow",
     "format_duration",
     "load_config",
+    "load_config_text",
     "parse_config",
     "parse_duration",
 ]

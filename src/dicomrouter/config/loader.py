@@ -110,14 +110,23 @@ def load_config(path: str | Path | None, environ: Mapping[str, str] | None = Non
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read file: {exc.strerror}"]) from None
+    return load_config_text(text, str(path), path.parent, environ)
+
+
+def load_config_text(
+    text: str, source: str, base_dir: Path, environ: Mapping[str, str] | None = None
+) -> RouterConfig:
+    """What ``load_config`` does with the file's text: a candidate from the API or a
+    stored version is checked exactly as the file would be (same errors, same env
+    overrides, ``storage.path`` relative to ``base_dir``)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(str(path), [f"{where}YAML syntax error: {problem}"]) from None
-    config = parse_config(data, str(path), environ)
+        raise ConfigError(source, [f"{where}YAML syntax error: {problem}"]) from None
+    config = parse_config(data, source, environ)
     if not config.storage.path.is_absolute():
-        config.storage.path = (path.parent / config.storage.path).resolve()
+        config.storage.path = (base_dir / config.storage.path).resolve()
     return config
