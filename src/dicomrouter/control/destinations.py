@@ -1,0 +1,297 @@
+"""Destinations for operators: live state, queue depth, failure rate; pause, resume, echo.
+
+The live state combines three sources, in this order of precedence:
+
+- ``disabled``: ``enabled: false`` in the configuration (its queue stays unsent);
+- ``paused``: paused by an operator (``destination_state.admin_paused``); the
+  dispatch process stops claiming its jobs within a second and does not probe it;
+- ``probing``: paused automatically after failed connections, probed with C-ECHO
+  (``destination_state.state == "paused"``, see :mod:`dicomrouter.dispatch.health`);
+- ``ok`` otherwise.
+
+Numbers are computed from the index on each call, so the API, the dashboard and the
+CLI agree with what the dispatcher actually did.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import Connection, case, func, or_, select, update
+
+from dicomrouter.destinations import DicomSender, VerificationNotSupported
+from dicomrouter.queue import JobStore
+from dicomrouter.queue import states as S
+from dicomrouter.store.schema import attempts, destination_state, job_instances, jobs
+
+from . import audit
+from .errors import Conflict, NotFound
+
+OK = "ok"
+PAUSED = "paused"
+PROBING = "probing"
+DISABLED = "disabled"
+HOUR = 3600.0
+_ERROR_OUTCOMES = ("retry", "failed", "unavailable")
+
+
+def recently_touched_jobs(since: float) -> Any:
+    """Ids of jobs whose instances may have changed since ``since``.
+
+    ``job_instances.updated_at`` has no index, but a job's own ``updated_at`` moves
+    on every settle, release, recovery or manual action, which always follow its
+    instances' updates; only a job still in progress may hold newer instance rows.
+    """
+    return select(jobs.c.id).where(or_(jobs.c.updated_at >= since, jobs.c.state == S.IN_PROGRESS))
+
+
+def _queues(conn: Connection) -> dict[str, dict[str, int]]:
+    queues: dict[str, dict[str, int]] = {}
+    for row in conn.execute(
+        select(jobs.c.destination, jobs.c.state, func.count()).group_by(
+            jobs.c.destination, jobs.c.state
+        )
+    ):
+        queues.setdefault(row[0], {})[row[1]] = int(row[2])
+    return queues
+
+
+def _oldest_open(conn: Connection) -> dict[str, float]:
+    return {
+        row[0]: float(row[1])
+        for row in conn.execute(
+            select(jobs.c.destination, func.min(jobs.c.created_at))
+            .where(jobs.c.state.in_(S.OPEN_STATES))
+            .group_by(jobs.c.destination)
+        )
+    }
+
+
+def _last_hour(conn: Connection, now: float) -> dict[str, dict[str, int]]:
+    """Instances delivered / failed per destination in the last hour."""
+    since = now - HOUR
+    result: dict[str, dict[str, int]] = {}
+    for row in conn.execute(
+        select(job_instances.c.destination, job_instances.c.state, func.count())
+        .where(
+            job_instances.c.job_id.in_(recently_touched_jobs(since)),
+            job_instances.c.updated_at >= since,
+            job_instances.c.state.in_((S.ITEM_COMPLETED, S.ITEM_WARNING, S.ITEM_FAILED)),
+        )
+        .group_by(job_instances.c.destination, job_instances.c.state)
+    ):
+        entry = result.setdefault(row[0], {"delivered": 0, "failed": 0})
+        entry["failed" if row[1] == S.ITEM_FAILED else "delivered"] += int(row[2])
+    return result
+
+
+def _last_success(conn: Connection) -> dict[str, float]:
+    return {
+        row[0]: float(row[1])
+        for row in conn.execute(
+            select(jobs.c.destination, func.max(jobs.c.finished_at))
+            .where(jobs.c.state.in_((S.COMPLETED, S.WARNING)))
+            .group_by(jobs.c.destination)
+        )
+        if row[1] is not None
+    }
+
+
+def _last_error(conn: Connection, name: str) -> tuple[float, str] | None:
+    row = conn.execute(
+        select(attempts.c.ended_at, attempts.c.message)
+        .join(jobs, jobs.c.id == attempts.c.job_id)
+        .where(
+            jobs.c.destination == name,
+            attempts.c.outcome.in_(_ERROR_OUTCOMES),
+            attempts.c.message.is_not(None),
+        )
+        .order_by(attempts.c.id.desc())
+        .limit(1)
+    ).first()
+    return (float(row.ended_at or 0.0), str(row.message)) if row else None
+
+
+def _state(enabled: bool, health: Any) -> str:
+    if not enabled:
+        return DISABLED
+    if health is not None and health.admin_paused:
+        return PAUSED
+    if health is not None and health.state == "paused":
+        return PROBING
+    return OK
+
+
+def _summaries(ctx: Any, only: str | None = None) -> list[dict[str, Any]]:
+    now = time.time()
+    config = ctx.config
+    with ctx.reader.connect() as conn:
+        queues = _queues(conn)
+        oldest = _oldest_open(conn)
+        hour = _last_hour(conn, now)
+        success = _last_success(conn)
+        health = {row.name: row for row in conn.execute(select(destination_state))}
+        # Also list names that still have open jobs but left the configuration.
+        names = list(config.destinations) + sorted(
+            name
+            for name, queue in queues.items()
+            if name not in config.destinations and any(queue.get(s) for s in S.OPEN_STATES)
+        )
+        if only is not None:
+            names = [n for n in names if n == only]
+        result = []
+        for name in names:
+            dest = config.destinations.get(name)
+            h = health.get(name)
+            counts = hour.get(name, {"delivered": 0, "failed": 0})
+            done = counts["delivered"] + counts["failed"]
+            error = _last_error(conn, name)
+            last_error, last_error_at = (error[1], error[0]) if error else (None, None)
+            if h is not None and h.state == "paused" and h.last_error:
+                last_error, last_error_at = h.last_error, h.updated_at  # fresher: the probe's
+            started = oldest.get(name)
+            result.append(
+                {
+                    "name": name,
+                    "configured": dest is not None,
+                    "ae_title": dest.ae_title if dest else None,
+                    "host": dest.host if dest else None,
+                    "port": dest.port if dest else None,
+                    "enabled": bool(dest.enabled) if dest else False,
+                    "state": _state(bool(dest and dest.enabled), h),
+                    "queue": {s: queues.get(name, {}).get(s, 0) for s in S.JOB_STATES},
+                    "oldest_pending_at": started,
+                    "oldest_pending_age_s": max(0.0, now - started) if started else None,
+                    "delivered_last_hour": counts["delivered"],
+                    "failed_last_hour": counts["failed"],
+                    "failure_rate": counts["failed"] / done if done else None,
+                    "last_success_at": max(
+                        [t for t in (success.get(name), h and h.last_success_at) if t],
+                        default=None,
+                    ),
+                    "last_error": last_error,
+                    "last_error_at": last_error_at,
+                    "paused_since": h.paused_since if h is not None else None,
+                    "consecutive_failures": h.consecutive_failures if h is not None else 0,
+                }
+            )
+    return result
+
+
+def destination_summaries(ctx: Any) -> list[dict[str, Any]]:
+    """Every configured destination (and any unconfigured one with open jobs), in
+    configuration order. ``oldest_pending_*`` count every job not yet finished
+    (scheduled, pending or in progress); ``failure_rate`` is failed / (delivered +
+    failed) instances over the last hour, ``None`` when nothing was sent."""
+    return _summaries(ctx)
+
+
+def destination_detail(ctx: Any, name: str) -> dict[str, Any] | None:
+    """One destination, as in :func:`destination_summaries`; ``None`` if unknown."""
+    found = _summaries(ctx, only=name)
+    return found[0] if found else None
+
+
+def _configured(ctx: Any, name: str) -> Any:
+    dest = ctx.config.destinations.get(name)
+    if dest is None:
+        raise NotFound(f"no destination {name!r} in the configuration")
+    return dest
+
+
+def pause(ctx: Any, name: str, actor: str, source: str = "") -> dict[str, Any]:
+    """Stop sending to ``name`` until :func:`resume`: the dispatch process notices
+    within a second; a batch already on the wire finishes. Raises :class:`Conflict`
+    if it is already paused by an operator."""
+    _configured(ctx, name)
+    now = time.time()
+    with ctx.engine.begin() as conn:
+        row = conn.execute(
+            select(destination_state.c.admin_paused).where(destination_state.c.name == name)
+        ).first()
+        if row is not None and row.admin_paused:
+            raise Conflict(f"destination {name!r} is already paused")
+        if row is None:
+            conn.execute(
+                destination_state.insert().values(
+                    name=name, state=OK, admin_paused=1, paused_since=now, updated_at=now
+                )
+            )
+        else:
+            conn.execute(
+                update(destination_state)
+                .where(destination_state.c.name == name)
+                .values(
+                    admin_paused=1,
+                    paused_since=func.coalesce(destination_state.c.paused_since, now),
+                    updated_at=now,
+                )
+            )
+    audit.record(ctx.engine, actor, "destination.pause", name, source=source)
+    detail = destination_detail(ctx, name)
+    assert detail is not None
+    return detail
+
+
+def resume(ctx: Any, name: str, actor: str, source: str = "") -> dict[str, Any]:
+    """Undo an operator's pause and pull the destination's queue forward (jobs
+    waiting out a retry delay go now). An automatic pause (``probing``) is left to
+    the C-ECHO probe; resuming a destination that is not paused by an operator
+    raises :class:`Conflict`."""
+    dest = _configured(ctx, name)
+    now = time.time()
+    with ctx.engine.begin() as conn:
+        changed = conn.execute(
+            update(destination_state)
+            .where(destination_state.c.name == name, destination_state.c.admin_paused != 0)
+            .values(
+                admin_paused=0,
+                # Keep the start of an automatic pause that is still going on.
+                paused_since=case(
+                    (destination_state.c.state == "paused", destination_state.c.paused_since),
+                    else_=None,
+                ),
+                updated_at=now,
+            )
+        ).rowcount
+    if not changed:
+        raise Conflict(f"destination {name!r} is not paused by an operator")
+    woken = JobStore(ctx.engine).wake_destination(name, dest)
+    audit.record(
+        ctx.engine, actor, "destination.resume", name, source=source, detail={"jobs": woken}
+    )
+    detail = destination_detail(ctx, name)
+    assert detail is not None
+    return detail
+
+
+def echo(ctx: Any, name: str, *, actor: str = audit.SYSTEM, source: str = "") -> dict[str, Any]:
+    """C-ECHO ``name`` now, with the same calling AE title as deliveries.
+
+    Returns {"ok", "ms", "error"}. A peer that accepts the association but not the
+    Verification SOP Class is up (``ok``), with that said in ``error``.
+    """
+    dest = _configured(ctx, name)
+    sender = DicomSender(dest, dest.calling_ae_title or ctx.config.ae_title)
+    started = time.perf_counter()
+    ok, error = True, None
+    try:
+        sender.echo()
+    except VerificationNotSupported as exc:
+        error = f"answered, but does not support C-ECHO: {exc}"
+    except Exception as exc:  # any failure is the answer to "can we reach it?"
+        ok, error = False, str(exc) or type(exc).__name__
+    finally:
+        sender.close()
+    result = {"ok": ok, "ms": round((time.perf_counter() - started) * 1000, 1), "error": error}
+    audit.record(
+        ctx.engine,
+        actor,
+        "destination.echo",
+        name,
+        outcome="ok" if ok else "failed",
+        source=source,
+        detail=result,
+    )
+    return result

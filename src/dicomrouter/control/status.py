@@ -1,0 +1,115 @@
+"""The node at a glance: version, uptime, counts, disk, destinations, throughput.
+
+This is what the overview page and ``GET /api/v1/status`` show first, so it stays
+cheap: a handful of aggregate queries on the read-only engine.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from typing import Any
+
+from sqlalchemy import Engine, Integer, cast, func, select
+
+from dicomrouter import __version__
+from dicomrouter.queue import states as S
+from dicomrouter.store.schema import instances, job_instances, jobs
+
+from .destinations import destination_summaries, recently_touched_jobs
+from .errors import Invalid
+
+MAX_BUCKETS = 2000
+
+
+def disk_status(ctx: Any) -> dict[str, Any]:
+    """Free and total bytes of the storage filesystem, against ``min_free_space``
+    (below it the receiver refuses C-STOREs)."""
+    watermark = int(ctx.config.storage.min_free_space)
+    try:
+        usage = shutil.disk_usage(ctx.store.root)
+    except OSError as exc:
+        return {
+            "free_bytes": None,
+            "total_bytes": None,
+            "watermark_bytes": watermark,
+            "ok": False,
+            "error": str(exc),
+        }
+    return {
+        "free_bytes": usage.free,
+        "total_bytes": usage.total,
+        "watermark_bytes": watermark,
+        "ok": usage.free >= watermark,
+    }
+
+
+def node_status(ctx: Any) -> dict[str, Any]:
+    """{version, started_at, uptime_s, counts: {instances, studies, jobs: {state: n}},
+    disk: {free_bytes, total_bytes, watermark_bytes, ok}, destinations: [...]}."""
+    now = time.time()
+    with ctx.reader.connect() as conn:
+        instance_count = conn.execute(select(func.count()).select_from(instances)).scalar_one()
+        study_count = conn.execute(
+            select(func.count(func.distinct(instances.c.study_instance_uid)))
+        ).scalar_one()
+        by_state = dict(
+            conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).tuples().all()
+        )
+    return {
+        "version": __version__,
+        "started_at": ctx.started_at,
+        "uptime_s": max(0.0, now - ctx.started_at),
+        "counts": {
+            "instances": int(instance_count),
+            "studies": int(study_count),
+            "jobs": {state: int(by_state.get(state, 0)) for state in S.JOB_STATES},
+        },
+        "disk": disk_status(ctx),
+        "destinations": destination_summaries(ctx),
+    }
+
+
+def throughput(
+    engine: Engine, since: float, bucket_s: int, now: float | None = None
+) -> list[dict[str, Any]]:
+    """Instances received, delivered (completed or warning) and failed per time
+    bucket, from ``since`` (rounded down to a whole bucket) to now; every bucket is
+    listed, empty ones with zeros, so a chart needs no gap handling.
+
+    Returns [{"t": bucket start (POSIX s), "received": n, "delivered": n, "failed": n}].
+    """
+    now = time.time() if now is None else now
+    if bucket_s < 1:
+        raise Invalid("bucket_s must be at least 1 second")
+    start = float(int(since // bucket_s) * bucket_s)
+    count = int((now - start) // bucket_s) + 1
+    if count > MAX_BUCKETS:
+        raise Invalid(f"too many buckets ({count}); use a larger bucket_s or a later since")
+    series = [
+        {"t": start + i * bucket_s, "received": 0, "delivered": 0, "failed": 0}
+        for i in range(max(count, 0))
+    ]
+
+    def bucket(column: Any) -> Any:
+        return cast((column - start) / bucket_s, Integer).label("b")
+
+    with engine.connect() as conn:
+        received = select(bucket(instances.c.received_at), func.count()).where(
+            instances.c.received_at >= start
+        )
+        for b, n in conn.execute(received.group_by("b")):
+            if 0 <= b < len(series):
+                series[b]["received"] += int(n)
+        settled = select(
+            bucket(job_instances.c.updated_at), job_instances.c.state, func.count()
+        ).where(
+            job_instances.c.job_id.in_(recently_touched_jobs(start)),
+            job_instances.c.updated_at >= start,
+            job_instances.c.state.in_((S.ITEM_COMPLETED, S.ITEM_WARNING, S.ITEM_FAILED)),
+        )
+        for b, state, n in conn.execute(settled.group_by("b", job_instances.c.state)):
+            if 0 <= b < len(series):
+                key = "failed" if state == S.ITEM_FAILED else "delivered"
+                series[b][key] += int(n)
+    return series
