@@ -1,7 +1,51 @@
-"""audit: TODO(issue 3) being built."""
+"""``GET /api/v1/audit``: who did what, and when.
+
+Admin only. The log holds failed logins (user names as typed, sometimes a
+password typed into the wrong field), source addresses and configuration diffs:
+what an administrator needs to review, not what a viewer or an operator needs to
+do their job. Operators see the outcome of actions on the resources themselves.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+
+from dicomrouter.control import audit
+from dicomrouter.control.security import Principal
+
+from .auth import admin, context
 
 router = APIRouter(prefix="/api/v1", tags=["audit"])
+
+
+@router.get(
+    "/audit",
+    summary="The audit log, newest first (admin)",
+    description="Filters: `actor` (exact), `action` (a prefix: `job.` gives every job "
+    "action), `outcome` (`ok`, `denied`, `failed`), `since` and `until` (POSIX "
+    "seconds, `since` inclusive). Paginated with `limit` and `offset`.",
+)
+def audit_log(
+    request: Request,
+    actor: str | None = None,
+    action: Annotated[str | None, Query(description="prefix, e.g. `config.`")] = None,
+    outcome: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    principal: Principal = admin,
+) -> dict[str, Any]:
+    total, items = audit.query(
+        context(request).reader,
+        actor=actor,
+        action=action,
+        outcome=outcome,
+        since=since,
+        until=until,
+        limit=limit,
+        offset=offset,
+    )
+    return {"total": total, "limit": limit, "offset": offset, "items": items}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -47,46 +46,14 @@ def test_rule_command(
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Dry run: which routes and destinations each file would go to. Sends nothing."""
-    from dicomrouter.queue import compile_routes
-    from dicomrouter.rules import InstanceFacts
-    from dicomrouter.store import read_header
+    from dicomrouter.control.routes import Pretend, dry_run_files
 
     settings = load(config)
-    routes = compile_routes(settings)
     files = _expand(paths)
     if not files:
         fail("no files found")
-    report: list[dict[str, Any]] = []
-    for file in files:
-        try:
-            dataset = read_header(file)
-        except Exception as exc:
-            report.append({"file": str(file), "error": f"not a readable DICOM file: {exc}"})
-            continue
-        facts = InstanceFacts(
-            dataset=dataset,
-            calling_ae=calling_ae,
-            called_ae=called_ae or settings.ae_title,
-            source_address=source,
-            received_at=datetime.now(),
-        )
-        matches: list[dict[str, Any]] = []
-        for route in routes:
-            matched = route.condition is None or route.condition.evaluate(facts)
-            matches.append(
-                {
-                    "route": route.name,
-                    "matched": matched,
-                    "trigger": route.config.trigger,
-                    "forward": route.config.forward_level,
-                    "to": route.config.to if matched else [],
-                    "why": "no conditions"
-                    if route.condition is None
-                    else route.condition.explain(facts),
-                }
-            )
-        destinations = sorted({d for m in matches for d in m["to"]})
-        report.append({"file": str(file), "destinations": destinations, "routes": matches})
+    pretend = Pretend(calling_ae=calling_ae, called_ae=called_ae, source_address=source)
+    report = [_cli_entry(entry) for entry in dry_run_files(settings, files, pretend)]
     if json_output:
         print_json(report)
     else:
@@ -110,6 +77,24 @@ def test_rule_command(
             console.print(table)
     if any("error" in entry for entry in report):
         raise typer.Exit(1)
+
+
+def _cli_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """The control plane's dry-run entry in this command's (stable) JSON shape."""
+    if "error" in entry:
+        return {"file": entry["file"], "error": entry["error"]}
+    routes = [
+        {
+            "route": m["name"],
+            "matched": m["matched"],
+            "trigger": m["trigger"],
+            "forward": m["forward"],
+            "to": m["destinations"],
+            "why": m["explanation"],
+        }
+        for m in entry["routes"]
+    ]
+    return {"file": entry["file"], "destinations": entry["destinations"], "routes": routes}
 
 
 def _expand(paths: list[Path]) -> list[Path]:
