@@ -24,6 +24,7 @@ from typing import Any
 
 from dicomrouter.config import RouterConfig
 from dicomrouter.dispatch import Dispatcher
+from dicomrouter.observe.metrics import enable_multiprocess
 from dicomrouter.receive import Receiver
 from dicomrouter.store import InstanceIndex, ObjectStore, create_index_engine
 
@@ -165,6 +166,8 @@ class Node:
         self.store = ObjectStore(config.storage.path)
         self.store.prepare()
         self.store.lock()
+        # Before any child starts: they inherit the variable that turns it on.
+        enable_multiprocess(self.store.root / ".metrics")
         create_index_engine(config.database_url).dispose()  # create, check or upgrade
         # The receiver retries a locked index itself, with sub-millisecond sleeps.
         self.engine = create_index_engine(config.database_url, create=False, busy_timeout_ms=0)

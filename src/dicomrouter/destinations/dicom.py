@@ -39,6 +39,7 @@ from pynetdicom.presentation import PresentationContext
 
 from dicomrouter.config.models import DicomDestinationConfig
 from dicomrouter.net import install_low_latency_reactors, install_tcp_nodelay
+from dicomrouter.observe import metrics
 
 from .status import Outcome, classify_status, describe_status
 
@@ -228,7 +229,12 @@ class DicomSender:
             # there is no reason to make the peer fragment them). The PDU size we
             # *send* is the peer's maximum, which we cannot choose.
             assoc = ae.associate(
-                cfg.host, cfg.port, contexts=contexts, ae_title=cfg.ae_title, max_pdu=0
+                cfg.host,
+                cfg.port,
+                contexts=contexts,
+                ae_title=cfg.ae_title,
+                max_pdu=0,
+                evt_handlers=metrics.association_handlers("outbound"),
             )
         except Exception as exc:  # invalid address, too many contexts...
             raise DestinationUnavailable(f"cannot associate with {self._where}: {exc}") from exc

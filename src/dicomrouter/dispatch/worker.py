@@ -22,6 +22,7 @@ from dicomrouter.destinations import (
     OutgoingInstance,
     VerificationNotSupported,
 )
+from dicomrouter.observe import metrics
 from dicomrouter.queue import Claim, ItemResult, JobStore
 from dicomrouter.queue import states as S
 from dicomrouter.store import ObjectStore
@@ -152,6 +153,7 @@ class DestinationWorker(threading.Thread):
             nonlocal last_flush
             item = by_key[result.key]
             state = _ITEM_STATE[result.outcome]
+            metrics.delivery_result(self.dest_name, result.outcome, item.received_at)
             tally = per_job.setdefault(item.job_id, [0, 0])
             if state in (S.ITEM_COMPLETED, S.ITEM_WARNING):
                 counts["sent"] += 1

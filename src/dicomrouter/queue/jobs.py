@@ -29,6 +29,7 @@ class QueuedInstance:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
+    received_at: float = 0.0  # for the delivery latency metric
 
 
 @dataclass
@@ -271,6 +272,7 @@ class JobStore:
                     instances.c.sop_class_uid,
                     instances.c.sop_instance_uid,
                     instances.c.transfer_syntax_uid,
+                    instances.c.received_at,
                 )
                 .join(instances, instances.c.id == job_instances.c.instance_id)
                 .where(

@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicomrouter.config import RouterConfig
 from dicomrouter.net import install_low_latency_reactors, install_tcp_nodelay
+from dicomrouter.observe import metrics
 from dicomrouter.store import (
     IndexUnavailable,
     InstanceHeader,
@@ -105,6 +106,7 @@ class Receiver:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_association_end),
             (evt.EVT_ABORTED, self._on_association_end),
+            *metrics.association_handlers("inbound"),
         ]
         address = (self.config.dicom.bind, self.config.dicom.port)
         server = ae.start_server(address, block=False, evt_handlers=handlers)
@@ -158,6 +160,8 @@ class Receiver:
     def _on_store(self, event: evt.Event) -> int | Dataset:
         result = self._store(event)
         ok = result == SUCCESS
+        if not ok:
+            metrics.instance_refused(str(event.assoc.requestor.ae_title).strip())
         with self._tally_lock:
             stored, refused = self._tally.get(id(event.assoc), (0, 0))
             self._tally[id(event.assoc)] = (stored + ok, refused + (not ok))
@@ -218,6 +222,7 @@ class Receiver:
                 source_address=str(assoc.requestor.address),
             )
             recorded = self.index.record(header, relative, size, provenance, replace=not keep_first)
+            metrics.instance_received(provenance.calling_ae, size)
             if recorded is Recorded.OVERWRITTEN:
                 log.info("instance %s received again: replaced", header.sop_instance_uid)
             return SUCCESS

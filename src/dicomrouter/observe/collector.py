@@ -1,0 +1,175 @@
+"""Metrics computed at scrape time from the index and the storage folder.
+
+The queue lives in the index, so its depth is read, never counted along the way:
+counters in three processes would drift from the truth after a crash, a restart
+or a manual retry; the index cannot. Every query is an indexed lookup per
+destination (``ix_jobs_claim`` on destination, state), bounded by the number of
+*open* jobs, never by the history of finished ones.
+
+Series:
+
+- ``dicomrouter_queue_jobs{destination,state}``: jobs scheduled, pending or in
+  progress;
+- ``dicomrouter_queue_oldest_pending_age_seconds{destination}``: age of the oldest
+  job not delivered yet (pending or in progress; jobs waiting for their send window
+  are not late), 0 when there is none;
+- ``dicomrouter_destination_state{destination,state}``: 1 for the current state
+  among ok, paused (by an operator), probing (unreachable, probed with C-ECHO) and
+  disabled;
+- ``dicomrouter_storage_free_bytes``, ``dicomrouter_storage_total_bytes``,
+  ``dicomrouter_storage_min_free_bytes`` (the watermark below which C-STOREs are
+  refused);
+- ``dicomrouter_index_up``: 0 when the index could not be read for this scrape;
+- ``dicomrouter_build_info{version}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import Engine, func, select
+
+from dicomrouter import __version__
+from dicomrouter.config import RouterConfig
+from dicomrouter.store.schema import destination_state, jobs
+
+log = logging.getLogger("dicomrouter.metrics")
+
+QUEUE_STATES = ("scheduled", "pending", "in_progress")
+LATE_STATES = ("pending", "in_progress")
+DESTINATION_STATES = ("ok", "paused", "probing", "disabled")
+
+
+@dataclass
+class DestinationQueue:
+    """One destination's queue and health as the index says now."""
+
+    name: str
+    jobs: dict[str, int]
+    oldest_pending_at: float | None
+    state: str
+    since: float | None  # when it was paused or became unreachable, if known
+
+
+def destination_state_name(enabled: bool, row: Any) -> str:
+    """ok, paused (operator), probing (unreachable) or disabled (configuration)."""
+    if not enabled:
+        return "disabled"
+    if row is not None and getattr(row, "admin_paused", False):
+        return "paused"
+    if row is not None and row.state == "paused":
+        return "probing"
+    return "ok"
+
+
+def read_queues(engine: Engine, config: RouterConfig) -> list[DestinationQueue]:
+    """Queue depth by state, the oldest late job and the state of every destination
+    that is configured or still has state in the index."""
+    with engine.connect() as conn:
+        health = {row.name: row for row in conn.execute(select(destination_state))}
+        result = []
+        for name in sorted(set(config.destinations) | set(health)):
+            counts = dict.fromkeys(QUEUE_STATES, 0)
+            for state, count in conn.execute(
+                select(jobs.c.state, func.count())
+                .where(jobs.c.destination == name, jobs.c.state.in_(QUEUE_STATES))
+                .group_by(jobs.c.state)
+            ):
+                counts[state] = int(count)
+            # Job ids grow with creation time: min(id) is answered from the index.
+            oldest_id = (
+                select(func.min(jobs.c.id))
+                .where(jobs.c.destination == name, jobs.c.state.in_(LATE_STATES))
+                .scalar_subquery()
+            )
+            oldest = conn.execute(select(jobs.c.created_at).where(jobs.c.id == oldest_id)).scalar()
+            row = health.get(name)
+            dest = config.destinations.get(name)
+            state = destination_state_name(dest.enabled if dest else True, row)
+            since = None
+            if row is not None and state == "probing":
+                since = row.paused_since
+            result.append(DestinationQueue(name, counts, oldest, state, since))
+    return result
+
+
+class IndexCollector(Collector):
+    """A prometheus-client collector over the live configuration (``get_config`` is
+    called at each scrape, so a hot reload shows at once)."""
+
+    def __init__(
+        self, engine: Engine, get_config: Callable[[], RouterConfig], storage_root: Any
+    ) -> None:
+        self.engine = engine
+        self.get_config = get_config
+        self.storage_root = storage_root
+
+    def collect(self) -> Iterator[Any]:
+        config = self.get_config()
+        info = InfoMetricFamily("dicomrouter_build", "The router's version.")
+        info.add_metric([], {"version": __version__})
+        yield info
+        yield from self._storage(config)
+        up = GaugeMetricFamily("dicomrouter_index_up", "1 when the index answered this scrape.")
+        try:
+            queues = read_queues(self.engine, config)
+        except Exception:
+            log.exception("metrics: cannot read the index")
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        depth = GaugeMetricFamily(
+            "dicomrouter_queue_jobs",
+            "Jobs waiting or being sent, by destination and state.",
+            labels=["destination", "state"],
+        )
+        age = GaugeMetricFamily(
+            "dicomrouter_queue_oldest_pending_age_seconds",
+            "Age of the oldest job not yet delivered (pending or in progress); 0 if none.",
+            labels=["destination"],
+        )
+        states = GaugeMetricFamily(
+            "dicomrouter_destination_state",
+            "1 for the destination's current state: ok, paused (operator), probing "
+            "(unreachable) or disabled.",
+            labels=["destination", "state"],
+        )
+        now = time.time()
+        for queue in queues:
+            for state, count in queue.jobs.items():
+                depth.add_metric([queue.name, state], count)
+            oldest = queue.oldest_pending_at
+            age.add_metric([queue.name], max(now - oldest, 0.0) if oldest else 0.0)
+            for state in DESTINATION_STATES:
+                states.add_metric([queue.name, state], 1.0 if queue.state == state else 0.0)
+        yield depth
+        yield age
+        yield states
+
+    def _storage(self, config: RouterConfig) -> Iterator[Any]:
+        try:
+            usage = shutil.disk_usage(self.storage_root)
+        except OSError:
+            log.exception("metrics: cannot read disk usage of %s", self.storage_root)
+            return
+        for name, value, text in (
+            ("free", usage.free, "Free bytes on the storage filesystem."),
+            ("total", usage.total, "Size of the storage filesystem in bytes."),
+            (
+                "min_free",
+                config.storage.min_free_space,
+                "Free bytes below which C-STOREs are refused (storage.min_free_space).",
+            ),
+        ):
+            family = GaugeMetricFamily(f"dicomrouter_storage_{name}_bytes", text)
+            family.add_metric([], float(value))
+            yield family
