@@ -7,6 +7,7 @@ reads ``ctx.config`` once sees one consistent version.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,3 +25,6 @@ class AppContext:
     store: ObjectStore
     config_path: Path | None = None
     started_at: float = field(default_factory=time.time)
+    # Tells the node to reload the configuration file (SIGHUP to the parent process);
+    # None outside a running node (tests), where there is no node to tell.
+    reload_node: Callable[[], None] | None = None
