@@ -51,6 +51,7 @@ class JobFilter:
     accession_number: str | None = None
     since: float | None = None
     until: float | None = None
+    ids: Sequence[int] | None = None  # exactly these jobs (the dashboard's selection)
 
     def states(self) -> list[str]:
         if self.state is None:
@@ -60,7 +61,8 @@ class JobFilter:
 
     def is_empty(self) -> bool:
         return not (
-            self.states()
+            self.ids is not None
+            or self.states()
             or self.destination
             or self.route
             or self.study_uid
@@ -84,6 +86,8 @@ class JobFilter:
     def conditions(self) -> list[ColumnElement[bool]]:
         self.validate()
         where: list[ColumnElement[bool]] = []
+        if self.ids is not None:
+            where.append(jobs.c.id.in_(list(self.ids)))
         if self.states():
             where.append(jobs.c.state.in_(self.states()))
         if self.destination:
@@ -339,6 +343,7 @@ def bulk_action(
 
 def _filter_detail(f: JobFilter) -> dict[str, Any]:
     values = {
+        "ids": list(f.ids[:100]) if f.ids is not None else None,
         "state": f.states() or None,
         "destination": f.destination,
         "route": f.route,

@@ -1,0 +1,28 @@
+"""Map the control plane's errors to HTTP status codes, in one place.
+
+``control.errors`` says what went wrong without knowing about HTTP; every router
+that calls the control plane wraps the call in :func:`http_errors` so the same error
+always gives the same code: unknown thing 404, action that does not apply 409,
+request that can never succeed 422.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from fastapi import HTTPException, status
+
+from dicomrouter.control.errors import Conflict, Invalid, NotFound
+
+
+@contextmanager
+def http_errors() -> Iterator[None]:
+    try:
+        yield
+    except NotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+    except Conflict as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    except Invalid as exc:
+        raise HTTPException(422, str(exc)) from exc
