@@ -6,6 +6,12 @@ every job's attempts while a PACS is down for maintenance). After
 out, every ``probe_interval``. The first successful probe resumes it and pulls its
 whole queue forward, so nothing waits out a long backoff after the peer is back.
 The state is mirrored in the index so the CLI and the API can show it.
+
+An operator may also pause a destination (``destination_state.admin_paused``, set
+by the API or the dashboard in another process). The flag is re-read from the index
+at most once a second, so workers stop claiming within about a second of a pause
+and start again within about a second of a resume; no probes go out meanwhile,
+because the operator, not the peer, decides when it resumes.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ log = logging.getLogger("dicomrouter.dispatch")
 
 OK = "ok"
 PAUSED = "paused"
+#: How often the operator's pause flag is re-read from the index (seconds).
+ADMIN_REFRESH = 1.0
 
 
 class DestinationHealth:
@@ -34,6 +42,8 @@ class DestinationHealth:
         self.state = OK
         self.failures = 0
         self.next_probe_at = 0.0
+        self.admin_paused = False
+        self._admin_checked = 0.0  # time.monotonic() of the last read of the flag
         self._load()
 
     def _load(self) -> None:
@@ -49,6 +59,8 @@ class DestinationHealth:
                 )
                 return
         self.state = row.state
+        self.admin_paused = bool(row.admin_paused)
+        self._admin_checked = time.monotonic()
         self.failures = row.consecutive_failures
         # After a restart, probe a paused destination at once.
         self.next_probe_at = 0.0
@@ -69,7 +81,36 @@ class DestinationHealth:
 
     @property
     def paused(self) -> bool:
-        return self.state == PAUSED
+        """Nothing may be claimed: unreachable (probing) or paused by an operator."""
+        with self._lock:
+            self._refresh_admin()
+            return self.state == PAUSED or self.admin_paused
+
+    def _refresh_admin(self) -> None:
+        """Re-read the operator's pause flag, at most every ``ADMIN_REFRESH`` s
+        (caller holds the lock). On a database error the last known value stands."""
+        now = time.monotonic()
+        if now - self._admin_checked < ADMIN_REFRESH:
+            return
+        self._admin_checked = now
+        try:
+            with self.engine.connect() as conn:
+                flag = conn.execute(
+                    select(destination_state.c.admin_paused).where(
+                        destination_state.c.name == self.name
+                    )
+                ).scalar()
+        except Exception as exc:
+            log.warning("cannot read the pause flag of %s: %s", self.name, exc)
+            return
+        paused = bool(flag)
+        if paused != self.admin_paused:
+            log.warning(
+                "destination %s %s by an operator",
+                self.name,
+                "paused" if paused else "resumed",
+            )
+        self.admin_paused = paused
 
     def unavailable_delay(self) -> float:
         """How long a job waits after the destination could not be reached."""
@@ -105,7 +146,8 @@ class DestinationHealth:
 
     def probe_due(self) -> bool:
         with self._lock:
-            if self.state != PAUSED or time.time() < self.next_probe_at:
+            self._refresh_admin()
+            if self.admin_paused or self.state != PAUSED or time.time() < self.next_probe_at:
                 return False
             self.next_probe_at = time.time() + self.config.probe_interval
             return True
