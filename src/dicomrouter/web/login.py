@@ -1,0 +1,46 @@
+"""The login page and logout: the same signed session cookie as ``/api/v1/login``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import RedirectResponse, Response
+
+from dicomrouter.api.auth import authenticate, check_login, failed_login
+from dicomrouter.api.session import start_session
+
+from .common import ctx_of, render, safe_next
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/login", summary="Login page")
+def login_page(request: Request, next: str = "/") -> Response:
+    if not ctx_of(request).config.auth.enabled or authenticate(request) is not None:
+        return RedirectResponse(safe_next(next), status_code=303)
+    return render(request, "login.html", {"next": safe_next(next), "error": None})
+
+
+@router.post("/login", summary="Log in from the form")
+def login_submit(
+    request: Request,
+    username: str = Form(""),
+    password: str = Form(""),
+    next: str = Form("/"),
+) -> Response:
+    principal = check_login(ctx_of(request), username, password)
+    if principal is None:
+        failed_login(request, username, "wrong user name or password")
+        values = {
+            "next": safe_next(next),
+            "error": "Wrong user name or password.",
+            "user": username,
+        }
+        return render(request, "login.html", values, status_code=401)
+    start_session(request, principal)
+    return RedirectResponse(safe_next(next), status_code=303)
+
+
+@router.post("/logout", summary="Log out")
+def logout(request: Request) -> Response:
+    request.session.clear()
+    return RedirectResponse("/login", status_code=303)

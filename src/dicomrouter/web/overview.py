@@ -1,0 +1,106 @@
+"""Overview: is the router healthy, is anything backing up, how much goes through."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
+
+from dicomrouter.control.security import Principal
+from dicomrouter.control.status import node_status, throughput
+
+from .charts import Series, bar_chart, gauge, line_chart
+from .common import age, ctx_of, percent, render, viewer
+
+router = APIRouter(include_in_schema=False)
+
+#: Chart ranges offered: (query value, seconds shown, bucket width in seconds).
+RANGES = {"1h": (3600, 60), "6h": (6 * 3600, 300), "24h": (86400, 900), "7d": (7 * 86400, 3600)}
+
+THROUGHPUT = (
+    Series("received", "received", "s-received"),
+    Series("delivered", "delivered", "s-delivered"),
+    Series("failed", "failed", "s-failed"),
+)
+QUEUE = (
+    Series("in_progress", "sending", "s-progress"),
+    Series("pending", "pending", "s-pending"),
+    Series("scheduled", "scheduled", "s-scheduled"),
+    Series("failed", "failed", "s-failed"),
+)
+OLDEST = (Series("age", "oldest pending", "s-pending"),)
+FAILURE = (Series("rate", "failed in the last hour", "s-failed"),)
+
+
+def problems(status: dict[str, Any]) -> list[str]:
+    """What an operator should look at first, in words."""
+    found = []
+    disk = status.get("disk") or {}
+    if disk and not disk.get("ok", True):
+        found.append("free disk space is below the watermark: receiving is refused")
+    for dest in status.get("destinations") or []:
+        if dest.get("state") in ("paused", "probing"):
+            since = dest.get("paused_since")
+            when = f" for {age(time.time() - since)}" if since else ""
+            found.append(f"destination {dest['name']} is {dest['state']}{when}")
+        if (dest.get("queue") or {}).get("failed"):
+            found.append(f"destination {dest['name']} has {dest['queue']['failed']} failed job(s)")
+    return found
+
+
+def charts(status: dict[str, Any], points: list[dict[str, Any]], span: int) -> dict[str, Any]:
+    dests = status.get("destinations") or []
+    stamp = "%H:%M" if span <= 86400 else "%m-%d %H:%M"
+    disk = status.get("disk") or {}
+    return {
+        "throughput": line_chart(
+            points,
+            THROUGHPUT,
+            label=lambda t: dt.datetime.fromtimestamp(t).strftime(stamp),
+            title="Instances received, delivered and failed over time",
+        ),
+        "queue": bar_chart(
+            [(d["name"], d.get("queue") or {}) for d in dests],
+            QUEUE,
+            title="Queue depth per destination (jobs)",
+        ),
+        "oldest": bar_chart(
+            [(d["name"], {"age": d.get("oldest_pending_age_s") or 0}) for d in dests],
+            OLDEST,
+            value_label=age,
+            title="Age of the oldest pending job per destination",
+        ),
+        "failure": bar_chart(
+            [(d["name"], {"rate": d.get("failure_rate") or 0}) for d in dests],
+            FAILURE,
+            value_label=percent,
+            title="Failure rate per destination over the last hour",
+        ),
+        "disk": gauge(
+            float(disk.get("total_bytes", 0)) - float(disk.get("free_bytes", 0)),
+            float(disk.get("total_bytes", 0)),
+            float(disk.get("watermark_bytes", 0)),
+            title="Storage disk usage",
+        ),
+    }
+
+
+@router.get("/", summary="Overview", response_class=HTMLResponse)
+def overview(request: Request, range: str = "1h", principal: Principal = viewer) -> HTMLResponse:
+    ctx = ctx_of(request)
+    key = range if range in RANGES else "1h"
+    span, bucket = RANGES[key]
+    status = node_status(ctx)
+    points = throughput(ctx.reader, time.time() - span, bucket)
+    values = {
+        "title": "Overview",
+        "status": status,
+        "problems": problems(status),
+        "range": key,
+        "ranges": list(RANGES),
+        "charts": charts(status, points, span),
+    }
+    return render(request, "overview.html", values, principal=principal)

@@ -1,0 +1,94 @@
+"""Routes: the rules as readable text with hit counters, and a rule tester.
+
+The tester has two halves: drop DICOM files to see where each would go (a dry run
+of the current rules on their headers), or write a candidate rule to see which
+stored studies of the last days it would have matched. Both only read: viewers may
+use them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import yaml
+from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import HTMLResponse
+
+from dicomrouter.control.errors import ControlError
+from dicomrouter.control.routes import backtest, dry_run, route_history, route_summaries
+from dicomrouter.control.security import Principal
+
+from .common import ctx_of, render, viewer
+
+router = APIRouter(include_in_schema=False)
+
+MAX_FILES = 20
+EXAMPLE_RULE = """name: candidate
+trigger: study
+when:
+  Modality: CT
+to: [pacs]
+"""
+
+
+def _page(
+    request: Request, principal: Principal, extra: dict[str, Any] | None = None
+) -> HTMLResponse:
+    values: dict[str, Any] = {
+        "title": "Routes",
+        "routes": route_summaries(ctx_of(request)),
+        "dry_run": None,
+        "backtest": None,
+        "candidate": EXAMPLE_RULE,
+        "days": 7,
+        "error": None,
+    }
+    values.update(extra or {})
+    return render(request, "routes.html", values, principal=principal)
+
+
+@router.get("/routes", summary="Routes", response_class=HTMLResponse)
+def routes(request: Request, principal: Principal = viewer) -> HTMLResponse:
+    return _page(request, principal)
+
+
+@router.get("/routes/{name}", summary="One route's history", response_class=HTMLResponse)
+def route(request: Request, name: str, principal: Principal = viewer) -> HTMLResponse:
+    ctx = ctx_of(request)
+    summary = next((r for r in route_summaries(ctx) if r["name"] == name), None)
+    if summary is None:
+        raise HTTPException(404, f"no route {name}")
+    history = route_history(ctx.reader, name, 100)
+    values = {"title": f"Route {name}", "r": summary, "history": history}
+    return render(request, "route.html", values, principal=principal)
+
+
+@router.post("/routes/test", summary="Where would these files go", response_class=HTMLResponse)
+def test_files(
+    request: Request,
+    files: Annotated[list[UploadFile], File()],
+    principal: Principal = viewer,
+) -> HTMLResponse:
+    sources = [(f.filename or f"file {i + 1}", f.file) for i, f in enumerate(files[:MAX_FILES])]
+    results = dry_run(ctx_of(request).config, sources)
+    return _page(request, principal, {"dry_run": results})
+
+
+@router.post(
+    "/routes/backtest", summary="What would a rule have matched", response_class=HTMLResponse
+)
+def test_rule(
+    request: Request,
+    candidate: str = Form(...),
+    days: float = Form(7),
+    principal: Principal = viewer,
+) -> HTMLResponse:
+    extra: dict[str, Any] = {"candidate": candidate, "days": days}
+    try:
+        rule = yaml.safe_load(candidate)
+        if not isinstance(rule, dict):
+            raise ValueError("write the rule as a mapping, like a routes: entry")
+        extra["backtest"] = backtest(ctx_of(request), rule, days, 200)
+    except (yaml.YAMLError, ValueError, ControlError) as exc:
+        extra["error"] = str(exc)
+    return _page(request, principal, extra)

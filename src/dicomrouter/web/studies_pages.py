@@ -1,0 +1,62 @@
+"""Studies: search what was received, and trace where one study went."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import HTMLResponse
+
+from dicomrouter.control.security import Principal
+from dicomrouter.control.studies import search_studies, study_trace
+
+from .common import ctx_of, render, viewer
+
+router = APIRouter(include_in_schema=False)
+
+PAGE = 50
+FIELDS = (
+    "patient_id",
+    "patient_name",
+    "accession_number",
+    "study_date_from",
+    "study_date_to",
+    "modality",
+    "calling_ae",
+)
+
+
+def _dicom_date(value: str) -> str:
+    """``2024-05-01`` from a date input, as DICOM's ``20240501``."""
+    return value.replace("-", "")
+
+
+@router.get("/studies", summary="Study search", response_class=HTMLResponse)
+def studies(request: Request, offset: int = 0, principal: Principal = viewer) -> HTMLResponse:
+    params = {k: v for k, v in request.query_params.items() if k in FIELDS and v}
+    filters: dict[str, Any] = {
+        k: _dicom_date(v) if k.startswith("study_date") else v for k, v in params.items()
+    }
+    total, rows = search_studies(ctx_of(request).reader, **filters, limit=PAGE, offset=offset)
+    values = {
+        "title": "Studies",
+        "rows": rows,
+        "total": total,
+        "offset": offset,
+        "page": PAGE,
+        "filters": params,
+    }
+    return render(request, "studies.html", values, principal=principal)
+
+
+@router.get("/studies/{uid}", summary="Where did this study go", response_class=HTMLResponse)
+def trace(request: Request, uid: str, principal: Principal = viewer) -> HTMLResponse:
+    result = study_trace(ctx_of(request), uid)
+    if result is None:
+        raise HTTPException(404, f"no study {uid}")
+    return render(
+        request,
+        "trace.html",
+        {"title": "Study trace", "uid": uid, "t": result},
+        principal=principal,
+    )
