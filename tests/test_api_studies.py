@@ -201,3 +201,22 @@ def test_unknown_study_is_404(tmp_path: Path) -> None:
         "offset": 0,
         "items": [],
     }
+
+
+def test_many_jobs_are_grouped_per_destination_and_kind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(studies, "PER_JOB_EVENTS", 1)
+    env, _, mr = two_studies(tmp_path)  # mr-to-ai routes instance by instance: 2 jobs
+    settle(env, "ai")
+    trace = env.viewer.get(f"/api/v1/studies/{mr}/trace").json()
+    assert len(trace["deliveries"]) == 2  # still one entry per job
+    grouped = [e for e in trace["events"] if e["kind"] != "received"]
+    assert [(e["kind"], e.get("jobs")) for e in grouped] == [
+        ("matched", None),
+        ("queued", 2),
+        ("attempt", 2),
+        ("delivered", 2),
+    ]
+    assert grouped[1]["instances"] == 2 and grouped[-1]["delivered"] == 2
+    assert sorted(grouped[-1]["job_ids"]) == sorted(d["job_id"] for d in trace["deliveries"])

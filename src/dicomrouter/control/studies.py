@@ -26,6 +26,9 @@ from .routes import NodeContext, explain_match
 #: Up to this many instances, the trace lists each reception; above, one event per
 #: (series, sender) with counts and first/last times keeps the timeline readable.
 PER_INSTANCE_EVENTS = 100
+#: Likewise for jobs: a study routed instance by instance has one job per instance;
+#: above this many, its job events are grouped per destination and kind.
+PER_JOB_EVENTS = 100
 
 _DELIVERED = (S.ITEM_COMPLETED, S.ITEM_WARNING)
 _FINAL_KIND = {
@@ -240,8 +243,8 @@ def study_trace(ctx: NodeContext, study_uid: str) -> dict[str, Any] | None:
         explanation = explain_match(ctx.config, ctx.store, match.pop("_sample"), match["route"])
         match.update(explanation)
         events.append(match)
-    for job in deliveries:
-        events.extend(_job_events(job))
+    job_events = [event for job in deliveries for event in _job_events(job)]
+    events.extend(_grouped(job_events) if len(deliveries) > PER_JOB_EVENTS else job_events)
     events.sort(key=lambda e: (e["at"], _KIND_ORDER[e["kind"]]))
     return {"study": summary, "events": events, "deliveries": deliveries}
 
@@ -421,6 +424,37 @@ def _job_events(job: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     return events
+
+
+def _grouped(job_events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One event per (kind, destination, outcome or state): how many jobs, instances
+    and when (first/last), so a 3000-job study stays a readable timeline."""
+    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for event in job_events:
+        key = (event["kind"], event["destination"], event.get("outcome") or event.get("state", ""))
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = {
+                "at": event["at"],
+                "kind": event["kind"],
+                "destination": event["destination"],
+                "jobs": 0,
+                "first_at": event["at"],
+                "last_at": event["at"],
+                "job_ids": [],
+            }
+            for name in ("outcome", "state", "message", "level", "routes"):
+                if name in event:
+                    group[name] = event[name]
+        group["jobs"] += 1
+        group["at"] = group["first_at"] = min(group["first_at"], event["at"])
+        group["last_at"] = max(group["last_at"], event["at"])
+        if len(group["job_ids"]) < 20:
+            group["job_ids"].append(event["job_id"])
+        for count in ("instances", "delivered", "failed", "sent"):
+            if count in event:
+                group[count] = group.get(count, 0) + (event[count] or 0)
+    return list(groups.values())
 
 
 def _chunks(values: Sequence[int], size: int = 500) -> Iterable[Sequence[int]]:
