@@ -53,9 +53,10 @@ def node_status(ctx: Any) -> dict[str, Any]:
         study_count = conn.execute(
             select(func.count(func.distinct(instances.c.study_instance_uid)))
         ).scalar_one()
-        by_state = dict(
-            conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).tuples().all()
-        )
+        by_state = {
+            row[0]: int(row[1])
+            for row in conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state))
+        }
     return {
         "version": __version__,
         "started_at": ctx.started_at,
