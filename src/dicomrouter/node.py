@@ -6,6 +6,12 @@ gain, separate processes do); the HTTP service is kept out of the receiver's GIL
 for the same reason. They share nothing but the index and the files, which is also
 what makes a crash of any one harmless: the index is the truth. This process
 supervises the children and restarts one that dies.
+
+SIGHUP (``kill -HUP``, or ``PUT /api/v1/config`` through the HTTP process) reloads
+the configuration file. This process validates it (an invalid file is refused with
+its errors and changes nothing), records it as a version if it is new, applies it to
+the receiver and forwards SIGHUP to the children, which load that newest recorded
+version: what they run is always what this process validated.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from dicomrouter.config import RouterConfig
+from dicomrouter.config import ConfigError, RouterConfig
+from dicomrouter.control import audit, versions
 from dicomrouter.dispatch import Dispatcher
 from dicomrouter.observe.metrics import enable_multiprocess
 from dicomrouter.receive import Receiver
@@ -69,14 +76,23 @@ def _dispatch_main(
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
+    reload = threading.Event()
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, lambda signum, frame: reload.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     engine = create_index_engine(config.database_url)
     store = ObjectStore(config.storage.path)
     dispatcher = Dispatcher(config, engine, store)
     dispatcher.start()
     ready.set()
-    stop.wait()
+    while not stop.wait(0.2):
+        if reload.is_set() and config_path is not None:
+            reload.clear()
+            loaded = versions.load_newest(engine, config_path, dispatcher.config)
+            if loaded is not None:
+                logging.getLogger().setLevel(loaded[1].log_level)
+                dispatcher.apply(loaded[1])
+                log.info("dispatch runs on configuration version %d", loaded[0].id)
     dispatcher.stop()
     logging.shutdown()
     # pynetdicom's DUL threads are not daemons: one blocked on a hung peer would keep
@@ -90,6 +106,7 @@ def _http_main(
     _die_with_parent()
     configure_logging(config.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve_http handles it
     from dicomrouter.api.server import serve_http
 
     serve_http(config, config_path, on_ready=ready.set)
@@ -171,10 +188,88 @@ class Node:
         create_index_engine(config.database_url).dispose()  # create, check or upgrade
         # The receiver retries a locked index itself, with sub-millisecond sleeps.
         self.engine = create_index_engine(config.database_url, create=False, busy_timeout_ms=0)
-        self.receiver = Receiver(config, self.store, InstanceIndex(self.engine))
+        # Versions and audit rows: ordinary transactions that may wait for the lock.
+        self.control_engine = create_index_engine(config.database_url, create=False)
+        self._record_startup_version()
+        self.receiver = Receiver(
+            config, self.store, InstanceIndex(self.engine), audit_engine=self.control_engine
+        )
         self.children = [_Child("dispatch", _dispatch_main, (config, config_path))]
         if config.http.enabled:
             self.children.append(_Child("http", _http_main, (config, config_path)))
+
+    def _record_startup_version(self) -> None:
+        """The file as started is a version, unless it is the newest one already."""
+        if self.config_path is None:
+            return
+        try:
+            text = self.config_path.read_text(encoding="utf-8")
+        except OSError as exc:
+            log.warning("cannot record the configuration version: %s", exc)
+            return
+        version_id, created = versions.record_if_new(
+            self.control_engine, text, author=audit.SYSTEM, source="startup"
+        )
+        if created:
+            log.info("configuration recorded as version %d", version_id)
+
+    def reload(self) -> bool:
+        """Re-read the configuration file (SIGHUP). An invalid file is logged with its
+        errors, audited as a failed reload, and the running configuration stays."""
+        path = self.config_path
+        if path is None:
+            log.warning("SIGHUP ignored: started without a configuration file (--config)")
+            return False
+        try:
+            text = path.read_text(encoding="utf-8")
+            new = versions.parse_yaml(text, path.parent, str(path))
+        except (OSError, ConfigError) as exc:
+            errors = exc.errors if isinstance(exc, ConfigError) else [f"cannot read: {exc}"]
+            log.error(
+                "configuration reload refused, still running the previous version:\n%s",
+                "\n".join(f"  - {error}" for error in errors),
+            )
+            audit.record(
+                self.control_engine,
+                audit.SYSTEM,
+                "config.reload",
+                str(path),
+                outcome="failed",
+                detail={"errors": errors[:50]},
+            )
+            return False
+        version_id, created = versions.record_if_new(
+            self.control_engine, text, author=audit.SYSTEM, source="sighup"
+        )
+        changed = versions.changed_keys(self.config, new)
+        restart = versions.restart_required(changed)
+        config = versions.effective(new, self.config)
+        self.receiver.apply(config)
+        self.config = config
+        logging.getLogger().setLevel(config.log_level)
+        for child in self.children:
+            child.args = (config, path)  # a restarted child starts on this version
+            child.signal(signal.SIGHUP)
+        audit.record(
+            self.control_engine,
+            audit.SYSTEM,
+            "config.reload",
+            f"version {version_id}",
+            detail={
+                "version": version_id,
+                "created": created,
+                "changed": changed[:100],
+                "restart_required": restart,
+            },
+        )
+        log.info(
+            "configuration version %d loaded: %s",
+            version_id,
+            ", ".join(changed) or "no changes",
+        )
+        if restart:
+            log.warning("these changes take effect after a restart: %s", ", ".join(restart))
+        return True
 
     def start(self) -> None:
         """Listen first (a port in use fails fast, with nothing else started), then
@@ -195,6 +290,7 @@ class Node:
         for child in self.children:
             child.stop()
         self.engine.dispose()
+        self.control_engine.dispose()
 
     def _sweep_aborted_transfers(self) -> None:
         """Remove partial files of transfers aborted mid-instance. A file still being
@@ -206,20 +302,38 @@ class Node:
             log.info("removed %d partial file(s) of aborted transfers", removed)
 
     def serve_forever(self) -> None:
-        """Run until SIGTERM/SIGINT; a child process that dies is restarted."""
-        stop = threading.Event()
+        """Run until SIGTERM/SIGINT; a child process that dies is restarted; SIGHUP
+        reloads the configuration (in this loop, not in the signal handler)."""
+        stop, reload, wake = threading.Event(), threading.Event(), threading.Event()
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             log.info("received signal %d: shutting down", signum)
             stop.set()
+            wake.set()
+
+        def on_hangup(signum: int, frame: FrameType | None) -> None:
+            reload.set()
+            wake.set()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, on_hangup)
         try:
             self.start()
             log.info("dicomrouter ready")
             last_sweep = time.monotonic()
-            while not stop.wait(1.0):
+            while True:
+                wake.wait(1.0)
+                wake.clear()
+                if stop.is_set():
+                    break
+                if reload.is_set():
+                    reload.clear()
+                    log.info("SIGHUP: reloading %s", self.config_path)
+                    try:
+                        self.reload()
+                    except Exception:  # e.g. the index locked for a minute: keep serving
+                        log.exception("configuration reload failed; nothing was changed")
                 if time.monotonic() - last_sweep >= _SWEEP_EVERY:
                     self._sweep_aborted_transfers()
                     last_sweep = time.monotonic()

@@ -4,14 +4,24 @@ A separate process because request handling is Python too, and the receiver's GI
 must stay free for modalities (the issue: HTTP "never slows receiving"). It reads
 the index through a reader engine (WAL: no lock waits behind C-STOREs) and writes
 only small transactions (manual actions, audit rows).
+
+Configuration: ``PUT /api/v1/config`` replaces this process's configuration at once
+and sends SIGHUP to the node (our parent), which validates the file again and
+forwards SIGHUP to every child; here that loads the newest recorded version, so a
+reload started from the shell (``kill -HUP``) reaches this process too.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 from pathlib import Path
+from types import FrameType
 
 from dicomrouter.config import RouterConfig
+from dicomrouter.observe.alerts import start_alerts
 
 log = logging.getLogger("dicomrouter.http")
 
@@ -30,14 +40,46 @@ def build_context(config: RouterConfig, config_path: Path | None):  # type: igno
     )
 
 
+def reload_context(ctx) -> bool:  # type: ignore[no-untyped-def]
+    """Replace ``ctx.config`` by the newest recorded version (the node recorded it
+    after validating it). Handlers read ``ctx.config`` once, so each request sees
+    one version."""
+    from dicomrouter.control import versions
+
+    if ctx.config_path is None:
+        return False
+    loaded = versions.load_newest(ctx.reader, ctx.config_path, ctx.config)
+    if loaded is None:
+        return False
+    version, config = loaded
+    ctx.config = config
+    logging.getLogger().setLevel(config.log_level)
+    log.info("HTTP service runs on configuration version %d", version.id)
+    return True
+
+
+def _tell_node() -> None:
+    os.kill(os.getppid(), signal.SIGHUP)
+
+
 def serve_http(config: RouterConfig, config_path: Path | None, on_ready=None) -> None:  # type: ignore[no-untyped-def]
-    """Run uvicorn until SIGTERM (uvicorn handles it: finish requests, then exit)."""
+    """Run uvicorn until SIGTERM (uvicorn handles it: finish requests, then exit).
+    Meant to run as the node's child: SIGHUP reloads, and an applied configuration
+    is signalled to the parent."""
     import uvicorn
 
     from .app import create_app
 
     ctx = build_context(config, config_path)
+    ctx.reload_node = _tell_node
+
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        # Off the signal handler (and the event loop): a short index read.
+        threading.Thread(target=_reload_logged, args=(ctx,), name="reload", daemon=True).start()
+
+    signal.signal(signal.SIGHUP, on_hangup)
     app = create_app(ctx)
+    alerter = start_alerts(ctx)  # webhook alerts: a thread here, far from the receiver
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -59,6 +101,16 @@ def serve_http(config: RouterConfig, config_path: Path | None, on_ready=None) ->
 
         server.startup = startup  # type: ignore[method-assign]
     log.info("HTTP service on http://%s:%s/", config.http.bind, config.http.port)
-    server.run()
+    try:
+        server.run()
+    finally:
+        alerter.stop()
     if not server.started:
         raise SystemExit(f"cannot serve HTTP on {config.http.bind}:{config.http.port}")
+
+
+def _reload_logged(ctx) -> None:  # type: ignore[no-untyped-def]
+    try:
+        reload_context(ctx)
+    except Exception:
+        log.exception("configuration reload failed in the HTTP service")

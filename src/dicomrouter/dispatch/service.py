@@ -1,14 +1,23 @@
-"""The dispatch process: plans routes, runs destination workers, recovers leases."""
+"""The dispatch process: plans routes, runs destination workers, recovers leases.
+
+A configuration reload (:meth:`Dispatcher.apply`) never disturbs a job in flight:
+the planner takes the new routes between two passes; a destination whose settings
+changed (or that was removed) has its workers *retired*, each finishing the claim in
+hand and then exiting, and only then is the destination started again with the new
+settings (so ``max_associations`` holds across the change); new destinations start
+at once. Jobs live in the index, not in the workers, so none is lost or sent twice.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
-from dicomrouter.config import RouterConfig
+from dicomrouter.config import DicomDestinationConfig, RouterConfig
 from dicomrouter.queue import JobStore, Planner
 from dicomrouter.store import ObjectStore
 
@@ -21,6 +30,38 @@ _TRIGGER_CHECK_EVERY = 0.5
 _RECOVER_EVERY = 5.0
 
 
+class _Worker(DestinationWorker):
+    """A worker that can be retired on a reload. Each worker has its own stop event
+    (the dispatcher sets them all to shut down, which stops a send between
+    instances); a retired worker sets its own only in ``_tick``, which runs between
+    claims, so the claim it is sending is finished first."""
+
+    _retired = False
+
+    def retire(self) -> None:
+        self._retired = True
+
+    def _tick(self) -> bool:
+        if self._retired:
+            self.stop_event.set()
+            return False
+        return super()._tick()
+
+
+@dataclass
+class _Destination:
+    """The running workers of one destination and the settings they run with."""
+
+    settings: tuple[DicomDestinationConfig, str, float, float]
+    workers: list[_Worker]
+
+
+def _settings(config: RouterConfig, name: str) -> tuple[DicomDestinationConfig, str, float, float]:
+    """Everything a destination's workers take from the configuration."""
+    dest = config.destinations[name]
+    return (dest, config.ae_title, config.dispatch.lease, config.dispatch.poll_interval)
+
+
 class Dispatcher:
     def __init__(self, config: RouterConfig, engine: Engine, store: ObjectStore):
         self.config = config
@@ -30,13 +71,26 @@ class Dispatcher:
         self.planner = Planner(config, engine, store)
         self.stop_event = threading.Event()
         self.threads: list[threading.Thread] = []
+        self.destinations: dict[str, _Destination] = {}
+        self._lock = threading.Lock()
+        self._planner_config: RouterConfig | None = None
+        self._retiring: set[str] = set()  # destinations whose old workers are finishing
 
     def start(self) -> None:
         recovered = self.jobs.recover(owner_prefix=node_id() + ":")
         if recovered:
             log.warning("resumed %d job(s) that were in progress before a restart", recovered)
+        self._warn_orphans(self.config)
+        planner = threading.Thread(target=self._plan_loop, name="planner", daemon=True)
+        self.threads.append(planner)
+        planner.start()
+        with self._lock:
+            for name in self.config.destinations:
+                self._start_destination(name, self.config)
+
+    def _warn_orphans(self, config: RouterConfig) -> None:
         for name, count in self.jobs.open_jobs_by_destination().items():
-            if name not in self.config.destinations:
+            if name not in config.destinations:
                 log.warning(
                     "%d open job(s) for destination %r, which is no longer configured: "
                     "they wait until it is configured again (or cancel them with "
@@ -44,27 +98,80 @@ class Dispatcher:
                     count,
                     name,
                 )
-        planner = threading.Thread(target=self._plan_loop, name="planner", daemon=True)
-        self.threads.append(planner)
-        for name, dest in self.config.destinations.items():
-            health = DestinationHealth(name, dest, self.engine)
-            for index in range(dest.max_associations):
-                self.threads.append(
-                    DestinationWorker(
-                        name, index, self.config, self.jobs, self.store, health, self.stop_event
-                    )
-                )
-        for thread in self.threads:
-            thread.start()
+
+    def _start_destination(self, name: str, config: RouterConfig) -> None:
+        """Start ``name``'s workers (caller holds the lock)."""
+        if self.stop_event.is_set():
+            return
+        dest = config.destinations[name]
+        health = DestinationHealth(name, dest, self.engine)
+        workers = [
+            _Worker(name, index, config, self.jobs, self.store, health, threading.Event())
+            for index in range(dest.max_associations)
+        ]
+        self.destinations[name] = _Destination(_settings(config, name), workers)
+        self.threads.extend(workers)
+        for worker in workers:
+            worker.start()
+
+    def apply(self, config: RouterConfig) -> None:
+        """Run on a new configuration (see the module docstring)."""
+        with self._lock:
+            old = self.config
+            self.config = config
+            self._planner_config = config
+            for name in sorted(set(self.destinations) | set(config.destinations)):
+                running = self.destinations.get(name)
+                if name in self._retiring:
+                    continue  # restarted with the newest configuration once retired
+                if running is None:
+                    log.info("destination %s added: starting its workers", name)
+                    self._start_destination(name, config)
+                elif name not in config.destinations:
+                    log.info("destination %s removed: its workers stop after their jobs", name)
+                    self._retire(name)
+                elif running.settings != _settings(config, name):
+                    log.info("destination %s changed: its workers restart after their jobs", name)
+                    self._retire(name)
+        if old.destinations.keys() != config.destinations.keys():
+            self._warn_orphans(config)
+
+    def _retire(self, name: str) -> None:
+        """Retire ``name``'s workers; once they are gone, start it again if the
+        configuration (the newest by then) still has it (caller holds the lock)."""
+        retiring = self.destinations.pop(name).workers
+        self._retiring.add(name)
+        for worker in retiring:
+            worker.retire()
+
+        def restart() -> None:
+            for worker in retiring:
+                worker.join()
+            with self._lock:
+                self._retiring.discard(name)
+                self.threads = [t for t in self.threads if t not in retiring]
+                config = self.config
+                if name not in config.destinations or self.stop_event.is_set():
+                    return
+                self._start_destination(name, config)
+            # New settings (a corrected address...) deserve a try now, not after backoff.
+            self.jobs.wake_destination(name, config.destinations[name])
+
+        threading.Thread(target=restart, name=f"reload-{name}", daemon=True).start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop between instances; after ``timeout``, abandon sends that are stuck
         on a hung peer (their jobs go back to pending, nothing is lost)."""
-        self.stop_event.set()
+        with self._lock:
+            self.stop_event.set()
+            threads = list(self.threads)
+        for thread in threads:
+            if isinstance(thread, DestinationWorker):
+                thread.stop_event.set()
         deadline = time.monotonic() + timeout
-        for thread in self.threads:
+        for thread in threads:
             thread.join(max(0.1, deadline - time.monotonic()))
-        for thread in self.threads:
+        for thread in threads:
             if thread.is_alive() and isinstance(thread, DestinationWorker):
                 log.warning("abandoning a blocked send in %s", thread.name)
                 thread.abandon()
@@ -73,6 +180,11 @@ class Dispatcher:
         poll = self.config.dispatch.poll_interval
         last_triggers = last_recover = 0.0
         while not self.stop_event.is_set():
+            with self._lock:
+                new_config, self._planner_config = self._planner_config, None
+            if new_config is not None:
+                self.planner.apply(new_config)
+                poll = new_config.dispatch.poll_interval
             try:
                 planned = self.planner.route_new_instances()
                 now = time.monotonic()

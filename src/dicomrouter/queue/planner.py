@@ -76,6 +76,16 @@ class Planner:
         self.routes = compile_routes(config)
         self._needs_header = any(route.condition is not None for route in self.routes)
 
+    def apply(self, config: RouterConfig) -> None:
+        """Route with a new configuration from the next pass on. Call it between
+        passes (the dispatcher's plan loop does): a pass reads ``routes`` and
+        ``config`` several times and must see one version. What was planned stays
+        planned; armed triggers of a removed route are dropped when they would fire."""
+        routes = compile_routes(config)
+        self.config = config
+        self.routes = routes
+        self._needs_header = any(route.condition is not None for route in routes)
+
     # -- instance arrival ---------------------------------------------------------
     def route_new_instances(self, limit: int = PLAN_BATCH) -> int:
         """Plan the next batch of received instances. Returns how many were planned.

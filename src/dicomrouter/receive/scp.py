@@ -15,15 +15,18 @@ import logging
 import os
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicomrouter.config import RouterConfig
+from dicomrouter.control import audit
 from dicomrouter.net import install_low_latency_reactors, install_tcp_nodelay
 from dicomrouter.observe import metrics
 from dicomrouter.store import (
@@ -51,6 +54,10 @@ INVALID_UID = 0xC001
 UID_MISMATCH = 0xC002
 
 
+def _networks(config: RouterConfig) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(n, strict=False) for n in config.dicom.allowed_networks or []]
+
+
 def _status(code: int, comment: str) -> Dataset:
     response = Dataset()
     response.Status = code
@@ -61,7 +68,13 @@ def _status(code: int, comment: str) -> Dataset:
 class Receiver:
     """Owns the pynetdicom AE; ``start()`` listens, ``stop()`` shuts down cleanly."""
 
-    def __init__(self, config: RouterConfig, store: ObjectStore, index: InstanceIndex):
+    def __init__(
+        self,
+        config: RouterConfig,
+        store: ObjectStore,
+        index: InstanceIndex,
+        audit_engine: Engine | None = None,
+    ):
         self.config = config
         self.store = store
         self.index = index
@@ -69,22 +82,39 @@ class Receiver:
         # Per-association counts of stored / refused objects, for one log line each.
         self._tally: dict[int, tuple[int, int]] = {}
         self._tally_lock = threading.Lock()
-        self._networks = [
-            ipaddress.ip_network(net, strict=False) for net in (config.dicom.allowed_networks or [])
-        ]
+        self._networks = _networks(config)
+        # Rejections are audited by one background thread: never on an association's
+        # thread or the accept loop (an index write there would delay other callers).
+        self._audit_engine = audit_engine or index.engine
+        self._auditor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
 
     # -- set-up -----------------------------------------------------------------
-    def _build_ae(self) -> AE:
-        listener = self.config.dicom
-        ae = AE(ae_title=self.config.ae_title)
+    @staticmethod
+    def _configure_ae(ae: AE, config: RouterConfig) -> None:
+        """The AE settings pynetdicom reads for each new association."""
+        listener = config.dicom
         ae.maximum_pdu_size = listener.max_pdu_size
         ae.maximum_associations = listener.max_associations
         ae.acse_timeout = listener.acse_timeout
         ae.dimse_timeout = listener.dimse_timeout
         ae.network_timeout = listener.network_timeout
         ae.require_called_aet = listener.require_called_ae
-        if listener.allowed_callers is not None:
-            ae.require_calling_aet = list(listener.allowed_callers)
+        ae.require_calling_aet = list(listener.allowed_callers or [])
+
+    def apply(self, config: RouterConfig) -> None:
+        """A reloaded configuration: callers, networks, AE title, limits and timeouts
+        apply from the next association, storage policy from the next C-STORE.
+        ``dicom.port``/``bind`` and ``storage.path`` keep their values until a restart."""
+        self._networks = _networks(config)
+        self.config = config
+        server = self._server
+        if server is not None:
+            server.ae_title = config.ae_title
+            self._configure_ae(server.ae, config)
+
+    def _build_ae(self) -> AE:
+        ae = AE(ae_title=self.config.ae_title)
+        self._configure_ae(ae, self.config)
         ae.add_supported_context(VERIFICATION_SOP_CLASS)
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
@@ -110,7 +140,7 @@ class Receiver:
         ]
         address = (self.config.dicom.bind, self.config.dicom.port)
         server = ae.start_server(address, block=False, evt_handlers=handlers)
-        if self._networks and server is not None:
+        if server is not None:  # always: a reload may set dicom.allowed_networks
             server.verify_request = self._verify_source  # type: ignore[method-assign]
         self._server = server
         log.info("listening for DICOM as %s on %s:%s", self.config.ae_title, *address)
@@ -119,28 +149,61 @@ class Receiver:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        self._auditor.shutdown(wait=True)
 
     # -- handlers ---------------------------------------------------------------
     def _verify_source(self, request: Any, client_address: Any) -> bool:
+        networks = self._networks
+        if not networks:
+            return True
         host = client_address[0] if isinstance(client_address, tuple) else str(client_address)
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
-            return False
-        allowed = any(address in network for network in self._networks)
+            allowed = False
+        else:
+            allowed = any(address in network for network in networks)
         if not allowed:
             log.warning("refused connection from %s: not in dicom.allowed_networks", host)
+            self._audit_rejected("?", host, "source address not in dicom.allowed_networks")
         return allowed
 
     def _on_rejected(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
+        calling = str(requestor.ae_title).strip()
+        called = str(getattr(requestor.primitive, "called_ae_title", "") or "").strip()
         log.warning(
             "rejected association from %s (%s:%s) calling %s",
             requestor.ae_title,
             requestor.address,
             requestor.port,
-            event.assoc.acceptor.ae_title,
+            called or event.assoc.acceptor.ae_title,
         )
+        # The same checks, in pynetdicom's order (the last failing one is the reason).
+        listener = self.config.dicom
+        reason = "rejected"
+        if listener.allowed_callers is not None and calling not in listener.allowed_callers:
+            reason = "calling AE title not in dicom.allowed_callers"
+        if listener.require_called_ae and called and called != self.config.ae_title:
+            reason = f"called AE title {called!r} is not {self.config.ae_title!r}"
+        if len(event.assoc.ae.active_associations) > listener.max_associations:
+            reason = "dicom.max_associations reached"
+        self._audit_rejected(calling, str(requestor.address), reason, called)
+
+    def _audit_rejected(self, calling: str, address: str, reason: str, called: str = "") -> None:
+        try:
+            self._auditor.submit(
+                audit.record,
+                self._audit_engine,
+                calling or "?",
+                "dicom.association.rejected",
+                called or self.config.ae_title,
+                outcome="denied",
+                source=address,
+                detail={"reason": reason},
+            )
+        except RuntimeError:  # shutting down
+            pass
 
     def _on_association_end(self, event: evt.Event) -> None:
         """One log line per association that sent objects: who, and what came of it."""
