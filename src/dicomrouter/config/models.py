@@ -272,6 +272,110 @@ class AuthConfig(_Model):
     )
 
 
+class WebhookConfig(_Model):
+    """An HTTP endpoint that receives alerts as a JSON POST (see docs/alerts.md)."""
+
+    url: str = Field(..., description="`http://` or `https://` URL the alert is POSTed to.")
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra request headers, e.g. an `Authorization` the receiver expects.",
+    )
+    timeout: Duration = Field(10.0, description="Timeout of one POST.")
+    retries: int = Field(
+        3, ge=0, le=10, description="POSTs retried after a failure (timeout, error, non-2xx)."
+    )
+    retry_delay: Duration = Field(
+        2.0, description="Delay before the first retry; doubled before each next one."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError(f"invalid webhook URL {value!r}: expected http:// or https://")
+        return value
+
+
+class AlertEventConfig(_Model):
+    """When one kind of alert fires, and where it goes."""
+
+    enabled: bool = Field(True, description="Send this alert.")
+    webhooks: list[str] | None = Field(
+        None, description="Names of the webhooks to notify. Unset: every webhook."
+    )
+    after: Duration = Field(
+        600.0,
+        description="How long the condition must hold before the alert fires "
+        "(destination_down, queue_stale; ignored by job_failed and disk_low).",
+    )
+    send_resolved: bool = Field(
+        True, description="Also send a `resolved` message when the condition ends."
+    )
+
+
+class DiskAlertConfig(AlertEventConfig):
+    """Free disk space in storage below a watermark."""
+
+    below: int = Field(
+        2 * 1024 * 1024 * 1024,
+        ge=0,
+        description="Free bytes below which the alert fires (keep it above "
+        "`storage.min_free_space`, where C-STOREs start being refused).",
+    )
+
+
+class AlertEventsConfig(_Model):
+    """The alerts, one entry per kind."""
+
+    job_failed: AlertEventConfig = Field(
+        default_factory=lambda: AlertEventConfig(send_resolved=False),
+        description="A job failed for good (retries used up, or refused by the destination).",
+    )
+    destination_down: AlertEventConfig = Field(
+        default_factory=lambda: AlertEventConfig(after=600.0),
+        description="A destination paused by an operator, or unreachable, for longer "
+        "than `after`.",
+    )
+    queue_stale: AlertEventConfig = Field(
+        default_factory=lambda: AlertEventConfig(after=1800.0),
+        description="The oldest job not yet delivered to a destination is older than `after`.",
+    )
+    disk_low: DiskAlertConfig = Field(
+        default_factory=lambda: DiskAlertConfig(),
+        description="Free disk space in storage is below `below`.",
+    )
+
+
+class AlertsConfig(_Model):
+    """Webhook notifications when something needs a person (see docs/alerts.md)."""
+
+    webhooks: dict[str, WebhookConfig] = Field(
+        default_factory=dict, description="Named webhooks. None: no alert is sent."
+    )
+    events: AlertEventsConfig = Field(
+        default_factory=lambda: AlertEventsConfig(), description="Which alerts fire, and when."
+    )
+    check_interval: Duration = Field(30.0, description="How often conditions are checked.")
+    max_per_hour: int = Field(
+        30,
+        ge=1,
+        description="Alerts sent per webhook in any hour; more are dropped (and audited) so "
+        "an incident storm cannot flood the receiver.",
+    )
+
+    @model_validator(mode="after")
+    def _known_webhooks(self) -> AlertsConfig:
+        for event in AlertEventsConfig.model_fields:
+            names = getattr(self.events, event).webhooks or []
+            unknown = [name for name in names if name not in self.webhooks]
+            if unknown:
+                known = ", ".join(sorted(self.webhooks)) or "none defined"
+                raise ValueError(
+                    f"events.{event}.webhooks: unknown webhook {unknown[0]!r} (known: {known})"
+                )
+        return self
+
+
 class RouterConfig(_Model):
     """The whole file."""
 
@@ -305,6 +409,10 @@ class RouterConfig(_Model):
     auth: AuthConfig = Field(
         default_factory=lambda: AuthConfig(),
         description="Users, API tokens and their roles.",
+    )
+    alerts: AlertsConfig = Field(
+        default_factory=lambda: AlertsConfig(),
+        description="Webhook alerts: failed jobs, destinations down, stale queues, low disk.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO",

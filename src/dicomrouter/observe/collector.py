@@ -55,7 +55,7 @@ class DestinationQueue:
     jobs: dict[str, int]
     oldest_pending_at: float | None
     state: str
-    since: float | None  # when it was paused or became unreachable, if known
+    since: float | None  # when it was paused or found unreachable, if known
 
 
 def destination_state_name(enabled: bool, row: Any) -> str:
@@ -93,9 +93,7 @@ def read_queues(engine: Engine, config: RouterConfig) -> list[DestinationQueue]:
             row = health.get(name)
             dest = config.destinations.get(name)
             state = destination_state_name(dest.enabled if dest else True, row)
-            since = None
-            if row is not None and state == "probing":
-                since = row.paused_since
+            since = row.paused_since if row is not None and state != "ok" else None
             result.append(DestinationQueue(name, counts, oldest, state, since))
     return result
 

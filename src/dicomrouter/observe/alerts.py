@@ -1,0 +1,512 @@
+"""Webhook alerts: tell a person when the router needs one.
+
+An :class:`AlertEvaluator` runs as a thread in the HTTP process (never near the
+receiver) and checks, every ``alerts.check_interval``, with the same cheap indexed
+queries as the metrics:
+
+- ``job_failed``: jobs that failed for good since the last check (one alert per
+  destination and check, listing the jobs);
+- ``destination_down``: a destination paused by an operator or unreachable for
+  longer than ``after``;
+- ``queue_stale``: the oldest job not yet delivered to a destination is older than
+  ``after``;
+- ``disk_low``: free disk in storage below ``below``.
+
+Each condition is an *incident*: it fires once when it starts (after its delay)
+and, if ``send_resolved``, once more when it ends. Incidents survive a restart of
+the HTTP process because they are rebuilt from the audit log, where every alert is
+recorded (``alert.<event>``, actor ``system``), sent or not. Each webhook gets at
+most ``max_per_hour`` alerts in any hour; more are dropped and audited as
+``suppressed``.
+
+Delivery is a JSON POST with the stdlib (no dependency), a timeout per attempt and
+``retries`` retries with doubling delays. The payload (documented in
+docs/alerts.md)::
+
+    {"source": "dicomrouter", "version": "1.2.0", "router": "DICOMROUTER",
+     "host": "router-1", "event": "destination_down", "status": "firing",
+     "severity": "critical", "target": "pacs",
+     "summary": "destination pacs is unreachable since 2026-11-22T18:00:00Z",
+     "text": "[FIRING] destination pacs is unreachable since ...",
+     "since": "2026-11-22T18:00:00Z", "at": "2026-11-22T18:10:30Z",
+     "details": {...}}
+
+``text`` makes the same POST readable by chat webhooks (Slack, Mattermost).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+
+from dicomrouter import __version__
+from dicomrouter.config import RouterConfig
+from dicomrouter.config.models import AlertEventConfig, WebhookConfig
+from dicomrouter.control import audit
+from dicomrouter.store.schema import jobs
+
+from .collector import read_queues
+
+log = logging.getLogger("dicomrouter.alerts")
+
+FIRING = "firing"
+RESOLVED = "resolved"
+SEVERITY = {
+    "job_failed": "error",
+    "destination_down": "critical",
+    "queue_stale": "warning",
+    "disk_low": "critical",
+}
+_JOBS_LISTED = 20  # failed jobs named in one alert; the count says how many in all
+_DISK_HYSTERESIS = 1.05  # resolved only 5% above the watermark: no flapping
+_HOUR = 3600.0
+_LOOK_BACK = 86400.0  # failed jobs older than this are history, never alerted
+
+
+def iso(at: float | None) -> str | None:
+    if at is None:
+        return None
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Alert:
+    """One notification: an incident that starts (firing) or ends (resolved)."""
+
+    event: str
+    status: str
+    target: str
+    summary: str
+    since: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def payload(self, config: RouterConfig, now: float) -> dict[str, Any]:
+        return {
+            "source": "dicomrouter",
+            "version": __version__,
+            "router": config.ae_title,
+            "host": socket.gethostname(),
+            "event": self.event,
+            "status": self.status,
+            "severity": SEVERITY.get(self.event, "warning"),
+            "target": self.target,
+            "summary": self.summary,
+            "text": f"[{self.status.upper()}] {self.summary}",
+            "since": iso(self.since),
+            "at": iso(now),
+            "details": self.details,
+        }
+
+
+@dataclass
+class Delivery:
+    """What became of one POST: sent, or the last error after every retry."""
+
+    ok: bool
+    attempts: int
+    error: str | None = None
+    status: int | None = None
+
+
+def post_json(
+    webhook: WebhookConfig, payload: dict[str, Any], stop: threading.Event | None = None
+) -> Delivery:
+    """POST ``payload``; retry on a connection error, a timeout or a non-2xx answer,
+    after ``retry_delay``, doubled each time. ``stop`` cuts the waits short."""
+    body = json.dumps(payload, default=str).encode()
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": f"dicomrouter/{__version__}",
+        **webhook.headers,
+    }
+    delay = webhook.retry_delay
+    error: str | None = None
+    status: int | None = None
+    for attempt in range(1, webhook.retries + 2):
+        request = urllib.request.Request(webhook.url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=webhook.timeout) as response:
+                status = int(response.status)
+            return Delivery(True, attempt, None, status)
+        except urllib.error.HTTPError as exc:  # non-2xx (urllib follows redirects)
+            status, error = exc.code, f"HTTP {exc.code} {exc.reason}"
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            status, error = None, str(getattr(exc, "reason", exc))
+        if attempt <= webhook.retries:
+            log.info("alert webhook %s: %s; retrying in %gs", webhook.url, error, delay)
+            if stop is not None and stop.wait(delay):
+                return Delivery(False, attempt, f"{error} (stopped)", status)
+            if stop is None:
+                time.sleep(delay)
+            delay *= 2
+    return Delivery(False, webhook.retries + 1, error, status)
+
+
+@dataclass
+class _Incident:
+    since: float  # when the condition was first seen (or recorded) to hold
+    fired: bool = False
+
+
+class AlertEvaluator:
+    """Checks the conditions and sends the alerts; :meth:`run_once` is one check.
+
+    ``get_config`` is called at every check, so a hot reload applies at once.
+    ``engine`` writes the audit rows; ``reader`` serves the checks.
+    """
+
+    def __init__(
+        self,
+        get_config: Callable[[], RouterConfig],
+        engine: Engine,
+        reader: Engine,
+        storage_root: Path,
+        clock: Callable[[], float] = time.time,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.get_config = get_config
+        self.engine = engine
+        self.reader = reader
+        self.storage_root = storage_root
+        self.clock = clock
+        self.stop = stop or threading.Event()
+        self._incidents: dict[tuple[str, str], _Incident] = {}
+        self._failed_since: float = clock()
+        self._sent: dict[str, deque[float]] = {}
+        self._restore()
+
+    # -- state ------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        """Rebuild open incidents and the failed-jobs watermark from the audit log,
+        so a restart neither repeats nor forgets an alert."""
+        try:
+            _, entries = audit.query(self.reader, action="alert.", limit=1000)
+        except Exception:
+            log.exception("alerts: cannot read past alerts from the audit log")
+            return
+        seen: set[tuple[str, str]] = set()
+        now, until_found = self.clock(), False
+        for entry in entries:  # newest first
+            payload = entry["detail"].get("payload") or {}
+            event, target = payload.get("event"), payload.get("target")
+            if not event or not target:
+                continue
+            if event == "job_failed":
+                until = payload.get("details", {}).get("until")
+                if not until_found and isinstance(until, int | float):
+                    # Go on from the last check that found failures, but never
+                    # look back more than a day (alerts off for months: no flood).
+                    self._failed_since = min(now, max(float(until), now - _LOOK_BACK))
+                    until_found = True
+                continue
+            if (event, target) in seen:
+                continue
+            seen.add((event, target))
+            if payload.get("status") == FIRING:
+                since = _parse_iso(payload.get("since")) or entry["at"]
+                self._incidents[(event, target)] = _Incident(since, fired=True)
+
+    def _incident(
+        self, key: tuple[str, str], holds: bool, since: float | None, now: float
+    ) -> _Incident | None:
+        """Track a condition; return the incident while it holds, or the one that
+        just ended (``holds`` False) so it can be resolved."""
+        incident = self._incidents.get(key)
+        if holds:
+            if incident is None:
+                incident = self._incidents[key] = _Incident(since or now)
+            return incident
+        if incident is not None:
+            del self._incidents[key]
+        return incident
+
+    # -- checks -------------------------------------------------------------------
+
+    def check(self) -> list[Alert]:
+        """Evaluate every enabled condition; return the alerts to send now."""
+        config = self.get_config()
+        events = config.alerts.events
+        now = self.clock()
+        alerts: list[Alert] = []
+        if events.job_failed.enabled:
+            alerts += self._failed_jobs(config, now)
+        if events.destination_down.enabled or events.queue_stale.enabled:
+            alerts += self._destinations(config, now)
+        if events.disk_low.enabled:
+            alerts += self._disk(config, now)
+        return alerts
+
+    def _failed_jobs(self, config: RouterConfig, now: float) -> list[Alert]:
+        since, alerts = self._failed_since, []
+        with self.reader.connect() as conn:
+            for name in sorted(config.destinations):
+                condition = (
+                    jobs.c.destination == name,
+                    jobs.c.state == "failed",
+                    jobs.c.finished_at > since,
+                    jobs.c.finished_at <= now,
+                )
+                count = conn.execute(select(func.count()).where(*condition)).scalar_one()
+                if not count:
+                    continue
+                rows = conn.execute(
+                    select(
+                        jobs.c.id,
+                        jobs.c.level,
+                        jobs.c.study_instance_uid,
+                        jobs.c.attempts,
+                        jobs.c.finished_at,
+                        jobs.c.last_error,
+                    )
+                    .where(*condition)
+                    .order_by(jobs.c.finished_at)
+                    .limit(_JOBS_LISTED)
+                ).all()
+                listed = [{**row._mapping, "finished_at": iso(row.finished_at)} for row in rows]
+                what = f"job {rows[0].id}" if count == 1 else f"{count} jobs"
+                alerts.append(
+                    Alert(
+                        "job_failed",
+                        FIRING,
+                        name,
+                        f"{what} to {name} failed for good: {rows[-1].last_error or 'no reason'}",
+                        since=rows[0].finished_at,
+                        details={"destination": name, "count": count, "jobs": listed, "until": now},
+                    )
+                )
+        self._failed_since = now
+        return alerts
+
+    def _destinations(self, config: RouterConfig, now: float) -> list[Alert]:
+        events = config.alerts.events
+        alerts = []
+        queues = {queue.name: queue for queue in read_queues(self.reader, config)}
+        for name in sorted(config.destinations):
+            queue = queues.get(name)
+            if queue is None:
+                continue
+            down = queue.state in ("paused", "probing")
+            how = "paused by an operator" if queue.state == "paused" else "unreachable"
+            details = {"destination": name, "state": queue.state, "queue": queue.jobs}
+            if events.destination_down.enabled:
+                alerts += self._transition(
+                    events.destination_down,
+                    ("destination_down", name),
+                    down,
+                    queue.since,
+                    now,
+                    f"destination {name} is {how} since {{since}}",
+                    f"destination {name} is back ({queue.state})",
+                    details,
+                )
+            if events.queue_stale.enabled:
+                oldest = queue.oldest_pending_at
+                age = now - oldest if oldest else 0.0
+                stale = oldest is not None and age > events.queue_stale.after
+                alerts += self._transition(
+                    events.queue_stale,
+                    ("queue_stale", name),
+                    stale,
+                    oldest,
+                    now,
+                    f"the oldest job for {name} waits for {age / 60:.0f} min (since {{since}})",
+                    f"the queue of {name} is moving again",
+                    {**details, "oldest_pending_age_s": round(age, 1)},
+                    delay=0.0,  # the age itself is the delay
+                )
+        return alerts
+
+    def _disk(self, config: RouterConfig, now: float) -> list[Alert]:
+        rule = config.alerts.events.disk_low
+        try:
+            usage = shutil.disk_usage(self.storage_root)
+        except OSError as exc:
+            log.warning("alerts: cannot read disk usage of %s: %s", self.storage_root, exc)
+            return []
+        key = ("disk_low", str(self.storage_root))
+        low = usage.free < rule.below or (
+            key in self._incidents and usage.free < rule.below * _DISK_HYSTERESIS
+        )
+        details = {
+            "path": str(self.storage_root),
+            "free_bytes": usage.free,
+            "total_bytes": usage.total,
+            "below_bytes": rule.below,
+            "refuse_below_bytes": config.storage.min_free_space,
+        }
+        return self._transition(
+            rule,
+            key,
+            low,
+            None,
+            now,
+            f"free disk in {self.storage_root} is {_human(usage.free)}, below {_human(rule.below)}",
+            f"free disk in {self.storage_root} is {_human(usage.free)} again",
+            details,
+            delay=0.0,
+        )
+
+    def _transition(
+        self,
+        rule: AlertEventConfig,
+        key: tuple[str, str],
+        holds: bool,
+        since: float | None,
+        now: float,
+        firing: str,
+        resolved: str,
+        details: dict[str, Any],
+        delay: float | None = None,
+    ) -> list[Alert]:
+        incident = self._incident(key, holds, since, now)
+        if incident is None:
+            return []
+        event, target = key
+        if holds:
+            wait = rule.after if delay is None else delay
+            if incident.fired or now - incident.since < wait:
+                return []
+            incident.fired = True
+            summary = firing.replace("{since}", iso(incident.since) or "?")
+            return [Alert(event, FIRING, target, summary, incident.since, details)]
+        if incident.fired and rule.send_resolved:
+            return [Alert(event, RESOLVED, target, resolved, incident.since, details)]
+        return []
+
+    # -- delivery -------------------------------------------------------------------
+
+    def run_once(self) -> list[Alert]:
+        """One check; send what it found. Returns the alerts (for tests and logs)."""
+        config = self.get_config()
+        if not config.alerts.webhooks:
+            self._failed_since = self.clock()  # nobody to tell: not a backlog for later
+            return []
+        alerts = self.check()
+        for alert in alerts:
+            self.send(alert, config)
+        return alerts
+
+    def send(self, alert: Alert, config: RouterConfig) -> None:
+        rule: AlertEventConfig = getattr(config.alerts.events, alert.event)
+        names = rule.webhooks if rule.webhooks is not None else sorted(config.alerts.webhooks)
+        payload = alert.payload(config, self.clock())
+        for name in names:
+            webhook = config.alerts.webhooks.get(name)
+            if webhook is None:
+                continue
+            if not self._allowed(name, config.alerts.max_per_hour):
+                log.warning(
+                    "alert %s %s to %s suppressed: rate limit", alert.event, alert.target, name
+                )
+                self._audit(alert, "suppressed", name, payload, None)
+                continue
+            result = post_json(webhook, payload, self.stop)
+            if result.ok:
+                log.info(
+                    "alert %s %s (%s) sent to %s", alert.event, alert.target, alert.status, name
+                )
+            else:
+                log.error(
+                    "alert %s %s could not be sent to %s: %s",
+                    alert.event,
+                    alert.target,
+                    name,
+                    result.error,
+                )
+            self._audit(alert, "ok" if result.ok else "failed", name, payload, result)
+
+    def _allowed(self, webhook: str, per_hour: int) -> bool:
+        now = self.clock()
+        sent = self._sent.setdefault(webhook, deque())
+        while sent and sent[0] <= now - _HOUR:
+            sent.popleft()
+        if len(sent) >= per_hour:
+            return False
+        sent.append(now)
+        return True
+
+    def _audit(
+        self,
+        alert: Alert,
+        outcome: str,
+        webhook: str,
+        payload: dict[str, Any],
+        result: Delivery | None,
+    ) -> None:
+        audit.record(
+            self.engine,
+            audit.SYSTEM,
+            f"alert.{alert.event}",
+            alert.target,
+            outcome=outcome,
+            source="alerts",
+            detail={
+                "webhook": webhook,
+                "attempts": result.attempts if result else 0,
+                "http_status": result.status if result else None,
+                "error": result.error if result else "rate limit (alerts.max_per_hour)",
+                "payload": payload,
+            },
+        )
+
+
+class AlertThread(threading.Thread):
+    """Runs :meth:`AlertEvaluator.run_once` every ``alerts.check_interval``."""
+
+    def __init__(self, evaluator: AlertEvaluator) -> None:
+        super().__init__(name="alerts", daemon=True)
+        self.evaluator = evaluator
+
+    def run(self) -> None:
+        stop = self.evaluator.stop
+        while not stop.wait(self.evaluator.get_config().alerts.check_interval):
+            try:
+                self.evaluator.run_once()
+            except Exception:  # a broken check must not end alerting for good
+                log.exception("alert check failed; trying again next interval")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.evaluator.stop.set()
+        if self.is_alive():
+            self.join(timeout)
+
+
+def start_alerts(ctx: Any) -> AlertThread:
+    """Start the alert thread over an ``api.AppContext`` (its config may be replaced
+    by a hot reload; the thread reads it at every check)."""
+    evaluator = AlertEvaluator(lambda: ctx.config, ctx.engine, ctx.reader, ctx.store.root)
+    thread = AlertThread(evaluator)
+    thread.start()
+    return thread
+
+
+def _parse_iso(text: Any) -> float | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return None
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{size:.1f} TiB"
