@@ -9,18 +9,22 @@ are all delivered after it, none twice; a new route and destination start at onc
 from __future__ import annotations
 
 import signal
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import Engine, select
 
 from dicomrouter.config import parse_config
-from dicomrouter.control import versions
+from dicomrouter.control import audit, versions
 from dicomrouter.dispatch.service import Dispatcher
-from dicomrouter.store import ObjectStore, create_index_engine
+from dicomrouter.receive import Receiver
+from dicomrouter.store import InstanceIndex, ObjectStore, create_index_engine
 from dicomrouter.store.schema import audit_log, jobs
 from tests.support.api import TOKENS, auth_section
 from tests.support.dcmtk import HOST, StoreSCP, free_port, sop_uids
@@ -251,3 +255,49 @@ def test_dispatcher_apply_replaces_removes_and_adds_destinations(tmp_path: Path)
     finally:
         dispatcher.stop()
     assert not any(t.is_alive() for t in dispatcher.threads)
+
+
+def _echo(port: int, calling: str) -> bool:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 5
+    assoc = ae.associate(HOST, port, ae_title="DICOMROUTER")
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status) and status.Status == 0
+
+
+def test_receiver_apply_and_rejections_are_audited(tmp_path: Path) -> None:
+    data: dict[str, Any] = {
+        "storage": {"path": str(tmp_path / "data")},
+        "dicom": {"port": free_port(), "bind": HOST},
+    }
+    config = parse_config(data, environ={})
+    store = ObjectStore(config.storage.path)
+    store.prepare()
+    engine = create_index_engine(config.database_url)
+    receiver = Receiver(config, store, InstanceIndex(engine))
+    saved_tempdir = tempfile.tempdir  # the receiver points tempfile at its tmp folder
+    receiver.start()
+    try:
+        port = config.dicom.port
+        assert _echo(port, "INTRUDER")
+        data["dicom"]["allowed_callers"] = ["CT1"]
+        receiver.apply(parse_config(data, environ={}))
+        assert not _echo(port, "INTRUDER") and _echo(port, "CT1")
+        data["dicom"]["allowed_networks"] = ["192.0.2.0/24"]
+        receiver.apply(parse_config(data, environ={}))
+        assert not _echo(port, "CT1")
+        del data["dicom"]["allowed_networks"]
+        receiver.apply(parse_config(data, environ={}))
+        assert _echo(port, "CT1")
+    finally:
+        receiver.stop()  # waits for the audit writer
+        tempfile.tempdir = saved_tempdir
+    _, entries = audit.query(engine, action="dicom.association.rejected")
+    assert [(e["actor"], e["source"], e["outcome"], e["detail"]["reason"]) for e in entries] == [
+        ("?", HOST, "denied", "source address not in dicom.allowed_networks"),
+        ("INTRUDER", HOST, "denied", "calling AE title not in dicom.allowed_callers"),
+    ]
