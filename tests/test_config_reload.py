@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification
 from sqlalchemy import Engine, select
 
 from dicomrouter.config import parse_config
