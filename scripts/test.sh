@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command. On a fresh Debian machine it installs what the tests
-# need (dcmtk and Orthanc as real DICOM peers, the Python dependencies), lints, and
-# runs the whole suite, interop tests included. Extra arguments go to pytest.
+# need (dcmtk and Orthanc as real DICOM peers, Debian's chromium for the dashboard's
+# browser test, the Python dependencies), lints, and runs the whole suite, interop and
+# browser tests included. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,8 @@ SUDO=""
 missing=()
 [ -x /usr/bin/storescu ] || missing+=(dcmtk)
 [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+# Playwright drives Debian's chromium (executable_path); it never downloads its own.
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]} (apt-get)"
   $SUDO apt-get update -qq

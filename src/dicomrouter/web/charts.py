@@ -38,30 +38,41 @@ def _nice_max(value: float) -> float:
     return float(10 * power)
 
 
-def line_chart(
+def column_chart(
     points: Sequence[Mapping[str, float]],
-    series: Sequence[Series],
+    incoming: Series,
+    outgoing: Sequence[Series],
     *,
     label: Callable[[float], str] = _fmt,
     title: str = "",
-    width: int = 720,
-    height: int = 220,
+    width: int = 1200,
+    height: int = 240,
 ) -> Markup:
-    """One polyline per series over ``points`` (each a mapping with ``t`` and the
-    series' keys), with a y axis from zero and the first and last time labelled."""
-    left, right, top, bottom = 40, 10, 10, 24
+    """Per time bucket, two columns side by side: what came in (``incoming``) and what
+    went out (``outgoing`` stacked, e.g. delivered then failed), on one y axis from
+    zero. Columns, not lines: traffic is bursty, and a burst in one bucket must not
+    be drawn as a slope across its neighbours."""
+    left, right, top, bottom = 44, 10, 24, 22
     plot_w, plot_h = width - left - right, height - top - bottom
-    peak = _nice_max(max((float(p.get(s.key, 0)) for p in points for s in series), default=0))
     n = len(points)
 
-    def x(i: int) -> float:
-        return left + (plot_w * i / (n - 1) if n > 1 else plot_w / 2)
+    def value(point: Mapping[str, float], s: Series) -> float:
+        return float(point.get(s.key, 0))
+
+    peak = _nice_max(
+        max(
+            (max(value(p, incoming), sum(value(p, s) for s in outgoing)) for p in points),
+            default=0,
+        )
+    )
+    slot = plot_w / max(n, 1)
+    column = max(1.0, slot * 0.4)
 
     def y(v: float) -> float:
         return top + plot_h - plot_h * v / peak
 
     parts = [
-        f'<svg class="chart line" viewBox="0 0 {width} {height}" role="img" '
+        f'<svg class="chart columns" viewBox="0 0 {width} {height}" role="img" '
         f'aria-label="{escape(title)}" data-points="{n}">',
         f"<title>{escape(title)}</title>",
     ]
@@ -69,32 +80,48 @@ def line_chart(
         gy = y(peak * fraction)
         parts.append(
             f'<line class="grid" x1="{left}" x2="{width - right}" y1="{gy:.1f}" y2="{gy:.1f}"/>'
-            f'<text class="axis" x="{left - 4}" y="{gy + 4:.1f}" text-anchor="end">'
+            f'<text class="axis" x="{left - 6}" y="{gy + 4:.1f}" text-anchor="end">'
             f"{_fmt(peak * fraction)}</text>"
         )
     if n:
         for i, anchor in ((0, "start"), (n - 1, "end")):
             stamp = escape(label(float(points[i]["t"])))
+            x = left + (i + (0 if anchor == "start" else 1)) * slot
             parts.append(
-                f'<text class="axis" x="{x(i):.1f}" y="{height - 6}" '
+                f'<text class="axis" x="{x:.1f}" y="{height - 5}" '
                 f'text-anchor="{anchor}">{stamp}</text>'
             )
-    for s in series:
-        values = [float(p.get(s.key, 0)) for p in points]
-        coords = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(values))
+    for s in (incoming, *outgoing):
+        values = ",".join(_fmt(value(p, s)) for p in points)
         parts.append(
-            f'<polyline class="series {escape(s.css)}" points="{coords}" '
-            f'data-series="{escape(s.key)}" data-values="{",".join(_fmt(v) for v in values)}">'
-            f"<title>{escape(s.label)}: {_fmt(sum(values))} in total</title></polyline>"
+            f'<g class="{escape(s.css)}" data-series="{escape(s.key)}" data-values="{values}">'
         )
-    legend_x = left + 8
-    for s in series:
+        for i, point in enumerate(points):
+            v = value(point, s)
+            if v <= 0:
+                continue
+            x = left + i * slot + (slot / 2 - column if s is incoming else slot / 2)
+            base = (
+                0.0
+                if s is incoming
+                else sum(value(point, o) for o in outgoing[: outgoing.index(s)])
+            )
+            stamp = escape(label(float(point["t"])))
+            parts.append(
+                f'<rect x="{x:.1f}" y="{y(base + v):.1f}" width="{column:.1f}" '
+                f'height="{y(base) - y(base + v):.1f}"><title>{stamp} {escape(s.label)}: '
+                f"{_fmt(v)}</title></rect>"
+            )
+        parts.append("</g>")
+    legend_x = left + 4
+    for s in (incoming, *outgoing):
+        total = sum(value(p, s) for p in points)
+        text = f"{s.label} ({_fmt(total)})"
         parts.append(
-            f'<rect class="swatch {escape(s.css)}" x="{legend_x}" y="{top + 2}" '
-            f'width="10" height="10"/><text class="legend" x="{legend_x + 14}" '
-            f'y="{top + 11}">{escape(s.label)}</text>'
+            f'<rect class="swatch {escape(s.css)}" x="{legend_x}" y="6" width="10" height="10"/>'
+            f'<text class="legend" x="{legend_x + 14}" y="15">{escape(text)}</text>'
         )
-        legend_x += 24 + 7 * len(s.label)
+        legend_x += 30 + 7 * len(text)
     parts.append("</svg>")
     return Markup("".join(parts))
 
@@ -105,12 +132,12 @@ def bar_chart(
     *,
     value_label: Callable[[float], str] = _fmt,
     title: str = "",
-    width: int = 480,
-    row_height: int = 26,
+    width: int = 360,
+    row_height: int = 24,
 ) -> Markup:
     """Horizontal stacked bars, one row per label, segments in ``segments`` order,
     all on one scale so rows compare at a glance; the total is written at the end."""
-    label_w, value_w = 130, 70
+    label_w, value_w = 100, 56
     bar_w = width - label_w - value_w
     totals = [sum(float(values.get(s.key, 0)) for s in segments) for _, values in rows]
     peak = max(totals, default=0) or 1.0

@@ -12,7 +12,7 @@ from fastapi.responses import HTMLResponse
 from dicomrouter.control.security import Principal
 from dicomrouter.control.status import node_status, throughput
 
-from .charts import Series, bar_chart, gauge, line_chart
+from .charts import Series, bar_chart, column_chart, gauge
 from .common import age, ctx_of, percent, render, viewer
 
 router = APIRouter(include_in_schema=False)
@@ -20,11 +20,8 @@ router = APIRouter(include_in_schema=False)
 #: Chart ranges offered: (query value, seconds shown, bucket width in seconds).
 RANGES = {"1h": (3600, 60), "6h": (6 * 3600, 300), "24h": (86400, 900), "7d": (7 * 86400, 3600)}
 
-THROUGHPUT = (
-    Series("received", "received", "s-received"),
-    Series("delivered", "delivered", "s-delivered"),
-    Series("failed", "failed", "s-failed"),
-)
+RECEIVED = Series("received", "received", "s-received")
+SENT = (Series("delivered", "delivered", "s-delivered"), Series("failed", "failed", "s-failed"))
 QUEUE = (
     Series("in_progress", "sending", "s-progress"),
     Series("pending", "pending", "s-pending"),
@@ -56,9 +53,10 @@ def charts(status: dict[str, Any], points: list[dict[str, Any]], span: int) -> d
     stamp = "%H:%M" if span <= 86400 else "%m-%d %H:%M"
     disk = status.get("disk") or {}
     return {
-        "throughput": line_chart(
+        "throughput": column_chart(
             points,
-            THROUGHPUT,
+            RECEIVED,
+            SENT,
             label=lambda t: dt.datetime.fromtimestamp(t).strftime(stamp),
             title="Instances received, delivered and failed over time",
         ),
