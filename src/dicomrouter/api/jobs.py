@@ -158,11 +158,24 @@ def cancel_job(job_id: int, request: Request, who: Principal = operator) -> Any:
     return _one("cancel", job_id, request, who)
 
 
-@router.api_route(
+_PRIORITY_SUMMARY = "Change an open job's priority (operator)"
+_PRIORITY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **_NOT_FOUND,
+    409: {"description": "The job is already finished"},
+}
+
+
+@router.put(
     "/{job_id}/priority",
-    methods=["PUT", "POST"],
-    summary="Change an open job's priority (operator)",
-    responses={**_NOT_FOUND, 409: {"description": "The job is already finished"}},
+    operation_id="put_job_priority",
+    summary=_PRIORITY_SUMMARY,
+    responses=_PRIORITY_RESPONSES,
+)
+@router.post(
+    "/{job_id}/priority",
+    operation_id="post_job_priority",
+    summary=_PRIORITY_SUMMARY,
+    responses=_PRIORITY_RESPONSES,
 )
 def set_priority(
     job_id: int, body: PriorityBody, request: Request, who: Principal = operator
