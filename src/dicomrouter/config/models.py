@@ -297,23 +297,41 @@ class WebhookConfig(_Model):
 
 
 class AlertEventConfig(_Model):
-    """When one kind of alert fires, and where it goes."""
+    """Whether one kind of alert is sent, and to which webhooks."""
 
     enabled: bool = Field(True, description="Send this alert.")
     webhooks: list[str] | None = Field(
         None, description="Names of the webhooks to notify. Unset: every webhook."
     )
-    after: Duration = Field(
-        600.0,
-        description="How long the condition must hold before the alert fires "
-        "(destination_down, queue_stale; ignored by job_failed and disk_low).",
-    )
+
+
+class ResolvableAlertConfig(AlertEventConfig):
+    """An alert about a condition that lasts, and ends."""
+
     send_resolved: bool = Field(
         True, description="Also send a `resolved` message when the condition ends."
     )
 
 
-class DiskAlertConfig(AlertEventConfig):
+class DestinationDownAlertConfig(ResolvableAlertConfig):
+    """A destination paused by an operator, or unreachable, for too long."""
+
+    after: Duration = Field(
+        600.0, description="How long a destination must be down before the alert fires."
+    )
+
+
+class QueueStaleAlertConfig(ResolvableAlertConfig):
+    """A destination's oldest job not yet delivered is too old."""
+
+    after: Duration = Field(
+        1800.0,
+        description="Age of the oldest pending or in-progress job that fires the alert "
+        "(jobs waiting for their send window do not count).",
+    )
+
+
+class DiskAlertConfig(ResolvableAlertConfig):
     """Free disk space in storage below a watermark."""
 
     below: int = Field(
@@ -328,16 +346,16 @@ class AlertEventsConfig(_Model):
     """The alerts, one entry per kind."""
 
     job_failed: AlertEventConfig = Field(
-        default_factory=lambda: AlertEventConfig(send_resolved=False),
-        description="A job failed for good (retries used up, or refused by the destination).",
+        default_factory=lambda: AlertEventConfig(),
+        description="A job failed for good (retries used up, or refused by the destination); "
+        "one alert per destination and check, listing the jobs.",
     )
-    destination_down: AlertEventConfig = Field(
-        default_factory=lambda: AlertEventConfig(after=600.0),
-        description="A destination paused by an operator, or unreachable, for longer "
-        "than `after`.",
+    destination_down: DestinationDownAlertConfig = Field(
+        default_factory=lambda: DestinationDownAlertConfig(),
+        description="A destination paused by an operator, or unreachable, for longer than `after`.",
     )
-    queue_stale: AlertEventConfig = Field(
-        default_factory=lambda: AlertEventConfig(after=1800.0),
+    queue_stale: QueueStaleAlertConfig = Field(
+        default_factory=lambda: QueueStaleAlertConfig(),
         description="The oldest job not yet delivered to a destination is older than `after`.",
     )
     disk_low: DiskAlertConfig = Field(

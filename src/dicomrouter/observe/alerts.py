@@ -55,7 +55,7 @@ from sqlalchemy import Engine, func, select
 
 from dicomrouter import __version__
 from dicomrouter.config import RouterConfig
-from dicomrouter.config.models import AlertEventConfig, WebhookConfig
+from dicomrouter.config.models import AlertEventConfig, ResolvableAlertConfig, WebhookConfig
 from dicomrouter.control import audit
 from dicomrouter.store.schema import jobs
 
@@ -313,6 +313,7 @@ class AlertEvaluator:
                     f"destination {name} is {how} since {{since}}",
                     f"destination {name} is back ({queue.state})",
                     details,
+                    delay=events.destination_down.after,
                 )
             if events.queue_stale.enabled:
                 oldest = queue.oldest_pending_at
@@ -327,7 +328,7 @@ class AlertEvaluator:
                     f"the oldest job for {name} waits for {age / 60:.0f} min (since {{since}})",
                     f"the queue of {name} is moving again",
                     {**details, "oldest_pending_age_s": round(age, 1)},
-                    delay=0.0,  # the age itself is the delay
+                    delay=0.0,  # the job's age is the delay
                 )
         return alerts
 
@@ -363,7 +364,7 @@ class AlertEvaluator:
 
     def _transition(
         self,
-        rule: AlertEventConfig,
+        rule: ResolvableAlertConfig,
         key: tuple[str, str],
         holds: bool,
         since: float | None,
@@ -371,15 +372,17 @@ class AlertEvaluator:
         firing: str,
         resolved: str,
         details: dict[str, Any],
-        delay: float | None = None,
+        delay: float,
     ) -> list[Alert]:
+        """The alert to send for a condition that holds (or not) now: firing once it
+        has held for ``delay``, resolved when it ends after having fired. ``{since}``
+        in ``firing`` becomes the start of the incident."""
         incident = self._incident(key, holds, since, now)
         if incident is None:
             return []
         event, target = key
         if holds:
-            wait = rule.after if delay is None else delay
-            if incident.fired or now - incident.since < wait:
+            if incident.fired or now - incident.since < delay:
                 return []
             incident.fired = True
             summary = firing.replace("{since}", iso(incident.since) or "?")
