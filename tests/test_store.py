@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 
 from dicomrouter.store import (
     IndexUnavailable,
@@ -90,6 +92,107 @@ def test_header_identity_and_missing_elements() -> None:
     header = InstanceHeader.from_dataset(dataset)
     assert header.modality == "CT" and header.transfer_syntax_uid == "1.2.840.10008.1.2.1"
     assert "PixelData" not in read_header(get_testdata_file("CT_small.dcm"))
+
+
+def _reference_header(dataset: Dataset) -> tuple[str, ...]:
+    """What ``from_dataset`` must return: pydicom's converted values, stripped."""
+
+    def text(keyword: str) -> str:
+        value = dataset.get(keyword)
+        return "" if value is None else str(value).strip("\x00 ")
+
+    return tuple(
+        text(k)
+        for k in (
+            "SOPInstanceUID",
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "PatientID",
+            "PatientName",
+            "AccessionNumber",
+            "StudyDate",
+            "StudyDescription",
+            "Modality",
+        )
+    )
+
+
+def _fast_header(dataset: Dataset) -> tuple[str, ...]:
+    header = InstanceHeader.from_dataset(dataset)
+    return (
+        header.sop_instance_uid,
+        header.study_instance_uid,
+        header.series_instance_uid,
+        header.patient_id,
+        header.patient_name,
+        header.accession_number,
+        header.study_date,
+        header.study_description,
+        header.modality,
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CT_small.dcm",
+        "MR_small.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+        "JPEG2000.dcm",
+        "rtdose.dcm",
+        "J2K_pixelrep_mismatch.dcm",  # ISO 2022 IR 13 / IR 87
+        "SC_rgb_small_odd_big_endian.dcm",  # ISO_IR 192
+        "examples_palette.dcm",
+        "test-SR.dcm",
+        "waveform_ecg.dcm",
+    ],
+)
+def test_header_raw_values_match_pydicom_conversion(name: str) -> None:
+    """The receive path reads the indexed elements from their raw bytes; the result
+    must equal pydicom's own conversion (character sets, padding, byte order)."""
+    path = get_testdata_file(name)
+    fast = _fast_header(read_header(path, identity_only=True))
+    reference = read_header(path)
+    assert fast == _reference_header(reference)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "charset", "raw", "expected"),
+    [
+        ("PatientID", "ISO_IR 100", b"ID\\2 ", "['ID', '2']"),  # multi-valued
+        ("StudyDescription", "ISO_IR 100", b" Chest \x00", "Chest"),
+        ("PatientID", "ISO_IR 100", b"M\xfcller", "M\xfcller"),
+        ("PatientName", "ISO_IR 192", b"M\xc3\xbcller^J", "M\xfcller^J"),
+        (
+            "PatientName",
+            ["ISO 2022 IR 13", "ISO 2022 IR 87"],
+            b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B",
+            "Yamada^Tarou=\u5c71\u7530^\u592a\u90ce",
+        ),
+    ],
+)
+def test_header_text_values_fall_back_to_pydicom(
+    keyword: str, charset: str | list[str], raw: bytes, expected: str, tmp_path: Path
+) -> None:
+    source = read_header(get_testdata_file("CT_small.dcm"))
+    source.SpecificCharacterSet = charset
+    source[keyword].value = raw  # written as these bytes
+    path = tmp_path / "x.dcm"
+    source.save_as(path, enforce_file_format=True)
+    field = {"PatientID": 3, "PatientName": 4, "StudyDescription": 7}[keyword]
+    fast = _fast_header(read_header(path, identity_only=True))[field]  # raw bytes
+    assert fast == _reference_header(read_header(path))[field] == expected  # pydicom
+
+
+def test_header_bad_uid_in_raw_element_is_rejected() -> None:
+    from pydicom.dataelem import RawDataElement
+
+    dataset = read_header(get_testdata_file("CT_small.dcm"), identity_only=True)
+    raw = b"1.2.3/../x\x00"
+    dataset[0x00080018] = RawDataElement(BaseTag(0x00080018), "UI", len(raw), raw, 0, False, True)  # type: ignore[assignment]
+    with pytest.raises(InvalidUID):
+        InstanceHeader.from_dataset(dataset)
 
 
 def _header() -> InstanceHeader:

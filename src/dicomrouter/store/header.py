@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
@@ -51,6 +52,62 @@ def _text(dataset: Dataset, keyword: str) -> str:
     return str(value).strip("\x00 ")
 
 
+# Tags and VRs of the indexed elements. The receive path reads them from the raw
+# bytes instead of through ``Dataset.get``: pydicom's keyword lookup, character-set
+# resolution and value conversion cost more than parsing the file (profiled: about
+# 200 us of the 400 us header step per instance).
+_UID_TAGS = {
+    "SOPInstanceUID": 0x00080018,
+    "SOPClassUID": 0x00080016,
+    "StudyInstanceUID": 0x0020000D,
+    "SeriesInstanceUID": 0x0020000E,
+}
+_TEXT_TAGS = {
+    "PatientID": (0x00100020, "LO"),
+    "PatientName": (0x00100010, "PN"),
+    "AccessionNumber": (0x00080050, "SH"),
+    "StudyDate": (0x00080020, "DA"),
+    "StudyDescription": (0x00081030, "LO"),
+    "Modality": (0x00080060, "CS"),
+}
+# Byte values after which a raw text value can decode differently from plain ASCII
+# (ISO 2022 escapes), be multi-valued, or (PN) hold several component groups.
+_NOT_PLAIN = (b"\x1b", b"\\", b"=")
+
+
+def _raw_bytes(dataset: Dataset, tag: int, vr: str) -> bytes | None:
+    """The undecoded value of ``tag`` when it is still a raw element with the
+    expected VR (or none: implicit VR), else None (use pydicom's conversion)."""
+    elem = dataset.get_item(tag, keep_deferred=True)
+    if (
+        isinstance(elem, RawDataElement)
+        and isinstance(elem.value, bytes)
+        and elem.VR in (None, vr, "UN")
+    ):
+        return elem.value
+    return None
+
+
+def _uid(dataset: Dataset, keyword: str) -> object:
+    """A UID element's value as text (validated by the caller), or None if absent."""
+    raw = _raw_bytes(dataset, _UID_TAGS[keyword], "UI")
+    if raw is not None:
+        # pydicom decodes UI with its default encoding (latin-1): same text.
+        return raw.decode("latin-1")
+    return dataset.get(keyword)
+
+
+def _fast_text(dataset: Dataset, keyword: str) -> str:
+    """``_text`` without pydicom's conversion for plain ASCII values, which decode
+    the same in every character set DICOM allows; anything else goes through
+    pydicom so that character sets and multiple values are handled as before."""
+    tag, vr = _TEXT_TAGS[keyword]
+    raw = _raw_bytes(dataset, tag, vr)
+    if raw is not None and raw.isascii() and not any(b in raw for b in _NOT_PLAIN):
+        return raw.decode("ascii").strip("\x00 ")
+    return _text(dataset, keyword)
+
+
 IDENTITY_KEYWORDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
@@ -80,18 +137,21 @@ class InstanceHeader:
     @classmethod
     def from_dataset(cls, dataset: Dataset) -> InstanceHeader:
         meta = getattr(dataset, "file_meta", None) or Dataset()
+        sop_class = _uid(dataset, "SOPClassUID")
+        if not (str(sop_class).strip("\x00 ") if sop_class is not None else ""):
+            sop_class = meta.get("MediaStorageSOPClassUID")
         return cls(
-            sop_instance_uid=validate_uid(dataset.get("SOPInstanceUID"), "SOPInstanceUID"),
-            sop_class_uid=validate_uid(
-                dataset.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID"), "SOPClassUID"
-            ),
+            sop_instance_uid=validate_uid(_uid(dataset, "SOPInstanceUID"), "SOPInstanceUID"),
+            sop_class_uid=validate_uid(sop_class, "SOPClassUID"),
             transfer_syntax_uid=validate_uid(meta.get("TransferSyntaxUID"), "TransferSyntaxUID"),
-            study_instance_uid=validate_uid(dataset.get("StudyInstanceUID"), "StudyInstanceUID"),
-            series_instance_uid=validate_uid(dataset.get("SeriesInstanceUID"), "SeriesInstanceUID"),
-            patient_id=_text(dataset, "PatientID"),
-            patient_name=_text(dataset, "PatientName"),
-            accession_number=_text(dataset, "AccessionNumber"),
-            study_date=_text(dataset, "StudyDate"),
-            study_description=_text(dataset, "StudyDescription"),
-            modality=_text(dataset, "Modality"),
+            study_instance_uid=validate_uid(_uid(dataset, "StudyInstanceUID"), "StudyInstanceUID"),
+            series_instance_uid=validate_uid(
+                _uid(dataset, "SeriesInstanceUID"), "SeriesInstanceUID"
+            ),
+            patient_id=_fast_text(dataset, "PatientID"),
+            patient_name=_fast_text(dataset, "PatientName"),
+            accession_number=_fast_text(dataset, "AccessionNumber"),
+            study_date=_fast_text(dataset, "StudyDate"),
+            study_description=_fast_text(dataset, "StudyDescription"),
+            modality=_fast_text(dataset, "Modality"),
         )
