@@ -89,7 +89,9 @@ def queue_summary(engine: Engine) -> list[dict[str, Any]]:
         entry["jobs"][row.state] = row.n
     for name, h in health.items():
         entry = summary.setdefault(name, {"destination": name, "jobs": {}})
-        entry["health"] = h.state
+        # An operator's pause (API, dashboard) holds the queue whatever the peer does.
+        entry["health"] = "paused by operator" if h.admin_paused else h.state
+        entry["admin_paused"] = bool(h.admin_paused)
         entry["last_error"] = h.last_error
     return sorted(summary.values(), key=lambda e: e["destination"])
 
