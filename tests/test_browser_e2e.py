@@ -127,7 +127,7 @@ def test_retry_a_failed_delivery_from_the_browser(tmp_path: Path) -> None:
                 page.get_by_role("button", name="Filter").click()
                 row = page.locator(f'tr[data-job="{job["id"]}"]')
                 expect(row).to_have_attribute("data-destination", "pacs")
-                expect(row.locator(".error-text")).not_to_be_empty()
+                expect(row.locator("td.error-text")).not_to_be_empty()
                 assert row.get_attribute("data-state") != "completed"
 
                 with StoreSCP(down_port, "PACS", tmp_path / "pacs", accept="all") as scp:
