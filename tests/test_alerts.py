@@ -26,7 +26,7 @@ from dicomrouter.control import audit
 from dicomrouter.observe.alerts import AlertEvaluator, AlertThread, post_json
 from dicomrouter.store import create_index_engine
 from dicomrouter.store.schema import destination_state, jobs
-from tests.support.router import wait_until
+from tests.support.router import all_settled, wait_until
 
 
 @dataclass
@@ -333,3 +333,53 @@ def test_alert_config_is_checked() -> None:
         RouterConfig.model_validate({"alerts": {"events": {"job_failed": {"webhooks": ["pager"]}}}})
     with pytest.raises(ValidationError, match="http:// or https://"):
         RouterConfig.model_validate({"alerts": {"webhooks": {"x": {"url": "ftp://host/"}}}})
+
+
+def test_real_router_alerts_when_a_destination_goes_down_and_back(
+    tmp_path: Path, receiver: Receiver, dcmtk: None
+) -> None:
+    """The alert thread runs in the router's HTTP process, with the node's config."""
+    from tests.support.dcmtk import StoreSCP, free_port
+    from tests.support.router import RouterProcess
+    from tests.support.synth import make_small_study
+
+    pacs_port = free_port()
+    config = {
+        "destinations": {
+            "pacs": {
+                "ae_title": "PACS",
+                "host": "127.0.0.1",
+                "port": pacs_port,
+                "pause_after_failures": 1,
+                "probe_interval": "200ms",
+                "retry": {"initial_delay": "100ms", "max_delay": "200ms"},
+            }
+        },
+        "routes": [{"name": "all", "to": ["pacs"]}],
+        "http": {"bind": "127.0.0.1"},
+        "alerts": {
+            "webhooks": {"ops": {"url": receiver.url("/ops")}},
+            "check_interval": "200ms",
+            "events": {"destination_down": {"after": "1s"}, "disk_low": {"below": 0}},
+        },
+    }
+    with RouterProcess(tmp_path / "router", config) as router:
+        assert router.send(make_small_study(tmp_path / "ct", 2)).returncode == 0
+
+        def statuses() -> list[tuple[str, str]]:
+            return [(b["event"], b["status"]) for b in receiver.bodies("/ops")]
+
+        wait_until(lambda: ("destination_down", "firing") in statuses(), 30, message="firing")
+        with StoreSCP(pacs_port, "PACS", tmp_path / "pacs"):
+            wait_until(
+                lambda: ("destination_down", "resolved") in statuses(), 30, message="resolved"
+            )
+            router.wait_jobs(all_settled, 30, "delivery after the outage")
+    down = [s for s in statuses() if s[0] == "destination_down"]
+    assert down == [("destination_down", "firing"), ("destination_down", "resolved")]
+    engine = create_index_engine(
+        f"sqlite:///{router.storage / 'index.sqlite'}", create=False, writer=False
+    )
+    entries = audit.query(engine, action="alert.destination_down")[1]
+    assert sorted(e["detail"]["payload"]["status"] for e in entries) == ["firing", "resolved"]
+    assert all(e["outcome"] == "ok" and e["target"] == "pacs" for e in entries)
