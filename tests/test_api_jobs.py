@@ -79,6 +79,8 @@ def test_search_filters_match_the_queue(seeded: tuple[ApiEnv, Seeder]) -> None:
     assert ids(state_one) == delivered
     both = env.viewer.get("/api/v1/jobs", params=[("state", "completed"), ("state", "pending")])
     assert both.json()["total"] == 5
+    comma = env.viewer.get("/api/v1/jobs", params={"state": "completed,failed"})
+    assert ids(comma) == delivered
 
     created = [j["created_at"] for j in items]
     after = env.viewer.get("/api/v1/jobs", params={"since": max(created) + 1})

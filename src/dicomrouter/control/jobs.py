@@ -57,7 +57,8 @@ class JobFilter:
         if self.state is None:
             return []
         values = [self.state] if isinstance(self.state, str) else list(self.state)
-        return [v for v in values if v]
+        # "failed,canceled" is accepted too: it is what people type in a query string.
+        return [part.strip() for v in values for part in v.split(",") if part.strip()]
 
     def is_empty(self) -> bool:
         return not (
