@@ -32,14 +32,17 @@ the index at scrape time: see :mod:`dicomrouter.observe.collector`.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from pynetdicom.events import EventHandlerType
@@ -195,13 +198,35 @@ def _child(kind: str, label: str) -> Any:
 
 # -- recording (hot paths) ---------------------------------------------------------
 
+_F = TypeVar("_F", bound=Callable[..., None])
+_failed_once = False
 
+
+def _never_raise(function: _F) -> _F:
+    """A metric must never fail what it measures (a C-STORE already committed, a
+    delivery in flight): log the first failure, drop the sample."""
+
+    @functools.wraps(function)
+    def guarded(*args: Any, **kwargs: Any) -> None:
+        global _failed_once
+        try:
+            function(*args, **kwargs)
+        except Exception:
+            if not _failed_once:
+                _failed_once = True
+                logging.getLogger("dicomrouter.metrics").exception("cannot record a metric")
+
+    return guarded  # type: ignore[return-value]
+
+
+@_never_raise
 def instance_received(calling_ae: str, size: int) -> None:
     """An instance was stored and indexed (called before the C-STORE-RSP)."""
     _child("received", calling_ae).inc()
     _child("received_bytes", calling_ae).inc(size)
 
 
+@_never_raise
 def instance_refused(calling_ae: str) -> None:
     """A C-STORE was answered with a failure status."""
     _child("refused", calling_ae).inc()
@@ -217,6 +242,7 @@ _BY_OUTCOME = {
 }
 
 
+@_never_raise
 def delivery_result(destination: str, outcome: str, received_at: float | None) -> None:
     """One instance's ``destinations.Outcome`` at a destination; ``received_at``
     (POSIX seconds) feeds the latency histogram when it arrived."""
