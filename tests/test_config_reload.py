@@ -164,6 +164,7 @@ def test_sighup_invalid_keeps_routing_valid_delivers_queued_jobs_once(
             ]
             assert _audit(router, "config.reload") == [("failed", "system"), ("ok", "system")]
             assert "dispatch runs on configuration version 2" in router.log()
+            assert "HTTP service runs on configuration version 2" in router.log()
 
 
 def test_put_config_reloads_the_router_and_an_invalid_one_is_refused(
