@@ -83,3 +83,28 @@ def install_low_latency_reactors(delay: float = REACTOR_DELAY) -> None:
     dul.DULServiceProvider.__init__ = init  # type: ignore[method-assign]
     association.time = _FastSleep()  # type: ignore[assignment]
     _low_latency = True
+
+
+_validation_off = False
+
+
+def install_no_value_validation() -> None:
+    """Stop pydicom checking every element value it reads or writes. Idempotent.
+
+    pydicom's default for both reading and writing is ``WARN``: each value is
+    matched against its VR's length and character rules and a bad one only emits
+    a warning, so nothing is ever refused because of it. On our hot paths that is
+    pure cost: pynetdicom decodes every command set, builds a file meta and encodes
+    every response through pydicom (about 150 us of CPU per small instance on the
+    receive path, measured). What we must refuse we check ourselves: UIDs that
+    become paths are validated by :func:`dicomrouter.store.uids.validate_uid`, and
+    pynetdicom still validates the UIDs of the DIMSE primitives on its own.
+    """
+    global _validation_off
+    if _validation_off:
+        return
+    from pydicom import config as pydicom_config
+
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+    _validation_off = True

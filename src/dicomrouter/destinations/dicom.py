@@ -38,7 +38,11 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
 from dicomrouter.config.models import DicomDestinationConfig
-from dicomrouter.net import install_low_latency_reactors, install_tcp_nodelay
+from dicomrouter.net import (
+    install_low_latency_reactors,
+    install_no_value_validation,
+    install_tcp_nodelay,
+)
 from dicomrouter.observe import metrics
 
 from .status import Outcome, classify_status, describe_status
@@ -196,6 +200,7 @@ class DicomSender:
             if self._ae is None:
                 install_tcp_nodelay()
                 install_low_latency_reactors()
+                install_no_value_validation()
                 # Stream files from disk instead of decoding them. This is process
                 # wide: any send_c_store(path) then needs an exact-syntax context.
                 pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True

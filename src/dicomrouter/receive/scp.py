@@ -27,7 +27,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicomrouter.config import RouterConfig
 from dicomrouter.control import audit
-from dicomrouter.net import install_low_latency_reactors, install_tcp_nodelay
+from dicomrouter.net import (
+    install_low_latency_reactors,
+    install_no_value_validation,
+    install_tcp_nodelay,
+)
 from dicomrouter.observe import metrics
 from dicomrouter.store import (
     IndexUnavailable,
@@ -124,6 +128,7 @@ class Receiver:
         """Listen on the configured port. Objects stream to ``<storage>/tmp``."""
         install_tcp_nodelay()
         install_low_latency_reactors()
+        install_no_value_validation()
         _config.STORE_RECV_CHUNKED_DATASET = True
         # pynetdicom creates its temporary files in tempfile's folder: make that our
         # tmp folder on the storage filesystem so a file is renamed, never copied.
