@@ -28,6 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from dicomrouter.config import RouterConfig
 from dicomrouter.control import audit
 from dicomrouter.net import (
+    install_fast_file_meta,
     install_low_latency_reactors,
     install_no_value_validation,
     install_tcp_nodelay,
@@ -129,6 +130,7 @@ class Receiver:
         install_tcp_nodelay()
         install_low_latency_reactors()
         install_no_value_validation()
+        install_fast_file_meta()
         _config.STORE_RECV_CHUNKED_DATASET = True
         # pynetdicom creates its temporary files in tempfile's folder: make that our
         # tmp folder on the storage filesystem so a file is renamed, never copied.
