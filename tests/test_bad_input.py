@@ -295,12 +295,13 @@ def test_invalid_uids_are_refused_with_c001_and_never_touch_the_disk(
         assert indexed(router) == {}
         assert stored_files(router) == []
         # Nothing was created anywhere, in storage or around it, but the router's own
-        # log and index files.
+        # log, index and metrics files (a refusal is counted).
         created = {p for p in _walk(tmp_path) - before if p.name not in ("router.log",)}
         created = {
             p
             for p in created
-            if not p.name.startswith("index.sqlite") and p.parent != router.storage / "tmp"
+            if not p.name.startswith("index.sqlite")
+            and p.parent not in (router.storage / "tmp", router.storage / ".metrics")
         }
         assert created == set()
         assert not Path("/etc/passwd.dcm").exists()

@@ -58,12 +58,19 @@ def configure_logging(level: str) -> None:
 
 
 def _die_with_parent() -> None:
-    """Linux: if the parent is killed (even with SIGKILL), take this process down too."""
+    """Linux: if the parent is killed (even with SIGKILL), take this process down too.
+
+    The death signal only covers a parent that dies after ``prctl``; a spawned child
+    takes a second or so to get here, so a parent already gone by then (we were
+    re-parented) means exit now, or an orphan would keep our ports and jobs."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)
 
 
 def _dispatch_main(
@@ -139,6 +146,7 @@ class _Child:
             if time.monotonic() > deadline:
                 self.process.kill()
                 raise RuntimeError(f"{self.name} process did not start within 60 s")
+        log.info("%s process started (pid %s)", self.name, self.process.pid)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.is_alive()

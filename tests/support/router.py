@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from . import stop_process
 from .dcmtk import HOST, dcmtk_env, dcmtk_tool, echo, free_port
 
 AE_TITLE = "DICOMROUTER"
+READY_LINE = "dicomrouter ready"  # logged by the node once every process has started
 
 
 def wait_until(
@@ -52,6 +54,20 @@ def storescu(
     command = [dcmtk_tool("storescu"), "-aet", calling, "-aec", aet, *extra, HOST, str(port)]
     command += [str(f) for f in files]
     return subprocess.run(command, capture_output=True, text=True, env=dcmtk_env(), timeout=timeout)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still "exists"; it holds no ports.
+    try:
+        return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") < 0
+    except OSError:
+        return False
 
 
 class RouterProcess:
@@ -87,7 +103,11 @@ class RouterProcess:
     def storage(self) -> Path:
         return Path(self.config["storage"]["path"])
 
-    def start(self, timeout: float = 60.0) -> RouterProcess:
+    def start(self, timeout: float = 60.0, wait_ready: bool = True) -> RouterProcess:
+        """Start and wait until the node says it is ready: DICOM answers C-ECHO and the
+        child processes (dispatch, HTTP) have started. ``wait_ready=False`` returns as
+        soon as DICOM answers, while the children may still be starting."""
+        ready_before = self.log().count(READY_LINE) if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dicomrouter", "serve", "--config", str(self.config_path)],
@@ -104,6 +124,13 @@ class RouterProcess:
                 self.kill()
                 raise RuntimeError(f"router did not answer C-ECHO in {timeout}s:\n{self.log()}")
             time.sleep(0.2)
+        while wait_ready and self.log().count(READY_LINE) <= ready_before:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"router exited with {self.process.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"router did not become ready in {timeout}s:\n{self.log()}")
+            time.sleep(0.1)
         return self
 
     def kill(self) -> None:
@@ -122,11 +149,14 @@ class RouterProcess:
         return code
 
     def _wait_port_free(self, timeout: float = 30.0) -> None:
-        # The dispatch child may need a moment to notice its parent's death.
+        """Wait until no process of this router is left: the node (its command line
+        names our config file) and the children it logged (they die with it, but
+        may need a moment to notice)."""
+        children = {int(pid) for pid in re.findall(r"process started \(pid (\d+)\)", self.log())}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             result = subprocess.run(["pgrep", "-f", str(self.config_path)], capture_output=True)
-            if result.returncode != 0:
+            if result.returncode != 0 and not any(_alive(pid) for pid in children):
                 return
             time.sleep(0.1)
 
