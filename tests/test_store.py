@@ -201,6 +201,7 @@ def _header() -> InstanceHeader:
 
 def test_record_new_then_overwritten(tmp_path: Path) -> None:
     index = InstanceIndex(create_index_engine(f"sqlite:///{tmp_path / 'i.sqlite'}"))
+    index.prepare()  # what the receiver does at start-up
     assert index.record(_header(), "a/b/c.dcm", 10, Provenance("CT1")) is Recorded.NEW
     assert index.exists(_header().sop_instance_uid)
     assert index.record(_header(), "a/b/c.dcm", 11, Provenance("CT1")) is Recorded.OVERWRITTEN

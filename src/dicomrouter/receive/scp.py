@@ -136,6 +136,7 @@ class Receiver:
         # tmp folder on the storage filesystem so a file is renamed, never copied.
         tempfile.tempdir = str(self.store.tmp)
         self.store.prepare()
+        self.index.prepare()
         ae = self._build_ae()
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),

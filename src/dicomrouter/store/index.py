@@ -51,6 +51,12 @@ class InstanceIndex:
     def __init__(self, engine: Engine):
         self.engine = engine
 
+    def prepare(self) -> None:
+        """Compile the receive path's statements now (importing the SQL dialects and
+        compiling costs 25-100 ms), not during the first C-STORE."""
+        for name in ("_exists_sql", "_insert_sql", "_upsert_sql"):
+            getattr(self, name)  # cached_property: compiled once, then kept
+
     def exists(self, sop_instance_uid: str) -> bool:
         sql, order = self._exists_sql
         values = {"uid": sop_instance_uid}
