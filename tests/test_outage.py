@@ -163,3 +163,35 @@ def test_cancel_then_retry_pending_jobs_with_the_cli(tmp_path: Path, dcmtk: None
             assert scp.received_sops() == sop_uids(files + later)
             assert scp.store_requests() == 6
     assert {j["state"] for j in jobs} == {"completed"}
+
+
+def test_give_up_after_fails_waiting_jobs_and_a_retry_delivers_them(
+    tmp_path: Path, dcmtk: None
+) -> None:
+    """``give_up_after``: jobs of a destination that stays unreachable become failed
+    (with the reason), are not resumed by the probe, and a retry by hand sends them."""
+    port = free_port()
+    config = {
+        "destinations": {"down": {**down_destination(port), "give_up_after": "2s"}},
+        "routes": [{"name": "all", "trigger": "instance", "to": ["down"]}],
+    }
+    files = make_study(tmp_path / "in", 4)
+    with RouterProcess(tmp_path / "router", config) as router:
+        send_ok(router, files)
+        jobs = router.wait_jobs(
+            lambda js: len(js) == 4 and {j["state"] for j in js} == {"failed"},
+            60,
+            message="4 jobs given up",
+        )
+        assert all("gave up: destination unreachable" in j["last_error"] for j in jobs), jobs
+        with StoreSCP(port, "DOWN", tmp_path / "back", accept="all") as scp:
+            # The probe resumes the destination, but failed jobs stay failed...
+            wait_until(lambda: health(router, "down") == "ok", 30, message="probe resumed it")
+            assert {j["state"] for j in router.jobs()} == {"failed"}
+            assert scp.received_files() == []
+            # ...until an operator retries them.
+            router.cli("queue", "retry", "--state", "failed", "--config", str(router.config_path))
+            router.wait_jobs(
+                lambda js: {j["state"] for j in js} == {"completed"}, 60, message="delivered"
+            )
+            assert sorted(sop_uids(scp.received_files())) == sorted(sop_uids(files))

@@ -140,6 +140,13 @@ class DicomDestinationConfig(_Model):
         "and probed with C-ECHO instead of retried job by job.",
     )
     probe_interval: Duration = Field(15.0, description="C-ECHO probe period while paused.")
+    give_up_after: Duration | None = Field(
+        None,
+        description="While the destination is unreachable (paused and probed), jobs queued "
+        "longer ago than this are marked `failed` (alerts fire; retry them by hand). "
+        "Unset: never give up, so a destination down for a week gets everything when it "
+        "returns.",
+    )
     enabled: bool = Field(True, description="A disabled destination keeps its queue unsent.")
 
     _check_ae = field_validator("ae_title", "calling_ae_title")(

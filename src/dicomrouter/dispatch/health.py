@@ -43,6 +43,7 @@ class DestinationHealth:
         self.failures = 0
         self.next_probe_at = 0.0
         self.admin_paused = False
+        self.last_error: str | None = None
         self._admin_checked = 0.0  # time.monotonic() of the last read of the flag
         self._load()
 
@@ -62,6 +63,7 @@ class DestinationHealth:
         self.admin_paused = bool(row.admin_paused)
         self._admin_checked = time.monotonic()
         self.failures = row.consecutive_failures
+        self.last_error = row.last_error
         # After a restart, probe a paused destination at once.
         self.next_probe_at = 0.0
 
@@ -130,6 +132,7 @@ class DestinationHealth:
     def record_unreachable(self, reason: str) -> None:
         with self._lock:
             self.failures += 1
+            self.last_error = reason
             values: dict[str, object] = {"last_error": reason[:1000]}
             if self.state == OK and self.failures >= self.config.pause_after_failures:
                 self.state = PAUSED
@@ -152,8 +155,16 @@ class DestinationHealth:
             self.next_probe_at = time.time() + self.config.probe_interval
             return True
 
+    @property
+    def unreachable(self) -> bool:
+        """Paused because it could not be reached (not by an operator)."""
+        with self._lock:
+            self._refresh_admin()
+            return self.state == PAUSED and not self.admin_paused
+
     def probe_failed(self, reason: str) -> None:
         with self._lock:
+            self.last_error = reason
             self._save(last_error=reason[:1000])
 
     def resume(self) -> None:

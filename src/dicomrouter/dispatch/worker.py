@@ -13,7 +13,7 @@ import threading
 import time
 from datetime import datetime
 
-from dicomrouter.config import DicomDestinationConfig, RouterConfig
+from dicomrouter.config import DicomDestinationConfig, RouterConfig, format_duration
 from dicomrouter.destinations import (
     DestinationUnavailable,
     DicomSender,
@@ -47,6 +47,10 @@ def node_id() -> str:
     return socket.gethostname()
 
 
+#: How often a paused destination's jobs are checked against ``give_up_after``.
+GIVE_UP_CHECK_EVERY = 5.0
+
+
 class DestinationWorker(threading.Thread):
     def __init__(
         self,
@@ -71,6 +75,7 @@ class DestinationWorker(threading.Thread):
         calling = self.dest.calling_ae_title or config.ae_title
         self.sender = DicomSender(self.dest, calling, keep_alive=_KEEP_ALIVE)
         self.current_claim: Claim | None = None
+        self._next_give_up_check = 0.0
 
     def run(self) -> None:
         poll = self.config.dispatch.poll_interval
@@ -91,6 +96,8 @@ class DestinationWorker(threading.Thread):
         if self.health.paused:
             if self.index == 0 and self.health.probe_due():
                 self._probe()
+            if self.index == 0:
+                self._give_up_if_due()
             return False
         window = self.dest.send_window
         if window is not None and not window.contains(datetime.now()):
@@ -117,6 +124,28 @@ class DestinationWorker(threading.Thread):
         self.sender.abort()
         if claim is not None:
             self.jobs.release(claim)
+
+    def _give_up_if_due(self) -> None:
+        """``give_up_after``: while the destination is unreachable (not while an
+        operator paused it), fail the jobs that have waited too long. Checked every
+        few seconds, by the first worker of the destination only."""
+        limit = self.dest.give_up_after
+        now = time.monotonic()
+        if limit is None or not self.health.unreachable or now < self._next_give_up_check:
+            return
+        self._next_give_up_check = now + GIVE_UP_CHECK_EVERY
+        reason = (
+            f"gave up: destination unreachable and job queued more than "
+            f"{format_duration(limit)} ago ({self.health.last_error or 'no answer'})"
+        )
+        failed = self.jobs.give_up(self.dest_name, time.time() - limit, reason)
+        if failed:
+            log.warning(
+                "destination %s: %d job(s) failed after %s unreachable (give_up_after)",
+                self.dest_name,
+                len(failed),
+                format_duration(limit),
+            )
 
     def _probe(self) -> None:
         try:

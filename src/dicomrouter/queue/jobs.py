@@ -619,6 +619,51 @@ class JobStore:
             .values(state=S.ITEM_CANCELED, updated_at=now)
         )
 
+    def give_up(self, dest_name: str, queued_before: float, reason: str) -> list[int]:
+        """Fail the waiting jobs of an unreachable destination queued before
+        ``queued_before`` (``give_up_after``): their undelivered instances become
+        failed, an attempt records why, and a retry by hand sends them again."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            stale = [
+                row.id
+                for row in conn.execute(
+                    select(jobs.c.id).where(
+                        jobs.c.destination == dest_name,
+                        jobs.c.state.in_(S.WAITING_STATES),
+                        jobs.c.created_at < queued_before,
+                    )
+                )
+            ]
+            if not stale:
+                return []
+            conn.execute(
+                update(job_instances)
+                .where(job_instances.c.job_id.in_(stale), job_instances.c.state == S.ITEM_PENDING)
+                .values(state=S.ITEM_FAILED, message=reason[:2000], updated_at=now)
+            )
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id.in_(stale))
+                .values(state=S.FAILED, finished_at=now, last_error=reason[:2000], updated_at=now)
+            )
+            conn.execute(
+                attempts.insert(),
+                [
+                    {
+                        "job_id": job_id,
+                        "started_at": now,
+                        "ended_at": now,
+                        "outcome": "failed",
+                        "sent": 0,
+                        "failed": 0,
+                        "message": reason[:2000],
+                    }
+                    for job_id in stale
+                ],
+            )
+        return stale
+
     def open_jobs_by_destination(self) -> dict[str, int]:
         """Jobs not yet finished, per destination."""
         with self.engine.connect() as conn:
