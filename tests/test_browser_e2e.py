@@ -1,22 +1,18 @@
 """The dashboard end to end, in real headless Chromium (Debian's, driven by Playwright).
 
 A real router runs as a process with a destination that is down (nothing listens on
-its port). A study is sent with dcmtk storescu; its delivery fails (connection
-refused). In the browser an operator logs in, finds that job on the Jobs page with
-its error, the destination comes up (dcmtk storescp on that port), the operator
-clicks Retry, and the page (it refreshes itself) shows the job completed. The
-Overview is saved as a screenshot for people to look at.
-
-About "failed": a destination that refuses connections never uses up
-``retry.max_attempts`` (by design: a peer down for a week gets everything when it
-returns); its jobs wait, with the error, until the next try. So the destination
-here is configured to wait an hour between tries and never to be paused and probed
-(which would resume it by itself): without the click on Retry, nothing would be
-delivered during this test.
+its port). A study is sent with dcmtk storescu. The destination is paused as
+unreachable, and after ``give_up_after`` its job is failed for good. In the browser an
+operator logs in and finds that failed job on the Jobs page with its error; the
+destination comes up (dcmtk storescp on that port) and the probe resumes it, but a
+failed job stays failed until the operator clicks Retry; the page (it refreshes
+itself) then shows the job completed. The Overview is saved as a screenshot for
+people to look at.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import urllib.request
@@ -72,13 +68,21 @@ def router_config(down_port: int) -> dict[str, Any]:
                 "host": HOST,
                 "port": down_port,
                 "connect_timeout": "2s",
-                "pause_after_failures": 1000,
-                "probe_interval": "1h",
-                "retry": {"initial_delay": "1h", "max_delay": "1h", "max_attempts": 1},
+                "pause_after_failures": 1,
+                "probe_interval": "1s",
+                "give_up_after": "3s",
             }
         },
         "routes": [{"name": "all", "trigger": "study", "stable_after": "1s", "to": ["pacs"]}],
     }
+
+
+def destination_state(router: RouterProcess) -> str | None:
+    out = router.cli("queue", "list", "--json", "--config", str(router.config_path), check=True)
+    for entry in json.loads(out.stdout)["summary"]:
+        if entry["destination"] == "pacs":
+            return entry.get("health")  # type: ignore[no-any-return]
+    return None
 
 
 def http_ready(port: int) -> bool:
@@ -103,11 +107,11 @@ def test_retry_a_failed_delivery_from_the_browser(tmp_path: Path) -> None:
         result = router.send(files)
         assert result.returncode == 0, result.stderr
         (job,) = router.wait_jobs(
-            lambda js: len(js) == 1 and bool(js[0].get("last_error")),
+            lambda js: len(js) == 1 and js[0]["state"] == "failed",
             60,
             message="a delivery to pacs that failed",
         )
-        assert job["state"] != "completed" and job["destination"] == "pacs"
+        assert job["destination"] == "pacs" and "unreachable" in job["last_error"]
 
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -124,16 +128,25 @@ def test_retry_a_failed_delivery_from_the_browser(tmp_path: Path) -> None:
 
                 # Find the failed delivery to pacs, with its error.
                 page.get_by_label("Destination").select_option("pacs")
+                page.get_by_label("State").select_option("failed")
                 page.get_by_role("button", name="Filter").click()
                 row = page.locator(f'tr[data-job="{job["id"]}"]')
                 expect(row).to_have_attribute("data-destination", "pacs")
-                expect(row.locator("td.error-text")).not_to_be_empty()
-                assert row.get_attribute("data-state") != "completed"
+                expect(row).to_have_attribute("data-state", "failed")
+                expect(row.locator("td.error-text")).to_contain_text("unreachable")
 
                 with StoreSCP(down_port, "PACS", tmp_path / "pacs", accept="all") as scp:
+                    # The probe finds it back; the failed job waits for the operator.
+                    wait_until(
+                        lambda: destination_state(router) == "ok", 30, message="pacs resumed"
+                    )
+                    assert [j["state"] for j in router.jobs()] == ["failed"]
                     row.get_by_role("button", name="Retry").click()
                     expect(page.locator(".flash")).to_contain_text(f"job {job['id']} queued again")
-                    # The list refreshes itself every few seconds (htmx).
+                    # Show every state again, to watch it go; the list refreshes
+                    # itself every few seconds (htmx).
+                    page.get_by_label("State").select_option("")
+                    page.get_by_role("button", name="Filter").click()
                     completed = page.locator(f'tr[data-job="{job["id"]}"][data-state="completed"]')
                     expect(completed).to_be_visible(timeout=60_000)
                     expect(completed.locator(".badge")).to_have_text("completed")

@@ -142,8 +142,8 @@ class DicomDestinationConfig(_Model):
     probe_interval: Duration = Field(15.0, description="C-ECHO probe period while paused.")
     give_up_after: Duration | None = Field(
         None,
-        description="While the destination is unreachable (paused and probed), jobs queued "
-        "longer ago than this are marked `failed` (alerts fire; retry them by hand). "
+        description="While the destination is unreachable (paused and probed), jobs that have "
+        "waited this long are marked `failed` (alerts fire; retry them by hand). "
         "Unset: never give up, so a destination down for a week gets everything when it "
         "returns.",
     )

@@ -135,8 +135,8 @@ class DestinationWorker(threading.Thread):
             return
         self._next_give_up_check = now + GIVE_UP_CHECK_EVERY
         reason = (
-            f"gave up: destination unreachable and job queued more than "
-            f"{format_duration(limit)} ago ({self.health.last_error or 'no answer'})"
+            f"gave up: destination unreachable and job waiting for more than "
+            f"{format_duration(limit)} ({self.health.last_error or 'no answer'})"
         )
         failed = self.jobs.give_up(self.dest_name, time.time() - limit, reason)
         if failed:

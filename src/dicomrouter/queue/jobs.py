@@ -619,10 +619,12 @@ class JobStore:
             .values(state=S.ITEM_CANCELED, updated_at=now)
         )
 
-    def give_up(self, dest_name: str, queued_before: float, reason: str) -> list[int]:
-        """Fail the waiting jobs of an unreachable destination queued before
-        ``queued_before`` (``give_up_after``): their undelivered instances become
-        failed, an attempt records why, and a retry by hand sends them again."""
+    def give_up(self, dest_name: str, waiting_since: float, reason: str) -> list[int]:
+        """Fail the jobs of an unreachable destination that have been waiting, untouched,
+        since before ``waiting_since`` (``give_up_after``). A job's ``updated_at`` moves
+        with every attempt and every manual action, so this counts the time spent
+        stuck behind the outage, and a retry by hand starts the clock again. Their
+        undelivered instances become failed and an attempt records why."""
         now = time.time()
         with self.engine.begin() as conn:
             stale = [
@@ -631,7 +633,7 @@ class JobStore:
                     select(jobs.c.id).where(
                         jobs.c.destination == dest_name,
                         jobs.c.state.in_(S.WAITING_STATES),
-                        jobs.c.created_at < queued_before,
+                        jobs.c.updated_at < waiting_since,
                     )
                 )
             ]
