@@ -138,7 +138,9 @@ class DestinationWorker(threading.Thread):
             f"gave up: destination unreachable and job waiting for more than "
             f"{format_duration(limit)} ({self.health.last_error or 'no answer'})"
         )
-        failed = self.jobs.give_up(self.dest_name, time.time() - limit, reason)
+        failed, undelivered = self.jobs.give_up(self.dest_name, time.time() - limit, reason)
+        for _ in range(undelivered):
+            metrics.delivery_result(self.dest_name, "permanent", None)
         if failed:
             log.warning(
                 "destination %s: %d job(s) failed after %s unreachable (give_up_after)",

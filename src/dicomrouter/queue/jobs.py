@@ -619,12 +619,13 @@ class JobStore:
             .values(state=S.ITEM_CANCELED, updated_at=now)
         )
 
-    def give_up(self, dest_name: str, waiting_since: float, reason: str) -> list[int]:
+    def give_up(self, dest_name: str, waiting_since: float, reason: str) -> tuple[list[int], int]:
         """Fail the jobs of an unreachable destination that have been waiting, untouched,
         since before ``waiting_since`` (``give_up_after``). A job's ``updated_at`` moves
         with every attempt and every manual action, so this counts the time spent
         stuck behind the outage, and a retry by hand starts the clock again. Their
-        undelivered instances become failed and an attempt records why."""
+        undelivered instances become failed and an attempt records why. Returns the
+        failed jobs and how many instances they left undelivered."""
         now = time.time()
         with self.engine.begin() as conn:
             stale = [
@@ -638,12 +639,12 @@ class JobStore:
                 )
             ]
             if not stale:
-                return []
-            conn.execute(
+                return [], 0
+            undelivered = conn.execute(
                 update(job_instances)
                 .where(job_instances.c.job_id.in_(stale), job_instances.c.state == S.ITEM_PENDING)
                 .values(state=S.ITEM_FAILED, message=reason[:2000], updated_at=now)
-            )
+            ).rowcount
             conn.execute(
                 update(jobs)
                 .where(jobs.c.id.in_(stale))
@@ -664,7 +665,7 @@ class JobStore:
                     for job_id in stale
                 ],
             )
-        return stale
+        return stale, int(undelivered or 0)
 
     def open_jobs_by_destination(self) -> dict[str, int]:
         """Jobs not yet finished, per destination."""
