@@ -218,3 +218,16 @@ def test_priority_change_is_honoured_when_claiming(seeded: tuple[ApiEnv, Seeder]
     assert finished.status_code == 409
     (entry,) = audit.query(env.engine, action="job.priority", limit=1)[1]
     assert entry["detail"] == {"previous": 5, "priority": 7} and entry["target"] == f"job {last}"
+
+
+def test_time_filters_take_iso_8601_or_posix_seconds(seeded: tuple[ApiEnv, Seeder]) -> None:
+    env, _ = seeded
+    every = ids(env.viewer.get("/api/v1/jobs"))
+    assert ids(env.viewer.get("/api/v1/jobs", params={"since": "2000-01-01"})) == every
+    assert ids(env.viewer.get("/api/v1/jobs", params={"since": "2000-01-01T08:00:00Z"})) == every
+    assert ids(env.viewer.get("/api/v1/jobs", params={"until": time.time() + 60})) == every
+    assert ids(env.viewer.get("/api/v1/jobs", params={"since": "2100-01-01T00:00"})) == []
+    bad = env.viewer.get("/api/v1/jobs", params={"since": "yesterday"})
+    assert bad.status_code == 422 and "ISO 8601" in str(bad.json()["detail"])
+    body = {"since": "2100-01-01", "state": "pending"}
+    assert env.operator.post("/api/v1/jobs/retry", json=body).json()["changed"] == 0

@@ -16,6 +16,7 @@ from dicomrouter.control import audit
 from dicomrouter.control.security import Principal
 
 from .auth import admin, context
+from .params import Timestamp
 
 router = APIRouter(prefix="/api/v1", tags=["audit"])
 
@@ -25,15 +26,15 @@ router = APIRouter(prefix="/api/v1", tags=["audit"])
     summary="The audit log, newest first (admin)",
     description="Filters: `actor` (exact), `action` (a prefix: `job.` gives every job "
     "action), `outcome` (`ok`, `denied`, `failed`), `since` and `until` (POSIX "
-    "seconds, `since` inclusive). Paginated with `limit` and `offset`.",
+    "seconds or ISO 8601, `since` inclusive). Paginated with `limit` and `offset`.",
 )
 def audit_log(
     request: Request,
     actor: str | None = None,
     action: Annotated[str | None, Query(description="prefix, e.g. `config.`")] = None,
     outcome: str | None = None,
-    since: float | None = None,
-    until: float | None = None,
+    since: Timestamp | None = None,
+    until: Timestamp | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
     principal: Principal = admin,

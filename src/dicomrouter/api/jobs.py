@@ -17,6 +17,7 @@ from dicomrouter.control.security import Principal
 
 from .auth import client_address, context, operator, viewer
 from .control_errors import http_errors
+from .params import Timestamp
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 
@@ -37,8 +38,8 @@ class JobFilterBody(BaseModel):
     study_uid: str | None = None
     patient_id: str | None = None
     accession_number: str | None = None
-    since: float | None = Field(None, description="created at or after (POSIX s)")
-    until: float | None = Field(None, description="created before (POSIX s)")
+    since: Timestamp | None = Field(None, description="created at or after (POSIX s or ISO 8601)")
+    until: Timestamp | None = Field(None, description="created before (POSIX s or ISO 8601)")
     all_jobs: bool = Field(False, alias="all", description="Required with an empty filter")
 
     def to_filter(self) -> control.JobFilter:
@@ -55,6 +56,10 @@ class JobFilterBody(BaseModel):
         )
 
 
+_SINCE = "created at or after (POSIX s or ISO 8601)"
+_UNTIL = "created before (POSIX s or ISO 8601)"
+
+
 class PriorityBody(BaseModel):
     priority: int = Field(ge=-1000, le=1000, description="Higher is sent first; default 0")
 
@@ -68,8 +73,12 @@ def list_jobs(
     study_uid: str | None = None,
     patient_id: str | None = None,
     accession_number: str | None = None,
-    since: Annotated[float | None, Query(description="created at or after (POSIX s)")] = None,
-    until: Annotated[float | None, Query(description="created before (POSIX s)")] = None,
+    since: Annotated[
+        Timestamp | None, Query(description="created at or after (POSIX s or ISO 8601)")
+    ] = None,
+    until: Annotated[
+        Timestamp | None, Query(description="created before (POSIX s or ISO 8601)")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
     _: Principal = viewer,

@@ -12,6 +12,7 @@ from dicomrouter.control.security import Principal
 
 from .auth import context, viewer
 from .control_errors import http_errors
+from .params import Timestamp
 
 router = APIRouter(prefix="/api/v1", tags=["status"])
 
@@ -33,7 +34,7 @@ def get_status(request: Request, _: Principal = viewer) -> dict[str, Any]:
 )
 def get_throughput(
     request: Request,
-    since: Annotated[float | None, Query(description="POSIX seconds")] = None,
+    since: Annotated[Timestamp | None, Query(description="POSIX seconds or ISO 8601")] = None,
     bucket_s: Annotated[int, Query(ge=1, le=86400, description="Bucket width (s)")] = 300,
     _: Principal = viewer,
 ) -> list[dict[str, Any]]:
