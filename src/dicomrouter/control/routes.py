@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from pydantic import ValidationError
-from pydicom.dataset import Dataset
 from sqlalchemy import Engine, Row, case, func, select
 
 from dicomrouter.config import RouteConfig, RouterConfig
 from dicomrouter.config.loader import format_validation_error
 from dicomrouter.queue import compile_routes
+from dicomrouter.queue.planner import indexed_facts
 from dicomrouter.rules import Condition, InstanceFacts, compile_condition
 from dicomrouter.store import ObjectStore, missing_identity, read_header
 from dicomrouter.store.schema import instances, jobs, route_matches
@@ -256,14 +256,7 @@ def _explain(condition: Condition | None, facts: InstanceFacts) -> str:
 def stored_facts(store: ObjectStore, row: Row[Any]) -> InstanceFacts:
     """The facts the planner saw for a stored instance: its header and provenance.
     Raises OSError (or a pydicom error) when the stored file cannot be read."""
-    dataset: Dataset = read_header(store.absolute(row.path))
-    return InstanceFacts(
-        dataset=dataset,
-        calling_ae=row.calling_ae,
-        called_ae=row.called_ae,
-        source_address=row.source_address,
-        received_at=datetime.fromtimestamp(row.received_at),
-    )
+    return indexed_facts(row, read_header(store.absolute(row.path)))
 
 
 def explain_match(

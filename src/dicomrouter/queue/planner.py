@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from pydicom.dataset import Dataset
 from sqlalchemy import Connection, Engine, Row, and_, bindparam, delete, select, update
@@ -50,6 +51,19 @@ Plans = dict[tuple[str, str, str], Delivery]
 #: Instances planned per transaction. Small enough that the receiver, which needs the
 #: same write lock to commit each C-STORE, never waits long behind the planner.
 PLAN_BATCH = 100
+
+
+def indexed_facts(row: Row[Any], dataset: Dataset) -> InstanceFacts:
+    """What the rules see of an indexed instance: its header and how it arrived. The
+    planner and every explanation after the fact (trace, backtest) build it here, so
+    they cannot disagree."""
+    return InstanceFacts(
+        dataset=dataset,
+        calling_ae=row.calling_ae,
+        called_ae=row.called_ae,
+        source_address=row.source_address,
+        received_at=datetime.fromtimestamp(row.received_at),
+    )
 
 
 def compile_routes(config: RouterConfig) -> list[CompiledRoute]:
@@ -172,13 +186,7 @@ class Planner:
                     exc,
                 )
                 return None
-        return InstanceFacts(
-            dataset=dataset,
-            calling_ae=row.calling_ae,
-            called_ae=row.called_ae,
-            source_address=row.source_address,
-            received_at=datetime.fromtimestamp(row.received_at),
-        )
+        return indexed_facts(row, dataset)
 
     def _plan_instance(
         self,
