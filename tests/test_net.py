@@ -7,6 +7,8 @@ import copy
 import warnings
 from io import BytesIO
 from pathlib import Path
+from typing import Any
+from unittest.mock import patch
 
 import pytest
 from pydicom import config as pydicom_config
@@ -19,7 +21,11 @@ from pynetdicom import (
     PYNETDICOM_IMPLEMENTATION_VERSION,
     dimse_messages,
 )
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta
+from pynetdicom.pdu_primitives import P_DATA
 
 from dicomrouter import net
 from dicomrouter.store import InstanceHeader, InvalidUID, read_header
@@ -136,3 +142,114 @@ def test_empty_uid_in_file_meta_is_still_refused_by_pydicom() -> None:
     )
     with pytest.raises(AttributeError, match="Media Storage SOP Class UID"):
         dimse_messages.write_file_meta_info(BytesIO(), meta)
+
+
+def _store_response(status: int, **values: object) -> C_STORE:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = values.pop("message_id", 7)
+    rsp.AffectedSOPClassUID = values.pop("sop_class", "1.2.840.10008.5.1.4.1.1.2")
+    sop_instance = values.pop("sop_instance", "1.2.3")
+    if sop_instance is not None:
+        rsp.AffectedSOPInstanceUID = sop_instance
+    rsp.Status = status
+    for name, value in values.items():
+        setattr(rsp, name, value)
+    return rsp
+
+
+def _pynetdicom_encoding(rsp: C_STORE) -> bytes:
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    (pdata,) = list(message.encode_msg(1, 0))
+    ((_, pdv),) = pdata.presentation_data_value_list
+    assert pdv[0] == 0x03  # command, last fragment
+    return pdv[1:]
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xB000, 0xA700, 0xC001, 0xFFFF])
+@pytest.mark.parametrize("sop_instance", ["1.2.3", "1.2.34", "9" * 64, None])
+@pytest.mark.parametrize("message_id", [1, 0xFFFF])
+def test_encode_store_response_matches_pynetdicom(
+    status: int, sop_instance: str | None, message_id: int
+) -> None:
+    rsp = _store_response(status, sop_instance=sop_instance, message_id=message_id)
+    assert net.encode_store_response(rsp) == _pynetdicom_encoding(rsp)
+
+
+def test_store_responses_with_optional_elements_are_left_to_pynetdicom() -> None:
+    assert net.encode_store_response(_store_response(0xC000, ErrorComment="bad")) is None
+    assert net.encode_store_response(_store_response(0xA900, OffendingElement=[0x00100010])) is None
+
+
+@pytest.fixture
+def original_send_msg(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """install_fast_store_response() for one test; returns pynetdicom's send_msg,
+    which is restored afterwards."""
+    original = DIMSEServiceProvider.send_msg
+    monkeypatch.setattr(DIMSEServiceProvider, "send_msg", original)
+    monkeypatch.setattr(net, "_fast_store_response", False)
+    net.install_fast_store_response()
+    return original
+
+
+class _Capture:
+    """Stands in for the DIMSE provider's association and DUL."""
+
+    def __init__(self, handlers: list[object]) -> None:
+        self.sent: list[P_DATA] = []
+        self.handlers = handlers
+        self.events: list[object] = []
+
+    def get_handlers(self, event: object) -> list[object]:
+        return self.handlers
+
+    def _abort_nonblocking(self) -> None:  # pynetdicom's trigger() swaps these in
+        pass
+
+    def _abort_blocking(self) -> None:
+        pass
+
+    def send_pdu(self, pdata: P_DATA) -> None:
+        self.sent.append(pdata)
+
+
+@pytest.mark.parametrize(
+    ("rsp", "max_pdu", "fast"),
+    [
+        (_store_response(0x0000), 0, True),
+        (_store_response(0x0000), 16382, True),
+        (_store_response(0xB000, sop_instance=None), 16382, True),
+        (_store_response(0x0000), 64, False),  # does not fit one PDU
+        (_store_response(0xC000, ErrorComment="unreadable"), 0, False),
+    ],
+)
+def test_send_msg_sends_the_same_pdus_as_pynetdicom(
+    original_send_msg: Any, rsp: C_STORE, max_pdu: int, fast: bool
+) -> None:
+    def send(method: Any, handlers: list[object]) -> list[list[tuple[int, bytes]]]:
+        capture = _Capture(handlers)
+        provider = DIMSEServiceProvider.__new__(DIMSEServiceProvider)
+        with (
+            patch.object(DIMSEServiceProvider, "assoc", capture),
+            patch.object(DIMSEServiceProvider, "dul", capture),
+            patch.object(DIMSEServiceProvider, "maximum_pdu_size", max_pdu),
+        ):
+            method(provider, rsp, 5)
+        return [list(p.presentation_data_value_list) for p in capture.sent]
+
+    reference = send(original_send_msg, [])
+    built: list[object] = []
+    to_message = C_STORE_RSP.primitive_to_message
+
+    def counting(message: C_STORE_RSP, primitive: C_STORE) -> None:
+        built.append(message)
+        to_message(message, primitive)
+
+    with patch.object(C_STORE_RSP, "primitive_to_message", counting):
+        assert send(DIMSEServiceProvider.send_msg, []) == reference
+    assert len(built) == (0 if fast else 1)  # the fast path builds no DIMSE message
+    # A handler bound to EVT_DIMSE_SENT gets pynetdicom's message object: its path.
+    calls: list[object] = []
+    handler = [(lambda event: calls.append(event.message), None)]
+    assert send(DIMSEServiceProvider.send_msg, handler) == reference
+    assert len(calls) == 1 and isinstance(calls[0], C_STORE_RSP)

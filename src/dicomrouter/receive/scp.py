@@ -29,6 +29,7 @@ from dicomrouter.config import RouterConfig
 from dicomrouter.control import audit
 from dicomrouter.net import (
     install_fast_file_meta,
+    install_fast_store_response,
     install_low_latency_reactors,
     install_no_value_validation,
     install_tcp_nodelay,
@@ -131,6 +132,7 @@ class Receiver:
         install_low_latency_reactors()
         install_no_value_validation()
         install_fast_file_meta()
+        install_fast_store_response()
         _config.STORE_RECV_CHUNKED_DATASET = True
         # pynetdicom creates its temporary files in tempfile's folder: make that our
         # tmp folder on the storage filesystem so a file is renamed, never copied.
