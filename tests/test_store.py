@@ -60,8 +60,10 @@ def test_paths_stay_inside_storage(tmp_path: Path) -> None:
     assert store.relative_path("1.2", "1.2.3", "1.2.3.4") == "1.2/1.2.3/1.2.3.4.dcm"
     with pytest.raises(InvalidUID):
         store.relative_path("1.2", "..", "1.2.3.4")
-    with pytest.raises(StorageError):
-        store.absolute("../../outside.dcm")
+    for escape in ("../../outside.dcm", "../objects2/x.dcm", "/etc/passwd", "a/../..", ""):
+        with pytest.raises(StorageError):
+            store.absolute(escape)
+    assert store.absolute("1.2/./1.2.3/x.dcm") == store.objects / "1.2" / "1.2.3" / "x.dcm"
 
 
 def test_commit_moves_the_file_into_place(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ class ObjectStore:
         self.root = Path(root).resolve()
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
+        self._objects_prefix = str(self.objects) + os.sep
         # Series folders whose names are known to be on disk (see _ensure_durable_dir).
         self._durable: set[Path] = set()
         self._durable_lock = threading.Lock()
@@ -87,11 +88,12 @@ class ObjectStore:
 
     def absolute(self, relative: str) -> Path:
         # normpath, not resolve(): no symlink walk on the hot path. UIDs are already
-        # digits and dots; this is the second line of defence.
-        path = Path(os.path.normpath(self.objects / relative))
-        if not path.is_relative_to(self.objects):
+        # digits and dots; this is the second line of defence. Plain strings: the
+        # pathlib version was 5% of the receiver's CPU samples.
+        path = os.path.normpath(os.path.join(self._objects_prefix, relative))
+        if not path.startswith(self._objects_prefix):
             raise StorageError(f"path {relative!r} escapes the storage folder")
-        return path
+        return Path(path)
 
     def commit(
         self, temp_path: Path, relative: str, fsync_file: bool = True, replace: bool = True
