@@ -50,6 +50,11 @@ def configure_logging(level: str) -> None:
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     if level != "DEBUG":
+        # A refused connection is logged by pynetdicom as two ERROR lines, on every
+        # retry and every C-ECHO probe of a destination that is down; the dispatcher
+        # already reports it once, with the destination's name.
+        logging.getLogger("pynetdicom.transport").setLevel(logging.CRITICAL)
+    if level != "DEBUG":
         # pynetdicom's default handlers format every PDU and DIMSE message for the
         # log even when nothing is logged: about 10% of the receive path's CPU.
         from pynetdicom import _config

@@ -47,7 +47,9 @@ def init_command(
         "# Every key: docs/configuration.md. Rules: docs/rules.md.\n"
     )
     try:
-        config.write_text(header + yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+        config.write_text(
+            header + yaml.safe_dump(document, sort_keys=False, width=1000), encoding="utf-8"
+        )
         config.chmod(0o600)
     except OSError as exc:
         fail(f"cannot write {config}: {exc.strerror}")
@@ -75,7 +77,7 @@ def hash_password_command(
     if not password:
         password, generated = new_password(), True
     snippet = {"auth": {"users": {user: {"password_hash": hash_password(password), "role": role}}}}
-    typer.echo(yaml.safe_dump(snippet, sort_keys=False), nl=False)
+    typer.echo(yaml.safe_dump(snippet, sort_keys=False, width=1000), nl=False)
     if generated:
         typer.echo(f"# generated password for {user}: {password}", err=True)
 
@@ -89,5 +91,5 @@ def token_command(
         fail(f"invalid role {role!r}: one of {', '.join(_ROLES)}")
     token = new_token()
     snippet = {"auth": {"tokens": {name: {"token_hash": hash_token(token), "role": role}}}}
-    typer.echo(yaml.safe_dump(snippet, sort_keys=False), nl=False)
+    typer.echo(yaml.safe_dump(snippet, sort_keys=False, width=1000), nl=False)
     typer.echo(f"# token (shown once): {token}", err=True)
