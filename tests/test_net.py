@@ -22,7 +22,7 @@ from pynetdicom import (
     dimse_messages,
 )
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.pdu_primitives import P_DATA
@@ -213,6 +213,21 @@ class _Capture:
         self.sent.append(pdata)
 
 
+def _send(
+    method: Any, primitive: C_STORE, max_pdu: int, handlers: list[object]
+) -> list[list[tuple[int, bytes]]]:
+    """The P-DATA that DIMSEServiceProvider.send_msg (``method``) hands to the DUL."""
+    capture = _Capture(handlers)
+    provider = DIMSEServiceProvider.__new__(DIMSEServiceProvider)
+    with (
+        patch.object(DIMSEServiceProvider, "assoc", capture),
+        patch.object(DIMSEServiceProvider, "dul", capture),
+        patch.object(DIMSEServiceProvider, "maximum_pdu_size", max_pdu),
+    ):
+        method(provider, primitive, 5)
+    return [list(p.presentation_data_value_list) for p in capture.sent]
+
+
 @pytest.mark.parametrize(
     ("rsp", "max_pdu", "fast"),
     [
@@ -227,15 +242,7 @@ def test_send_msg_sends_the_same_pdus_as_pynetdicom(
     original_send_msg: Any, rsp: C_STORE, max_pdu: int, fast: bool
 ) -> None:
     def send(method: Any, handlers: list[object]) -> list[list[tuple[int, bytes]]]:
-        capture = _Capture(handlers)
-        provider = DIMSEServiceProvider.__new__(DIMSEServiceProvider)
-        with (
-            patch.object(DIMSEServiceProvider, "assoc", capture),
-            patch.object(DIMSEServiceProvider, "dul", capture),
-            patch.object(DIMSEServiceProvider, "maximum_pdu_size", max_pdu),
-        ):
-            method(provider, rsp, 5)
-        return [list(p.presentation_data_value_list) for p in capture.sent]
+        return _send(method, rsp, max_pdu, handlers)
 
     reference = send(original_send_msg, [])
     built: list[object] = []
@@ -253,3 +260,45 @@ def test_send_msg_sends_the_same_pdus_as_pynetdicom(
     handler = [(lambda event: calls.append(event.message), None)]
     assert send(DIMSEServiceProvider.send_msg, handler) == reference
     assert len(calls) == 1 and isinstance(calls[0], C_STORE_RSP)
+
+
+def _store_request(path: str, offset: int, **values: object) -> C_STORE:
+    """A C-STORE-RQ as ``send_c_store(path)`` builds it in chunked mode."""
+    req = C_STORE()
+    req.MessageID = values.pop("message_id", 3)
+    req.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    req.AffectedSOPInstanceUID = values.pop("sop_instance", "1.2.3.4")
+    req.Priority = values.pop("priority", 2)
+    for name, value in values.items():
+        setattr(req, name, value)
+    req._dataset_path = (Path(path), offset)
+    return req
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16382, 4096, 1000])
+@pytest.mark.parametrize(
+    "values",
+    [
+        {},
+        {"sop_instance": "1.2.34", "message_id": 0xFFFF, "priority": 0},
+        {"MoveOriginatorApplicationEntityTitle": "MOVER", "MoveOriginatorMessageID": 5},
+    ],
+)
+def test_store_requests_from_files_send_the_same_pdus(
+    original_send_msg: Any, max_pdu: int, values: dict[str, object]
+) -> None:
+    path = get_testdata_file("CT_small.dcm")
+    req = _store_request(path, 332, **dict(values))
+    fast = "MoveOriginatorApplicationEntityTitle" not in values
+    reference = _send(original_send_msg, req, max_pdu, [])
+    assert len(reference) > 2 or max_pdu in (0, 16382)
+    built: list[object] = []
+    to_message = C_STORE_RQ.primitive_to_message
+
+    def counting(message: C_STORE_RQ, primitive: C_STORE) -> None:
+        built.append(message)
+        to_message(message, primitive)
+
+    with patch.object(C_STORE_RQ, "primitive_to_message", counting):
+        assert _send(DIMSEServiceProvider.send_msg, req, max_pdu, []) == reference
+    assert len(built) == (0 if fast else 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 from pynetdicom.transport import AssociationServer, AssociationSocket
@@ -270,13 +271,63 @@ def encode_store_response(primitive: Any) -> bytes | None:
     return _command_element(0x0000, struct.pack("<L", len(body))) + body
 
 
+_C_STORE_RQ = 0x0001
+_WITH_DATASET = 0x0001
+
+
+def encode_store_request(primitive: Any) -> bytes | None:
+    """The encoded command set of the C-STORE-RQ ``primitive`` (which has a data set),
+    or None when it is not the plain case (a C-MOVE originator, odd values)."""
+    if (
+        primitive.MoveOriginatorApplicationEntityTitle is not None
+        or primitive.MoveOriginatorMessageID is not None
+    ):
+        return None
+    message_id, priority = primitive.MessageID, primitive.Priority
+    sop_class, sop_instance = primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID
+    if not (isinstance(message_id, int) and isinstance(priority, int)):
+        return None
+    if not (0 <= message_id <= 0xFFFF and 0 <= priority <= 0xFFFF):
+        return None
+    if not (isinstance(sop_class, str) and isinstance(sop_instance, str)):
+        return None
+    try:
+        body = b"".join(
+            (
+                _command_element(0x0002, _padded(sop_class, b"\x00")),
+                _command_element(0x0100, struct.pack("<H", _C_STORE_RQ)),
+                _command_element(0x0110, struct.pack("<H", message_id)),
+                _command_element(0x0700, struct.pack("<H", priority)),
+                _command_element(0x0800, struct.pack("<H", _WITH_DATASET)),
+                _command_element(0x1000, _padded(sop_instance, b"\x00")),
+            )
+        )
+    except UnicodeEncodeError:
+        return None
+    return _command_element(0x0000, struct.pack("<L", len(body))) + body
+
+
+def _file_fragments(path: Any, offset: int, limit: int) -> Iterator[tuple[int, bytes]]:
+    """(control header, bytes) of the data set read from ``path`` at ``offset``, in
+    fragments that fit PDUs of ``limit`` bytes (0: one fragment), as pynetdicom's
+    chunked send does (PS3.8 E.2: 0x00 data set, 0x02 data set last fragment)."""
+    with open(path, "rb") as handle:
+        length = handle.seek(0, 2) - handle.seek(offset)
+        size = length if limit == 0 else limit - 6
+        count = 1 if limit == 0 else max(1, -(-length // size))
+        for number in range(count):
+            yield (0x02 if number == count - 1 else 0x00), handle.read(size)
+
+
 _fast_store_response = False
 
 
 def install_fast_store_response() -> None:
-    """Send C-STORE-RSPs encoded by :func:`encode_store_response`. Idempotent.
+    """Send C-STORE-RSPs encoded by :func:`encode_store_response`, and C-STORE-RQs
+    of files (``send_c_store(path)`` with ``STORE_SEND_CHUNKED_DATASET``) with
+    :func:`encode_store_request`. Idempotent.
 
-    Falls back to pynetdicom's ``send_msg`` for every other message, for responses
+    Falls back to pynetdicom's ``send_msg`` for every other message, for messages
     with optional elements, when a handler is bound to ``EVT_DIMSE_SENT`` (it expects
     pynetdicom's message object) and when the command set would not fit one PDU.
     """
@@ -290,20 +341,28 @@ def install_fast_store_response() -> None:
 
     original_send_msg = DIMSEServiceProvider.send_msg
 
+    def send(self: Any, context_id: int, control: int, data: bytes) -> None:
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, bytes((control,)) + data))
+        self.dul.send_pdu(pdata)
+
     def send_msg(self: Any, primitive: Any, context_id: int) -> None:
-        if (
-            type(primitive) is C_STORE
-            and primitive.MessageIDBeingRespondedTo is not None
-            and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
-        ):
-            encoded = encode_store_response(primitive)
+        if type(primitive) is C_STORE and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
             limit = self.maximum_pdu_size
-            if encoded is not None and (limit == 0 or len(encoded) + 6 <= limit):
-                pdata = P_DATA()
-                # 0x03: command information, last fragment (PS3.8 E.2)
-                pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
-                self.dul.send_pdu(pdata)
-                return
+            if primitive.MessageIDBeingRespondedTo is not None:
+                encoded = encode_store_response(primitive)
+                if encoded is not None and (limit == 0 or len(encoded) + 6 <= limit):
+                    send(self, context_id, 0x03, encoded)  # command, last fragment
+                    return
+            elif isinstance(primitive._dataset_path, tuple) and primitive.DataSet is None:
+                # send_c_store(path) with STORE_SEND_CHUNKED_DATASET: (path, offset)
+                encoded = encode_store_request(primitive)
+                if encoded is not None and (limit == 0 or len(encoded) + 6 <= limit):
+                    send(self, context_id, 0x03, encoded)
+                    path, offset = primitive._dataset_path
+                    for control, data in _file_fragments(path, offset, limit):
+                        send(self, context_id, control, data)
+                    return
         original_send_msg(self, primitive, context_id)
 
     DIMSEServiceProvider.send_msg = send_msg  # type: ignore[method-assign]

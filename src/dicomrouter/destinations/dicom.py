@@ -39,6 +39,7 @@ from pynetdicom.presentation import PresentationContext
 
 from dicomrouter.config.models import DicomDestinationConfig
 from dicomrouter.net import (
+    install_fast_store_response,
     install_low_latency_reactors,
     install_no_value_validation,
     install_tcp_nodelay,
@@ -201,6 +202,7 @@ class DicomSender:
                 install_tcp_nodelay()
                 install_low_latency_reactors()
                 install_no_value_validation()
+                install_fast_store_response()  # C-STORE-RQs of files, packed directly
                 # Stream files from disk instead of decoding them. This is process
                 # wide: any send_c_store(path) then needs an exact-syntax context.
                 pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
