@@ -219,3 +219,29 @@ def test_an_invalid_candidate_is_422_with_the_key_path(tmp_path: Path) -> None:
         "/api/v1/routes/test", content=b"{", headers={"content-type": "application/json"}
     )
     assert broken.status_code == 422
+
+
+def test_uploads_are_refused_by_size_before_they_are_read() -> None:
+    import asyncio
+
+    from fastapi import HTTPException
+    from starlette.requests import Request
+
+    from dicomrouter.api.uploads import uploaded_files
+
+    def request(headers: list[tuple[bytes, bytes]]) -> Request:
+        async def receive() -> dict[str, object]:
+            raise AssertionError("the body must not be read")
+
+        return Request({"type": "http", "method": "POST", "headers": headers}, receive)
+
+    async def attempt(headers: list[tuple[bytes, bytes]]) -> int:
+        try:
+            async with uploaded_files(request(headers), max_files=5, max_bytes=1000):
+                return 200
+        except HTTPException as exc:
+            return exc.status_code
+
+    type_ = (b"content-type", b"multipart/form-data; boundary=x")
+    assert asyncio.run(attempt([type_, (b"content-length", b"1001")])) == 413
+    assert asyncio.run(attempt([type_])) == 411

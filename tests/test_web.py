@@ -262,18 +262,27 @@ def test_routes_show_rules_counters_and_test_dropped_files(
     html = env.viewer.get("/routes").text
     assert "ct-to-pacs" in html and "CT" in html
     file: Path = facts["files"][0]
+    # The tester reads uploads and costs CPU: operators only, like the API.
+    assert "Rule tester" not in html
+    denied = env.viewer.post("/routes/test", files=[("files", ("x.dcm", b"x", "x"))])
+    assert denied.status_code == 403
     with file.open("rb") as handle:
-        tested = env.viewer.post(
+        tested = env.operator.post(
             "/routes/test", files=[("files", (file.name, handle, "application/dicom"))]
         )
     assert tested.status_code == 200
     rows = re.findall(r'<tr class="match"><td>[^<]*</td><td>([^<]+)</td>', tested.text)
     assert rows == ["ct-to-pacs", "all-to-archive"]
-    junk = env.viewer.post("/routes/test", files=[("files", ("x.txt", b"hello", "text/plain"))])
+    junk = env.operator.post("/routes/test", files=[("files", ("x.txt", b"hello", "text/plain"))])
     assert "not a readable DICOM file" in junk.text
     candidate = yaml.safe_dump({"name": "mr", "when": {"Modality": "MR"}, "to": ["pacs"]})
-    backtest = env.viewer.post("/routes/backtest", data={"candidate": candidate, "days": "1"})
+    backtest = env.operator.post("/routes/backtest", data={"candidate": candidate, "days": "1"})
     assert "0 of 2 studies" in backtest.text
+    too_far = env.operator.post("/routes/backtest", data={"candidate": candidate, "days": "5000"})
+    assert "days: must be more than 0 and at most 366" in too_far.text
+    assert env.viewer.post("/routes/backtest", data={"candidate": candidate}).status_code == 403
+    actions = [e["action"] for e in audit.query(env.engine, action="route.")[1]]
+    assert actions.count("route.test") == 2 and actions.count("route.backtest") == 1
 
 
 def test_config_validate_preview_apply_and_rollback(tmp_path: Path) -> None:

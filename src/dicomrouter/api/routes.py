@@ -24,13 +24,12 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
-from starlette.datastructures import UploadFile
 
-from dicomrouter.control import audit
 from dicomrouter.control import routes as control
 from dicomrouter.control.security import Principal
 
 from .auth import client_address, context, operator, viewer
+from .uploads import uploaded_files
 
 router = APIRouter(prefix="/api/v1", tags=["routes"])
 
@@ -129,26 +128,22 @@ async def test_route(request: Request, principal: Principal = operator) -> dict[
         return await run_in_threadpool(_backtest, request, body, principal)
     if not content_type.startswith("multipart/form-data"):
         raise HTTPException(415, "send multipart/form-data files, or a JSON candidate rule")
-    async with request.form(max_files=MAX_FILES) as form:
-        uploads = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
-        if not uploads:
-            raise HTTPException(422, "no files: send them in the multipart field 'files'")
+    ctx = context(request)
+    async with uploaded_files(request, MAX_FILES) as (uploads, form):
         pretend = control.Pretend(
             calling_ae=str(form.get("calling_ae") or ""),
             called_ae=str(form.get("called_ae") or "") or None,
             source_address=str(form.get("source_address") or "127.0.0.1"),
         )
         sources = [(u.filename or f"file{i + 1}", u.file) for i, u in enumerate(uploads)]
-        ctx = context(request)
-        report = await run_in_threadpool(control.dry_run, ctx.config, sources, pretend)
-    audit.record(
-        ctx.engine,
-        principal.name,
-        "route.test",
-        f"{len(report)} file(s)",
-        source=client_address(request),
-        detail={"files": [entry["file"] for entry in report][:20]},
-    )
+        report = await run_in_threadpool(
+            control.audited_dry_run,
+            ctx,
+            sources,
+            pretend,
+            actor=principal.name,
+            source=client_address(request),
+        )
     return {"files": report}
 
 
@@ -168,24 +163,16 @@ def backtest_route(
 
 
 def _backtest(request: Request, body: Backtest, principal: Principal) -> dict[str, Any]:
-    ctx = context(request)
     try:
-        result = control.backtest(ctx, body.route, body.days, body.limit)
+        return control.audited_backtest(
+            context(request),
+            body.route,
+            body.days,
+            body.limit,
+            actor=principal.name,
+            source=client_address(request),
+        )
     except control.CandidateError as exc:
         raise HTTPException(
             422, {"message": "the candidate route is invalid", "errors": exc.errors}
         ) from None
-    audit.record(
-        ctx.engine,
-        principal.name,
-        "route.backtest",
-        result["route"]["name"],
-        source=client_address(request),
-        detail={
-            "route": body.route,
-            "days": body.days,
-            "matched_studies": len(result["matched_studies"]),
-            "truncated": result["truncated"],
-        },
-    )
-    return result

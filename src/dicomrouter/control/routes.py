@@ -26,6 +26,7 @@ from sqlalchemy import Engine, Row, case, func, select
 
 from dicomrouter.config import RouteConfig, RouterConfig
 from dicomrouter.config.loader import format_validation_error
+from dicomrouter.control import audit
 from dicomrouter.queue import compile_routes
 from dicomrouter.queue.planner import indexed_facts
 from dicomrouter.rules import Condition, InstanceFacts, compile_condition
@@ -36,6 +37,8 @@ DAY = 86400.0
 
 #: Headers a backtest reads at most unless told otherwise (about 1 ms each).
 BACKTEST_LIMIT = 5000
+MAX_BACKTEST_LIMIT = 100_000
+MAX_BACKTEST_DAYS = 366
 
 
 class NodeContext(Protocol):
@@ -333,6 +336,10 @@ def backtest(
     of the window were left unevaluated, and ``evaluated_since`` says how far back
     the evaluation got.
     """
+    if not 0 < days <= MAX_BACKTEST_DAYS:
+        raise CandidateError([f"days: must be more than 0 and at most {MAX_BACKTEST_DAYS}"])
+    if not 0 < limit <= MAX_BACKTEST_LIMIT:
+        raise CandidateError([f"limit: must be between 1 and {MAX_BACKTEST_LIMIT}"])
     route = validate_candidate(ctx.config, candidate)
     condition = compile_condition(route.when) if route.when else None
     now = time.time() if now is None else now
@@ -407,3 +414,60 @@ def _backtest_entry(row: Row[Any], reason: str) -> dict[str, Any]:
         "reason": reason,
         "instances": 1,  # replaced by the study's instance count in the index
     }
+
+
+# -- audited entry points for the HTTP edges ------------------------------------------
+
+
+class AuditingContext(NodeContext, Protocol):
+    @property
+    def engine(self) -> Engine: ...
+
+
+def audited_dry_run(
+    ctx: AuditingContext,
+    sources: Sequence[tuple[str, str | Path | BinaryIO]],
+    pretend: Pretend | None,
+    *,
+    actor: str,
+    source: str,
+) -> list[dict[str, Any]]:
+    """:func:`dry_run` on the live configuration, recorded as ``route.test`` (the API
+    and the dashboard both come through here, so neither can forget the record)."""
+    report = dry_run(ctx.config, sources, pretend)
+    audit.record(
+        ctx.engine,
+        actor,
+        "route.test",
+        f"{len(report)} file(s)",
+        source=source,
+        detail={"files": [entry["file"] for entry in report][:20]},
+    )
+    return report
+
+
+def audited_backtest(
+    ctx: AuditingContext,
+    candidate: Mapping[str, Any],
+    days: float,
+    limit: int,
+    *,
+    actor: str,
+    source: str,
+) -> dict[str, Any]:
+    """:func:`backtest`, recorded as ``route.backtest``."""
+    result = backtest(ctx, candidate, days, limit)
+    audit.record(
+        ctx.engine,
+        actor,
+        "route.backtest",
+        result["route"]["name"],
+        source=source,
+        detail={
+            "route": dict(candidate),
+            "days": days,
+            "matched_studies": len(result["matched_studies"]),
+            "truncated": result["truncated"],
+        },
+    )
+    return result

@@ -2,23 +2,32 @@
 
 The tester has two halves: drop DICOM files to see where each would go (a dry run
 of the current rules on their headers), or write a candidate rule to see which
-stored studies of the last days it would have matched. Both only read: viewers may
-use them.
+stored studies of the last days it would have matched. Both only read, but they
+cost CPU and read uploads: like the API, they need the operator role and are
+recorded in the audit log.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 import yaml
-from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
+from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse
+from starlette.concurrency import run_in_threadpool
 
+from dicomrouter.api.auth import client_address
+from dicomrouter.api.uploads import uploaded_files
 from dicomrouter.control.errors import ControlError
-from dicomrouter.control.routes import backtest, dry_run, route_history, route_summaries
+from dicomrouter.control.routes import (
+    audited_backtest,
+    audited_dry_run,
+    route_history,
+    route_summaries,
+)
 from dicomrouter.control.security import Principal
 
-from .common import ctx_of, render, viewer
+from .common import ctx_of, operator, render, viewer
 
 router = APIRouter(include_in_schema=False)
 
@@ -64,13 +73,18 @@ def route(request: Request, name: str, principal: Principal = viewer) -> HTMLRes
 
 
 @router.post("/routes/test", summary="Where would these files go", response_class=HTMLResponse)
-def test_files(
-    request: Request,
-    files: Annotated[list[UploadFile], File()],
-    principal: Principal = viewer,
-) -> HTMLResponse:
-    sources = [(f.filename or f"file {i + 1}", f.file) for i, f in enumerate(files[:MAX_FILES])]
-    results = dry_run(ctx_of(request).config, sources)
+async def test_files(request: Request, principal: Principal = operator) -> HTMLResponse:
+    ctx = ctx_of(request)
+    async with uploaded_files(request, MAX_FILES) as (uploads, _form):
+        sources = [(f.filename or f"file {i + 1}", f.file) for i, f in enumerate(uploads)]
+        results = await run_in_threadpool(
+            audited_dry_run,
+            ctx,
+            sources,
+            None,
+            actor=principal.name,
+            source=client_address(request),
+        )
     return _page(request, principal, {"dry_run": results})
 
 
@@ -81,14 +95,21 @@ def test_rule(
     request: Request,
     candidate: str = Form(...),
     days: float = Form(7),
-    principal: Principal = viewer,
+    principal: Principal = operator,
 ) -> HTMLResponse:
     extra: dict[str, Any] = {"candidate": candidate, "days": days}
     try:
         rule = yaml.safe_load(candidate)
         if not isinstance(rule, dict):
             raise ValueError("write the rule as a mapping, like a routes: entry")
-        extra["backtest"] = backtest(ctx_of(request), rule, days, 200)
+        extra["backtest"] = audited_backtest(
+            ctx_of(request),
+            rule,
+            days,
+            200,
+            actor=principal.name,
+            source=client_address(request),
+        )
     except (yaml.YAMLError, ValueError, ControlError) as exc:
         extra["error"] = str(exc)
     return _page(request, principal, extra)
