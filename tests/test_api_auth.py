@@ -132,14 +132,29 @@ def test_readyz_fails_below_the_disk_watermark(tmp_path: Path) -> None:
 def test_an_old_index_is_upgraded_in_place(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'index.sqlite'}"
     create_index_engine(url).dispose()
+    new_indexes = {
+        "ix_instances_received_at",
+        "ix_instances_accession",
+        "ix_route_matches_route",
+        "ix_jobs_state",
+        "ix_jobs_created",
+        "ix_job_instances_updated",
+    }
     with create_index_engine(url, create=False).begin() as conn:  # make it look like v1
         conn.exec_driver_sql("ALTER TABLE destination_state DROP COLUMN admin_paused")
+        for name in new_indexes:
+            conn.exec_driver_sql(f"DROP INDEX {name}")
         conn.exec_driver_sql("UPDATE meta_info SET value = '1' WHERE key = 'schema'")
     engine = create_index_engine(url)
     with engine.connect() as conn:
         columns = [row[1] for row in conn.exec_driver_sql("PRAGMA table_info(destination_state)")]
         version = conn.exec_driver_sql("SELECT value FROM meta_info WHERE key='schema'").scalar()
+        indexes = {
+            row[0]
+            for row in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='index'")
+        }
     assert "admin_paused" in columns and version == "2"
+    assert new_indexes <= indexes
 
 
 def test_init_writes_a_config_with_a_working_admin(tmp_path: Path) -> None:

@@ -22,7 +22,15 @@ class IndexVersionError(RuntimeError):
 #: by ``create_all``; only changes to existing tables need a step here. Each step
 #: runs in the same transaction as the version bump.
 MIGRATIONS: dict[int, list[str]] = {
-    2: ["ALTER TABLE destination_state ADD COLUMN admin_paused INTEGER NOT NULL DEFAULT 0"],
+    2: [
+        "ALTER TABLE destination_state ADD COLUMN admin_paused INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX IF NOT EXISTS ix_instances_received_at ON instances (received_at)",
+        "CREATE INDEX IF NOT EXISTS ix_instances_accession ON instances (accession_number)",
+        "CREATE INDEX IF NOT EXISTS ix_route_matches_route ON route_matches (route, matched_at)",
+        "CREATE INDEX IF NOT EXISTS ix_jobs_state ON jobs (state)",
+        "CREATE INDEX IF NOT EXISTS ix_jobs_created ON jobs (created_at)",
+        "CREATE INDEX IF NOT EXISTS ix_job_instances_updated ON job_instances (updated_at)",
+    ],
 }
 
 

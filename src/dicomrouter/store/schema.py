@@ -58,6 +58,10 @@ instances = Table(
     Column("routed", Integer, nullable=False, default=0),
 )
 Index("ix_instances_unrouted", instances.c.routed, instances.c.id)
+# For the operator surface: time windows (throughput, backtests, study search order)
+# and accession search.
+Index("ix_instances_received_at", instances.c.received_at)
+Index("ix_instances_accession", instances.c.accession_number)
 
 route_matches = Table(
     "route_matches",
@@ -67,6 +71,7 @@ route_matches = Table(
     Column("generation", Integer, primary_key=True),
     Column("matched_at", Float, nullable=False),
 )
+Index("ix_route_matches_route", route_matches.c.route, route_matches.c.matched_at)
 
 # Pending series/study triggers: fire when now - last_arrival >= stable_after.
 triggers = Table(
@@ -108,6 +113,8 @@ jobs = Table(
 Index("ix_jobs_claim", jobs.c.destination, jobs.c.state, jobs.c.next_attempt_at)
 Index("ix_jobs_resource", jobs.c.destination, jobs.c.level, jobs.c.resource_uid)
 Index("ix_jobs_study", jobs.c.study_instance_uid)
+Index("ix_jobs_state", jobs.c.state)
+Index("ix_jobs_created", jobs.c.created_at)
 
 # Per-instance delivery state inside a job: a retry resends only what did not arrive.
 job_instances = Table(
@@ -126,6 +133,7 @@ job_instances = Table(
     UniqueConstraint("destination", "instance_id", "generation", name="uq_delivery"),
 )
 Index("ix_job_instances_state", job_instances.c.job_id, job_instances.c.state)
+Index("ix_job_instances_updated", job_instances.c.updated_at)
 
 attempts = Table(
     "attempts",
