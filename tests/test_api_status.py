@@ -88,3 +88,21 @@ def test_throughput_buckets_received_delivered_and_failed(tmp_path: Path) -> Non
     assert too_many.status_code == 422 and "buckets" in too_many.json()["detail"]
     default = env.viewer.get("/api/v1/status/throughput").json()
     assert len(default) in (72, 73) and sum(b["received"] for b in default) == 5
+
+
+def test_self_refreshing_pages_may_reuse_recent_counts_the_api_never_does(
+    tmp_path: Path,
+) -> None:
+    from dicomrouter.control.status import node_status, throughput
+
+    env, seed = seeded(tmp_path)
+    assert node_status(env.ctx, max_age=60)["counts"]["instances"] == 5
+    since = time.time() - 3600
+    assert sum(p["received"] for p in throughput(env.ctx.reader, since, 60, max_age=60)) == 5
+    seed.receive_study(1)
+    # Within max_age the remembered values stand; without it, the index is read now.
+    assert node_status(env.ctx, max_age=60)["counts"]["instances"] == 5
+    assert sum(p["received"] for p in throughput(env.ctx.reader, since, 60, max_age=60)) == 5
+    assert node_status(env.ctx)["counts"]["instances"] == 6
+    assert env.viewer.get("/api/v1/status").json()["counts"]["instances"] == 6
+    assert sum(p["received"] for p in throughput(env.ctx.reader, since, 60)) == 6

@@ -7,8 +7,10 @@ cheap: a handful of aggregate queries on the read-only engine.
 from __future__ import annotations
 
 import shutil
+import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, Integer, cast, func, select
 
@@ -44,11 +46,56 @@ def disk_status(ctx: Any) -> dict[str, Any]:
     }
 
 
-def node_status(ctx: Any) -> dict[str, Any]:
+_V = TypeVar("_V")
+
+
+class _Recent:
+    """A few seconds' memory of expensive aggregates, for pages that refresh
+    themselves: ten open dashboards then cost one count over the index, not ten.
+    Only callers that ask (``max_age``) get a remembered value; the API stays exact."""
+
+    def __init__(self) -> None:
+        self._values: dict[tuple[Any, ...], tuple[float, Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[Any, ...], max_age: float, compute: Callable[[], _V]) -> _V:
+        now = time.monotonic()
+        if max_age > 0:
+            with self._lock:
+                found = self._values.get(key)
+            if found is not None and now - found[0] <= max_age:
+                return found[1]  # type: ignore[no-any-return]
+        value = compute()
+        with self._lock:
+            if len(self._values) > 64:
+                self._values.clear()
+            self._values[key] = (now, value)
+        return value
+
+
+_recent = _Recent()
+
+
+def node_status(ctx: Any, max_age: float = 0.0) -> dict[str, Any]:
     """{version, started_at, uptime_s, counts: {instances, studies, jobs: {state: n}},
-    disk: {free_bytes, total_bytes, watermark_bytes, ok}, destinations: [...]}."""
+    disk: {free_bytes, total_bytes, watermark_bytes, ok}, destinations: [...]}.
+
+    ``max_age`` > 0 lets the counts (a scan of the index) be up to that many seconds
+    old; disk and destinations are always read now."""
     now = time.time()
-    with ctx.reader.connect() as conn:
+    counts = _recent.get(("counts", id(ctx.reader)), max_age, lambda: _counts(ctx.reader))
+    return {
+        "version": __version__,
+        "started_at": ctx.started_at,
+        "uptime_s": max(0.0, now - ctx.started_at),
+        "counts": counts,
+        "disk": disk_status(ctx),
+        "destinations": destination_summaries(ctx),
+    }
+
+
+def _counts(engine: Engine) -> dict[str, Any]:
+    with engine.connect() as conn:
         instance_count = conn.execute(select(func.count()).select_from(instances)).scalar_one()
         study_count = conn.execute(
             select(func.count(func.distinct(instances.c.study_instance_uid)))
@@ -58,28 +105,26 @@ def node_status(ctx: Any) -> dict[str, Any]:
             for row in conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state))
         }
     return {
-        "version": __version__,
-        "started_at": ctx.started_at,
-        "uptime_s": max(0.0, now - ctx.started_at),
-        "counts": {
-            "instances": int(instance_count),
-            "studies": int(study_count),
-            "jobs": {state: int(by_state.get(state, 0)) for state in S.JOB_STATES},
-        },
-        "disk": disk_status(ctx),
-        "destinations": destination_summaries(ctx),
+        "instances": int(instance_count),
+        "studies": int(study_count),
+        "jobs": {state: int(by_state.get(state, 0)) for state in S.JOB_STATES},
     }
 
 
 def throughput(
-    engine: Engine, since: float, bucket_s: int, now: float | None = None
+    engine: Engine, since: float, bucket_s: int, now: float | None = None, max_age: float = 0.0
 ) -> list[dict[str, Any]]:
     """Instances received, delivered (completed or warning) and failed per time
     bucket, from ``since`` (rounded down to a whole bucket) to now; every bucket is
     listed, empty ones with zeros, so a chart needs no gap handling.
 
     Returns [{"t": bucket start (POSIX s), "received": n, "delivered": n, "failed": n}].
+    ``max_age`` > 0 accepts a series computed up to that many seconds ago for the
+    same window (rounded to whole buckets).
     """
+    if max_age > 0:
+        window = ("throughput", id(engine), int(since // max(bucket_s, 1)), bucket_s)
+        return _recent.get(window, max_age, lambda: throughput(engine, since, bucket_s, now))
     now = time.time() if now is None else now
     if bucket_s < 1:
         raise Invalid("bucket_s must be at least 1 second")

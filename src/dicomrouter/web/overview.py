@@ -91,8 +91,10 @@ def overview(request: Request, range: str = "1h", principal: Principal = viewer)
     ctx = ctx_of(request)
     key = range if range in RANGES else "1h"
     span, bucket = RANGES[key]
-    status = node_status(ctx)
-    points = throughput(ctx.reader, time.time() - span, bucket)
+    # The page refreshes itself every few seconds, perhaps on several screens: the
+    # index-wide counts may be 5 s old, the series a quarter of a bucket.
+    status = node_status(ctx, max_age=5.0)
+    points = throughput(ctx.reader, time.time() - span, bucket, max_age=min(bucket / 4, 300.0))
     values = {
         "title": "Overview",
         "status": status,
