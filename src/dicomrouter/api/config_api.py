@@ -26,6 +26,7 @@ from dicomrouter.control.security import Principal, Role
 
 from .auth import admin, client_address, context, operator, viewer
 from .context import AppContext
+from .params import RowId
 
 router = APIRouter(prefix="/api/v1", tags=["config"])
 
@@ -193,7 +194,9 @@ def list_versions(
 
 
 @router.get("/config/versions/{version_id}", summary="One version, with its YAML")
-def get_version(request: Request, version_id: int, principal: Principal = viewer) -> dict[str, Any]:
+def get_version(
+    request: Request, version_id: RowId, principal: Principal = viewer
+) -> dict[str, Any]:
     found = versions.get_version(context(request).reader, version_id)
     if found is None:
         raise HTTPException(404, f"no configuration version {version_id}")
@@ -204,7 +207,7 @@ def get_version(request: Request, version_id: int, principal: Principal = viewer
 
 @router.get("/config/versions/{a}/diff/{b}", summary="Unified diff from version a to version b")
 def diff_versions(
-    request: Request, a: int, b: int, principal: Principal = viewer
+    request: Request, a: RowId, b: RowId, principal: Principal = viewer
 ) -> dict[str, Any]:
     change = versions.diff_versions(context(request).reader, a, b)
     if change is None:
@@ -216,7 +219,7 @@ def diff_versions(
     "/config/versions/{version_id}/rollback",
     summary="Roll back to a version (admin; applied as a new version)",
 )
-def rollback(request: Request, version_id: int, principal: Principal = admin) -> dict[str, Any]:
+def rollback(request: Request, version_id: RowId, principal: Principal = admin) -> dict[str, Any]:
     ctx = context(request)
     old = versions.get_version(ctx.reader, version_id)
     if old is None:

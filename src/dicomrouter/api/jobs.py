@@ -17,7 +17,7 @@ from dicomrouter.control.security import Principal
 
 from .auth import client_address, context, operator, viewer
 from .control_errors import http_errors
-from .params import Timestamp
+from .params import RowId, Timestamp
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 
@@ -134,7 +134,7 @@ def bulk_cancel(body: JobFilterBody, request: Request, who: Principal = operator
 @router.get(
     "/{job_id}", summary="One job: per-instance states and every attempt", responses=_NOT_FOUND
 )
-def get_job(job_id: int, request: Request, _: Principal = viewer) -> dict[str, Any]:
+def get_job(job_id: RowId, request: Request, _: Principal = viewer) -> dict[str, Any]:
     detail = control.job_detail(context(request).reader, job_id)
     if detail is None:
         raise HTTPException(404, f"no job {job_id}")
@@ -154,7 +154,7 @@ def _one(action: control.Action, job_id: int, request: Request, who: Principal) 
     summary="Send again what did not arrive (operator)",
     responses={**_NOT_FOUND, 409: {"description": "Nothing to retry (e.g. completed)"}},
 )
-def retry_job(job_id: int, request: Request, who: Principal = operator) -> Any:
+def retry_job(job_id: RowId, request: Request, who: Principal = operator) -> Any:
     return _one("retry", job_id, request, who)
 
 
@@ -163,7 +163,7 @@ def retry_job(job_id: int, request: Request, who: Principal = operator) -> Any:
     summary="Cancel an open job (operator)",
     responses={**_NOT_FOUND, 409: {"description": "The job is already finished"}},
 )
-def cancel_job(job_id: int, request: Request, who: Principal = operator) -> Any:
+def cancel_job(job_id: RowId, request: Request, who: Principal = operator) -> Any:
     return _one("cancel", job_id, request, who)
 
 
@@ -187,7 +187,7 @@ _PRIORITY_RESPONSES: dict[int | str, dict[str, Any]] = {
     responses=_PRIORITY_RESPONSES,
 )
 def set_priority(
-    job_id: int, body: PriorityBody, request: Request, who: Principal = operator
+    job_id: RowId, body: PriorityBody, request: Request, who: Principal = operator
 ) -> dict[str, Any]:
     with http_errors():
         return control.set_priority(

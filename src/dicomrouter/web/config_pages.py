@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from dicomrouter.api.auth import client_address
 from dicomrouter.api.context import AppContext
+from dicomrouter.api.params import RowId
 from dicomrouter.control import versions
 from dicomrouter.control.security import Principal, Role
 
@@ -95,7 +96,9 @@ def apply(
 
 
 @router.get("/config/versions/{version_id}", summary="One version", response_class=HTMLResponse)
-def version_page(request: Request, version_id: int, principal: Principal = viewer) -> HTMLResponse:
+def version_page(
+    request: Request, version_id: RowId, principal: Principal = viewer
+) -> HTMLResponse:
     ctx = ctx_of(request)
     found = versions.get_version(ctx.reader, version_id)
     if found is None:
@@ -111,7 +114,7 @@ def version_page(request: Request, version_id: int, principal: Principal = viewe
 
 
 @router.post("/config/versions/{version_id}/rollback", summary="Roll back", response_model=None)
-def rollback(request: Request, version_id: int, principal: Principal = admin) -> Response:
+def rollback(request: Request, version_id: RowId, principal: Principal = admin) -> Response:
     from dicomrouter.api.config_api import apply_config
 
     ctx = ctx_of(request)

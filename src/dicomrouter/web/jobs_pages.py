@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
+from dicomrouter.api.params import RowId
 from dicomrouter.control.errors import ControlError, Invalid
 from dicomrouter.control.jobs import (
     JobFilter,
@@ -72,7 +73,7 @@ def jobs_page(request: Request, offset: int = 0, principal: Principal = viewer) 
 
 
 @router.get("/jobs/{job_id}", summary="One job", response_class=HTMLResponse)
-def job_page(request: Request, job_id: int, principal: Principal = viewer) -> HTMLResponse:
+def job_page(request: Request, job_id: RowId, principal: Principal = viewer) -> HTMLResponse:
     job = job_detail(ctx_of(request).reader, job_id)
     if job is None:
         raise HTTPException(404, f"no job {job_id}")
@@ -80,7 +81,7 @@ def job_page(request: Request, job_id: int, principal: Principal = viewer) -> HT
 
 
 @router.post("/jobs/{job_id}/retry", summary="Retry a job")
-def retry_one(request: Request, job_id: int, principal: Principal = operator) -> RedirectResponse:
+def retry_one(request: Request, job_id: RowId, principal: Principal = operator) -> RedirectResponse:
     def act() -> str:
         retry(ctx_of(request).engine, [job_id], **actor(principal, request))
         return f"job {job_id} queued again"
@@ -90,7 +91,9 @@ def retry_one(request: Request, job_id: int, principal: Principal = operator) ->
 
 
 @router.post("/jobs/{job_id}/cancel", summary="Cancel a job")
-def cancel_one(request: Request, job_id: int, principal: Principal = operator) -> RedirectResponse:
+def cancel_one(
+    request: Request, job_id: RowId, principal: Principal = operator
+) -> RedirectResponse:
     def act() -> str:
         cancel(ctx_of(request).engine, [job_id], **actor(principal, request))
         return f"job {job_id} canceled"
@@ -101,7 +104,7 @@ def cancel_one(request: Request, job_id: int, principal: Principal = operator) -
 
 @router.post("/jobs/{job_id}/priority", summary="Change a job's priority")
 def priority(
-    request: Request, job_id: int, value: int = Form(...), principal: Principal = operator
+    request: Request, job_id: RowId, value: int = Form(...), principal: Principal = operator
 ) -> RedirectResponse:
     def act() -> str:
         set_priority(ctx_of(request).engine, job_id, value, **actor(principal, request))
