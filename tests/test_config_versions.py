@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,12 @@ import yaml
 
 from dicomrouter.config import ConfigError
 from dicomrouter.control import audit, versions
+from dicomrouter.control.errors import Conflict, NotFound
+from dicomrouter.control.security import Principal, Role
 from dicomrouter.store import create_index_engine
 from tests.support.api import ApiEnv, api_env, auth_section
+
+YAML = {"Content-Type": "application/yaml"}
 
 
 def _config(tmp_path: Path, **extra: Any) -> dict[str, Any]:
@@ -183,15 +188,16 @@ def test_api_roles(tmp_path: Path) -> None:
         assert env.viewer.get(url).status_code == 200, url
     assert env.viewer.get("/api/v1/config/export").status_code == 403
     assert env.operator.get("/api/v1/config/export").status_code == 403
-    assert env.viewer.post("/api/v1/config/validate", content=text).status_code == 403
-    assert env.operator.post("/api/v1/config/validate", content=text).status_code == 200
+    validate = "/api/v1/config/validate"
+    assert env.viewer.post(validate, content=text, headers=YAML).status_code == 403
+    assert env.operator.post(validate, content=text, headers=YAML).status_code == 200
     for method, url in [
         ("PUT", "/api/v1/config"),
         ("POST", "/api/v1/config/import"),
         ("POST", "/api/v1/config/versions/1/rollback"),
     ]:
-        assert env.operator.request(method, url, content=text).status_code == 403, url
-        assert env.anonymous.request(method, url, content=text).status_code == 401, url
+        assert env.operator.request(method, url, content=text, headers=YAML).status_code == 403
+        assert env.anonymous.request(method, url, content=text, headers=YAML).status_code == 401
     assert versions.list_versions(env.engine)[0] == 1
 
 
@@ -268,7 +274,7 @@ def test_api_import_rollback_validate_and_diff(tmp_path: Path) -> None:
     assert env.admin.post("/api/v1/config/versions/99/rollback").status_code == 404
 
     report = env.operator.post(
-        "/api/v1/config/validate", content="routes: [{name: r, to: [x]}]\n"
+        "/api/v1/config/validate", content="routes: [{name: r, to: [x]}]\n", headers=YAML
     ).json()
     assert not report["valid"] and "unknown destination" in report["errors"][0]
     assert "scrypt$" not in report["diff"]  # the active text, redacted for an operator
@@ -276,6 +282,305 @@ def test_api_import_rollback_validate_and_diff(tmp_path: Path) -> None:
 
 def test_api_put_without_a_file_is_409(tmp_path: Path) -> None:
     env = api_env(tmp_path)
-    response = env.admin.put("/api/v1/config", content="{}")
+    response = env.admin.put("/api/v1/config", content="{}", headers=YAML)
     assert response.status_code == 409 and "dicomrouter init" in response.json()["detail"]
     assert env.viewer.get("/api/v1/config").json()["path"] is None
+
+
+# -- redaction (security review: secrets must not reach viewers) -------------------------
+HOOK_SECRETS = ("Bearer s3cr3t", "k3y-v4lue")
+DB_PASSWORD = "pg-s3cret"
+COMMENT_SECRET = "hunter2"
+
+
+def _secret_text(tmp_path: Path, route_enabled: bool = True) -> str:
+    """A valid configuration whose secrets are written in every way the old text regex
+    missed: a quoted key, an anchor, a folded block scalar, a tag; plus webhook headers,
+    a database password and a comment."""
+    auth = auth_section()
+    pw = auth["users"]["admin"]["password_hash"]
+    tokens = {name: t["token_hash"] for name, t in auth["tokens"].items()}
+    return f"""# paging password is {COMMENT_SECRET}
+storage: {{path: {tmp_path / "data"}}}
+database: postgresql://router:{DB_PASSWORD}@db.example/router
+destinations:
+  pacs: {{ae_title: PACS, host: 127.0.0.1, port: 11113}}
+routes:
+  - {{name: all, to: [pacs], enabled: {str(route_enabled).lower()}}}
+auth:
+  users:
+    "viewer": {{"password_hash": "{pw}", role: viewer}}
+    operator:
+      password_hash: &shared {pw}
+      role: operator
+    admin:
+      password_hash: >-
+        {pw}
+      role: admin
+    tagged:
+      password_hash: !!str {pw}
+  tokens:
+    viewer-token: {{"token_hash": '{tokens["viewer-token"]}', role: viewer}}
+    operator-token: {{token_hash: !!str {tokens["operator-token"]}, role: operator}}
+    admin-token:
+      token_hash: |-
+        {tokens["admin-token"]}
+      role: admin
+alerts:
+  webhooks:
+    ops:
+      url: https://hooks.example/alert
+      headers:
+        "Authorization": {HOOK_SECRETS[0]}
+        X-Api-Key: !!str {HOOK_SECRETS[1]}
+"""
+
+
+def _secrets() -> list[str]:
+    auth = auth_section()
+    hashes = [auth["users"]["admin"]["password_hash"]]
+    hashes += [t["token_hash"] for t in auth["tokens"].values()]
+    return [*hashes, "scrypt$", "sha256$", *HOOK_SECRETS, DB_PASSWORD, COMMENT_SECRET]
+
+
+def _leaks(text: str) -> list[str]:
+    return [secret for secret in _secrets() if secret in text]
+
+
+def test_redacted_yaml_masks_secrets_however_they_are_written(tmp_path: Path) -> None:
+    text = _secret_text(tmp_path)
+    versions.parse_yaml(text, tmp_path, environ={})  # a valid configuration
+    shown = versions.redacted_yaml(text)
+    assert _leaks(shown) == []
+    data = yaml.safe_load(shown)
+    users, tokens = data["auth"]["users"], data["auth"]["tokens"]
+    assert {u["password_hash"] for u in users.values()} == {"<redacted>"}
+    assert {t["token_hash"] for t in tokens.values()} == {"<redacted>"}
+    assert data["alerts"]["webhooks"]["ops"]["headers"] == {
+        "Authorization": "<redacted>",
+        "X-Api-Key": "<redacted>",
+    }
+    assert data["alerts"]["webhooks"]["ops"]["url"] == "https://hooks.example/alert"
+    assert data["database"] == "postgresql://router:***@db.example/router"
+    assert data["routes"][0]["name"] == "all" and users["viewer"]["role"] == "viewer"
+
+
+def test_redacted_yaml_masks_aliases_and_odd_shapes_and_hides_what_does_not_parse() -> None:
+    # A secret reused elsewhere through an alias is masked there too.
+    aliased = "auth: {users: {a: {password_hash: &h scrypt$X}}}\nroutes: [{name: *h}]\n"
+    assert "scrypt$X" not in versions.redacted_yaml(aliased)
+    # Malformed shapes (a hand-edited file): hash keys anywhere, headers not a mapping,
+    # a database value that is not a URL.
+    odd = (
+        "auth: {users: [{password_hash: scrypt$Y}]}\n"
+        "alerts: {webhooks: {w: {url: 'https://h', headers: [Bearer tok3n]}}}\n"
+        "database: {url: 'postgresql://u:pw9@h/db'}\n"
+    )
+    shown = versions.redacted_yaml(odd)
+    assert "scrypt$Y" not in shown and "tok3n" not in shown and "pw9" not in shown
+    # A database URL without a password is shown as it is.
+    assert "sqlite:////srv/index.sqlite" in versions.redacted_yaml(
+        "database: sqlite:////srv/index.sqlite\n"
+    )
+    # Text that does not parse (or is not a mapping) is not shown at all.
+    for broken in ["auth: {users: {a: {password_hash: scrypt$Z\n", "- password_hash scrypt$Z\n"]:
+        shown = versions.redacted_yaml(broken)
+        assert shown == versions.UNPARSEABLE and "scrypt$Z" not in shown
+    assert versions.redacted_yaml("") == ""
+
+
+def test_redacted_diffs_compare_the_redacted_dumps(tmp_path: Path) -> None:
+    old = _secret_text(tmp_path)
+    new = _secret_text(tmp_path, route_enabled=False).replace("s3cr3t", "n3w-s3cr3t")
+    change = versions.diff(old, new, redacted=True)
+    assert "+  enabled: false" in change and _leaks(change) == [] and "n3w" not in change
+    assert "n3w-s3cr3t" in versions.diff(old, new)  # admins: the exact texts
+
+
+def _secret_env(tmp_path: Path) -> tuple[ApiEnv, Path, str]:
+    env, path = _env(tmp_path)
+    text = _secret_text(tmp_path)
+    path.write_text(text)
+    versions.record_version(env.engine, text, author="system", source="startup")
+    return env, path, text
+
+
+def test_api_viewers_never_see_secrets_admins_see_the_exact_text(tmp_path: Path) -> None:
+    env, path, text = _secret_env(tmp_path)
+    newest = versions.latest_version(env.engine, with_yaml=False)
+    assert newest is not None
+    v1 = newest.id
+    shown = env.viewer.get("/api/v1/config")
+    assert _leaks(shown.text) == [] and shown.json()["redacted"]
+    assert "comments" in shown.json()["redaction"]
+    assert yaml.safe_load(shown.json()["yaml"])["routes"][0]["name"] == "all"
+    assert _leaks(env.viewer.get(f"/api/v1/config/versions/{v1}").text) == []
+    # A new version changing a secret and a route: the diff shows only the route.
+    changed = _secret_text(tmp_path, route_enabled=False).replace("s3cr3t", "n3w-s3cr3t")
+    put = env.admin.put("/api/v1/config", content=changed, headers=YAML)
+    assert put.status_code == 200, put.text
+    v2 = put.json()["version"]
+    change = env.viewer.get(f"/api/v1/config/versions/{v1}/diff/{v2}")
+    assert _leaks(change.text) == [] and "n3w" not in change.text
+    assert "+  enabled: false" in change.json()["diff"] and change.json()["redacted"]
+    assert _leaks(env.viewer.get(f"/api/v1/config/versions/{v2}").text) == []
+    # Validation output for an operator: the diff against the active text is redacted.
+    report = env.operator.post("/api/v1/config/validate", content=text, headers=YAML)
+    assert report.json()["valid"] and report.json()["diff"]
+    assert _leaks(report.text) == [] and "n3w" not in report.text
+    # Admins: the exact texts, comments included.
+    full = env.admin.get("/api/v1/config").json()
+    assert full["yaml"] == changed and not full["redacted"] and "redaction" not in full
+    assert env.admin.get(f"/api/v1/config/versions/{v1}").json()["yaml"] == text
+    admin_diff = env.admin.get(f"/api/v1/config/versions/{v1}/diff/{v2}").json()["diff"]
+    assert "n3w-s3cr3t" in admin_diff
+
+
+def test_api_a_file_that_does_not_parse_is_not_shown_to_viewers(tmp_path: Path) -> None:
+    env, path = _env(tmp_path)
+    broken = path.read_text() + "extra: [unclosed\n"
+    path.write_text(broken)
+    shown = env.viewer.get("/api/v1/config").json()
+    assert shown["yaml"] == versions.UNPARSEABLE and "scrypt$" not in str(shown)
+    assert env.admin.get("/api/v1/config").json()["yaml"] == broken
+
+
+# -- line ends --------------------------------------------------------------------------
+def test_crlf_text_is_the_same_configuration(setup, tmp_path: Path) -> None:
+    path, running, engine = setup
+    text = path.read_text()
+    crlf = text.replace("\n", "\r\n")
+    check = versions.validate(crlf, text, tmp_path, running, {})
+    assert check.valid and check.diff == "" and check.changed == []
+    result = versions.apply_yaml(engine, path, crlf, running, author="a", environ={})
+    assert not result.created and result.version_id == 1 and result.diff == ""
+    assert b"\r" not in path.read_bytes()
+    # A changed candidate with \r\n (or old Mac \r) line ends: stored with \n.
+    changed = text.replace("port: 11113", "port: 11114").replace("\n", "\r")
+    result = versions.apply_yaml(engine, path, changed, running, author="a", environ={})
+    assert result.created and result.changed == ["destinations.pacs.port"]
+    stored = versions.get_version(engine, result.version_id)
+    assert stored is not None and stored.yaml is not None and "\r" not in stored.yaml
+    assert b"\r" not in path.read_bytes()
+    edits = [line for line in result.diff.splitlines()[2:] if line[:1] in "+-"]
+    assert edits == ["-    port: 11113", "+    port: 11114"]
+
+
+def test_api_crlf_body_is_no_new_version(tmp_path: Path) -> None:
+    env, path = _env(tmp_path)
+    crlf = path.read_text().replace("\n", "\r\n")
+    response = env.admin.put("/api/v1/config", content=crlf, headers=YAML)
+    assert response.status_code == 200 and response.json()["created"] is False
+    assert b"\r" not in path.read_bytes() and versions.list_versions(env.engine)[0] == 1
+
+
+# -- one critical section ---------------------------------------------------------------
+class _Probe:
+    """A runtime whose configuration records whether the apply lock was held."""
+
+    def __init__(self, config: Any, engine: Any, path: Path) -> None:
+        self._config, self.engine, self.config_path = config, engine, path
+        self.reload_node = None
+        self.seen: list[tuple[str, bool]] = []
+
+    @property
+    def config(self) -> Any:
+        self.seen.append(("read", versions._apply_lock.locked()))
+        return self._config
+
+    @config.setter
+    def config(self, value: Any) -> None:
+        self.seen.append(("write", versions._apply_lock.locked()))
+        self._config = value
+
+
+def test_apply_config_reads_and_replaces_the_running_config_under_the_lock(
+    setup, tmp_path: Path
+) -> None:
+    path, running, engine = setup
+    probe = _Probe(running, engine, path)
+    admin = Principal("admin", Role.admin, "user")
+    new = _text(_config(tmp_path, routes=[{"name": "all", "to": ["pacs"], "enabled": False}]))
+    result = versions.apply_config(probe, new, admin, "10.0.0.1")
+    assert result.changed == ["routes.all"] and probe._config.routes[0].enabled is False
+    assert probe.seen == [("read", True), ("write", True)]
+    probe.seen.clear()
+    rolled = versions.rollback_config(probe, 1, admin, "10.0.0.1")
+    assert rolled.changed == ["routes.all"] and probe.seen == [("read", True), ("write", True)]
+    with pytest.raises(NotFound):
+        versions.rollback_config(probe, 99, admin, "")
+    with pytest.raises(versions.InvalidConfig) as info:
+        versions.apply_config(probe, "dicom: {port: 0}\n", admin, "")
+    assert info.value.errors[0].startswith("dicom.port:")
+    probe.config_path = None
+    with pytest.raises(Conflict, match="dicomrouter init"):
+        versions.apply_config(probe, new, admin, "")
+
+
+def test_api_concurrent_puts_leave_the_process_on_the_newest_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PUT A pauses after recording its version; PUT B runs meanwhile. The process must
+    end on B, like the file and the newest version (it ended on A before the fix)."""
+    env, path = _env(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    texts = {}
+    for name, enabled in (("A", False), ("B", True)):
+        data["routes"][0]["enabled"] = enabled
+        data["routes"][0]["name"] = f"route-{name}"
+        texts[name] = _text(data)
+    b_done = threading.Event()
+    in_a = threading.Event()
+    compare = versions.changed_keys
+
+    def slow_for_a(old: Any, new: Any) -> list[str]:
+        if new.routes[0].name == "route-A":
+            in_a.set()
+            b_done.wait(timeout=1.0)  # only long enough for B when nothing blocks it
+        return compare(old, new)
+
+    monkeypatch.setattr(versions, "changed_keys", slow_for_a)
+    answers: dict[str, int] = {}
+
+    def put(name: str) -> None:
+        response = env.admin.put("/api/v1/config", content=texts[name], headers=YAML)
+        answers[name] = response.status_code
+        if name == "B":
+            b_done.set()
+
+    first = threading.Thread(target=put, args=("A",))
+    first.start()
+    assert in_a.wait(timeout=10)
+    second = threading.Thread(target=put, args=("B",))
+    second.start()
+    first.join(timeout=20)
+    second.join(timeout=20)
+    assert answers == {"A": 200, "B": 200}
+    newest = versions.latest_version(env.engine)
+    assert newest is not None and newest.yaml == path.read_text() == texts["B"]
+    assert env.ctx.config.routes[0].name == "route-B"
+
+
+# -- request media types ----------------------------------------------------------------
+def test_api_config_bodies_must_be_yaml_or_json(tmp_path: Path) -> None:
+    env, path = _env(tmp_path)
+    text = path.read_text()
+    refused: list[dict[str, Any]] = [
+        {"content": text},  # no Content-Type
+        {"content": text, "headers": {"Content-Type": "text/plain"}},
+        {"data": {"yaml": text}},  # application/x-www-form-urlencoded
+        {"files": {"yaml": ("c.yaml", text.encode())}},  # multipart/form-data
+    ]
+    for method, url, client in [
+        ("PUT", "/api/v1/config", env.admin),
+        ("POST", "/api/v1/config/import", env.admin),
+        ("POST", "/api/v1/config/validate", env.operator),
+    ]:
+        for kwargs in refused:
+            response = client.request(method, url, **kwargs)
+            assert response.status_code == 415, (url, kwargs.keys(), response.text)
+        for media in ("application/yaml", "application/x-yaml", "text/yaml; charset=utf-8"):
+            response = client.request(method, url, content=text, headers={"Content-Type": media})
+            assert response.status_code == 200, (url, media, response.text)
+        assert client.request(method, url, json={"yaml": text}).status_code == 200
+    assert versions.list_versions(env.engine)[0] == 1  # the same text: no new version

@@ -323,3 +323,90 @@ def test_pages_escape_what_they_show(tmp_path: Path) -> None:
     html = env.admin.get("/audit").text
     assert "<script>alert(1)</script>" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def _config_with_secrets(env: ApiEnv, port: int = 1) -> str:
+    """The dashboard's configuration with secrets written the ways a text regex misses
+    (quoted key, anchor, block scalar, tag), webhook headers, a database password and
+    a comment."""
+    from tests.support.api import auth_section
+
+    data = yaml.safe_load(yaml.safe_dump(env.config.model_dump(mode="json"), sort_keys=False))
+    data["destinations"]["pacs"]["port"] = port
+    for key in ("auth", "alerts", "database"):
+        data.pop(key, None)
+    pw = auth_section()["users"]["admin"]["password_hash"]
+    tokens = {name: t["token_hash"] for name, t in auth_section()["tokens"].items()}
+    return (
+        "# pager password: hunter2\n"
+        + yaml.safe_dump(data, sort_keys=False)
+        + f"""database: postgresql://router:pg-s3cret@db/router
+auth:
+  users:
+    "viewer": {{"password_hash": "{pw}", role: viewer}}
+    operator: {{password_hash: &h {pw}, role: operator}}
+    admin:
+      password_hash: >-
+        {pw}
+      role: admin
+  tokens:
+    viewer-token: {{"token_hash": "{tokens["viewer-token"]}", role: viewer}}
+    operator-token: {{token_hash: &t {tokens["operator-token"]}, role: operator}}
+    admin-token: {{token_hash: !!str {tokens["admin-token"]}, role: admin}}
+alerts:
+  webhooks:
+    ops:
+      url: https://hooks.example/a
+      headers: {{Authorization: Bearer s3cr3t}}
+"""
+    )
+
+
+CONFIG_SECRETS = ("scrypt$", "sha256$", "hunter2", "pg-s3cret", "s3cr3t")
+
+
+def test_config_pages_never_show_secrets_to_viewers(tmp_path: Path) -> None:
+    from dicomrouter.control import versions
+
+    env = api_env(tmp_path, CONFIG)
+    path = tmp_path / "dicomrouter.yaml"
+    text = _config_with_secrets(env)
+    path.write_text(text)
+    env.ctx.config_path = path
+    versions.record_version(env.engine, text, author="system", source="startup")
+    page = env.viewer.get("/config").text
+    assert [s for s in CONFIG_SECRETS if s in page] == []
+    assert "ct-to-pacs" in page and "comments" in page  # shown, and told what is left out
+    # An admin changes a route port and a webhook header: the viewer's diff on the old
+    # version's page shows the port, not the header.
+    changed = _config_with_secrets(env, port=11).replace("s3cr3t", "n3w-s3cr3t")
+    applied = env.admin.post("/config/apply", data={"candidate": changed})
+    assert applied.status_code == 200 and path.read_text() == changed
+    old_page = env.viewer.get("/config/versions/1").text
+    assert [s for s in CONFIG_SECRETS if s in old_page] == [] and "n3w" not in old_page
+    assert '<span class="add">+    port: 11</span>' in old_page
+    # Admins see and edit the exact text.
+    assert "# pager password: hunter2" in env.admin.get("/config").text
+    assert "n3w-s3cr3t" in env.admin.get("/config/versions/1").text
+
+
+def test_config_dashboard_crlf_text_is_the_same_configuration(tmp_path: Path) -> None:
+    from dicomrouter.control import versions
+
+    env = api_env(tmp_path, CONFIG)
+    path = tmp_path / "dicomrouter.yaml"
+    original = yaml.safe_dump(env.config.model_dump(mode="json"), sort_keys=False)
+    path.write_text(original)
+    env.ctx.config_path = path
+    versions.record_version(env.engine, original, author="system", source="startup")
+    crlf = original.replace("\n", "\r\n")  # what a browser sends from a textarea
+    preview = env.admin.post("/config/preview", data={"candidate": crlf})
+    assert "No change." in preview.text and '<span class="add">' not in preview.text
+    applied = env.admin.post("/config/apply", data={"candidate": crlf})
+    assert "identical to version 1" in applied.text
+    assert versions.list_versions(env.engine)[0] == 1 and b"\r" not in path.read_bytes()
+    changed = original.replace("port: 1\n", "port: 11\n", 1).replace("\n", "\r\n")
+    env.admin.post("/config/apply", data={"candidate": changed})
+    assert versions.list_versions(env.engine)[0] == 2 and b"\r" not in path.read_bytes()
+    newest = versions.latest_version(env.engine)
+    assert newest is not None and newest.yaml == path.read_text()

@@ -1,42 +1,46 @@
 """Configuration: view, validate, apply (hot reload), export/import, versions, rollback.
 
-Who sees what: the YAML holds only hashes of passwords and tokens, but scrypt hashes
-can still be attacked offline, so everyone from ``viewer`` up reads the configuration,
-its versions and diffs with those hash values *redacted*; only ``admin`` gets the
-exact text (and ``/config/export``, the file itself). Validating is ``operator``;
-changing (apply, import, rollback) is ``admin``. Changes and exports are audited,
-refused attempts too.
+Who sees what: the YAML holds secrets (password and token hashes, which can be
+attacked offline, webhook headers, the database password), so everyone from
+``viewer`` up reads the configuration, its versions and diffs *redacted*
+(``versions.redact``: parsed, secrets masked, dumped again, so without comments; the
+answers say so in ``redaction``); only ``admin`` gets the exact text (and
+``/config/export``, the file itself). Validating is ``operator``; changing (apply,
+import, rollback) is ``admin``. Changes and exports are audited, refused attempts too.
 
-A candidate is sent as the YAML text (``application/yaml`` or ``text/plain``) or as
-JSON ``{"yaml": "...", "comment": "..."}``.
+A candidate is sent as the YAML text (``application/yaml``, ``application/x-yaml`` or
+``text/yaml``) or as JSON ``{"yaml": "...", "comment": "..."}``; anything else is
+``415``, so a cross-site HTML form (``text/plain``, form encodings) cannot send one.
+The logic is in ``control.versions``; this module only maps it to HTTP.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-import yaml
 from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi.concurrency import run_in_threadpool
 
 from dicomrouter.config import ConfigError
 from dicomrouter.control import audit, versions
-from dicomrouter.control.security import Principal, Role
+from dicomrouter.control.security import Principal
 
 from .auth import admin, client_address, context, operator, viewer
 from .context import AppContext
+from .control_errors import http_errors
 from .params import RowId
 
 router = APIRouter(prefix="/api/v1", tags=["config"])
 
-_HASH_VALUE = re.compile(r"((?:password|token)_hash\s*:\s*)([^\s,}#]+)")
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml")
+_T = TypeVar("_T")
 _YAML_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/yaml": {"schema": {"type": "string"}},
-            "text/plain": {"schema": {"type": "string"}},
+            **{media: {"schema": {"type": "string"}} for media in YAML_TYPES},
             "application/json": {
                 "schema": {
                     "type": "object",
@@ -49,17 +53,17 @@ _YAML_BODY = {
 }
 
 
-def redact(text: str, principal: Principal) -> str:
-    """Hash values replaced by ``<redacted>`` unless the caller is an admin."""
-    if principal.may(Role.admin):
-        return text
-    return _HASH_VALUE.sub(r"\1<redacted>", text)
-
-
 async def _candidate(request: Request) -> tuple[str, str]:
-    """(YAML text, comment) from the request body."""
+    """(YAML text, comment) from the request body; 415 for any other media type."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json" and media not in YAML_TYPES:
+        raise HTTPException(
+            415,
+            "send the configuration as application/yaml (or application/x-yaml, "
+            'text/yaml) or as JSON {"yaml": "...", "comment": "..."}',
+        )
     body = (await request.body()).decode("utf-8", errors="replace")
-    if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
+    if media == "application/json":
         try:
             data = json.loads(body)
         except ValueError:
@@ -71,42 +75,25 @@ async def _candidate(request: Request) -> tuple[str, str]:
 
 
 def _active_text(ctx: AppContext) -> str:
-    if ctx.config_path is not None:
-        return versions.read_file(ctx.config_path)
-    return yaml.safe_dump(ctx.config.model_dump(mode="json"), sort_keys=False)
+    return versions.active_text(ctx.config_path, ctx.config)
 
 
-def apply_config(
-    ctx: AppContext,
-    text: str,
-    principal: Principal,
-    address: str,
-    source: str = "api",
-    comment: str = "",
-) -> versions.ApplyResult:
-    """Apply a candidate (also used by the dashboard): the file and a new version, this
-    process's configuration at once, the node (and so the dispatcher) by SIGHUP.
-    Raises ``HTTPException`` 409 (no file) or 422 (invalid, with the key-path errors)."""
-    try:
-        result = versions.apply_yaml(
-            ctx.engine,
-            ctx.config_path,
-            text,
-            ctx.config,
-            author=principal.name,
-            source=source,
-            address=address,
-            comment=comment,
-            notify=ctx.reload_node,
-        )
-    except versions.NoConfigFile as exc:
-        raise HTTPException(409, str(exc)) from None
-    except ConfigError as exc:
-        raise HTTPException(
-            422, {"message": "invalid configuration; nothing was changed", "errors": exc.errors}
-        ) from None
-    ctx.config = result.config
-    return result
+def _changing(call: Callable[[], _T]) -> _T:
+    """Control errors as HTTP: 404, 409 (no file), 422 with every key-path error."""
+    with http_errors():
+        try:
+            return call()
+        except versions.InvalidConfig as exc:
+            raise HTTPException(422, {"message": str(exc), "errors": exc.errors}) from None
+
+
+def _shown(data: dict[str, Any], principal: Principal) -> dict[str, Any]:
+    """Marks an answer holding configuration text as redacted (or not)."""
+    redacted = not versions.sees_secrets(principal)
+    data["redacted"] = redacted
+    if redacted:
+        data["redaction"] = versions.REDACTION_NOTE
+    return data
 
 
 @router.get("/config", summary="The active configuration (YAML) and its version")
@@ -121,14 +108,14 @@ def get_config(request: Request, principal: Principal = viewer) -> dict[str, Any
             pending = versions.restart_required(versions.changed_keys(ctx.config, on_disk))
         except ConfigError:
             pending = []  # an invalid file edited by hand is never applied
-    return {
+    data = {
         "path": str(ctx.config_path) if ctx.config_path else None,
         "version": newest.as_dict() if newest else None,
         "sha256": versions.sha256(text),
-        "yaml": redact(text, principal),
-        "redacted": not principal.may(Role.admin),
+        "yaml": versions.redact(text, principal),
         "restart_pending": pending,
     }
+    return _shown(data, principal)
 
 
 @router.get(
@@ -156,9 +143,11 @@ async def validate_config(request: Request, principal: Principal = operator) -> 
     ctx = context(request)
     text, _ = await _candidate(request)
     base = ctx.config_path.parent if ctx.config_path else ctx.store.root.parent
-    report = versions.validate(text, _active_text(ctx), base, ctx.config).as_dict()
-    report["diff"] = redact(report["diff"], principal)
-    return report
+    redacted = not versions.sees_secrets(principal)
+    check = await run_in_threadpool(
+        versions.validate, text, _active_text(ctx), base, ctx.config, redacted=redacted
+    )
+    return _shown(check.as_dict(), principal)
 
 
 @router.put(
@@ -168,8 +157,11 @@ async def validate_config(request: Request, principal: Principal = operator) -> 
 )
 async def put_config(request: Request, principal: Principal = admin) -> dict[str, Any]:
     text, comment = await _candidate(request)
-    ctx = context(request)
-    return apply_config(ctx, text, principal, client_address(request), "api", comment).as_dict()
+    ctx, address = context(request), client_address(request)
+    result = await run_in_threadpool(  # fsyncs and the index: not on the event loop
+        _changing, lambda: versions.apply_config(ctx, text, principal, address, "api", comment)
+    )
+    return result.as_dict()
 
 
 @router.post(
@@ -179,8 +171,11 @@ async def put_config(request: Request, principal: Principal = admin) -> dict[str
 )
 async def import_config(request: Request, principal: Principal = admin) -> dict[str, Any]:
     text, comment = await _candidate(request)
-    ctx = context(request)
-    return apply_config(ctx, text, principal, client_address(request), "import", comment).as_dict()
+    ctx, address = context(request), client_address(request)
+    result = await run_in_threadpool(
+        _changing, lambda: versions.apply_config(ctx, text, principal, address, "import", comment)
+    )
+    return result.as_dict()
 
 
 @router.get("/config/versions", summary="Applied configuration versions, newest first")
@@ -201,18 +196,19 @@ def get_version(
     if found is None:
         raise HTTPException(404, f"no configuration version {version_id}")
     data = found.as_dict()
-    data["yaml"] = redact(data["yaml"], principal)
-    return data
+    data["yaml"] = versions.redact(data["yaml"], principal)
+    return _shown(data, principal)
 
 
 @router.get("/config/versions/{a}/diff/{b}", summary="Unified diff from version a to version b")
 def diff_versions(
     request: Request, a: RowId, b: RowId, principal: Principal = viewer
 ) -> dict[str, Any]:
-    change = versions.diff_versions(context(request).reader, a, b)
+    redacted = not versions.sees_secrets(principal)
+    change = versions.diff_versions(context(request).reader, a, b, redacted=redacted)
     if change is None:
         raise HTTPException(404, f"no configuration version {a} or {b}")
-    return {"from": a, "to": b, "diff": redact(change, principal)}
+    return _shown({"from": a, "to": b, "diff": change}, principal)
 
 
 @router.post(
@@ -220,16 +216,7 @@ def diff_versions(
     summary="Roll back to a version (admin; applied as a new version)",
 )
 def rollback(request: Request, version_id: RowId, principal: Principal = admin) -> dict[str, Any]:
-    ctx = context(request)
-    old = versions.get_version(ctx.reader, version_id)
-    if old is None:
-        raise HTTPException(404, f"no configuration version {version_id}")
-    result = apply_config(
-        ctx,
-        old.yaml or "",
-        principal,
-        client_address(request),
-        "rollback",
-        f"rollback to version {version_id}",
-    )
-    return result.as_dict()
+    ctx, address = context(request), client_address(request)
+    return _changing(
+        lambda: versions.rollback_config(ctx, version_id, principal, address)
+    ).as_dict()

@@ -12,7 +12,18 @@ A few keys are bound at start-up (listening sockets, the storage folder, the ind
 they are recorded and written with the rest, but the running processes keep their
 old values until a restart (:func:`effective`), and the result says so.
 
-No HTTP here: the REST API, the dashboard and the CLI are thin edges over this.
+Who sees what (:func:`redact`): only an admin sees the exact text. Everyone else sees
+:func:`redacted_yaml`: the text parsed, its secrets (password and token hashes,
+webhook headers, the password in ``database``) replaced by ``<redacted>``, and dumped
+again, so comments and formatting are not shown. Diffs for them are computed between
+such dumps. Masking the parsed structure, not the text, is what makes quoting,
+anchors, tags or block scalars unable to hide a secret from the mask.
+
+Texts are normalized to ``\n`` line ends (browsers send a textarea with ``\r\n``)
+before they are validated, hashed, diffed or written.
+
+No HTTP here: the REST API, the dashboard and the CLI are thin edges over this; they
+call :func:`apply_config` / :func:`rollback_config`, which raise ``control.errors``.
 """
 
 from __future__ import annotations
@@ -27,14 +38,19 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
+import yaml
 from sqlalchemy import Engine, func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from dicomrouter.config import ConfigError, RouterConfig, load_config_text
 from dicomrouter.store.schema import config_versions
 
 from . import audit
+from .errors import Conflict, Invalid, NotFound
+from .security import Principal, Role
 
 log = logging.getLogger("dicomrouter.config")
 
@@ -53,10 +69,25 @@ RESTART_KEYS = (
     "http.session_lifetime",
 )
 
+REDACTED = "<redacted>"
+#: What a non-admin is told about the text they see (API responses, the dashboard).
+REDACTION_NOTE = (
+    "secrets (password and token hashes, webhook headers, the database password) are "
+    "shown as <redacted>; the text is re-serialized from the parsed YAML, so comments "
+    "and formatting are not shown"
+)
+#: Shown to a non-admin instead of a text that is not valid YAML: its secrets cannot be
+#: found, so none of it is shown.
+UNPARSEABLE = (
+    "# not shown: this text is not a valid YAML mapping, so its secrets cannot be\n"
+    "# redacted; only an administrator may see it\n"
+)
+
 _apply_lock = threading.Lock()
+_T = TypeVar("_T")
 
 
-class NoConfigFile(Exception):
+class NoConfigFile(Conflict):
     """The node runs on embedded defaults: there is no file to write a new version to."""
 
     def __init__(self) -> None:
@@ -135,9 +166,153 @@ class ApplyResult:
         }
 
 
+class InvalidConfig(Invalid):
+    """A candidate that does not validate; ``errors`` are the key-path errors."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("invalid configuration; nothing was changed")
+        self.errors = errors
+
+
+class Runtime(Protocol):
+    """What :func:`apply_config` needs from a process (the API's ``AppContext``):
+    ``config`` is the configuration it runs on, replaced under the apply lock."""
+
+    config: RouterConfig
+    engine: Engine
+    config_path: Path | None
+    reload_node: Callable[[], None] | None
+
+
 # -- text and comparisons ------------------------------------------------------------
 def sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def normalize(text: str) -> str:
+    """``\r\n`` and lone ``\r`` line ends as ``\n`` (a browser's textarea sends
+    ``\r\n``): the same configuration is then the same text, hash and file."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+# -- who sees what ---------------------------------------------------------------------
+def sees_secrets(principal: Principal) -> bool:
+    return principal.may(Role.admin)
+
+
+def redact(text: str, principal: Principal) -> str:
+    """The exact text for an admin, :func:`redacted_yaml` for everyone else."""
+    return text if sees_secrets(principal) else redacted_yaml(text)
+
+
+def redacted_yaml(text: str) -> str:
+    """``text`` parsed, its secrets masked with ``<redacted>``, dumped again.
+
+    Masked: ``auth.users.*.password_hash``, ``auth.tokens.*.token_hash`` (and any
+    ``password_hash``/``token_hash`` key anywhere, in case the file is malformed),
+    every value of ``alerts.webhooks.*.headers``, the password in ``database`` (as
+    ``***``); and
+    any other string equal to one of those secrets (a YAML alias of it). A text that
+    does not parse to a mapping is not shown at all (:data:`UNPARSEABLE`).
+    """
+    try:
+        data = yaml.safe_load(normalize(text))
+    except yaml.YAMLError:
+        return UNPARSEABLE
+    if data is None:
+        return ""
+    if not isinstance(data, dict):
+        return UNPARSEABLE
+    secrets: set[str] = set()
+    _mask_hashes(data, secrets)
+    alerts = data.get("alerts")
+    webhooks = alerts.get("webhooks") if isinstance(alerts, dict) else None
+    if isinstance(webhooks, dict):
+        for hook in webhooks.values():
+            if isinstance(hook, dict) and "headers" in hook:
+                headers = hook["headers"]
+                if isinstance(headers, dict):
+                    for name in list(headers):
+                        secrets.update(_strings(headers[name]))
+                        headers[name] = REDACTED
+                else:
+                    secrets.update(_strings(headers))
+                    hook["headers"] = REDACTED
+    if "database" in data and data["database"] is not None:
+        data["database"] = _hide_password(data["database"], secrets)
+    secrets.discard(REDACTED)
+    secrets.discard("")
+    data = _mask_copies(data, secrets, {})
+    try:
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    except yaml.YAMLError:  # pragma: no cover - safe_load output always dumps
+        return UNPARSEABLE
+
+
+def _strings(value: Any, seen: set[int] | None = None) -> list[str]:
+    """Every scalar in ``value``, as text (aliases may make it recursive)."""
+    seen = set() if seen is None else seen
+    if isinstance(value, (dict, list)):
+        if id(value) in seen:
+            return []
+        seen.add(id(value))
+        items = value.values() if isinstance(value, dict) else value
+        return [s for item in items for s in _strings(item, seen)]
+    return [] if value is None else [value if isinstance(value, str) else str(value)]
+
+
+def _mask_hashes(node: Any, secrets: set[str], seen: set[int] | None = None) -> None:
+    seen = set() if seen is None else seen
+    if not isinstance(node, (dict, list)) or id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, list):
+        for item in node:
+            _mask_hashes(item, secrets, seen)
+        return
+    for key in list(node):
+        if key in ("password_hash", "token_hash"):
+            secrets.update(_strings(node[key]))
+            node[key] = REDACTED
+        else:
+            _mask_hashes(node[key], secrets, seen)
+
+
+def _hide_password(value: Any, secrets: set[str]) -> Any:
+    """A database URL with its password masked; anything that is not a URL whole."""
+    if not isinstance(value, str):
+        secrets.update(_strings(value))
+        return REDACTED
+    try:
+        url = make_url(value)
+    except (ArgumentError, ValueError):
+        secrets.add(value)
+        return REDACTED
+    if url.password is None:
+        return value
+    secrets.add(str(url.password))
+    return url.render_as_string(hide_password=True)  # user:***@host
+
+
+def _mask_copies(node: Any, secrets: set[str], seen: dict[int, Any]) -> Any:
+    """Strings equal to a secret replaced anywhere (keys too): a YAML alias of a
+    masked value must not show it elsewhere. Shared nodes stay shared."""
+    if isinstance(node, str):
+        return REDACTED if node in secrets else node
+    if id(node) in seen:
+        return seen[id(node)]
+    if isinstance(node, dict):
+        seen[id(node)] = node
+        for key in list(node):
+            value = _mask_copies(node.pop(key), secrets, seen)
+            new_key = REDACTED if isinstance(key, str) and key in secrets else key
+            node[new_key] = value
+        return node
+    if isinstance(node, list):
+        seen[id(node)] = node
+        node[:] = [_mask_copies(item, secrets, seen) for item in node]
+        return node
+    return node
 
 
 def parse_yaml(
@@ -147,11 +322,22 @@ def parse_yaml(
     return load_config_text(text, source, base_dir, environ)
 
 
-def diff(old: str, new: str, old_name: str = "active", new_name: str = "candidate") -> str:
-    """A unified diff (``difflib``), empty when the texts are equal."""
+def diff(
+    old: str,
+    new: str,
+    old_name: str = "active",
+    new_name: str = "candidate",
+    *,
+    redacted: bool = False,
+) -> str:
+    """A unified diff (``difflib``), empty when the texts are equal. ``redacted``: between
+    the :func:`redacted_yaml` dumps of both (what a non-admin may see)."""
+    old, new = normalize(old), normalize(new)
+    if redacted:
+        old, new = redacted_yaml(old), redacted_yaml(new)
     return "".join(
         difflib.unified_diff(
-            old.splitlines(keepends=True),
+            _with_newline(old).splitlines(keepends=True),
             _with_newline(new).splitlines(keepends=True),
             fromfile=old_name,
             tofile=new_name,
@@ -220,10 +406,13 @@ def validate(
     base_dir: Path,
     running: RouterConfig | None = None,
     environ: Mapping[str, str] | None = None,
+    *,
+    redacted: bool = False,
 ) -> Validation:
     """Check a candidate: errors (it would be refused), lint warnings, diff, and which
-    changed keys would need a restart."""
-    change = diff(active_text, text)
+    changed keys would need a restart. ``redacted``: the diff as a non-admin sees it."""
+    text = normalize(text)
+    change = diff(active_text, text, redacted=redacted)
     try:
         candidate = parse_yaml(text, base_dir, environ=environ)
     except ConfigError as exc:
@@ -303,12 +492,14 @@ def list_versions(engine: Engine, limit: int = 50, offset: int = 0) -> tuple[int
     return int(total), [_version(row, False) for row in rows]
 
 
-def diff_versions(engine: Engine, a: int, b: int) -> str | None:
+def diff_versions(engine: Engine, a: int, b: int, *, redacted: bool = False) -> str | None:
     """Unified diff from version ``a`` to version ``b``; None if either is unknown."""
     first, second = get_version(engine, a), get_version(engine, b)
     if first is None or second is None:
         return None
-    return diff(first.yaml or "", second.yaml or "", f"version {a}", f"version {b}")
+    return diff(
+        first.yaml or "", second.yaml or "", f"version {a}", f"version {b}", redacted=redacted
+    )
 
 
 # -- the file --------------------------------------------------------------------------
@@ -317,6 +508,13 @@ def read_file(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return ""
+
+
+def active_text(config_path: Path | None, config: RouterConfig) -> str:
+    """The configuration file's text; without a file, the running configuration dumped."""
+    if config_path is not None:
+        return read_file(config_path)
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -353,7 +551,7 @@ def apply_yaml(
     engine: Engine,
     config_path: Path | None,
     text: str,
-    running: RouterConfig,
+    running: RouterConfig | Callable[[], RouterConfig],
     *,
     author: str,
     source: str = "api",
@@ -361,9 +559,16 @@ def apply_yaml(
     comment: str = "",
     notify: Callable[[], None] | None = None,
     environ: Mapping[str, str] | None = None,
+    install: Callable[[RouterConfig], None] | None = None,
 ) -> ApplyResult:
     """Validate ``text``; if valid, write it to ``config_path``, record it as a version,
     audit it and call ``notify`` (the HTTP process sends SIGHUP to the node).
+
+    Validating, writing, recording and installing are one critical section: ``running``
+    (the configuration, or a function giving it, read inside it) is what the changes
+    are computed against, and ``install`` receives the effective configuration inside
+    it, so two concurrent applies cannot leave the process on one version while the
+    file and the newest version are the other.
 
     Raises ``NoConfigFile`` (nothing to write to) or ``ConfigError`` (invalid: the
     file, the versions and the running configuration are left untouched). Both are
@@ -380,10 +585,25 @@ def apply_yaml(
             detail={"reason": "no configuration file"},
         )
         raise NoConfigFile()
-    text = _with_newline(text)
-    try:
-        candidate = parse_yaml(text, config_path.parent, environ=environ)
-    except ConfigError as exc:
+    text = _with_newline(normalize(text))
+    refused: ConfigError | None = None
+    with _apply_lock:
+        try:
+            candidate = parse_yaml(text, config_path.parent, environ=environ)
+        except ConfigError as exc:
+            refused = exc
+        else:
+            current = running() if callable(running) else running
+            change = diff(read_file(config_path), text, str(config_path), "new")
+            write_atomically(config_path, text)
+            version_id, created = record_if_new(
+                engine, text, author=author, source=source, comment=comment
+            )
+            config = effective(candidate, current)
+            changed = changed_keys(current, candidate)
+            if install is not None:
+                install(config)
+    if refused is not None:
         audit.record(
             engine,
             author,
@@ -391,16 +611,9 @@ def apply_yaml(
             str(config_path),
             outcome="failed",
             source=address,
-            detail={"errors": exc.errors[:50]},
+            detail={"errors": refused.errors[:50]},
         )
-        raise
-    with _apply_lock:
-        change = diff(read_file(config_path), text, str(config_path), "new")
-        write_atomically(config_path, text)
-        version_id, created = record_if_new(
-            engine, text, author=author, source=source, comment=comment
-        )
-    changed = changed_keys(running, candidate)
+        raise refused
     restart = restart_required(changed)
     live = [key for key in changed if key not in restart]
     added = sum(1 for line in change.splitlines() if line.startswith("+") and line[:3] != "+++")
@@ -431,21 +644,20 @@ def apply_yaml(
     )
     if notify is not None:
         notify()
-    return ApplyResult(
-        version_id, created, changed, live, restart, change, effective(candidate, running)
-    )
+    return ApplyResult(version_id, created, changed, live, restart, change, config)
 
 
 def rollback(
     engine: Engine,
     config_path: Path | None,
     version_id: int,
-    running: RouterConfig,
+    running: RouterConfig | Callable[[], RouterConfig],
     *,
     author: str,
     address: str = "",
     notify: Callable[[], None] | None = None,
     environ: Mapping[str, str] | None = None,
+    install: Callable[[RouterConfig], None] | None = None,
 ) -> ApplyResult | None:
     """Apply an old version's YAML as a new version (source ``rollback``); None if
     there is no such version. Raises like ``apply_yaml`` (an old version may no
@@ -464,7 +676,66 @@ def rollback(
         comment=f"rollback to version {version_id}",
         notify=notify,
         environ=environ,
+        install=install,
     )
+
+
+# -- for the edges (API, dashboard) ----------------------------------------------------
+def apply_config(
+    runtime: Runtime,
+    text: str,
+    principal: Principal,
+    address: str,
+    source: str = "api",
+    comment: str = "",
+) -> ApplyResult:
+    """Apply a candidate for the API and the dashboard: the file and a new version,
+    ``runtime.config`` replaced in the same critical section, the node (and so the
+    dispatcher) told by ``runtime.reload_node``.
+    Raises ``Conflict`` (``NoConfigFile``) or ``InvalidConfig`` (with the errors)."""
+    return _applied(
+        lambda: apply_yaml(
+            runtime.engine,
+            runtime.config_path,
+            text,
+            lambda: runtime.config,
+            author=principal.name,
+            source=source,
+            address=address,
+            comment=comment,
+            notify=runtime.reload_node,
+            install=lambda config: setattr(runtime, "config", config),
+        )
+    )
+
+
+def rollback_config(
+    runtime: Runtime, version_id: int, principal: Principal, address: str
+) -> ApplyResult:
+    """:func:`apply_config` of an old version (source ``rollback``); ``NotFound`` if
+    there is no such version."""
+    result = _applied(
+        lambda: rollback(
+            runtime.engine,
+            runtime.config_path,
+            version_id,
+            lambda: runtime.config,
+            author=principal.name,
+            address=address,
+            notify=runtime.reload_node,
+            install=lambda config: setattr(runtime, "config", config),
+        )
+    )
+    if result is None:
+        raise NotFound(f"no configuration version {version_id}")
+    return result
+
+
+def _applied(call: Callable[[], _T]) -> _T:
+    try:
+        return call()
+    except ConfigError as exc:
+        raise InvalidConfig(list(exc.errors)) from None
 
 
 def load_newest(

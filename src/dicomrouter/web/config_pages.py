@@ -1,16 +1,16 @@
 """Configuration: view, validate with a diff preview, apply, history and rollback.
 
-Applying goes through the API's ``apply_config`` (validate, write the file, record a
-version, audit, reload the node), so the dashboard cannot take a path the API does
-not. Everyone sees the configuration with password and token hashes redacted;
-admins see it exactly, and only they may edit, apply and roll back.
+Applying goes through ``control.versions.apply_config`` (validate, write the file,
+record a version, audit, reload the node), like the API, so the dashboard cannot take
+a path the API does not. Everyone but admins sees the configuration redacted
+(``versions.redact``: secrets masked, re-serialized without comments); admins see it
+exactly, and only they may edit, apply and roll back.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import yaml
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
@@ -18,7 +18,8 @@ from dicomrouter.api.auth import client_address
 from dicomrouter.api.context import AppContext
 from dicomrouter.api.params import RowId
 from dicomrouter.control import versions
-from dicomrouter.control.security import Principal, Role
+from dicomrouter.control.errors import ControlError, NotFound
+from dicomrouter.control.security import Principal
 
 from .common import admin, ctx_of, flash, render, viewer
 
@@ -26,15 +27,7 @@ router = APIRouter(include_in_schema=False)
 
 
 def active_text(ctx: AppContext) -> str:
-    if ctx.config_path is not None:
-        return versions.read_file(ctx.config_path)
-    return yaml.safe_dump(ctx.config.model_dump(mode="json"), sort_keys=False)
-
-
-def _redact(text: str, principal: Principal) -> str:
-    from dicomrouter.api.config_api import redact
-
-    return redact(text, principal)
+    return versions.active_text(ctx.config_path, ctx.config)
 
 
 def _page(
@@ -46,8 +39,9 @@ def _page(
     values: dict[str, Any] = {
         "title": "Configuration",
         "path": str(ctx.config_path) if ctx.config_path else None,
-        "active": _redact(text, principal),
-        "candidate": text if principal.may(Role.admin) else None,
+        "active": versions.redact(text, principal),
+        "redaction": None if versions.sees_secrets(principal) else versions.REDACTION_NOTE,
+        "candidate": text if versions.sees_secrets(principal) else None,
         "versions": history,
         "versions_total": total,
         "check": None,
@@ -73,6 +67,7 @@ def preview(
 ) -> HTMLResponse:
     ctx = ctx_of(request)
     base = ctx.config_path.parent if ctx.config_path else ctx.store.root.parent
+    candidate = versions.normalize(candidate)
     check = versions.validate(candidate, active_text(ctx), base, ctx.config)
     return _page(request, principal, {"candidate": candidate, "check": check, "comment": comment})
 
@@ -84,13 +79,11 @@ def apply(
     comment: str = Form(""),
     principal: Principal = admin,
 ) -> Response:
-    from dicomrouter.api.config_api import apply_config
-
-    ctx = ctx_of(request)
+    ctx, address = ctx_of(request), client_address(request)
     try:
-        result = apply_config(ctx, candidate, principal, client_address(request), "api", comment)
-    except HTTPException as exc:
-        return _refused(request, principal, candidate, comment, exc)
+        result = versions.apply_config(ctx, candidate, principal, address, "api", comment)
+    except ControlError as exc:
+        return _refused(request, principal, versions.normalize(candidate), comment, exc)
     _applied(request, result)
     return RedirectResponse("/config", status_code=303)
 
@@ -103,55 +96,51 @@ def version_page(
     found = versions.get_version(ctx.reader, version_id)
     if found is None:
         raise HTTPException(404, f"no configuration version {version_id}")
-    change = versions.diff(found.yaml or "", active_text(ctx), f"version {version_id}", "active")
+    redacted = not versions.sees_secrets(principal)
+    change = versions.diff(
+        found.yaml or "", active_text(ctx), f"version {version_id}", "active", redacted=redacted
+    )
     values = {
         "title": f"Configuration version {version_id}",
         "v": found,
-        "yaml_text": _redact(found.yaml or "", principal),
-        "diff": _redact(change, principal),
+        "yaml_text": versions.redact(found.yaml or "", principal),
+        "diff": change,
+        "redaction": versions.REDACTION_NOTE if redacted else None,
     }
     return render(request, "config_version.html", values, principal=principal)
 
 
 @router.post("/config/versions/{version_id}/rollback", summary="Roll back", response_model=None)
 def rollback(request: Request, version_id: RowId, principal: Principal = admin) -> Response:
-    from dicomrouter.api.config_api import apply_config
-
-    ctx = ctx_of(request)
-    old = versions.get_version(ctx.reader, version_id)
-    if old is None:
-        raise HTTPException(404, f"no configuration version {version_id}")
+    ctx, address = ctx_of(request), client_address(request)
     try:
-        result = apply_config(
-            ctx,
-            old.yaml or "",
-            principal,
-            client_address(request),
-            "rollback",
-            f"rollback to version {version_id}",
-        )
-    except HTTPException as exc:
+        result = versions.rollback_config(ctx, version_id, principal, address)
+    except NotFound as exc:
+        raise HTTPException(404, str(exc)) from None
+    except ControlError as exc:
         flash(request, f"rollback refused: {_reason(exc)}", "error")
         return RedirectResponse(f"/config/versions/{version_id}", status_code=303)
     _applied(request, result)
     return RedirectResponse("/config", status_code=303)
 
 
-def _reason(exc: HTTPException) -> str:
-    detail = exc.detail
-    if isinstance(detail, dict):
-        return "; ".join([str(detail.get("message", ""))] + list(detail.get("errors", [])))
-    return str(detail)
+def _errors(exc: ControlError) -> list[str]:
+    return list(exc.errors) if isinstance(exc, versions.InvalidConfig) else [str(exc)]
+
+
+def _reason(exc: ControlError) -> str:
+    if isinstance(exc, versions.InvalidConfig):
+        return "; ".join([str(exc), *exc.errors])
+    return str(exc)
 
 
 def _refused(
-    request: Request, principal: Principal, candidate: str, comment: str, exc: HTTPException
+    request: Request, principal: Principal, candidate: str, comment: str, exc: ControlError
 ) -> HTMLResponse:
-    errors = exc.detail.get("errors", []) if isinstance(exc.detail, dict) else [str(exc.detail)]
-    check = versions.Validation(False, list(errors), [], "")
+    check = versions.Validation(False, _errors(exc), [], "")
     extra = {"candidate": candidate, "check": check, "comment": comment, "refused": True}
     response = _page(request, principal, extra)
-    response.status_code = exc.status_code
+    response.status_code = 422 if isinstance(exc, versions.InvalidConfig) else 409
     return response
 
 
