@@ -90,6 +90,34 @@ def test_a_wrong_password_is_refused_and_audited_and_logout_ends_the_session(
     assert env.anonymous.get("/", follow_redirects=False).status_code == 303
 
 
+def test_the_login_form_locks_out_an_address_after_five_failures(tmp_path: Path) -> None:
+    env = api_env(tmp_path, CONFIG)
+    form = {"username": "admin", "password": "nope"}
+    for _ in range(5):
+        assert env.anonymous.post("/login", data=form).status_code == 401
+    locked = env.anonymous.post("/login", data={**form, "password": PASSWORD})
+    assert locked.status_code == 429 and "try again in" in locked.text
+    assert 0 < int(locked.headers["retry-after"]) <= 60
+    assert env.anonymous.get("/", follow_redirects=False).status_code == 303  # no session
+    assert audit.query(env.engine, action="auth.lockout")[0] == 1
+    # The form and the API share the count (one address, one budget).
+    api = env.anonymous.post("/api/v1/login", json={"username": "admin", "password": PASSWORD})
+    assert api.status_code == 429
+
+
+def test_a_cross_site_form_post_is_refused(seeded: tuple[ApiEnv, dict[str, Any]]) -> None:
+    env, data = seeded
+    job = data["failed_job"]
+    # A page on another site posting a form to the dashboard, with the browser adding
+    # cached credentials: refused before anything runs.
+    for headers in ({"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
+        response = env.operator.post(f"/jobs/{job}/retry", headers=headers)
+        assert response.status_code == 403
+    assert audit.query(env.engine, action="job.retry")[0] == 0
+    same = {"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"}
+    assert env.operator.post(f"/jobs/{job}/retry", headers=same).status_code == 200
+
+
 @pytest.mark.parametrize("role", ["viewer", "operator", "admin"])
 def test_every_page_renders_for_every_role(
     seeded: tuple[ApiEnv, dict[str, Any]], role: str

@@ -4,15 +4,24 @@ One FastAPI app, built from small routers (one module per resource). The OpenAPI
 description is served at ``/api/docs``. Sessions are signed cookies
 (``SameSite=Strict``, so another site cannot make a logged-in browser act); the
 signing key lives in ``<storage>/.http_secret`` so restarts keep people logged in.
+Cross-site requests that carry other credentials a browser adds by itself are
+refused by :mod:`.csrf`.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import secrets
+import stat
 from pathlib import Path
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from starlette.middleware.sessions import SessionMiddleware
 
 from dicomrouter import __version__
@@ -29,22 +38,101 @@ from . import (
     studies,
 )
 from . import status as status_api
+from .auth import LoginThrottle
 from .context import AppContext
+from .csrf import CrossSiteMiddleware
+
+log = logging.getLogger("dicomrouter.http")
 
 SESSION_COOKIE = "dicomrouter_session"
+#: Shorter keys (e.g. a file left empty by a crash while it was written) are replaced.
+MIN_SECRET_LENGTH = 32
+
+
+def _write_secret(path: Path, secret: str, *, replace: bool) -> bool:
+    """Write ``secret`` to ``path`` atomically (temporary file, fsync, rename), mode
+    0600. Without ``replace``, an existing file wins (another process was first):
+    returns False then."""
+    temporary = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secret)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if replace:
+            os.replace(temporary, path)
+        else:
+            try:
+                os.link(temporary, path)  # like O_EXCL, but never a half-written file
+            except FileExistsError:
+                return False
+    finally:
+        temporary.unlink(missing_ok=True)
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+    return True
 
 
 def session_secret(storage_root: Path) -> str:
-    """Read, or create (mode 0600), the key that signs session cookies."""
+    """Read, or create (mode 0600), the key that signs session cookies.
+
+    A key shorter than :data:`MIN_SECRET_LENGTH` (empty after a crash, or edited by
+    hand) is replaced by a new one, which logs everybody out; a file readable by
+    others is made private again. Both are logged."""
     path = storage_root / ".http_secret"
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        secret = secrets.token_urlsafe(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secret)
+    for _ in range(3):
+        try:
+            secret = path.read_text().strip()
+        except FileNotFoundError:
+            fresh = secrets.token_urlsafe(32)
+            if _write_secret(path, fresh, replace=False):
+                return fresh
+            continue  # another process created it meanwhile: use theirs
+        if len(secret) < MIN_SECRET_LENGTH:
+            log.warning(
+                "%s holds a key of %d characters (at least %d needed): writing a new "
+                "one; dashboard sessions end",
+                path,
+                len(secret),
+                MIN_SECRET_LENGTH,
+            )
+            fresh = secrets.token_urlsafe(32)
+            _write_secret(path, fresh, replace=True)
+            return fresh
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            log.warning("%s had mode %04o: made private (0600)", path, mode)
+            path.chmod(0o600)
         return secret
+    raise RuntimeError(f"cannot read or create {path}")
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities as text: a 422 that echoes ``{"since": NaN}`` must not
+    become a 500 because the error itself cannot be written as JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse(
+        status_code=422, content={"detail": _json_safe(jsonable_encoder(exc.errors()))}
+    )
 
 
 def create_app(ctx: AppContext) -> FastAPI:
@@ -53,12 +141,15 @@ def create_app(ctx: AppContext) -> FastAPI:
         version=__version__,
         description="Operate a dicomrouter node: health, queues, history, manual actions, "
         "configuration. Authenticate with a session cookie (`POST /api/v1/login`), "
-        "`Authorization: Bearer <token>` or HTTP Basic.",
+        "`Authorization: Bearer <token>` or HTTP Basic. Cross-site POST/PUT/PATCH/DELETE "
+        "from a browser are refused (403).",
         docs_url="/api/docs",
         redoc_url=None,
         openapi_url="/api/openapi.json",
     )
     app.state.ctx = ctx
+    app.state.login_throttle = LoginThrottle()
+    app.add_exception_handler(RequestValidationError, validation_error)
     app.add_middleware(
         SessionMiddleware,
         secret_key=session_secret(ctx.store.root),
@@ -66,6 +157,8 @@ def create_app(ctx: AppContext) -> FastAPI:
         max_age=int(ctx.config.http.session_lifetime),
         same_site="strict",
     )
+    # Added last, so it runs first: a refused request never touches the session.
+    app.add_middleware(CrossSiteMiddleware, auth_enabled=lambda: ctx.config.auth.enabled)
     for module in (
         health,
         session,

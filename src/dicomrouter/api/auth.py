@@ -9,20 +9,43 @@ Three ways in, checked in this order:
 The role is looked up in the *current* configuration on every request, so removing
 a user or lowering a role takes effect at once, sessions included. No credentials
 give 401; too small a role gives 403. Failed logins are written to the audit log.
+
+The 401 offers only ``Bearer``: offering ``Basic`` would make a browser prompt for
+a password and then attach it to every request, cross-site ones included. Basic is
+still accepted from clients that send it unasked (``curl -u``).
+
+Guessing is throttled per client address (:class:`LoginThrottle`): after
+:attr:`LoginThrottle.limit` failures within :attr:`LoginThrottle.window` seconds,
+password and token attempts from that address get 429 with ``Retry-After`` (no
+scrypt, no audit row) for a delay that doubles with each further failure. At most
+:data:`SCRYPT_SLOTS` password hashes are computed at once, and an unknown user name
+costs the same hash as a known one, so timing does not tell which users exist.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
+import math
+import secrets
 import threading
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from fastapi import Depends, HTTPException, Request, status
 
 from dicomrouter.control import audit
-from dicomrouter.control.security import Principal, Role, verify_password, verify_token
+from dicomrouter.control.security import (
+    Principal,
+    Role,
+    hash_password,
+    verify_password,
+    verify_token,
+)
 
 from .context import AppContext
 
@@ -30,6 +53,24 @@ SESSION_USER = "user"
 SESSION_STAMP = "stamp"
 
 _ANONYMOUS_ADMIN = Principal("anonymous", Role.admin, "anonymous")
+
+#: What a 401 offers. Never Basic: see the module's description.
+CHALLENGE = 'Bearer realm="dicomrouter"'
+
+#: Password hashes (scrypt: ~50 ms and 16 MB each) computed at the same time, at most.
+SCRYPT_SLOTS = 2
+_scrypt_slots = threading.BoundedSemaphore(SCRYPT_SLOTS)
+
+
+def _verify_password(password: str, stored: str) -> bool:
+    with _scrypt_slots:
+        return verify_password(password, stored)
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Checked against for an unknown user name, so that it costs a known one's time."""
+    return hash_password(secrets.token_urlsafe(16))
 
 
 def context(request: Request) -> AppContext:
@@ -50,7 +91,7 @@ class _PasswordCache:
         with self._lock:
             if key in self._ok:
                 return True
-        if not verify_password(password, stored):
+        if not _verify_password(password, stored):
             return False
         with self._lock:
             if len(self._ok) >= self._size:
@@ -71,23 +112,141 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client else ""
 
 
+class TooManyAttempts(HTTPException):
+    """429: this address failed too often; ``Retry-After`` says for how long."""
+
+    def __init__(self, retry_after: float):
+        self.retry_after = max(1, math.ceil(retry_after))
+        super().__init__(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"too many failed logins from this address; try again in {self.retry_after} s",
+            headers={"Retry-After": str(self.retry_after)},
+        )
+
+
+@dataclass
+class _Failures:
+    recent: deque[float] = field(default_factory=deque)  # times, within the window
+    level: int = 0  # lockouts in this streak: the next one lasts first_delay * 2**level
+    locked_until: float = 0.0
+
+
+class LoginThrottle:
+    """Failed logins per client address, in memory (one per HTTP process).
+
+    ``limit`` failures within ``window`` seconds lock the address out for
+    ``first_delay`` seconds; each failure after a lockout ends (before ``window``
+    seconds of calm) locks it out again for twice as long, up to ``max_delay``. A
+    successful password login forgets the address. At most ``capacity`` addresses
+    are remembered (the least recently failing are dropped)."""
+
+    limit = 5
+    window = 300.0
+    first_delay = 60.0
+    max_delay = 900.0
+
+    def __init__(self, capacity: int = 10_000, clock: Callable[[], float] = time.monotonic):
+        self.capacity = capacity
+        self.clock = clock
+        self._addresses: OrderedDict[str, _Failures] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def check(self, address: str) -> None:
+        """Raise :class:`TooManyAttempts` while ``address`` is locked out."""
+        with self._lock:
+            entry = self._addresses.get(address)
+            remaining = entry.locked_until - self.clock() if entry else 0.0
+        if remaining > 0:
+            raise TooManyAttempts(remaining)
+
+    def failure(self, address: str) -> float | None:
+        """Count a failure; the lockout's length if this one starts a lockout."""
+        now = self.clock()
+        with self._lock:
+            entry = self._addresses.pop(address, None)
+            if entry is None or (entry.level and now >= entry.locked_until + self.window):
+                entry = _Failures()
+            self._addresses[address] = entry  # the most recent, last
+            while len(self._addresses) > self.capacity:
+                self._addresses.popitem(last=False)
+            if now < entry.locked_until:
+                return None  # a concurrent attempt started the lockout already
+            while entry.recent and now - entry.recent[0] > self.window:
+                entry.recent.popleft()
+            entry.recent.append(now)
+            if not entry.level and len(entry.recent) < self.limit:
+                return None
+            delay = min(self.max_delay, self.first_delay * 2**entry.level)
+            entry.level += 1
+            entry.locked_until = now + delay
+            entry.recent.clear()
+            return delay
+
+    def success(self, address: str) -> None:
+        with self._lock:
+            self._addresses.pop(address, None)
+
+    def __len__(self) -> int:
+        return len(self._addresses)
+
+
+def throttle(request: Request) -> LoginThrottle:
+    state = request.app.state
+    found = getattr(state, "login_throttle", None)
+    if found is None:
+        found = state.login_throttle = LoginThrottle()
+    return found  # type: ignore[no-any-return]
+
+
 def check_login(ctx: AppContext, name: str, password: str) -> Principal | None:
+    """The user, if the password is theirs. Not throttled: see :func:`password_login`."""
     user = ctx.config.auth.users.get(name)
-    if user is None or not _passwords.check(name, password, user.password_hash):
+    if user is None:
+        _verify_password(password, _dummy_hash())  # as slow as for a real user
+        return None
+    if not _passwords.check(name, password, user.password_hash):
         return None
     return Principal(name, Role.parse(user.role), "user")
 
 
+def password_login(request: Request, name: str, password: str) -> Principal | None:
+    """A user name and password (login form, ``POST /api/v1/login``, Basic), throttled
+    per client address: raises :class:`TooManyAttempts` (429) while it is locked out,
+    audits a failure and resets the address's count on success."""
+    address = client_address(request)
+    limiter = throttle(request)
+    limiter.check(address)
+    principal = check_login(context(request), name, password)
+    if principal is None:
+        failed_login(request, name, "wrong user name or password")
+    else:
+        limiter.success(address)
+    return principal
+
+
 def failed_login(request: Request, name: str, reason: str) -> None:
+    """Audit a failed attempt and count it against the client's address; the
+    attempt that starts a lockout also writes one ``auth.lockout`` row."""
     ctx = context(request)
+    address = client_address(request)
     audit.record(
         ctx.engine,
         name or "?",
         "auth.login",
         outcome="denied",
-        source=client_address(request),
+        source=address,
         detail={"reason": reason, "path": request.url.path},
     )
+    delay = throttle(request).failure(address)
+    if delay is not None:
+        audit.record(
+            ctx.engine,
+            name or "?",
+            "auth.lockout",
+            outcome="denied",
+            source=address,
+            detail={"seconds": delay, "path": request.url.path},
+        )
 
 
 def _from_session(request: Request, ctx: AppContext) -> Principal | None:
@@ -108,7 +267,9 @@ def _from_header(request: Request, ctx: AppContext) -> Principal | None:
     if scheme == "bearer" and value:
         for name, token in ctx.config.auth.tokens.items():
             if verify_token(value.strip(), token.token_hash):
+                # Cheap to check, so valid tokens work even from a locked-out address.
                 return Principal(name, Role.parse(token.role), "token")
+        throttle(request).check(client_address(request))
         failed_login(request, "token", "unknown API token")
         return None
     if scheme == "basic" and value:
@@ -116,10 +277,7 @@ def _from_header(request: Request, ctx: AppContext) -> Principal | None:
             name, _, password = base64.b64decode(value).decode("utf-8").partition(":")
         except (binascii.Error, UnicodeDecodeError):
             return None
-        principal = check_login(ctx, name, password)
-        if principal is None:
-            failed_login(request, name, "wrong user name or password")
-        return principal
+        return password_login(request, name, password)
     return None
 
 
@@ -146,7 +304,7 @@ def require(role: Role) -> Callable[[Request], Principal]:
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,
                 "authentication required",
-                headers={"WWW-Authenticate": 'Bearer, Basic realm="dicomrouter"'},
+                headers={"WWW-Authenticate": CHALLENGE},
             )
         if not principal.may(role):
             raise HTTPException(

@@ -13,10 +13,9 @@ from dicomrouter.control.security import Principal
 from .auth import (
     SESSION_STAMP,
     SESSION_USER,
-    check_login,
     client_address,
     context,
-    failed_login,
+    password_login,
     session_stamp,
     viewer,
 )
@@ -38,11 +37,14 @@ def start_session(request: Request, principal: Principal) -> None:
     audit.record(ctx.engine, principal.name, "auth.login", source=client_address(request))
 
 
-@router.post("/login", summary="Start a dashboard session (sets a cookie)")
+@router.post(
+    "/login",
+    summary="Start a dashboard session (sets a cookie)",
+    responses={429: {"description": "Too many failed logins from this address"}},
+)
 def login(body: Login, request: Request) -> dict[str, Any]:
-    principal = check_login(context(request), body.username, body.password)
+    principal = password_login(request, body.username, body.password)
     if principal is None:
-        failed_login(request, body.username, "wrong user name or password")
         raise HTTPException(401, "wrong user name or password")
     start_session(request, principal)
     return principal.as_dict()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse, Response
 
-from dicomrouter.api.auth import authenticate, check_login, failed_login
+from dicomrouter.api.auth import TooManyAttempts, authenticate, password_login
 from dicomrouter.api.session import start_session
 
 from .common import ctx_of, render, safe_next
@@ -27,9 +27,14 @@ def login_submit(
     password: str = Form(""),
     next: str = Form("/"),
 ) -> Response:
-    principal = check_login(ctx_of(request), username, password)
+    try:
+        principal = password_login(request, username, password)
+    except TooManyAttempts as exc:
+        values = {"next": safe_next(next), "error": exc.detail, "user": username}
+        response = render(request, "login.html", values, status_code=429)
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     if principal is None:
-        failed_login(request, username, "wrong user name or password")
         values = {
             "next": safe_next(next),
             "error": "Wrong user name or password.",
