@@ -269,7 +269,10 @@ class AuthConfig(_Model):
     enabled: bool = Field(
         True,
         description="Require credentials. `false` gives every request the admin role: "
-        "only for a router reachable from a trusted machine alone.",
+        "only for a router reachable from a trusted machine alone. Then the HTTP "
+        "service answers only requests addressed to `localhost` or an IP address "
+        "(`http://127.0.0.1:8080/`); a host name gets 403, so that a web page cannot "
+        "re-point its own name at the router (DNS rebinding).",
     )
     users: dict[str, UserConfig] = Field(
         default_factory=dict, description="Dashboard and API users by login name."
