@@ -24,6 +24,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -79,7 +81,7 @@ def _die_with_parent() -> None:
 
 
 def _dispatch_main(
-    config: RouterConfig, config_path: Path | None, ready: multiprocessing.synchronize.Event
+    config: RouterConfig, config_path: Path | None, ready: Callable[[], None]
 ) -> None:
     _die_with_parent()
     configure_logging(config.log_level)
@@ -96,7 +98,7 @@ def _dispatch_main(
     store = ObjectStore(config.storage.path)
     dispatcher = Dispatcher(config, engine, store)
     dispatcher.start()
-    ready.set()
+    ready()
     while not stop.wait(0.2):
         if reload.is_set() and config_path is not None:
             reload.clear()
@@ -112,18 +114,26 @@ def _dispatch_main(
     os._exit(0)
 
 
-def _http_main(
-    config: RouterConfig, config_path: Path | None, ready: multiprocessing.synchronize.Event
-) -> None:
+def _http_main(config: RouterConfig, config_path: Path | None, ready: Callable[[], None]) -> None:
     _die_with_parent()
     configure_logging(config.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve_http handles it
     from dicomrouter.api.server import serve_http
 
-    serve_http(config, config_path, on_ready=ready.set)
+    serve_http(config, config_path, on_ready=ready)
     logging.shutdown()
     os._exit(0)
+
+
+def _run_child(target: Callable[..., None], signal_ready: Connection, *args: Any) -> None:
+    """Child entry point: ``target(*args, ready)`` where ``ready()`` tells the parent."""
+
+    def ready() -> None:
+        signal_ready.send(True)
+        signal_ready.close()
+
+    target(*args, ready)
 
 
 class _Child:
@@ -137,13 +147,36 @@ class _Child:
 
     def start(self) -> None:
         context = multiprocessing.get_context("spawn")
-        ready = context.Event()
+        # A pipe, not a multiprocessing.Event: an Event is a semaphore, and the first
+        # one starts multiprocessing's resource-tracker process (15 MB for nothing).
+        ready, signal_ready = context.Pipe(duplex=False)
         self.process = context.Process(
-            target=self.target, args=(*self.args, ready), name=self.name, daemon=False
+            target=_run_child,
+            args=(self.target, signal_ready, *self.args),
+            name=self.name,
+            daemon=False,
         )
         self.process.start()
+        signal_ready.close()  # the child holds its own copy
+        try:
+            self._wait_ready(ready)
+        finally:
+            ready.close()
+        log.info("%s process started (pid %s)", self.name, self.process.pid)
+
+    def _wait_ready(self, ready: Connection) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + 60
-        while not ready.wait(0.2):
+        while True:
+            if ready.poll(0.2):
+                try:
+                    ready.recv()
+                    return
+                except EOFError:  # it closed its end without a word: it is exiting
+                    self.process.join(5)
+                    raise RuntimeError(
+                        f"{self.name} process exited during start-up ({self.process.exitcode})"
+                    ) from None
             if not self.process.is_alive():
                 raise RuntimeError(
                     f"{self.name} process exited during start-up ({self.process.exitcode})"
@@ -151,7 +184,6 @@ class _Child:
             if time.monotonic() > deadline:
                 self.process.kill()
                 raise RuntimeError(f"{self.name} process did not start within 60 s")
-        log.info("%s process started (pid %s)", self.name, self.process.pid)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.is_alive()
