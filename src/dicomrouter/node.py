@@ -248,7 +248,7 @@ class Node:
         if self.config_path is None:
             return
         try:
-            text = self.config_path.read_text(encoding="utf-8")
+            text = versions.normalize(self.config_path.read_text(encoding="utf-8"))
         except OSError as exc:
             log.warning("cannot record the configuration version: %s", exc)
             return
@@ -266,7 +266,7 @@ class Node:
             log.warning("SIGHUP ignored: started without a configuration file (--config)")
             return False
         try:
-            text = path.read_text(encoding="utf-8")
+            text = versions.normalize(path.read_text(encoding="utf-8"))
             new = versions.parse_yaml(text, path.parent, str(path))
         except (OSError, ConfigError) as exc:
             errors = exc.errors if isinstance(exc, ConfigError) else [f"cannot read: {exc}"]

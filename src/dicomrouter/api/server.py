@@ -48,12 +48,14 @@ def reload_context(ctx) -> bool:  # type: ignore[no-untyped-def]
 
     if ctx.config_path is None:
         return False
-    loaded = versions.load_newest(ctx.reader, ctx.config_path, ctx.config)
-    if loaded is None:
+
+    def install(config: RouterConfig) -> None:
+        ctx.config = config
+        logging.getLogger().setLevel(config.log_level)
+
+    version = versions.install_newest(ctx.reader, ctx.config_path, lambda: ctx.config, install)
+    if version is None:
         return False
-    version, config = loaded
-    ctx.config = config
-    logging.getLogger().setLevel(config.log_level)
     log.info("HTTP service runs on configuration version %d", version.id)
     return True
 

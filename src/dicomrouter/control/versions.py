@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import yaml
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -438,31 +438,42 @@ def record_version(
     engine: Engine, text: str, *, author: str, source: str, comment: str = ""
 ) -> int:
     """Append a version unconditionally; returns its id."""
+    with engine.begin() as conn:
+        return _insert_version(conn, text, author, source, comment)
+
+
+def _insert_version(conn: Connection, text: str, author: str, source: str, comment: str) -> int:
     if source not in SOURCES:
         raise ValueError(f"unknown version source {source!r}")
-    with engine.begin() as conn:
-        result = conn.execute(
-            config_versions.insert().values(
-                applied_at=time.time(),
-                author=author[:128],
-                source=source,
-                sha256=sha256(text),
-                yaml=text,
-                comment=comment,
-            )
+    result = conn.execute(
+        config_versions.insert().values(
+            applied_at=time.time(),
+            author=author[:128],
+            source=source,
+            sha256=sha256(text),
+            yaml=text,
+            comment=comment,
         )
-        return int(result.inserted_primary_key[0])  # type: ignore[index]
+    )
+    return int(result.inserted_primary_key[0])  # type: ignore[index]
 
 
 def record_if_new(
     engine: Engine, text: str, *, author: str, source: str, comment: str = ""
 ) -> tuple[int, bool]:
     """Record ``text`` unless the newest version is the same text.
-    Returns (version id, whether it was recorded now)."""
-    newest = latest_version(engine, with_yaml=False)
-    if newest is not None and newest.sha256 == sha256(text):
-        return newest.id, False
-    return record_version(engine, text, author=author, source=source, comment=comment), True
+    Returns (version id, whether it was recorded now). Check and insert are one
+    write transaction, so the node and the HTTP process recording the same file at
+    once make one version, not two."""
+    with engine.begin() as conn:
+        newest = conn.execute(
+            select(config_versions.c.id, config_versions.c.sha256)
+            .order_by(config_versions.c.id.desc())
+            .limit(1)
+        ).first()
+        if newest is not None and newest.sha256 == sha256(text):
+            return int(newest.id), False
+        return _insert_version(conn, text, author, source, comment), True
 
 
 def latest_version(engine: Engine, with_yaml: bool = True) -> Version | None:
@@ -736,6 +747,24 @@ def _applied(call: Callable[[], _T]) -> _T:
         return call()
     except ConfigError as exc:
         raise InvalidConfig(list(exc.errors)) from None
+
+
+def install_newest(
+    engine: Engine,
+    config_path: Path,
+    running: Callable[[], RouterConfig],
+    install: Callable[[RouterConfig], None],
+) -> Version | None:
+    """:func:`load_newest` and ``install`` it, inside the same critical section as
+    :func:`apply_yaml`, so a SIGHUP reload and an API apply in one process cannot
+    interleave and leave it on an older version than the newest recorded one."""
+    with _apply_lock:
+        loaded = load_newest(engine, config_path, running())
+        if loaded is None:
+            return None
+        version, config = loaded
+        install(config)
+        return version
 
 
 def load_newest(
