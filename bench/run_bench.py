@@ -175,18 +175,43 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def tree_pss(pid: int) -> int:
+    """Proportional set size of ``pid`` plus all its descendants: shared pages (the
+    Python interpreter, numpy's libraries...) counted once across the tree, not once
+    per process as a sum of RSS does. 0 where /proc/PID/smaps_rollup is unreadable."""
+    total, stack, seen = 0, [pid], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            with open(f"/proc/{current}/smaps_rollup") as fh:
+                for line in fh:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except (OSError, IndexError, ValueError):
+            continue
+        stack.extend(_children(current))
+    return total
+
+
 class RssSampler:
-    """Samples the RSS of a process tree every 0.2 s in a thread and keeps the peak.
+    """Samples the RSS (summed over a process tree) every 0.2 s in a thread and keeps
+    the peak; with ``pss=True`` also the peak of the tree's PSS.
 
     Why sampling and not ``ru_maxrss``: the server is not our child's child in every
     leg, it runs many processes/threads, and we want the peak *during the transfer*,
     not during startup.
     """
 
-    def __init__(self, pid: int | None, interval: float = RSS_INTERVAL) -> None:
+    def __init__(self, pid: int | None, interval: float = RSS_INTERVAL, pss: bool = False) -> None:
         self.pid = pid
         self.interval = interval
+        self.pss = pss
         self.peak = 0
+        self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -194,6 +219,8 @@ class RssSampler:
         while True:
             if self.pid is not None:
                 self.peak = max(self.peak, tree_rss(self.pid))
+                if self.pss:
+                    self.peak_pss = max(self.peak_pss, tree_pss(self.pid))
             if self._stop.wait(self.interval):
                 return
 
@@ -377,13 +404,22 @@ def run_orthanc(workdir: Path, source: Path, n: int, timeout: float) -> tuple[fl
             shutil.rmtree(peer_dir, ignore_errors=True)
 
 
-def run_router(workdir: Path, source: Path, n: int, timeout: float) -> tuple[float, int | None]:
+def run_router(
+    workdir: Path,
+    source: Path,
+    n: int,
+    timeout: float,
+    memory: dict[str, int] | None = None,
+) -> tuple[float, int | None]:
+    """``memory``, when given, receives the peak PSS of the router's processes too."""
     with (
         storescp(workdir, "router") as (dest_port, outdir),
         router(workdir, "router", dest_port) as (port, pid),
-        RssSampler(pid) as rss,
+        RssSampler(pid, pss=memory is not None) as rss,
     ):
         seconds = send_and_wait(ROUTER_AET, port, source, outdir, n, timeout)
+    if memory is not None:
+        memory["peak_pss_bytes"] = rss.peak_pss
     return seconds, rss.peak
 
 
@@ -552,7 +588,8 @@ def print_report(results: list[DatasetResult], huge: dict[str, Any] | None, repe
                 f"Flat-memory run: {huge['instances']} instances, {huge['bytes'] / MB:.0f} MB "
                 f"through the router in {huge['seconds']:.1f} s "
                 f"({huge['instances_per_s']:.1f} inst/s, {huge['mb_per_s']:.1f} MB/s); "
-                f"peak RSS {huge['peak_rss_bytes'] / MB:.0f} MB vs "
+                f"peak RSS {huge['peak_rss_bytes'] / MB:.0f} MB summed over its processes "
+                f"(PSS {(huge.get('peak_pss_bytes') or 0) / MB:.0f} MB) vs "
                 f"{_fmt(ref / MB if ref else None, '.0f')} MB for the {huge['reference']} dataset"
             )
 
@@ -711,7 +748,10 @@ def run_huge(
     try:
         total = folder_bytes(source)
         os.sync()
-        seconds, peak = run_router(workdir, source, n, timeout_for(n, total, args.timeout))
+        memory: dict[str, int] = {}
+        seconds, peak = run_router(
+            workdir, source, n, timeout_for(n, total, args.timeout), memory=memory
+        )
     except BenchError as exc:
         report["status"] = f"failed: {exc}"
         return report
@@ -724,8 +764,12 @@ def run_huge(
         instances_per_s=n / seconds,
         mb_per_s=total / MB / seconds,
         peak_rss_bytes=peak,
+        peak_pss_bytes=memory.get("peak_pss_bytes"),
     )
-    console.print(f"  huge router: {seconds:.1f} s, peak RSS {(peak or 0) / MB:.0f} MB")
+    console.print(
+        f"  huge router: {seconds:.1f} s, peak RSS {(peak or 0) / MB:.0f} MB "
+        f"(summed over processes), peak PSS {memory.get('peak_pss_bytes', 0) / MB:.0f} MB"
+    )
     return report
 
 
