@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -302,3 +303,29 @@ def test_receiver_apply_and_rejections_are_audited(tmp_path: Path) -> None:
         ("?", HOST, "denied", "source address not in dicom.allowed_networks"),
         ("INTRUDER", HOST, "denied", "calling AE title not in dicom.allowed_callers"),
     ]
+
+
+def test_rejection_audits_are_bounded(tmp_path: Path, monkeypatch: Any, caplog: Any) -> None:
+    """A flood of refused associations must not queue audit rows without limit."""
+    from dicomrouter.receive import scp
+
+    config = parse_config({"storage": {"path": str(tmp_path / "data")}}, environ={})
+    store = ObjectStore(config.storage.path)
+    store.prepare()
+    engine = create_index_engine(config.database_url)
+    receiver = Receiver(config, store, InstanceIndex(engine))
+    monkeypatch.setattr(scp, "MAX_PENDING_AUDITS", 3)
+    gate = threading.Event()
+    # The first row blocks the single audit thread, so the queue fills up.
+    receiver._auditor.submit(gate.wait, 30)
+    receiver._audits_pending += 1  # that blocker counts as waiting too
+    for n in range(10):
+        receiver._audit_rejected(f"FLOOD{n}", "192.0.2.1", "calling AE title not allowed")
+    # 2 queued; 8 dropped: the first is logged at once, the next 7 counted for the
+    # next log line (at most one a minute).
+    assert receiver._audits_pending == 3 and receiver._audits_dropped == 7
+    assert "not audited: the audit queue is full" in caplog.text
+    gate.set()
+    receiver._auditor.shutdown(wait=True)
+    total, _ = audit.query(engine, action="dicom.association.rejected")
+    assert total == 2

@@ -288,3 +288,17 @@ def test_recording_functions_in_process() -> None:
     total = value(s, "dicomrouter_delivery_latency_seconds_sum", destination=dest)
     assert total is not None and 5.9 < total < 7
     assert value(s, "dicomrouter_delivery_latency_seconds_bucket", destination=dest, le="2.5") == 1
+
+
+def test_calling_ae_labels_are_bounded(monkeypatch: Any) -> None:
+    """Without an allow-list anyone may call with any title: past MAX_AE_LABELS titles,
+    new ones are counted under one label instead of a new series each."""
+    monkeypatch.setattr(metrics, "MAX_AE_LABELS", 2)
+    monkeypatch.setattr(metrics, "_ae_labels", set())
+    for title in ("BOUND_A", "BOUND_B", "BOUND_C", "BOUND_D", "BOUND_A"):
+        metrics.instance_received(title, 10)
+    s = parse(metrics.exposition().decode())
+    assert value(s, "dicomrouter_received_instances_total", calling_ae="BOUND_A") == 2
+    assert value(s, "dicomrouter_received_instances_total", calling_ae="BOUND_B") == 1
+    assert value(s, "dicomrouter_received_instances_total", calling_ae="BOUND_C") is None
+    assert value(s, "dicomrouter_received_instances_total", calling_ae=metrics.OTHER_AE) >= 2

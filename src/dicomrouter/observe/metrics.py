@@ -219,17 +219,35 @@ def _never_raise(function: _F) -> _F:
     return guarded  # type: ignore[return-value]
 
 
+#: Distinct calling AE titles given their own label; later ones are counted as
+#: ``OTHER_AE``. Without ``dicom.allowed_callers`` anyone may call with any title,
+#: and every new label is a new series (and file) forever.
+MAX_AE_LABELS = 200
+OTHER_AE = "_other"
+_ae_labels: set[str] = set()
+
+
+def _ae_label(calling_ae: str) -> str:
+    if calling_ae in _ae_labels:
+        return calling_ae
+    if len(_ae_labels) >= MAX_AE_LABELS:
+        return OTHER_AE
+    _ae_labels.add(calling_ae)
+    return calling_ae
+
+
 @_never_raise
 def instance_received(calling_ae: str, size: int) -> None:
     """An instance was stored and indexed (called before the C-STORE-RSP)."""
-    _child("received", calling_ae).inc()
-    _child("received_bytes", calling_ae).inc(size)
+    label = _ae_label(calling_ae)
+    _child("received", label).inc()
+    _child("received_bytes", label).inc(size)
 
 
 @_never_raise
 def instance_refused(calling_ae: str) -> None:
     """A C-STORE was answered with a failure status."""
-    _child("refused", calling_ae).inc()
+    _child("refused", _ae_label(calling_ae)).inc()
 
 
 # Keyed by ``destinations.Outcome`` values (a StrEnum): importing it here would make

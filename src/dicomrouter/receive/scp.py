@@ -15,6 +15,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,9 @@ from dicomrouter.store import (
 from .contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES, VERIFICATION_SOP_CLASS
 
 log = logging.getLogger("dicomrouter.receive")
+
+#: Rejected associations waiting to be written to the audit log, at most.
+MAX_PENDING_AUDITS = 1000
 
 # DIMSE statuses we answer (PS3.4 Annex B.2.3).
 SUCCESS = 0x0000
@@ -93,6 +97,9 @@ class Receiver:
         # thread or the accept loop (an index write there would delay other callers).
         self._audit_engine = audit_engine or index.engine
         self._auditor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
+        self._audits_pending = 0
+        self._audits_dropped = 0
+        self._audits_dropped_logged = -60.0
 
     # -- set-up -----------------------------------------------------------------
     @staticmethod
@@ -201,8 +208,29 @@ class Receiver:
         self._audit_rejected(calling, str(requestor.address), reason, called)
 
     def _audit_rejected(self, calling: str, address: str, reason: str, called: str = "") -> None:
+        """Queue the audit row for a background thread. The queue is bounded: a flood
+        of refused connections must not grow memory or the index without limit, so
+        beyond ``MAX_PENDING_AUDITS`` rows waiting, rejections are counted in the log
+        instead (once a minute)."""
+        with self._tally_lock:
+            if self._audits_pending >= MAX_PENDING_AUDITS:
+                self._audits_dropped += 1
+                now = time.monotonic()
+                if now - self._audits_dropped_logged >= 60:
+                    log.warning(
+                        "%d rejected association(s) not audited: the audit queue is full "
+                        "(%d waiting); latest from %s (%s)",
+                        self._audits_dropped,
+                        self._audits_pending,
+                        address,
+                        reason,
+                    )
+                    self._audits_dropped_logged = now
+                    self._audits_dropped = 0
+                return
+            self._audits_pending += 1
         try:
-            self._auditor.submit(
+            future = self._auditor.submit(
                 audit.record,
                 self._audit_engine,
                 calling or "?",
@@ -213,7 +241,14 @@ class Receiver:
                 detail={"reason": reason},
             )
         except RuntimeError:  # shutting down
-            pass
+            with self._tally_lock:
+                self._audits_pending -= 1
+            return
+        future.add_done_callback(self._audit_done)
+
+    def _audit_done(self, _future: object) -> None:
+        with self._tally_lock:
+            self._audits_pending -= 1
 
     def _on_association_end(self, event: evt.Event) -> None:
         """One log line per association that sent objects: who, and what came of it."""
