@@ -94,7 +94,9 @@ def _dispatch_main(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, lambda signum, frame: reload.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    engine = create_index_engine(config.database_url)
+    # Not durable_commits: see create_index_engine; nothing here is a promise made to
+    # a sender, and the receiver's write lock is the one that must stay free.
+    engine = create_index_engine(config.database_url, create=False, durable_commits=False)
     store = ObjectStore(config.storage.path)
     dispatcher = Dispatcher(config, engine, store)
     dispatcher.start()

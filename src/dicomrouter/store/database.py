@@ -42,11 +42,11 @@ _APPEND_ONLY_SQLITE = [
 ]
 
 
-def _sqlite_pragmas(busy_timeout_ms: int):  # type: ignore[no-untyped-def]
+def _sqlite_pragmas(busy_timeout_ms: int, synchronous: str):  # type: ignore[no-untyped-def]
     def apply(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
@@ -55,7 +55,11 @@ def _sqlite_pragmas(busy_timeout_ms: int):  # type: ignore[no-untyped-def]
 
 
 def create_index_engine(
-    url: str, create: bool = True, busy_timeout_ms: int = 60_000, writer: bool = True
+    url: str,
+    create: bool = True,
+    busy_timeout_ms: int = 60_000,
+    writer: bool = True,
+    durable_commits: bool = True,
 ) -> Engine:
     """Open (and by default create or check) the index at ``url``.
 
@@ -67,6 +71,14 @@ def create_index_engine(
     A ``writer`` engine starts every transaction with ``BEGIN IMMEDIATE`` (the write
     lock up-front, so concurrent writers queue instead of failing); a reader engine
     (``writer=False``) never takes the write lock: WAL lets it read alongside writers.
+
+    ``durable_commits=False`` (SQLite ``synchronous=NORMAL``, per connection) is for
+    the dispatch process: its commits do not wait for an fsync of the WAL, so it
+    holds the write lock the receiver needs for far less time. Atomicity is
+    unchanged; a power loss may forget the last of those commits (a planned batch,
+    a delivery result), which is re-planned or re-sent: at least once, as after any
+    crash. The next durable commit (every C-STORE's) syncs them anyway, the WAL
+    being one sequential file. What was promised to a sender stays ``FULL``.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -74,7 +86,8 @@ def create_index_engine(
             url,
             connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False},
         )
-        event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms))
+        synchronous = "FULL" if durable_commits else "NORMAL"
+        event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms, synchronous))
         # pysqlite's own transaction handling defers BEGIN; take the write lock
         # up-front so concurrent writers queue instead of failing with "locked".
         if writer:
