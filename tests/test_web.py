@@ -15,7 +15,7 @@ import yaml
 from fastapi.testclient import TestClient
 
 from dicomrouter.control import audit
-from dicomrouter.control.jobs import job_detail
+from dicomrouter.control.jobs import JobFilter, job_detail, search_jobs
 from tests.support.api import PASSWORD, ApiEnv, api_env
 from tests.support.seed import Seeder
 
@@ -438,3 +438,25 @@ def test_config_dashboard_crlf_text_is_the_same_configuration(tmp_path: Path) ->
     assert versions.list_versions(env.engine)[0] == 2 and b"\r" not in path.read_bytes()
     newest = versions.latest_version(env.engine)
     assert newest is not None and newest.yaml == path.read_text()
+
+
+def test_a_mistyped_time_is_an_error_never_a_wider_bulk_action(
+    seeded: tuple[ApiEnv, dict[str, Any]],
+) -> None:
+    env, _ = seeded
+
+    def states() -> list[tuple[int, str]]:
+        return [(j["id"], j["state"]) for j in search_jobs(env.engine, JobFilter(), 100, 0)[1]]
+
+    before = states()
+    response = env.operator.post(
+        "/jobs/bulk",
+        data={"action": "cancel", "scope": "filter", "state": "pending", "since": "yesterday"},
+    )
+    assert "ISO 8601" in response.text
+    assert states() == before and ("pending" in {s for _, s in before})  # nothing canceled
+    assert "ISO 8601" in env.viewer.get("/jobs", params={"since": "yesterday"}).text
+    assert "ISO 8601" in env.admin.get("/audit", params={"until": "soon"}).text
+    # What the browser's datetime-local field sends still works.
+    page = env.viewer.get("/jobs", params={"since": "2000-01-01T08:00"}).text
+    assert "ISO 8601" not in page and "job(s)" in page

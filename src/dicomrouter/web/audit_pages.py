@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse
 
 from dicomrouter.control import audit
+from dicomrouter.control.errors import Invalid
 from dicomrouter.control.security import Principal
 
 from .common import AUDIT_ROLE, ctx_of, page_role, parse_time, render
@@ -24,16 +25,20 @@ def audit_page(
 ) -> HTMLResponse:
     q = request.query_params
     filters = {k: q[k] for k in ("actor", "action", "outcome", "since", "until") if q.get(k)}
-    total, entries = audit.query(
-        ctx_of(request).reader,
-        actor=filters.get("actor"),
-        action=filters.get("action"),
-        outcome=filters.get("outcome"),
-        since=parse_time(filters.get("since")),
-        until=parse_time(filters.get("until")),
-        limit=PAGE,
-        offset=max(0, offset),
-    )
+    error = None
+    try:
+        total, entries = audit.query(
+            ctx_of(request).reader,
+            actor=filters.get("actor"),
+            action=filters.get("action"),
+            outcome=filters.get("outcome"),
+            since=parse_time(filters.get("since")),
+            until=parse_time(filters.get("until")),
+            limit=PAGE,
+            offset=max(0, offset),
+        )
+    except Invalid as exc:  # a mistyped time: say so, show nothing
+        total, entries, error = 0, [], str(exc)
     values = {
         "title": "Audit log",
         "entries": entries,
@@ -41,5 +46,6 @@ def audit_page(
         "offset": offset,
         "page": PAGE,
         "filters": filters,
+        "error": error,
     }
     return render(request, "audit.html", values, principal=principal)

@@ -23,7 +23,7 @@ from fastapi.templating import Jinja2Templates
 from dicomrouter import __version__
 from dicomrouter.api.auth import authenticate, client_address, context
 from dicomrouter.api.context import AppContext
-from dicomrouter.control.errors import ControlError
+from dicomrouter.control.errors import ControlError, Invalid
 from dicomrouter.control.security import Principal, Role
 
 HERE = Path(__file__).parent
@@ -207,13 +207,18 @@ def percent(value: float | None) -> str:
 
 
 def parse_time(value: str | None) -> float | None:
-    """An ``<input type=datetime-local>`` value (local time) as POSIX seconds."""
+    """An ``<input type=datetime-local>`` value (local time), or anything the API
+    takes (ISO 8601, POSIX seconds), as POSIX seconds. A value that is not a time is
+    an error, never an ignored filter: a bulk action on "everything matching" must
+    not widen because one field was mistyped."""
     if not value:
         return None
+    from dicomrouter.api.params import parse_timestamp
+
     try:
-        return dt.datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        return None
+        return float(parse_timestamp(value))
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
 
 
 templates.env.filters.update(when=when, age=age, ago=ago, size=size, percent=percent)
