@@ -1,8 +1,19 @@
-"""Socket tuning shared by the receiver and the senders.
+"""Our adjustments to pynetdicom and pydicom on the hot paths, all in one place.
 
-pynetdicom never sets ``TCP_NODELAY``; with Nagle's algorithm on, every small
-request/response pair on an association stalls ~40 ms. We set it on every socket
-we accept and every socket we open (see shared field notes).
+Each is an ``install_*`` function (idempotent) with the measurement that justified
+it, and tests/test_net.py checks that what a patched path puts on the wire is what
+pynetdicom's own path would have:
+
+- ``install_tcp_nodelay``: pynetdicom never sets ``TCP_NODELAY``; with Nagle's
+  algorithm every small request/response pair stalls ~40 ms (field notes);
+- ``install_low_latency_reactors``: shorter idle sleeps in pynetdicom's reactors;
+- ``install_no_value_validation``: pydicom's per-value validation only ever warned;
+- ``install_fast_file_meta``: the File Meta of received files packed directly;
+- ``install_fast_store_response``: C-STORE-RSP and the C-STORE-RQ of a stored file
+  packed directly instead of through a pydicom Dataset per message.
+
+Anything unusual (optional elements, odd values, event listeners) keeps
+pynetdicom's own code path.
 """
 
 from __future__ import annotations
