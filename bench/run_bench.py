@@ -157,21 +157,28 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` plus all its descendants (0 if it is gone)."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    total, stack, seen = 0, [pid], set()
+def _tree(pid: int) -> Iterator[int]:
+    """``pid`` and all its descendants, each once."""
+    stack, seen = [pid], set()
     while stack:
         current = stack.pop()
         if current in seen:
             continue
         seen.add(current)
-        try:
-            with open(f"/proc/{current}/statm") as fh:
-                total += int(fh.read().split()[1]) * page
-        except (OSError, IndexError, ValueError):
-            continue
+        yield current
         stack.extend(_children(current))
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` plus all its descendants (0 if it is gone)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for current in _tree(pid):
+        with (
+            contextlib.suppress(OSError, IndexError, ValueError),
+            open(f"/proc/{current}/statm") as fh,
+        ):
+            total += int(fh.read().split()[1]) * page
     return total
 
 
@@ -179,21 +186,16 @@ def tree_pss(pid: int) -> int:
     """Proportional set size of ``pid`` plus all its descendants: shared pages (the
     Python interpreter, numpy's libraries...) counted once across the tree, not once
     per process as a sum of RSS does. 0 where /proc/PID/smaps_rollup is unreadable."""
-    total, stack, seen = 0, [pid], set()
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        try:
-            with open(f"/proc/{current}/smaps_rollup") as fh:
-                for line in fh:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1]) * 1024
-                        break
-        except (OSError, IndexError, ValueError):
-            continue
-        stack.extend(_children(current))
+    total = 0
+    for current in _tree(pid):
+        with (
+            contextlib.suppress(OSError, IndexError, ValueError),
+            open(f"/proc/{current}/smaps_rollup") as fh,
+        ):
+            for line in fh:
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
     return total
 
 
