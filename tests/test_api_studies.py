@@ -220,3 +220,35 @@ def test_many_jobs_are_grouped_per_destination_and_kind(
     ]
     assert grouped[1]["instances"] == 2 and grouped[-1]["delivered"] == 2
     assert sorted(grouped[-1]["job_ids"]) == sorted(d["job_id"] for d in trace["deliveries"])
+
+
+def test_newest_first_pages_match_grouping_every_row_with_ties_and_offsets() -> None:
+    """The walk behind the unfiltered study list and a route's history: same page as
+    ``GROUP BY key ORDER BY max(time) DESC, key`` for every offset, ties included, and
+    None (fall back) when its budget runs out before the page is settled."""
+    import random
+
+    from sqlalchemy import Column, Float, MetaData, String, Table, create_engine, func, select
+
+    from dicomrouter.control.routes import newest_keys
+
+    metadata = MetaData()
+    rows = Table("rows", metadata, Column("at", Float), Column("key", String))
+    engine = create_engine("sqlite://")
+    metadata.create_all(engine)
+    rng = random.Random(7)
+    data = [{"at": float(rng.randrange(40)), "key": f"s{rng.randrange(60)}"} for _ in range(400)]
+    walk = select(rows.c.at, rows.c.key).order_by(rows.c.at.desc())
+    with engine.begin() as conn:
+        conn.execute(rows.insert(), data)
+        last = func.max(rows.c.at)
+        grouped = [
+            (row[0], row[1])
+            for row in conn.execute(
+                select(rows.c.key, last).group_by(rows.c.key).order_by(last.desc(), rows.c.key)
+            )
+        ]
+        for needed in (1, 2, 5, 17, len(grouped), len(grouped) + 3):
+            assert newest_keys(conn, walk, needed) == grouped[:needed], needed
+        assert newest_keys(conn, walk, 0) == []
+        assert newest_keys(conn, walk, len(grouped), budget=50) is None

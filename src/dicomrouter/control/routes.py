@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from pydantic import ValidationError
-from sqlalchemy import Engine, Row, case, func, select
+from sqlalchemy import Connection, Engine, Row, Select, case, func, select
 
 from dicomrouter.config import RouteConfig, RouterConfig
 from dicomrouter.config.loader import format_validation_error
@@ -121,26 +121,101 @@ def route_summaries(ctx: NodeContext, now: float | None = None) -> list[dict[str
     return summaries
 
 
+#: How many index entries a newest-first walk reads before it gives up and groups
+#: every row instead (a page whose studies are buried under one huge recent study).
+NEWEST_WALK_BUDGET = 50_000
+
+
+def newest_keys(
+    conn: Connection, walk: Select[Any], needed: int, budget: int = NEWEST_WALK_BUDGET
+) -> list[tuple[str, float]] | None:
+    """The newest ``needed`` keys (study UIDs) by their latest time, newest first
+    (ties by key), read off ``walk``: a ``(time, key)`` select ordered by time,
+    newest first, that an index serves without sorting. A key is first seen at
+    its latest time, so the walk stops as soon as ``needed`` keys are seen and the
+    rows have moved past the last one's time (so ties at that time are all in).
+
+    Returns every key when there are fewer than ``needed``, or None when
+    ``budget`` rows did not settle the page (then group every row instead).
+    """
+    if needed <= 0:
+        return []
+    latest: dict[str, float] = {}
+    boundary: float | None = None
+    read = 0
+    result = conn.execute(walk.limit(budget))
+    try:
+        for at, key in result:
+            read += 1
+            if boundary is not None and at < boundary:
+                break
+            if key not in latest:
+                latest[key] = at
+                if len(latest) == needed:
+                    boundary = at
+        else:
+            if read >= budget:
+                return None
+    finally:
+        result.close()
+    ordered = sorted(latest.items(), key=lambda item: (-item[1], item[0]))
+    return ordered[:needed]
+
+
 def route_history(engine: Engine, name: str, limit: int = 50) -> list[dict[str, Any]]:
     """The route's most recent matches, one entry per study: how many instances
-    matched, when (first/last), and who the study is."""
-    matched = (
-        select(
-            instances.c.study_instance_uid,
-            func.count().label("n"),
-            func.min(route_matches.c.matched_at).label("first"),
-            func.max(route_matches.c.matched_at).label("last"),
-            func.max(instances.c.id).label("latest_id"),
+    matched, when (first/last), and who the study is.
+
+    The page's studies come from walking ``ix_route_matches_route`` newest first
+    (:func:`newest_keys`), then only those studies are aggregated: a few thousand
+    rows instead of grouping every match the route ever made."""
+    study = instances.c.study_instance_uid
+    joined = route_matches.join(instances, instances.c.id == route_matches.c.instance_id)
+    with engine.connect() as conn:
+        newest = newest_keys(
+            conn,
+            select(route_matches.c.matched_at, study)
+            .select_from(joined)
+            .where(route_matches.c.route == name)
+            .order_by(route_matches.c.matched_at.desc()),
+            limit,
         )
-        .join(instances, instances.c.id == route_matches.c.instance_id)
-        .where(route_matches.c.route == name)
-        .group_by(instances.c.study_instance_uid)
-        .order_by(func.max(route_matches.c.matched_at).desc())
-        .limit(limit)
-        .subquery()
-    )
-    query = (
-        select(
+        if newest is None:  # the walk did not settle: group everything, as before
+            newest = [
+                (row[0], row[1])
+                for row in conn.execute(
+                    select(study, func.max(route_matches.c.matched_at).label("last"))
+                    .select_from(joined)
+                    .where(route_matches.c.route == name)
+                    .group_by(study)
+                    .order_by(func.max(route_matches.c.matched_at).desc(), study)
+                    .limit(limit)
+                )
+            ]
+        order = {uid: position for position, (uid, _) in enumerate(newest)}
+        if not order:
+            return []
+        matched = (
+            select(
+                study,
+                func.count().label("n"),
+                func.min(route_matches.c.matched_at).label("first"),
+                func.max(route_matches.c.matched_at).label("last"),
+                func.max(instances.c.id).label("latest_id"),
+            )
+            .select_from(joined)
+            .where(
+                route_matches.c.route == name,
+                # Through the page's instance ids (study UID index), not the route
+                # index, which the planner would otherwise walk in full.
+                route_matches.c.instance_id.in_(
+                    select(instances.c.id).where(study.in_(list(order))).scalar_subquery()
+                ),
+            )
+            .group_by(study)
+            .subquery()
+        )
+        query = select(
             matched,
             instances.c.patient_id,
             instances.c.patient_name,
@@ -148,26 +223,23 @@ def route_history(engine: Engine, name: str, limit: int = 50) -> list[dict[str, 
             instances.c.study_date,
             instances.c.study_description,
             instances.c.modality,
-        )
-        .join(instances, instances.c.id == matched.c.latest_id)
-        .order_by(matched.c.last.desc())
-    )
-    with engine.connect() as conn:
-        return [
-            {
-                "study_instance_uid": row.study_instance_uid,
-                "patient_id": row.patient_id,
-                "patient_name": row.patient_name,
-                "accession_number": row.accession_number,
-                "study_date": row.study_date,
-                "study_description": row.study_description,
-                "modality": row.modality,
-                "matched_instances": row.n,
-                "first_matched_at": row.first,
-                "last_matched_at": row.last,
-            }
-            for row in conn.execute(query)
-        ]
+        ).join(instances, instances.c.id == matched.c.latest_id)
+        rows = sorted(conn.execute(query), key=lambda row: order[row.study_instance_uid])
+    return [
+        {
+            "study_instance_uid": row.study_instance_uid,
+            "patient_id": row.patient_id,
+            "patient_name": row.patient_name,
+            "accession_number": row.accession_number,
+            "study_date": row.study_date,
+            "study_description": row.study_description,
+            "modality": row.modality,
+            "matched_instances": row.n,
+            "first_matched_at": row.first,
+            "last_matched_at": row.last,
+        }
+        for row in rows
+    ]
 
 
 # -- dry runs on files -------------------------------------------------------------------

@@ -21,7 +21,7 @@ from sqlalchemy import ColumnElement, Connection, Engine, func, select
 from dicomrouter.queue import states as S
 from dicomrouter.store.schema import attempts, instances, job_instances, jobs, route_matches
 
-from .routes import NodeContext, explain_match
+from .routes import NodeContext, explain_match, newest_keys
 
 #: Up to this many instances, the trace lists each reception; above, one event per
 #: (series, sender) with counts and first/last times keeps the timeline readable.
@@ -113,6 +113,12 @@ def search_studies(
     Text filters take DICOM wildcards (``DOE^*``, ``?123``); without one they are
     exact. Dates are ``YYYYMMDD`` bounds on the Study Date, both inclusive. Returns
     ``(total, page)``; each item is a study summary (see :func:`_summaries`).
+
+    The page's study UIDs come from walking instances newest first
+    (``ix_instances_received_at``, :func:`~.routes.newest_keys`); only those
+    studies are then aggregated. A selective filter (accession, patient ID) is
+    served by its own index instead, and a walk that does not settle within its
+    budget falls back to grouping every matching row.
     """
     conditions = _study_filters(
         patient_id,
@@ -124,24 +130,31 @@ def search_studies(
         calling_ae,
     )
     uid = instances.c.study_instance_uid
-    matching = (
-        select(uid, func.max(instances.c.received_at).label("last"))
-        .where(*conditions)
-        .group_by(uid)
-        .subquery()
-    )
     with engine.connect() as conn:
-        total = conn.execute(select(func.count()).select_from(matching)).scalar_one()
-        page = (
-            conn.execute(
-                select(matching.c.study_instance_uid)
-                .order_by(matching.c.last.desc(), matching.c.study_instance_uid)
-                .limit(limit)
-                .offset(offset)
-            )
-            .scalars()
-            .all()
+        # Exact, and ~10x cheaper than counting the grouped studies: it reads the
+        # study UID index only (~30 ms on 1M instances without a filter).
+        total = conn.execute(select(func.count(uid.distinct())).where(*conditions)).scalar_one()
+        newest = newest_keys(
+            conn,
+            select(instances.c.received_at, uid)
+            .where(*conditions)
+            .order_by(instances.c.received_at.desc()),
+            offset + limit,
         )
+        if newest is not None:
+            page = [key for key, _ in newest[offset:]]
+        else:  # the walk did not settle the page: group every matching row
+            last = func.max(instances.c.received_at)
+            page = list(
+                conn.execute(
+                    select(uid)
+                    .where(*conditions)
+                    .group_by(uid)
+                    .order_by(last.desc(), uid)
+                    .limit(limit)
+                    .offset(offset)
+                ).scalars()
+            )
         summaries = _summaries(conn, page)
     return int(total), [summaries[u] for u in page if u in summaries]
 
