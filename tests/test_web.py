@@ -460,3 +460,50 @@ def test_a_mistyped_time_is_an_error_never_a_wider_bulk_action(
     # What the browser's datetime-local field sends still works.
     page = env.viewer.get("/jobs", params={"since": "2000-01-01T08:00"}).text
     assert "ISO 8601" not in page and "job(s)" in page
+
+
+def test_the_trace_reads_as_sentences_with_links_and_full_uids(
+    seeded: tuple[ApiEnv, dict[str, Any]], tmp_path: Path
+) -> None:
+    env, facts = seeded
+    job = facts["failed_job"]
+    detail = job_detail(env.engine, job)
+    assert detail is not None
+    uid = detail["study_instance_uid"]
+    html = env.viewer.get(f"/studies/{uid}").text
+    # No raw key/value dump; each kind says what happened, with links.
+    assert "sop instance uid" not in html and 'class="kv"' not in html
+    assert "<b>1 instance</b> of series" in html and "from <b>CT2</b> (10.0.0.9)" in html
+    assert 'route <a href="/routes/ct-to-pacs"><b>ct-to-pacs</b></a>' in html
+    assert 'matched <b>3 instances</b> — <span class="reason">Modality &#39;CT&#39; equals' in html
+    assert f'<a href="/jobs/{job}">job {job}</a> to <a href="/destinations/pacs">' in html
+    assert "(study, 3 instances) queued by route" in html
+    assert '<span class="badge failed">failed</span>' in html  # the attempt's outcome
+    assert "0/3 delivered" in html and "refused: cannot understand" in html
+    # UIDs are shortened in the sentence, and kept in full (title, mono line).
+    trace = env.viewer.get(f"/api/v1/studies/{uid}/trace").json()
+    for event in trace["events"]:
+        if event["kind"] == "received":
+            assert f"SOP {event['sop_instance_uid']}" in html
+            assert f'title="{event["series_instance_uid"]}"' in html
+
+    # A bigger study: consecutive receptions from one series and sender fold into one
+    # line, whose SOP Instance UIDs stay listed; a route removed since is flagged.
+    seed = Seeder(env, tmp_path / "more")
+    seed.receive_study(6, modality="CT")
+    seed.plan()
+    seed.deliver("pacs")
+    newest = env.viewer.get("/api/v1/studies").json()["items"][0]["study_instance_uid"]
+    trace = env.viewer.get(f"/api/v1/studies/{newest}/trace").json()
+    series = trace["events"][0]["series_instance_uid"]
+    html = env.viewer.get(f"/studies/{newest}").text
+    assert html.count('class="ev received"') == 1
+    assert "<b>6 instances</b> of series" in html and "6 SOP Instance UIDs" in html
+    assert f'title="{series}"' in html
+    assert all(e["sop_instance_uid"] in html for e in trace["events"] if e["kind"] == "received")
+    assert "<b>delivered 6/6</b> to" in html
+
+    changed = {**CONFIG, "routes": [CONFIG["routes"][0]]}
+    env2 = api_env(tmp_path, {**changed, "storage": {"path": str(env.config.storage.path)}})
+    html = env2.viewer.get(f"/studies/{newest}").text
+    assert "no longer in the configuration" in html  # all-to-archive was removed

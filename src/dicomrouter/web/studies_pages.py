@@ -10,9 +10,11 @@ from fastapi.responses import HTMLResponse
 from dicomrouter.control.security import Principal
 from dicomrouter.control.studies import search_studies, study_trace
 
-from .common import ctx_of, render, viewer
+from .common import ctx_of, render, templates, viewer
+from .trace_view import plural, short_uid, timeline
 
 router = APIRouter(include_in_schema=False)
+templates.env.filters.update(short_uid=short_uid, plural=plural)
 
 PAGE = 50
 FIELDS = (
@@ -57,6 +59,6 @@ def trace(request: Request, uid: str, principal: Principal = viewer) -> HTMLResp
     return render(
         request,
         "trace.html",
-        {"title": "Study trace", "uid": uid, "t": result},
+        {"title": "Study trace", "uid": uid, "t": result, "timeline": timeline(result)},
         principal=principal,
     )
