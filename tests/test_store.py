@@ -43,6 +43,8 @@ from dicomrouter.store import index as index_module
         "1.2.a",
         "1" * 65,
         None,
+        "1.2.3\n",  # "$" in a regex would let a trailing newline through
+        "1.2\n.3",
     ],
 )
 def test_invalid_uids_are_refused(bad: object) -> None:
@@ -185,6 +187,19 @@ def test_header_text_values_fall_back_to_pydicom(
     field = {"PatientID": 3, "PatientName": 4, "StudyDescription": 7}[keyword]
     fast = _fast_header(read_header(path, identity_only=True))[field]  # raw bytes
     assert fast == _reference_header(read_header(path))[field] == expected  # pydicom
+
+
+@pytest.mark.parametrize("raw", [b"1.2.3.444\n", b"\t1.2.3.444 ", b"1.2.3.444\r\n", b"1.2.3.4\x00"])
+def test_header_raw_uids_are_read_as_pydicom_reads_them(raw: bytes, tmp_path: Path) -> None:
+    """Padding and surrounding whitespace in a UID are dropped exactly as pydicom
+    drops them, so the index never holds a UID with a newline in it."""
+    source = read_header(get_testdata_file("CT_small.dcm"))
+    source["StudyInstanceUID"].value = raw
+    path = tmp_path / "x.dcm"
+    source.save_as(path, enforce_file_format=True)
+    fast = InstanceHeader.from_dataset(read_header(path, identity_only=True))
+    reference = str(read_header(path).StudyInstanceUID)
+    assert fast.study_instance_uid == reference == raw.decode().strip("\x00 \t\r\n")
 
 
 def test_header_bad_uid_in_raw_element_is_rejected() -> None:

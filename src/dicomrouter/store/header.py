@@ -92,8 +92,9 @@ def _uid(dataset: Dataset, keyword: str) -> object:
     """A UID element's value as text (validated by the caller), or None if absent."""
     raw = _raw_bytes(dataset, _UID_TAGS[keyword], "UI")
     if raw is not None:
-        # pydicom decodes UI with its default encoding (latin-1): same text.
-        return raw.decode("latin-1")
+        # pydicom decodes UI with its default encoding (latin-1), drops trailing NUL
+        # and spaces, then (pydicom.uid.UID) surrounding whitespace: the same here.
+        return raw.decode("latin-1").rstrip("\0 ").strip()
     return dataset.get(keyword)
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# fullmatch, not match with "$": "$" also matches before a trailing newline.
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 class InvalidUID(ValueError):
@@ -22,6 +23,6 @@ def validate_uid(value: object, name: str) -> str:
         raise InvalidUID(f"{name} is missing")
     if len(text) > 64:
         raise InvalidUID(f"{name} is longer than 64 characters")
-    if not _UID_RE.match(text):
+    if not _UID_RE.fullmatch(text):
         raise InvalidUID(f"{name} {text[:80]!r} is not a valid UID (digits and dots only)")
     return text
