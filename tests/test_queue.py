@@ -515,3 +515,48 @@ def test_renew_reports_a_lease_lost_to_recovery(tmp_path: Path) -> None:
     assert second is not None and second.job_ids == first.job_ids
     assert p.jobs.renew(first, 60) == set(first.job_ids)  # w1 must stop sending
     assert p.jobs.renew(second, 60) == set()
+
+
+def test_give_up_fails_only_jobs_untouched_for_the_whole_window(tmp_path: Path) -> None:
+    """give_up counts time a job waited untouched: new instances joining a waiting
+    job, or a retry, restart its clock."""
+    p = Pipeline(tmp_path, {"destinations": {"pacs": DEST}, "routes": [route(forward="study")]})
+    files = make_study(tmp_path / "in", 3)
+    p.receive(files[:1])
+    p.plan()
+    (job,) = p.job_list()
+    with p.engine.begin() as conn:  # queued two hours ago
+        conn.execute(jobs.update().values(updated_at=time.time() - 7200))
+    p.receive(files[1:])
+    p.plan()  # two new instances join the waiting job
+    assert p.jobs.give_up("pacs", time.time() - 3600, "gave up") == ([], 0)
+    failed, undelivered = p.jobs.give_up("pacs", time.time() + 1, "gave up: test")
+    assert failed == [job["id"]] and undelivered == 3
+    (after,) = p.job_list()
+    assert after["state"] == "failed" and after["last_error"] == "gave up: test"
+
+
+def test_give_up_waits_for_the_outage_not_the_job_age(tmp_path: Path) -> None:
+    """The worker gives up only after a failed probe, once the destination itself has
+    been unreachable for give_up_after, and never while an operator paused it."""
+    from types import SimpleNamespace
+
+    from dicomrouter.dispatch.worker import DestinationWorker
+
+    calls: list[float] = []
+    health = SimpleNamespace(paused_since=time.time() - 60, unreachable=True, last_error="down")
+    fake = SimpleNamespace(
+        dest=SimpleNamespace(give_up_after=3600.0),
+        dest_name="pacs",
+        health=health,
+        jobs=SimpleNamespace(give_up=lambda name, since, reason: (calls.append(since), ([], 0))[1]),
+    )
+    DestinationWorker._give_up_if_due(fake)  # type: ignore[arg-type]
+    assert calls == []  # down for a minute: old jobs are not failed yet
+    health.paused_since = time.time() - 7200
+    health.unreachable = False  # paused by an operator, or answering again
+    DestinationWorker._give_up_if_due(fake)  # type: ignore[arg-type]
+    assert calls == []
+    health.unreachable = True
+    DestinationWorker._give_up_if_due(fake)  # type: ignore[arg-type]
+    assert len(calls) == 1 and abs(calls[0] - (time.time() - 3600)) < 5

@@ -142,10 +142,10 @@ class DicomDestinationConfig(_Model):
     probe_interval: Duration = Field(15.0, description="C-ECHO probe period while paused.")
     give_up_after: Duration | None = Field(
         None,
-        description="While the destination is unreachable (paused and probed), jobs that have "
-        "waited this long are marked `failed` (alerts fire; retry them by hand). "
-        "Unset: never give up, so a destination down for a week gets everything when it "
-        "returns.",
+        description="Once the destination has been unreachable (paused and probed) this "
+        "long, jobs that have also waited this long are marked `failed` at the next failed "
+        "probe (alerts fire; retry them by hand). Unset: never give up, so a destination "
+        "down for a week gets everything when it returns.",
     )
     enabled: bool = Field(True, description="A disabled destination keeps its queue unsent.")
 

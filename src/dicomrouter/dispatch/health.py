@@ -44,6 +44,7 @@ class DestinationHealth:
         self.next_probe_at = 0.0
         self.admin_paused = False
         self.last_error: str | None = None
+        self.paused_since: float | None = None  # when it was paused as unreachable
         self._admin_checked = 0.0  # time.monotonic() of the last read of the flag
         self._load()
 
@@ -64,6 +65,7 @@ class DestinationHealth:
         self._admin_checked = time.monotonic()
         self.failures = row.consecutive_failures
         self.last_error = row.last_error
+        self.paused_since = row.paused_since if row.state == PAUSED else None
         # After a restart, probe a paused destination at once.
         self.next_probe_at = 0.0
 
@@ -127,6 +129,7 @@ class DestinationHealth:
                 return
             self.failures = 0
             self.state = OK
+            self.paused_since = None
             self._save(last_success_at=time.time(), paused_since=None)
 
     def record_unreachable(self, reason: str) -> None:
@@ -137,7 +140,8 @@ class DestinationHealth:
             if self.state == OK and self.failures >= self.config.pause_after_failures:
                 self.state = PAUSED
                 self.next_probe_at = time.time() + self.config.probe_interval
-                values["paused_since"] = time.time()
+                self.paused_since = time.time()
+                values["paused_since"] = self.paused_since
                 log.warning(
                     "destination %s paused after %d failed connections (%s); probing every %gs",
                     self.name,
@@ -172,5 +176,6 @@ class DestinationHealth:
             self.state = OK
             self.failures = 0
             self.next_probe_at = 0.0
+            self.paused_since = None
             self._save(paused_since=None)
         log.warning("destination %s answers again: resumed", self.name)

@@ -47,10 +47,6 @@ def node_id() -> str:
     return socket.gethostname()
 
 
-#: How often a paused destination's jobs are checked against ``give_up_after``.
-GIVE_UP_CHECK_EVERY = 5.0
-
-
 class DestinationWorker(threading.Thread):
     def __init__(
         self,
@@ -75,7 +71,6 @@ class DestinationWorker(threading.Thread):
         calling = self.dest.calling_ae_title or config.ae_title
         self.sender = DicomSender(self.dest, calling, keep_alive=_KEEP_ALIVE)
         self.current_claim: Claim | None = None
-        self._next_give_up_check = 0.0
 
     def run(self) -> None:
         poll = self.config.dispatch.poll_interval
@@ -96,8 +91,6 @@ class DestinationWorker(threading.Thread):
         if self.health.paused:
             if self.index == 0 and self.health.probe_due():
                 self._probe()
-            if self.index == 0:
-                self._give_up_if_due()
             return False
         window = self.dest.send_window
         if window is not None and not window.contains(datetime.now()):
@@ -126,14 +119,17 @@ class DestinationWorker(threading.Thread):
             self.jobs.release(claim)
 
     def _give_up_if_due(self) -> None:
-        """``give_up_after``: while the destination is unreachable (not while an
-        operator paused it), fail the jobs that have waited too long. Checked every
-        few seconds, by the first worker of the destination only."""
+        """``give_up_after``, checked right after a probe failed (so never while the
+        destination answers, nor while an operator paused it): once it has been
+        unreachable that long, fail the jobs that have also waited that long
+        untouched (a retry by hand, or new instances joining a job, restart a job's
+        clock). Only the first worker of the destination probes, so only it runs this."""
         limit = self.dest.give_up_after
-        now = time.monotonic()
-        if limit is None or not self.health.unreachable or now < self._next_give_up_check:
+        since = self.health.paused_since
+        if limit is None or since is None or not self.health.unreachable:
             return
-        self._next_give_up_check = now + GIVE_UP_CHECK_EVERY
+        if time.time() - since < limit:
+            return
         reason = (
             f"gave up: destination unreachable and job waiting for more than "
             f"{format_duration(limit)} ({self.health.last_error or 'no answer'})"
@@ -157,6 +153,7 @@ class DestinationWorker(threading.Thread):
         except Exception as exc:
             self.health.probe_failed(str(exc))
             log.info("probe of %s failed: %s", self.dest_name, exc)
+            self._give_up_if_due()
             return
         self.health.resume()
         self.jobs.wake_destination(self.dest_name, self.dest)

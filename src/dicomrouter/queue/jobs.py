@@ -169,12 +169,13 @@ class JobStore:
             else:
                 job_id = int(existing.id)
                 merged = sorted(set(filter(None, existing.routes.split(","))) | plan.routes)
-                if merged != existing.routes.split(","):
-                    conn.execute(
-                        update(jobs)
-                        .where(jobs.c.id == job_id)
-                        .values(routes=",".join(merged), updated_at=now)
-                    )
+                # New instances joined the job: its clock restarts (give_up_after
+                # counts how long a job waited untouched, not how old it is).
+                conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id == job_id)
+                    .values(routes=",".join(merged), updated_at=now)
+                )
                 fresh = self._refresh_members(conn, job_id, fresh, now)
             if job_id not in touched:
                 touched.append(job_id)
