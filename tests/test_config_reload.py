@@ -329,3 +329,38 @@ def test_rejection_audits_are_bounded(tmp_path: Path, monkeypatch: Any, caplog: 
     receiver._auditor.shutdown(wait=True)
     total, _ = audit.query(engine, action="dicom.association.rejected")
     assert total == 2
+
+
+def test_a_refused_file_still_converges_every_process_on_the_newest_version(
+    tmp_path: Path, dcmtk: None
+) -> None:
+    """The HTTP process recorded version 2 (as PUT /api/v1/config does), then the file
+    was edited into an invalid state before the node read it: the node refuses the
+    file but still runs, and makes its children run, the newest recorded version."""
+    files = make_study(tmp_path / "in", 2)
+    with (
+        StoreSCP(free_port(), "PACS", tmp_path / "pacs") as pacs,
+        StoreSCP(free_port(), "EXTRA", tmp_path / "extra") as extra,
+    ):
+        config: dict[str, Any] = {
+            "destinations": {"pacs": _dest("PACS", pacs.port)},
+            "routes": [{"name": "to-pacs", "to": ["pacs"]}],
+        }
+        with RouterProcess(tmp_path / "router", config) as router:
+            newer = yaml.safe_load(yaml.safe_dump(router.config))
+            newer["destinations"]["extra"] = _dest("EXTRA", extra.port)
+            newer["routes"].append({"name": "to-extra", "to": ["extra"]})
+            text = yaml.safe_dump(newer, sort_keys=False)
+            versions.record_version(_engine(router), text, author="admin", source="api")
+            router.config_path.write_text("routes: [unclosed\n")
+            router.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+            wait_until(
+                lambda: "dispatch runs on configuration version 2" in router.log(),
+                30,
+                message="dispatch on version 2",
+            )
+            assert "running the newest recorded configuration, version 2" in router.log()
+            assert _audit(router, "config.reload") == [("failed", "system")]
+            _send(router, files)
+            _wait_jobs(router, {"pacs": {"completed": 2}, "extra": {"completed": 2}}, 60)
+            assert extra.received_sops() == sop_uids(files)

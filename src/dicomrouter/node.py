@@ -129,7 +129,13 @@ def _http_main(config: RouterConfig, config_path: Path | None, ready: Callable[[
 
 
 def _run_child(target: Callable[..., None], signal_ready: Connection, *args: Any) -> None:
-    """Child entry point: ``target(*args, ready)`` where ``ready()`` tells the parent."""
+    """Child entry point: ``target(*args, ready)`` where ``ready()`` tells the parent.
+
+    The child was started with SIGHUP blocked (see ``_Child.start``): SIGHUP's default
+    action kills, and a reload signal arriving while it imports would do just that.
+    It is ignored until ``target`` installs its own handler."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     def ready() -> None:
         signal_ready.send(True)
@@ -158,7 +164,13 @@ class _Child:
             name=self.name,
             daemon=False,
         )
-        self.process.start()
+        # Blocked signals are inherited: the child starts immune to SIGHUP until it
+        # can handle it (a reload during its start-up must not kill it).
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            self.process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         signal_ready.close()  # the child holds its own copy
         try:
             self._wait_ready(ready)
@@ -284,19 +296,14 @@ class Node:
                 outcome="failed",
                 detail={"errors": errors[:50]},
             )
+            self.converge_on_newest()
             return False
         version_id, created = versions.record_if_new(
             self.control_engine, text, author=audit.SYSTEM, source="sighup"
         )
         changed = versions.changed_keys(self.config, new)
         restart = versions.restart_required(changed)
-        config = versions.effective(new, self.config)
-        self.receiver.apply(config)
-        self.config = config
-        logging.getLogger().setLevel(config.log_level)
-        for child in self.children:
-            child.args = (config, path)  # a restarted child starts on this version
-            child.signal(signal.SIGHUP)
+        self._install(versions.effective(new, self.config))
         audit.record(
             self.control_engine,
             audit.SYSTEM,
@@ -317,6 +324,36 @@ class Node:
         if restart:
             log.warning("these changes take effect after a restart: %s", ", ".join(restart))
         return True
+
+    def _install(self, config: RouterConfig) -> None:
+        """Run on ``config`` here and tell the children, which load the newest
+        recorded version (always validated before it was recorded)."""
+        assert self.config_path is not None
+        self.receiver.apply(config)
+        self.config = config
+        logging.getLogger().setLevel(config.log_level)
+        for child in self.children:
+            child.args = (config, self.config_path)  # a restarted child starts on it
+            child.signal(signal.SIGHUP)
+
+    def converge_on_newest(self) -> None:
+        """After a reload that could not use the file: run on the newest recorded
+        version anyway. The HTTP process may have recorded one (PUT /api/v1/config)
+        before the file became unreadable or was edited into an invalid state; every
+        process must end on the same version, the newest validated one."""
+        if self.config_path is None:
+            return
+        try:
+            loaded = versions.load_newest(self.control_engine, self.config_path, self.config)
+        except Exception:
+            log.exception("cannot load the newest recorded configuration version")
+            return
+        if loaded is None:
+            return
+        version, config = loaded
+        if versions.changed_keys(self.config, config):
+            log.warning("running the newest recorded configuration, version %d", version.id)
+        self._install(config)
 
     def start(self) -> None:
         """Listen first (a port in use fails fast, with nothing else started), then
@@ -380,7 +417,8 @@ class Node:
                     try:
                         self.reload()
                     except Exception:  # e.g. the index locked for a minute: keep serving
-                        log.exception("configuration reload failed; nothing was changed")
+                        log.exception("configuration reload failed; converging on the newest")
+                        self.converge_on_newest()
                 if time.monotonic() - last_sweep >= _SWEEP_EVERY:
                     self._sweep_aborted_transfers()
                     last_sweep = time.monotonic()

@@ -46,6 +46,11 @@ ConfigOption = Annotated[
 @app.command()
 def serve(config: ConfigOption = None) -> None:
     """Run the router in the foreground until SIGTERM or Ctrl-C (SIGHUP reloads the file)."""
+    import signal
+
+    # SIGHUP's default action kills: a reload sent while we start must not (the node
+    # installs its handler in serve_forever).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from dicomrouter.node import Node, configure_logging
     from dicomrouter.store import StorageError
 
