@@ -19,6 +19,7 @@ from sqlalchemy import Engine
 
 from dicomrouter.config import DicomDestinationConfig, RouterConfig
 from dicomrouter.queue import JobStore, Planner
+from dicomrouter.queue.planner import PLAN_BATCH
 from dicomrouter.store import ObjectStore
 
 from .health import DestinationHealth
@@ -198,5 +199,8 @@ class Dispatcher:
                 log.exception("planning failed; retrying")
                 planned = 0
                 self.stop_event.wait(1.0)
-            if not planned:
+            if planned < PLAN_BATCH:
+                # Nothing, or a partial batch: let instances accumulate for one poll
+                # interval. Planning a steady stream one or two instances per pass
+                # spent most of the dispatch process's CPU on per-pass queries.
                 self.stop_event.wait(poll)
