@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from dicomrouter.control.security import hash_password
-from tests.support import IN_CI, require_peers
+from tests.support import require_peers, skip_or_fail
 from tests.support.dcmtk import HOST, StoreSCP, free_port, sop_uids
 from tests.support.router import RouterProcess, wait_until
 from tests.support.synth import make_study
@@ -42,12 +42,7 @@ def require_chromium() -> None:
         import playwright.sync_api  # noqa: F401
     except ImportError:
         missing.append("playwright (pip install -e '.[test]')")
-    if not missing:
-        return
-    message = f"{' and '.join(missing)} missing (run: bash scripts/test.sh, which installs it)"
-    if IN_CI:
-        pytest.fail(f"{message}; CI must not skip the browser test")
-    pytest.skip(message)
+    skip_or_fail(f"{' and '.join(missing)} missing" if missing else "", "the browser test")
 
 
 def artifacts_dir() -> Path:

@@ -22,13 +22,17 @@ def require_peers(*, dcmtk: bool = True, orthanc: bool = False) -> None:
         missing.append("dcmtk")
     if orthanc and orthanc_executable() is None:
         missing.append("Orthanc")
+    skip_or_fail(f"{' and '.join(missing)} not installed" if missing else "", "interop tests")
+
+
+def skip_or_fail(missing: str, what: str) -> None:
+    """Nothing if ``missing`` is empty; else skip with the reason printed (locally) or
+    fail (in CI, which must never skip ``what``)."""
     if not missing:
         return
-    message = (
-        f"{' and '.join(missing)} not installed (run: bash scripts/test.sh, which installs it)"
-    )
+    message = f"{missing} (run: bash scripts/test.sh, which installs it)"
     if IN_CI:
-        pytest.fail(f"{message}; CI must not skip interop tests")
+        pytest.fail(f"{message}; CI must not skip {what}")
     pytest.skip(message)
 
 

@@ -23,6 +23,7 @@ from fastapi.templating import Jinja2Templates
 from dicomrouter import __version__
 from dicomrouter.api.auth import authenticate, client_address, context
 from dicomrouter.api.context import AppContext
+from dicomrouter.api.params import parse_timestamp
 from dicomrouter.control.errors import ControlError, Invalid
 from dicomrouter.control.security import Principal, Role
 
@@ -213,8 +214,6 @@ def parse_time(value: str | None) -> float | None:
     not widen because one field was mistyped."""
     if not value:
         return None
-    from dicomrouter.api.params import parse_timestamp
-
     try:
         return float(parse_timestamp(value))
     except ValueError as exc:
