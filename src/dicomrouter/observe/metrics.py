@@ -270,6 +270,18 @@ def delivery_result(destination: str, outcome: str, received_at: float | None) -
         _child("latency", destination).observe(max(time.time() - received_at, 0.0))
 
 
+@_never_raise
+def association_opened(direction: str) -> None:
+    """An association was established (for acceptors that are not pynetdicom's)."""
+    _child("associations", direction).inc()
+
+
+@_never_raise
+def association_closed(direction: str) -> None:
+    """An association counted by :func:`association_opened` ended."""
+    _child("associations", direction).dec()
+
+
 class _AssociationTracker:
     """pynetdicom event handlers that keep the open-associations gauge.
 

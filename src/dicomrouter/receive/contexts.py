@@ -4,7 +4,7 @@ store as received and, where a destination needs it, decode (pylibjpeg plugins).
 from __future__ import annotations
 
 from pydicom import uid
-from pynetdicom import AllStoragePresentationContexts
+from pynetdicom import DEFAULT_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 ACCEPTED_TRANSFER_SYNTAXES: list[str] = [
@@ -28,3 +28,5 @@ ACCEPTED_TRANSFER_SYNTAXES: list[str] = [
 
 STORAGE_SOP_CLASSES: list[str] = [cx.abstract_syntax for cx in AllStoragePresentationContexts]  # type: ignore[misc]
 VERIFICATION_SOP_CLASS: str = Verification
+#: C-ECHO in the transfer syntaxes pynetdicom offers by default.
+VERIFICATION_TRANSFER_SYNTAXES: list[str] = list(DEFAULT_TRANSFER_SYNTAXES)

@@ -1,9 +1,9 @@
 """The C-STORE/C-ECHO service. Its one job: make each object durable, then say so.
 
-The ``EVT_C_STORE`` handler runs in the association's thread and the response is
-sent when it returns, so it does only this: parse the header of the file
-pynetdicom streamed to ``<storage>/tmp``, validate, fsync and rename it into
-place, commit the index row, answer. Routing and delivery happen in another
+The acceptor (:mod:`.acceptor`) streams each object into ``<storage>/tmp`` and calls
+:meth:`Receiver.on_store` on the association's thread; the response is sent when it
+returns, so it does only this: parse the header, validate, fsync and rename the file
+into place, commit the index row, answer. Routing and delivery happen in another
 process, so a slow destination can never slow a modality down.
 """
 
@@ -13,28 +13,17 @@ import errno
 import ipaddress
 import logging
 import os
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
-from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, evt
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicomrouter.config import RouterConfig
 from dicomrouter.control import audit
-from dicomrouter.net import (
-    install_fast_file_meta,
-    install_fast_store_response,
-    install_low_latency_reactors,
-    install_no_value_validation,
-    install_tcp_nodelay,
-)
+from dicomrouter.net import install_no_value_validation
 from dicomrouter.observe import metrics
 from dicomrouter.store import (
     IndexUnavailable,
@@ -49,7 +38,13 @@ from dicomrouter.store import (
     read_header,
 )
 
-from .contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES, VERIFICATION_SOP_CLASS
+from .acceptor import AcceptorSettings, AssociationAcceptor, Peer, supported_contexts
+from .contexts import (
+    ACCEPTED_TRANSFER_SYNTAXES,
+    STORAGE_SOP_CLASSES,
+    VERIFICATION_SOP_CLASS,
+    VERIFICATION_TRANSFER_SYNTAXES,
+)
 
 log = logging.getLogger("dicomrouter.receive")
 
@@ -68,15 +63,26 @@ def _networks(config: RouterConfig) -> list[ipaddress.IPv4Network | ipaddress.IP
     return [ipaddress.ip_network(n, strict=False) for n in config.dicom.allowed_networks or []]
 
 
-def _status(code: int, comment: str) -> Dataset:
-    response = Dataset()
-    response.Status = code
-    response.ErrorComment = comment[:64]
-    return response
+def _settings(config: RouterConfig) -> AcceptorSettings:
+    listener = config.dicom
+    callers = listener.allowed_callers
+    return AcceptorSettings(
+        ae_title=config.ae_title,
+        allowed_callers=None if callers is None else frozenset(callers),
+        require_called_ae=listener.require_called_ae,
+        max_pdu_size=listener.max_pdu_size,
+        max_associations=listener.max_associations,
+        acse_timeout=listener.acse_timeout,
+        dimse_timeout=listener.dimse_timeout,
+        network_timeout=listener.network_timeout,
+    )
+
+
+Status = tuple[int, str | None]
 
 
 class Receiver:
-    """Owns the pynetdicom AE; ``start()`` listens, ``stop()`` shuts down cleanly."""
+    """The DICOM listener; ``start()`` listens, ``stop()`` shuts down cleanly."""
 
     def __init__(
         self,
@@ -88,9 +94,10 @@ class Receiver:
         self.config = config
         self.store = store
         self.index = index
-        self._server: ThreadedAssociationServer | None = None
+        self._acceptor: AssociationAcceptor | None = None
+        self._settings = _settings(config)
         # Per-association counts of stored / refused objects, for one log line each.
-        self._tally: dict[int, tuple[int, int]] = {}
+        self._tally: dict[Peer, tuple[int, int]] = {}
         self._tally_lock = threading.Lock()
         self._networks = _networks(config)
         # Rejections are audited by one background thread: never on an association's
@@ -101,111 +108,92 @@ class Receiver:
         self._audits_dropped = 0
         self._audits_dropped_logged = -60.0
 
-    # -- set-up -----------------------------------------------------------------
-    @staticmethod
-    def _configure_ae(ae: AE, config: RouterConfig) -> None:
-        """The AE settings pynetdicom reads for each new association."""
-        listener = config.dicom
-        ae.maximum_pdu_size = listener.max_pdu_size
-        ae.maximum_associations = listener.max_associations
-        ae.acse_timeout = listener.acse_timeout
-        ae.dimse_timeout = listener.dimse_timeout
-        ae.network_timeout = listener.network_timeout
-        ae.require_called_aet = listener.require_called_ae
-        ae.require_calling_aet = list(listener.allowed_callers or [])
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where the listener is bound (the port is known once started)."""
+        assert self._acceptor is not None
+        return self._acceptor.address
 
+    # -- set-up -----------------------------------------------------------------
     def apply(self, config: RouterConfig) -> None:
         """A reloaded configuration: callers, networks, AE title, limits and timeouts
         apply from the next association, storage policy from the next C-STORE.
         ``dicom.port``/``bind`` and ``storage.path`` keep their values until a restart."""
         self._networks = _networks(config)
+        self._settings = _settings(config)
         self.config = config
-        server = self._server
-        if server is not None:
-            server.ae_title = config.ae_title
-            self._configure_ae(server.ae, config)
-
-    def _build_ae(self) -> AE:
-        ae = AE(ae_title=self.config.ae_title)
-        self._configure_ae(ae, self.config)
-        ae.add_supported_context(VERIFICATION_SOP_CLASS)
-        for sop_class in STORAGE_SOP_CLASSES:
-            ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
-        return ae
 
     def start(self) -> None:
         """Listen on the configured port. Objects stream to ``<storage>/tmp``."""
-        install_tcp_nodelay()
-        install_low_latency_reactors()
         install_no_value_validation()
-        install_fast_file_meta()
-        install_fast_store_response()
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        # pynetdicom creates its temporary files in tempfile's folder: make that our
-        # tmp folder on the storage filesystem so a file is renamed, never copied.
-        tempfile.tempdir = str(self.store.tmp)
         self.store.prepare()
         self.index.prepare()
-        ae = self._build_ae()
-        handlers: list[Any] = [
-            (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_C_ECHO, lambda event: SUCCESS),
-            (evt.EVT_REJECTED, self._on_rejected),
-            (evt.EVT_RELEASED, self._on_association_end),
-            (evt.EVT_ABORTED, self._on_association_end),
-            *metrics.association_handlers("inbound"),
-        ]
-        address = (self.config.dicom.bind, self.config.dicom.port)
-        server = ae.start_server(address, block=False, evt_handlers=handlers)
-        if server is not None:  # always: a reload may set dicom.allowed_networks
-            server.verify_request = self._verify_source  # type: ignore[method-assign]
-        self._server = server
-        log.info("listening for DICOM as %s on %s:%s", self.config.ae_title, *address)
+        contexts = supported_contexts(
+            STORAGE_SOP_CLASSES,
+            ACCEPTED_TRANSFER_SYNTAXES,
+            VERIFICATION_SOP_CLASS,
+            VERIFICATION_TRANSFER_SYNTAXES,
+        )
+        acceptor = AssociationAcceptor(lambda: self._settings, self, contexts, self.store.tmp)
+        acceptor.start(self.config.dicom.bind, self.config.dicom.port)
+        self._acceptor = acceptor
+        log.info(
+            "listening for DICOM as %s on %s:%s",
+            self.config.ae_title,
+            self.config.dicom.bind,
+            self.config.dicom.port,
+        )
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        if self._acceptor is not None:
+            self._acceptor.stop()
+            self._acceptor = None
         self._auditor.shutdown(wait=True)
 
-    # -- handlers ---------------------------------------------------------------
-    def _verify_source(self, request: Any, client_address: Any) -> bool:
+    # -- acceptor callbacks (see acceptor.StoreService) ------------------------------
+    def allow_connection(self, address: str) -> bool:
         networks = self._networks
         if not networks:
             return True
-        host = client_address[0] if isinstance(client_address, tuple) else str(client_address)
         try:
-            address = ipaddress.ip_address(host)
+            allowed = any(ipaddress.ip_address(address) in network for network in networks)
         except ValueError:
             allowed = False
-        else:
-            allowed = any(address in network for network in networks)
         if not allowed:
-            log.warning("refused connection from %s: not in dicom.allowed_networks", host)
-            self._audit_rejected("?", host, "source address not in dicom.allowed_networks")
+            log.warning("refused connection from %s: not in dicom.allowed_networks", address)
+            self._audit_rejected("?", address, "source address not in dicom.allowed_networks")
         return allowed
 
-    def _on_rejected(self, event: evt.Event) -> None:
-        requestor = event.assoc.requestor
-        calling = str(requestor.ae_title).strip()
-        called = str(getattr(requestor.primitive, "called_ae_title", "") or "").strip()
-        log.warning(
-            "rejected association from %s (%s:%s) calling %s",
-            requestor.ae_title,
-            requestor.address,
-            requestor.port,
-            called or event.assoc.acceptor.ae_title,
-        )
-        # The same checks, in pynetdicom's order (the last failing one is the reason).
-        listener = self.config.dicom
-        reason = "rejected"
-        if listener.allowed_callers is not None and calling not in listener.allowed_callers:
-            reason = "calling AE title not in dicom.allowed_callers"
-        if listener.require_called_ae and called and called != self.config.ae_title:
-            reason = f"called AE title {called!r} is not {self.config.ae_title!r}"
-        if len(event.assoc.ae.active_associations) > listener.max_associations:
-            reason = "dicom.max_associations reached"
-        self._audit_rejected(calling, str(requestor.address), reason, called)
+    def on_rejected(self, peer: Peer, reason: str) -> None:
+        self._audit_rejected(peer.calling_ae, peer.address, reason, peer.called_ae)
+
+    def on_established(self, peer: Peer) -> None:
+        metrics.association_opened("inbound")
+
+    def on_association_end(self, peer: Peer, aborted: bool) -> None:
+        """One log line per association that sent objects: who, and what came of it."""
+        metrics.association_closed("inbound")
+        with self._tally_lock:
+            stored, refused = self._tally.pop(peer, (0, 0))
+        if stored or refused:
+            log.info(
+                "association from %s (%s) %s: %d stored, %d refused",
+                peer.calling_ae,
+                peer.address,
+                "aborted" if aborted else "released",
+                stored,
+                refused,
+            )
+
+    def on_store(self, peer: Peer, sop_class_uid: str, sop_instance_uid: str, path: Path) -> Status:
+        result = self._store(peer, sop_instance_uid, path)
+        ok = result[0] == SUCCESS
+        if not ok:
+            metrics.instance_refused(peer.calling_ae)
+        with self._tally_lock:
+            stored, refused = self._tally.get(peer, (0, 0))
+            self._tally[peer] = (stored + ok, refused + (not ok))
+        return result
 
     def _audit_rejected(self, calling: str, address: str, reason: str, called: str = "") -> None:
         """Queue the audit row for a background thread. The queue is bounded: a flood
@@ -250,64 +238,33 @@ class Receiver:
         with self._tally_lock:
             self._audits_pending -= 1
 
-    def _on_association_end(self, event: evt.Event) -> None:
-        """One log line per association that sent objects: who, and what came of it."""
-        with self._tally_lock:
-            stored, refused = self._tally.pop(id(event.assoc), (0, 0))
-        if stored or refused:
-            requestor = event.assoc.requestor
-            log.info(
-                "association from %s (%s) %s: %d stored, %d refused",
-                str(requestor.ae_title).strip(),
-                requestor.address,
-                "aborted" if event.event is evt.EVT_ABORTED else "released",
-                stored,
-                refused,
-            )
-
-    def _on_store(self, event: evt.Event) -> int | Dataset:
-        result = self._store(event)
-        ok = result == SUCCESS
-        if not ok:
-            metrics.instance_refused(str(event.assoc.requestor.ae_title).strip())
-        with self._tally_lock:
-            stored, refused = self._tally.get(id(event.assoc), (0, 0))
-            self._tally[id(event.assoc)] = (stored + ok, refused + (not ok))
-        return result
-
-    def _store(self, event: evt.Event) -> int | Dataset:
-        request: Any = event.request
-        temp_path = Path(event.dataset_path)
-        assoc = event.assoc
+    def _store(self, peer: Peer, sop_instance_uid: str, temp_path: Path) -> Status:
+        """Make the object in ``temp_path`` durable and indexed, or say why not."""
         try:
             if self.store.free_bytes() < self.config.storage.min_free_space:
                 log.error("refusing C-STORE: free disk below storage.min_free_space")
-                return _status(OUT_OF_RESOURCES, "storage is full")
+                return OUT_OF_RESOURCES, "storage is full"
             try:
                 dataset = read_header(temp_path, identity_only=True)
                 missing = missing_identity(dataset)
                 if missing:
                     log.warning(
-                        "unreadable dataset from %s: no %s",
-                        assoc.requestor.ae_title,
-                        ", ".join(missing),
+                        "unreadable dataset from %s: no %s", peer.calling_ae, ", ".join(missing)
                     )
-                    return _status(
-                        CANNOT_UNDERSTAND, f"unreadable dataset: no {', '.join(missing)}"
-                    )
+                    return CANNOT_UNDERSTAND, f"unreadable dataset: no {', '.join(missing)}"
                 header = InstanceHeader.from_dataset(dataset)
             except InvalidUID as exc:
-                log.warning("rejected instance from %s: %s", assoc.requestor.ae_title, exc)
-                return _status(INVALID_UID, str(exc))
+                log.warning("rejected instance from %s: %s", peer.calling_ae, exc)
+                return INVALID_UID, str(exc)
             except Exception as exc:  # pydicom raises many types on garbage input
-                log.warning("unreadable dataset from %s: %s", assoc.requestor.ae_title, exc)
-                return _status(CANNOT_UNDERSTAND, f"unreadable dataset: {exc}")
-            if header.sop_instance_uid != str(request.AffectedSOPInstanceUID).strip("\x00 "):
-                return _status(UID_MISMATCH, "SOPInstanceUID differs from the C-STORE request")
+                log.warning("unreadable dataset from %s: %s", peer.calling_ae, exc)
+                return CANNOT_UNDERSTAND, f"unreadable dataset: {exc}"
+            if header.sop_instance_uid != sop_instance_uid:
+                return UID_MISMATCH, "SOPInstanceUID differs from the C-STORE request"
             relative = self.store.relative_path(
                 header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
             )
-            size = temp_path.stat().st_size
+            size = os.stat(temp_path).st_size
             keep_first = self.config.storage.on_duplicate == "ignore"
             if keep_first:
                 # Atomic create-if-absent: of two concurrent copies only one is placed.
@@ -318,37 +275,27 @@ class Receiver:
                             "duplicate %s ignored (storage.on_duplicate)",
                             header.sop_instance_uid,
                         )
-                        return SUCCESS
+                        return SUCCESS, None
                     # A file nobody indexed (a crash before its index commit; its
                     # sender got no success): this copy takes its place.
                     self.store.commit(temp_path, relative)
             else:
                 self.store.commit(temp_path, relative)
             provenance = Provenance(
-                calling_ae=str(assoc.requestor.ae_title).strip(),
-                called_ae=str(assoc.acceptor.ae_title).strip(),
-                source_address=str(assoc.requestor.address),
+                calling_ae=peer.calling_ae, called_ae=peer.called_ae, source_address=peer.address
             )
             recorded = self.index.record(header, relative, size, provenance, replace=not keep_first)
             metrics.instance_received(provenance.calling_ae, size)
             if recorded is Recorded.OVERWRITTEN:
                 log.info("instance %s received again: replaced", header.sop_instance_uid)
-            return SUCCESS
+            return SUCCESS, None
         except StorageError as exc:
             log.error("cannot store instance: %s", exc)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                return _status(OUT_OF_RESOURCES, "storage is full")
-            return _status(OUT_OF_RESOURCES, "storage error")
+                return OUT_OF_RESOURCES, "storage is full"
+            return OUT_OF_RESOURCES, "storage error"
         except (IndexUnavailable, SQLAlchemyError) as exc:
             # The file may already be in place (a retry by the sender re-indexes it);
             # nothing refers to it until the index row is committed.
             log.error("cannot index instance: %s", exc)
-            return _status(OUT_OF_RESOURCES, "index unavailable")
-        finally:
-            # pynetdicom unlinks the temp file after we return; on success it was
-            # renamed away already. Remove it here too so rejects never linger.
-            if temp_path.exists():
-                try:
-                    os.unlink(temp_path)
-                except OSError:
-                    pass
+            return OUT_OF_RESOURCES, "index unavailable"
