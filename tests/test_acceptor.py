@@ -1,0 +1,564 @@
+"""The receiver's association acceptor at the protocol level.
+
+Well-behaved peers (dcmtk storescu/echoscu, pynetdicom) are covered by the interop
+and pipeline tests; here raw sockets play the peers that break the rules: aborts and
+dropped connections mid-object, PDUs out of place, unknown contexts, stalls. Each
+must end in the right PDU (A-ASSOCIATE-RJ, A-ABORT, a failure status), leave no
+temporary file behind, and leave the acceptor serving the next caller.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, pdu, pdu_primitives
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicomrouter.receive import wire
+from dicomrouter.receive.acceptor import (
+    APPLICATION_CONTEXT,
+    AcceptorSettings,
+    AssociationAcceptor,
+    Peer,
+    supported_contexts,
+)
+from dicomrouter.receive.contexts import (
+    ACCEPTED_TRANSFER_SYNTAXES,
+    STORAGE_SOP_CLASSES,
+    VERIFICATION_SOP_CLASS,
+    VERIFICATION_TRANSFER_SYNTAXES,
+)
+from tests.support import require_peers
+from tests.support.dcmtk import dcmtk_env, dcmtk_tool
+from tests.support.synth import make_small_study, make_study
+
+HOST = "127.0.0.1"
+
+
+class FakeService:
+    """Records what the acceptor tells the application; stores into ``kept``."""
+
+    def __init__(self, kept: Path, status: tuple[int, str | None] = (0, None)):
+        self.kept = kept
+        self.status = status
+        self.allowed = True
+        self.rejected: list[tuple[Peer, str]] = []
+        self.established: list[Peer] = []
+        self.ended: list[tuple[Peer, bool]] = []
+        self.stored: list[tuple[str, str, bytes]] = []
+        self.ended_event = threading.Event()
+
+    def allow_connection(self, address: str) -> bool:
+        return self.allowed
+
+    def on_rejected(self, peer: Peer, reason: str) -> None:
+        self.rejected.append((peer, reason))
+
+    def on_established(self, peer: Peer) -> None:
+        self.established.append(peer)
+
+    def on_store(
+        self, peer: Peer, sop_class_uid: str, sop_instance_uid: str, path: Path
+    ) -> tuple[int, str | None]:
+        self.stored.append((sop_class_uid, sop_instance_uid, path.read_bytes()))
+        path.rename(self.kept / f"{sop_instance_uid}.dcm")
+        return self.status
+
+    def on_association_end(self, peer: Peer, aborted: bool) -> None:
+        self.ended.append((peer, aborted))
+        self.ended_event.set()
+
+
+@pytest.fixture
+def acceptor(tmp_path: Path):
+    """A running acceptor with short timeouts; yields (acceptor, service, tmp_dir)."""
+    tmp_dir, kept = tmp_path / "tmp", tmp_path / "kept"
+    tmp_dir.mkdir()
+    kept.mkdir()
+    service = FakeService(kept)
+    settings = {
+        "value": AcceptorSettings(
+            ae_title="DICOMROUTER",
+            max_associations=2,
+            acse_timeout=2.0,
+            dimse_timeout=1.0,
+            network_timeout=1.0,
+        )
+    }
+    contexts = supported_contexts(
+        STORAGE_SOP_CLASSES,
+        ACCEPTED_TRANSFER_SYNTAXES,
+        VERIFICATION_SOP_CLASS,
+        VERIFICATION_TRANSFER_SYNTAXES,
+    )
+    server = AssociationAcceptor(lambda: settings["value"], service, contexts, tmp_dir)
+    server.start(HOST, 0)
+    server.test_settings = settings  # type: ignore[attr-defined]
+    try:
+        yield server, service, tmp_dir
+    finally:
+        server.stop()
+
+
+# -- a raw peer ---------------------------------------------------------------------------
+
+
+def associate_rq(
+    calling: str = "RAWSCU",
+    called: str = "DICOMROUTER",
+    contexts: list[tuple[int, str, str]] | None = None,
+    max_pdu: int = 16382,
+) -> bytes:
+    primitive = pdu_primitives.A_ASSOCIATE()
+    primitive.application_context_name = APPLICATION_CONTEXT
+    primitive.calling_ae_title = calling
+    primitive.called_ae_title = called
+    items = []
+    for context_id, abstract, transfer in contexts or [(1, CTImageStorage, ExplicitVRLittleEndian)]:
+        context = PresentationContext()
+        context.context_id = context_id
+        context.abstract_syntax = abstract
+        context.transfer_syntax = [transfer]
+        items.append(context)
+    primitive.presentation_context_definition_list = items
+    max_length = pdu_primitives.MaximumLengthNotification()
+    max_length.maximum_length_received = max_pdu
+    implementation = pdu_primitives.ImplementationClassUIDNotification()
+    implementation.implementation_class_uid = "1.2.3.4"
+    primitive.user_information = [max_length, implementation]
+    return bytes(pdu.A_ASSOCIATE_RQ(primitive).encode())
+
+
+class RawPeer:
+    def __init__(self, port: int):
+        self.sock = socket.create_connection((HOST, port), timeout=5)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = wire.SocketReader(self.sock)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def receive(self) -> tuple[int, bytes]:
+        pdu_type, length = self.reader.pdu_header()
+        return pdu_type, self.reader.read(length)
+
+    def associate(self, **options: object) -> dict[int, tuple[int, bytes]]:
+        self.send(associate_rq(**options))  # type: ignore[arg-type]
+        pdu_type, body = self.receive()
+        assert pdu_type == wire.A_ASSOCIATE_AC, body
+        accepted = pdu.A_ASSOCIATE_AC()
+        accepted.decode(bytes((pdu_type, 0)) + struct.pack(">L", len(body)) + body)
+        return {
+            cx.context_id: (cx.result, cx.transfer_syntax) for cx in accepted.presentation_context
+        }
+
+    def command(self, context_id: int, command: bytes, control: int = 0x03) -> None:
+        self.send(wire.p_data(context_id, control, command))
+
+    def response(self) -> dict[int, bytes]:
+        pdu_type, body = self.receive()
+        assert pdu_type == wire.P_DATA_TF, (pdu_type, body)
+        return wire.decode_command(body[6:])
+
+    def closed(self) -> bool:
+        self.sock.settimeout(5)
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def store_rq(sop_instance: str, message_id: int = 1, sop_class: str = CTImageStorage) -> bytes:
+    def element(number: int, value: bytes) -> bytes:
+        return struct.pack("<HHL", 0, number, len(value)) + value
+
+    def uid(text: str) -> bytes:
+        raw = text.encode()
+        return raw + b"\x00" if len(raw) % 2 else raw
+
+    body = b"".join(
+        (
+            element(0x0002, uid(sop_class)),
+            element(0x0100, struct.pack("<H", 0x0001)),
+            element(0x0110, struct.pack("<H", message_id)),
+            element(0x0700, struct.pack("<H", 0)),
+            element(0x0800, struct.pack("<H", 0x0000)),
+            element(0x1000, uid(sop_instance)),
+        )
+    )
+    return element(0x0000, struct.pack("<L", len(body))) + body
+
+
+def data_set_bytes(path: Path) -> tuple[str, bytes]:
+    """(SOP Instance UID, the data set as in the file: Explicit VR Little Endian)."""
+    dataset = dcmread(path)
+    assert dataset.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    raw = path.read_bytes()
+    # preamble, DICM, then (0002,0000) UL whose value is the rest of the group's length
+    (group_length,) = struct.unpack_from("<L", raw, 132 + 8)
+    return str(dataset.SOPInstanceUID), raw[132 + 12 + group_length :]
+
+
+def _wait(condition, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def leftovers(tmp_dir: Path) -> list[str]:
+    return sorted(p.name for p in tmp_dir.iterdir())
+
+
+# -- well-formed exchanges -----------------------------------------------------------------
+
+
+def test_store_in_fragments_is_written_byte_for_byte(acceptor, tmp_path: Path) -> None:
+    server, service, tmp_dir = acceptor
+    (source,) = make_small_study(tmp_path / "src", 1)
+    uid, data = data_set_bytes(source)
+    peer = RawPeer(server.address[1])
+    assert peer.associate()[1][0] == 0
+    # The command in two fragments, the data set in three PDUs.
+    command = store_rq(uid, message_id=7)
+    peer.command(1, command[:10], control=0x01)
+    peer.command(1, command[10:], control=0x03)
+    third = len(data) // 3
+    peer.command(1, data[:third], control=0x00)
+    peer.command(1, data[third : 2 * third], control=0x00)
+    peer.command(1, data[2 * third :], control=0x02)
+    response = peer.response()
+    assert wire.command_uint(response, wire.STATUS) == 0
+    assert wire.command_uint(response, wire.MESSAGE_ID_RESPONDED) == 7
+    assert wire.command_uint(response, wire.COMMAND_FIELD) == 0x8001
+    assert wire.command_text(response, wire.AFFECTED_SOP_INSTANCE) == uid
+    peer.send(struct.pack(">BxL4x", wire.A_RELEASE_RQ, 4))
+    assert peer.receive()[0] == wire.A_RELEASE_RP
+    peer.close()
+    sop_class, sop_instance, content = service.stored[0]
+    assert (sop_class, sop_instance) == (CTImageStorage, uid)
+    assert content.endswith(data)
+    stored = dcmread(io.BytesIO(content))
+    assert stored.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert stored.file_meta.MediaStorageSOPInstanceUID == uid
+    _wait(lambda: service.ended)
+    assert service.ended[0][1] is False  # released, not aborted
+    assert leftovers(tmp_dir) == []
+
+
+def test_failure_status_and_comment_reach_the_sender(acceptor, tmp_path: Path) -> None:
+    server, service, _tmp = acceptor
+    service.status = (0xA700, "storage is full")
+    (source,) = make_small_study(tmp_path / "src", 1)
+    uid, data = data_set_bytes(source)
+    peer = RawPeer(server.address[1])
+    peer.associate()
+    peer.command(1, store_rq(uid))
+    peer.command(1, data, control=0x02)
+    response = peer.response()
+    assert wire.command_uint(response, wire.STATUS) == 0xA700
+    assert wire.command_text(response, wire.ERROR_COMMENT) == "storage is full"
+    peer.close()
+
+
+def test_large_object_in_one_unlimited_pdu_streams_through(acceptor, tmp_path: Path) -> None:
+    """max_pdu_size 0: a sender may put a whole 2 MB data set in one PDV, more than
+    the read buffer; it is streamed to the file, never held whole."""
+    server, service, tmp_dir = acceptor
+    (source,) = make_study(tmp_path / "src", 1, rows=1024, cols=1024)
+    uid, data = data_set_bytes(source)
+    assert len(data) > 2_000_000
+    peer = RawPeer(server.address[1])
+    peer.associate(max_pdu=0)
+    peer.command(1, store_rq(uid))
+    peer.command(1, data, control=0x02)
+    assert wire.command_uint(peer.response(), wire.STATUS) == 0
+    peer.close()
+    assert service.stored[0][2].endswith(data)
+
+
+def test_pynetdicom_requestor_with_small_pdus_and_echo(acceptor, tmp_path: Path) -> None:
+    server, service, _tmp = acceptor
+    server.test_settings["value"] = AcceptorSettings(ae_title="DICOMROUTER", max_pdu_size=4096)
+    sources = make_small_study(tmp_path / "src", 3)
+    ae = AE(ae_title="PYNETSCU")
+    ae.add_requested_context(CTImageStorage, ImplicitVRLittleEndian)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(HOST, server.address[1], ae_title="DICOMROUTER")
+    assert assoc.is_established
+    assert assoc.acceptor.maximum_length == 4096
+    assert assoc.send_c_echo().Status == 0
+    for path in sources:
+        assert assoc.send_c_store(dcmread(path)).Status == 0
+    assoc.release()
+    assert len(service.stored) == 3
+    for (_cls, uid, content), path in zip(service.stored, sources, strict=True):
+        stored = dcmread(io.BytesIO(content))
+        assert stored.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+        assert stored.SOPInstanceUID == uid == dcmread(path).SOPInstanceUID
+        assert stored.PixelData == dcmread(path).PixelData
+    assert [peer.calling_ae for peer in service.established] == ["PYNETSCU"]
+
+
+def test_dcmtk_echoscu_and_storescu(acceptor, tmp_path: Path) -> None:
+    require_peers()
+    server, service, _tmp = acceptor
+    port = str(server.address[1])
+    echo = subprocess.run(
+        [dcmtk_tool("echoscu"), "-aec", "DICOMROUTER", HOST, port],
+        env=dcmtk_env(),
+        capture_output=True,
+        timeout=30,
+    )
+    assert echo.returncode == 0, echo.stderr
+    sources = make_small_study(tmp_path / "src", 2)
+    store = subprocess.run(
+        [dcmtk_tool("storescu"), "-aec", "DICOMROUTER", HOST, port, *map(str, sources)],
+        env=dcmtk_env(),
+        capture_output=True,
+        timeout=30,
+    )
+    assert store.returncode == 0, store.stderr
+    assert {uid for _c, uid, _d in service.stored} == {
+        str(dcmread(p).SOPInstanceUID) for p in sources
+    }
+
+
+# -- refusals -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "settings", "expected", "reason"),
+    [
+        ({"called": "SOMEONE"}, {}, (1, 1, 7), "called AE title"),
+        ({"calling": "CT9"}, {"allowed_callers": frozenset({"CT1"})}, (1, 1, 3), "allowed_callers"),
+    ],
+)
+def test_rejections_carry_the_standard_reason(
+    acceptor,
+    options: dict[str, str],
+    settings: dict[str, object],
+    expected: tuple[int, int, int],
+    reason: str,
+) -> None:
+    server, service, _tmp = acceptor
+    server.test_settings["value"] = AcceptorSettings(ae_title="DICOMROUTER", **settings)  # type: ignore[arg-type]
+    peer = RawPeer(server.address[1])
+    peer.send(associate_rq(**options))
+    pdu_type, body = peer.receive()
+    assert pdu_type == wire.A_ASSOCIATE_RJ
+    assert tuple(body[1:4]) == expected
+    assert reason in service.rejected[0][1]
+    assert service.established == []
+    peer.close()
+
+
+def test_protocol_version_and_association_limit(acceptor) -> None:
+    server, service, _tmp = acceptor
+    request = bytearray(associate_rq())
+    request[6:8] = b"\x00\x02"
+    peer = RawPeer(server.address[1])
+    peer.send(bytes(request))
+    pdu_type, body = peer.receive()
+    assert (pdu_type, tuple(body[1:4])) == (wire.A_ASSOCIATE_RJ, (1, 2, 2))
+    peer.close()
+    # max_associations is 2: a third concurrent association is refused, transiently.
+    first, second = RawPeer(server.address[1]), RawPeer(server.address[1])
+    first.associate()
+    second.associate()
+    third = RawPeer(server.address[1])
+    third.send(associate_rq())
+    pdu_type, body = third.receive()
+    assert (pdu_type, tuple(body[1:4])) == (wire.A_ASSOCIATE_RJ, (2, 3, 2))
+    assert "max_associations" in service.rejected[-1][1]
+    for peer in (first, second, third):
+        peer.close()
+
+
+def test_refused_source_address_is_closed_before_anything_is_read(acceptor) -> None:
+    server, service, _tmp = acceptor
+    service.allowed = False
+    peer = RawPeer(server.address[1])
+    assert peer.closed()
+    service.allowed = True
+    RawPeer(server.address[1]).associate()
+
+
+# -- broken peers -----------------------------------------------------------------------------
+
+
+def _stored_then_broken(acceptor, tmp_path: Path, breaker) -> None:  # type: ignore[no-untyped-def]
+    """Send half an object, let ``breaker(peer)`` misbehave, and check nothing was
+    stored or left in tmp and that the association ended as aborted."""
+    server, service, tmp_dir = acceptor
+    (source,) = make_small_study(tmp_path / "src", 1)
+    uid, data = data_set_bytes(source)
+    peer = RawPeer(server.address[1])
+    peer.associate()
+    peer.command(1, store_rq(uid))
+    peer.command(1, data[: len(data) // 2], control=0x00)
+    _wait(lambda: leftovers(tmp_dir) != [])  # the object is being received
+    breaker(peer)
+    assert service.ended_event.wait(5)
+    assert service.ended[0][1] is True
+    assert service.stored == []
+    _wait(lambda: leftovers(tmp_dir) == [])
+    # The acceptor still serves the next caller.
+    RawPeer(server.address[1]).associate()
+
+
+def test_a_abort_mid_object_discards_it(acceptor, tmp_path: Path) -> None:
+    def abort(peer: RawPeer) -> None:
+        peer.send(wire.abort(wire.ABORT_SERVICE_USER))
+
+    _stored_then_broken(acceptor, tmp_path, abort)
+
+
+def test_dropped_connection_mid_object_discards_it(acceptor, tmp_path: Path) -> None:
+    _stored_then_broken(acceptor, tmp_path, RawPeer.close)
+
+
+def test_stall_mid_object_is_aborted_after_dimse_timeout(acceptor, tmp_path: Path) -> None:
+    def stall(peer: RawPeer) -> None:
+        started = time.monotonic()
+        pdu_type, _body = peer.receive()  # the acceptor gives up after 1 s
+        assert pdu_type == wire.A_ABORT
+        assert 0.8 < time.monotonic() - started < 4
+
+    _stored_then_broken(acceptor, tmp_path, stall)
+
+
+def test_idle_association_is_aborted_after_network_timeout(acceptor) -> None:
+    server, service, _tmp = acceptor
+    peer = RawPeer(server.address[1])
+    peer.associate()
+    assert peer.receive()[0] == wire.A_ABORT
+    assert service.ended_event.wait(5) and service.ended[0][1] is True
+
+
+@pytest.mark.parametrize(
+    ("send", "reason"),
+    [
+        (lambda: wire.p_data(1, 0x02, b"\x00" * 10), wire.REASON_INVALID_PARAMETER),  # no command
+        (lambda: wire.p_data(9, 0x03, b"\x00" * 10), wire.REASON_INVALID_PARAMETER),  # context 9
+        (lambda: struct.pack(">BxL", 0x0A, 2) + b"xx", wire.REASON_UNRECOGNIZED_PDU),
+        (lambda: associate_rq(), wire.REASON_UNEXPECTED_PDU),  # a second A-ASSOCIATE-RQ
+        (lambda: wire.p_data(1, 0x03, b"\x01\x00\x00"), wire.REASON_INVALID_PARAMETER),
+        (lambda: struct.pack(">BxLLBB", 4, 6, 1, 1, 3), wire.REASON_INVALID_PARAMETER),
+    ],
+    ids=[
+        "data-without-command",
+        "unknown-context",
+        "unknown-pdu",
+        "second-rq",
+        "bad-command",
+        "pdv-length-below-2",
+    ],
+)
+def test_protocol_violations_end_in_a_abort(acceptor, send, reason: int) -> None:  # type: ignore[no-untyped-def]
+    server, service, _tmp = acceptor
+    peer = RawPeer(server.address[1])
+    peer.associate()
+    peer.send(send())
+    pdu_type, body = peer.receive()
+    assert pdu_type == wire.A_ABORT
+    assert body[2:4] == bytes((wire.ABORT_SERVICE_PROVIDER, reason))
+    assert peer.closed()
+    assert service.ended_event.wait(5) and service.ended[0][1] is True
+
+
+def test_first_pdu_must_be_an_association_request(acceptor) -> None:
+    server, service, _tmp = acceptor
+    peer = RawPeer(server.address[1])
+    peer.send(wire.p_data(1, 0x03, b""))
+    assert peer.receive()[0] == wire.A_ABORT
+    garbage = RawPeer(server.address[1])
+    garbage.send(struct.pack(">BxL", wire.A_ASSOCIATE_RQ, 20) + b"\xff" * 20)
+    assert garbage.receive()[0] == wire.A_ABORT
+    assert service.established == [] and service.ended == []
+    RawPeer(server.address[1]).associate()
+
+
+def test_operations_we_do_not_provide_get_a_status_not_an_abort(acceptor, tmp_path: Path) -> None:
+    server, service, tmp_dir = acceptor
+    (source,) = make_small_study(tmp_path / "src", 1)
+    uid, data = data_set_bytes(source)
+    peer = RawPeer(server.address[1])
+    peer.associate(contexts=[(1, CTImageStorage, ExplicitVRLittleEndian)])
+    # A C-FIND-RQ (command field 0x0020) with an identifier on a storage context.
+    command = store_rq(uid, message_id=3).replace(
+        struct.pack("<HHLH", 0, 0x0100, 2, 0x0001), struct.pack("<HHLH", 0, 0x0100, 2, 0x0020)
+    )
+    peer.command(1, command)
+    peer.command(1, b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY ", control=0x02)
+    response = peer.response()
+    assert wire.command_uint(response, wire.STATUS) == 0x0211
+    assert wire.command_uint(response, wire.COMMAND_FIELD) == 0x8020
+    # A C-STORE whose SOP class is not the context's: refused, association goes on.
+    peer.command(1, store_rq(uid, message_id=4, sop_class="1.2.840.10008.5.1.4.1.1.4"))
+    peer.command(1, data, control=0x02)
+    assert wire.command_uint(peer.response(), wire.STATUS) == 0x0122
+    peer.command(1, store_rq(uid, message_id=5))
+    peer.command(1, data, control=0x02)
+    assert wire.command_uint(peer.response(), wire.STATUS) == 0
+    assert [uid for _c, uid, _d in service.stored] == [uid]
+    assert leftovers(tmp_dir) == []
+    peer.close()
+
+
+def test_stop_cuts_open_associations_and_removes_partial_files(acceptor, tmp_path: Path) -> None:
+    server, service, tmp_dir = acceptor
+    (source,) = make_small_study(tmp_path / "src", 1)
+    uid, data = data_set_bytes(source)
+    peer = RawPeer(server.address[1])
+    peer.associate()
+    peer.command(1, store_rq(uid))
+    peer.command(1, data[:100], control=0x00)
+    _wait(lambda: leftovers(tmp_dir) != [])
+    server.stop()
+    assert leftovers(tmp_dir) == []
+    assert service.ended[0][1] is True
+    assert peer.closed()
+
+
+# -- the command set codec --------------------------------------------------------------------
+
+
+def test_response_encoding_matches_pynetdicom() -> None:
+    """Our C-STORE-RSP bytes are what pynetdicom's own encoder produces."""
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+
+    for status, comment in ((0x0000, None), (0xA700, "storage is full"), (0xC001, "odd")):
+        primitive = C_STORE()
+        primitive.MessageIDBeingRespondedTo = 12
+        primitive.AffectedSOPClassUID = CTImageStorage
+        primitive.AffectedSOPInstanceUID = "1.2.3.45"
+        primitive.Status = status
+        if comment:
+            primitive.ErrorComment = comment
+        message = C_STORE_RSP()
+        message.primitive_to_message(primitive)
+        expected = b"".join(
+            data[1:]
+            for p_data in message.encode_msg(1, 16382)
+            for _cx, data in p_data.presentation_data_value_list
+            if data[0] & 0x01
+        )
+        ours = wire.encode_response(
+            0x0001, 12, status, CTImageStorage.encode(), b"1.2.3.45", comment
+        )
+        assert ours == expected
