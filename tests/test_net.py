@@ -7,6 +7,7 @@ import copy
 import warnings
 from io import BytesIO
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from unittest.mock import patch
 
@@ -25,6 +26,7 @@ from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
 from dicomrouter import net
@@ -192,13 +194,30 @@ def original_send_msg(monkeypatch: pytest.MonkeyPatch) -> Any:
     return original
 
 
+class _Socket:
+    """Stands in for the DUL's AssociationSocket: decodes what is written straight
+    to it with pynetdicom's own P-DATA-TF decoder."""
+
+    def __init__(self, capture: _Capture) -> None:
+        self.capture = capture
+
+    def send(self, data: bytes) -> None:
+        pdu = P_DATA_TF()
+        pdu.decode(data)
+        self.capture.sent.append(pdu.to_primitive())
+        self.capture.direct += 1
+
+
 class _Capture:
     """Stands in for the DIMSE provider's association and DUL."""
 
-    def __init__(self, handlers: list[object]) -> None:
+    def __init__(self, handlers: list[object], state: str = "Sta6") -> None:
         self.sent: list[P_DATA] = []
         self.handlers = handlers
         self.events: list[object] = []
+        self.socket = _Socket(self)
+        self.state_machine = SimpleNamespace(current_state=state)
+        self.direct = 0
 
     def get_handlers(self, event: object) -> list[object]:
         return self.handlers
@@ -214,10 +233,16 @@ class _Capture:
 
 
 def _send(
-    method: Any, primitive: C_STORE, max_pdu: int, handlers: list[object]
+    method: Any,
+    primitive: C_STORE,
+    max_pdu: int,
+    handlers: list[object],
+    state: str = "Sta6",
+    capture: _Capture | None = None,
 ) -> list[list[tuple[int, bytes]]]:
-    """The P-DATA that DIMSEServiceProvider.send_msg (``method``) hands to the DUL."""
-    capture = _Capture(handlers)
+    """The P-DATA that DIMSEServiceProvider.send_msg (``method``) hands to the DUL
+    or writes to its socket."""
+    capture = capture or _Capture(handlers, state)
     provider = DIMSEServiceProvider.__new__(DIMSEServiceProvider)
     with (
         patch.object(DIMSEServiceProvider, "assoc", capture),
@@ -302,3 +327,21 @@ def test_store_requests_from_files_send_the_same_pdus(
     with patch.object(C_STORE_RQ, "primitive_to_message", counting):
         assert _send(DIMSEServiceProvider.send_msg, req, max_pdu, []) == reference
     assert len(built) == (0 if fast else 1)
+
+
+def test_fast_sends_go_straight_to_the_socket_only_when_established(
+    original_send_msg: Any,
+) -> None:
+    """In Sta6 the PDUs are written by the sending thread; in any other state (a
+    release or abort under way) they go through the DUL's queue as before."""
+    path = get_testdata_file("CT_small.dcm")
+    established = _Capture([])
+    assert _send(
+        DIMSEServiceProvider.send_msg, _store_request(path, 332), 4096, [], capture=established
+    )
+    assert established.direct == len(established.sent) > 2
+    releasing = _Capture([], state="Sta7")
+    assert _send(
+        DIMSEServiceProvider.send_msg, _store_request(path, 332), 4096, [], capture=releasing
+    )
+    assert releasing.direct == 0 and len(releasing.sent) > 2

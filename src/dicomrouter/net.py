@@ -318,6 +318,12 @@ def encode_store_request(primitive: Any) -> bytes | None:
     return _command_element(0x0000, struct.pack("<L", len(body))) + body
 
 
+def encode_p_data(context_id: int, control: int, data: bytes) -> bytes:
+    """One P-DATA-TF PDU with one PDV (PS3.8 9.3.5): what pynetdicom's ``P_DATA_TF``
+    encodes for a single presentation data value."""
+    return struct.pack(">BxLLBB", 0x04, len(data) + 6, len(data) + 2, context_id, control) + data
+
+
 def _file_fragments(path: Any, offset: int, limit: int) -> Iterator[tuple[int, bytes]]:
     """(control header, bytes) of the data set read from ``path`` at ``offset``, in
     fragments that fit PDUs of ``limit`` bytes (0: one fragment), as pynetdicom's
@@ -353,9 +359,22 @@ def install_fast_store_response() -> None:
     original_send_msg = DIMSEServiceProvider.send_msg
 
     def send(self: Any, context_id: int, control: int, data: bytes) -> None:
+        dul = self.dul
+        sock = dul.socket
+        if (
+            sock is not None
+            and dul.state_machine.current_state == "Sta6"
+            and not self.assoc.get_handlers(evt.EVT_PDU_SENT)
+        ):
+            # Straight onto the socket from this thread: a P-DATA-TF in Sta6 leaves
+            # the state machine in Sta6 (DT-1), and the DUL's queue would add a
+            # reactor wake-up (up to REACTOR_DELAY) per PDU, 32 of them per 525 KB
+            # image at a 16 KB peer limit. A send error posts Evt17 as before.
+            sock.send(encode_p_data(context_id, control, data))
+            return
         pdata = P_DATA()
         pdata.presentation_data_value_list.append((context_id, bytes((control,)) + data))
-        self.dul.send_pdu(pdata)
+        dul.send_pdu(pdata)
 
     def send_msg(self: Any, primitive: Any, context_id: int) -> None:
         if type(primitive) is C_STORE and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):

@@ -14,6 +14,8 @@ import socket
 import struct
 from collections.abc import Callable
 
+from dicomrouter.net import encode_p_data
+
 # PDU types (PS3.8 9.3.1)
 A_ASSOCIATE_RQ = 0x01
 A_ASSOCIATE_AC = 0x02
@@ -135,11 +137,8 @@ def abort(source: int = ABORT_SERVICE_PROVIDER, reason: int = REASON_NOT_SPECIFI
     return struct.pack(">BxL2xBB", A_ABORT, 4, source, reason)
 
 
-def p_data(context_id: int, control: int, data: bytes) -> bytes:
-    """One P-DATA-TF PDU holding one PDV (callers keep it within the peer's limit)."""
-    return (
-        struct.pack(">BxLLBB", P_DATA_TF, len(data) + 6, len(data) + 2, context_id, control) + data
-    )
+#: One P-DATA-TF PDU holding one PDV (callers keep it within the peer's limit).
+p_data = encode_p_data
 
 
 # -- command sets (Implicit VR Little Endian, group 0000) ------------------------------
