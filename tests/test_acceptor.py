@@ -56,6 +56,7 @@ class FakeService:
         self.established: list[Peer] = []
         self.ended: list[tuple[Peer, bool]] = []
         self.stored: list[tuple[str, str, bytes]] = []
+        self.contents: list[bytes | None] = []
         self.ended_event = threading.Event()
 
     def allow_connection(self, address: str) -> bool:
@@ -68,9 +69,17 @@ class FakeService:
         self.established.append(peer)
 
     def on_store(
-        self, peer: Peer, sop_class_uid: str, sop_instance_uid: str, path: Path
+        self,
+        peer: Peer,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        path: Path,
+        content: bytes | None,
     ) -> tuple[int, str | None]:
-        self.stored.append((sop_class_uid, sop_instance_uid, path.read_bytes()))
+        on_disk = path.read_bytes()
+        assert content is None or content == on_disk
+        self.contents.append(content)
+        self.stored.append((sop_class_uid, sop_instance_uid, on_disk))
         path.rename(self.kept / f"{sop_instance_uid}.dcm")
         return self.status
 

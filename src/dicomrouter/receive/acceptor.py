@@ -32,6 +32,7 @@ The protocol rules that apply to an SCP (PS3.8 9 and the state table, PS3.7 9.1)
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -63,6 +64,8 @@ MAX_ASSOCIATE_RQ = 128 * 1024
 #: Largest command set we assemble (a C-STORE-RQ is about 200 bytes).
 MAX_COMMAND = 64 * 1024
 _PREAMBLE = b"\x00" * 128 + b"DICM"
+#: Objects up to this size are gathered in memory before they are written.
+IN_MEMORY_LIMIT = 256 * 1024
 
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
@@ -117,11 +120,17 @@ class StoreService(Protocol):
         """An association was accepted."""
 
     def on_store(
-        self, peer: Peer, sop_class_uid: str, sop_instance_uid: str, path: Path
+        self,
+        peer: Peer,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        path: Path,
+        content: bytes | None,
     ) -> tuple[int, str | None]:
         """A complete object is in ``path`` (preamble, file meta, data set as
-        received). Keep it (move it away) or not; return the DIMSE status and an
-        optional error comment for the C-STORE-RSP."""
+        received; not yet fsynced) and, when it is small, also in ``content``.
+        Keep it (move it away) or not; return the DIMSE status and an optional
+        error comment for the C-STORE-RSP."""
 
     def on_association_end(self, peer: Peer, aborted: bool) -> None:
         """An established association ended (released, aborted, timed out, cut)."""
@@ -236,8 +245,14 @@ class AssociationAcceptor:
 
 
 class _Incoming:
-    """An object being received: its file, or nothing when it is being discarded
-    (``status`` already decided)."""
+    """An object being received into its temporary file, or thrown away when its
+    ``status`` is already decided (refused up front, or the disk failed).
+
+    Objects up to ``IN_MEMORY_LIMIT`` are gathered in memory and written with one
+    call at the end, and handed to the application whole so that it parses the
+    header without reading the file back; larger ones stream to the file as they
+    arrive, so memory stays flat whatever the size.
+    """
 
     def __init__(
         self,
@@ -253,29 +268,64 @@ class _Incoming:
         self.sop_class = sop_class
         self.sop_instance = sop_instance
         self.path: Path | None = None
-        self.handle: object | None = None
+        self.fd: int | None = None
+        self.content: bytearray | None = None
         self.write: Callable[[memoryview], object] = _discard
         self.status: tuple[int, str | None] | None = None
 
     def open(self, tmp_dir: Path, meta: bytes) -> None:
-        fd, name = tempfile.mkstemp(dir=tmp_dir, suffix=".part")
+        self.fd, name = tempfile.mkstemp(dir=tmp_dir, suffix=".part")
         self.path = Path(name)
-        handle = os.fdopen(fd, "wb", buffering=64 * 1024)
-        handle.write(_PREAMBLE)
-        handle.write(meta)
-        self.handle = handle
-        self.write = handle.write
+        self.content = bytearray(_PREAMBLE)
+        self.content += meta
+        self.write = self._gather
 
-    def close(self) -> None:
-        handle = self.handle
-        self.handle = None
+    def _gather(self, piece: memoryview) -> None:
+        content = self.content
+        if content is None:  # a caller holding this bound method after the switch
+            self.write(piece)
+            return
+        content += piece
+        if len(content) > IN_MEMORY_LIMIT:
+            self.content = None
+            self.write = self._stream
+            self._write_all(content)
+
+    def _stream(self, piece: memoryview) -> None:
+        self._write_all(piece)
+
+    def _write_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]  # type: ignore[arg-type]
+        except OSError as exc:
+            # Keep reading the data set (the peer is owed a response), drop it.
+            log.error("cannot write a received object: %s", exc)
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            self.status = (OUT_OF_RESOURCES, "storage is full" if full else "storage error")
+            self.discard()
+
+    def finish(self) -> bytes | None:
+        """Write what is still in memory and close the file; returns the whole
+        object when it was gathered in memory."""
+        content = self.content
+        self.content = None
+        if content is not None:
+            self._write_all(content)
+        self._close()
+        return bytes(content) if content is not None and self.status is None else None
+
+    def _close(self) -> None:
+        fd, self.fd = self.fd, None
         self.write = _discard
-        if handle is not None:
-            handle.close()  # type: ignore[attr-defined]
+        if fd is not None:
+            os.close(fd)
 
     def discard(self) -> None:
+        self.content = None
         try:
-            self.close()
+            self._close()
         except OSError:
             pass
         if self.path is not None:
@@ -404,8 +454,8 @@ class _Association:
                 called or "?",
                 why,
             )
+            self.acceptor.service.on_rejected(self.peer, why)  # queues its audit row
             self._send(wire.associate_rj(result, source, reason))
-            self.acceptor.service.on_rejected(self.peer, why)
             self._linger()
             return False
 
@@ -600,22 +650,25 @@ class _Association:
         status = message.status
         if status is None:
             try:
-                message.close()
+                content = message.finish()
             except OSError as exc:
                 log.error("cannot write a received object: %s", exc)
                 status = (OUT_OF_RESOURCES, "storage error")
             else:
-                assert message.path is not None
-                try:
-                    status = self.acceptor.service.on_store(
-                        self.peer,
-                        wire.command_text({0: message.sop_class or b""}, 0),
-                        wire.command_text({0: message.sop_instance or b""}, 0),
-                        message.path,
-                    )
-                except Exception:
-                    log.exception("storing an object from %s failed", self._who())
-                    status = (OUT_OF_RESOURCES, "internal error")
+                status = message.status  # set if the last write failed
+        if status is None:
+            assert message.path is not None
+            try:
+                status = self.acceptor.service.on_store(
+                    self.peer,
+                    wire.command_text({0: message.sop_class or b""}, 0),
+                    wire.command_text({0: message.sop_instance or b""}, 0),
+                    message.path,
+                    content,
+                )
+            except Exception:
+                log.exception("storing an object from %s failed", self._who())
+                status = (OUT_OF_RESOURCES, "internal error")
         message.discard()  # whatever on_store left in tmp
         self._respond(message, *status)
 

@@ -10,6 +10,7 @@ process, so a slow destination can never slow a modality down.
 from __future__ import annotations
 
 import errno
+import io
 import ipaddress
 import logging
 import os
@@ -185,8 +186,15 @@ class Receiver:
                 refused,
             )
 
-    def on_store(self, peer: Peer, sop_class_uid: str, sop_instance_uid: str, path: Path) -> Status:
-        result = self._store(peer, sop_instance_uid, path)
+    def on_store(
+        self,
+        peer: Peer,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        path: Path,
+        content: bytes | None,
+    ) -> Status:
+        result = self._store(peer, sop_instance_uid, path, content)
         ok = result[0] == SUCCESS
         if not ok:
             metrics.instance_refused(peer.calling_ae)
@@ -238,14 +246,18 @@ class Receiver:
         with self._tally_lock:
             self._audits_pending -= 1
 
-    def _store(self, peer: Peer, sop_instance_uid: str, temp_path: Path) -> Status:
-        """Make the object in ``temp_path`` durable and indexed, or say why not."""
+    def _store(
+        self, peer: Peer, sop_instance_uid: str, temp_path: Path, content: bytes | None
+    ) -> Status:
+        """Make the object in ``temp_path`` durable and indexed, or say why not.
+        ``content``, when given, is the whole file: its header is parsed from it."""
         try:
             if self.store.free_bytes() < self.config.storage.min_free_space:
                 log.error("refusing C-STORE: free disk below storage.min_free_space")
                 return OUT_OF_RESOURCES, "storage is full"
             try:
-                dataset = read_header(temp_path, identity_only=True)
+                source = temp_path if content is None else io.BytesIO(content)
+                dataset = read_header(source, identity_only=True)
                 missing = missing_identity(dataset)
                 if missing:
                     log.warning(
@@ -264,7 +276,7 @@ class Receiver:
             relative = self.store.relative_path(
                 header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
             )
-            size = os.stat(temp_path).st_size
+            size = len(content) if content is not None else os.stat(temp_path).st_size
             keep_first = self.config.storage.on_duplicate == "ignore"
             if keep_first:
                 # Atomic create-if-absent: of two concurrent copies only one is placed.
