@@ -21,11 +21,12 @@ from pynetdicom import (
     PYNETDICOM_IMPLEMENTATION_UID,
     PYNETDICOM_IMPLEMENTATION_VERSION,
     dimse_messages,
+    dsutils,
 )
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import create_file_meta
+from pynetdicom.dsutils import create_file_meta, split_dataset
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
@@ -345,3 +346,78 @@ def test_fast_sends_go_straight_to_the_socket_only_when_established(
         DIMSEServiceProvider.send_msg, _store_request(path, 332), 4096, [], capture=releasing
     )
     assert releasing.direct == 0 and len(releasing.sent) > 2
+
+
+def _rsp_command_set(**values: object) -> bytes:
+    """A C-STORE-RSP command set as pynetdicom's own encoder writes it."""
+    primitive = C_STORE()
+    primitive.MessageIDBeingRespondedTo = values.pop("message_id", 9)
+    primitive.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    primitive.AffectedSOPInstanceUID = "1.2.3.4"
+    for name, value in values.items():
+        setattr(primitive, name, value)
+    message = C_STORE_RSP()
+    message.primitive_to_message(primitive)
+    return b"".join(
+        data[1:]
+        for p_data in message.encode_msg(1, 0)
+        for _cx, data in p_data.presentation_data_value_list
+        if data[0] & 0x01
+    )
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"Status": 0x0000},
+        {"Status": 0xB000, "message_id": 0xFFFF},
+        {"Status": 0xA700, "ErrorComment": "disk full"},
+        {"Status": 0xC000, "ErrorComment": "odd"},
+    ],
+)
+def test_store_responses_decode_as_pynetdicom_does(values: dict[str, object]) -> None:
+    ours = net.decode_store_response(_rsp_command_set(**dict(values)))
+    message = C_STORE_RSP()
+    message.command_set = dsutils.decode(BytesIO(_rsp_command_set(**dict(values))), True, True)
+    theirs = message.message_to_primitive()
+    for name in (
+        "MessageIDBeingRespondedTo",
+        "Status",
+        "AffectedSOPClassUID",
+        "AffectedSOPInstanceUID",
+        "ErrorComment",
+    ):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.is_valid_response
+
+
+def test_unusual_store_responses_are_left_to_pynetdicom() -> None:
+    assert (
+        net.decode_store_response(_rsp_command_set(Status=0xA900, OffendingElement=[0x00100010]))
+        is None
+    )
+    echo_rsp = _rsp_command_set(Status=0).replace(b"\x01\x80", b"\x30\x80", 1)
+    assert net.decode_store_response(echo_rsp) is None  # a C-ECHO-RSP
+    assert net.decode_store_response(b"\x00\x00\x00\x00\xff\xff") is None  # truncated
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "image_dfl.dcm", "JPEG2000.dcm"])
+def test_file_meta_is_read_as_pydicom_reads_it(name: str) -> None:
+    path = get_testdata_file(name)
+    meta = read_file_meta_info(path)
+    sop_class, sop_instance, syntax, offset = net.read_file_meta(path)  # type: ignore[misc]
+    assert (sop_class, sop_instance, syntax) == (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+        meta.TransferSyntaxUID,
+    )
+    assert offset == split_dataset(Path(path))[1]
+
+
+def test_files_without_the_plain_layout_fall_back(tmp_path: Path) -> None:
+    no_preamble = tmp_path / "raw.dcm"
+    no_preamble.write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes()[128:])
+    assert net.read_file_meta(no_preamble) is None
+    short = tmp_path / "short.dcm"
+    short.write_bytes(b"\x00" * 128 + b"DICM")
+    assert net.read_file_meta(short) is None

@@ -39,10 +39,12 @@ from pynetdicom.presentation import PresentationContext
 
 from dicomrouter.config.models import DicomDestinationConfig
 from dicomrouter.net import (
+    as_store_response,
     install_fast_store_response,
     install_low_latency_reactors,
     install_no_value_validation,
     install_tcp_nodelay,
+    send_stored_file,
 )
 from dicomrouter.observe import metrics
 
@@ -507,7 +509,10 @@ class DicomSender:
 
         started = time.monotonic()
         try:
-            rsp = assoc.send_c_store(payload, msg_id=msg_id)
+            if isinstance(payload, Path):
+                rsp = send_stored_file(assoc, payload, msg_id)
+            else:
+                rsp = as_store_response(assoc.send_c_store(payload, msg_id=msg_id))
         except OSError as exc:
             return InstanceResult(
                 inst.key, Outcome.PERMANENT, None, f"cannot read stored file {inst.path}: {exc}"
@@ -517,7 +522,7 @@ class DicomSender:
             # missing file meta, or a dataset pydicom cannot encode.
             return InstanceResult(inst.key, Outcome.PERMANENT, None, f"cannot send: {exc}")
 
-        if "Status" not in rsp:
+        if rsp is None:
             elapsed = time.monotonic() - started
             timeout = self.config.dimse_timeout
             if timeout and elapsed >= timeout * 0.95:
@@ -530,7 +535,7 @@ class DicomSender:
 
         status = int(rsp.Status)
         message = describe_status(status)
-        comment = rsp.get("ErrorComment")
+        comment = rsp.ErrorComment
         if comment:
             message = f"{message}: {comment}"
         outcome = classify_status(status)
