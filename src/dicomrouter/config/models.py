@@ -51,8 +51,14 @@ class DicomListenerConfig(_Model):
     max_associations: int = Field(
         32, ge=1, description="Concurrent inbound associations before new ones are rejected."
     )
-    acse_timeout: Duration = Field(30.0, description="Association negotiation timeout.")
-    dimse_timeout: Duration = Field(60.0, description="Timeout waiting for a DIMSE message.")
+    acse_timeout: Duration = Field(
+        30.0, description="Longest wait for the A-ASSOCIATE-RQ after a connection opens."
+    )
+    dimse_timeout: Duration = Field(
+        60.0,
+        description="Longest wait for the next fragment of a message in progress; "
+        "then A-ABORT (the partial object is discarded).",
+    )
     network_timeout: Duration = Field(
         120.0, description="Idle network timeout before an inbound association is aborted."
     )
