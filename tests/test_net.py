@@ -421,3 +421,58 @@ def test_files_without_the_plain_layout_fall_back(tmp_path: Path) -> None:
     short = tmp_path / "short.dcm"
     short.write_bytes(b"\x00" * 128 + b"DICM")
     assert net.read_file_meta(short) is None
+
+
+@pytest.mark.parametrize("limit", [0, 16384, 4096])
+@pytest.mark.parametrize("length", [0, 1000, 700_001])
+def test_file_messages_written_to_the_socket(tmp_path: Path, limit: int, length: int) -> None:
+    """send_file_message() puts on the wire the PDUs pynetdicom's chunked send would
+    (same fragments for a PDU limit; bounded fragments when unlimited)."""
+    import os
+    import socket
+    import threading
+
+    from dicomrouter.receive import wire
+
+    path = tmp_path / "object.dcm"
+    payload = os.urandom(length)
+    path.write_bytes(b"H" * 300 + payload)
+    command = net.encode_store_request(_store_request(str(path), 300))
+    assert command is not None
+    sender, receiver = socket.socketpair()
+    pdus: list[tuple[int, list[tuple[int, int, bytes]]]] = []
+
+    def read() -> None:
+        reader = wire.SocketReader(receiver)
+        try:
+            while True:
+                pdu_type, size = reader.pdu_header()
+                pdvs = []
+                while size:
+                    data_length, context_id, control = reader.pdv_header()
+                    value = bytearray()
+                    reader.copy(data_length, value.extend)
+                    pdvs.append((context_id, control, bytes(value)))
+                    size -= 6 + data_length
+                pdus.append((pdu_type, pdvs))
+        except wire.PeerClosed:
+            return
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    net.send_file_message(sender, 5, command, path, 300, limit)
+    sender.close()
+    thread.join(10)
+    receiver.close()
+    assert all(pdu_type == 0x04 and len(pdvs) == 1 for pdu_type, pdvs in pdus)
+    pdvs = [pdv for _t, (pdv,) in pdus]
+    assert pdvs[0] == (5, 0x03, command)
+    data = pdvs[1:]
+    assert [control for _cx, control, _d in data] == [0x00] * (len(data) - 1) + [0x02]
+    assert b"".join(d for _cx, _c, d in data) == payload
+    if limit:
+        expected = [len(d) for _c, d in net._file_fragments(path, 300, limit)]
+        assert [len(d) for _cx, _c, d in data] == expected
+        assert max(len(d) + 6 for _cx, _c, d in data) <= limit
+    else:
+        assert max(len(d) for _cx, _c, d in data) <= net.UNLIMITED_FRAGMENT

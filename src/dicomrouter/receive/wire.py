@@ -90,6 +90,8 @@ class SocketReader:
 
     def read(self, length: int) -> bytes:
         """Exactly ``length`` bytes (``length`` at most the buffer size)."""
+        if length > len(self._buffer):
+            raise ValueError(f"read({length}) is larger than the buffer; use copy()")
         while self._end - self._start < length:
             self._fill()
         data = bytes(self._view[self._start : self._start + length])
