@@ -65,7 +65,7 @@ MAX_ASSOCIATE_RQ = 128 * 1024
 MAX_COMMAND = 64 * 1024
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 #: Objects up to this size are gathered in memory before they are written.
-IN_MEMORY_LIMIT = 256 * 1024
+IN_MEMORY_LIMIT = 1024 * 1024
 
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
