@@ -571,3 +571,41 @@ def test_response_encoding_matches_pynetdicom() -> None:
             0x0001, 12, status, CTImageStorage.encode(), b"1.2.3.45", comment
         )
         assert ours == expected
+
+
+def test_disk_full_mid_object_answers_out_of_resources(
+    acceptor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that fails (ENOSPC) while a large object streams in: the rest of the
+    data set is read and dropped, the sender gets 0xA700 and the association goes on."""
+    import errno
+    import os
+
+    from dicomrouter.receive import acceptor as acceptor_module
+
+    server, service, tmp_dir = acceptor
+    (source,) = make_study(tmp_path / "src", 1, rows=1024, cols=1024)
+    uid, data = data_set_bytes(source)
+
+    class FullDisk:
+        def __getattr__(self, name: str) -> object:
+            return getattr(os, name)
+
+        @staticmethod
+        def write(fd: int, data: object) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(acceptor_module, "os", FullDisk())
+    peer = RawPeer(server.address[1])
+    peer.associate()
+    peer.command(1, store_rq(uid))
+    peer.command(1, data, control=0x02)
+    response = peer.response()
+    assert wire.command_uint(response, wire.STATUS) == 0xA700
+    assert wire.command_text(response, wire.ERROR_COMMENT) == "storage is full"
+    assert service.stored == [] and leftovers(tmp_dir) == []
+    monkeypatch.undo()
+    peer.command(1, store_rq(uid, message_id=2))
+    peer.command(1, data, control=0x02)
+    assert wire.command_uint(peer.response(), wire.STATUS) == 0
+    peer.close()

@@ -217,7 +217,9 @@ class AssociationAcceptor:
             except OSError as exc:
                 if self._stopping.is_set():
                     return
+                # e.g. EMFILE: out of file descriptors. Do not spin on it.
                 log.warning("accepting a DICOM connection failed: %s", exc)
+                self._stopping.wait(0.1)
                 continue
             host, port = str(address[0]), int(address[1])
             try:
