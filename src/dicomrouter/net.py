@@ -351,7 +351,8 @@ def _raw_socket(dimse: Any) -> socket.socket | None:
     if assoc.get_handlers(evt.EVT_PDU_SENT) or assoc.get_handlers(evt.EVT_DATA_SENT):
         return None
     raw = getattr(wrapper, "socket", None)
-    return raw if isinstance(raw, socket.socket) else None
+    # Exactly a plain socket: an ssl.SSLSocket (a subclass) has no sendmsg.
+    return raw if type(raw) is socket.socket else None
 
 
 #: Bytes of a file read and written per system call when sending it.
@@ -614,6 +615,8 @@ def send_stored_file(assoc: Any, path: Any, msg_id: int, priority: int = 2) -> A
     """
     from pynetdicom.dimse_primitives import C_STORE
 
+    if not assoc.is_established:  # as send_c_store
+        raise RuntimeError("The association with a peer SCP must be established first")
     meta = read_file_meta(path)
     if meta is None:
         return as_store_response(assoc.send_c_store(path, msg_id=msg_id, priority=priority))
