@@ -56,7 +56,7 @@ class FakeService:
         self.established: list[Peer] = []
         self.ended: list[tuple[Peer, bool]] = []
         self.stored: list[tuple[str, str, bytes]] = []
-        self.contents: list[bytes | None] = []
+        self.contents: list[bytes | bytearray | None] = []
         self.ended_event = threading.Event()
 
     def allow_connection(self, address: str) -> bool:
@@ -74,7 +74,7 @@ class FakeService:
         sop_class_uid: str,
         sop_instance_uid: str,
         path: Path,
-        content: bytes | None,
+        content: bytes | bytearray | None,
     ) -> tuple[int, str | None]:
         on_disk = path.read_bytes()
         assert content is None or content == on_disk
@@ -173,6 +173,12 @@ class RawPeer:
 
     def command(self, context_id: int, command: bytes, control: int = 0x03) -> None:
         self.send(wire.p_data(context_id, control, command))
+
+    def store(self, command: bytes, data: bytes) -> dict[int, bytes]:
+        """One C-STORE on context 1: command, whole data set, the response."""
+        self.command(1, command)
+        self.command(1, data, control=0x02)
+        return self.response()
 
     def response(self) -> dict[int, bytes]:
         pdu_type, body = self.receive()
@@ -275,9 +281,7 @@ def test_failure_status_and_comment_reach_the_sender(acceptor, tmp_path: Path) -
     uid, data = data_set_bytes(source)
     peer = RawPeer(server.address[1])
     peer.associate()
-    peer.command(1, store_rq(uid))
-    peer.command(1, data, control=0x02)
-    response = peer.response()
+    response = peer.store(store_rq(uid), data)
     assert wire.command_uint(response, wire.STATUS) == 0xA700
     assert wire.command_text(response, wire.ERROR_COMMENT) == "storage is full"
     peer.close()
@@ -292,9 +296,7 @@ def test_large_object_in_one_unlimited_pdu_streams_through(acceptor, tmp_path: P
     assert len(data) > 2_000_000
     peer = RawPeer(server.address[1])
     peer.associate(max_pdu=0)
-    peer.command(1, store_rq(uid))
-    peer.command(1, data, control=0x02)
-    assert wire.command_uint(peer.response(), wire.STATUS) == 0
+    assert wire.command_uint(peer.store(store_rq(uid), data), wire.STATUS) == 0
     peer.close()
     assert service.stored[0][2].endswith(data)
 
@@ -517,12 +519,9 @@ def test_operations_we_do_not_provide_get_a_status_not_an_abort(acceptor, tmp_pa
     assert wire.command_uint(response, wire.STATUS) == 0x0211
     assert wire.command_uint(response, wire.COMMAND_FIELD) == 0x8020
     # A C-STORE whose SOP class is not the context's: refused, association goes on.
-    peer.command(1, store_rq(uid, message_id=4, sop_class="1.2.840.10008.5.1.4.1.1.4"))
-    peer.command(1, data, control=0x02)
-    assert wire.command_uint(peer.response(), wire.STATUS) == 0x0122
-    peer.command(1, store_rq(uid, message_id=5))
-    peer.command(1, data, control=0x02)
-    assert wire.command_uint(peer.response(), wire.STATUS) == 0
+    mr_request = store_rq(uid, message_id=4, sop_class="1.2.840.10008.5.1.4.1.1.4")
+    assert wire.command_uint(peer.store(mr_request, data), wire.STATUS) == 0x0122
+    assert wire.command_uint(peer.store(store_rq(uid, message_id=5), data), wire.STATUS) == 0
     assert [uid for _c, uid, _d in service.stored] == [uid]
     assert leftovers(tmp_dir) == []
     peer.close()
@@ -598,14 +597,10 @@ def test_disk_full_mid_object_answers_out_of_resources(
     monkeypatch.setattr(acceptor_module, "os", FullDisk())
     peer = RawPeer(server.address[1])
     peer.associate()
-    peer.command(1, store_rq(uid))
-    peer.command(1, data, control=0x02)
-    response = peer.response()
+    response = peer.store(store_rq(uid), data)
     assert wire.command_uint(response, wire.STATUS) == 0xA700
     assert wire.command_text(response, wire.ERROR_COMMENT) == "storage is full"
     assert service.stored == [] and leftovers(tmp_dir) == []
     monkeypatch.undo()
-    peer.command(1, store_rq(uid, message_id=2))
-    peer.command(1, data, control=0x02)
-    assert wire.command_uint(peer.response(), wire.STATUS) == 0
+    assert wire.command_uint(peer.store(store_rq(uid, message_id=2), data), wire.STATUS) == 0
     peer.close()

@@ -250,7 +250,7 @@ _C_STORE_RSP = 0x8001
 _NO_DATASET = 0x0101
 
 
-def _command_element(element: int, value: bytes) -> bytes:
+def command_element(element: int, value: bytes) -> bytes:
     """One group-0000 element, Implicit VR Little Endian (command sets, PS3.7 6.3.1)."""
     return struct.pack("<HHL", 0x0000, element, len(value)) + value
 
@@ -270,17 +270,17 @@ def encode_store_response(primitive: Any) -> bytes | None:
     sop_class, sop_instance = primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID
     try:
         if sop_class is not None:
-            elements.append(_command_element(0x0002, _padded(sop_class, b"\x00")))
-        elements.append(_command_element(0x0100, struct.pack("<H", _C_STORE_RSP)))
-        elements.append(_command_element(0x0120, struct.pack("<H", message_id)))
-        elements.append(_command_element(0x0800, struct.pack("<H", _NO_DATASET)))
-        elements.append(_command_element(0x0900, struct.pack("<H", status)))
+            elements.append(command_element(0x0002, _padded(sop_class, b"\x00")))
+        elements.append(command_element(0x0100, struct.pack("<H", _C_STORE_RSP)))
+        elements.append(command_element(0x0120, struct.pack("<H", message_id)))
+        elements.append(command_element(0x0800, struct.pack("<H", _NO_DATASET)))
+        elements.append(command_element(0x0900, struct.pack("<H", status)))
         if sop_instance is not None:
-            elements.append(_command_element(0x1000, _padded(sop_instance, b"\x00")))
+            elements.append(command_element(0x1000, _padded(sop_instance, b"\x00")))
     except UnicodeEncodeError:
         return None
     body = b"".join(elements)
-    return _command_element(0x0000, struct.pack("<L", len(body))) + body
+    return command_element(0x0000, struct.pack("<L", len(body))) + body
 
 
 _C_STORE_RQ = 0x0001
@@ -306,17 +306,17 @@ def encode_store_request(primitive: Any) -> bytes | None:
     try:
         body = b"".join(
             (
-                _command_element(0x0002, _padded(sop_class, b"\x00")),
-                _command_element(0x0100, struct.pack("<H", _C_STORE_RQ)),
-                _command_element(0x0110, struct.pack("<H", message_id)),
-                _command_element(0x0700, struct.pack("<H", priority)),
-                _command_element(0x0800, struct.pack("<H", _WITH_DATASET)),
-                _command_element(0x1000, _padded(sop_instance, b"\x00")),
+                command_element(0x0002, _padded(sop_class, b"\x00")),
+                command_element(0x0100, struct.pack("<H", _C_STORE_RQ)),
+                command_element(0x0110, struct.pack("<H", message_id)),
+                command_element(0x0700, struct.pack("<H", priority)),
+                command_element(0x0800, struct.pack("<H", _WITH_DATASET)),
+                command_element(0x1000, _padded(sop_instance, b"\x00")),
             )
         )
     except UnicodeEncodeError:
         return None
-    return _command_element(0x0000, struct.pack("<L", len(body))) + body
+    return command_element(0x0000, struct.pack("<L", len(body))) + body
 
 
 def encode_p_data(context_id: int, control: int, data: bytes) -> bytes:

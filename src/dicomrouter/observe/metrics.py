@@ -298,14 +298,14 @@ class _AssociationTracker:
     def established(self, event: Any) -> None:
         with self._lock:
             self._open.add(id(event.assoc))
-        _child("associations", self.direction).inc()
+        association_opened(self.direction)
 
     def closed(self, event: Any) -> None:
         with self._lock:
             if id(event.assoc) not in self._open:
                 return
             self._open.discard(id(event.assoc))
-        _child("associations", self.direction).dec()
+        association_closed(self.direction)
 
     def handlers(self) -> list[EventHandlerType]:
         from pynetdicom import evt

@@ -125,7 +125,7 @@ class StoreService(Protocol):
         sop_class_uid: str,
         sop_instance_uid: str,
         path: Path,
-        content: bytes | None,
+        content: bytes | bytearray | None,
     ) -> tuple[int, str | None]:
         """A complete object is in ``path`` (preamble, file meta, data set as
         received; not yet fsynced) and, when it is small, also in ``content``.
@@ -267,8 +267,10 @@ class _Incoming:
         self.context_id = context_id
         self.command_field = command_field
         self.message_id = message_id
-        self.sop_class = sop_class
+        self.sop_class = sop_class  # raw, echoed in the response
         self.sop_instance = sop_instance
+        self.sop_class_uid = wire.text(sop_class)
+        self.sop_instance_uid = wire.text(sop_instance)
         self.path: Path | None = None
         self.fd: int | None = None
         self.content: bytearray | None = None
@@ -308,7 +310,7 @@ class _Incoming:
             self.status = (OUT_OF_RESOURCES, "storage is full" if full else "storage error")
             self.discard()
 
-    def finish(self) -> bytes | None:
+    def finish(self) -> bytearray | None:
         """Write what is still in memory and close the file; returns the whole
         object when it was gathered in memory."""
         content = self.content
@@ -316,7 +318,7 @@ class _Incoming:
         if content is not None:
             self._write_all(content)
         self._close()
-        return bytes(content) if content is not None and self.status is None else None
+        return content if content is not None and self.status is None else None
 
     def _close(self) -> None:
         fd, self.fd = self.fd, None
@@ -618,18 +620,16 @@ class _Association:
             message.status = (UNRECOGNIZED_OPERATION, "only C-STORE and C-ECHO are provided")
         elif not has_data_set:
             raise wire.ProtocolError("C-STORE-RQ without a data set")
-        elif wire.command_text(elements, wire.AFFECTED_SOP_CLASS) != abstract_syntax:
+        elif message.sop_class_uid != abstract_syntax:
             message.status = (
                 SOP_CLASS_NOT_SUPPORTED,
                 "Affected SOP Class differs from the presentation context",
             )
         else:
-            sop_class_uid = wire.command_text(elements, wire.AFFECTED_SOP_CLASS)
-            sop_instance_uid = wire.command_text(elements, wire.AFFECTED_SOP_INSTANCE)
             try:
                 meta = encode_file_meta(
-                    sop_class_uid,
-                    sop_instance_uid,
+                    message.sop_class_uid,
+                    message.sop_instance_uid,
                     transfer_syntax,
                     IMPLEMENTATION_CLASS_UID,
                     IMPLEMENTATION_VERSION,
@@ -663,8 +663,8 @@ class _Association:
             try:
                 status = self.acceptor.service.on_store(
                     self.peer,
-                    wire.command_text({0: message.sop_class or b""}, 0),
-                    wire.command_text({0: message.sop_instance or b""}, 0),
+                    message.sop_class_uid,
+                    message.sop_instance_uid,
                     message.path,
                     content,
                 )

@@ -192,7 +192,7 @@ class Receiver:
         sop_class_uid: str,
         sop_instance_uid: str,
         path: Path,
-        content: bytes | None,
+        content: bytes | bytearray | None,
     ) -> Status:
         result = self._store(peer, sop_instance_uid, path, content)
         ok = result[0] == SUCCESS
@@ -247,7 +247,7 @@ class Receiver:
             self._audits_pending -= 1
 
     def _store(
-        self, peer: Peer, sop_instance_uid: str, temp_path: Path, content: bytes | None
+        self, peer: Peer, sop_instance_uid: str, temp_path: Path, content: bytes | bytearray | None
     ) -> Status:
         """Make the object in ``temp_path`` durable and indexed, or say why not.
         ``content``, when given, is the whole file: its header is parsed from it."""

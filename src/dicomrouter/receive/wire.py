@@ -14,7 +14,7 @@ import socket
 import struct
 from collections.abc import Callable
 
-from dicomrouter.net import encode_p_data
+from dicomrouter.net import command_element, decode_command_set, encode_p_data
 
 # PDU types (PS3.8 9.3.1)
 A_ASSOCIATE_RQ = 0x01
@@ -39,7 +39,6 @@ CONTROL_LAST = 0x02
 
 _HEADER = struct.Struct(">BxL")
 _PDV_HEADER = struct.Struct(">LBB")
-_ELEMENT = struct.Struct("<HHL")
 
 
 class ProtocolError(Exception):
@@ -163,17 +162,9 @@ NO_DATA_SET = 0x0101
 
 def decode_command(data: bytes) -> dict[int, bytes]:
     """Element number -> raw value of a command set (PS3.7 6.3.1)."""
-    elements: dict[int, bytes] = {}
-    offset, end = 0, len(data)
-    while offset < end:
-        if end - offset < 8:
-            raise ProtocolError("truncated command set")
-        group, element, length = _ELEMENT.unpack_from(data, offset)
-        offset += 8
-        if group != 0x0000 or length > end - offset:
-            raise ProtocolError(f"invalid command element ({group:04X},{element:04X})")
-        elements[element] = data[offset : offset + length]
-        offset += length
+    elements = decode_command_set(data)
+    if elements is None:
+        raise ProtocolError("invalid or truncated command set")
     return elements
 
 
@@ -184,16 +175,22 @@ def command_uint(elements: dict[int, bytes], element: int) -> int | None:
     return int(struct.unpack("<H", value)[0])
 
 
+def text(value: bytes | None) -> str:
+    """A command set string value (a UID), without its padding."""
+    return (value or b"").decode("ascii", "replace").strip("\x00 ")
+
+
 def command_text(elements: dict[int, bytes], element: int) -> str:
-    return elements.get(element, b"").decode("ascii", "replace").strip("\x00 ")
-
-
-def _element(element: int, value: bytes) -> bytes:
-    return _ELEMENT.pack(0x0000, element, len(value)) + value
+    return text(elements.get(element))
 
 
 def _even(value: bytes, pad: bytes) -> bytes:
     return value + pad if len(value) % 2 else value
+
+
+def _uid(raw: bytes) -> bytes:
+    """A UID value as received, re-padded to even length with NUL."""
+    return _even(raw.rstrip(b"\x00 "), b"\x00")
 
 
 def encode_response(
@@ -209,17 +206,15 @@ def encode_response(
     ``sop_instance`` are the request's raw values, echoed back."""
     elements = []
     if sop_class:
-        elements.append(_element(AFFECTED_SOP_CLASS, _even(sop_class.rstrip(b"\x00 "), b"\x00")))
-    elements.append(_element(COMMAND_FIELD, struct.pack("<H", command_field | 0x8000)))
-    elements.append(_element(MESSAGE_ID_RESPONDED, struct.pack("<H", message_id)))
-    elements.append(_element(DATA_SET_TYPE, struct.pack("<H", NO_DATA_SET)))
-    elements.append(_element(STATUS, struct.pack("<H", status)))
+        elements.append(command_element(AFFECTED_SOP_CLASS, _uid(sop_class)))
+    elements.append(command_element(COMMAND_FIELD, struct.pack("<H", command_field | 0x8000)))
+    elements.append(command_element(MESSAGE_ID_RESPONDED, struct.pack("<H", message_id)))
+    elements.append(command_element(DATA_SET_TYPE, struct.pack("<H", NO_DATA_SET)))
+    elements.append(command_element(STATUS, struct.pack("<H", status)))
     if comment:
         text = comment.encode("ascii", "replace")[:64]
-        elements.append(_element(ERROR_COMMENT, _even(text, b" ")))
+        elements.append(command_element(ERROR_COMMENT, _even(text, b" ")))
     if sop_instance:
-        elements.append(
-            _element(AFFECTED_SOP_INSTANCE, _even(sop_instance.rstrip(b"\x00 "), b"\x00"))
-        )
+        elements.append(command_element(AFFECTED_SOP_INSTANCE, _uid(sop_instance)))
     body = b"".join(elements)
-    return _element(0x0000, struct.pack("<L", len(body))) + body
+    return command_element(0x0000, struct.pack("<L", len(body))) + body
