@@ -580,3 +580,43 @@ def test_a_killed_dispatch_process_is_restarted_and_delivers(tmp_path: Path, pac
         assert router.send(files).returncode == 0  # receiving never stopped
         wait_until(lambda: len(pacs.received_files()) == 5, 60, message="5 files after restart")
         assert "dispatch process exited unexpectedly" in router.log()
+
+
+# -- the processes of a node ------------------------------------------------------------
+
+
+def _maps(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.interop
+def test_a_node_runs_two_children_and_numpy_only_where_pixels_are_decoded(
+    tmp_path: Path, pacs
+) -> None:  # type: ignore[no-untyped-def]
+    """Nothing but the dispatch and HTTP children (no multiprocessing resource
+    tracker), and numpy loaded only in the dispatch process, which may decompress;
+    the node, which receives, and the HTTP process parse headers without it."""
+    config = {
+        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}},
+        "routes": [{"name": "all", "trigger": "instance", "to": ["pacs"]}],
+    }
+    with RouterProcess(tmp_path / "router", config) as router:
+        assert router.process is not None
+        wait_until(lambda: "dicomrouter ready" in router.log(), 60, message="ready")
+        files = make_small_study(tmp_path / "in", 3)
+        assert router.send(files).returncode == 0  # the receiver has parsed headers
+        wait_until(lambda: len(pacs.received_files()) == 3, 60, message="3 delivered")
+        node = router.process.pid
+        children = subprocess.run(
+            ["pgrep", "-P", str(node)], capture_output=True, text=True
+        ).stdout.split()
+        roles: dict[str, int] = {}
+        for pid in children:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            roles[argv[argv.index(b"dicomrouter.children") + 1].decode()] = int(pid)
+        assert sorted(roles) == ["dispatch", "http"], children
+        assert len(children) == 2
+        for pid in (node, roles["http"]):
+            assert "/numpy/" not in _maps(pid)
+        assert "/numpy/" in _maps(roles["dispatch"])
+        assert "http process started" in router.log()

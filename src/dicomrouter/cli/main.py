@@ -51,7 +51,11 @@ def serve(config: ConfigOption = None) -> None:
     # SIGHUP's default action kills: a reload sent while we start must not (the node
     # installs its handler in serve_forever).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    from dicomrouter.node import Node, configure_logging
+    from dicomrouter.children import exclude_pixel_libraries
+
+    exclude_pixel_libraries()  # this process receives: it never decodes pixel data
+    from dicomrouter.node import Node
+    from dicomrouter.observe.logs import configure_logging
     from dicomrouter.store import StorageError
 
     if config is None and Path(DEFAULT_CONFIG).is_file():

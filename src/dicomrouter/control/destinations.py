@@ -20,7 +20,6 @@ from typing import Any
 
 from sqlalchemy import Connection, case, func, or_, select, update
 
-from dicomrouter.destinations import DicomSender, VerificationNotSupported
 from dicomrouter.queue import JobStore
 from dicomrouter.queue import states as S
 from dicomrouter.store.schema import attempts, destination_state, job_instances, jobs
@@ -272,6 +271,8 @@ def echo(ctx: Any, name: str, *, actor: str = audit.SYSTEM, source: str = "") ->
     Returns {"ok", "ms", "error"}. A peer that accepts the association but not the
     Verification SOP Class is up (``ok``), with that said in ``error``.
     """
+    from dicomrouter.destinations.dicom import DicomSender, VerificationNotSupported
+
     dest = _configured(ctx, name)
     sender = DicomSender(dest, dest.calling_ae_title or ctx.config.ae_title)
     started = time.perf_counter()
