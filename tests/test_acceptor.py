@@ -24,7 +24,7 @@ from pynetdicom import AE, pdu, pdu_primitives
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicomrouter.receive import wire
+from dicomrouter import wire
 from dicomrouter.receive.acceptor import (
     APPLICATION_CONTEXT,
     AcceptorSettings,

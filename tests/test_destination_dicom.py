@@ -47,8 +47,8 @@ from dicomrouter.destinations import (
     describe_status,
 )
 from dicomrouter.destinations.dicom import MAX_CONTEXTS, plan_associations
-from dicomrouter.net import install_tcp_nodelay
 from tests.support.dcmtk import HOST, StoreSCP, free_port
+from tests.support.nodelay import install_tcp_nodelay
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -35,8 +35,8 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.sop_class import Verification
 
-from dicomrouter.net import install_tcp_nodelay
 from tests.support.dcmtk import HOST, StoreSCP, free_port
+from tests.support.nodelay import install_tcp_nodelay
 from tests.support.router import AE_TITLE, RouterProcess, all_settled, wait_until
 from tests.support.synth import make_large_study, make_small_study
 

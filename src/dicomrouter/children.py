@@ -208,13 +208,13 @@ def _dispatch_main(
                 log.info("dispatch runs on configuration version %d", loaded[0].id)
     dispatcher.stop()
     logging.shutdown()
-    # pynetdicom's DUL threads are not daemons: one blocked on a hung peer would keep
-    # the process alive until its timeout. Everything that matters is in the index.
+    # Do not wait for a worker still blocked on a hung peer (stop() abandoned it):
+    # everything that matters is in the index.
     os._exit(0)
 
 
 def _http_main(config: RouterConfig, config_path: Path | None, ready: Callable[[], None]) -> None:
-    configure_logging(config.log_level, "http", dicom=False)
+    configure_logging(config.log_level, "http")
     from dicomrouter.api.server import serve_http
 
     serve_http(config, config_path, on_ready=ready)

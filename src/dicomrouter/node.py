@@ -1,11 +1,11 @@
 """Run a router node: the receiver in this process; dispatch and HTTP in child processes.
 
-Separate processes because pynetdicom is pure Python and both receiving and sending
-are CPU-bound on the GIL (field notes: parallel associations in one process gave no
-gain, separate processes do); the HTTP service is kept out of the receiver's GIL
-for the same reason. They share nothing but the index and the files, which is also
-what makes a crash of any one harmless: the index is the truth. This process
-supervises the children and restarts one that dies.
+Separate processes because receiving and sending are both CPU-bound Python on the
+GIL (field notes: parallel associations in one process gave no gain, separate
+processes do); the HTTP service is kept out of the receiver's GIL for the same
+reason. They share nothing but the index and the files, which is also what makes a
+crash of any one harmless: the index is the truth. This process supervises the
+children and restarts one that dies.
 
 SIGHUP (``kill -HUP``, or ``PUT /api/v1/config`` through the HTTP process) reloads
 the configuration file. This process validates it (an invalid file is refused with

@@ -450,7 +450,7 @@ class RouterConfig(_Model):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO",
-        description="Log verbosity (stderr). DEBUG also turns on pynetdicom's per-message logs.",
+        description="Log verbosity (stderr).",
     )
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))

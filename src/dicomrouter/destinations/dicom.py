@@ -1,13 +1,14 @@
-"""Deliver stored instances to a DICOM C-STORE SCP with pynetdicom.
+"""Deliver stored instances to a DICOM C-STORE SCP.
 
-Throughput comes from three choices (see the shared field notes):
+Throughput comes from these choices (see the shared field notes):
 
 * associations are reused for a whole batch (renewed every ``batch_size``
-  instances, split when more than 128 presentation contexts are needed);
-* files are streamed from disk (``STORE_SEND_CHUNKED_DATASET``) without being
-  decoded, which requires the accepted presentation context to carry exactly the
-  file's transfer syntax, so every context offers a single transfer syntax;
-* every socket has ``TCP_NODELAY`` (:func:`dicomrouter.net.install_tcp_nodelay`).
+  instances, split when more than 128 presentation contexts are needed), and kept
+  open for ``keep_alive`` seconds for the next batch;
+* files are streamed from disk without being decoded, which requires the accepted
+  presentation context to carry exactly the file's transfer syntax, so every context
+  offers a single transfer syntax;
+* our own requestor (:mod:`.association`): no polling threads, ``TCP_NODELAY``.
 
 Only when the destination refuses the stored transfer syntax is the file parsed:
 encapsulated (compressed) pixel data is decoded with pydicom's pixel backends and
@@ -16,9 +17,7 @@ the dataset is sent as Explicit (or Implicit) VR Little Endian.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,22 +31,18 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, build_context
-from pynetdicom import _config as pynetdicom_config
-from pynetdicom.association import Association
-from pynetdicom.presentation import PresentationContext
 
 from dicomrouter.config.models import DicomDestinationConfig
-from dicomrouter.net import (
-    as_store_response,
-    install_fast_store_response,
-    install_low_latency_reactors,
-    install_no_value_validation,
-    install_tcp_nodelay,
-    send_stored_file,
-)
-from dicomrouter.observe import metrics
+from dicomrouter.store.header import install_no_value_validation
 
+from .association import (
+    VERIFICATION,
+    AssociationLost,
+    AssociationRejected,
+    CannotConnect,
+    OutboundAssociation,
+    Timeouts,
+)
 from .status import Outcome, classify_status, describe_status
 
 log = logging.getLogger(__name__)
@@ -55,11 +50,7 @@ log = logging.getLogger(__name__)
 #: PS3.8: presentation context IDs are odd numbers 1..255, so at most 128 per association.
 MAX_CONTEXTS = 128
 
-#: How long to wait for pynetdicom's association thread to end after release/abort.
-_JOIN_TIMEOUT = 5.0
-
 _ELE = ExplicitVRLittleEndian
-_VERIFICATION = "1.2.840.10008.1.1"
 _ILE = ImplicitVRLittleEndian
 
 
@@ -175,9 +166,8 @@ class _ConnectionLost(Exception):
 class DicomSender:
     """Send batches of stored instances to one DICOM destination.
 
-    Create one per destination and keep it: the pynetdicom ``AE`` is built lazily
-    on first use and reused. ``send`` may be called from several threads (one
-    association each); the shared ``AE`` is only configured once, under a lock.
+    ``send`` may be called from several threads when ``keep_alive`` is 0 (each call
+    opens its own association); with ``keep_alive`` the sender belongs to one thread.
     """
 
     def __init__(
@@ -187,92 +177,45 @@ class DicomSender:
         ``send`` returns, so the next batch with the same (SOP class, transfer syntax)
         pairs reuses it: with instance-level routing a worker sends many small batches
         in a row, and opening an association for each one costs more than sending.
-        Such a sender belongs to one thread; call :meth:`close` when done."""
+        Call :meth:`close` when done."""
         self.config = config
         self.calling_ae = config.calling_ae_title or calling_ae
         self.keep_alive = keep_alive
-        self._ae: AE | None = None
-        self._lock = threading.Lock()
+        self.timeouts = Timeouts(config.connect_timeout, config.acse_timeout, config.dimse_timeout)
         self._kept: _KeptAssociation | None = None
-        self._active: Association | None = None
-
-    # -- setup -------------------------------------------------------------------
-
-    def _get_ae(self) -> AE:
-        with self._lock:
-            if self._ae is None:
-                install_tcp_nodelay()
-                install_low_latency_reactors()
-                install_no_value_validation()
-                install_fast_store_response()  # C-STORE-RQs of files, packed directly
-                # Stream files from disk instead of decoding them. This is process
-                # wide: any send_c_store(path) then needs an exact-syntax context.
-                pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
-                ae = AE(ae_title=self.calling_ae)
-                cfg = self.config
-                ae.connection_timeout = cfg.connect_timeout
-                ae.acse_timeout = cfg.acse_timeout
-                ae.dimse_timeout = cfg.dimse_timeout
-                ae.network_timeout = cfg.network_timeout
-                # Only applies when we accept associations; as requestor our receive
-                # limit is the ``max_pdu`` argument of associate() (see _associate).
-                ae.maximum_pdu_size = 0
-                self._ae = ae
-            return self._ae
+        self._active: OutboundAssociation | None = None
+        install_no_value_validation()  # pydicom only ever warned, on converted data sets
 
     @property
     def _where(self) -> str:
         c = self.config
         return f"{c.ae_title}@{c.host}:{c.port}"
 
-    def _associate(self, contexts: list[PresentationContext]) -> Association:
+    def _associate(self, proposed: list[tuple[str, str]]) -> OutboundAssociation:
         """Open an association or raise :class:`DestinationUnavailable`.
 
-        An association that was accepted but with no presentation context accepted
-        is returned (not established) so the caller can fail instances one by one.
+        An association that was accepted with no presentation context accepted is
+        returned (``contexts`` empty) so the caller can fail instances one by one.
         """
-        ae = self._get_ae()
         cfg = self.config
         try:
-            # max_pdu=0: we accept PDUs of any size (only responses come back, but
-            # there is no reason to make the peer fragment them). The PDU size we
-            # *send* is the peer's maximum, which we cannot choose.
-            assoc = ae.associate(
-                cfg.host,
-                cfg.port,
-                contexts=contexts,
-                ae_title=cfg.ae_title,
-                max_pdu=0,
-                evt_handlers=metrics.association_handlers("outbound"),
+            return OutboundAssociation.request(
+                cfg.host, cfg.port, self.calling_ae, cfg.ae_title, proposed, self.timeouts
             )
-        except Exception as exc:  # invalid address, too many contexts...
-            raise DestinationUnavailable(f"cannot associate with {self._where}: {exc}") from exc
-        if assoc.is_established:
-            return assoc
-        _join(assoc)
-        rsp = assoc.acceptor.primitive
-        if assoc.is_rejected and rsp is not None:
-            permanent = rsp.result == 0x01
-            kind = "rejected-permanent" if permanent else "rejected-transient"
-            raise DestinationUnavailable(
-                f"association {kind} by {self._where}: source {rsp.source_str}, "
-                f"reason {rsp.reason_str}",
-                transient=not permanent,
-            )
-        if rsp is not None and rsp.result == 0x00:
-            return assoc  # accepted, but none of the contexts: caller decides
-        socket = assoc.dul.socket
-        if socket is not None and not getattr(socket, "_is_connected", True):
+        except CannotConnect as exc:
             raise DestinationUnavailable(
                 f"cannot connect to {self._where} (refused, unreachable or no answer "
-                f"within {cfg.connect_timeout:g}s)"
-            )
-        if rsp is None and assoc.is_aborted:
+                f"within {cfg.connect_timeout:g}s): {exc}"
+            ) from None
+        except AssociationRejected as exc:
             raise DestinationUnavailable(
-                f"association with {self._where} aborted during negotiation "
-                f"(or no A-ASSOCIATE response within {cfg.acse_timeout:g}s)"
-            )
-        raise DestinationUnavailable(f"association with {self._where} failed")
+                f"association {exc.kind} by {self._where}: {exc.detail}",
+                transient=not exc.permanent,
+            ) from None
+        except AssociationLost as exc:
+            raise DestinationUnavailable(f"association with {self._where} failed: {exc}") from None
+        except (ValueError, OSError) as exc:  # invalid address, too many contexts...
+            raise DestinationUnavailable(f"cannot associate with {self._where}: {exc}") from None
 
     # -- public API --------------------------------------------------------------
 
@@ -281,24 +224,25 @@ class DicomSender:
 
         Used by the dispatcher to probe a paused destination cheaply.
         """
-        assoc = self._associate([build_context(_VERIFICATION)])
+        assoc = self._associate([(VERIFICATION, str(_ILE))])
         try:
-            if not assoc.is_established:
+            if not assoc.contexts:
                 raise VerificationNotSupported(
                     f"{self._where} accepted the association but not the Verification SOP Class",
                     transient=False,
                 )
-            status = assoc.send_c_echo()
-            if "Status" not in status:
+            try:
+                rsp = assoc.echo()
+            except AssociationLost as exc:
                 raise DestinationUnavailable(
-                    f"no C-ECHO response from {self._where} within {self.config.dimse_timeout:g}s"
-                )
-            if status.Status != 0x0000:
+                    f"no C-ECHO response from {self._where}: {exc}"
+                ) from None
+            if rsp.status != 0x0000:
                 raise DestinationUnavailable(
-                    f"C-ECHO to {self._where} failed: {describe_status(status.Status)}"
+                    f"C-ECHO to {self._where} failed: {describe_status(rsp.status)}"
                 )
         finally:
-            _close(assoc)
+            assoc.release()
 
     def send(
         self,
@@ -330,21 +274,17 @@ class DicomSender:
             if should_stop is not None and should_stop():
                 return results
             wanted = frozenset(chunk.contexts)
-            assoc = self._reuse(wanted, len(chunk.instances))
-            if assoc is None:
-                contexts = [build_context(sop, [ts]) for sop, ts in chunk.contexts]
+            kept = self._reuse(wanted, len(chunk.instances))
+            if kept is None:
                 try:
-                    assoc = self._associate(contexts)
+                    kept = _KeptAssociation(self._associate(chunk.contexts), wanted)
                 except DestinationUnavailable as exc:
                     if index == 0:
                         raise
                     log.warning("%s", exc)
                     self._fail_rest(chunks[index:], 0, str(exc), emit)
                     return results
-                kept = _KeptAssociation(assoc, wanted)
-            else:
-                kept = self._kept  # type: ignore[assignment]
-                self._kept = None
+            assoc = kept.assoc
             keep = False
             try:
                 position = self._send_chunk(assoc, chunk, emit, should_stop)
@@ -365,42 +305,40 @@ class DicomSender:
                     kept.idle_since = time.monotonic()
                     self._kept = kept
                 else:
-                    _close(assoc)
+                    assoc.release()
             if position < len(chunk.instances):  # should_stop
                 return results
         return results
 
-    def _reuse(self, wanted: frozenset[tuple[str, str]], count: int) -> Association | None:
+    def _reuse(self, wanted: frozenset[tuple[str, str]], count: int) -> _KeptAssociation | None:
         """The kept association, if it is alive, fresh, proposed every context this
-        chunk needs and has room left under ``batch_size``; else close it."""
+        chunk needs and has room left under ``batch_size``; else release it."""
         kept, self._kept = self._kept, None
         if kept is None:
             return None
         usable = (
-            kept.assoc.is_established
-            and time.monotonic() - kept.idle_since < self.keep_alive
+            time.monotonic() - kept.idle_since < self.keep_alive
             and wanted <= kept.proposed
             and kept.sent + count <= self.config.batch_size
+            and kept.assoc.is_established
         )
         if not usable:
-            _close(kept.assoc)
+            kept.assoc.release()
             return None
-        self._kept = kept
-        return kept.assoc
+        return kept
 
     def abort(self) -> None:
         """From another thread: A-ABORT the association a ``send`` is blocked on (a
         shutdown must not wait out a hung peer's ``dimse_timeout``)."""
         active = self._active
-        if active is not None and active.is_established:
-            with contextlib.suppress(Exception):
-                active.abort()
+        if active is not None:
+            active.abort()
 
     def close(self) -> None:
         """Release the kept association, if any."""
         kept, self._kept = self._kept, None
         if kept is not None:
-            _close(kept.assoc)
+            kept.assoc.release()
 
     def close_if_idle(self) -> None:
         """Release the kept association once it has been idle for ``keep_alive``."""
@@ -421,7 +359,7 @@ class DicomSender:
 
     def _send_chunk(
         self,
-        assoc: Association,
+        assoc: OutboundAssociation,
         chunk: _Chunk,
         emit: Callable[[InstanceResult], None],
         should_stop: Callable[[], bool] | None,
@@ -430,117 +368,73 @@ class DicomSender:
 
         Raises ``_ConnectionLost(position, reason)`` when the association ends early.
         """
-        accepted = {
-            (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
-        }
-        supported = {sop for sop, _ in accepted}
+        supported = {sop for sop, _ in assoc.contexts}
         self._active = assoc
         try:
-            with _ReactorParking(assoc) as parking:
-                return self._send_loop(
-                    assoc, chunk, accepted, supported, parking, emit, should_stop
-                )
+            msg_id = 0
+            for position, inst in enumerate(chunk.instances):
+                if should_stop is not None and should_stop():
+                    return position
+                if inst.sop_class_uid not in supported:
+                    # Includes "accepted with no usable context": every instance
+                    # fails here without using the association.
+                    emit(
+                        InstanceResult(
+                            inst.key,
+                            Outcome.PERMANENT,
+                            None,
+                            "destination does not support SOP class "
+                            f"{_uid_label(inst.sop_class_uid)}",
+                        )
+                    )
+                    continue
+                msg_id = msg_id % 0xFFFF + 1
+                emit(self._send_one(assoc, inst, msg_id, position))
+            return len(chunk.instances)
         finally:
             self._active = None
 
-    def _send_loop(
-        self,
-        assoc: Association,
-        chunk: _Chunk,
-        accepted: set[tuple[str, str]],
-        supported: set[str],
-        parking: _ReactorParking,
-        emit: Callable[[InstanceResult], None],
-        should_stop: Callable[[], bool] | None,
-    ) -> int:
-        msg_id = 0
-        for position, inst in enumerate(chunk.instances):
-            if should_stop is not None and should_stop():
-                return position
-            if inst.sop_class_uid not in supported:
-                # Includes "accepted with no usable context": every instance fails
-                # here without needing the (already aborted) association.
-                emit(
-                    InstanceResult(
+    def _send_one(
+        self, assoc: OutboundAssociation, inst: OutgoingInstance, msg_id: int, position: int
+    ) -> InstanceResult:
+        sop, ts = inst.sop_class_uid, inst.transfer_syntax_uid
+        try:
+            if (sop, ts) in assoc.contexts:
+                rsp = assoc.store_file(inst.path, msg_id)
+            else:
+                target = next(
+                    (alt for alt in fallback_syntaxes(ts)[1:] if (sop, str(alt)) in assoc.contexts),
+                    None,
+                )
+                if target is None:
+                    return InstanceResult(
                         inst.key,
                         Outcome.PERMANENT,
                         None,
-                        f"destination does not support SOP class {_uid_label(inst.sop_class_uid)}",
+                        f"destination refused {_uid_label(ts)} for {_uid_label(sop)} and no "
+                        "conversion to an accepted transfer syntax is possible",
                     )
-                )
-                continue
-            if not assoc.is_established:
-                raise _ConnectionLost(
-                    position, _lost_reason(assoc, "association ended before sending")
-                )
-            msg_id = msg_id % 0xFFFF + 1
-            parking.before_send()
-            emit(self._send_one(assoc, inst, accepted, msg_id, position))
-        return len(chunk.instances)
-
-    def _send_one(
-        self,
-        assoc: Association,
-        inst: OutgoingInstance,
-        accepted: set[tuple[str, str]],
-        msg_id: int,
-        position: int,
-    ) -> InstanceResult:
-        sop, ts = inst.sop_class_uid, inst.transfer_syntax_uid
-        payload: Path | Dataset
-        if (sop, ts) in accepted:
-            payload = inst.path
-        else:
-            target = next(
-                (alt for alt in fallback_syntaxes(ts)[1:] if (sop, str(alt)) in accepted), None
-            )
-            if target is None:
-                return InstanceResult(
-                    inst.key,
-                    Outcome.PERMANENT,
-                    None,
-                    f"destination refused {_uid_label(ts)} for {_uid_label(sop)} and no "
-                    "conversion to an accepted transfer syntax is possible",
-                )
-            try:
-                payload = _convert(inst, target)
-            except _ConversionError as exc:
-                return InstanceResult(inst.key, Outcome.PERMANENT, None, str(exc))
-
-        started = time.monotonic()
-        try:
-            if isinstance(payload, Path):
-                rsp = send_stored_file(assoc, payload, msg_id)
-            else:
-                rsp = as_store_response(assoc.send_c_store(payload, msg_id=msg_id))
+                try:
+                    data = _encode(_convert(inst, target), target)
+                except _ConversionError as exc:
+                    return InstanceResult(inst.key, Outcome.PERMANENT, None, str(exc))
+                rsp = assoc.store_bytes(data, sop, inst.sop_instance_uid, str(target), msg_id)
+        except AssociationLost as exc:
+            raise _ConnectionLost(position, str(exc)) from None
         except OSError as exc:
             return InstanceResult(
                 inst.key, Outcome.PERMANENT, None, f"cannot read stored file {inst.path}: {exc}"
             )
-        except (ValueError, AttributeError) as exc:
+        except ValueError as exc:
             # No exact context for the file's real syntax (index and file disagree),
-            # missing file meta, or a dataset pydicom cannot encode.
+            # or no usable File Meta.
             return InstanceResult(inst.key, Outcome.PERMANENT, None, f"cannot send: {exc}")
 
-        if rsp is None:
-            elapsed = time.monotonic() - started
-            timeout = self.config.dimse_timeout
-            if timeout and elapsed >= timeout * 0.95:
-                reason = f"no response within {timeout:g}s; association aborted"
-                if assoc.is_established:
-                    assoc.abort()
-            else:
-                reason = _lost_reason(assoc, "no C-STORE response")
-            raise _ConnectionLost(position, reason)
-
-        status = int(rsp.Status)
-        message = describe_status(status)
-        comment = rsp.ErrorComment
-        if comment:
-            message = f"{message}: {comment}"
-        outcome = classify_status(status)
+        message = describe_status(rsp.status)
+        if rsp.comment:
+            message = f"{message}: {rsp.comment}"
         log.debug("C-STORE %s -> %s", inst.sop_instance_uid, message)
-        return InstanceResult(inst.key, outcome, status, message)
+        return InstanceResult(inst.key, classify_status(rsp.status), rsp.status, message)
 
 
 class _ConversionError(Exception):
@@ -551,14 +445,14 @@ class _ConversionError(Exception):
 class _KeptAssociation:
     """An association kept open between ``send`` calls (see ``keep_alive``)."""
 
-    assoc: Association
+    assoc: OutboundAssociation
     proposed: frozenset[tuple[str, str]]
     sent: int = 0
     idle_since: float = 0.0
 
 
 def _convert(inst: OutgoingInstance, target: UID) -> Dataset:
-    """Read the file and return a dataset pynetdicom can encode as ``target``.
+    """Read the file and return a dataset that :func:`_encode` can write as ``target``.
 
     Encapsulated pixel data is decoded first. ``generate_instance_uid=False`` is
     essential: pydicom 3 otherwise gives the decompressed dataset a *new* SOP
@@ -590,98 +484,21 @@ def _convert(inst: OutgoingInstance, target: UID) -> Dataset:
                 f"destination refused {_uid_label(ts)} and decoding failed: {detail}"
             ) from exc
     # Every source we convert is explicit VR little endian once read (decoded,
-    # inflated or ELE to begin with). pynetdicom checks that the file meta matches
-    # the dataset's encoding, then re-encodes to the accepted context: exact ELE if
-    # accepted, else the "convertible" Implicit VR LE context (``target``).
+    # inflated or ELE to begin with); _encode writes it in the accepted context's
+    # syntax: exact ELE if accepted, else the "convertible" Implicit VR LE (``target``).
     ds.file_meta.TransferSyntaxUID = _ELE
     log.debug("converted %s from %s for %s", inst.sop_instance_uid, ts.name, target.name)
     return ds
 
 
-class _ReactorParking:
-    """Keep pynetdicom's association reactor blocked while we send a batch.
+def _encode(dataset: Dataset, target: UID) -> bytes:
+    """``dataset`` (explicit VR little endian once read) encoded in ``target``."""
+    from pynetdicom.dsutils import encode
 
-    Why: ``send_c_store`` pauses the reactor thread by clearing an Event and
-    waiting for ``_is_paused``, and sets the Event again when it returns. But
-    ``_is_paused`` is still True from the previous pause while the woken reactor
-    waits to be scheduled, so a back-to-back ``send_c_store`` proceeds at once; the
-    reactor then runs one loop iteration and can take the next C-STORE-RSP off the
-    DIMSE queue. We then wait ``dimse_timeout`` for a response that never comes and
-    dcmtk drops the idle connection after 60 s (seen in about 1 run in 4 sending
-    1000 small files to storescp; pynetdicom issue #435 describes the same race).
-
-    How: clear the reactor's Event and wait until the reactor thread is among the
-    Event's waiters. From then on it is blocked until that Event is set, so we give
-    ``send_c_store`` a private Event to toggle instead (``_is_paused`` stays True, as
-    it expects). On exit the real Event is restored and set, so the reactor resumes
-    for release/abort handling and its thread ends normally. This also saves the
-    reactor's 1 ms loop sleep per instance. If the reactor cannot be parked (thread
-    gone, internals changed), :meth:`before_send` falls back to waiting for it to
-    re-block before every send.
-    """
-
-    _LIMIT = 1.0
-
-    def __init__(self, assoc: Association) -> None:
-        self.assoc = assoc
-        self.original = assoc._reactor_checkpoint
-        self.parked = False
-
-    def _wait_blocked(self) -> bool:
-        checkpoint = self.original
-        checkpoint.clear()
-        waiters = getattr(getattr(checkpoint, "_cond", None), "_waiters", None)
-        if waiters is None:
-            return False
-        deadline = time.monotonic() + self._LIMIT
-        while self.assoc.is_alive() and time.monotonic() < deadline:
-            if len(waiters) > 0:
-                return True
-            time.sleep(0.00005)
-        return False
-
-    def __enter__(self) -> _ReactorParking:
-        if self.assoc.is_established and self._wait_blocked():
-            self.assoc._reactor_checkpoint = threading.Event()
-            self.parked = True
-        return self
-
-    def before_send(self) -> None:
-        if not self.parked and self.assoc.is_established:
-            self._wait_blocked()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.assoc._reactor_checkpoint = self.original
-        self.original.set()
-
-
-def _lost_reason(assoc: Association, what: str) -> str:
-    """Best-effort reason why pynetdicom ended the association."""
-    acse = assoc.acse
     try:
-        if acse.is_aborted("a-abort"):
-            return f"{what}: association aborted by peer (A-ABORT)"
-        if acse.is_aborted("a-p-abort"):
-            return f"{what}: connection closed by peer"
-    except Exception:  # pragma: no cover - defensive, peeks at pynetdicom internals
-        pass
-    return f"{what}: association aborted or connection lost"
-
-
-def _close(assoc: Association) -> None:
-    """Release an established association (abort if that fails) and reap its thread."""
-    try:
-        if assoc.is_established:
-            assoc.release()
-        if assoc.is_established:
-            assoc.abort()
-    except Exception:  # pragma: no cover - never let cleanup mask the real error
-        log.debug("error while closing association", exc_info=True)
-        with contextlib.suppress(Exception):
-            assoc.abort()
-    _join(assoc)
-
-
-def _join(assoc: Association) -> None:
-    if assoc.is_alive() and assoc is not threading.current_thread():
-        assoc.join(_JOIN_TIMEOUT)
+        data = encode(dataset, target == _ILE, True)
+    except Exception as exc:
+        raise _ConversionError(f"cannot encode the converted data set: {exc}") from exc
+    if data is None:
+        raise _ConversionError("cannot encode the converted data set")
+    return data

@@ -6,25 +6,15 @@ import logging
 import sys
 
 
-def configure_logging(level: str, process: str = "MainProcess", dicom: bool = True) -> None:
+def configure_logging(level: str, process: str = "MainProcess") -> None:
     """One format for every process; ``process`` names the process in each line
-    (the node is ``MainProcess``, its children ``dispatch`` and ``http``). ``dicom``
-    False leaves pynetdicom unloaded (the HTTP process loads it only for an echo)."""
+    (the node is ``MainProcess``, its children ``dispatch`` and ``http``)."""
     logging.basicConfig(
         level=level,
         format=f"%(asctime)s %(levelname)-7s {process} %(name)s: %(message)s",
         stream=sys.stderr,
         force=True,
     )
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    if level != "DEBUG":
-        # A refused connection is logged by pynetdicom as two ERROR lines, on every
-        # retry and every C-ECHO probe of a destination that is down; the dispatcher
-        # already reports it once, with the destination's name.
-        logging.getLogger("pynetdicom.transport").setLevel(logging.CRITICAL)
-    if level != "DEBUG" and dicom:
-        # pynetdicom's default handlers format every PDU and DIMSE message for the
-        # log even when nothing is logged: about 10% of the receive path's CPU.
-        from pynetdicom import _config
-
-        _config.LOG_HANDLER_LEVEL = "none"
+    # pynetdicom only encodes and decodes association PDUs for us; its DEBUG output
+    # (every PDU dumped) is never what an operator wants.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))

@@ -42,10 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
-
-if TYPE_CHECKING:
-    from pynetdicom.events import EventHandlerType
+from typing import Any, TypeVar
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -272,7 +269,7 @@ def delivery_result(destination: str, outcome: str, received_at: float | None) -
 
 @_never_raise
 def association_opened(direction: str) -> None:
-    """An association was established (for acceptors that are not pynetdicom's)."""
+    """An association was established (by our acceptor or our requestor)."""
     _child("associations", direction).inc()
 
 
@@ -280,49 +277,6 @@ def association_opened(direction: str) -> None:
 def association_closed(direction: str) -> None:
     """An association counted by :func:`association_opened` ended."""
     _child("associations", direction).dec()
-
-
-class _AssociationTracker:
-    """pynetdicom event handlers that keep the open-associations gauge.
-
-    Counted from ``EVT_ESTABLISHED`` to ``EVT_CONN_CLOSE``: every association ends
-    with its connection closing, whether released, aborted or timed out, and only
-    established ones were counted, so the gauge cannot drift.
-    """
-
-    def __init__(self, direction: str):
-        self.direction = direction
-        self._open: set[int] = set()
-        self._lock = threading.Lock()
-
-    def established(self, event: Any) -> None:
-        with self._lock:
-            self._open.add(id(event.assoc))
-        association_opened(self.direction)
-
-    def closed(self, event: Any) -> None:
-        with self._lock:
-            if id(event.assoc) not in self._open:
-                return
-            self._open.discard(id(event.assoc))
-        association_closed(self.direction)
-
-    def handlers(self) -> list[EventHandlerType]:
-        from pynetdicom import evt
-
-        return [(evt.EVT_ESTABLISHED, self.established), (evt.EVT_CONN_CLOSE, self.closed)]
-
-
-_trackers: dict[str, _AssociationTracker] = {}
-
-
-def association_handlers(direction: str) -> list[EventHandlerType]:
-    """Event handlers to bind to an acceptor (``"inbound"``) or to each requested
-    association (``"outbound"``) so ``dicomrouter_open_associations`` is kept."""
-    tracker = _trackers.get(direction)
-    if tracker is None:
-        tracker = _trackers.setdefault(direction, _AssociationTracker(direction))
-    return tracker.handlers()
 
 
 # -- exposition (HTTP process) -----------------------------------------------------

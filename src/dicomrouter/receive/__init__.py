@@ -1,4 +1,4 @@
-"""Receive stage: the DICOM C-STORE/C-ECHO service (pynetdicom SCP)."""
+"""Receive stage: the DICOM C-STORE/C-ECHO service (our association acceptor)."""
 
 from .scp import Receiver
 

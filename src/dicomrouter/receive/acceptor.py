@@ -43,21 +43,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import UID
 from pynetdicom import pdu, pdu_primitives
 from pynetdicom.presentation import PresentationContext, build_context, negotiate_as_acceptor
 
-from dicomrouter import __version__
-from dicomrouter.net import encode_file_meta
-
-from . import wire
+from dicomrouter import wire
 
 log = logging.getLogger("dicomrouter.receive")
 
-APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
-#: Stable across versions: derived from the name under pydicom's UID root.
-IMPLEMENTATION_CLASS_UID = generate_uid(entropy_srcs=["dicomrouter"])
-IMPLEMENTATION_VERSION = f"DICOMROUTER_{__version__.replace('.', '')}"[:16]
+APPLICATION_CONTEXT = wire.APPLICATION_CONTEXT
+IMPLEMENTATION_CLASS_UID = wire.IMPLEMENTATION_CLASS_UID
+IMPLEMENTATION_VERSION = wire.IMPLEMENTATION_VERSION
 
 #: Largest A-ASSOCIATE-RQ we read (128 contexts with many transfer syntaxes fit).
 MAX_ASSOCIATE_RQ = 128 * 1024
@@ -627,7 +623,7 @@ class _Association:
             )
         else:
             try:
-                meta = encode_file_meta(
+                meta = wire.encode_file_meta(
                     message.sop_class_uid,
                     message.sop_instance_uid,
                     transfer_syntax,

@@ -24,7 +24,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicomrouter.config import RouterConfig
 from dicomrouter.control import audit
-from dicomrouter.net import install_no_value_validation
 from dicomrouter.observe import metrics
 from dicomrouter.store import (
     IndexUnavailable,
@@ -38,6 +37,7 @@ from dicomrouter.store import (
     missing_identity,
     read_header,
 )
+from dicomrouter.store.header import install_no_value_validation
 
 from .acceptor import AcceptorSettings, AssociationAcceptor, Peer, supported_contexts
 from .contexts import (

@@ -1,0 +1,280 @@
+"""The dispatcher's association requestor at the protocol level.
+
+Well-behaved peers (dcmtk storescp, Orthanc, pynetdicom) are covered by
+test_destination_dicom and the interop tests; here raw sockets play destinations
+that do what those never do: limit PDUs to a few KB, answer another message, send a
+release request or close an idle association, reject transiently. The sender must
+keep within the peer's limits, end a broken association, report the instance as
+transient, and never reuse an association the peer has given up.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.uid import UID
+from pynetdicom import pdu, pdu_primitives
+from pynetdicom.presentation import PresentationContext
+
+from dicomrouter import wire
+from dicomrouter.destinations import DestinationUnavailable, DicomSender, Outcome
+from tests.test_destination_dicom import ct_batch, dest, without_meta
+
+HOST = "127.0.0.1"
+
+
+def _accept_pdu(request: pdu_primitives.A_ASSOCIATE, max_pdu: int) -> bytes:
+    results = []
+    for proposed in request.presentation_context_definition_list:
+        context = PresentationContext()
+        context.context_id = proposed.context_id
+        context.abstract_syntax = proposed.abstract_syntax
+        context.transfer_syntax = [proposed.transfer_syntax[0]]
+        context.result = 0x00
+        results.append(context)
+    max_length = pdu_primitives.MaximumLengthNotification()
+    max_length.maximum_length_received = max_pdu
+    class_uid = pdu_primitives.ImplementationClassUIDNotification()
+    class_uid.implementation_class_uid = UID("1.2.826.0.1.3680043.9.9999")
+    answer = pdu_primitives.A_ASSOCIATE()
+    answer.application_context_name = UID(wire.APPLICATION_CONTEXT)
+    answer.calling_ae_title = request.calling_ae_title
+    answer.called_ae_title = request.called_ae_title
+    answer.result = 0x00
+    answer.result_source = 0x01
+    answer.presentation_context_definition_results_list = results
+    answer.user_information = [max_length, class_uid]
+    return bytes(pdu.A_ASSOCIATE_AC(answer).encode())
+
+
+class Conversation:
+    """One accepted connection of a :class:`RawDestination`."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.reader = wire.SocketReader(sock)
+        self.pdu_lengths: list[int] = []
+
+    def associate(self) -> pdu_primitives.A_ASSOCIATE:
+        pdu_type, length = self.reader.pdu_header()
+        assert pdu_type == wire.A_ASSOCIATE_RQ
+        request = pdu.A_ASSOCIATE_RQ()
+        request.decode(bytes((pdu_type, 0)) + length.to_bytes(4, "big") + self.reader.read(length))
+        return request.to_primitive()
+
+    def _pdvs(self) -> Iterator[tuple[int, int, bytes]]:
+        """(context ID, control header, value) of every PDV, PDU after PDU."""
+        while True:
+            pdu_type, length = self.reader.pdu_header()
+            assert pdu_type == wire.P_DATA_TF, pdu_type
+            self.pdu_lengths.append(length)  # the variable field, which the limit bounds
+            remaining = length
+            while remaining:
+                size, context, control = self.reader.pdv_header()
+                remaining -= size + 6
+                yield context, control, self.reader.read(size)
+
+    def message(self) -> tuple[int, dict[int, bytes], bytes]:
+        """The next DIMSE message: (context ID, command elements, data set bytes)."""
+        command, data = bytearray(), bytearray()
+        elements: dict[int, bytes] | None = None
+        for context, control, value in self._pdvs():
+            if control & wire.CONTROL_COMMAND:
+                command += value
+                if control & wire.CONTROL_LAST:
+                    elements = wire.decode_command(bytes(command))
+                    if wire.command_uint(elements, wire.DATA_SET_TYPE) == wire.NO_DATA_SET:
+                        return context, elements, b""
+            else:
+                assert elements is not None, "data set before its command"
+                data += value
+                if control & wire.CONTROL_LAST:
+                    return context, elements, bytes(data)
+        raise AssertionError("unreachable")
+
+    def respond(self, context: int, elements: dict[int, bytes], status: int = 0) -> None:
+        message_id = wire.command_uint(elements, wire.MESSAGE_ID) or 0
+        field = wire.command_uint(elements, wire.COMMAND_FIELD) or 0
+        response = wire.encode_response(
+            field,
+            message_id,
+            status,
+            elements.get(wire.AFFECTED_SOP_CLASS),
+            elements.get(wire.AFFECTED_SOP_INSTANCE),
+        )
+        self.sock.sendall(wire.p_data(context, 0x03, response))
+
+    def expect_release(self) -> None:
+        pdu_type, length = self.reader.pdu_header()
+        self.reader.skip(length)
+        assert pdu_type == wire.A_RELEASE_RQ, pdu_type
+        self.sock.sendall(wire.release_rp())
+
+
+class RawDestination:
+    """Accepts connections and hands each to ``script`` in a thread."""
+
+    def __init__(self, script: Callable[[Conversation], None]):
+        self.script = script
+        self.server = socket.create_server((HOST, 0))
+        self.port = self.server.getsockname()[1]
+        self.conversations: list[Conversation] = []
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                sock, _ = self.server.accept()
+            except OSError:
+                return
+            sock.settimeout(10)
+            conversation = Conversation(sock)
+            self.conversations.append(conversation)
+            threading.Thread(target=self._run, args=(conversation,), daemon=True).start()
+
+    def _run(self, conversation: Conversation) -> None:
+        try:
+            self.script(conversation)
+        except (wire.PeerClosed, OSError):
+            pass
+        except BaseException as exc:  # an assertion in the script
+            self.errors.append(exc)
+        finally:
+            conversation.sock.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.fixture
+def raw_destination():  # type: ignore[no-untyped-def]
+    made: list[RawDestination] = []
+
+    def make(script: Callable[[Conversation], None]) -> RawDestination:
+        made.append(RawDestination(script))
+        return made[-1]
+
+    yield make
+    for destination in made:
+        destination.close()
+        assert not destination.errors, destination.errors
+
+
+def test_pdus_stay_within_the_peers_limit_and_the_data_set_arrives_whole(
+    tmp_path: Path, raw_destination
+) -> None:  # type: ignore[no-untyped-def]
+    received: list[bytes] = []
+
+    def script(peer: Conversation) -> None:
+        request = peer.associate()
+        contexts = request.presentation_context_definition_list
+        # CT_small is explicit VR: offered as is, and as implicit VR (convertible);
+        # one transfer syntax per context, odd context IDs.
+        assert [c.context_id for c in contexts] == [1, 3]
+        assert [len(c.transfer_syntax) for c in contexts] == [1, 1]
+        assert str(request.called_ae_title).strip() == "PACS"
+        assert str(request.calling_ae_title).strip() == "ROUTER"
+        peer.sock.sendall(_accept_pdu(request, max_pdu=4096))
+        for _ in range(2):
+            context, elements, data = peer.message()
+            received.append(data)
+            peer.respond(context, elements)
+        peer.expect_release()
+
+    destination = raw_destination(script)
+    batch = ct_batch(tmp_path / "s", 2)
+    results = DicomSender(dest(destination.port), "ROUTER").send(batch)
+    assert [r.outcome for r in results] == [Outcome.SUCCESS] * 2
+    assert received == [without_meta(i.path) for i in batch]
+    (peer,) = destination.conversations
+    assert max(peer.pdu_lengths) <= 4096
+    assert len(peer.pdu_lengths) > 2 * (len(received[0]) // 4096)  # really fragmented
+
+
+def test_a_response_to_another_message_aborts_and_is_transient(
+    tmp_path: Path, raw_destination
+) -> None:  # type: ignore[no-untyped-def]
+    def script(peer: Conversation) -> None:
+        peer.sock.sendall(_accept_pdu(peer.associate(), max_pdu=0))
+        context, elements, _data = peer.message()
+        elements[wire.MESSAGE_ID] = struct.pack("<H", 999)
+        peer.respond(context, elements)
+        pdu_type, _length = peer.reader.pdu_header()
+        assert pdu_type == wire.A_ABORT
+
+    destination = raw_destination(script)
+    results = DicomSender(dest(destination.port), "ROUTER").send(ct_batch(tmp_path / "s", 2))
+    assert [r.outcome for r in results] == [Outcome.TRANSIENT] * 2
+    assert "protocol error" in results[0].message
+    assert all(r.status is None for r in results)
+
+
+def test_an_association_the_peer_gave_up_is_not_reused(tmp_path: Path, raw_destination) -> None:  # type: ignore[no-untyped-def]
+    """A kept association that the peer released (A-RELEASE-RQ) or closed while it
+    was idle is replaced by a new one: the next batch is not lost to it."""
+
+    def script(peer: Conversation) -> None:
+        peer.sock.sendall(_accept_pdu(peer.associate(), max_pdu=0))
+        context, elements, _data = peer.message()
+        peer.respond(context, elements)
+        if len(destination.conversations) == 1:
+            peer.sock.sendall(wire.release_rq())  # then the first one hangs up
+            peer.sock.shutdown(socket.SHUT_WR)
+            return
+        peer.expect_release()
+
+    destination = raw_destination(script)
+    batch = ct_batch(tmp_path / "s", 2)
+    sender = DicomSender(dest(destination.port), "ROUTER", keep_alive=30)
+    assert sender.send(batch[:1])[0].outcome is Outcome.SUCCESS
+    # Wait until the peer has given the kept association up (its socket closed).
+    first = destination.conversations[0]
+    deadline = time.monotonic() + 5
+    while first.sock.fileno() != -1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert first.sock.fileno() == -1
+    assert sender.send(batch[1:])[0].outcome is Outcome.SUCCESS
+    sender.close()
+    assert len(destination.conversations) == 2
+
+
+def test_a_transient_rejection_is_transient(raw_destination) -> None:  # type: ignore[no-untyped-def]
+    def script(peer: Conversation) -> None:
+        peer.associate()
+        peer.sock.sendall(wire.associate_rj(0x02, 0x03, 0x01))  # temporary congestion
+
+    destination = raw_destination(script)
+    with pytest.raises(DestinationUnavailable) as info:
+        DicomSender(dest(destination.port), "ROUTER").echo()
+    assert info.value.transient
+    assert "rejected-transient" in str(info.value)
+    assert "congestion" in str(info.value).lower()
+
+
+def test_sending_starts_no_threads(tmp_path: Path, raw_destination) -> None:  # type: ignore[no-untyped-def]
+    """Our requestor runs in the caller's thread: no reactor or DUL threads that
+    poll while an association is open (the reason it replaced pynetdicom's)."""
+    counts: list[int] = []
+
+    def script(peer: Conversation) -> None:
+        peer.sock.sendall(_accept_pdu(peer.associate(), max_pdu=0))
+        for _ in range(3):
+            context, elements, _data = peer.message()
+            counts.append(threading.active_count())
+            peer.respond(context, elements)
+        peer.expect_release()
+
+    destination = raw_destination(script)
+    before = threading.active_count()
+    results = DicomSender(dest(destination.port), "ROUTER").send(ct_batch(tmp_path / "s", 3))
+    assert [r.outcome for r in results] == [Outcome.SUCCESS] * 3
+    # The fake destination's own connection thread is the only one added meanwhile.
+    assert counts == [before + 1] * 3
