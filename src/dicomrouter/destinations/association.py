@@ -26,6 +26,7 @@ import contextlib
 import logging
 import select
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +107,7 @@ class OutboundAssociation:
         self.peer_max_pdu = peer_max_pdu
         self.reader = wire.SocketReader(sock, 64 * 1024)
         self._open = True
+        self._closing = threading.Lock()  # abort() may race the sending thread
         self._timeouts = Timeouts(None, None, None)
         metrics.association_opened("outbound")
 
@@ -188,6 +190,7 @@ class OutboundAssociation:
         Raises ``ValueError`` when no context was accepted for that pair (or the
         file has no usable File Meta), ``OSError`` when the file cannot be read
         (nothing was sent), :class:`AssociationLost` when the association ends."""
+        # An unreadable file raises OSError here, before anything is sent.
         meta = wire.read_file_meta(path) or _read_file_meta_with_pydicom(path)
         sop_class, sop_instance, syntax, offset = meta
         context_id = self.contexts.get((sop_class, syntax))
@@ -199,8 +202,6 @@ class OutboundAssociation:
         command = wire.encode_request(
             wire.C_STORE_RQ, message_id, sop_class, sop_instance, with_data_set=True
         )
-        with open(path, "rb"):  # unreadable: OSError before anything is sent
-            pass
         self._require_open()
         self.sock.settimeout(self._timeouts.dimse or None)
         try:
@@ -273,9 +274,10 @@ class OutboundAssociation:
         self._finish()
 
     def _finish(self) -> None:
-        if not self._open:
-            return
-        self._open = False
+        with self._closing:
+            if not self._open:
+                return
+            self._open = False
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes a recv blocked in another thread
         _close(self.sock)
