@@ -3,16 +3,19 @@ reports a locked or broken database as unavailable (the receiver answers 0xA700)
 
 from __future__ import annotations
 
+import io
 import os
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 
+from dicomrouter import wire
 from dicomrouter.store import (
     IndexUnavailable,
     InstanceHeader,
@@ -28,6 +31,7 @@ from dicomrouter.store import (
     validate_uid,
 )
 from dicomrouter.store import index as index_module
+from dicomrouter.store.header import read_identity
 
 
 @pytest.mark.parametrize(
@@ -267,3 +271,36 @@ def test_record_without_replace_keeps_the_indexed_copy(tmp_path: Path) -> None:
         index.record(_header(), "a/b/c.dcm", 11, Provenance("CT2"), replace=False) is Recorded.KEPT
     )
     assert index.record(_header(), "a/b/c.dcm", 12, Provenance("CT3")) is Recorded.OVERWRITTEN
+
+
+def _header_or_error(read: Any, content: bytes) -> tuple[str, object]:
+    try:
+        dataset = read(content)
+    except Exception as exc:  # what the receiver turns into 0xC000
+        return "unreadable", type(exc).__name__
+    missing = missing_identity(dataset)
+    if missing:
+        return "missing", missing
+    try:
+        return "header", InstanceHeader.from_dataset(dataset)
+    except InvalidUID as exc:
+        return "invalid", str(exc)
+
+
+def test_header_from_memory_is_the_header_from_the_file() -> None:
+    """read_identity (File Meta by struct, data set by pydicom) gives what
+    read_header gives, for every file pydicom bundles: every transfer syntax it has
+    (deflated and big endian included), odd File Metas and broken files."""
+    from tests.test_interop import _bundled_files
+
+    files = _bundled_files()
+    assert len(files) > 50
+    fast = 0
+    for name in files:
+        content = Path(name).read_bytes()
+        expected = _header_or_error(
+            lambda data: read_header(io.BytesIO(data), identity_only=True), content
+        )
+        assert _header_or_error(read_identity, content) == expected, name
+        fast += wire.parse_file_meta(content) is not None
+    assert fast > len(files) // 2  # most went through the struct path

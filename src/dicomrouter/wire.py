@@ -353,32 +353,31 @@ def encode_file_meta(
     return _meta_element(0x0000, b"UL", struct.pack("<L", len(body))) + body
 
 
-def read_file_meta(path: str | Path) -> tuple[str, str, str, int] | None:
-    """(SOP class, SOP instance, transfer syntax, offset of the data set) from a
-    Part-10 file's File Meta group, or None when it is not the plain layout (then
-    pydicom reads it)."""
-    with open(path, "rb") as handle:
-        head = handle.read(132 + 12)
-        if len(head) < 144 or head[128:132] != b"DICM":
-            return None
-        group, element, vr, length = struct.unpack_from("<HH2sH", head, 132)
-        if (group, element, vr, length) != (0x0002, 0x0000, b"UL", 4):
-            return None
-        (group_length,) = struct.unpack_from("<L", head, 140)
-        if group_length > 64 * 1024:
-            return None
-        meta = handle.read(group_length)
-    if len(meta) != group_length:
+def _file_meta_length(head: bytes | bytearray | memoryview) -> int | None:
+    """The File Meta group length from the first 144 bytes of a Part-10 file, or
+    None when they are not the plain layout (preamble, ``DICM``, (0002,0000) UL)."""
+    if len(head) < 144 or bytes(head[128:132]) != b"DICM":
         return None
+    group, element, vr, length = struct.unpack_from("<HH2sH", head, 132)
+    if (group, element, vr, length) != (0x0002, 0x0000, b"UL", 4):
+        return None
+    (group_length,) = struct.unpack_from("<L", head, 140)
+    return group_length if group_length <= 64 * 1024 else None
+
+
+def _file_meta_values(meta: bytes) -> tuple[str, str, str] | None:
+    """(SOP class, SOP instance, transfer syntax) from the File Meta elements."""
     values: dict[int, bytes] = {}
-    offset = 0
-    while offset < group_length:
-        if group_length - offset < 8:
+    offset, end = 0, len(meta)
+    while offset < end:
+        if end - offset < 8:
             return None
         group, element, vr = struct.unpack_from("<HH2s", meta, offset)
         if group != 0x0002:
             return None
         if vr in _META_LONG_VRS:
+            if end - offset < 12:
+                return None
             (length,) = struct.unpack_from("<L", meta, offset + 8)
             offset += 12
         else:
@@ -392,7 +391,31 @@ def read_file_meta(path: str | Path) -> tuple[str, str, str, int] | None:
         return None
     if not (sop_class and sop_instance and syntax):
         return None
-    return sop_class, sop_instance, syntax, 144 + group_length
+    return sop_class, sop_instance, syntax
+
+
+def parse_file_meta(data: bytes | bytearray | memoryview) -> tuple[str, str, str, int] | None:
+    """(SOP class, SOP instance, transfer syntax, offset of the data set) of a
+    Part-10 file held in memory, or None when it is not the plain layout."""
+    group_length = _file_meta_length(data)
+    if group_length is None or len(data) < 144 + group_length:
+        return None
+    values = _file_meta_values(bytes(data[144 : 144 + group_length]))
+    return None if values is None else (*values, 144 + group_length)
+
+
+def read_file_meta(path: str | Path) -> tuple[str, str, str, int] | None:
+    """:func:`parse_file_meta` of a file on disk, reading only its File Meta (None
+    when it is not the plain layout: then pydicom reads it)."""
+    with open(path, "rb") as handle:
+        group_length = _file_meta_length(handle.read(144))
+        if group_length is None:
+            return None
+        meta = handle.read(group_length)
+    if len(meta) != group_length:
+        return None
+    values = _file_meta_values(meta)
+    return None if values is None else (*values, 144 + group_length)
 
 
 #: Bytes of a file read and written per system call when sending it.

@@ -10,7 +10,6 @@ process, so a slow destination can never slow a modality down.
 from __future__ import annotations
 
 import errno
-import io
 import ipaddress
 import logging
 import os
@@ -37,7 +36,7 @@ from dicomrouter.store import (
     missing_identity,
     read_header,
 )
-from dicomrouter.store.header import install_no_value_validation
+from dicomrouter.store.header import install_no_value_validation, read_identity
 
 from .acceptor import AcceptorSettings, AssociationAcceptor, Peer, supported_contexts
 from .contexts import (
@@ -256,8 +255,10 @@ class Receiver:
                 log.error("refusing C-STORE: free disk below storage.min_free_space")
                 return OUT_OF_RESOURCES, "storage is full"
             try:
-                source = temp_path if content is None else io.BytesIO(content)
-                dataset = read_header(source, identity_only=True)
+                if content is None:
+                    dataset = read_header(temp_path, identity_only=True)
+                else:
+                    dataset = read_identity(content)
                 missing = missing_identity(dataset)
                 if missing:
                     log.warning(
