@@ -560,13 +560,16 @@ def test_sigterm_stops_promptly_while_destination_hangs(tmp_path: Path, peer: An
 # -- the dispatch process dies on its own ----------------------------------------------
 
 
-@pytest.mark.interop
-def test_a_killed_dispatch_process_is_restarted_and_delivers(tmp_path: Path, pacs) -> None:  # type: ignore[no-untyped-def]
-    config = {
+def _everything_to(pacs: Any) -> dict[str, Any]:
+    return {
         "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}},
         "routes": [{"name": "all", "trigger": "instance", "to": ["pacs"]}],
     }
-    with RouterProcess(tmp_path / "router", config) as router:
+
+
+@pytest.mark.interop
+def test_a_killed_dispatch_process_is_restarted_and_delivers(tmp_path: Path, pacs) -> None:  # type: ignore[no-untyped-def]
+    with RouterProcess(tmp_path / "router", _everything_to(pacs)) as router:
         assert router.process is not None
         wait_until(lambda: "dicomrouter ready" in router.log(), 60, message="dispatch started")
         started = re.findall(r"dispatch process started \(pid (\d+)\)", router.log())
@@ -596,11 +599,7 @@ def test_a_node_runs_two_children_and_numpy_only_where_pixels_are_decoded(
     """Nothing but the dispatch and HTTP children (no multiprocessing resource
     tracker), and numpy loaded only in the dispatch process, which may decompress;
     the node, which receives, and the HTTP process parse headers without it."""
-    config = {
-        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}},
-        "routes": [{"name": "all", "trigger": "instance", "to": ["pacs"]}],
-    }
-    with RouterProcess(tmp_path / "router", config) as router:
+    with RouterProcess(tmp_path / "router", _everything_to(pacs)) as router:
         assert router.process is not None
         wait_until(lambda: "dicomrouter ready" in router.log(), 60, message="ready")
         files = make_small_study(tmp_path / "in", 3)

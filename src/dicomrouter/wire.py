@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pydicom.uid import generate_uid
+from pynetdicom import pdu, pdu_primitives
 
 from dicomrouter import __version__
 
@@ -135,6 +136,27 @@ class SocketReader:
         if item_length < 2:
             raise ProtocolError(f"PDV item length {item_length} is below 2")
         return item_length - 2, context_id, control
+
+
+# -- A-ASSOCIATE-RQ/AC (variable items: pynetdicom's PDU classes) ----------------------
+
+
+def read_associate(
+    reader: SocketReader, pdu_type: int, length: int, limit: int
+) -> tuple[pdu.A_ASSOCIATE_RQ | pdu.A_ASSOCIATE_AC, pdu_primitives.A_ASSOCIATE]:
+    """The A-ASSOCIATE-RQ or -AC whose header (``pdu_type``, ``length``) was just
+    read, decoded by pynetdicom: (the PDU, its primitive). :class:`ProtocolError`
+    if it is longer than ``limit`` or cannot be decoded."""
+    name = "A-ASSOCIATE-RQ" if pdu_type == A_ASSOCIATE_RQ else "A-ASSOCIATE-AC"
+    if length > limit:
+        raise ProtocolError(f"{name} of {length} bytes")
+    body = reader.read(length)
+    decoded = pdu.A_ASSOCIATE_RQ() if pdu_type == A_ASSOCIATE_RQ else pdu.A_ASSOCIATE_AC()
+    try:
+        decoded.decode(bytes((pdu_type, 0)) + length.to_bytes(4, "big") + body)
+        return decoded, decoded.to_primitive()
+    except Exception as exc:
+        raise ProtocolError(f"undecodable {name}: {exc}") from exc
 
 
 # -- fixed PDUs ------------------------------------------------------------------------

@@ -397,15 +397,7 @@ def _read_associate_answer(
         raise AssociationLost("association aborted by peer during negotiation (A-ABORT)")
     if pdu_type != wire.A_ASSOCIATE_AC:
         raise wire.ProtocolError(f"expected A-ASSOCIATE-AC, got PDU type 0x{pdu_type:02X}")
-    if length > MAX_ASSOCIATE_AC:
-        raise wire.ProtocolError(f"A-ASSOCIATE-AC of {length} bytes")
-    body = reader.read(length)
-    answer = pdu.A_ASSOCIATE_AC()
-    try:
-        answer.decode(bytes((pdu_type, 0)) + length.to_bytes(4, "big") + body)
-        primitive = answer.to_primitive()
-    except Exception as exc:
-        raise wire.ProtocolError(f"undecodable A-ASSOCIATE-AC: {exc}") from exc
+    _answer, primitive = wire.read_associate(reader, pdu_type, length, MAX_ASSOCIATE_AC)
     by_id = {2 * index + 1: pair for index, pair in enumerate(proposed)}
     contexts: dict[tuple[str, str], int] = {}
     for result in primitive.presentation_context_definition_results_list:

@@ -417,15 +417,7 @@ class _Association:
                 f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}",
                 wire.REASON_UNEXPECTED_PDU,
             )
-        if length > MAX_ASSOCIATE_RQ:
-            raise wire.ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes")
-        body = self.reader.read(length)
-        request = pdu.A_ASSOCIATE_RQ()
-        try:
-            request.decode(bytes((pdu_type, 0)) + length.to_bytes(4, "big") + body)
-            primitive = request.to_primitive()
-        except Exception as exc:
-            raise wire.ProtocolError(f"undecodable A-ASSOCIATE-RQ: {exc}") from exc
+        request, primitive = wire.read_associate(self.reader, pdu_type, length, MAX_ASSOCIATE_RQ)
         calling = str(primitive.calling_ae_title).strip()
         called = str(primitive.called_ae_title).strip()
         self.peer = Peer(calling, called, self.host, self.port)
