@@ -15,11 +15,14 @@ import socket
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom.uid import generate_uid
-from pynetdicom import pdu, pdu_primitives
 
 from dicomrouter import __version__
+
+if TYPE_CHECKING:  # loaded on use: the HTTP process reads File Metas, never PDUs
+    from pynetdicom import pdu, pdu_primitives
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 #: Stable across versions: derived from the name under pydicom's UID root.
@@ -147,6 +150,8 @@ def read_associate(
     """The A-ASSOCIATE-RQ or -AC whose header (``pdu_type``, ``length``) was just
     read, decoded by pynetdicom: (the PDU, its primitive). :class:`ProtocolError`
     if it is longer than ``limit`` or cannot be decoded."""
+    from pynetdicom import pdu
+
     name = "A-ASSOCIATE-RQ" if pdu_type == A_ASSOCIATE_RQ else "A-ASSOCIATE-AC"
     if length > limit:
         raise ProtocolError(f"{name} of {length} bytes")
