@@ -10,6 +10,7 @@ transient, and never reuse an association the peer has given up.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -278,3 +279,43 @@ def test_sending_starts_no_threads(tmp_path: Path, raw_destination) -> None:  # 
     assert [r.outcome for r in results] == [Outcome.SUCCESS] * 3
     # The fake destination's own connection thread is the only one added meanwhile.
     assert counts == [before + 1] * 3
+
+
+@pytest.mark.parametrize(("limit", "largest"), [(0, 1024 * 1024), (16384, 16384 - 6)])
+def test_converted_data_sets_go_out_in_bounded_fragments(limit: int, largest: int) -> None:
+    """A data set we re-encoded (decompressed for a destination that refused the
+    stored syntax) is fragmented like a stored file: within the peer's limit, and in
+    1 MB fragments when the peer has none, so no PDU holds a whole large image."""
+    from dicomrouter.destinations.association import OutboundAssociation
+
+    ours, theirs = socket.socketpair()
+    association = OutboundAssociation(ours, {}, limit)
+    data = bytes(range(256)) * (10 * 1024 + 1)  # 2.5 MB
+    received: list[tuple[int, bytes]] = []
+
+    def read() -> None:
+        reader = wire.SocketReader(theirs)
+        with contextlib.suppress(wire.PeerClosed):
+            while True:
+                pdu_type, length = reader.pdu_header()
+                if pdu_type != wire.P_DATA_TF:  # the A-ABORT at the end
+                    reader.skip(length)
+                    received.append((-pdu_type, b""))
+                    continue
+                size, _context, control = reader.pdv_header()
+                value = bytearray()
+                reader.copy(size, value.extend)
+                received.append((control, bytes(value)))
+
+    reader_thread = threading.Thread(target=read)
+    reader_thread.start()
+    association._send_fragments(1, b"command", data)
+    association.abort()
+    reader_thread.join(10)
+    theirs.close()
+    (command, *fragments, abort) = received
+    assert command == (0x03, b"command")
+    assert b"".join(value for _control, value in fragments) == data
+    assert [control for control, _value in fragments] == [0] * (len(fragments) - 1) + [2]
+    assert max(len(value) for _control, value in fragments) == largest
+    assert abort == (-wire.A_ABORT, b"")

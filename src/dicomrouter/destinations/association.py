@@ -301,7 +301,8 @@ class OutboundAssociation:
     def _send_fragments(self, context_id: int, command: bytes, data: bytes) -> None:
         """The command, then ``data`` in P-DATA-TF PDUs within the peer's limit."""
         limit = self.peer_max_pdu
-        size = max(len(data), 1) if limit == 0 else limit - 6
+        # A peer without a limit still gets bounded fragments (as for stored files).
+        size = min(max(len(data), 1), wire.UNLIMITED_FRAGMENT) if limit == 0 else limit - 6
         self.sock.sendall(wire.p_data(context_id, 0x03, command))
         for start in range(0, max(len(data), 1), size):
             last = start + size >= len(data)
