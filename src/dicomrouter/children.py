@@ -89,9 +89,10 @@ class ChildProcess:
     def _wait_ready(self, ready: int) -> None:
         assert self.process is not None
         deadline = time.monotonic() + _START_TIMEOUT
+        poller = select.poll()  # not select(): a busy node may hold descriptors > 1024
+        poller.register(ready, select.POLLIN)
         while True:
-            readable, _, _ = select.select([ready], [], [], 0.2)
-            if readable:
+            if poller.poll(200):
                 if os.read(ready, 1):
                     return
                 # It closed its end without a word: it is exiting.
