@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, pdu, pdu_primitives
 from pynetdicom.presentation import PresentationContext
@@ -322,6 +323,46 @@ def test_pynetdicom_requestor_with_small_pdus_and_echo(acceptor, tmp_path: Path)
         assert stored.SOPInstanceUID == uid == dcmread(path).SOPInstanceUID
         assert stored.PixelData == dcmread(path).PixelData
     assert [peer.calling_ae for peer in service.established] == ["PYNETSCU"]
+
+
+PRIVATE_CLASS = "1.3.12.2.1107.5.9.1"  # Siemens CSA Non-Image Storage: not in DICOM
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"  # a standard class, not storage
+
+
+def _private_object(path: Path) -> Dataset:
+    dataset = dcmread(path)
+    dataset.SOPClassUID = PRIVATE_CLASS
+    dataset.file_meta.MediaStorageSOPClassUID = PRIVATE_CLASS
+    return dataset
+
+
+@pytest.mark.parametrize("accept", [True, False])
+def test_private_sop_classes_are_accepted_when_configured(
+    acceptor, tmp_path: Path, accept: bool
+) -> None:  # type: ignore[no-untyped-def]
+    """dcmtk storescu refuses to send a SOP class it does not know, so pynetdicom
+    plays the modality here. A private class is accepted in our transfer syntaxes
+    (and stored) when the settings say so; a standard non-storage class never is."""
+    server, service, _tmp = acceptor
+    syntaxes = tuple(ACCEPTED_TRANSFER_SYNTAXES) if accept else ()
+    server.test_settings["value"] = AcceptorSettings(
+        ae_title="DICOMROUTER", private_transfer_syntaxes=syntaxes
+    )
+    (source,) = make_small_study(tmp_path / "src", 1)
+    ae = AE(ae_title="PYNETSCU")
+    ae.add_requested_context(PRIVATE_CLASS, ExplicitVRLittleEndian)
+    ae.add_requested_context(PATIENT_ROOT_FIND, ImplicitVRLittleEndian)
+    ae.add_requested_context(CTImageStorage, ImplicitVRLittleEndian)
+    assoc = ae.associate(HOST, server.address[1], ae_title="DICOMROUTER")
+    assert assoc.is_established
+    accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+    expected = {PRIVATE_CLASS, CTImageStorage} if accept else {CTImageStorage}
+    assert accepted == expected
+    if accept:
+        assert assoc.send_c_store(_private_object(source)).Status == 0
+    assoc.release()
+    stored_classes = [sop_class for sop_class, _uid, _content in service.stored]
+    assert stored_classes == ([PRIVATE_CLASS] if accept else [])
 
 
 def test_dcmtk_echoscu_and_storescu(acceptor, tmp_path: Path) -> None:

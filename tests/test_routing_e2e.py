@@ -438,3 +438,34 @@ def test_check_rejects_a_typo_with_its_key_path(tmp_path: Path) -> None:
     text = " ".join(result.stderr.split())
     assert "destinations.research.retry.max_attempt" in text and "unknown key" in text, text
     assert "when.StudyDescription.contians" in text and "contains" in text, text
+
+
+def test_a_private_sop_class_is_stored_and_forwarded_as_is(tmp_path: Path, dcmtk: None) -> None:
+    """A vendor object whose SOP class is outside the DICOM root (here Siemens CSA
+    Non-Image) reaches a destination that takes it (dcmtk storescp -pm), unchanged.
+    dcmtk storescu will not send a SOP class it does not know, so pynetdicom does."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+
+    private = "1.3.12.2.1107.5.9.1"
+    (source,) = make_study(tmp_path / "src", 1)
+    dataset = dcmread(source)
+    dataset.SOPClassUID = private
+    dataset.file_meta.MediaStorageSOPClassUID = private
+    with StoreSCP(free_port(), "VENDOR", tmp_path / "vendor", extra_args=["-pm"]) as scp:
+        config = {
+            "destinations": {"vendor": {"ae_title": "VENDOR", "host": HOST, "port": scp.port}},
+            "routes": [{"name": "all", "trigger": "instance", "to": ["vendor"]}],
+        }
+        with RouterProcess(tmp_path / "router", config) as router:
+            ae = AE(ae_title="MODALITY")
+            ae.add_requested_context(private, ExplicitVRLittleEndian)
+            assoc = ae.associate(HOST, router.port, ae_title=router.ae_title)
+            assert assoc.is_established
+            assert assoc.send_c_store(dataset).Status == 0
+            assoc.release()
+            wait_until(lambda: len(scp.received_files()) == 1, 60, message="forwarded")
+        received = dcmread(scp.received_files()[0])
+    assert received.SOPClassUID == private
+    assert received.SOPInstanceUID == dataset.SOPInstanceUID
+    assert received.PixelData == dataset.PixelData

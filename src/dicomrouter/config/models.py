@@ -48,6 +48,13 @@ class DicomListenerConfig(_Model):
     max_pdu_size: int = Field(
         0, ge=0, description="Maximum PDU size we receive; 0 means unlimited (fastest)."
     )
+    accept_private_sop_classes: bool = Field(
+        True,
+        description="Also accept C-STORE of private SOP classes (UIDs outside the DICOM "
+        "root 1.2.840.10008, e.g. vendor raw data or CSA non-image objects), in the same "
+        "transfer syntaxes; they are stored and routed like any other. Standard SOP "
+        "classes of other services (query/retrieve, worklist...) are never accepted.",
+    )
     max_associations: int = Field(
         32, ge=1, description="Concurrent inbound associations before new ones are rejected."
     )

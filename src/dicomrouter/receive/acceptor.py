@@ -87,6 +87,8 @@ class AcceptorSettings:
     allowed_callers: frozenset[str] | None = None
     require_called_ae: bool = True
     max_pdu_size: int = 0
+    #: Transfer syntaxes in which private SOP classes are accepted; empty: refused.
+    private_transfer_syntaxes: tuple[str, ...] = ()
     max_associations: int = 32
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
@@ -156,6 +158,7 @@ class AssociationAcceptor:
         self.settings = settings
         self.service = service
         self.contexts = contexts
+        self.abstract_syntaxes = frozenset(str(c.abstract_syntax) for c in contexts)
         self.tmp_dir = tmp_dir
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
@@ -458,8 +461,9 @@ class _Association:
                 and item.sop_class_uid is not None
             ):
                 roles[item.sop_class_uid] = (item.scu_role, item.scp_role)
+        proposed = primitive.presentation_context_definition_list
         results, role_replies = negotiate_as_acceptor(
-            primitive.presentation_context_definition_list, self.acceptor.contexts, roles
+            proposed, self.acceptor.contexts + self._private_contexts(proposed), roles
         )
         for context in results:
             if context.result == 0x00 and context.context_id is not None:
@@ -476,6 +480,24 @@ class _Association:
         )
         self.acceptor.service.on_established(self.peer)
         return True
+
+    def _private_contexts(self, proposed: list[PresentationContext]) -> list[PresentationContext]:
+        """Contexts to accept for the private SOP classes among ``proposed`` (UIDs
+        outside the DICOM root), when the settings accept them."""
+        syntaxes = list(self.settings.private_transfer_syntaxes)
+        if not syntaxes:
+            return []
+        known = self.acceptor.abstract_syntaxes
+        extra: dict[str, PresentationContext] = {}
+        for context in proposed:
+            abstract = str(context.abstract_syntax or "")
+            if abstract in known or abstract in extra or not UID(abstract).is_private:
+                continue
+            try:
+                extra[abstract] = build_context(abstract, syntaxes)
+            except ValueError:  # not a valid UID: refused like any unknown class
+                continue
+        return list(extra.values())
 
     def _accept_pdu(
         self,

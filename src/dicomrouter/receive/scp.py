@@ -71,6 +71,9 @@ def _settings(config: RouterConfig) -> AcceptorSettings:
         allowed_callers=None if callers is None else frozenset(callers),
         require_called_ae=listener.require_called_ae,
         max_pdu_size=listener.max_pdu_size,
+        private_transfer_syntaxes=(
+            tuple(ACCEPTED_TRANSFER_SYNTAXES) if listener.accept_private_sop_classes else ()
+        ),
         max_associations=listener.max_associations,
         acse_timeout=listener.acse_timeout,
         dimse_timeout=listener.dimse_timeout,
