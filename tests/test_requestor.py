@@ -319,3 +319,21 @@ def test_converted_data_sets_go_out_in_bounded_fragments(limit: int, largest: in
     assert [control for control, _value in fragments] == [0] * (len(fragments) - 1) + [2]
     assert max(len(value) for _control, value in fragments) == largest
     assert abort == (-wire.A_ABORT, b"")
+
+
+@pytest.mark.timeout(30)  # a reuse check that waited for data would hang for dimse_timeout
+def test_a_live_kept_association_is_reused_at_once(tmp_path: Path, raw_destination) -> None:  # type: ignore[no-untyped-def]
+    def script(peer: Conversation) -> None:
+        peer.sock.sendall(_accept_pdu(peer.associate(), max_pdu=0))
+        for _ in range(2):
+            context, elements, _data = peer.message()
+            peer.respond(context, elements)
+        peer.expect_release()
+
+    destination = raw_destination(script)
+    batch = ct_batch(tmp_path / "s", 2)
+    sender = DicomSender(dest(destination.port, dimse_timeout=120), "ROUTER", keep_alive=30)
+    assert sender.send(batch[:1])[0].outcome is Outcome.SUCCESS
+    assert sender.send(batch[1:])[0].outcome is Outcome.SUCCESS
+    sender.close()
+    assert len(destination.conversations) == 1
