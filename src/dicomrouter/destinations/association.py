@@ -5,9 +5,10 @@ Why not pynetdicom's requestor: each of its associations runs a DUL thread and a
 reactor thread that poll the socket and each other every 0.2-1 ms, even while idle.
 Profiled in the dispatch process (1000 small instances to storescp), those two loops
 were about 45% of its CPU, CPU the receiver on the other core could not use; with a
-1 ms poll the sending slowed instead. The acceptor (:mod:`dicomrouter.receive.
-acceptor`) was replaced for the same reasons. What pynetdicom does well is kept:
-encoding the A-ASSOCIATE-RQ and decoding the A-ASSOCIATE-AC (``pynetdicom.pdu``).
+1 ms poll the sending slowed instead. The acceptor
+(:mod:`dicomrouter.receive.acceptor`) was replaced for the same reasons. What
+pynetdicom does well is kept: encoding the A-ASSOCIATE-RQ and decoding the
+A-ASSOCIATE-AC (``pynetdicom.pdu``).
 
 The rules of a requestor that sends C-STORE/C-ECHO (PS3.8 9 and its state table):
 
