@@ -452,17 +452,24 @@ def test_refused_source_address_is_closed_before_anything_is_read(acceptor) -> N
 # -- broken peers -----------------------------------------------------------------------------
 
 
-def _stored_then_broken(acceptor, tmp_path: Path, breaker) -> None:  # type: ignore[no-untyped-def]
-    """Send half an object, let ``breaker(peer)`` misbehave, and check nothing was
-    stored or left in tmp and that the association ended as aborted."""
-    server, service, tmp_dir = acceptor
+def _object_in_progress(server, tmp_dir: Path, tmp_path: Path, half: bool) -> RawPeer:  # type: ignore[no-untyped-def]
+    """A raw peer that has sent a C-STORE-RQ and part of its data set (half of it,
+    or the first 100 bytes), once the object's temporary file exists."""
     (source,) = make_small_study(tmp_path / "src", 1)
     uid, data = data_set_bytes(source)
     peer = RawPeer(server.address[1])
     peer.associate()
     peer.command(1, store_rq(uid))
-    peer.command(1, data[: len(data) // 2], control=0x00)
+    peer.command(1, data[: len(data) // 2 if half else 100], control=0x00)
     _wait(lambda: leftovers(tmp_dir) != [])  # the object is being received
+    return peer
+
+
+def _stored_then_broken(acceptor, tmp_path: Path, breaker) -> None:  # type: ignore[no-untyped-def]
+    """Send half an object, let ``breaker(peer)`` misbehave, and check nothing was
+    stored or left in tmp and that the association ended as aborted."""
+    server, service, tmp_dir = acceptor
+    peer = _object_in_progress(server, tmp_dir, tmp_path, half=True)
     breaker(peer)
     assert service.ended_event.wait(5)
     assert service.ended[0][1] is True
@@ -570,13 +577,7 @@ def test_operations_we_do_not_provide_get_a_status_not_an_abort(acceptor, tmp_pa
 
 def test_stop_cuts_open_associations_and_removes_partial_files(acceptor, tmp_path: Path) -> None:
     server, service, tmp_dir = acceptor
-    (source,) = make_small_study(tmp_path / "src", 1)
-    uid, data = data_set_bytes(source)
-    peer = RawPeer(server.address[1])
-    peer.associate()
-    peer.command(1, store_rq(uid))
-    peer.command(1, data[:100], control=0x00)
-    _wait(lambda: leftovers(tmp_dir) != [])
+    peer = _object_in_progress(server, tmp_dir, tmp_path, half=False)
     server.stop()
     assert leftovers(tmp_dir) == []
     assert service.ended[0][1] is True
