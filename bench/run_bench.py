@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -121,6 +122,27 @@ def wait_echo(
             return
         time.sleep(0.1)
     raise BenchError(f"{what} did not answer C-ECHO within {timeout:.0f}s")
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float, what: str) -> None:
+    """Poll an HTTP readiness probe until it answers 200; fail fast if ``proc`` exits.
+
+    Why not C-ECHO alone for the router: its receiver answers as soon as it listens,
+    while its dispatch and HTTP processes are still importing; a run started then
+    would time our startup (two Python imports competing for the CPU with the
+    transfer), not our routing. ``/readyz`` answers only once the HTTP process, the
+    last child started, is up, which the node starts after dispatch is ready.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{what} exited with code {proc.returncode} during startup")
+        # 503 (not ready) raises HTTPError, an OSError: keep polling
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+            if response.status == 200:
+                return
+        time.sleep(0.1)
+    raise BenchError(f"{what} was not ready ({url}) within {timeout:.0f}s")
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
@@ -269,13 +291,13 @@ def storescp(workdir: Path, name: str) -> Iterator[tuple[int, Path]]:
 @contextlib.contextmanager
 def router(workdir: Path, name: str, dest_port: int) -> Iterator[tuple[int, int]]:
     """A fresh ``python -m dicomrouter serve`` forwarding everything to ``dest_port``."""
-    port = free_port()
+    port, http_port = free_port(), free_port()
     storage = workdir / f"{name}-router-storage"
     shutil.rmtree(storage, ignore_errors=True)
     config = {
         "ae_title": ROUTER_AET,
         "dicom": {"port": port, "bind": "127.0.0.1"},
-        "http": {"port": free_port(), "bind": "127.0.0.1"},  # as shipped: HTTP runs too
+        "http": {"port": http_port, "bind": "127.0.0.1"},  # as shipped: HTTP runs too
         "storage": {"path": str(storage)},
         "destinations": {"dest": {"ae_title": DEST_AET, "host": "127.0.0.1", "port": dest_port}},
         "routes": [{"name": "all", "trigger": "instance", "to": ["dest"]}],
@@ -297,6 +319,7 @@ def router(workdir: Path, name: str, dest_port: int) -> Iterator[tuple[int, int]
     try:
         try:
             wait_echo(ROUTER_AET, port, proc, 30, "dicomrouter")
+            wait_ready(f"http://127.0.0.1:{http_port}/readyz", proc, 30, "dicomrouter")
         except BenchError as exc:
             tail = log_path.read_text(errors="replace").splitlines()[-5:]
             raise BenchError(f"{exc}: {' | '.join(tail)}") from exc
