@@ -263,8 +263,9 @@ class RssSampler:
 
 
 @contextlib.contextmanager
-def storescp(workdir: Path, name: str) -> Iterator[tuple[int, Path]]:
-    """A fresh destination ``storescp`` writing into an empty folder."""
+def storescp(workdir: Path, name: str, fork: bool = False) -> Iterator[tuple[int, Path]]:
+    """A fresh destination ``storescp`` writing into an empty folder; ``fork``: one
+    process per association (dcmtk's storescp otherwise serves one at a time)."""
     port = free_port()
     outdir = workdir / f"{name}-out"
     shutil.rmtree(outdir, ignore_errors=True)
@@ -272,7 +273,9 @@ def storescp(workdir: Path, name: str) -> Iterator[tuple[int, Path]]:
     log = open(workdir / f"{name}-storescp.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [dcmtk_tool("storescp"), "-aet", DEST_AET, "-od", str(outdir), "-dhl"]
-        + ["-ta", "30", "-td", "60", str(port)],
+        + ["-ta", "30", "-td", "60"]
+        + (["--fork"] if fork else [])
+        + [str(port)],
         env=_env(),
         stdin=subprocess.DEVNULL,
         stdout=log,
@@ -355,37 +358,43 @@ def router_unavailable() -> str | None:
 
 
 def send_and_wait(
-    called_aet: str, port: int, source: Path, outdir: Path, expected: int, timeout: float
+    called_aet: str, port: int, sources: list[Path], outdir: Path, expected: int, timeout: float
 ) -> float:
-    """Run storescu over ``source`` (one association) and time until ``outdir`` is full.
+    """Run one storescu per folder of ``sources`` (one association each, all at once,
+    as several modalities would) and time until ``outdir`` is full.
 
-    The end is the later of storescu's exit and the last file appearing at the final
-    destination, so for the direct leg it includes the last response, and for routed
-    legs the last forwarded file.
+    The end is the later of the last storescu's exit and the last file appearing at
+    the final destination, so for the direct leg it includes the last response, and
+    for routed legs the last forwarded file.
     """
     command = [dcmtk_tool("storescu"), "-aet", SCU_AET, "-aec", called_aet]
-    command += ["-to", "10", "-ta", "30", "-td", "60", "+sd", "+r"]
-    command += ["127.0.0.1", str(port), str(source)]
+    command += ["-to", "10", "-ta", "30", "-td", "60", "+sd", "+r", "127.0.0.1", str(port)]
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        command,
-        env=_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    procs = [
+        subprocess.Popen(
+            [*command, str(source)],
+            env=_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for source in sources
+    ]
     deadline = time.monotonic() + timeout
+    running = set(procs)
     exited_at: float | None = None
     full_at: float | None = None
     try:
         while True:
             now = time.perf_counter()
-            if exited_at is None and proc.poll() is not None:
-                exited_at = now
+            for proc in [p for p in running if p.poll() is not None]:
+                running.discard(proc)
                 if proc.returncode != 0:
                     output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
                     tail = " | ".join(output.strip().splitlines()[-3:])
                     raise BenchError(f"storescu exit code {proc.returncode}: {tail}")
+            if exited_at is None and not running:
+                exited_at = now
             if full_at is None and count_files(outdir) >= expected:
                 full_at = now
             if exited_at is not None and full_at is not None:
@@ -396,20 +405,25 @@ def send_and_wait(
                 )
             time.sleep(POLL_INTERVAL)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
-        if proc.stdout:
-            proc.stdout.close()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+            if proc.stdout:
+                proc.stdout.close()
 
 
-def run_direct(workdir: Path, source: Path, n: int, timeout: float) -> tuple[float, int | None]:
-    with storescp(workdir, "direct") as (dest_port, outdir):
-        return send_and_wait(DEST_AET, dest_port, source, outdir, n, timeout), None
+def run_direct(
+    workdir: Path, sources: list[Path], n: int, timeout: float
+) -> tuple[float, int | None]:
+    with storescp(workdir, "direct", fork=len(sources) > 1) as (dest_port, outdir):
+        return send_and_wait(DEST_AET, dest_port, sources, outdir, n, timeout), None
 
 
-def run_orthanc(workdir: Path, source: Path, n: int, timeout: float) -> tuple[float, int | None]:
-    with storescp(workdir, "orthanc") as (dest_port, outdir):
+def run_orthanc(
+    workdir: Path, sources: list[Path], n: int, timeout: float
+) -> tuple[float, int | None]:
+    with storescp(workdir, "orthanc", fork=len(sources) > 1) as (dest_port, outdir):
         peer_dir = workdir / "orthanc-peer"
         shutil.rmtree(peer_dir, ignore_errors=True)
         peer = Orthanc(
@@ -422,7 +436,7 @@ def run_orthanc(workdir: Path, source: Path, n: int, timeout: float) -> tuple[fl
             with peer:
                 with RssSampler(peer.pid) as rss:
                     seconds = send_and_wait(
-                        ORTHANC_AET, peer.dicom_port, source, outdir, n, timeout
+                        ORTHANC_AET, peer.dicom_port, sources, outdir, n, timeout
                     )
                 return seconds, rss.peak
         finally:
@@ -431,18 +445,18 @@ def run_orthanc(workdir: Path, source: Path, n: int, timeout: float) -> tuple[fl
 
 def run_router(
     workdir: Path,
-    source: Path,
+    sources: list[Path],
     n: int,
     timeout: float,
     memory: dict[str, int] | None = None,
 ) -> tuple[float, int | None]:
     """``memory``, when given, receives the peak PSS of the router's processes too."""
     with (
-        storescp(workdir, "router") as (dest_port, outdir),
+        storescp(workdir, "router", fork=len(sources) > 1) as (dest_port, outdir),
         router(workdir, "router", dest_port) as (port, pid),
         RssSampler(pid, pss=memory is not None) as rss,
     ):
-        seconds = send_and_wait(ROUTER_AET, port, source, outdir, n, timeout)
+        seconds = send_and_wait(ROUTER_AET, port, sources, outdir, n, timeout)
     if memory is not None:
         memory["peak_pss_bytes"] = rss.peak_pss
     return seconds, rss.peak
@@ -491,6 +505,20 @@ def timeout_for(instances: int, total_bytes: int, override: float | None) -> flo
     return override if override else 60.0 + instances / 10 + total_bytes / (2 * MB)
 
 
+def split(source: Path, senders: int) -> list[Path]:
+    """``source`` as ``senders`` folders of consecutive files (series stay together
+    as far as the split allows), for one storescu each."""
+    if senders <= 1:
+        return [source]
+    files = sorted(p for p in source.iterdir() if p.is_file())
+    parts = [source / f"sender-{k + 1}" for k in range(senders)]
+    for k, part in enumerate(parts):
+        part.mkdir()
+        for path in files[k * len(files) // senders : (k + 1) * len(files) // senders]:
+            path.rename(part / path.name)
+    return parts
+
+
 def bench_dataset(
     name: str,
     source: Path,
@@ -498,11 +526,13 @@ def bench_dataset(
     repeats: int,
     workdir: Path,
     timeout: float | None,
+    senders: int = 1,
 ) -> DatasetResult:
     """Run every available leg ``repeats`` times, interleaved, on one dataset."""
     n = sum(1 for p in source.iterdir() if p.is_file())
     total = folder_bytes(source)
-    result = DatasetResult(name, n, total)
+    sources = split(source, senders)
+    result = DatasetResult(name if senders == 1 else f"{name} ×{senders}", n, total)
     limit = timeout_for(n, total, timeout)
     for leg, unavailable in legs.items():
         result.legs[leg] = LegResult(
@@ -514,7 +544,7 @@ def bench_dataset(
                 continue
             os.sync()  # flush the previous run's writes so they do not bill this one
             try:
-                seconds, peak = RUNNERS[leg](workdir, source, n, limit)
+                seconds, peak = RUNNERS[leg](workdir, sources, n, limit)
             except BenchError as exc:
                 # One failed repeat does not void the others; the report shows both.
                 leg_result.failures.append(str(exc))
@@ -658,6 +688,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="direct,orthanc,router",
         help="comma-separated subset of: direct,orthanc,router",
     )
+    parser.add_argument(
+        "--senders",
+        type=int,
+        default=1,
+        help="concurrent storescu per run, each with its share of the dataset (default 1)",
+    )
     parser.add_argument("--json", type=Path, help="also write results as JSON here")
     parser.add_argument("--workdir", type=Path, help="scratch parent folder (default: /tmp)")
     parser.add_argument("--timeout", type=float, help="per-run timeout in seconds")
@@ -708,7 +744,9 @@ def main(argv: list[str] | None = None) -> int:
             if n <= 0:
                 continue
             source = generate(workdir / f"src-{name}", n, shape, name)
-            results.append(bench_dataset(name, source, legs, args.repeats, workdir, args.timeout))
+            results.append(
+                bench_dataset(name, source, legs, args.repeats, workdir, args.timeout, args.senders)
+            )
             shutil.rmtree(source, ignore_errors=True)
         if args.huge_gb > 0:
             huge = run_huge(args, legs.get("router", "router leg not selected"), workdir, results)
@@ -726,6 +764,7 @@ def main(argv: list[str] | None = None) -> int:
                 [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
             ),
             "repeats": args.repeats,
+            "senders": args.senders,
             "datasets": [
                 {**asdict(ds), "legs": {k: asdict(v) for k, v in ds.legs.items()}} for ds in results
             ],
@@ -775,7 +814,7 @@ def run_huge(
         os.sync()
         memory: dict[str, int] = {}
         seconds, peak = run_router(
-            workdir, source, n, timeout_for(n, total, args.timeout), memory=memory
+            workdir, [source], n, timeout_for(n, total, args.timeout), memory=memory
         )
     except BenchError as exc:
         report["status"] = f"failed: {exc}"
