@@ -1,0 +1,55 @@
+"""The benchmark script runs end to end on a tiny dataset, so a change to the router,
+to the test peers or to the script itself cannot leave ``bench/run_bench.py``
+broken until the next time someone measures. Speed is not asserted here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import run_bench  # noqa: E402
+
+
+def test_split_gives_each_sender_consecutive_files_and_loses_none(tmp_path: Path) -> None:
+    for k in range(10):
+        (tmp_path / f"IMG{k:02d}.dcm").write_bytes(b"x")
+    parts = run_bench.split(tmp_path, 3)
+    names = [sorted(p.name for p in part.iterdir()) for part in parts]
+    assert [len(n) for n in names] == [3, 3, 4]
+    assert sum(names, []) == [f"IMG{k:02d}.dcm" for k in range(10)]
+    assert run_bench.split(tmp_path, 1) == [tmp_path]
+
+
+def test_every_leg_runs_with_two_senders(tmp_path: Path, dcmtk: None, orthanc_bin: str) -> None:
+    report = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run_bench.py"), "--small", "12", "--large", "0"]
+        + ["--repeats", "1", "--senders", "2", "--workdir", str(tmp_path)]
+        + ["--json", str(report), "--timeout", "120"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    payload = json.loads(report.read_text())
+    assert payload["senders"] == 2
+    (dataset,) = payload["datasets"]
+    assert dataset["instances"] == 12
+    for leg in ("direct", "orthanc", "router"):
+        outcome = dataset["legs"][leg]
+        assert outcome["status"] == "ok", (leg, outcome)
+        assert len(outcome["seconds"]) == 1 and outcome["seconds"][0] > 0
+    ratios = payload["ratios"][dataset["name"]]
+    assert ratios["router/direct"] == pytest.approx(
+        dataset["legs"]["direct"]["median_s"] / dataset["legs"]["router"]["median_s"]
+    )
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith("dicomrouter-bench-")]
+    assert leftovers == []  # the scratch folder is removed
