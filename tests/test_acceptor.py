@@ -440,6 +440,25 @@ def test_protocol_version_and_association_limit(acceptor) -> None:
         peer.close()
 
 
+def test_a_released_association_frees_its_slot_before_the_peer_closes(acceptor) -> None:
+    """The acceptor waits up to a second for the peer to close after A-RELEASE-RP or
+    A-ASSOCIATE-RJ; meanwhile neither counts toward max_associations (2 here)."""
+    server, service, _tmp = acceptor
+    first, second = RawPeer(server.address[1]), RawPeer(server.address[1])
+    first.associate()
+    second.associate()
+    refused = RawPeer(server.address[1])
+    refused.send(associate_rq())
+    assert refused.receive()[0] == wire.A_ASSOCIATE_RJ  # and it stays connected
+    second.send(wire.release_rq())
+    assert second.receive()[0] == wire.A_RELEASE_RP  # and it stays connected too
+    third = RawPeer(server.address[1])
+    third.associate()  # within the ARTIM second of both lingering connections
+    assert len(service.rejected) == 1
+    for peer in (first, second, refused, third):
+        peer.close()
+
+
 def test_refused_source_address_is_closed_before_anything_is_read(acceptor) -> None:
     server, service, _tmp = acceptor
     service.allowed = False

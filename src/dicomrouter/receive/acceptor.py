@@ -450,8 +450,7 @@ class _Association:
                 why,
             )
             self.acceptor.service.on_rejected(self.peer, why)  # queues its audit row
-            self._send(wire.associate_rj(result, source, reason))
-            self._linger()
+            self._answer_and_linger(wire.associate_rj(result, source, reason))
             return False
 
         roles: dict[UID, tuple[bool | None, bool | None]] = {}
@@ -521,9 +520,16 @@ class _Association:
         primitive.user_information = [max_length, class_uid, version, *role_replies]
         return bytes(pdu.A_ASSOCIATE_AC(primitive).encode())
 
-    def _linger(self) -> None:
-        """After A-ASSOCIATE-RJ: give the peer a moment to read it and close first
-        (PS3.8 ARTIM), so the rejection is not lost to a connection reset."""
+    def _answer_and_linger(self, last_pdu: bytes) -> None:
+        """Send A-ASSOCIATE-RJ or A-RELEASE-RP, then give the peer a moment to read it
+        and close first (PS3.8 ARTIM), so the answer is not lost to a connection reset.
+
+        The association is over: its slot under ``max_associations`` is freed before
+        the answer, so a peer slow to close cannot hold one for the ARTIM second (a
+        modality that releases and at once opens its next association would be
+        refused)."""
+        self.acceptor._finished(self.key)
+        self._send(last_pdu)
         self.sock.settimeout(1.0)
         try:
             while self.sock.recv(4096):
@@ -585,8 +591,7 @@ class _Association:
                     raise wire.ProtocolError(
                         "A-RELEASE-RQ in the middle of a message", wire.REASON_UNEXPECTED_PDU
                     )
-                self._send(wire.release_rp())
-                self._linger()
+                self._answer_and_linger(wire.release_rp())
                 return True
             elif pdu_type == wire.A_ABORT:
                 reader.skip(min(length, 64))
