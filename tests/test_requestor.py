@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.uid import UID
 from pynetdicom import pdu, pdu_primitives
@@ -25,6 +26,7 @@ from pynetdicom.presentation import PresentationContext
 
 from dicomrouter import wire
 from dicomrouter.destinations import DestinationUnavailable, DicomSender, Outcome
+from dicomrouter.destinations.association import AssociationLost, OutboundAssociation, Timeouts
 from tests.test_destination_dicom import ct_batch, dest, without_meta
 
 HOST = "127.0.0.1"
@@ -337,3 +339,72 @@ def test_a_live_kept_association_is_reused_at_once(tmp_path: Path, raw_destinati
     assert sender.send(batch[1:])[0].outcome is Outcome.SUCCESS
     sender.close()
     assert len(destination.conversations) == 1
+
+
+def test_a_peer_that_stops_reading_costs_one_dimse_timeout_and_abort_never_waits(
+    tmp_path: Path, raw_destination
+) -> None:  # type: ignore[no-untyped-def]
+    """A destination that accepts, then never reads: the send times out after the
+    DIMSE timeout and the A-ABORT that follows must not wait for buffer space (it
+    used to, for a second DIMSE timeout); abort() from another thread returns at once."""
+    stalled = threading.Event()
+
+    def script(peer: Conversation) -> None:
+        request = peer.associate()
+        peer.sock.sendall(_accept_pdu(request, 0))
+        stalled.wait(15)  # reads nothing more
+
+    destination = raw_destination(script)
+    big = tmp_path / "big.dcm"
+    dataset = pydicom.dcmread(ct_batch(tmp_path / "one", 1)[0].path)
+    dataset.PixelData = bytes(32 * 1024 * 1024)  # far beyond the socket buffers
+    dataset.save_as(big, enforce_file_format=True)
+    timeouts = Timeouts(connect=5, acse=5, dimse=2.0)
+    meta = wire.read_file_meta(big)
+    assert meta is not None
+    assoc = OutboundAssociation.request(
+        HOST, destination.port, "ROUTER", "DEST", [(meta[0], meta[2])], timeouts
+    )
+    started = time.monotonic()
+    with pytest.raises(AssociationLost) as info:
+        assoc.store_file(big, 1)
+    took = time.monotonic() - started
+    assert info.value.timed_out
+    assert 1.9 < took < 3.5, took  # one DIMSE timeout, not two
+
+    again = OutboundAssociation.request(
+        HOST, destination.port, "ROUTER", "DEST", [(meta[0], meta[2])], timeouts
+    )
+    sender = threading.Thread(target=lambda: with_lost(lambda: again.store_file(big, 1)))
+    sender.start()
+    time.sleep(0.5)  # the sender is now blocked on the full buffer
+    started = time.monotonic()
+    again.abort()
+    assert time.monotonic() - started < 0.3
+    sender.join(5)
+    assert not sender.is_alive()  # the shutdown woke it
+    stalled.set()
+
+
+def with_lost(call: Callable[[], object]) -> None:
+    with contextlib.suppress(AssociationLost):
+        call()
+
+
+@pytest.mark.parametrize("result, source, reason", [(1, 1, 0), (1, 3, 0), (1, 1, 4)])
+def test_a_rejection_with_a_reserved_reason_is_still_a_rejection(
+    raw_destination, result: int, source: int, reason: int
+) -> None:  # type: ignore[no-untyped-def]
+    """PS3.8 reserves some reason values; a peer that sends one still rejected us,
+    permanently here: no ValueError from a decoder, no retry as if transient."""
+
+    def script(peer: Conversation) -> None:
+        peer.associate()
+        peer.sock.sendall(wire.associate_rj(result, source, reason))
+
+    destination = raw_destination(script)
+    with pytest.raises(DestinationUnavailable) as info:
+        DicomSender(dest(destination.port), "ROUTER").echo()
+    assert not info.value.transient
+    assert "rejected-permanent" in str(info.value)
+    assert f"reason {reason}" in str(info.value) or "reserved" in str(info.value)

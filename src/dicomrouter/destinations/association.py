@@ -54,15 +54,37 @@ class CannotConnect(Exception):
     """No TCP connection (refused, unreachable, or none within ``connect_timeout``)."""
 
 
+#: PS3.8 table 9-21: the A-ASSOCIATE-RJ source, and the reasons each source may give.
+_RJ_SOURCES = {
+    1: "Service User",
+    2: "Service Provider (ACSE)",
+    3: "Service Provider (Presentation)",
+}
+_RJ_REASONS = {
+    1: {
+        1: "No reason given",
+        2: "Application context name not supported",
+        3: "Calling AE title not recognised",
+        7: "Called AE title not recognised",
+    },
+    2: {1: "No reason given", 2: "Protocol version not supported"},
+    3: {1: "Temporary congestion", 2: "Local limit exceeded"},
+}
+
+
 class AssociationRejected(Exception):
-    """A-ASSOCIATE-RJ; ``permanent`` when its result says "rejected-permanent"."""
+    """A-ASSOCIATE-RJ; ``permanent`` unless its result says "rejected-transient".
+
+    Source and reason are named from our own copy of PS3.8's table, so a value the
+    standard reserves (which some peers send) is reported as such instead of
+    failing to decode; only result 2 is transient, as the standard defines it."""
 
     def __init__(self, result: int, source: int, reason: int):
-        primitive = pdu_primitives.A_ASSOCIATE()
-        primitive.result, primitive.result_source, primitive.diagnostic = result, source, reason
-        self.permanent = result == 0x01
+        self.permanent = result != 0x02
         self.kind = "rejected-permanent" if self.permanent else "rejected-transient"
-        self.detail = f"source {primitive.source_str}, reason {primitive.reason_str}"
+        source_name = _RJ_SOURCES.get(source, f"reserved source {source}")
+        reason_name = _RJ_REASONS.get(source, {}).get(reason, f"reserved reason {reason}")
+        self.detail = f"source {source_name}, reason {reason_name}"
         super().__init__(f"association {self.kind}: {self.detail}")
 
 
@@ -267,11 +289,19 @@ class OutboundAssociation:
         self._finish()
 
     def abort(self) -> None:
-        """A-ABORT (service user) and close; safe from another thread. Never raises."""
+        """A-ABORT (service user) and close; safe from another thread. Never raises,
+        never waits.
+
+        The A-ABORT goes out only if the send buffer has room for it at once: the
+        usual reason to abort is a peer that stopped reading, whose full buffer
+        would otherwise hold this call for the whole DIMSE timeout (and a send
+        that had just timed out for a second one). Either way the connection is
+        then shut down, which also wakes a ``recv`` blocked in another thread."""
         if not self._open:
             return
         with contextlib.suppress(OSError):
-            self.sock.sendall(wire.abort(wire.ABORT_SERVICE_USER))
+            self.sock.setblocking(False)
+            self.sock.send(wire.abort(wire.ABORT_SERVICE_USER))
         self._finish()
 
     def _finish(self) -> None:
