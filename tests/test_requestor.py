@@ -408,3 +408,26 @@ def test_a_rejection_with_a_reserved_reason_is_still_a_rejection(
     assert not info.value.transient
     assert "rejected-permanent" in str(info.value)
     assert f"reason {reason}" in str(info.value) or "reserved" in str(info.value)
+
+
+def test_an_undecodable_associate_answer_ends_the_association_cleanly(raw_destination) -> None:  # type: ignore[no-untyped-def]
+    """An A-ASSOCIATE-AC we cannot decode (here: 100 KB of zeros) is a lost
+    association, with the socket closed, not an exception of the decoder."""
+
+    def script(peer: Conversation) -> None:
+        peer.associate()
+        body = bytes(100_000)
+        peer.sock.sendall(struct.pack(">BBL", wire.A_ASSOCIATE_AC, 0, len(body)) + body)
+        with contextlib.suppress(OSError, wire.PeerClosed):
+            peer.reader.pdu_header()  # the A-ABORT, or the close
+
+    destination = raw_destination(script)
+    with pytest.raises(AssociationLost, match="unreadable A-ASSOCIATE-AC"):
+        OutboundAssociation.request(
+            HOST,
+            destination.port,
+            "ROUTER",
+            "DEST",
+            [("1.2.840.10008.1.1", "1.2.840.10008.1.2")],
+            Timeouts(connect=5, acse=5, dimse=5),
+        )

@@ -183,6 +183,9 @@ class OutboundAssociation:
         except AssociationLost:
             _close(sock)
             raise
+        except Exception as exc:  # an A-ASSOCIATE-AC our decoder cannot take
+            _abort_and_close(sock)
+            raise AssociationLost(f"unreadable A-ASSOCIATE-AC: {exc}") from exc
         association = cls(sock, contexts, max_pdu)
         association.reader = reader  # it may already hold bytes past the AC
         association._timeouts = timeouts
