@@ -459,6 +459,106 @@ def test_a_released_association_frees_its_slot_before_the_peer_closes(acceptor) 
         peer.close()
 
 
+def test_protocol_version_with_bit_0_set_is_accepted(acceptor) -> None:
+    """PS3.8 9.3.2: the acceptor tests only bit 0 of the protocol version."""
+    server, _service, _tmp = acceptor
+    request = bytearray(associate_rq())
+    request[6:8] = b"\x00\x03"
+    peer = RawPeer(server.address[1])
+    peer.send(bytes(request))
+    assert peer.receive()[0] == wire.A_ASSOCIATE_AC
+    peer.close()
+
+
+def test_idle_connections_do_not_take_association_slots(acceptor) -> None:
+    """Only established associations count toward max_associations (2 here): TCP
+    connections that never send an A-ASSOCIATE-RQ must not lock modalities out."""
+    server, service, _tmp = acceptor
+    idle = [socket.create_connection(server.address) for _ in range(3)]
+    time.sleep(0.2)  # all three accepted and waiting for their request
+    first, second = RawPeer(server.address[1]), RawPeer(server.address[1])
+    first.associate()
+    second.associate()
+    assert service.rejected == []
+    for sock in idle:
+        sock.close()
+    first.close()
+    second.close()
+
+
+def test_connections_waiting_to_associate_are_capped(acceptor, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Beyond PENDING_PER_ASSOCIATION x max_associations connections that have not
+    associated yet, new ones are closed at once (no thread each); established
+    associations and their slots are unaffected."""
+    from dicomrouter.receive import acceptor as acceptor_module
+
+    monkeypatch.setattr(acceptor_module, "PENDING_PER_ASSOCIATION", 1)  # cap: 2
+    server, _service, _tmp = acceptor
+    established = RawPeer(server.address[1])
+    established.associate()
+    idle = [RawPeer(server.address[1]) for _ in range(2)]
+    time.sleep(0.2)
+    extra = RawPeer(server.address[1])
+    assert extra.closed()  # the third connection waiting to associate
+    idle[0].close()
+    _wait(lambda: sum(1 for c in server._active.values() if not c.established) < 2)
+    late = RawPeer(server.address[1])
+    late.associate()  # room again, and a slot (2 allowed, 1 taken)
+    for peer in (established, *idle, extra, late):
+        peer.close()
+
+
+def test_an_association_request_trickled_byte_by_byte_is_cut_at_acse_timeout(acceptor) -> None:
+    """ARTIM bounds the whole request (acse_timeout is 2 s here), not each wait for
+    a byte: a peer sending one byte every 0.3 s is closed after ~2 s."""
+    server, _service, _tmp = acceptor
+    request = associate_rq()
+    peer = RawPeer(server.address[1])
+    started = time.monotonic()
+    closed_after = None
+    for byte in request[:-1]:
+        try:
+            peer.send(bytes([byte]))
+        except OSError:
+            closed_after = time.monotonic() - started
+            break
+        time.sleep(0.3)
+        if time.monotonic() - started > 6:
+            break
+    if closed_after is None:
+        assert peer.closed()
+        closed_after = time.monotonic() - started
+    assert 1.5 < closed_after < 4.5, closed_after
+    peer.close()
+
+
+def test_a_connection_that_cannot_get_a_thread_does_not_stop_the_listener(
+    acceptor, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Thread.start failing (out of threads) closes that one connection; the accept
+    loop goes on and the slot bookkeeping stays right."""
+    server, service, _tmp = acceptor
+    real_start = threading.Thread.start
+    failures = []
+
+    def start_once_failing(self: threading.Thread) -> None:
+        if self.name.startswith("assoc-") and not failures:
+            failures.append(self.name)
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start_once_failing)
+    unlucky = RawPeer(server.address[1])
+    assert unlucky.closed()
+    assert failures
+    first, second = RawPeer(server.address[1]), RawPeer(server.address[1])
+    first.associate()
+    second.associate()  # no stale entry holds one of the two slots
+    assert service.rejected == []
+    for peer in (unlucky, first, second):
+        peer.close()
+
+
 def test_refused_source_address_is_closed_before_anything_is_read(acceptor) -> None:
     server, service, _tmp = acceptor
     service.allowed = False

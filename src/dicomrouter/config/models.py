@@ -56,7 +56,12 @@ class DicomListenerConfig(_Model):
         "classes of other services (query/retrieve, worklist...) are never accepted.",
     )
     max_associations: int = Field(
-        32, ge=1, description="Concurrent inbound associations before new ones are rejected."
+        32,
+        ge=1,
+        description="Concurrent inbound associations before new ones are rejected "
+        "(A-ASSOCIATE-RJ, transient, local limit exceeded). Connections that have not "
+        "associated yet do not count; up to 4 times this many may be waiting at once "
+        "(further ones are closed), each for at most `acse_timeout`.",
     )
     acse_timeout: Duration = Field(
         30.0, description="Longest wait for the A-ASSOCIATE-RQ after a connection opens."

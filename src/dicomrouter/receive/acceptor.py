@@ -38,6 +38,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,8 @@ MAX_COMMAND = 64 * 1024
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 #: Objects up to this size are gathered in memory before they are written.
 IN_MEMORY_LIMIT = 1024 * 1024
+#: Connections still negotiating, per allowed association (see _room_to_negotiate).
+PENDING_PER_ASSOCIATION = 4
 
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
@@ -164,8 +167,10 @@ class AssociationAcceptor:
         self._accept_thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
-        self._active: dict[int, tuple[threading.Thread, socket.socket]] = {}
+        self._active: dict[int, _Connection] = {}
         self._next_id = 0
+        self._pending_refused = 0  # connections closed at the pending cap, not yet logged
+        self._pending_logged = 0.0
 
     @property
     def address(self) -> tuple[str, int]:
@@ -173,10 +178,18 @@ class AssociationAcceptor:
         host, port = self._listener.getsockname()[:2]
         return host, port
 
-    @property
-    def active_count(self) -> int:
+    def _admit(self, key: int, limit: int) -> bool:
+        """Count connection ``key`` as an established association, unless ``limit``
+        associations already are (atomic: two negotiations cannot both take the
+        last slot). Connections still negotiating do not count: an idle TCP
+        connection must not cost a modality its association."""
         with self._lock:
-            return len(self._active)
+            established = sum(1 for c in self._active.values() if c.established)
+            connection = self._active.get(key)
+            if connection is None or established >= limit:
+                return False
+            connection.established = True
+            return True
 
     def start(self, bind: str, port: int) -> None:
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
@@ -198,17 +211,15 @@ class AssociationAcceptor:
             self._listener.close()
         with self._lock:
             active = list(self._active.values())
-        for _thread, sock in active:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for thread, _sock in active:
-            thread.join(timeout)
+        for connection in active:
+            connection.cut()
+        for connection in active:
+            connection.thread.join(timeout)
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
         while not self._stopping.is_set():
+            self._enforce_artim()
             try:
                 sock, address = self._listener.accept()
             except TimeoutError:
@@ -229,20 +240,96 @@ class AssociationAcceptor:
             if not allowed:
                 sock.close()
                 continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
-                self._next_id += 1
-                key = self._next_id
-                association = _Association(self, sock, host, port, key)
-                thread = threading.Thread(
-                    target=association.run, name=f"assoc-{host}:{port}", daemon=True
+            if not self._room_to_negotiate(host):
+                sock.close()
+                continue
+            key = 0
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                with self._lock:
+                    self._next_id += 1
+                    key = self._next_id
+                    association = _Association(self, sock, host, port, key)
+                    thread = threading.Thread(
+                        target=association.run, name=f"assoc-{host}:{port}", daemon=True
+                    )
+                    self._active[key] = _Connection(thread, sock, time.monotonic())
+                thread.start()
+            except Exception as exc:  # e.g. "can't start new thread": keep accepting
+                log.error("cannot serve a DICOM connection from %s: %s", host, exc)
+                self._finished(key)
+                sock.close()
+                self._stopping.wait(0.1)
+
+    def _room_to_negotiate(self, host: str) -> bool:
+        """At most ``PENDING_PER_ASSOCIATION * max_associations`` connections may be
+        negotiating at once, on top of the established associations: a flood of idle
+        connections costs neither unbounded threads nor the modalities their
+        association slots (and each is cut after ``acse_timeout``)."""
+        limit = PENDING_PER_ASSOCIATION * self.settings().max_associations
+        with self._lock:
+            negotiating = sum(1 for c in self._active.values() if not c.established)
+            if negotiating < limit:
+                return True
+            self._pending_refused += 1
+            now = time.monotonic()
+            if now - self._pending_logged < 60:
+                return False
+            refused, self._pending_refused, self._pending_logged = self._pending_refused, 0, now
+        log.warning(
+            "closed %d DICOM connection(s), latest from %s: %d connections are already "
+            "waiting to associate (limit: %d x dicom.max_associations)",
+            refused,
+            host,
+            negotiating,
+            PENDING_PER_ASSOCIATION,
+        )
+        return False
+
+    def _enforce_artim(self) -> None:
+        """Cut connections that have not completed association negotiation within
+        ``acse_timeout`` (PS3.8 ARTIM). The socket's own timeout bounds each wait for
+        bytes; this bounds the whole request, which a peer trickling one byte at a
+        time would otherwise stretch forever. Checked every accept-loop turn (0.5 s)."""
+        limit = self.settings().acse_timeout
+        if not limit:
+            return
+        cutoff = time.monotonic() - limit
+        with self._lock:
+            late = [c for c in self._active.values() if not c.established and c.started < cutoff]
+        for connection in late:
+            if connection.cut():
+                log.warning(
+                    "closed a DICOM connection: no association within %gs (acse_timeout)",
+                    limit,
                 )
-                self._active[key] = (thread, sock)
-            thread.start()
 
     def _finished(self, key: int) -> None:
         with self._lock:
             self._active.pop(key, None)
+
+
+@dataclass
+class _Connection:
+    """A connection being served: its thread and socket; ``established`` once its
+    association was accepted (only those count toward ``max_associations``)."""
+
+    thread: threading.Thread
+    sock: socket.socket
+    started: float
+    established: bool = False
+    _cut: bool = False
+
+    def cut(self) -> bool:
+        """Shut the socket down (its thread's ``recv`` then ends); True the first time."""
+        if self._cut:
+            return False
+        self._cut = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        return True
 
 
 class _Incoming:
@@ -426,7 +513,7 @@ class _Association:
         self.peer = Peer(calling, called, self.host, self.port)
 
         rejection: tuple[tuple[int, int, int], str] | None = None
-        if request.protocol_version != 0x0001:
+        if not request.protocol_version & 0x0001:  # PS3.8 9.3.2: only bit 0 is tested
             rejection = REJECT_PROTOCOL_VERSION, "unsupported protocol version"
         elif str(primitive.application_context_name) != APPLICATION_CONTEXT:
             rejection = REJECT_CONTEXT_NAME, "unsupported application context"
@@ -437,7 +524,7 @@ class _Association:
                 REJECT_CALLED_AE,
                 f"called AE title {called!r} is not {settings.ae_title!r}",
             )
-        elif self.acceptor.active_count > settings.max_associations:
+        elif not self.acceptor._admit(self.key, settings.max_associations):
             rejection = REJECT_LIMIT, "dicom.max_associations reached"
         if rejection is not None:
             (result, source, reason), why = rejection
@@ -530,10 +617,12 @@ class _Association:
         refused)."""
         self.acceptor._finished(self.key)
         self._send(last_pdu)
-        self.sock.settimeout(1.0)
+        deadline = time.monotonic() + 1.0  # for the whole wait: not per byte received
         try:
-            while self.sock.recv(4096):
-                pass
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                if not self.sock.recv(4096):
+                    break
         except OSError:
             pass
 
