@@ -81,7 +81,9 @@ class Conversation:
             while remaining:
                 size, context, control = self.reader.pdv_header()
                 remaining -= size + 6
-                yield context, control, self.reader.read(size)
+                value = bytearray()
+                self.reader.copy(size, value.extend)  # read() is for what fits its buffer
+                yield context, control, bytes(value)
 
     def message(self) -> tuple[int, dict[int, bytes], bytes]:
         """The next DIMSE message: (context ID, command elements, data set bytes)."""
@@ -431,3 +433,38 @@ def test_an_undecodable_associate_answer_ends_the_association_cleanly(raw_destin
             [("1.2.840.10008.1.1", "1.2.840.10008.1.2")],
             Timeouts(connect=5, acse=5, dimse=5),
         )
+
+
+@pytest.mark.parametrize(
+    ("limit", "largest"),
+    [
+        (512, 512),  # 500+ PDVs per 256 KB block: more buffers than one sendmsg takes
+        (100, 100),  # smaller than the C-STORE-RQ command set: it is fragmented too
+        (0x7FFFFFFF, wire.UNLIMITED_FRAGMENT + 6),  # "any size": still bounded fragments
+    ],
+)
+def test_odd_peer_limits_are_respected_and_the_message_arrives_whole(
+    tmp_path: Path, raw_destination, limit: int, largest: int
+) -> None:  # type: ignore[no-untyped-def]
+    received: list[tuple[dict[int, bytes], bytes]] = []
+
+    def script(peer: Conversation) -> None:
+        peer.sock.sendall(_accept_pdu(peer.associate(), max_pdu=limit))
+        context, elements, data = peer.message()
+        received.append((elements, data))
+        peer.respond(context, elements)
+        peer.expect_release()
+
+    destination = raw_destination(script)
+    source = ct_batch(tmp_path / "s", 1)[0]
+    dataset = pydicom.dcmread(source.path)
+    dataset.PixelData = bytes(range(256)) * 8 * 1024  # 2 MB: several blocks and fragments
+    dataset.Rows, dataset.Columns = 1024, 1024
+    dataset.save_as(source.path, enforce_file_format=True)
+    results = DicomSender(dest(destination.port), "ROUTER").send([source])
+    assert [r.outcome for r in results] == [Outcome.SUCCESS], results
+    ((elements, data),) = received
+    assert wire.text(elements[wire.AFFECTED_SOP_INSTANCE]) == source.sop_instance_uid
+    assert data == without_meta(source.path)
+    (peer,) = destination.conversations
+    assert max(peer.pdu_lengths) == largest

@@ -449,6 +449,34 @@ def read_file_meta(path: str | Path) -> tuple[str, str, str, int] | None:
 SEND_BLOCK = 256 * 1024
 #: Fragment size when the peer accepts PDUs of any length (bounded, so memory is).
 UNLIMITED_FRAGMENT = 1024 * 1024
+#: PDVs per ``sendmsg``: two buffers each, under Linux's IOV_MAX of 1024.
+MAX_PDVS_PER_SEND = 500
+
+
+def fragment_size(limit: int, length: int) -> int:
+    """Value bytes per PDV for a peer whose maximum PDU length is ``limit`` (0: no
+    limit), sending ``length`` bytes: within the limit (a PDV header is 6 bytes of
+    it), and never above ``UNLIMITED_FRAGMENT`` so that memory stays bounded even
+    for a peer that announces a limit of gigabytes."""
+    if limit == 0:
+        return min(max(length, 1), UNLIMITED_FRAGMENT)
+    return max(1, min(limit - 6, UNLIMITED_FRAGMENT))
+
+
+def command_pdus(context_id: int, command: bytes, limit: int) -> bytes:
+    """A command set as P-DATA-TF PDUs within the peer's ``limit``: one PDU unless
+    the peer's limit is smaller than the command (a few hundred bytes)."""
+    size = fragment_size(limit, len(command))
+    if len(command) <= size:
+        return p_data(context_id, CONTROL_COMMAND | CONTROL_LAST, command)
+    return b"".join(
+        p_data(
+            context_id,
+            CONTROL_COMMAND | (CONTROL_LAST if start + size >= len(command) else 0),
+            command[start : start + size],
+        )
+        for start in range(0, len(command), size)
+    )
 
 
 def send_file_message(
@@ -462,11 +490,11 @@ def send_file_message(
     limit a 525 KB image is ~17 system calls instead of ~66, and nothing is copied
     into a PDU first.
     """
-    buffers: list[bytes | memoryview] = [p_data(context_id, 0x03, command)]
+    buffers: list[bytes | memoryview] = [command_pdus(context_id, command, limit)]
     with open(path, "rb", buffering=0) as handle:
         length = handle.seek(0, 2) - handle.seek(offset)
-        size = min(max(length, 1), UNLIMITED_FRAGMENT) if limit == 0 else limit - 6
-        per_block = max(1, SEND_BLOCK // size)
+        size = fragment_size(limit, length)
+        per_block = max(1, min(SEND_BLOCK // size, MAX_PDVS_PER_SEND))
         remaining = length
         while True:
             block = handle.read(min(per_block * size, remaining))

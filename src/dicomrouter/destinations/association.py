@@ -265,7 +265,7 @@ class OutboundAssociation:
         self.sock.settimeout(self._timeouts.dimse or None)
         command = wire.encode_request(wire.C_ECHO_RQ, message_id, VERIFICATION)
         try:
-            self.sock.sendall(wire.p_data(context_id, 0x03, command))
+            self.sock.sendall(wire.command_pdus(context_id, command, self.peer_max_pdu))
         except OSError as exc:
             self._lost_while_sending(exc)
         return self._response(_C_ECHO_RSP, message_id)
@@ -334,10 +334,9 @@ class OutboundAssociation:
 
     def _send_fragments(self, context_id: int, command: bytes, data: bytes) -> None:
         """The command, then ``data`` in P-DATA-TF PDUs within the peer's limit."""
-        limit = self.peer_max_pdu
         # A peer without a limit still gets bounded fragments (as for stored files).
-        size = min(max(len(data), 1), wire.UNLIMITED_FRAGMENT) if limit == 0 else limit - 6
-        self.sock.sendall(wire.p_data(context_id, 0x03, command))
+        size = wire.fragment_size(self.peer_max_pdu, len(data))
+        self.sock.sendall(wire.command_pdus(context_id, command, self.peer_max_pdu))
         for start in range(0, max(len(data), 1), size):
             last = start + size >= len(data)
             piece = data[start : start + size]
