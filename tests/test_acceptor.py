@@ -20,7 +20,13 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+)
 from pynetdicom import AE, pdu, pdu_primitives
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -126,7 +132,7 @@ def acceptor(tmp_path: Path):
 def associate_rq(
     calling: str = "RAWSCU",
     called: str = "DICOMROUTER",
-    contexts: list[tuple[int, str, str]] | None = None,
+    contexts: list[tuple[int, str, str | list[str]]] | None = None,
     max_pdu: int = 16382,
 ) -> bytes:
     primitive = pdu_primitives.A_ASSOCIATE()
@@ -138,7 +144,7 @@ def associate_rq(
         context = PresentationContext()
         context.context_id = context_id
         context.abstract_syntax = abstract
-        context.transfer_syntax = [transfer]
+        context.transfer_syntax = [transfer] if isinstance(transfer, str) else transfer
         items.append(context)
     primitive.presentation_context_definition_list = items
     max_length = pdu_primitives.MaximumLengthNotification()
@@ -467,6 +473,27 @@ def test_protocol_version_with_bit_0_set_is_accepted(acceptor) -> None:
     peer = RawPeer(server.address[1])
     peer.send(bytes(request))
     assert peer.receive()[0] == wire.A_ASSOCIATE_AC
+    peer.close()
+
+
+def test_the_requestors_preferred_transfer_syntax_is_accepted(acceptor) -> None:
+    """Several transfer syntaxes in one context: the first of the requestor's that we
+    accept, not the first of our list (which starts uncompressed)."""
+    server, _service, _tmp = acceptor
+    mpeg2 = "1.2.840.10008.1.2.4.100"  # not accepted by us
+    offers: list[list[str]] = [
+        [JPEG2000Lossless, ExplicitVRLittleEndian, ImplicitVRLittleEndian],
+        [ImplicitVRLittleEndian, ExplicitVRLittleEndian],
+        [mpeg2, JPEGLosslessSV1, ExplicitVRLittleEndian],
+    ]
+    contexts = [(2 * k + 1, CTImageStorage, offer) for k, offer in enumerate(offers)]
+    peer = RawPeer(server.address[1])
+    accepted = peer.associate(contexts=contexts)
+    assert accepted == {
+        1: (0, JPEG2000Lossless),
+        3: (0, ImplicitVRLittleEndian),
+        5: (0, JPEGLosslessSV1),
+    }
     peer.close()
 
 

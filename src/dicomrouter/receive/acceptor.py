@@ -16,10 +16,13 @@ negotiation (``pynetdicom.presentation.negotiate_as_acceptor``).
 
 The protocol rules that apply to an SCP (PS3.8 9 and the state table, PS3.7 9.1):
 
-- the first PDU must be an A-ASSOCIATE-RQ, within ``acse_timeout``;
-- protocol version 1 and the DICOM application context, or A-ASSOCIATE-RJ;
-- calling AE allow-list, called AE, association limit: A-ASSOCIATE-RJ with the
-  standard result/source/reason, and the application is told why;
+- the first PDU must be an A-ASSOCIATE-RQ, complete within ``acse_timeout`` of
+  the connection (ARTIM, enforced by the accept loop);
+- protocol version bit 0 and the DICOM application context, or A-ASSOCIATE-RJ;
+- calling AE allow-list, called AE, association limit (established associations
+  only): A-ASSOCIATE-RJ with the standard result/source/reason, and the application
+  is told why;
+- in each accepted context, the requestor's first transfer syntax that we accept;
 - then P-DATA-TF carrying command and data set fragments on accepted contexts only;
   anything else (unknown context, data set without a command, a PDU type out of
   place, a broken length) is answered with A-ABORT;
@@ -162,6 +165,9 @@ class AssociationAcceptor:
         self.service = service
         self.contexts = contexts
         self.abstract_syntaxes = frozenset(str(c.abstract_syntax) for c in contexts)
+        self.syntaxes_by_class = {
+            str(c.abstract_syntax): frozenset(str(ts) for ts in c.transfer_syntax) for c in contexts
+        }
         self.tmp_dir = tmp_dir
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
@@ -551,6 +557,7 @@ class _Association:
         results, role_replies = negotiate_as_acceptor(
             proposed, self.acceptor.contexts + self._private_contexts(proposed), roles
         )
+        self._prefer_requestors_syntaxes(proposed, results)
         for context in results:
             if context.result == 0x00 and context.context_id is not None:
                 self.contexts[context.context_id] = (
@@ -566,6 +573,25 @@ class _Association:
         )
         self.acceptor.service.on_established(self.peer)
         return True
+
+    def _prefer_requestors_syntaxes(
+        self, proposed: list[PresentationContext], results: list[PresentationContext]
+    ) -> None:
+        """In each accepted context, the first transfer syntax *the requestor* listed
+        that we accept. pynetdicom picks by our list's order (uncompressed first), so
+        a modality offering [JPEG Lossless, Explicit VR LE] in one context would be
+        made to decompress: more bytes on the wire, on disk and to every destination,
+        and not the object as the modality meant to send it."""
+        requested = {c.context_id: c.transfer_syntax for c in proposed}
+        private = frozenset(self.settings.private_transfer_syntaxes)
+        for context in results:
+            if context.result != 0x00:
+                continue
+            ours = self.acceptor.syntaxes_by_class.get(str(context.abstract_syntax), private)
+            for syntax in requested.get(context.context_id, []):
+                if str(syntax) in ours:
+                    context.transfer_syntax = [syntax]
+                    break
 
     def _private_contexts(self, proposed: list[PresentationContext]) -> list[PresentationContext]:
         """Contexts to accept for the private SOP classes among ``proposed`` (UIDs
