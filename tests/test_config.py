@@ -131,6 +131,43 @@ def test_routing_loop_is_refused() -> None:
     assert "destinations.me: routing loop" in error
 
 
+def _own_non_loopback_address() -> str:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))  # no packet sent: picks the outgoing interface
+        address = probe.getsockname()[0]
+    if address.startswith("127."):
+        pytest.fail("this machine has no non-loopback IPv4 address to test with")
+    return str(address)
+
+
+def test_a_loop_through_one_of_our_interface_addresses_is_refused() -> None:
+    me = _own_non_loopback_address()
+    data = {
+        "ae_title": "ROUTER",
+        "dicom": {"port": 11112},
+        "destinations": {"me": {"ae_title": "ROUTER", "host": me, "port": 11112}},
+    }
+    (error,) = errors_of(data)
+    assert "destinations.me: routing loop" in error
+    # Another machine's address (TEST-NET-1, never assigned) is no loop.
+    data["destinations"]["me"]["host"] = "192.0.2.77"
+    parse_config(data, environ={})  # loads
+
+
+def test_without_the_called_ae_check_any_ae_title_at_our_port_is_a_loop() -> None:
+    data = {
+        "ae_title": "ROUTER",
+        "dicom": {"port": 11112, "require_called_ae": False},
+        "destinations": {"me": {"ae_title": "ANYTHING", "host": "127.0.0.1", "port": 11112}},
+    }
+    (error,) = errors_of(data)
+    assert "destinations.me: routing loop" in error
+    data["dicom"]["require_called_ae"] = True  # ANYTHING is then refused by us: no loop
+    parse_config(data, environ={})  # loads
+
+
 def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("dicom:\n  port: [1, 2\nstorage: {}\n")
