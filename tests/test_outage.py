@@ -58,8 +58,12 @@ def failed_probes(router: RouterProcess, destination: str) -> int:
 
 def test_outage_pauses_keeps_jobs_pending_and_resumes_at_once(tmp_path: Path, dcmtk: None) -> None:
     port = free_port()  # nobody listens here until the destination "comes back"
+    # A 10-minute retry backoff: an outage must not push jobs out by it (a connection
+    # failure waits at most probe_interval), so delivery follows the return within
+    # seconds. (The probe's wake of jobs backed off for other reasons: test_queue.)
+    slow_retries = {"initial_delay": "10m", "max_delay": "30m", "max_attempts": 3}
     config = {
-        "destinations": {"down": down_destination(port)},
+        "destinations": {"down": {**down_destination(port), "retry": slow_retries}},
         "routes": [{"name": "all", "trigger": "instance", "to": ["down"]}],
     }
     files = make_study(tmp_path / "in", 20)

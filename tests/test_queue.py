@@ -560,3 +560,29 @@ def test_give_up_waits_for_the_outage_not_the_job_age(tmp_path: Path) -> None:
     health.unreachable = True
     DestinationWorker._give_up_if_due(fake)  # type: ignore[arg-type]
     assert len(calls) == 1 and abs(calls[0] - (time.time() - 3600)) < 5
+
+
+def test_a_successful_probe_pulls_backed_off_jobs_forward(tmp_path: Path) -> None:
+    """Jobs waiting out a long backoff (e.g. after 0xA700 from the destination) are
+    due at once when a probe of the paused destination succeeds, not in 10 minutes."""
+    from types import SimpleNamespace
+
+    from dicomrouter.dispatch.worker import DestinationWorker
+
+    p = Pipeline(tmp_path, {"destinations": {"pacs": DEST}, "routes": [route()]})
+    p.receive(make_study(tmp_path / "in", 2))
+    p.plan()
+    with p.engine.begin() as conn:
+        conn.execute(jobs.update().values(next_attempt_at=time.time() + 600))
+    resumed: list[bool] = []
+    fake = SimpleNamespace(
+        dest=p.config.destinations["pacs"],
+        dest_name="pacs",
+        sender=SimpleNamespace(echo=lambda: None),  # the destination answers
+        health=SimpleNamespace(resume=lambda: resumed.append(True)),
+        jobs=p.jobs,
+    )
+    DestinationWorker._probe(fake)  # type: ignore[arg-type]
+    assert resumed == [True]
+    due = [job["next_attempt_at"] for job in p.job_list()]
+    assert due and all(at <= time.time() for at in due), due
