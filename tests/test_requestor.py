@@ -343,12 +343,12 @@ def test_a_live_kept_association_is_reused_at_once(tmp_path: Path, raw_destinati
     assert len(destination.conversations) == 1
 
 
-def test_a_peer_that_stops_reading_costs_one_dimse_timeout_and_abort_never_waits(
+def test_a_peer_that_stops_reading_costs_one_network_timeout_and_abort_never_waits(
     tmp_path: Path, raw_destination
 ) -> None:  # type: ignore[no-untyped-def]
     """A destination that accepts, then never reads: the send times out after the
-    DIMSE timeout and the A-ABORT that follows must not wait for buffer space (it
-    used to, for a second DIMSE timeout); abort() from another thread returns at once."""
+    network timeout and the A-ABORT that follows must not wait for buffer space (it
+    used to, for a second timeout); abort() from another thread returns at once."""
     stalled = threading.Event()
 
     def script(peer: Conversation) -> None:
@@ -361,7 +361,7 @@ def test_a_peer_that_stops_reading_costs_one_dimse_timeout_and_abort_never_waits
     dataset = pydicom.dcmread(ct_batch(tmp_path / "one", 1)[0].path)
     dataset.PixelData = bytes(32 * 1024 * 1024)  # far beyond the socket buffers
     dataset.save_as(big, enforce_file_format=True)
-    timeouts = Timeouts(connect=5, acse=5, dimse=2.0)
+    timeouts = Timeouts(connect=5, acse=5, dimse=30.0, network=2.0)  # a send stall
     meta = wire.read_file_meta(big)
     assert meta is not None
     assoc = OutboundAssociation.request(
@@ -372,7 +372,7 @@ def test_a_peer_that_stops_reading_costs_one_dimse_timeout_and_abort_never_waits
         assoc.store_file(big, 1)
     took = time.monotonic() - started
     assert info.value.timed_out
-    assert 1.9 < took < 3.5, took  # one DIMSE timeout, not two
+    assert 1.9 < took < 3.5, took  # one network timeout, not two, and not the DIMSE one
 
     again = OutboundAssociation.request(
         HOST, destination.port, "ROUTER", "DEST", [(meta[0], meta[2])], timeouts
@@ -468,3 +468,14 @@ def test_odd_peer_limits_are_respected_and_the_message_arrives_whole(
     assert data == without_meta(source.path)
     (peer,) = destination.conversations
     assert max(peer.pdu_lengths) == largest
+
+
+def test_a_destinations_timeouts_reach_its_associations() -> None:
+    sender = DicomSender(
+        dest(
+            4242, connect_timeout="3s", acse_timeout="4s", dimse_timeout="5s", network_timeout="6s"
+        ),
+        "ROUTER",
+    )
+    assert sender.timeouts == Timeouts(connect=3.0, acse=4.0, dimse=5.0, network=6.0)
+    assert sender.timeouts.send == 6.0

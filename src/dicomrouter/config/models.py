@@ -150,7 +150,11 @@ class DicomDestinationConfig(_Model):
     connect_timeout: Duration = Field(10.0, description="TCP connect timeout.")
     acse_timeout: Duration = Field(30.0, description="Association negotiation timeout.")
     dimse_timeout: Duration = Field(120.0, description="Timeout for each C-STORE response.")
-    network_timeout: Duration = Field(120.0, description="Idle network timeout.")
+    network_timeout: Duration = Field(
+        120.0,
+        description="Longest a send may stall because the destination stopped reading "
+        "(its TCP window stays closed); then A-ABORT, and the instance is retried.",
+    )
     pause_after_failures: int = Field(
         3,
         ge=1,

@@ -99,11 +99,20 @@ class AssociationLost(Exception):
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Seconds; 0 or None waits forever (as pynetdicom's ``None``)."""
+    """Seconds; 0 or None waits forever (as pynetdicom's ``None``).
+
+    ``dimse`` bounds the wait for a response, ``network`` a send that cannot make
+    progress because the peer stopped reading (its TCP window stays closed); without
+    ``network``, sends are bounded by ``dimse`` too."""
 
     connect: float | None
     acse: float | None
     dimse: float | None
+    network: float | None = None
+
+    @property
+    def send(self) -> float | None:
+        return self.network or self.dimse
 
 
 @dataclass(frozen=True)
@@ -229,7 +238,7 @@ class OutboundAssociation:
             wire.C_STORE_RQ, message_id, sop_class, sop_instance, with_data_set=True
         )
         self._require_open()
-        self.sock.settimeout(self._timeouts.dimse or None)
+        self.sock.settimeout(self._timeouts.send or None)
         try:
             wire.send_file_message(self.sock, context_id, command, path, offset, self.peer_max_pdu)
         except OSError as exc:  # the peer, or the file changing mid-send: message broken
@@ -247,7 +256,7 @@ class OutboundAssociation:
             wire.C_STORE_RQ, message_id, sop_class, sop_instance, with_data_set=True
         )
         self._require_open()
-        self.sock.settimeout(self._timeouts.dimse or None)
+        self.sock.settimeout(self._timeouts.send or None)
         try:
             self._send_fragments(context_id, command, data_set)
         except OSError as exc:
@@ -262,7 +271,7 @@ class OutboundAssociation:
         if context_id is None:
             raise ValueError("the Verification SOP Class was not accepted")
         self._require_open()
-        self.sock.settimeout(self._timeouts.dimse or None)
+        self.sock.settimeout(self._timeouts.send or None)
         command = wire.encode_request(wire.C_ECHO_RQ, message_id, VERIFICATION)
         try:
             self.sock.sendall(wire.command_pdus(context_id, command, self.peer_max_pdu))
@@ -326,7 +335,7 @@ class OutboundAssociation:
         if isinstance(exc, TimeoutError):
             self.abort()
             raise AssociationLost(
-                f"peer stopped reading for {self._timeouts.dimse:g}s; association aborted",
+                f"peer stopped reading for {self._timeouts.send or 0:g}s; association aborted",
                 timed_out=True,
             ) from None
         self.abort()

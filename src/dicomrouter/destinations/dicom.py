@@ -181,7 +181,12 @@ class DicomSender:
         self.config = config
         self.calling_ae = config.calling_ae_title or calling_ae
         self.keep_alive = keep_alive
-        self.timeouts = Timeouts(config.connect_timeout, config.acse_timeout, config.dimse_timeout)
+        self.timeouts = Timeouts(
+            config.connect_timeout,
+            config.acse_timeout,
+            config.dimse_timeout,
+            config.network_timeout,
+        )
         self._kept: _KeptAssociation | None = None
         self._active: OutboundAssociation | None = None
         install_no_value_validation()  # pydicom only ever warned, on converted data sets
