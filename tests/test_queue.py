@@ -27,7 +27,7 @@ from dicomrouter.store import (
     create_index_engine,
     read_header,
 )
-from dicomrouter.store.schema import instances, jobs
+from dicomrouter.store.schema import instances, job_instances, jobs
 from tests.support.synth import make_study
 
 DEST = {"ae_title": "PACS", "host": "127.0.0.1", "port": 4242}
@@ -586,3 +586,45 @@ def test_a_successful_probe_pulls_backed_off_jobs_forward(tmp_path: Path) -> Non
     assert resumed == [True]
     due = [job["next_attempt_at"] for job in p.job_list()]
     assert due and all(at <= time.time() for at in due), due
+
+
+def test_a_job_interrupted_three_times_in_a_row_fails_instead_of_looping(tmp_path: Path) -> None:
+    """An object that kills the dispatch process mid-send must not be claimed again
+    after every restart for ever (holding up every destination): each recovered
+    lease is an 'interrupted' attempt, and the third in a row fails the job, its
+    undelivered instances with it. A finished attempt in between resets the count."""
+    from dicomrouter.queue.jobs import MAX_INTERRUPTIONS
+
+    p = Pipeline(tmp_path, {"destinations": {"pacs": DEST}, "routes": [route()]})
+    p.receive(make_study(tmp_path / "in", 1))
+    p.plan()
+
+    def crash_during_delivery() -> None:
+        claim = p.jobs.claim("pacs", "nodeA:111:pacs:0", lease=60)
+        assert claim is not None
+        assert p.jobs.recover(owner_prefix="nodeA:") == 1  # the restarted process
+
+    crash_during_delivery()
+    crash_during_delivery()
+    claim = p.jobs.claim("pacs", "nodeA:112:pacs:0", lease=60)
+    assert claim is not None
+    p.jobs.finish(  # a delivery that ended normally, if unsuccessfully
+        claim, p.config.destinations["pacs"], count_attempt=True, unavailable_delay=0.0,
+        message="refused", outcome="retry", sent=0, failed=0,
+    )  # fmt: skip
+    with p.engine.begin() as conn:  # due again now
+        conn.execute(jobs.update().values(next_attempt_at=time.time() - 1))
+    for _ in range(MAX_INTERRUPTIONS - 1):
+        crash_during_delivery()
+        (job,) = p.job_list()
+        assert job["state"] == "pending", job
+    crash_during_delivery()
+    (job,) = p.job_list()
+    assert job["state"] == "failed"
+    assert "interrupted 3 times in a row" in job["last_error"]
+    assert job["attempts"] == 6  # five interruptions and the finished attempt
+    with p.engine.connect() as conn:
+        states = conn.execute(select(job_instances.c.state)).scalars().all()
+    assert states == ["failed"]
+    assert p.jobs.claim("pacs", "nodeA:113:pacs:0", lease=60) is None
+    assert p.jobs.retry([job["id"]]) == 1  # by hand, once the cause is fixed

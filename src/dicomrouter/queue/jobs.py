@@ -7,6 +7,7 @@ the same node restarts. Every state change is one short transaction.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,13 @@ from dicomrouter.config import DicomDestinationConfig
 from dicomrouter.store.schema import attempts, instances, job_instances, jobs
 
 from . import states as S
+
+log = logging.getLogger(__name__)
+
+#: Interrupted deliveries in a row (the dispatch process died mid-send) before a job
+#: fails instead of being claimed again: see JobStore.recover.
+MAX_INTERRUPTIONS = 3
+_INTERRUPTED = "delivery interrupted: the dispatch process stopped while sending"
 
 
 @dataclass(frozen=True)
@@ -525,7 +533,14 @@ class JobStore:
 
     # -- recovery -------------------------------------------------------------------
     def recover(self, owner_prefix: str | None = None, now: float | None = None) -> int:
-        """Return expired leases (and, at start-up, this node's own) to ``pending``."""
+        """Return expired leases (and, at start-up, this node's own) to ``pending``.
+
+        A lease is only ever left behind by a delivery that did not finish: a
+        graceful stop releases its claims. So each recovered job gets an
+        ``interrupted`` attempt, and a job interrupted ``MAX_INTERRUPTIONS`` times in
+        a row fails instead: an object that kills the dispatch process (a decoder
+        crash, memory exhausted by a huge conversion) would otherwise be claimed
+        again after every restart and hold every destination up for ever."""
         now = time.time() if now is None else now
         condition = and_(jobs.c.state == S.IN_PROGRESS, jobs.c.lease_expires_at < now)
         if owner_prefix is not None:
@@ -534,12 +549,68 @@ class JobStore:
                 (jobs.c.lease_expires_at < now) | jobs.c.lease_owner.like(owner_prefix + "%"),
             )
         with self.engine.begin() as conn:
-            result = conn.execute(
+            stuck = [row.id for row in conn.execute(select(jobs.c.id).where(condition))]
+            if not stuck:
+                return 0
+            conn.execute(
                 update(jobs)
-                .where(condition)
-                .values(state=S.PENDING, lease_owner=None, lease_expires_at=None, updated_at=now)
+                .where(jobs.c.id.in_(stuck), jobs.c.state == S.IN_PROGRESS)
+                .values(
+                    state=S.PENDING,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    attempts=jobs.c.attempts + 1,
+                    last_error=_INTERRUPTED,
+                    updated_at=now,
+                )
             )
-        return int(result.rowcount or 0)
+            conn.execute(
+                attempts.insert(),
+                [
+                    {
+                        "job_id": job_id,
+                        "started_at": now,
+                        "ended_at": now,
+                        "outcome": "interrupted",
+                        "sent": 0,
+                        "failed": 0,
+                        "message": _INTERRUPTED,
+                    }
+                    for job_id in stuck
+                ],
+            )
+            poisoned = [job_id for job_id in stuck if self._interrupted_in_a_row(conn, job_id)]
+            if poisoned:
+                reason = (
+                    f"delivery interrupted {MAX_INTERRUPTIONS} times in a row: the dispatch "
+                    "process stopped while sending this job (see its log for a crash or an "
+                    "out-of-memory kill); retry by hand once the cause is fixed"
+                )
+                conn.execute(
+                    update(job_instances)
+                    .where(
+                        job_instances.c.job_id.in_(poisoned),
+                        job_instances.c.state == S.ITEM_PENDING,
+                    )
+                    .values(state=S.ITEM_FAILED, message=reason, updated_at=now)
+                )
+                conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id.in_(poisoned))
+                    .values(state=S.FAILED, finished_at=now, last_error=reason, updated_at=now)
+                )
+                log.error("job(s) %s failed: %s", ", ".join(str(j) for j in poisoned), reason)
+        return len(stuck)
+
+    @staticmethod
+    def _interrupted_in_a_row(conn: Connection, job_id: int) -> bool:
+        outcomes = conn.execute(
+            select(attempts.c.outcome)
+            .where(attempts.c.job_id == job_id)
+            .order_by(attempts.c.id.desc())
+            .limit(MAX_INTERRUPTIONS)
+        ).scalars()
+        return [*outcomes] == ["interrupted"] * MAX_INTERRUPTIONS
 
     # -- manual actions ---------------------------------------------------------------
     def retry(self, job_ids: Sequence[int]) -> int:
