@@ -15,7 +15,7 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
-from dicomrouter.config import parse_config
+from dicomrouter.config import DicomDestinationConfig, parse_config
 from dicomrouter.queue import ItemResult, JobStore, Planner
 from dicomrouter.queue import states as S
 from dicomrouter.queue.views import job_detail, list_jobs
@@ -280,6 +280,31 @@ def test_send_window_schedules_jobs(tmp_path: Path) -> None:
     assert job["state"] == S.SCHEDULED
     assert job["next_attempt_at"] > time.time() + 3600
     assert p.jobs.claim("pacs", "w", lease=10) is None
+
+
+def test_pending_jobs_of_a_closed_window_become_scheduled(tmp_path: Path) -> None:
+    """A job left pending when the window closed (a retry that fell due late, a claim
+    stopped at closing time) is marked scheduled for the next opening, keeping a
+    later retry time; while the window is open nothing changes."""
+    now = time.localtime()
+    closed = f"{(now.tm_hour + 2) % 24:02d}:00-{(now.tm_hour + 3) % 24:02d}:00"
+    p = Pipeline(tmp_path, {"destinations": {"pacs": DEST}, "routes": [route()]})
+    p.receive(make_study(tmp_path / "in", 2))
+    p.plan()
+    first, second = p.job_list()
+    late = time.time() + 6 * 3600  # a retry due after the window has opened
+    with p.engine.begin() as conn:
+        conn.execute(jobs.update().where(jobs.c.id == second["id"]).values(next_attempt_at=late))
+    always = DicomDestinationConfig(**DEST)
+    assert p.jobs.defer_to_window("pacs", always, time.time()) == 0  # no window
+    windowed = DicomDestinationConfig(**DEST, send_window=closed)  # type: ignore[arg-type]
+    assert p.jobs.defer_to_window("pacs", windowed, time.time()) == 2
+    after = {job["id"]: job for job in p.job_list()}
+    assert {job["state"] for job in after.values()} == {S.SCHEDULED}
+    opens = after[first["id"]]["next_attempt_at"]
+    assert time.time() + 3600 < opens < time.time() + 3 * 3600
+    assert after[second["id"]]["next_attempt_at"] == pytest.approx(late)
+    assert p.jobs.defer_to_window("pacs", windowed, time.time()) == 0  # none pending now
 
 
 def _settle(p: Pipeline, claim, states: dict[str, str], count_attempt: bool) -> None:  # type: ignore[no-untyped-def]
@@ -628,3 +653,32 @@ def test_a_job_interrupted_three_times_in_a_row_fails_instead_of_looping(tmp_pat
     assert states == ["failed"]
     assert p.jobs.claim("pacs", "nodeA:113:pacs:0", lease=60) is None
     assert p.jobs.retry([job["id"]]) == 1  # by hand, once the cause is fixed
+
+
+def test_a_worker_marks_waiting_jobs_scheduled_while_its_window_is_closed() -> None:
+    """The first worker of a destination, at most every 30 s; the others never."""
+    from types import SimpleNamespace
+
+    from dicomrouter.dispatch.worker import DestinationWorker
+
+    now = time.localtime()
+    closed = f"{(now.tm_hour + 2) % 24:02d}:00-{(now.tm_hour + 3) % 24:02d}:00"
+    calls: list[str] = []
+    fake = SimpleNamespace(
+        dest=DicomDestinationConfig(**DEST, send_window=closed),  # type: ignore[arg-type]
+        dest_name="pacs",
+        index=0,
+        _deferred_at=0.0,
+        health=SimpleNamespace(paused=False),
+        jobs=SimpleNamespace(defer_to_window=lambda name, dest, at: calls.append(name) or 0),
+    )
+    fake._defer_to_window = lambda: DestinationWorker._defer_to_window(fake)  # type: ignore[arg-type]
+    assert DestinationWorker._tick(fake) is False  # type: ignore[arg-type]
+    assert DestinationWorker._tick(fake) is False  # type: ignore[arg-type]
+    assert calls == ["pacs"]  # once, not every tick
+    fake._deferred_at -= 31
+    DestinationWorker._tick(fake)  # type: ignore[arg-type]
+    assert calls == ["pacs", "pacs"]
+    fake.index, fake._deferred_at = 1, 0.0
+    DestinationWorker._tick(fake)  # type: ignore[arg-type]
+    assert calls == ["pacs", "pacs"]

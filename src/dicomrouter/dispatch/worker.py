@@ -40,6 +40,7 @@ _ITEM_STATE = {
 _FLUSH_EVERY = 0.5  # seconds between persisting per-instance results
 _KEEP_ALIVE = 2.0  # seconds an idle association is kept for the next claim
 _RENEW_EVERY = 2.0  # seconds between lease renewals (and cancel checks) during a send
+_DEFER_EVERY = 30.0  # seconds between marking waiting jobs scheduled while the window is closed
 
 
 def node_id() -> str:
@@ -71,6 +72,7 @@ class DestinationWorker(threading.Thread):
         calling = self.dest.calling_ae_title or config.ae_title
         self.sender = DicomSender(self.dest, calling, keep_alive=_KEEP_ALIVE)
         self.current_claim: Claim | None = None
+        self._deferred_at = 0.0
 
     def run(self) -> None:
         poll = self.config.dispatch.poll_interval
@@ -94,6 +96,7 @@ class DestinationWorker(threading.Thread):
             return False
         window = self.dest.send_window
         if window is not None and not window.contains(datetime.now()):
+            self._defer_to_window()
             return False
         claim = self.jobs.claim(
             self.dest_name,
@@ -109,6 +112,21 @@ class DestinationWorker(threading.Thread):
         finally:
             self.current_claim = None
         return True
+
+    def _defer_to_window(self) -> None:
+        """While the window is closed, mark what waits for it ``scheduled`` (first
+        worker only, at most every ``_DEFER_EVERY`` seconds: one short write)."""
+        now = time.time()
+        if self.index != 0 or now - self._deferred_at < _DEFER_EVERY:
+            return
+        self._deferred_at = now
+        deferred = self.jobs.defer_to_window(self.dest_name, self.dest, now)
+        if deferred:
+            log.info(
+                "destination %s: %d job(s) scheduled for the next send window",
+                self.dest_name,
+                deferred,
+            )
 
     def abandon(self) -> None:
         """Shutdown while a send is blocked: abort the association and hand the jobs

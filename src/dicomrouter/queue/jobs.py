@@ -749,6 +749,31 @@ class JobStore:
             ).all()
         return {row[0]: int(row[1]) for row in rows}
 
+    def defer_to_window(self, dest_name: str, dest: DicomDestinationConfig, now: float) -> int:
+        """The destination's send window is closed: its ``pending`` jobs (a retry that
+        fell due after the window closed, a claim stopped at closing time) become
+        ``scheduled`` for the next opening, so that the queue says what they wait
+        for and nothing reads them as stuck."""
+        if dest.send_window is None:
+            return 0
+        moment = datetime.fromtimestamp(now)
+        if dest.send_window.contains(moment):
+            return 0
+        opens = dest.send_window.next_open(moment).timestamp()
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(jobs)
+                .where(jobs.c.destination == dest_name, jobs.c.state == S.PENDING)
+                .values(
+                    state=S.SCHEDULED,
+                    next_attempt_at=case(  # the later of the two (portable, unlike max())
+                        (jobs.c.next_attempt_at > opens, jobs.c.next_attempt_at), else_=opens
+                    ),
+                    updated_at=now,
+                )
+            )
+        return int(result.rowcount or 0)
+
     def wake_destination(self, dest_name: str, dest: DicomDestinationConfig) -> int:
         """A paused destination answered again: its queue resumes now, not after backoff."""
         now = time.time()
