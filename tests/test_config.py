@@ -204,6 +204,21 @@ def test_lint_flags_dead_duplicate_and_unused() -> None:
     assert "destinations.spare: is not used" in text
 
 
+def test_lint_sees_the_same_conditions_written_differently() -> None:
+    when_a = {"Modality": "CT", "StudyDescription": {"contains": "HEAD"}}
+    when_b = {"all": [{"StudyDescription": {"contains": "HEAD"}}, {"Modality": {"equals": "CT"}}]}
+    routes = [
+        {"name": "a", "to": ["pacs"], "when": when_a},
+        {"name": "b", "to": ["pacs"], "when": when_b},
+    ]
+    config = parse_config({"destinations": {"pacs": DEST}, "routes": routes}, environ={})
+    text = "\n".join(str(f) for f in lint(config))
+    assert "routes 'a' and 'b'" in text and "same data" in text
+    routes[1]["when"] = {"Modality": "MR", "StudyDescription": {"contains": "HEAD"}}
+    config = parse_config({"destinations": {"pacs": DEST}, "routes": routes}, environ={})
+    assert "same data" not in "\n".join(str(f) for f in lint(config))
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [("250ms", 0.25), ("30s", 30), ("10m", 600), ("2h", 7200), ("1d", 86400), (15, 15)],

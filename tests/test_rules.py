@@ -794,6 +794,25 @@ def test_unknown_keyword_without_close_match_has_no_suggestion() -> None:
             "element matches nothing)",
         ),
         (
+            {"SliceThickness": {"gt": 10, "lt": 5}},
+            "SliceThickness has a single value: 'SliceThickness > 10' and 'SliceThickness < 5' "
+            "cannot all hold",
+        ),
+        (
+            {"StudyDate": {"ge": "20240101"}, "all": [{"StudyDate": {"le": "20231231"}}]},
+            "StudyDate has a single value: 'StudyDate >= 20240101' and 'StudyDate <= 20231231' "
+            "cannot all hold",
+        ),
+        (
+            {"SeriesNumber": {"gt": 3, "le": 3}},
+            "SeriesNumber has a single value: 'SeriesNumber > 3' and 'SeriesNumber <= 3' "
+            "cannot all hold",
+        ),
+        (
+            {"Rows": {"between": [1, 256]}, "all": [{"Rows": {"ge": 512}}]},
+            "Rows has a single value: 'Rows between 1 and 256' and 'Rows >= 512' cannot all hold",
+        ),
+        (
             {"AccessionNumber": {"exists": False}, "all": [{"AccessionNumber": {"exists": True}}]},
             "AccessionNumber: 'exists: false' cannot hold together with 'AccessionNumber exists' "
             "(a missing element matches nothing)",
@@ -842,6 +861,9 @@ def test_never_matches(spec: dict[str, Any], reason: str) -> None:
         {"Modality": {"exists": False}, "Rows": 1},
         {"not": {"Modality": "CT"}},
         {"Modality": {"exists": False}, "all": [{"Modality": {"exists": False}}]},
+        {"SeriesNumber": {"ge": 3, "le": 3}},  # exactly 3
+        {"SliceThickness": {"gt": 1, "lt": 5}, "all": [{"SliceThickness": {"between": [2, 9]}}]},
+        {"any": [{"Rows": {"gt": 10}}, {"Rows": {"lt": 5}}]},  # either side: fine
     ],
 )
 def test_never_matches_accepts_satisfiable_rules(spec: dict[str, Any]) -> None:

@@ -6,9 +6,8 @@ likely a mistake: dead routes, double deliveries, unused destinations, loops.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from .models import RouterConfig, _is_local_host
 
@@ -76,9 +75,7 @@ def _overlaps(config: RouterConfig) -> list[Finding]:
             shared = sorted(set(first.to) & set(second.to))
             if not shared:
                 continue
-            same_when = json.dumps(first.when, sort_keys=True, default=str) == json.dumps(
-                second.when, sort_keys=True, default=str
-            )
+            same_when = _canonical(first.when) == _canonical(second.when)
             if same_when and first.forward_level == second.forward_level:
                 findings.append(
                     Finding(
@@ -100,3 +97,30 @@ def _overlaps(config: RouterConfig) -> list[Finding]:
                     )
                 )
     return findings
+
+
+def _canonical(when: dict[str, Any] | None) -> str:
+    """One text per meaning of a ``when``: ``Modality: CT`` and ``Modality: {equals:
+    CT}`` compile to the same condition, and the order of ANDed or ORed terms does
+    not matter, so such routes are recognised as the same."""
+    if when is None:
+        return "always"
+    from dicomrouter.rules import compile_condition
+    from dicomrouter.rules.conditions import AllOf, AnyOf
+
+    def text(cond: Any) -> str:
+        if isinstance(cond, AllOf | AnyOf):
+            joiner = " and " if isinstance(cond, AllOf) else " or "
+            parts = sorted({text(child) for child in _members(cond, type(cond))})
+            return "(" + joiner.join(parts) + ")" if len(parts) > 1 else parts[0]
+        return str(cond.describe())
+
+    return text(compile_condition(when))
+
+
+def _members(cond: Any, kind: type) -> list[Any]:
+    """The terms of nested ANDs (or ORs) as one list: (A and (B and C)) is A, B, C."""
+    out: list[Any] = []
+    for child in cond.children:
+        out.extend(_members(child, kind) if isinstance(child, kind) else [child])
+    return out

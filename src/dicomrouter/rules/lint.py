@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .conditions import AllOf, Always, AnyOf, Condition, Exists, Match, Not
+from .operators import Between, Compare
 
 
 def never_matches(cond: Condition) -> str | None:
@@ -93,6 +94,52 @@ def _conflict(conjuncts: list[Condition]) -> str | None:
             texts = " and ".join(f"'{source.describe()}'" for source in sources)
             return f"{name} has a single value: {texts} cannot all hold"
         allowed[name] = (remaining, sources)
+    return _empty_range(conjuncts)
+
+
+def _empty_range(conjuncts: list[Condition]) -> str | None:
+    """Comparisons on one single-valued element whose ranges do not meet, e.g.
+    ``{gt: 10, lt: 5}`` or ``ge`` a date after the ``le`` one."""
+    by_field: dict[str, list[Match]] = {}
+    for cond in conjuncts:
+        if (
+            isinstance(cond, Match)
+            and cond.field.single_valued
+            and isinstance(cond.test, Compare | Between)
+        ):
+            by_field.setdefault(cond.field.name, []).append(cond)
+    for name, conds in by_field.items():
+        if len(conds) < 2:
+            continue
+        low: tuple[Any, bool] | None = None  # (bound, inclusive)
+        high: tuple[Any, bool] | None = None
+        try:
+            for cond in conds:
+                test = cond.test
+                if isinstance(test, Between):
+                    lows, highs = [(test.low, True)], [(test.high, True)]
+                elif not isinstance(test, Compare):
+                    continue
+                elif test.op in ("gt", "ge"):
+                    lows, highs = [(test.bound, test.op == "ge")], []
+                else:
+                    lows, highs = [], [(test.bound, test.op == "le")]
+                for bound in lows:
+                    if low is None or bound[0] > low[0] or (bound[0] == low[0] and not bound[1]):
+                        low = bound
+                for bound in highs:
+                    if high is None or bound[0] < high[0] or (bound[0] == high[0] and not bound[1]):
+                        high = bound
+            empty = (
+                low is not None
+                and high is not None
+                and (low[0] > high[0] or (low[0] == high[0] and not (low[1] and high[1])))
+            )
+        except TypeError:  # bounds of kinds that do not compare: say nothing
+            continue
+        if empty:
+            texts = " and ".join(f"'{cond.describe()}'" for cond in conds)
+            return f"{name} has a single value: {texts} cannot all hold"
     return None
 
 
