@@ -301,14 +301,16 @@ class AssociationAcceptor:
         if not limit:
             return
         cutoff = time.monotonic() - limit
-        with self._lock:
-            late = [c for c in self._active.values() if not c.established and c.started < cutoff]
-        for connection in late:
-            if connection.cut():
-                log.warning(
-                    "closed a DICOM connection: no association within %gs (acse_timeout)",
-                    limit,
-                )
+        with self._lock:  # as _admit does: an association accepted meanwhile is not cut
+            cut = sum(
+                c.cut() for c in self._active.values() if not c.established and c.started < cutoff
+            )
+        if cut:
+            log.warning(
+                "closed %d DICOM connection(s): no association within %gs (acse_timeout)",
+                cut,
+                limit,
+            )
 
     def _finished(self, key: int) -> None:
         with self._lock:
