@@ -424,15 +424,22 @@ def test_rejections_carry_the_standard_reason(
     peer.close()
 
 
-def test_protocol_version_and_association_limit(acceptor) -> None:
-    server, service, _tmp = acceptor
+def _answer_to_protocol_version(server, version: int) -> tuple[int, bytes]:  # type: ignore[no-untyped-def]
+    """The acceptor's answer to an A-ASSOCIATE-RQ carrying ``version``."""
     request = bytearray(associate_rq())
-    request[6:8] = b"\x00\x02"
+    request[6:8] = version.to_bytes(2, "big")
     peer = RawPeer(server.address[1])
     peer.send(bytes(request))
-    pdu_type, body = peer.receive()
+    try:
+        return peer.receive()
+    finally:
+        peer.close()
+
+
+def test_protocol_version_and_association_limit(acceptor) -> None:
+    server, service, _tmp = acceptor
+    pdu_type, body = _answer_to_protocol_version(server, 0x0002)
     assert (pdu_type, tuple(body[1:4])) == (wire.A_ASSOCIATE_RJ, (1, 2, 2))
-    peer.close()
     # max_associations is 2: a third concurrent association is refused, transiently.
     first, second = RawPeer(server.address[1]), RawPeer(server.address[1])
     first.associate()
@@ -468,12 +475,7 @@ def test_a_released_association_frees_its_slot_before_the_peer_closes(acceptor) 
 def test_protocol_version_with_bit_0_set_is_accepted(acceptor) -> None:
     """PS3.8 9.3.2: the acceptor tests only bit 0 of the protocol version."""
     server, _service, _tmp = acceptor
-    request = bytearray(associate_rq())
-    request[6:8] = b"\x00\x03"
-    peer = RawPeer(server.address[1])
-    peer.send(bytes(request))
-    assert peer.receive()[0] == wire.A_ASSOCIATE_AC
-    peer.close()
+    assert _answer_to_protocol_version(server, 0x0003)[0] == wire.A_ASSOCIATE_AC
 
 
 def test_the_requestors_preferred_transfer_syntax_is_accepted(acceptor) -> None:
