@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .models import RouterConfig, _is_local_host
+from . import hosts
+from .models import RouterConfig
 
 
 @dataclass(frozen=True)
@@ -52,14 +53,24 @@ def lint(config: RouterConfig) -> list[Finding]:
     for name in sorted(set(config.destinations) - used):
         findings.append(Finding("warning", f"destinations.{name}", "is not used by any route"))
     for name, dest in config.destinations.items():
+        host = hosts.check_host(dest.host)
         if config.is_self(dest):
             findings.append(Finding("error", f"destinations.{name}", "routing loop: this router"))
-        elif dest.port == config.dicom.port and _is_local_host(dest.host):
+        elif dest.port == config.dicom.port and host.local:
             findings.append(
                 Finding(
                     "warning",
                     f"destinations.{name}",
                     f"points at this host's DICOM port {dest.port}: probably a routing loop",
+                )
+            )
+        elif dest.port == config.dicom.port and host.unresolved:
+            findings.append(
+                Finding(
+                    "warning",
+                    f"destinations.{name}",
+                    f"host {dest.host!r} did not resolve within {hosts.RESOLVE_TIMEOUT:g}s: "
+                    "cannot tell whether it is this machine (a routing loop)",
                 )
             )
     return findings

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .hosts import is_local_host
 from .units import Duration, Window
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash, 1..16 chars
@@ -494,37 +495,15 @@ class RouterConfig(_Model):
 
     def is_self(self, dest: DicomDestinationConfig) -> bool:
         """True when a destination points back at this router (a routing loop): our
-        port on an address of this machine, with our AE title, or with any AE title
-        when we do not check the called AE (``dicom.require_called_ae: false``)."""
+        port on an address of this machine, however spelled (see ``hosts``), with
+        our AE title, or with any AE title when we do not check the called AE
+        (``dicom.require_called_ae: false``)."""
         return (
             (dest.ae_title == self.ae_title or not self.dicom.require_called_ae)
             and dest.port == self.dicom.port
-            and _is_local_host(dest.host)
+            and is_local_host(dest.host)
         )
 
     @property
     def database_url(self) -> str:
         return self.database or f"sqlite:///{(self.storage.path / 'index.sqlite').resolve()}"
-
-
-def _is_local_host(host: str) -> bool:
-    """``host`` names this machine: a loopback or wildcard address, an address of
-    one of its interfaces (it can be bound to), or its own host name. Other names
-    are not resolved: validating a configuration must not wait on DNS."""
-    import socket
-
-    if host in {"localhost", "0.0.0.0", "::", socket.gethostname(), socket.getfqdn()}:
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if address.is_loopback or address.is_unspecified:
-        return True
-    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.bind((str(address), 0))  # only succeeds for our own addresses
-    except OSError:
-        return False
-    return True
