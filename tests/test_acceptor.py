@@ -15,6 +15,7 @@ import struct
 import subprocess
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,7 @@ class FakeService:
         self.status = status
         self.allowed = True
         self.rejected: list[tuple[Peer, str]] = []
+        self.refused: list[tuple[str, str, int]] = []
         self.established: list[Peer] = []
         self.ended: list[tuple[Peer, bool]] = []
         self.stored: list[tuple[str, str, bytes]] = []
@@ -71,6 +73,9 @@ class FakeService:
 
     def on_rejected(self, peer: Peer, reason: str) -> None:
         self.rejected.append((peer, reason))
+
+    def on_refused(self, address: str, reason: str, count: int) -> None:
+        self.refused.append((address, reason, count))
 
     def on_established(self, peer: Peer) -> None:
         self.established.append(peer)
@@ -156,8 +161,9 @@ def associate_rq(
 
 
 class RawPeer:
-    def __init__(self, port: int):
-        self.sock = socket.create_connection((HOST, port), timeout=5)
+    def __init__(self, port: int, source: str | None = None):
+        bind = (source, 0) if source else None
+        self.sock = socket.create_connection((HOST, port), timeout=5, source_address=bind)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = wire.SocketReader(self.sock)
 
@@ -534,6 +540,50 @@ def test_connections_waiting_to_associate_are_capped(acceptor, monkeypatch) -> N
     late = RawPeer(server.address[1])
     late.associate()  # room again, and a slot (2 allowed, 1 taken)
     for peer in (established, *idle, extra, late):
+        peer.close()
+
+
+def test_associations_per_source_address_are_capped(acceptor) -> None:
+    """dicom.max_associations_per_host (1 here): a second association from the same
+    address is refused, transiently, while another address still gets one."""
+    server, service, _tmp = acceptor
+    server.test_settings["value"] = replace(
+        server.test_settings["value"], max_associations_per_host=1
+    )
+    first = RawPeer(server.address[1])
+    first.associate()
+    second = RawPeer(server.address[1])
+    second.send(associate_rq())
+    pdu_type, body = second.receive()
+    assert (pdu_type, tuple(body[1:4])) == (wire.A_ASSOCIATE_RJ, (2, 3, 2))
+    assert service.rejected[-1][1] == "dicom.max_associations_per_host reached"
+    other = RawPeer(server.address[1], source="127.0.0.2")
+    other.associate()
+    for peer in (first, second, other):
+        peer.close()
+
+
+def test_one_address_cannot_take_every_place_to_negotiate(acceptor) -> None:
+    """Connections waiting to associate are capped per source address too
+    (max_associations_per_host, 2 here): a third idle connection from 127.0.0.2
+    is closed at once, while 127.0.0.1 still associates. The refusals are reported
+    once, with their count, not once per connection."""
+    server, service, _tmp = acceptor
+    server.test_settings["value"] = replace(
+        server.test_settings["value"], max_associations_per_host=2
+    )
+    idle = [RawPeer(server.address[1], source="127.0.0.2") for _ in range(2)]
+    _wait(lambda: sum(1 for c in server._active.values() if c.host == "127.0.0.2") == 2)
+    extra = [RawPeer(server.address[1], source="127.0.0.2") for _ in range(5)]
+    for peer in extra:
+        assert peer.closed()
+    modality = RawPeer(server.address[1])
+    modality.associate()
+    assert service.rejected == []
+    (report,) = service.refused  # the first refusal at once; the other four are counted
+    assert report[0] == "127.0.0.2" and report[2] == 1
+    assert "dicom.max_associations_per_host" in report[1]
+    for peer in (*idle, *extra, modality):
         peer.close()
 
 

@@ -64,6 +64,15 @@ class DicomListenerConfig(_Model):
         "associated yet do not count; up to 4 times this many may be waiting at once "
         "(further ones are closed), each for at most `acse_timeout`.",
     )
+    max_associations_per_host: int = Field(
+        8,
+        ge=1,
+        description="Concurrent inbound associations from one source address before its "
+        "new ones are rejected (A-ASSOCIATE-RJ, transient, local limit exceeded). Also "
+        "the number of connections from one address that may be waiting to associate "
+        "(further ones are closed at once), so that one host cannot take every waiting "
+        "place from the others.",
+    )
     acse_timeout: Duration = Field(
         30.0, description="Longest wait for the A-ASSOCIATE-RQ after a connection opens."
     )

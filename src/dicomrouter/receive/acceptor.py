@@ -19,9 +19,9 @@ The protocol rules that apply to an SCP (PS3.8 9 and the state table, PS3.7 9.1)
 - the first PDU must be an A-ASSOCIATE-RQ, complete within ``acse_timeout`` of
   the connection (ARTIM, enforced by the accept loop);
 - protocol version bit 0 and the DICOM application context, or A-ASSOCIATE-RJ;
-- calling AE allow-list, called AE, association limit (established associations
-  only): A-ASSOCIATE-RJ with the standard result/source/reason, and the application
-  is told why;
+- calling AE allow-list, called AE, association limits (established associations
+  only, in all and per source address): A-ASSOCIATE-RJ with the standard
+  result/source/reason, and the application is told why;
 - in each accepted context, the requestor's first transfer syntax that we accept;
 - then P-DATA-TF carrying command and data set fragments on accepted contexts only;
   anything else (unknown context, data set without a command, a PDU type out of
@@ -68,6 +68,9 @@ _PREAMBLE = b"\x00" * 128 + b"DICM"
 IN_MEMORY_LIMIT = 1024 * 1024
 #: Connections still negotiating, per allowed association (see _room_to_negotiate).
 PENDING_PER_ASSOCIATION = 4
+#: Refusals of one kind from one address are logged and audited once per this many
+#: seconds (the first at once, then a count): a flood costs a few lines, not one each.
+REFUSAL_REPORT_INTERVAL = 60.0
 
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
@@ -96,6 +99,8 @@ class AcceptorSettings:
     #: Transfer syntaxes in which private SOP classes are accepted; empty: refused.
     private_transfer_syntaxes: tuple[str, ...] = ()
     max_associations: int = 32
+    #: Established associations, and connections still negotiating, per source address.
+    max_associations_per_host: int = 8
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 120.0
@@ -119,6 +124,11 @@ class StoreService(Protocol):
 
     def on_rejected(self, peer: Peer, reason: str) -> None:
         """An association was refused with A-ASSOCIATE-RJ."""
+
+    def on_refused(self, address: str, reason: str, count: int) -> None:
+        """``count`` connections from ``address`` were closed before negotiation
+        (a limit on connections waiting to associate); called once per report
+        interval and address, not once per connection."""
 
     def on_established(self, peer: Peer) -> None:
         """An association was accepted."""
@@ -175,8 +185,7 @@ class AssociationAcceptor:
         self._lock = threading.Lock()
         self._active: dict[int, _Connection] = {}
         self._next_id = 0
-        self._pending_refused = 0  # connections closed at the pending cap, not yet logged
-        self._pending_logged = 0.0
+        self._refusals = _RefusalReport(service)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -184,18 +193,23 @@ class AssociationAcceptor:
         host, port = self._listener.getsockname()[:2]
         return host, port
 
-    def _admit(self, key: int, limit: int) -> bool:
+    def _admit(self, key: int, limit: int, per_host: int) -> str | None:
         """Count connection ``key`` as an established association, unless ``limit``
-        associations already are (atomic: two negotiations cannot both take the
-        last slot). Connections still negotiating do not count: an idle TCP
+        associations already are, or ``per_host`` from its source address (atomic:
+        two negotiations cannot both take the last slot). Returns the setting that
+        refused it, or None. Connections still negotiating do not count: an idle TCP
         connection must not cost a modality its association."""
         with self._lock:
-            established = sum(1 for c in self._active.values() if c.established)
             connection = self._active.get(key)
-            if connection is None or established >= limit:
-                return False
+            if connection is None:
+                return "dicom.max_associations"
+            established = [c for c in self._active.values() if c.established]
+            if len(established) >= limit:
+                return "dicom.max_associations"
+            if sum(1 for c in established if c.host == connection.host) >= per_host:
+                return "dicom.max_associations_per_host"
             connection.established = True
-            return True
+            return None
 
     def start(self, bind: str, port: int) -> None:
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
@@ -226,6 +240,7 @@ class AssociationAcceptor:
         assert self._listener is not None
         while not self._stopping.is_set():
             self._enforce_artim()
+            self._refusals.flush()
             try:
                 sock, address = self._listener.accept()
             except TimeoutError:
@@ -259,7 +274,7 @@ class AssociationAcceptor:
                     thread = threading.Thread(
                         target=association.run, name=f"assoc-{host}:{port}", daemon=True
                     )
-                    self._active[key] = _Connection(thread, sock, time.monotonic())
+                    self._active[key] = _Connection(thread, sock, time.monotonic(), host)
                 thread.start()
             except Exception as exc:  # e.g. "can't start new thread": keep accepting
                 log.error("cannot serve a DICOM connection from %s: %s", host, exc)
@@ -268,29 +283,33 @@ class AssociationAcceptor:
                 self._stopping.wait(0.1)
 
     def _room_to_negotiate(self, host: str) -> bool:
-        """At most ``PENDING_PER_ASSOCIATION * max_associations`` connections may be
-        negotiating at once, on top of the established associations: a flood of idle
+        """Whether a new connection from ``host`` may wait to associate. At most
+        ``PENDING_PER_ASSOCIATION * max_associations`` connections may be negotiating
+        at once, on top of the established associations, and at most
+        ``max_associations_per_host`` from one source address: a flood of idle
         connections costs neither unbounded threads nor the modalities their
-        association slots (and each is cut after ``acse_timeout``)."""
-        limit = PENDING_PER_ASSOCIATION * self.settings().max_associations
+        association slots, and one address cannot take every waiting place from
+        the others (each is cut after ``acse_timeout`` anyway)."""
+        settings = self.settings()
+        limit = PENDING_PER_ASSOCIATION * settings.max_associations
         with self._lock:
-            negotiating = sum(1 for c in self._active.values() if not c.established)
-            if negotiating < limit:
-                return True
-            self._pending_refused += 1
-            now = time.monotonic()
-            if now - self._pending_logged < 60:
-                return False
-            refused, self._pending_refused, self._pending_logged = self._pending_refused, 0, now
-        log.warning(
-            "closed %d DICOM connection(s), latest from %s: %d connections are already "
-            "waiting to associate (limit: %d x dicom.max_associations)",
-            refused,
-            host,
-            negotiating,
-            PENDING_PER_ASSOCIATION,
-        )
-        return False
+            negotiating = [c for c in self._active.values() if not c.established]
+            from_host = sum(1 for c in negotiating if c.host == host)
+        if from_host >= settings.max_associations_per_host:
+            self._refusals.refused(
+                host,
+                f"{from_host} connections from this address are already waiting to "
+                "associate (dicom.max_associations_per_host)",
+            )
+            return False
+        if len(negotiating) >= limit:
+            self._refusals.refused(
+                host,
+                f"{len(negotiating)} connections are already waiting to associate "
+                f"(limit: {PENDING_PER_ASSOCIATION} x dicom.max_associations)",
+            )
+            return False
+        return True
 
     def _enforce_artim(self) -> None:
         """Cut connections that have not completed association negotiation within
@@ -318,6 +337,76 @@ class AssociationAcceptor:
 
 
 @dataclass
+class _Refusals:
+    """Refusals of one kind from one address not reported yet, and the last report."""
+
+    audit: bool
+    count: int = 0
+    reported: float | None = None
+
+
+class _RefusalReport:
+    """Logs (and, for connections closed unread, audits through the service) the
+    refusals of one kind from one address once per ``REFUSAL_REPORT_INTERVAL``: the
+    first at once, later ones as a count. Thread-safe; ``flush`` reports counts
+    left over once their interval has passed (called by the accept loop)."""
+
+    def __init__(self, service: StoreService) -> None:
+        self.service = service
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, str], _Refusals] = {}
+
+    def refused(self, address: str, reason: str, audit: bool = True) -> None:
+        now = time.monotonic()
+        with self._lock:
+            entry = self._pending.setdefault((address, reason), _Refusals(audit))
+            entry.count += 1
+            if entry.reported is not None and now - entry.reported < REFUSAL_REPORT_INTERVAL:
+                return
+            first, count = entry.reported is None, entry.count
+            entry.count, entry.reported = 0, now
+        self._report(address, reason, count, audit, first)
+
+    def flush(self) -> None:
+        now = time.monotonic()
+        due: list[tuple[str, str, _Refusals, int]] = []
+        with self._lock:
+            for key, entry in list(self._pending.items()):
+                if entry.reported is not None and now - entry.reported < REFUSAL_REPORT_INTERVAL:
+                    continue
+                if entry.count:
+                    due.append((*key, entry, entry.count))
+                    entry.count, entry.reported = 0, now
+                else:  # quiet for a whole interval: the next refusal is reported at once
+                    del self._pending[key]
+        for address, reason, entry, count in due:
+            self._report(address, reason, count, entry.audit, False)
+
+    def _report(self, address: str, reason: str, count: int, audit: bool, first: bool) -> None:
+        if first:
+            log.warning(
+                "refused a DICOM connection from %s: %s (more refusals like it are "
+                "counted and logged every %gs)",
+                address,
+                reason,
+                REFUSAL_REPORT_INTERVAL,
+            )
+        else:
+            log.warning(
+                "refused %d more DICOM connection(s) from %s in the last %gs: %s",
+                count,
+                address,
+                REFUSAL_REPORT_INTERVAL,
+                reason,
+            )
+        if audit:
+            try:
+                self.service.on_refused(address, reason, count)
+            except Exception:
+                log.exception("recording refused connections from %s failed", address)
+
+
+@dataclass
 class _Connection:
     """A connection being served: its thread and socket; ``established`` once its
     association was accepted (only those count toward ``max_associations``)."""
@@ -325,6 +414,7 @@ class _Connection:
     thread: threading.Thread
     sock: socket.socket
     started: float
+    host: str = ""
     established: bool = False
     _cut: bool = False
 
@@ -532,18 +622,24 @@ class _Association:
                 REJECT_CALLED_AE,
                 f"called AE title {called!r} is not {settings.ae_title!r}",
             )
-        elif not self.acceptor._admit(self.key, settings.max_associations):
-            rejection = REJECT_LIMIT, "dicom.max_associations reached"
+        elif limit := self.acceptor._admit(
+            self.key, settings.max_associations, settings.max_associations_per_host
+        ):
+            rejection = REJECT_LIMIT, f"{limit} reached"
         if rejection is not None:
             (result, source, reason), why = rejection
-            log.warning(
-                "rejected association from %s (%s:%s) calling %s: %s",
-                calling or "?",
-                self.host,
-                self.port,
-                called or "?",
-                why,
-            )
+            if rejection[0] == REJECT_LIMIT:
+                # A flood of associations must not become a flood of log lines.
+                self.acceptor._refusals.refused(self.host, f"association refused: {why}", False)
+            else:
+                log.warning(
+                    "rejected association from %s (%s:%s) calling %s: %s",
+                    calling or "?",
+                    self.host,
+                    self.port,
+                    called or "?",
+                    why,
+                )
             self.acceptor.service.on_rejected(self.peer, why)  # queues its audit row
             self._answer_and_linger(wire.associate_rj(result, source, reason))
             return False

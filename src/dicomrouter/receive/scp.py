@@ -75,6 +75,7 @@ def _settings(config: RouterConfig) -> AcceptorSettings:
             tuple(ACCEPTED_TRANSFER_SYNTAXES) if listener.accept_private_sop_classes else ()
         ),
         max_associations=listener.max_associations,
+        max_associations_per_host=listener.max_associations_per_host,
         acse_timeout=listener.acse_timeout,
         dimse_timeout=listener.dimse_timeout,
         network_timeout=listener.network_timeout,
@@ -170,6 +171,9 @@ class Receiver:
     def on_rejected(self, peer: Peer, reason: str) -> None:
         self._audit_rejected(peer.calling_ae, peer.address, reason, peer.called_ae)
 
+    def on_refused(self, address: str, reason: str, count: int) -> None:
+        self._audit_rejected("?", address, reason, count=count)
+
     def on_established(self, peer: Peer) -> None:
         metrics.association_opened("inbound")
 
@@ -205,7 +209,9 @@ class Receiver:
             self._tally[peer] = (stored + ok, refused + (not ok))
         return result
 
-    def _audit_rejected(self, calling: str, address: str, reason: str, called: str = "") -> None:
+    def _audit_rejected(
+        self, calling: str, address: str, reason: str, called: str = "", count: int = 1
+    ) -> None:
         """Queue the audit row for a background thread. The queue is bounded: a flood
         of refused connections must not grow memory or the index without limit, so
         beyond ``MAX_PENDING_AUDITS`` rows waiting, rejections are counted in the log
@@ -236,7 +242,7 @@ class Receiver:
                 called or self.config.ae_title,
                 outcome="denied",
                 source=address,
-                detail={"reason": reason},
+                detail={"reason": reason} if count == 1 else {"reason": reason, "count": count},
             )
         except RuntimeError:  # shutting down
             with self._tally_lock:
