@@ -11,6 +11,7 @@ import typer
 from dicomrouter import __version__
 
 from .common import DEFAULT_CONFIG, console, err_console, fail, load, parse_target
+from .loops_cmd import loops_app
 from .queue_cmd import queue_app
 from .rules_cmd import check_command, test_rule_command
 from .security_cmd import hash_password_command, init_command, token_command
@@ -24,6 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(queue_app, name="queue")
+app.add_typer(loops_app, name="loops")
 app.command("check")(check_command)
 app.command("test-rule")(test_rule_command)
 app.command("send")(send_command)

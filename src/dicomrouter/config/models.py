@@ -239,6 +239,20 @@ class DispatchConfig(_Model):
         120.0, description="A claimed job not renewed within this time is taken back."
     )
     poll_interval: Duration = Field(0.05, description="How often idle workers look for work.")
+    send_back_to_sender: bool = Field(
+        False,
+        description="Also send an instance to the destination it came from (a destination "
+        "whose AE title is the instance's calling AE title and whose host is the address "
+        "it came from). Off: that destination is skipped, the skip is logged and shown in "
+        "the study's trace.",
+    )
+    loop_window: Duration = Field(
+        600.0,
+        description="An instance received from one of our destinations (its calling AE "
+        "title is the destination's) within this time of being delivered there is a "
+        "routing loop: it is held, not forwarded again, and `loop_detected` alerts. "
+        "Release it with `dicomrouter loops release`. 0 turns the check off.",
+    )
 
 
 Role = Literal["viewer", "operator", "admin"]
@@ -403,6 +417,12 @@ class AlertEventsConfig(_Model):
     disk_low: DiskAlertConfig = Field(
         default_factory=lambda: DiskAlertConfig(),
         description="Free disk space in storage is below `below`.",
+    )
+    loop_detected: AlertEventConfig = Field(
+        default_factory=lambda: AlertEventConfig(),
+        description="Instances came back from a destination shortly after we sent them "
+        "there (`dispatch.loop_window`) and are held; one alert per destination and "
+        "check, listing them.",
     )
 
 

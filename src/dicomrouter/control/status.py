@@ -20,6 +20,7 @@ from dicomrouter.store.schema import instances, job_instances, jobs
 
 from .destinations import destination_summaries, recently_touched_jobs
 from .errors import Invalid
+from .loops import held_count
 
 MAX_BUCKETS = 2000
 
@@ -91,6 +92,8 @@ def node_status(ctx: Any, max_age: float = 0.0) -> dict[str, Any]:
         "counts": counts,
         "disk": disk_status(ctx),
         "destinations": destination_summaries(ctx),
+        # Instances that came back from a destination and wait for a release.
+        "loops": {"held": held_count(ctx.reader)},
     }
 
 

@@ -21,6 +21,7 @@ from sqlalchemy import ColumnElement, Connection, Engine, func, select
 from dicomrouter.queue import states as S
 from dicomrouter.store.schema import attempts, instances, job_instances, jobs, route_matches
 
+from .loops import trace_events as loop_trace_events
 from .routes import NodeContext, explain_match, newest_keys
 
 #: Up to this many instances, the trace lists each reception; above, one event per
@@ -41,6 +42,7 @@ _FINAL_KIND = {
 _KIND_ORDER = {
     "received": 0,
     "matched": 1,
+    "loop": 1,
     "queued": 2,
     "attempt": 3,
     "delivered": 4,
@@ -241,7 +243,8 @@ def study_trace(ctx: NodeContext, study_uid: str) -> dict[str, Any] | None:
 
     ``events`` are ordered by time (``at``, POSIX seconds); each has a ``kind``:
     ``received``, ``matched`` (with ``reason``), ``queued``, ``attempt``, and one of
-    ``delivered``/``failed``/``canceled`` per finished job. ``deliveries`` has one
+    ``delivered``/``failed``/``canceled`` per finished job, and ``loop`` where a loop
+    guard held instances or did not send them back to their sender. ``deliveries`` has one
     entry per job with its instance counts and attempts.
     """
     engine = ctx.reader
@@ -252,12 +255,14 @@ def study_trace(ctx: NodeContext, study_uid: str) -> dict[str, Any] | None:
         events = _received_events(conn, study_uid, summary["instances"])
         matches = _match_groups(conn, study_uid)
         deliveries = _deliveries(conn, study_uid)
+        loop_decisions = loop_trace_events(conn, study_uid)
     for match in matches:
         explanation = explain_match(ctx.config, ctx.store, match.pop("_sample"), match["route"])
         match.update(explanation)
         events.append(match)
     job_events = [event for job in deliveries for event in _job_events(job)]
     events.extend(_grouped(job_events) if len(deliveries) > PER_JOB_EVENTS else job_events)
+    events.extend(loop_decisions)
     events.sort(key=lambda e: (e["at"], _KIND_ORDER[e["kind"]]))
     return {"study": summary, "events": events, "deliveries": deliveries}
 

@@ -10,7 +10,10 @@ queries as the metrics:
   longer than ``after``;
 - ``queue_stale``: the oldest job not yet delivered to a destination is older than
   ``after``;
-- ``disk_low``: free disk in storage below ``below``.
+- ``disk_low``: free disk in storage below ``below``;
+- ``loop_detected``: instances held since the last check because they came back
+  from a destination we had just sent them to (one alert per destination, listing
+  them; see queue/loops.py).
 
 Each condition is an *incident*: it fires once when it starts (after its delay)
 and, if ``send_resolved``, once more when it ends. Incidents survive a restart of
@@ -57,7 +60,7 @@ from dicomrouter import __version__
 from dicomrouter.config import RouterConfig
 from dicomrouter.config.models import AlertEventConfig, ResolvableAlertConfig, WebhookConfig
 from dicomrouter.control import audit
-from dicomrouter.store.schema import jobs
+from dicomrouter.store.schema import jobs, loop_events
 
 from .collector import read_queues
 
@@ -70,6 +73,7 @@ SEVERITY = {
     "destination_down": "critical",
     "queue_stale": "warning",
     "disk_low": "critical",
+    "loop_detected": "error",
 }
 _JOBS_LISTED = 20  # failed jobs named in one alert; the count says how many in all
 _DISK_HYSTERESIS = 1.05  # resolved only 5% above the watermark: no flapping
@@ -186,6 +190,7 @@ class AlertEvaluator:
         self.stop = stop or threading.Event()
         self._incidents: dict[tuple[str, str], _Incident] = {}
         self._failed_since: float = clock()
+        self._loops_since: float = clock()
         self._sent: dict[str, deque[float]] = {}
         self._restore()
 
@@ -200,11 +205,17 @@ class AlertEvaluator:
             log.exception("alerts: cannot read past alerts from the audit log")
             return
         seen: set[tuple[str, str]] = set()
-        now, until_found = self.clock(), False
+        now, until_found, loops_found = self.clock(), False, False
         for entry in entries:  # newest first
             payload = entry["detail"].get("payload") or {}
             event, target = payload.get("event"), payload.get("target")
             if not event or not target:
+                continue
+            if event == "loop_detected":
+                until = payload.get("details", {}).get("until")
+                if not loops_found and isinstance(until, int | float):
+                    self._loops_since = min(now, max(float(until), now - _LOOK_BACK))
+                    loops_found = True
                 continue
             if event == "job_failed":
                 until = payload.get("details", {}).get("until")
@@ -249,6 +260,52 @@ class AlertEvaluator:
             alerts += self._destinations(config, now)
         if events.disk_low.enabled:
             alerts += self._disk(config, now)
+        if events.loop_detected.enabled:
+            alerts += self._loops(now)
+        return alerts
+
+    def _loops(self, now: float) -> list[Alert]:
+        """Instances held since the last check, one alert per destination they
+        came back from."""
+        since, alerts = self._loops_since, []
+        window = (loop_events.c.kind == "held", loop_events.c.at > since, loop_events.c.at <= now)
+        with self.reader.connect() as conn:
+            counts = conn.execute(
+                select(loop_events.c.destination, func.count())
+                .where(*window)
+                .group_by(loop_events.c.destination)
+            ).all()
+            for name, count in sorted(counts):
+                rows = conn.execute(
+                    select(
+                        loop_events.c.sop_instance_uid,
+                        loop_events.c.study_instance_uid,
+                        loop_events.c.at,
+                        loop_events.c.reason,
+                    )
+                    .where(*window, loop_events.c.destination == name)
+                    .order_by(loop_events.c.at)
+                    .limit(_JOBS_LISTED)
+                ).all()
+                listed = [{**row._mapping, "at": iso(row.at)} for row in rows]
+                alerts.append(
+                    Alert(
+                        "loop_detected",
+                        FIRING,
+                        name,
+                        f"{count} instance(s) came back from {name} shortly after we sent "
+                        "them there: a routing loop; they are held, not forwarded "
+                        "(dicomrouter loops list / release)",
+                        since=rows[0].at if rows else now,
+                        details={
+                            "destination": name,
+                            "count": count,
+                            "instances": listed,
+                            "until": now,
+                        },
+                    )
+                )
+        self._loops_since = now
         return alerts
 
     def _failed_jobs(self, config: RouterConfig, now: float) -> list[Alert]:
@@ -398,6 +455,7 @@ class AlertEvaluator:
         config = self.get_config()
         if not config.alerts.webhooks:
             self._failed_since = self.clock()  # nobody to tell: not a backlog for later
+            self._loops_since = self._failed_since
             return []
         alerts = self.check()
         for alert in alerts:

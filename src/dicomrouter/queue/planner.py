@@ -25,6 +25,7 @@ from dicomrouter.store import ObjectStore, create_index_engine, read_header
 from dicomrouter.store.schema import instances, route_matches, triggers
 
 from .jobs import Delivery, JobStore
+from .loops import LoopGuard
 
 log = logging.getLogger("dicomrouter.planner")
 
@@ -89,6 +90,7 @@ class Planner:
         )
         self.routes = compile_routes(config)
         self._needs_header = any(route.condition is not None for route in self.routes)
+        self.loops = LoopGuard(config)
 
     def apply(self, config: RouterConfig) -> None:
         """Route with a new configuration from the next pass on. Call it between
@@ -99,6 +101,7 @@ class Planner:
         self.config = config
         self.routes = routes
         self._needs_header = any(route.condition is not None for route in routes)
+        self.loops.apply(config)
 
     # -- instance arrival ---------------------------------------------------------
     def route_new_instances(self, limit: int = PLAN_BATCH) -> int:
@@ -148,6 +151,7 @@ class Planner:
         now = time.time()
         with self.engine.begin() as conn:
             plans: Plans = {}
+            self.loops.begin()
             matches: list[dict[str, object]] = []
             for row in batch:
                 self._plan_instance(conn, row, facts.get(row.id), plans, matches, now)
@@ -197,6 +201,8 @@ class Planner:
         matches: list[dict[str, object]],
         now: float,
     ) -> None:
+        if self.loops.hold_echo(conn, row, now):
+            return  # came back from where we just sent it: a loop (see queue/loops.py)
         for route in self.routes:
             if route.condition is None:
                 matched = True
@@ -264,6 +270,7 @@ class Planner:
         with self.engine.begin() as conn:
             armed = conn.execute(select(triggers).where(triggers.c.pending == 1)).all()
             plans: Plans = {}
+            self.loops.begin()
             for trig in armed:
                 route = by_name.get(trig.route)
                 if route is None:  # route removed or disabled since
@@ -338,9 +345,13 @@ class Planner:
             else:
                 members = list(
                     conn.execute(
-                        select(instances.c.id, instances.c.generation).where(
-                            _LEVEL_COLUMN[level] == uid
-                        )
+                        select(
+                            instances.c.id,
+                            instances.c.generation,
+                            instances.c.sop_instance_uid,
+                            instances.c.calling_ae,
+                            instances.c.source_address,
+                        ).where(_LEVEL_COLUMN[level] == uid)
                     ).all()
                 )
         self._merge(plans, route, level, uid, row.study_instance_uid, members)
@@ -377,9 +388,11 @@ class Planner:
                 plan = Delivery(dest, self.config.destinations[dest], level, uid, study_uid)
                 plans[(dest, level, uid)] = plan
             plan.routes.add(route.name)
-            for member in members:
+            dest_config = self.config.destinations[dest]
+            for member in self.loops.not_sent_back(dest, dest_config, study_uid, members):
                 plan.members[member.id] = member.generation
 
     def _commit_plans(self, conn: Connection, plans: Plans, now: float) -> None:
+        self.loops.record(conn, plans.values(), now)
         if plans:
             self.jobs.enqueue_many(conn, list(plans.values()), now)

@@ -163,6 +163,29 @@ destination_state = Table(
     Column("updated_at", Float, nullable=False),
 )
 
+# What the runtime loop guards decided about an instance (queue/loops.py): ``held``
+# (it came back from a destination we had just sent it to: not forwarded again until
+# released) or ``not_sent_back`` (a route named the peer that sent it). No foreign
+# key: the row is history, and must not stop the instance from being purged.
+loop_events = Table(
+    "loop_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(16), nullable=False),  # held | not_sent_back
+    Column("instance_id", Integer, nullable=False),
+    Column("generation", Integer, nullable=False),
+    Column("sop_instance_uid", String(64), nullable=False),
+    Column("study_instance_uid", String(64), nullable=False),
+    Column("destination", String(128), nullable=False),
+    Column("at", Float, nullable=False),
+    Column("reason", Text, nullable=False, default=""),
+    Column("released_at", Float),
+    Column("released_by", String(128)),
+)
+Index("ix_loop_events_kind", loop_events.c.kind, loop_events.c.at)
+Index("ix_loop_events_instance", loop_events.c.instance_id, loop_events.c.generation)
+Index("ix_loop_events_study", loop_events.c.study_instance_uid)
+
 # Append-only: who did what, when (config changes, manual actions, rejected
 # associations, failed logins, alerts). Nothing updates or deletes rows here.
 audit_log = Table(
@@ -199,6 +222,7 @@ __all__ = [
     "instances",
     "job_instances",
     "jobs",
+    "loop_events",
     "meta_info",
     "metadata",
     "route_matches",

@@ -1,0 +1,150 @@
+"""The runtime loop guards in-process: the real planner, index and API on a temporary
+index (tests/support/seed.py), for what the end-to-end tests cannot show cheaply:
+status and trace of a held instance, its release, a study forwarded whole that
+includes a held instance, and the ``loop_detected`` alert."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from dicomrouter.control import loops
+from dicomrouter.observe.alerts import AlertEvaluator
+from dicomrouter.store import InstanceHeader, Provenance, read_header
+from dicomrouter.store.schema import instances, job_instances, loop_events
+from tests.support.api import ApiEnv, api_env
+from tests.support.dcmtk import free_port
+from tests.support.seed import Seeder
+
+PACS = {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}
+
+
+def _env(tmp_path: Path, route: dict[str, Any], **extra: Any) -> tuple[ApiEnv, Seeder]:
+    env = api_env(
+        tmp_path,
+        {
+            "destinations": {"pacs": PACS},
+            "routes": [{"name": "to-pacs", "to": ["pacs"], **route}],
+            **extra,
+        },
+    )
+    return env, Seeder(env, tmp_path / "in")
+
+
+def _receive_again(seeder: Seeder, files: list[Path], calling_ae: str) -> None:
+    """The same instances arrive once more (a new generation), from ``calling_ae``."""
+    store = seeder.env.store
+    for file in files:
+        header = InstanceHeader.from_dataset(read_header(file))
+        temp = store.tmp / file.name
+        shutil.copyfile(file, temp)
+        relative = store.relative_path(
+            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+        )
+        store.commit(temp, relative)
+        seeder.index.record(
+            header, relative, file.stat().st_size, Provenance(calling_ae, "ROUTER", "192.0.2.9")
+        )
+
+
+def _deliveries(env: ApiEnv) -> list[tuple[int, int]]:
+    with env.engine.connect() as conn:
+        rows = conn.execute(
+            select(job_instances.c.instance_id, job_instances.c.generation).order_by(
+                job_instances.c.instance_id, job_instances.c.generation
+            )
+        ).all()
+    return [(row[0], row[1]) for row in rows]
+
+
+def test_a_copy_back_from_the_destination_is_held_shown_and_releasable(tmp_path: Path) -> None:
+    env, seeder = _env(tmp_path, {})
+    files = seeder.receive_study(2, calling_ae="CT1")
+    seeder.plan()
+    seeder.deliver("pacs")
+    assert _deliveries(env) == [(1, 1), (2, 1)]
+
+    _receive_again(seeder, files, calling_ae="PACS")  # PACS sends them straight back
+    seeder.plan()
+    assert _deliveries(env) == [(1, 1), (2, 1)]  # nothing queued for the copies
+    held = loops.held(env.engine)
+    assert {(h.instance_id, h.generation, h.destination) for h in held} == {
+        (1, 2, "pacs"),
+        (2, 2, "pacs"),
+    }
+    assert "came back from pacs (PACS at 192.0.2.9)" in held[0].reason
+
+    status = env.viewer.get("/api/v1/status").json()
+    assert status["loops"] == {"held": 2}
+    uid = str(read_header(files[0]).StudyInstanceUID)
+    trace = env.viewer.get(f"/api/v1/studies/{uid}/trace").json()
+    [event] = [e for e in trace["events"] if e["kind"] == "loop"]
+    assert event["decision"] == "held" and event["instances"] == 2
+    assert event["destination"] == "pacs" and "routing loop" in event["message"]
+    page = env.viewer.get(f"/studies/{uid}").text
+    assert "2 instances held" in page
+
+    released = loops.release(env.engine, [held[0].id], actor="alice", source="cli")
+    assert [r.id for r in released] == [held[0].id]
+    seeder.plan()  # the released copy is routed after all; the other stays held
+    assert _deliveries(env) == sorted([(1, 1), (2, 1), (held[0].instance_id, 2)])
+    assert env.viewer.get("/api/v1/status").json()["loops"] == {"held": 1}
+
+
+def test_a_study_forwarded_whole_leaves_its_held_instances_out(tmp_path: Path) -> None:
+    env, seeder = _env(tmp_path, {"trigger": "study", "stable_after": "1s"})
+    files = seeder.receive_study(2, calling_ae="CT1")
+    seeder.plan()
+    seeder.deliver("pacs")
+    _receive_again(seeder, files[:1], calling_ae="PACS")  # one comes back: held
+    _receive_again(seeder, files[1:], calling_ae="CT1")  # one is sent again by the CT
+    seeder.plan()  # the study trigger fires again for the CT's copy
+    with env.engine.connect() as conn:
+        first = conn.execute(
+            select(instances.c.id).where(
+                instances.c.sop_instance_uid == str(read_header(files[0]).SOPInstanceUID)
+            )
+        ).scalar_one()
+    assert (first, 2) not in _deliveries(env)
+    assert len(_deliveries(env)) == 3  # both first copies, and the CT's second copy
+
+
+def test_with_no_window_nothing_is_held(tmp_path: Path) -> None:
+    env, seeder = _env(tmp_path, {}, dispatch={"loop_window": 0})
+    files = seeder.receive_study(1, calling_ae="CT1")
+    seeder.plan()
+    seeder.deliver("pacs")
+    _receive_again(seeder, files, calling_ae="PACS")
+    seeder.plan()
+    assert _deliveries(env) == [(1, 1), (1, 2)]
+    assert loops.held(env.engine) == []
+
+
+def test_loop_detected_alerts_once_per_destination_and_not_again_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    webhook = {"url": f"http://127.0.0.1:{free_port()}/hook", "retries": 0, "timeout": "1s"}
+    env, seeder = _env(tmp_path, {}, alerts={"webhooks": {"ops": webhook}})
+
+    def evaluator() -> AlertEvaluator:
+        return AlertEvaluator(lambda: env.config, env.engine, env.engine, env.store.root)
+
+    first = evaluator()
+    files = seeder.receive_study(2, calling_ae="CT1")
+    seeder.plan()
+    seeder.deliver("pacs")
+    _receive_again(seeder, files, calling_ae="PACS")
+    seeder.plan()
+
+    [alert] = first.run_once()  # nobody listens: sent and failed, but audited
+    assert (alert.event, alert.status, alert.target) == ("loop_detected", "firing", "pacs")
+    assert alert.details["count"] == 2 and len(alert.details["instances"]) == 2
+    assert "routing loop" in alert.summary
+    assert alert.payload(env.config, 0.0)["severity"] == "error"
+    assert first.run_once() == []  # the same holds never alert twice
+    assert evaluator().check() == []  # nor after a restart (read back from the audit log)
+    with env.engine.connect() as conn:
+        assert conn.execute(select(loop_events.c.id)).all()
