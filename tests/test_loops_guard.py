@@ -34,7 +34,9 @@ def _env(tmp_path: Path, route: dict[str, Any], **extra: Any) -> tuple[ApiEnv, S
     return env, Seeder(env, tmp_path / "in")
 
 
-def _receive_again(seeder: Seeder, files: list[Path], calling_ae: str) -> None:
+def _receive_again(
+    seeder: Seeder, files: list[Path], calling_ae: str, source: str = "192.0.2.9"
+) -> None:
     """The same instances arrive once more (a new generation), from ``calling_ae``."""
     store = seeder.env.store
     for file in files:
@@ -46,7 +48,7 @@ def _receive_again(seeder: Seeder, files: list[Path], calling_ae: str) -> None:
         )
         store.commit(temp, relative)
         seeder.index.record(
-            header, relative, file.stat().st_size, Provenance(calling_ae, "ROUTER", "192.0.2.9")
+            header, relative, file.stat().st_size, Provenance(calling_ae, "ROUTER", source)
         )
 
 
@@ -110,6 +112,47 @@ def test_a_study_forwarded_whole_leaves_its_held_instances_out(tmp_path: Path) -
         ).scalar_one()
     assert (first, 2) not in _deliveries(env)
     assert len(_deliveries(env)) == 3  # both first copies, and the CT's second copy
+
+
+def test_held_instances_through_the_api_and_metrics(tmp_path: Path) -> None:
+    env, seeder = _env(tmp_path, {})
+    files = seeder.receive_study(2, calling_ae="CT1")
+    seeder.plan()
+    seeder.deliver("pacs")
+    _receive_again(seeder, files, calling_ae="PACS")
+    seeder.plan()
+
+    held = env.viewer.get("/api/v1/loops").json()["held"]
+    assert len(held) == 2 and {h["destination"] for h in held} == {"pacs"}
+    assert "dicomrouter_loop_held_instances 2.0" in env.viewer.get("/metrics").text
+    assert env.viewer.post("/api/v1/loops/release", json={"all": True}).status_code == 403
+    assert env.operator.post("/api/v1/loops/release", json={}).status_code == 422
+    answer = env.operator.post("/api/v1/loops/release", json={"ids": [held[0]["id"]]})
+    assert answer.status_code == 200
+    assert [r["id"] for r in answer.json()["released"]] == [held[0]["id"]]
+    assert len(env.viewer.get("/api/v1/loops").json()["held"]) == 1
+    everything = env.viewer.get("/api/v1/loops", params={"released": True}).json()["held"]
+    assert [h["released_by"] for h in everything if h["released_at"]] == ["operator-token"]
+    entries = env.admin.get("/api/v1/audit", params={"action": "loop.release"}).json()
+    assert [e["actor"] for e in entries["items"]] == ["operator-token"]
+
+
+def test_our_own_copy_back_through_an_unrecognised_self_destination_is_held(
+    tmp_path: Path,
+) -> None:
+    """A destination that is this router under a name the configuration check could
+    not resolve in time: what comes back from this machine under the calling AE title
+    we present to it is our own copy, and is held."""
+    env, seeder = _env(tmp_path, {})
+    env.config.destinations["pacs"].ae_title = "SELF-BY-NAME"
+    files = seeder.receive_study(2, calling_ae="CT1")
+    seeder.plan()
+    seeder.deliver("pacs")
+    _receive_again(seeder, files[:1], calling_ae=env.config.ae_title, source="127.0.0.1")
+    _receive_again(seeder, files[1:], calling_ae=env.config.ae_title, source="192.0.2.9")
+    seeder.plan()
+    assert [(h.instance_id, h.generation) for h in loops.held(env.engine)] == [(1, 2)]
+    assert (2, 2) in _deliveries(env)  # from another machine: not our copy
 
 
 def test_with_no_window_nothing_is_held(tmp_path: Path) -> None:

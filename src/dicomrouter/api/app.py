@@ -32,6 +32,7 @@ from . import (
     destinations,
     health,
     jobs,
+    loops,
     metrics_api,
     routes,
     session,
@@ -170,6 +171,7 @@ def create_app(ctx: AppContext) -> FastAPI:
         config_api,
         audit_api,
         metrics_api,
+        loops,
     ):
         app.include_router(module.router)
     from dicomrouter.web import mount_dashboard

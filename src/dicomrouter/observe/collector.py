@@ -38,6 +38,7 @@ from sqlalchemy import Engine, func, select
 
 from dicomrouter import __version__
 from dicomrouter.config import RouterConfig
+from dicomrouter.control.loops import held_count
 from dicomrouter.store.schema import destination_state, jobs
 
 log = logging.getLogger("dicomrouter.metrics")
@@ -152,6 +153,13 @@ class IndexCollector(Collector):
         yield depth
         yield age
         yield states
+        held = GaugeMetricFamily(
+            "dicomrouter_loop_held_instances",
+            "Instances held as routing loops (they came back from a destination we had "
+            "just sent them to), not released yet.",
+        )
+        held.add_metric([], held_count(self.engine))
+        yield held
 
     def _storage(self, config: RouterConfig) -> Iterator[Any]:
         try:

@@ -8,9 +8,10 @@ transaction, and both written to ``loop_events`` so that the trace can say why:
 - *not sent back* (unless ``dispatch.send_back_to_sender``): a route that names the
   destination an instance came from (its AE title is the instance's calling AE, its
   host the address the instance came from) skips that destination for it;
-- *held*: an instance whose calling AE title is a destination's, and that we
-  delivered to that destination within ``dispatch.loop_window`` (or are sending
-  there now), came back: it is not routed at all. It waits, visible in the status,
+- *held*: an instance whose calling AE title is a destination's (or, from this
+  machine, the one we present to it: our own copy), and that we delivered to that
+  destination within ``dispatch.loop_window`` (or are sending there now), came
+  back: it is not routed at all. It waits, visible in the status,
   the trace and ``dicomrouter loops``, until someone releases it; the alert
   ``loop_detected`` says so. Without the hold, two routers that forward everything
   to each other would send the same instance back and forth for ever.
@@ -31,7 +32,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, select
 
 from dicomrouter.config import DicomDestinationConfig, RouterConfig
-from dicomrouter.config.hosts import resolve, same_address
+from dicomrouter.config.hosts import is_own_address, literal_address, resolve, same_address
 from dicomrouter.store.schema import job_instances, jobs, loop_events
 
 from . import states as S
@@ -75,7 +76,7 @@ class LoopGuard:
         senders = [
             name
             for name, dest in self.config.destinations.items()
-            if dest.ae_title == row.calling_ae
+            if dest.ae_title == row.calling_ae or self._our_own_copy(dest, row)
         ]
         if not senders:
             return False
@@ -156,6 +157,16 @@ class LoopGuard:
             for key in held:
                 if plan.members.get(key[0]) == key[1]:
                     del plan.members[key[0]]
+
+    def _our_own_copy(self, dest: DicomDestinationConfig, row: Row[Any]) -> bool:
+        """The instance came from this machine under the calling AE title we present
+        to ``dest``: our own copy, back through a destination that is this router
+        after all (a name the configuration check could not resolve in time)."""
+        calling = dest.calling_ae_title or self.config.ae_title
+        if calling != row.calling_ae:
+            return False
+        address = literal_address(row.source_address)
+        return address is not None and is_own_address(address)
 
     # -- not sent back to its sender ----------------------------------------------
     def begin(self) -> None:
