@@ -88,6 +88,7 @@ def test_a_copy_back_from_the_destination_is_held_shown_and_releasable(tmp_path:
     assert event["destination"] == "pacs" and "routing loop" in event["message"]
     page = env.viewer.get(f"/studies/{uid}").text
     assert "2 instances held" in page
+    assert "2 instance(s) held as a routing loop" in env.viewer.get("/").text
 
     released = loops.release(env.engine, [held[0].id], actor="alice", source="cli")
     assert [r.id for r in released] == [held[0].id]

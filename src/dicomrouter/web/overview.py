@@ -45,6 +45,12 @@ def problems(status: dict[str, Any]) -> list[str]:
             found.append(f"destination {dest['name']} is {dest['state']}{when}")
         if (dest.get("queue") or {}).get("failed"):
             found.append(f"destination {dest['name']} has {dest['queue']['failed']} failed job(s)")
+    held = (status.get("loops") or {}).get("held")
+    if held:
+        found.append(
+            f"{held} instance(s) held as a routing loop: they came back from a destination "
+            "just after we sent them there (dicomrouter loops list / release)"
+        )
     return found
 
 
