@@ -53,10 +53,12 @@ def lint(config: RouterConfig) -> list[Finding]:
     for name in sorted(set(config.destinations) - used):
         findings.append(Finding("warning", f"destinations.{name}", "is not used by any route"))
     for name, dest in config.destinations.items():
+        if dest.port != config.dicom.port:
+            continue  # another port is never this router (no lookup needed)
         host = hosts.check_host(dest.host)
         if config.is_self(dest):
             findings.append(Finding("error", f"destinations.{name}", "routing loop: this router"))
-        elif dest.port == config.dicom.port and host.local:
+        elif host.local:
             findings.append(
                 Finding(
                     "warning",
@@ -64,7 +66,7 @@ def lint(config: RouterConfig) -> list[Finding]:
                     f"points at this host's DICOM port {dest.port}: probably a routing loop",
                 )
             )
-        elif dest.port == config.dicom.port and host.unresolved:
+        elif host.unresolved:
             findings.append(
                 Finding(
                     "warning",

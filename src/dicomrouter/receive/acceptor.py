@@ -295,18 +295,20 @@ class AssociationAcceptor:
         with self._lock:
             negotiating = [c for c in self._active.values() if not c.established]
             from_host = sum(1 for c in negotiating if c.host == host)
+        # The reasons name the limit, not the count of the moment: they key the
+        # refusal report, which must stay one entry per address and kind.
         if from_host >= settings.max_associations_per_host:
             self._refusals.refused(
                 host,
-                f"{from_host} connections from this address are already waiting to "
-                "associate (dicom.max_associations_per_host)",
+                f"{settings.max_associations_per_host} connections from this address are "
+                "already waiting to associate (dicom.max_associations_per_host)",
             )
             return False
         if len(negotiating) >= limit:
             self._refusals.refused(
                 host,
-                f"{len(negotiating)} connections are already waiting to associate "
-                f"(limit: {PENDING_PER_ASSOCIATION} x dicom.max_associations)",
+                f"{limit} connections are already waiting to associate "
+                f"({PENDING_PER_ASSOCIATION} x dicom.max_associations)",
             )
             return False
         return True
