@@ -91,6 +91,13 @@ class Dispatcher:
             for name in self.config.destinations:
                 self._start_destination(name, self.config)
 
+    def health(self) -> tuple[bool, str]:
+        """For the dispatch process's heartbeat: (the planner runs, what)."""
+        planner = next((t for t in self.threads if t.name == "planner"), None)
+        if planner is None or not planner.is_alive():
+            return False, "the dispatch process's planner has stopped"
+        return True, f"planning; {len(self.destinations)} destination(s) running"
+
     def _warn_orphans(self, config: RouterConfig) -> None:
         for name, count in self.jobs.open_jobs_by_destination().items():
             if name not in config.destinations:
