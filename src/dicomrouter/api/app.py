@@ -33,6 +33,7 @@ from . import (
     health,
     jobs,
     metrics_api,
+    recovery,
     routes,
     session,
     studies,
@@ -164,6 +165,7 @@ def create_app(ctx: AppContext) -> FastAPI:
         session,
         status_api,
         destinations,
+        recovery,  # before jobs: /api/v1/jobs/orphaned is not a job id
         jobs,
         studies,
         routes,

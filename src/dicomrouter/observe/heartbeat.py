@@ -69,8 +69,8 @@ def beat(
     """Write this process's heartbeat for ``role`` on this node."""
     now = time.time() if now is None else now
     node, pid = node_name(), os.getpid()
-    values = {"pid": pid, "started_at": started_at, "heartbeat_at": now, "ok": int(ok)}
-    values["detail"] = detail[:500]
+    values: dict[str, object] = {"pid": pid, "started_at": started_at, "heartbeat_at": now}
+    values.update(ok=int(ok), detail=detail[:500])
     with engine.begin() as conn:
         changed = conn.execute(
             update(process_heartbeats)
@@ -82,9 +82,10 @@ def beat(
 
 
 def read(engine: Engine, node: str | None = None) -> list[Heartbeat]:
-    query = select(process_heartbeats).order_by(process_heartbeats.c.node, process_heartbeats.c.role)
+    table = process_heartbeats
+    query = select(table).order_by(table.c.node, table.c.role)
     if node is not None:
-        query = query.where(process_heartbeats.c.node == node)
+        query = query.where(table.c.node == node)
     with engine.connect() as conn:
         return [
             Heartbeat(r.node, r.role, r.pid, r.started_at, r.heartbeat_at, bool(r.ok), r.detail)

@@ -45,6 +45,17 @@ def problems(status: dict[str, Any]) -> list[str]:
             found.append(f"destination {dest['name']} is {dest['state']}{when}")
         if (dest.get("queue") or {}).get("failed"):
             found.append(f"destination {dest['name']} has {dest['queue']['failed']} failed job(s)")
+    unplanned = (status.get("unplanned") or {}).get("count") or 0
+    if unplanned:
+        found.append(f"{unplanned} received instance(s) could not be planned yet: retrying")
+    for queue in status.get("orphaned") or []:
+        found.append(
+            f"{queue['total']} open job(s) for {queue['destination']}, "
+            "which is no longer configured: move or cancel them"
+        )
+    for process in status.get("processes") or []:
+        if not process.get("ok"):
+            found.append(process.get("reason") or f"the {process['role']} process is not running")
     return found
 
 
@@ -102,5 +113,6 @@ def overview(request: Request, range: str = "1h", principal: Principal = viewer)
         "range": key,
         "ranges": list(RANGES),
         "charts": charts(status, points, span),
+        "destination_names": sorted(ctx.config.destinations),
     }
     return render(request, "overview.html", values, principal=principal)
