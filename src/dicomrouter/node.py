@@ -164,7 +164,10 @@ class Node:
         if swept:
             log.info("removed %d partial file(s) left by interrupted transfers", swept)
         self.receiver.start()
-        self.heartbeat = HeartbeatThread(self.control_engine, RECEIVER, self.receiver.health)
+        # Its own engine, without the fsync: a heartbeat is no promise, and the write
+        # lock it takes every few seconds is the one each C-STORE needs.
+        beats = create_index_engine(self.config.database_url, create=False, durable_commits=False)
+        self.heartbeat = HeartbeatThread(beats, RECEIVER, self.receiver.health)
         self.heartbeat.start()
         try:
             for child in self.children:
@@ -176,6 +179,7 @@ class Node:
     def stop(self) -> None:
         if self.heartbeat is not None:
             self.heartbeat.stop()
+            self.heartbeat.engine.dispose()
         self.receiver.stop()
         for child in self.children:
             child.stop()

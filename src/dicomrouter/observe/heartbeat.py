@@ -162,5 +162,7 @@ class HeartbeatThread(threading.Thread):
         while not self.stop_event.wait(self.interval):
             self.beat_once()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         self.stop_event.set()
+        if self.is_alive():
+            self.join(timeout)
