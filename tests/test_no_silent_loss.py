@@ -1,6 +1,9 @@
-"""No silent loss: an acknowledged instance that could not be planned is planned later.
+"""No silent loss, end to end with a real router and dcmtk peers.
 
-The reported scenario, end to end: storage on an 8 MB tmpfs with
+An acknowledged instance that could not be planned is planned later, and the jobs of
+a destination removed from the configuration are shown and can be moved.
+
+The reported scenario: storage on an 8 MB tmpfs with
 ``storage.min_free_space: 0``, a real router process, dcmtk ``storescu`` sending 30
 images of 512 KB to it and a dcmtk ``storescp`` as the destination. The filesystem
 fills up: some C-STOREs are acknowledged, the rest refused, and the dispatch process
@@ -11,6 +14,7 @@ the destination.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -20,11 +24,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from pydicom import dcmread
 
-from tests.support.dcmtk import HOST, StoreSCP
+from tests.support.dcmtk import HOST, StoreSCP, free_port, sop_uids
 from tests.support.router import RouterProcess, storescu, wait_until
-from tests.support.synth import make_large_study
+from tests.support.synth import make_large_study, make_small_study
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(400)]
 
@@ -118,3 +123,49 @@ def test_acknowledged_instances_are_delivered_after_the_disk_fills_up_without_re
         )
         assert dispatch_pid(router) == held  # no restart of the dispatch process either
         assert unplanned_in_index(router) == 0
+
+
+@pytest.mark.interop
+@pytest.mark.timeout(240)
+def test_jobs_of_a_removed_destination_are_shown_and_moved_to_another(
+    tmp_path: Path, pacs: StoreSCP
+) -> None:
+    """A destination that never answered is removed from the configuration while it
+    still has jobs: ``queue list`` names them orphaned, ``queue move`` hands them to
+    a working destination, which receives every instance."""
+    gone = {"ae_title": "GONE", "host": HOST, "port": free_port()}  # nobody listens
+    working = {"ae_title": "PACS", "host": HOST, "port": pacs.port}
+    config = {
+        "destinations": {
+            "gone": {**gone, "retry": {"initial_delay": "1h", "max_delay": "1h"}},
+            "pacs": working,
+        },
+        "routes": [{"name": "all", "trigger": "instance", "to": ["gone"]}],
+    }
+    files = make_small_study(tmp_path / "in", 3)
+    with RouterProcess(tmp_path / "router", config) as router:
+        assert router.send(files).returncode == 0
+        router.wait_jobs(
+            lambda jobs: len(jobs) == 3 and all(j["state"] == "pending" for j in jobs),
+            60,
+            "three jobs waiting for the unreachable destination",
+        )
+        config["destinations"] = {"pacs": working}
+        config["routes"] = [{"name": "all", "trigger": "instance", "to": ["pacs"]}]
+        router.config_path.write_text(yaml.safe_dump({**router.config, **config}, sort_keys=False))
+        assert router.process is not None
+        router.process.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda: "dispatch runs on configuration version 2" in router.log(), 30, message="reload"
+        )
+        args = ["--config", str(router.config_path)]
+        listed = json.loads(router.cli("queue", "list", "--json", *args, check=True).stdout)
+        [orphan] = listed["orphaned"]
+        assert (orphan["destination"], orphan["total"]) == ("gone", 3)
+        shown = router.cli("queue", "list", *args, check=True).stdout
+        assert "orphaned" in shown and "no longer configured" in shown
+        moved = router.cli("queue", "move", "--from", "gone", "--to", "pacs", *args, check=True)
+        assert "moved 3 job(s)" in moved.stdout
+        wait_until(lambda: pacs.received_sops() == sop_uids(files), 60, message="delivered to pacs")
+        after = json.loads(router.cli("queue", "list", "--json", *args, check=True).stdout)
+        assert after["orphaned"] == []
