@@ -130,3 +130,28 @@ def test_instances_an_earlier_version_set_aside_are_retried_after_the_upgrade(
     assert p.planner.retry_unplanned() == 2
     with engine.connect() as conn:
         assert len(conn.execute(select(jobs.c.id)).all()) == 2
+
+
+def test_an_instance_whose_header_cannot_be_read_waits_instead_of_missing_its_routes(
+    tmp_path: Path,
+) -> None:
+    """Conditional routes need the header: an unreadable file is not planned as if
+    none of them matched (its deliveries would be lost quietly); it is retried."""
+    p = Pipeline(
+        tmp_path,
+        {"destinations": {"pacs": DEST}, "routes": [route(when={"Modality": "CT"})]},
+    )
+    files = make_study(tmp_path / "in", 2)
+    p.receive(files)
+    with p.engine.connect() as conn:
+        first_path = conn.execute(select(instances.c.path).order_by(instances.c.id)).scalar()
+    stored = p.store.absolute(first_path)
+    intact = stored.read_bytes()
+    stored.write_bytes(b"")  # damaged storage
+    p.plan()
+    [(instance_id, attempts, _, error)] = _rows(p)
+    assert attempts == 1 and "cannot re-read" in error
+    assert len(p.job_list()) == 1  # the other instance was not held up
+    stored.write_bytes(intact)
+    assert p.planner.retry_unplanned(now=time.time() + 60) == 1
+    assert set().union(*(p.members(j["id"]) for j in p.job_list())) == uids(files)

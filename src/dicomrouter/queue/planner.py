@@ -218,19 +218,16 @@ class Planner:
         return len(batch)
 
     def _facts(self, row: Row) -> InstanceFacts | None:
-        """What the rules see; None when the header cannot be read, so that no
-        conditional route matches (an empty dataset would satisfy ``not`` tests)."""
+        """What the rules see. A header that cannot be read (the file was validated
+        at receive, so an I/O error or damaged storage) raises: the instance is set
+        aside and tried again, visibly, rather than planned as if no conditional
+        route matched it."""
         dataset = Dataset()
         if self._needs_header:
             try:
                 dataset = read_header(self.store.absolute(row.path))
-            except Exception as exc:  # the file was validated at receive; be defensive
-                log.error(
-                    "cannot re-read %s for routing: %s; only routes without conditions apply to it",
-                    row.sop_instance_uid,
-                    exc,
-                )
-                return None
+            except Exception as exc:
+                raise OSError(f"cannot re-read {row.sop_instance_uid} for routing: {exc}") from exc
         return indexed_facts(row, dataset)
 
     def _plan_instance(
