@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import base64
+import time
 from pathlib import Path
 
 import pytest
 import yaml
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import DatabaseError
 from typer.testing import CliRunner
 
@@ -20,7 +21,9 @@ from dicomrouter.control.security import (
     verify_password,
     verify_token,
 )
+from dicomrouter.observe import heartbeat
 from dicomrouter.store import create_index_engine
+from dicomrouter.store.schema import SCHEMA_VERSION
 from tests.support.api import PASSWORD, api_env
 
 
@@ -113,13 +116,21 @@ def test_the_audit_log_is_append_only(tmp_path: Path) -> None:
     assert audit.query(env.engine)[0] == 1
 
 
+def _processes_running(engine: Engine) -> None:
+    """The receiver's and dispatch process's heartbeats, as a running node writes them."""
+    for role in heartbeat.REQUIRED_ROLES:
+        heartbeat.beat(engine, role, time.time(), True, "")
+
+
 def test_probes_are_open_by_default_and_closed_on_request(tmp_path: Path) -> None:
     env = api_env(tmp_path)
+    _processes_running(env.engine)
     assert env.anonymous.get("/healthz").json() == {"status": "ok"}
     ready = env.anonymous.get("/readyz")
     assert ready.status_code == 200
     assert {"index", "storage", "disk"} <= set(ready.json()["checks"])
     closed = api_env(tmp_path / "closed", {"http": {"open_probes": False}})
+    _processes_running(closed.engine)
     assert closed.anonymous.get("/healthz").status_code == 401
     assert closed.viewer.get("/readyz").status_code == 200
 
@@ -155,7 +166,7 @@ def test_an_old_index_is_upgraded_in_place(tmp_path: Path) -> None:
             row[0]
             for row in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='index'")
         }
-    assert "admin_paused" in columns and version == "2"
+    assert "admin_paused" in columns and version == str(SCHEMA_VERSION)
     assert new_indexes <= indexes
 
 

@@ -182,6 +182,7 @@ def _dispatch_main(
     configure_logging(config.log_level, "dispatch")
     from dicomrouter.control import versions
     from dicomrouter.dispatch import Dispatcher
+    from dicomrouter.observe.heartbeat import DISPATCH, HeartbeatThread
     from dicomrouter.store import ObjectStore, create_index_engine
 
     stop = threading.Event()
@@ -198,6 +199,8 @@ def _dispatch_main(
     store = ObjectStore(config.storage.path)
     dispatcher = Dispatcher(config, engine, store)
     dispatcher.start()
+    heartbeat = HeartbeatThread(engine, DISPATCH, dispatcher.health)
+    heartbeat.start()
     ready()
     while not stop.wait(0.2):
         if reload.is_set() and config_path is not None:
@@ -207,6 +210,7 @@ def _dispatch_main(
                 logging.getLogger().setLevel(loaded[1].log_level)
                 dispatcher.apply(loaded[1])
                 log.info("dispatch runs on configuration version %d", loaded[0].id)
+    heartbeat.stop()
     dispatcher.stop()
     logging.shutdown()
     # Do not wait for a worker still blocked on a hung peer (stop() abandoned it):

@@ -26,6 +26,7 @@ from types import FrameType
 from dicomrouter.children import ChildProcess
 from dicomrouter.config import ConfigError, RouterConfig
 from dicomrouter.control import audit, versions
+from dicomrouter.observe.heartbeat import RECEIVER, HeartbeatThread
 from dicomrouter.observe.metrics import enable_multiprocess
 from dicomrouter.receive import Receiver
 from dicomrouter.store import InstanceIndex, ObjectStore, create_index_engine
@@ -53,6 +54,7 @@ class Node:
         self.receiver = Receiver(
             config, self.store, InstanceIndex(self.engine), audit_engine=self.control_engine
         )
+        self.heartbeat: HeartbeatThread | None = None
         self.children = [ChildProcess("dispatch", (config, config_path))]
         if config.http.enabled:
             self.children.append(ChildProcess("http", (config, config_path)))
@@ -162,6 +164,11 @@ class Node:
         if swept:
             log.info("removed %d partial file(s) left by interrupted transfers", swept)
         self.receiver.start()
+        # Its own engine, without the fsync: a heartbeat is no promise, and the write
+        # lock it takes every few seconds is the one each C-STORE needs.
+        beats = create_index_engine(self.config.database_url, create=False, durable_commits=False)
+        self.heartbeat = HeartbeatThread(beats, RECEIVER, self.receiver.health)
+        self.heartbeat.start()
         try:
             for child in self.children:
                 child.start()
@@ -170,6 +177,9 @@ class Node:
             raise
 
     def stop(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat.engine.dispose()
         self.receiver.stop()
         for child in self.children:
             child.stop()

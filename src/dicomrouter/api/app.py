@@ -34,6 +34,7 @@ from . import (
     jobs,
     loops,
     metrics_api,
+    recovery,
     routes,
     session,
     studies,
@@ -165,6 +166,7 @@ def create_app(ctx: AppContext) -> FastAPI:
         session,
         status_api,
         destinations,
+        recovery,  # before jobs: /api/v1/jobs/orphaned is not a job id
         jobs,
         studies,
         routes,

@@ -1,9 +1,11 @@
 """Liveness and readiness probes, for load balancers, Kubernetes and monitoring.
 
 ``/healthz`` answers as long as the HTTP process runs. ``/readyz`` says whether the
-router can take objects right now: the index answers, the storage folder is
-writable, and free disk is above ``storage.min_free_space`` (below it, C-STOREs
-are refused with 0xA700). It answers 503 with the failing checks otherwise.
+router can take objects right now and send them on: the index answers, the storage
+folder is writable, free disk is above ``storage.min_free_space`` (below it,
+C-STOREs are refused with 0xA700), and the receiver and the dispatch process of this
+node run (a fresh heartbeat, see :mod:`dicomrouter.observe.heartbeat`). It answers
+503 with the failing checks otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from dicomrouter.control.security import Role
+from dicomrouter.observe import heartbeat
 
 from .auth import context, require
 
@@ -56,6 +59,17 @@ def readiness(ctx: Any) -> dict[str, dict[str, Any]]:
         }
     except OSError as exc:
         checks["disk"] = {"ok": False, "error": str(exc)}
+    try:
+        for process in heartbeat.check(ctx.reader):
+            checks[process.role] = {
+                "ok": process.ok,
+                "pid": process.pid,
+                "heartbeat_age_s": process.heartbeat_age_s,
+                ("detail" if process.ok else "error"): process.reason,
+            }
+    except Exception as exc:
+        for role in heartbeat.REQUIRED_ROLES:
+            checks[role] = {"ok": False, "error": f"cannot read heartbeats: {exc}"[:300]}
     return checks
 
 
@@ -67,7 +81,8 @@ def healthz(request: Request) -> dict[str, str]:
 
 @router.get(
     "/readyz",
-    summary="Readiness: index reachable, storage writable, disk above the watermark",
+    summary="Readiness: index reachable, storage writable, disk above the watermark, "
+    "receiver and dispatch running",
     responses={503: {"description": "At least one check failed"}},
 )
 def readyz(request: Request) -> JSONResponse:

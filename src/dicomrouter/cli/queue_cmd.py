@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -51,8 +52,9 @@ def list_command(
         fail(f"unknown state {state!r}: one of {', '.join(states.JOB_STATES)}")
     engine = _engine(config)
     rows = list_jobs(engine, state=state, destination=destination, study_uid=study, limit=limit)
+    orphaned = _orphaned(engine, config)
     if json_output:
-        print_json({"summary": queue_summary(engine), "jobs": rows})
+        print_json({"summary": queue_summary(engine), "jobs": rows, "orphaned": orphaned})
         return
     summary = Table(title="destinations")
     for column in ("destination", "health", *states.JOB_STATES):
@@ -64,6 +66,14 @@ def list_command(
             *(str(entry["jobs"].get(s, 0)) for s in states.JOB_STATES),
         )
     console.print(summary)
+    for entry in orphaned:
+        console.print(
+            f"[bold red]orphaned:[/] {entry['total']} open job(s) for {entry['destination']!r}, "
+            "which is no longer configured; nothing sends them. Move them with "
+            f"'dicomrouter queue move --from {entry['destination']} --to DESTINATION' "
+            f"or cancel them with 'dicomrouter queue cancel --destination {entry['destination']}'.",
+            highlight=False,
+        )
     table = Table(title="jobs")
     for column in (
         "id",
@@ -92,6 +102,54 @@ def list_command(
             (job["last_error"] or "")[:60],
         )
     console.print(table)
+
+
+def _local_user() -> str:
+    """The audit actor of a CLI action: who ran it on this machine."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return f"cli:uid {os.getuid()}"
+
+
+def _orphaned(engine, config: Path | None) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
+    from dataclasses import asdict
+
+    from dicomrouter.control.jobs import orphaned_queues
+
+    return [asdict(q) for q in orphaned_queues(engine, load(config).destinations)]
+
+
+@queue_app.command("move")
+def move_command(
+    source: Annotated[str, typer.Option("--from", help="Destination whose open jobs move.")],
+    target: Annotated[str, typer.Option("--to", help="A configured destination.")],
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Send the open jobs of a destination (e.g. one removed from the configuration) to
+    another; what the target already has is not sent twice. Audited."""
+    from dataclasses import asdict
+
+    from dicomrouter.control.errors import ControlError
+    from dicomrouter.control.jobs import move_jobs
+
+    engine = _engine(config)
+    try:
+        result = move_jobs(
+            engine, load(config).destinations, source, target, actor=_local_user(), source="cli"
+        )
+    except ControlError as exc:
+        fail(str(exc))
+    if json_output:
+        print_json(asdict(result))
+    else:
+        left = f"; {result.left} held by a worker: move them again later" if result.left else ""
+        console.print(f"moved {result.moved} job(s) from {source} to {target}{left}")
+    if result.moved == 0:
+        raise typer.Exit(1)
 
 
 @queue_app.command("show")
@@ -175,8 +233,30 @@ def retry_command(
 def cancel_command(
     job_ids: Annotated[list[int] | None, typer.Argument(help="Job ids.")] = None,
     state: Annotated[str | None, typer.Option(help="Cancel every job in this state.")] = None,
+    destination: Annotated[
+        str | None,
+        typer.Option(help="Cancel every open job of this destination (e.g. one removed)."),
+    ] = None,
     config: ConfigOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Cancel waiting or running jobs; instances not yet sent are not sent."""
+    if destination is not None:
+        _cancel_destination(destination, config, json_output)
+        return
     _act("cancel", job_ids or [], state, config, json_output)
+
+
+def _cancel_destination(destination: str, config: Path | None, json_output: bool) -> None:
+    """Every open job of one destination, through the control plane (audited)."""
+    from dicomrouter.control.jobs import JobFilter, bulk_action
+    from dicomrouter.queue import states
+
+    f = JobFilter(destination=destination, state=list(states.OPEN_STATES))
+    changed = bulk_action(_engine(config), f, "cancel", actor=_local_user(), source="cli")
+    if json_output:
+        print_json({"action": "cancel", "destination": destination, "changed": changed})
+    else:
+        console.print(f"cancel: {changed} open job(s) of {destination} changed")
+    if changed == 0:
+        raise typer.Exit(1)

@@ -398,6 +398,16 @@ class DiskAlertConfig(ResolvableAlertConfig):
     )
 
 
+class UnplannedAlertConfig(ResolvableAlertConfig):
+    """Received instances whose plan could not be written to the index."""
+
+    after: Duration = Field(
+        300.0,
+        description="How long the oldest such instance must have waited before the alert "
+        "fires (the planner retries each by itself meanwhile: 5 s, doubling up to 5 min).",
+    )
+
+
 class AlertEventsConfig(_Model):
     """The alerts, one entry per kind."""
 
@@ -423,6 +433,16 @@ class AlertEventsConfig(_Model):
         description="Instances came back from a destination shortly after we sent them "
         "there (`dispatch.loop_window`) and are held; one alert per destination and "
         "check, listing them.",
+    )
+    unplanned: UnplannedAlertConfig = Field(
+        default_factory=lambda: UnplannedAlertConfig(),
+        description="Acknowledged instances could not be planned (routed) for longer than "
+        "`after`: nothing is queued for them until a retry succeeds.",
+    )
+    orphaned_jobs: ResolvableAlertConfig = Field(
+        default_factory=lambda: ResolvableAlertConfig(),
+        description="Open jobs for a destination that is no longer configured: nothing "
+        "sends them until they are moved to another destination or canceled.",
     )
 
 

@@ -10,12 +10,13 @@ audit log with who asked and from where.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy import ColumnElement, Engine, case, func, literal, select, update
 
+from dicomrouter.config import DicomDestinationConfig
 from dicomrouter.destinations import describe_status
 from dicomrouter.queue import JobStore
 from dicomrouter.queue import states as S
@@ -381,3 +382,98 @@ def set_priority(
         detail={"priority": priority, "previous": row.priority},
     )
     return {"id": job_id, "priority": priority, "previous": row.priority}
+
+
+# -- jobs whose destination is no longer configured ----------------------------------
+
+
+@dataclass(frozen=True)
+class OrphanedQueue:
+    """Open jobs of a destination that the configuration no longer has: nothing
+    sends them until they are moved to another destination or canceled."""
+
+    destination: str
+    jobs: dict[str, int]  # open state -> count
+    total: int
+    oldest_created_at: float | None
+
+
+def orphaned_queues(engine: Engine, configured: Iterable[str]) -> list[OrphanedQueue]:
+    """Open jobs per destination missing from ``configured`` (destination names)."""
+    known = set(configured)
+    found: dict[str, dict[str, int]] = {}
+    oldest: dict[str, float] = {}
+    with engine.connect() as conn:
+        for name, state, count, first in conn.execute(
+            select(jobs.c.destination, jobs.c.state, func.count(), func.min(jobs.c.created_at))
+            .where(jobs.c.state.in_(S.OPEN_STATES))
+            .group_by(jobs.c.destination, jobs.c.state)
+        ):
+            if name in known:
+                continue
+            found.setdefault(name, dict.fromkeys(S.OPEN_STATES, 0))[state] = int(count)
+            oldest[name] = min(first, oldest.get(name, first))
+    return [
+        OrphanedQueue(name, counts, sum(counts.values()), oldest.get(name))
+        for name, counts in sorted(found.items())
+    ]
+
+
+@dataclass(frozen=True)
+class MoveResult:
+    source: str
+    target: str
+    moved: int  # jobs handed over (each canceled with a note naming the target)
+    left: int  # open jobs not moved: a worker still holds them
+    target_jobs: list[int]  # the target's jobs that received their instances
+
+
+def move_jobs(
+    engine: Engine,
+    destinations: Mapping[str, DicomDestinationConfig],
+    source_destination: str,
+    target: str,
+    *,
+    actor: str = audit.SYSTEM,
+    source: str = "",
+) -> MoveResult:
+    """Send the waiting jobs of ``source_destination`` (typically one removed from the
+    configuration) to ``target`` instead; ``destinations`` is the configuration's.
+    Instances the target already has are not sent twice. Audited as ``job.move``."""
+    if target not in destinations:
+        known = ", ".join(sorted(destinations)) or "none configured"
+        raise Invalid(f"destination {target!r} is not configured (known: {known})")
+    if source_destination == target:
+        raise Invalid(f"jobs of {target!r} are already for {target!r}")
+    with engine.connect() as conn:
+        ids = list(
+            conn.execute(
+                select(jobs.c.id)
+                .where(
+                    jobs.c.destination == source_destination,
+                    jobs.c.state.in_(S.OPEN_STATES),
+                )
+                .order_by(jobs.c.id)
+            ).scalars()
+        )
+    if not ids:
+        raise NotFound(f"no open jobs for destination {source_destination!r}")
+    moved, touched = JobStore(engine).move(ids, target, destinations[target])
+    result = MoveResult(source_destination, target, len(moved), len(ids) - len(moved), touched)
+    audit.record(
+        engine,
+        actor,
+        "job.move",
+        f"{source_destination} -> {target}",
+        outcome="ok" if moved else "failed",
+        source=source,
+        detail={
+            "from": source_destination,
+            "to": target,
+            "moved": len(moved),
+            "left": result.left,
+            "ids": moved[:100],
+            "target_jobs": touched[:100],
+        },
+    )
+    return result

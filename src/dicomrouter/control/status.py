@@ -10,17 +10,21 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, Integer, cast, func, select
 
 from dicomrouter import __version__
+from dicomrouter.observe import heartbeat
 from dicomrouter.queue import states as S
 from dicomrouter.store.schema import instances, job_instances, jobs
 
 from .destinations import destination_summaries, recently_touched_jobs
 from .errors import Invalid
+from .jobs import orphaned_queues
 from .loops import held_count
+from .unplanned import summary as unplanned_summary
 
 MAX_BUCKETS = 2000
 
@@ -79,12 +83,15 @@ _recent = _Recent()
 
 def node_status(ctx: Any, max_age: float = 0.0) -> dict[str, Any]:
     """{version, started_at, uptime_s, counts: {instances, studies, jobs: {state: n}},
-    disk: {free_bytes, total_bytes, watermark_bytes, ok}, destinations: [...]}.
+    disk: {free_bytes, total_bytes, watermark_bytes, ok}, destinations: [...],
+    unplanned: {count, oldest_failed_at, items: [...]}, orphaned: [{destination, jobs,
+    total, oldest_created_at}], processes: [{role, ok, reason, pid, heartbeat_age_s}]}.
 
     ``max_age`` > 0 lets the counts (a scan of the index) be up to that many seconds
     old; disk and destinations are always read now."""
     now = time.time()
     counts = _recent.get(("counts", id(ctx.reader)), max_age, lambda: _counts(ctx.reader))
+    unplanned = unplanned_summary(ctx.reader)
     return {
         "version": __version__,
         "started_at": ctx.started_at,
@@ -94,6 +101,11 @@ def node_status(ctx: Any, max_age: float = 0.0) -> dict[str, Any]:
         "destinations": destination_summaries(ctx),
         # Instances that came back from a destination and wait for a release.
         "loops": {"held": held_count(ctx.reader)},
+        # Acknowledged instances not planned yet (retried automatically), and open
+        # jobs whose destination is no longer configured (moved or canceled by hand).
+        "unplanned": asdict(unplanned),
+        "orphaned": [asdict(q) for q in orphaned_queues(ctx.reader, ctx.config.destinations)],
+        "processes": [asdict(check) for check in heartbeat.check(ctx.reader)],
     }
 
 

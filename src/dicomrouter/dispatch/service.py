@@ -29,6 +29,8 @@ log = logging.getLogger("dicomrouter.dispatch")
 
 _TRIGGER_CHECK_EVERY = 0.5
 _RECOVER_EVERY = 5.0
+_REPLAN_CHECK_EVERY = 1.0  # set-aside instances due again (see queue.unplanned)
+_MAX_PLAN_BACKOFF = 30.0
 
 
 class _Worker(DestinationWorker):
@@ -88,6 +90,13 @@ class Dispatcher:
         with self._lock:
             for name in self.config.destinations:
                 self._start_destination(name, self.config)
+
+    def health(self) -> tuple[bool, str]:
+        """For the dispatch process's heartbeat: (the planner runs, what)."""
+        planner = next((t for t in self.threads if t.name == "planner"), None)
+        if planner is None or not planner.is_alive():
+            return False, "the dispatch process's planner has stopped"
+        return True, f"planning; {len(self.destinations)} destination(s) running"
 
     def _warn_orphans(self, config: RouterConfig) -> None:
         for name, count in self.jobs.open_jobs_by_destination().items():
@@ -179,7 +188,8 @@ class Dispatcher:
 
     def _plan_loop(self) -> None:
         poll = self.config.dispatch.poll_interval
-        last_triggers = last_recover = 0.0
+        last_triggers = last_recover = last_replan = 0.0
+        failures = 0
         while not self.stop_event.is_set():
             with self._lock:
                 new_config, self._planner_config = self._planner_config, None
@@ -195,10 +205,17 @@ class Dispatcher:
                 if now - last_recover >= _RECOVER_EVERY:
                     self.jobs.recover()
                     last_recover = now
+                if now - last_replan >= _REPLAN_CHECK_EVERY:
+                    self.planner.retry_unplanned()
+                    last_replan = now
+                failures = 0
             except Exception:
-                log.exception("planning failed; retrying")
+                # Nothing could be written (even setting an instance aside failed):
+                # the instances stay to be planned; wait longer each time in a row.
+                failures += 1
+                log.exception("planning failed; retrying (failure %d in a row)", failures)
                 planned = 0
-                self.stop_event.wait(1.0)
+                self.stop_event.wait(min(2.0 ** (failures - 1), _MAX_PLAN_BACKOFF))
             if planned < PLAN_BATCH:
                 # Nothing, or a partial batch: let instances accumulate for one poll
                 # interval. Planning a steady stream one or two instances per pass

@@ -14,6 +14,10 @@ queries as the metrics:
 - ``loop_detected``: instances held since the last check because they came back
   from a destination we had just sent them to (one alert per destination, listing
   them; see queue/loops.py).
+- ``unplanned``: acknowledged instances whose plan could not be written, the
+  oldest waiting for longer than ``after`` (one incident for the node);
+- ``orphaned_jobs``: open jobs of a destination no longer configured (one incident
+  per such destination).
 
 Each condition is an *incident*: it fires once when it starts (after its delay)
 and, if ``send_resolved``, once more when it ends. Incidents survive a restart of
@@ -60,6 +64,8 @@ from dicomrouter import __version__
 from dicomrouter.config import RouterConfig
 from dicomrouter.config.models import AlertEventConfig, ResolvableAlertConfig, WebhookConfig
 from dicomrouter.control import audit
+from dicomrouter.control.jobs import orphaned_queues
+from dicomrouter.control.unplanned import summary as unplanned_summary
 from dicomrouter.store.schema import jobs, loop_events
 
 from .collector import read_queues
@@ -74,6 +80,8 @@ SEVERITY = {
     "queue_stale": "warning",
     "disk_low": "critical",
     "loop_detected": "error",
+    "unplanned": "error",
+    "orphaned_jobs": "warning",
 }
 _JOBS_LISTED = 20  # failed jobs named in one alert; the count says how many in all
 _DISK_HYSTERESIS = 1.05  # resolved only 5% above the watermark: no flapping
@@ -262,6 +270,10 @@ class AlertEvaluator:
             alerts += self._disk(config, now)
         if events.loop_detected.enabled:
             alerts += self._loops(now)
+        if events.unplanned.enabled:
+            alerts += self._unplanned(config, now)
+        if events.orphaned_jobs.enabled:
+            alerts += self._orphaned(config, now)
         return alerts
 
     def _loops(self, now: float) -> list[Alert]:
@@ -306,6 +318,53 @@ class AlertEvaluator:
                     )
                 )
         self._loops_since = now
+        return alerts
+
+    def _unplanned(self, config: RouterConfig, now: float) -> list[Alert]:
+        rule = config.alerts.events.unplanned
+        found = unplanned_summary(self.reader, limit=5)
+        items = [
+            {
+                "sop_instance_uid": item.sop_instance_uid,
+                "study_instance_uid": item.study_instance_uid,
+                "attempts": item.attempts,
+                "next_attempt_at": iso(item.next_attempt_at),
+                "last_error": item.last_error,
+            }
+            for item in found.items
+        ]
+        reason = found.items[0].last_error if found.items else ""
+        return self._transition(
+            rule,
+            ("unplanned", "planner"),
+            found.count > 0,
+            found.oldest_failed_at,
+            now,
+            f"{found.count} received instance(s) could not be planned since {{since}}: {reason}",
+            "every received instance is planned again",
+            {"count": found.count, "instances": items},
+            delay=rule.after,
+        )
+
+    def _orphaned(self, config: RouterConfig, now: float) -> list[Alert]:
+        rule = config.alerts.events.orphaned_jobs
+        queues = {q.destination: q for q in orphaned_queues(self.reader, config.destinations)}
+        open_ones = {target for event, target in self._incidents if event == "orphaned_jobs"}
+        alerts: list[Alert] = []
+        for name in sorted(set(queues) | open_ones):
+            queue = queues.get(name)
+            alerts += self._transition(
+                rule,
+                ("orphaned_jobs", name),
+                queue is not None,
+                queue.oldest_created_at if queue is not None else None,
+                now,
+                f"{queue.total if queue else 0} open job(s) for destination {name}, which is "
+                "no longer configured: move them to another destination or cancel them",
+                f"no open job is left for the removed destination {name}",
+                {"destination": name, "jobs": queue.jobs if queue else {}},
+                delay=0.0,
+            )
         return alerts
 
     def _failed_jobs(self, config: RouterConfig, now: float) -> list[Alert]:

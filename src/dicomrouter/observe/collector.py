@@ -20,6 +20,13 @@ Series:
   ``dicomrouter_storage_min_free_bytes`` (the watermark below which C-STOREs are
   refused);
 - ``dicomrouter_index_up``: 0 when the index could not be read for this scrape;
+- ``dicomrouter_unplanned_instances`` and
+  ``dicomrouter_unplanned_oldest_age_seconds``: acknowledged instances whose plan
+  could not be written (retried automatically), and how long the oldest has waited;
+- ``dicomrouter_orphaned_jobs{destination}``: open jobs of destinations that are no
+  longer configured (nothing sends them);
+- ``dicomrouter_process_up{role}``: 1 when the receiver / dispatch process of this
+  node has a fresh heartbeat and reports ok (what ``/readyz`` checks);
 - ``dicomrouter_build_info{version}``.
 """
 
@@ -39,6 +46,7 @@ from sqlalchemy import Engine, func, select
 from dicomrouter import __version__
 from dicomrouter.config import RouterConfig
 from dicomrouter.control.loops import held_count
+from dicomrouter.observe import heartbeat
 from dicomrouter.store.schema import destination_state, jobs
 
 log = logging.getLogger("dicomrouter.metrics")
@@ -160,6 +168,47 @@ class IndexCollector(Collector):
         )
         held.add_metric([], held_count(self.engine))
         yield held
+        try:
+            extra = list(self._no_silent_loss(config, now))
+        except Exception:  # the queue metrics above are still worth a scrape
+            log.exception("metrics: cannot read unplanned instances, orphaned jobs or heartbeats")
+            extra = []
+        yield from extra
+
+    def _no_silent_loss(self, config: RouterConfig, now: float) -> Iterator[Any]:
+        from dicomrouter.control.jobs import orphaned_queues
+        from dicomrouter.control.unplanned import summary
+
+        waiting = summary(self.engine, limit=0)
+        count = GaugeMetricFamily(
+            "dicomrouter_unplanned_instances",
+            "Acknowledged instances whose plan could not be written yet (retried with backoff).",
+        )
+        count.add_metric([], waiting.count)
+        yield count
+        oldest = GaugeMetricFamily(
+            "dicomrouter_unplanned_oldest_age_seconds",
+            "How long the oldest unplanned instance has waited; 0 if none.",
+        )
+        first = waiting.oldest_failed_at
+        oldest.add_metric([], max(now - first, 0.0) if first else 0.0)
+        yield oldest
+        orphaned = GaugeMetricFamily(
+            "dicomrouter_orphaned_jobs",
+            "Open jobs of a destination that is no longer configured.",
+            labels=["destination"],
+        )
+        for queue in orphaned_queues(self.engine, config.destinations):
+            orphaned.add_metric([queue.destination], queue.total)
+        yield orphaned
+        up = GaugeMetricFamily(
+            "dicomrouter_process_up",
+            "1 when this node's process has a fresh heartbeat and reports ok (see /readyz).",
+            labels=["role"],
+        )
+        for process in heartbeat.check(self.engine):
+            up.add_metric([process.role], 1.0 if process.ok else 0.0)
+        yield up
 
     def _storage(self, config: RouterConfig) -> Iterator[Any]:
         try:

@@ -739,6 +739,79 @@ class JobStore:
             )
         return stale, int(undelivered or 0)
 
+    def move(
+        self, job_ids: Sequence[int], dest_name: str, dest: DicomDestinationConfig
+    ) -> tuple[list[int], list[int]]:
+        """Hand waiting jobs over to another destination (e.g. theirs was removed from
+        the configuration). Each job's instances still to send are queued for
+        ``dest_name`` as the planner would queue them (what it already has, queued or
+        delivered, is not sent twice), and the job is canceled with a note saying
+        where its instances went: its history, and what its old destination did
+        receive, stay true. Jobs a worker holds are left alone. Returns (moved job
+        ids, the target's jobs that received instances)."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(
+                    jobs.c.id,
+                    jobs.c.level,
+                    jobs.c.resource_uid,
+                    jobs.c.study_instance_uid,
+                    jobs.c.routes,
+                ).where(
+                    jobs.c.id.in_(list(job_ids)),
+                    jobs.c.state.in_(S.WAITING_STATES),
+                    jobs.c.lease_owner.is_(None),
+                    jobs.c.destination != dest_name,
+                )
+            ).all()
+            if not rows:
+                return [], []
+            moved = [row.id for row in rows]
+            members: dict[int, dict[int, int]] = {job_id: {} for job_id in moved}
+            for chunk in _chunks(moved):
+                for item in conn.execute(
+                    select(
+                        job_instances.c.job_id,
+                        job_instances.c.instance_id,
+                        job_instances.c.generation,
+                    ).where(
+                        job_instances.c.job_id.in_(chunk),
+                        job_instances.c.state == S.ITEM_PENDING,
+                    )
+                ):
+                    members[item.job_id][item.instance_id] = item.generation
+            plans = [
+                Delivery(
+                    dest_name,
+                    dest,
+                    row.level,
+                    row.resource_uid,
+                    row.study_instance_uid,
+                    routes=set(filter(None, (row.routes or "").split(","))),
+                    members=members[row.id],
+                )
+                for row in rows
+                if members[row.id]
+            ]
+            touched = self.enqueue_many(conn, plans, now) if plans else []
+            note = f"moved to destination {dest_name}"
+            for chunk in _chunks(moved):
+                conn.execute(
+                    update(job_instances)
+                    .where(
+                        job_instances.c.job_id.in_(chunk),
+                        job_instances.c.state == S.ITEM_PENDING,
+                    )
+                    .values(state=S.ITEM_CANCELED, message=note, updated_at=now)
+                )
+                conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id.in_(chunk))
+                    .values(state=S.CANCELED, finished_at=now, last_error=note, updated_at=now)
+                )
+        return moved, touched
+
     def open_jobs_by_destination(self) -> dict[str, int]:
         """Jobs not yet finished, per destination."""
         with self.engine.connect() as conn:

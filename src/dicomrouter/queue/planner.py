@@ -23,7 +23,9 @@ from dicomrouter.config import RouteConfig, RouterConfig
 from dicomrouter.rules import Condition, InstanceFacts, compile_condition
 from dicomrouter.store import ObjectStore, create_index_engine, read_header
 from dicomrouter.store.schema import instances, route_matches, triggers
+from dicomrouter.store.schema import unplanned as set_aside_rows
 
+from . import unplanned
 from .jobs import Delivery, JobStore
 from .loops import LoopGuard
 
@@ -105,42 +107,79 @@ class Planner:
 
     # -- instance arrival ---------------------------------------------------------
     def route_new_instances(self, limit: int = PLAN_BATCH) -> int:
-        """Plan the next batch of received instances. Returns how many were planned.
+        """Plan the next batch of received instances. Returns how many were planned
+        or set aside.
 
         If a batch cannot be planned, its instances are planned one by one, and one
-        that still fails is set aside (``routed = -1``, logged) so that it can never
-        hold up the instances behind it.
+        that still fails is set aside (``routed = -1``, see :mod:`.unplanned`) so that
+        it can never hold up the instances behind it; :meth:`retry_unplanned` plans
+        it again later. If even setting it aside fails (nothing can be written), the
+        error propagates and the instances stay to be planned on the next pass.
         """
         try:
             return self._route_batch(limit)
-        except Exception:
-            log.exception("planning a batch failed; planning its instances one by one")
-        with self.engine.connect() as conn:
-            ids = (
-                conn.execute(
-                    select(instances.c.id)
-                    .where(instances.c.routed == 0)
-                    .order_by(instances.c.id)
-                    .limit(limit)
-                )
-                .scalars()
-                .all()
+        except Exception as exc:
+            log.warning(
+                "planning a batch failed (%s); planning its instances one by one",
+                unplanned.error_text(exc),
             )
-        for instance_id in ids:
-            try:
-                self._route_batch(1, only=instance_id)
-            except Exception:
-                log.exception("cannot plan instance %s; it is set aside (routed = -1)", instance_id)
-                with self.engine.begin() as conn:
-                    conn.execute(
-                        update(instances).where(instances.c.id == instance_id).values(routed=-1)
-                    )
-        return len(ids)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(instances.c.id, instances.c.generation)
+                .where(instances.c.routed == 0)
+                .order_by(instances.c.id)
+                .limit(limit)
+            ).all()
+        for row in rows:
+            self._plan_one(row.id, row.generation, retry=False)
+        return len(rows)
 
-    def _route_batch(self, limit: int, only: int | None = None) -> int:
+    def retry_unplanned(self, now: float | None = None, limit: int = PLAN_BATCH) -> int:
+        """Plan again the set-aside instances whose retry time has come, one by one
+        (one that fails again waits longer; the others are not held up). Returns how
+        many were planned."""
+        now = time.time() if now is None else now
+        planned = 0
+        for instance_id in unplanned.due(self.reader, now, limit):
+            if self._plan_one(instance_id, None, retry=True):
+                planned += 1
+        return planned
+
+    def _plan_one(self, instance_id: int, generation: int | None, retry: bool) -> bool:
+        try:
+            self._route_batch(1, only=instance_id, retry=retry)
+        except Exception as exc:
+            failure = exc
+        else:
+            if retry:
+                log.info("instance %s planned after an earlier failure", instance_id)
+            return True
+        error = unplanned.error_text(failure)
+        with self.engine.begin() as conn:
+            if generation is None:
+                generation = conn.execute(
+                    select(instances.c.generation).where(instances.c.id == instance_id)
+                ).scalar()
+            now = time.time()
+            next_at = (
+                unplanned.set_aside(conn, instance_id, generation, error, now)
+                if generation is not None
+                else None
+            )
+        if next_at is not None:
+            log.error(
+                "cannot plan instance %s (%s); set aside, trying again in %.0f s",
+                instance_id,
+                error,
+                next_at - now,
+                exc_info=failure if not retry else None,
+            )
+        return False
+
+    def _route_batch(self, limit: int, only: int | None = None, retry: bool = False) -> int:
         # Read the batch and its headers before taking the write lock: the receiver
         # needs that lock for every C-STORE, so only the writes happen under it.
-        query = select(instances).where(instances.c.routed == 0)
+        query = select(instances).where(instances.c.routed == (-1 if retry else 0))
         if only is not None:
             query = query.where(instances.c.id == only)
         with self.reader.connect() as reader:
@@ -174,22 +213,25 @@ class Planner:
                 .values(routed=1),
                 [{"b_id": row.id, "b_gen": row.generation} for row in batch],
             )
+            # An earlier generation may have been set aside: planned now, it is done.
+            conn.execute(
+                delete(set_aside_rows).where(
+                    set_aside_rows.c.instance_id.in_([row.id for row in batch])
+                )
+            )
         return len(batch)
 
     def _facts(self, row: Row) -> InstanceFacts | None:
-        """What the rules see; None when the header cannot be read, so that no
-        conditional route matches (an empty dataset would satisfy ``not`` tests)."""
+        """What the rules see. A header that cannot be read (the file was validated
+        at receive, so an I/O error or damaged storage) raises: the instance is set
+        aside and tried again, visibly, rather than planned as if no conditional
+        route matched it."""
         dataset = Dataset()
         if self._needs_header:
             try:
                 dataset = read_header(self.store.absolute(row.path))
-            except Exception as exc:  # the file was validated at receive; be defensive
-                log.error(
-                    "cannot re-read %s for routing: %s; only routes without conditions apply to it",
-                    row.sop_instance_uid,
-                    exc,
-                )
-                return None
+            except Exception as exc:
+                raise OSError(f"cannot re-read {row.sop_instance_uid} for routing: {exc}") from exc
         return indexed_facts(row, dataset)
 
     def _plan_instance(

@@ -221,6 +221,12 @@ class AssociationAcceptor:
         )
         self._accept_thread.start()
 
+    @property
+    def listening(self) -> bool:
+        """The accept loop runs (readiness: see ``observe.heartbeat``)."""
+        thread = self._accept_thread
+        return thread is not None and thread.is_alive() and not self._stopping.is_set()
+
     def stop(self, timeout: float = 5.0) -> None:
         """Stop listening and cut open associations (an object in progress is
         discarded: its sender got no response and will send it again)."""

@@ -148,6 +148,14 @@ class Receiver:
             self.config.dicom.port,
         )
 
+    def health(self) -> tuple[bool, str]:
+        """For the receiver's heartbeat: (listening, what)."""
+        acceptor = self._acceptor
+        if acceptor is None or not acceptor.listening:
+            return False, "the DICOM listener is not accepting connections"
+        host, port = acceptor.address[:2]
+        return True, f"listening on {host}:{port}"
+
     def stop(self) -> None:
         if self._acceptor is not None:
             self._acceptor.stop()

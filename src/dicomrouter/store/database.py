@@ -31,6 +31,13 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX IF NOT EXISTS ix_jobs_created ON jobs (created_at)",
         "CREATE INDEX IF NOT EXISTS ix_job_instances_updated ON job_instances (updated_at)",
     ],
+    # Instances an earlier version set aside for good (routed = -1) are retried now.
+    4: [
+        "INSERT INTO unplanned (instance_id, generation, attempts, first_failed_at, "
+        "next_attempt_at, last_error) SELECT id, generation, 1, received_at, 0, "
+        "'set aside by an earlier version, which never retried it' FROM instances "
+        "WHERE routed = -1 AND id NOT IN (SELECT instance_id FROM unplanned)",
+    ],
 }
 
 

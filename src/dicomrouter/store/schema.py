@@ -21,7 +21,7 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 """Bumped when the schema changes; ``database.MIGRATIONS`` upgrades older indexes."""
 
 meta_info = Table(
@@ -72,6 +72,36 @@ route_matches = Table(
     Column("matched_at", Float, nullable=False),
 )
 Index("ix_route_matches_route", route_matches.c.route, route_matches.c.matched_at)
+
+# Instances the planner could not plan (``instances.routed = -1``): the index write
+# failed (disk full, database error) or the header could not be read. The planner
+# tries each again at ``next_attempt_at`` with a growing delay, so none waits for a
+# restart or an operator; the row goes when the instance is planned.
+unplanned = Table(
+    "unplanned",
+    metadata,
+    Column("instance_id", Integer, ForeignKey("instances.id"), primary_key=True),
+    Column("generation", Integer, nullable=False),
+    Column("attempts", Integer, nullable=False, default=1),
+    Column("first_failed_at", Float, nullable=False),
+    Column("next_attempt_at", Float, nullable=False, index=True),
+    Column("last_error", Text, nullable=False, default=""),
+)
+
+# Each long-running process of a node says it is alive every few seconds; readiness
+# (``/readyz``) is a fresh heartbeat of the receiver and of the dispatch process.
+# Keyed by node, so that several nodes on one index can each report.
+process_heartbeats = Table(
+    "process_heartbeats",
+    metadata,
+    Column("node", String(128), primary_key=True),
+    Column("role", String(32), primary_key=True),  # receiver | dispatch
+    Column("pid", Integer, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
+    Column("ok", Integer, nullable=False, default=1),  # the process's own check passed
+    Column("detail", Text, nullable=False, default=""),  # why not ok, or what it serves
+)
 
 # Pending series/study triggers: fire when now - last_arrival >= stable_after.
 triggers = Table(
@@ -225,6 +255,8 @@ __all__ = [
     "loop_events",
     "meta_info",
     "metadata",
+    "process_heartbeats",
     "route_matches",
     "triggers",
+    "unplanned",
 ]

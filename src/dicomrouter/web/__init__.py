@@ -20,6 +20,7 @@ from . import (
     jobs_pages,
     login,
     overview,
+    recovery_pages,
     routes_pages,
     studies_pages,
 )
@@ -33,6 +34,7 @@ def mount_dashboard(app: FastAPI) -> None:
     for module in (
         login,
         overview,
+        recovery_pages,
         destinations_pages,
         jobs_pages,
         studies_pages,

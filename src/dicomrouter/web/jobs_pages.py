@@ -14,6 +14,7 @@ from dicomrouter.control.jobs import (
     bulk_action,
     cancel,
     job_detail,
+    orphaned_queues,
     retry,
     search_jobs,
     set_priority,
@@ -64,7 +65,11 @@ def jobs_page(request: Request, offset: int = 0, principal: Principal = viewer) 
         "page": PAGE,
         "filters": params,
         "states": S.JOB_STATES,
-        "destinations": sorted(ctx.config.destinations),
+        # Destinations removed from the configuration stay selectable while they have jobs.
+        "destinations": sorted(
+            set(ctx.config.destinations)
+            | {q.destination for q in orphaned_queues(ctx.reader, ctx.config.destinations)}
+        ),
         "routes": [r.name for r in ctx.config.routes],
         "error": error,
         "query": str(request.url.query),

@@ -51,6 +51,17 @@ def problems(status: dict[str, Any]) -> list[str]:
             f"{held} instance(s) held as a routing loop: they came back from a destination "
             "just after we sent them there (dicomrouter loops list / release)"
         )
+    unplanned = (status.get("unplanned") or {}).get("count") or 0
+    if unplanned:
+        found.append(f"{unplanned} received instance(s) could not be planned yet: retrying")
+    for queue in status.get("orphaned") or []:
+        found.append(
+            f"{queue['total']} open job(s) for {queue['destination']}, "
+            "which is no longer configured: move or cancel them"
+        )
+    for process in status.get("processes") or []:
+        if not process.get("ok"):
+            found.append(process.get("reason") or f"the {process['role']} process is not running")
     return found
 
 
@@ -108,5 +119,6 @@ def overview(request: Request, range: str = "1h", principal: Principal = viewer)
         "range": key,
         "ranges": list(RANGES),
         "charts": charts(status, points, span),
+        "destination_names": sorted(ctx.config.destinations),
     }
     return render(request, "overview.html", values, principal=principal)

@@ -1,0 +1,168 @@
+"""Process heartbeats: is the receiver listening, is the dispatch process running?
+
+The HTTP process answers ``/readyz`` but is only a sibling of the dispatch process
+and a child of the node (which receives), so it cannot see them directly. Each of
+them writes a heartbeat row every :data:`INTERVAL` seconds (one short UPDATE, from a
+thread of its own) saying whether its own check passed: the receiver that its
+listener accepts connections, the dispatch process that its planner runs. Readiness
+is a fresh heartbeat from each, from a process that still exists, reporting ok.
+
+Rows are keyed by (node, role), so several nodes sharing one index can report side
+by side; a restarted process overwrites its predecessor's row.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, select, update
+
+from dicomrouter.store.schema import process_heartbeats
+
+log = logging.getLogger("dicomrouter.heartbeat")
+
+INTERVAL = 5.0
+#: A heartbeat older than this means the process is stopped, hung or gone.
+STALE_AFTER = 4 * INTERVAL
+RECEIVER, DISPATCH = "receiver", "dispatch"
+REQUIRED_ROLES = (RECEIVER, DISPATCH)
+
+Probe = Callable[[], tuple[bool, str]]
+"""A process's own check: (ok, detail)."""
+
+
+def node_name() -> str:
+    return socket.gethostname()
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    node: str
+    role: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class ProcessCheck:
+    """Readiness of one role on this node, and why not."""
+
+    role: str
+    ok: bool
+    reason: str
+    pid: int | None = None
+    heartbeat_age_s: float | None = None
+
+
+def beat(
+    engine: Engine, role: str, started_at: float, ok: bool, detail: str, now: float | None = None
+) -> None:
+    """Write this process's heartbeat for ``role`` on this node."""
+    now = time.time() if now is None else now
+    node, pid = node_name(), os.getpid()
+    values: dict[str, object] = {"pid": pid, "started_at": started_at, "heartbeat_at": now}
+    values.update(ok=int(ok), detail=detail[:500])
+    with engine.begin() as conn:
+        changed = conn.execute(
+            update(process_heartbeats)
+            .where(process_heartbeats.c.node == node, process_heartbeats.c.role == role)
+            .values(**values)
+        ).rowcount
+        if not changed:
+            conn.execute(process_heartbeats.insert().values(node=node, role=role, **values))
+
+
+def read(engine: Engine, node: str | None = None) -> list[Heartbeat]:
+    table = process_heartbeats
+    query = select(table).order_by(table.c.node, table.c.role)
+    if node is not None:
+        query = query.where(table.c.node == node)
+    with engine.connect() as conn:
+        return [
+            Heartbeat(r.node, r.role, r.pid, r.started_at, r.heartbeat_at, bool(r.ok), r.detail)
+            for r in conn.execute(query)
+        ]
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check(
+    engine: Engine, roles: tuple[str, ...] = REQUIRED_ROLES, now: float | None = None
+) -> list[ProcessCheck]:
+    """Readiness of each of ``roles`` on this node, from their heartbeats."""
+    now = time.time() if now is None else now
+    found = {hb.role: hb for hb in read(engine, node_name())}
+    checks = []
+    for role in roles:
+        hb = found.get(role)
+        if hb is None:
+            checks.append(ProcessCheck(role, False, f"the {role} process has not started"))
+            continue
+        age = round(max(0.0, now - hb.heartbeat_at), 1)
+        if not _pid_exists(hb.pid):
+            reason, ok = f"the {role} process (pid {hb.pid}) is not running", False
+        elif age > STALE_AFTER:
+            reason, ok = f"no heartbeat from the {role} process for {age:.0f} s", False
+        elif not hb.ok:
+            reason, ok = hb.detail or f"the {role} process reports a problem", False
+        else:
+            reason, ok = hb.detail, True
+        checks.append(ProcessCheck(role, ok, reason, hb.pid, age))
+    return checks
+
+
+class HeartbeatThread(threading.Thread):
+    """Writes ``role``'s heartbeat now and every :data:`INTERVAL` seconds. A failed
+    write (index locked, disk full) is logged once per streak and tried again: the
+    heartbeat going stale is then exactly what readiness should see."""
+
+    def __init__(self, engine: Engine, role: str, probe: Probe, interval: float = INTERVAL):
+        super().__init__(name=f"heartbeat-{role}", daemon=True)
+        self.engine, self.role, self.probe, self.interval = engine, role, probe, interval
+        self.started_at = time.time()
+        self.stop_event = threading.Event()
+        self._failing = False
+
+    def beat_once(self) -> None:
+        try:
+            ok, detail = self.probe()
+        except Exception as exc:  # a broken probe is a failed check, not a dead thread
+            ok, detail = False, f"check failed: {exc}"
+        try:
+            beat(self.engine, self.role, self.started_at, ok, detail)
+        except Exception as exc:
+            if not self._failing:
+                log.warning("cannot write the %s heartbeat: %s", self.role, exc)
+            self._failing = True
+        else:
+            self._failing = False
+
+    def start(self) -> None:
+        self.beat_once()  # ready as soon as the process says it is
+        super().start()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            self.beat_once()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stop_event.set()
+        if self.is_alive():
+            self.join(timeout)
