@@ -21,8 +21,7 @@ from dicomrouter.control.security import (
     verify_password,
     verify_token,
 )
-from dicomrouter.observe import heartbeat
-from dicomrouter.store import create_index_engine
+from dicomrouter.store import create_index_engine, heartbeat
 from dicomrouter.store.schema import SCHEMA_VERSION
 from tests.support.api import PASSWORD, api_env
 

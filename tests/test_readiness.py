@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomrouter.observe import heartbeat
+from dicomrouter.store import heartbeat
 from tests.support.api import api_env
 from tests.support.router import RouterProcess, wait_until
 

@@ -182,8 +182,8 @@ def _dispatch_main(
     configure_logging(config.log_level, "dispatch")
     from dicomrouter.control import versions
     from dicomrouter.dispatch import Dispatcher
-    from dicomrouter.observe.heartbeat import DISPATCH, HeartbeatThread
     from dicomrouter.store import ObjectStore, create_index_engine
+    from dicomrouter.store.heartbeat import DISPATCH, HeartbeatThread
 
     stop = threading.Event()
 

@@ -26,10 +26,10 @@ from types import FrameType
 from dicomrouter.children import ChildProcess
 from dicomrouter.config import ConfigError, RouterConfig
 from dicomrouter.control import audit, versions
-from dicomrouter.observe.heartbeat import RECEIVER, HeartbeatThread
 from dicomrouter.observe.metrics import enable_multiprocess
 from dicomrouter.receive import Receiver
 from dicomrouter.store import InstanceIndex, ObjectStore, create_index_engine
+from dicomrouter.store.heartbeat import RECEIVER, HeartbeatThread
 
 log = logging.getLogger("dicomrouter")
 

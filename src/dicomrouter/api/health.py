@@ -4,7 +4,7 @@
 router can take objects right now and send them on: the index answers, the storage
 folder is writable, free disk is above ``storage.min_free_space`` (below it,
 C-STOREs are refused with 0xA700), and the receiver and the dispatch process of this
-node run (a fresh heartbeat, see :mod:`dicomrouter.observe.heartbeat`). It answers
+node run (a fresh heartbeat, see :mod:`dicomrouter.store.heartbeat`). It answers
 503 with the failing checks otherwise.
 """
 
@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from dicomrouter.control.security import Role
-from dicomrouter.observe import heartbeat
+from dicomrouter.store import heartbeat
 
 from .auth import context, require
 

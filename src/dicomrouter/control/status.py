@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine, Integer, cast, func, select
 
 from dicomrouter import __version__
-from dicomrouter.observe import heartbeat
 from dicomrouter.queue import states as S
+from dicomrouter.store import heartbeat
 from dicomrouter.store.schema import instances, job_instances, jobs
 
 from .destinations import destination_summaries, recently_touched_jobs

@@ -46,7 +46,7 @@ from sqlalchemy import Engine, func, select
 from dicomrouter import __version__
 from dicomrouter.config import RouterConfig
 from dicomrouter.control.loops import held_count
-from dicomrouter.observe import heartbeat
+from dicomrouter.store import heartbeat
 from dicomrouter.store.schema import destination_state, jobs
 
 log = logging.getLogger("dicomrouter.metrics")

@@ -223,7 +223,7 @@ class AssociationAcceptor:
 
     @property
     def listening(self) -> bool:
-        """The accept loop runs (readiness: see ``observe.heartbeat``)."""
+        """The accept loop runs (readiness: see ``store.heartbeat``)."""
         thread = self._accept_thread
         return thread is not None and thread.is_alive() and not self._stopping.is_set()
 
