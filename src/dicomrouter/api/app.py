@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import secrets
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from fastapi.responses import JSONResponse
 from starlette.middleware.sessions import SessionMiddleware
 
 from dicomrouter import __version__
+from dicomrouter.store.private import PRIVATE_FILE, tighten
 
 from . import (
     audit_api,
@@ -108,10 +108,7 @@ def session_secret(storage_root: Path) -> str:
             fresh = secrets.token_urlsafe(32)
             _write_secret(path, fresh, replace=True)
             return fresh
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            log.warning("%s had mode %04o: made private (0600)", path, mode)
-            path.chmod(0o600)
+        tighten(path, PRIVATE_FILE)
         return secret
     raise RuntimeError(f"cannot read or create {path}")
 

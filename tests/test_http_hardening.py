@@ -1,0 +1,132 @@
+"""HTTP hardening (issue 9): bounded bodies and YAML, proxies, parallel logins,
+server-side sessions, security headers, private files, control characters, the CLI
+through control/, and no configuration that locks every admin out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import select
+
+from dicomrouter.control import audit
+from dicomrouter.store import ObjectStore, create_index_engine
+from dicomrouter.store.schema import jobs
+
+MB = 1024 * 1024
+
+
+# -- raw ASGI calls: what the application pulls from the connection -----------------------
+def asgi_call(
+    app: FastAPI,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    chunks: Iterable[bytes],
+    client: tuple[str, int] = ("127.0.0.1", 40000),
+) -> tuple[int, dict[str, str], bytes, int]:
+    """(status, headers, body, bytes of the request body the app read)."""
+    pulled = 0
+    status = 0
+    answer_headers: dict[str, str] = {}
+    body = b""
+    source: Iterator[bytes] = iter(chunks)
+
+    async def receive() -> dict[str, Any]:
+        nonlocal pulled
+        chunk = next(source, None)
+        if chunk is None:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        pulled += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status, body
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            answer_headers.update(
+                (k.decode("latin-1"), v.decode("latin-1")) for k, v in message["headers"]
+            )
+        elif message["type"] == "http.response.body":
+            body += message.get("body", b"")
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"testserver")]
+        + [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": client,
+        "server": ("testserver", 80),
+    }
+    asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
+    return status, answer_headers, body, pulled
+
+
+def megabytes(total: int, chunk: int = 64 * 1024) -> Iterator[bytes]:
+    block = b"x" * chunk
+    for _ in range(total // chunk):
+        yield block
+
+
+# -- 7. the storage folder, the index and its WAL are private -----------------------------
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_storage_folders_and_the_index_are_created_private(tmp_path: Path) -> None:
+    old = os.umask(0o022)  # the usual umask: would give 0755 folders and 0644 files
+    try:
+        store = ObjectStore(tmp_path / "data")
+        store.prepare()
+        engine = create_index_engine(f"sqlite:///{store.root / 'index.sqlite'}")
+        audit.record(engine, "someone", "test.write")  # a write, through the WAL
+        with engine.connect() as conn:  # open: the WAL and shared-memory files exist
+            conn.execute(select(jobs.c.id)).all()
+            wal = store.root / "index.sqlite-wal"
+            shm = store.root / "index.sqlite-shm"
+            assert wal.exists() and shm.exists()
+            assert mode(wal) == 0o600 and mode(shm) == 0o600
+        assert audit.query(engine)[0] == 1
+        assert mode(store.root / "index.sqlite") == 0o600
+        for folder in (store.root, store.objects, store.tmp):
+            assert mode(folder) == 0o700, folder
+        engine.dispose()
+    finally:
+        os.umask(old)
+
+
+def test_existing_open_files_and_folders_are_tightened_at_start_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "data"
+    for folder in (root, root / "objects", root / "tmp"):
+        folder.mkdir()
+        folder.chmod(0o755)
+    index = root / "index.sqlite"
+    create_index_engine(f"sqlite:///{index}").dispose()
+    for path in (index, root / "index.sqlite-wal", root / "index.sqlite-shm"):
+        path.touch()
+        path.chmod(0o644)
+    with caplog.at_level(logging.WARNING):
+        ObjectStore(root).prepare()
+        engine = create_index_engine(f"sqlite:///{index}")  # open: SQLite keeps its files
+    for folder in (root, root / "objects", root / "tmp"):
+        assert mode(folder) == 0o700, folder
+    for path in (index, root / "index.sqlite-wal", root / "index.sqlite-shm"):
+        assert mode(path) == 0o600, path
+    engine.dispose()
+    assert "made private" in caplog.text
