@@ -17,8 +17,10 @@ from fastapi import FastAPI
 from sqlalchemy import select
 
 from dicomrouter.control import audit
+from dicomrouter.observe.logs import configure_logging
 from dicomrouter.store import ObjectStore, create_index_engine
 from dicomrouter.store.schema import jobs
+from tests.support.api import api_env
 
 MB = 1024 * 1024
 
@@ -130,3 +132,30 @@ def test_existing_open_files_and_folders_are_tightened_at_start_up(
         assert mode(path) == 0o600, path
     engine.dispose()
     assert "made private" in caplog.text
+
+
+# -- 8. control characters are escaped in logs and audit rows ---------------------------
+def test_a_newline_in_a_logged_value_cannot_forge_a_log_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        configure_logging("INFO", "MainProcess")
+        forged = "CT1\n2026-12-06 07:00:00,000 INFO    MainProcess dicomrouter: all is well\x1b[2J"
+        logging.getLogger("dicomrouter.receive").warning("association from %s refused", forged)
+        err = capsys.readouterr().err
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    lines = [line for line in err.splitlines() if line]
+    assert len(lines) == 1, err
+    assert "CT1\\n2026-12-06" in lines[0] and "\\x1b[2J" in lines[0]
+
+
+def test_control_characters_are_escaped_in_audit_rows(tmp_path: Path) -> None:
+    env = api_env(tmp_path)
+    audit.record(env.engine, "eve\nsystem", "auth.login", "a\rb", source="10.0.0.1\x00")
+    (row,) = audit.query(env.engine)[1]
+    assert row["actor"] == "eve\\nsystem" and row["target"] == "a\\rb"
+    assert row["source"] == "10.0.0.1\\x00"

@@ -88,6 +88,7 @@ def serve_http(config: RouterConfig, config_path: Path | None, on_ready=None) ->
             host=config.http.bind,
             port=config.http.port,
             log_level="warning",
+            log_config=None,  # uvicorn's lines through our handler (escaped, one format)
             access_log=False,
             lifespan="off",
             server_header=False,
