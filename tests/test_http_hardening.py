@@ -20,7 +20,8 @@ from dicomrouter.control import audit
 from dicomrouter.observe.logs import configure_logging
 from dicomrouter.store import ObjectStore, create_index_engine
 from dicomrouter.store.schema import jobs
-from tests.support.api import api_env
+from tests.support.api import ApiEnv, api_env
+from tests.support.seed import Seeder
 
 MB = 1024 * 1024
 
@@ -159,3 +160,52 @@ def test_control_characters_are_escaped_in_audit_rows(tmp_path: Path) -> None:
     (row,) = audit.query(env.engine)[1]
     assert row["actor"] == "eve\\nsystem" and row["target"] == "a\\rb"
     assert row["source"] == "10.0.0.1\\x00"
+
+
+# -- 8b. control characters in job filters -----------------------------------------------
+DEST = {"ae_title": "PACS", "host": "127.0.0.1", "port": 1}
+QUEUE = {
+    "destinations": {"pacs": DEST},
+    "routes": [{"name": "all", "to": ["pacs"], "trigger": "instance"}],
+}
+
+
+def seeded_jobs(tmp_path: Path) -> tuple[ApiEnv, list[int]]:
+    env = api_env(tmp_path, QUEUE)
+    seed = Seeder(env, tmp_path / "in")
+    seed.receive_study(3)
+    seed.plan()
+    with env.engine.connect() as conn:
+        ids = [row.id for row in conn.execute(select(jobs.c.id))]
+    assert len(ids) == 3
+    return env, ids
+
+
+def open_jobs(env: ApiEnv) -> int:
+    with env.engine.connect() as conn:
+        return len(conn.execute(select(jobs.c.id).where(jobs.c.state != "canceled")).all())
+
+
+@pytest.mark.parametrize("value", ["%00", "all%00", "%0a", "%1b", "%7f"])
+def test_control_characters_in_query_filters_are_422(tmp_path: Path, value: str) -> None:
+    env, _ = seeded_jobs(tmp_path)
+    for path in ("/api/v1/jobs", "/jobs", "/api/v1/audit", "/api/v1/studies"):
+        response = env.admin.get(f"{path}?route={value}&state=pending")
+        assert response.status_code == 422, (path, response.text)
+        assert "route" in response.text
+
+
+def test_a_bulk_cancel_with_a_nul_filter_cancels_nothing(tmp_path: Path) -> None:
+    env, _ = seeded_jobs(tmp_path)
+    for body in ({"route": "\u0000"}, {"destination": "pacs\u0000"}, {"study_uid": "1\n2"}):
+        response = env.operator.post("/api/v1/jobs/cancel", json=body)
+        assert response.status_code == 422, response.text
+        assert next(iter(body)) in response.json()["detail"]
+    assert open_jobs(env) == 3
+    form = env.operator.post(
+        "/jobs/bulk",
+        data={"route": "\u0000", "scope": "filter", "action": "cancel"},
+        follow_redirects=False,
+    )
+    assert form.status_code in (303, 422)
+    assert open_jobs(env) == 3

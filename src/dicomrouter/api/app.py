@@ -41,6 +41,7 @@ from . import status as status_api
 from .auth import LoginThrottle
 from .context import AppContext
 from .csrf import CrossSiteMiddleware
+from .params import QueryTextMiddleware
 
 log = logging.getLogger("dicomrouter.http")
 
@@ -154,8 +155,9 @@ def create_app(ctx: AppContext) -> FastAPI:
         max_age=int(ctx.config.http.session_lifetime),
         same_site="strict",
     )
-    # Added last, so it runs first: a refused request never touches the session.
+    # Added later, run earlier: a refused request never touches the session.
     app.add_middleware(CrossSiteMiddleware, auth_enabled=lambda: ctx.config.auth.enabled)
+    app.add_middleware(QueryTextMiddleware)
     for module in (
         health,
         session,

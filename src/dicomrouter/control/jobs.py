@@ -17,6 +17,7 @@ from typing import Any, Literal
 from sqlalchemy import ColumnElement, Engine, case, func, literal, select, update
 
 from dicomrouter.destinations import describe_status
+from dicomrouter.observe.logs import find_control
 from dicomrouter.queue import JobStore
 from dicomrouter.queue import states as S
 from dicomrouter.queue.views import job_detail as _queue_job_detail
@@ -75,6 +76,18 @@ class JobFilter:
 
     def validate(self) -> None:
         """Raise :class:`Invalid` for a filter that can only be a mistake."""
+        texts = {
+            "state": ",".join(self.states()),
+            "destination": self.destination,
+            "route": self.route,
+            "study_uid": self.study_uid,
+            "patient_id": self.patient_id,
+            "accession_number": self.accession_number,
+        }
+        for key, value in texts.items():
+            found = find_control(value or "")
+            if found is not None:
+                raise Invalid(f"{key}: control character {found!r} not allowed in a filter")
         unknown = [s for s in self.states() if s not in S.JOB_STATES]
         if unknown:
             raise Invalid(

@@ -18,6 +18,12 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
+def find_control(text: str) -> str | None:
+    """The first C0 control character (or DEL) in ``text``, or None."""
+    match = _CONTROL.search(text)
+    return match.group() if match else None
+
+
 def escape_controls(text: str) -> str:
     """``text`` with C0 control characters and DEL written as escapes."""
     return _CONTROL.sub(lambda m: _NAMED.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
