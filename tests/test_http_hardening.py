@@ -15,7 +15,10 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import select
+from typer.testing import CliRunner
 
+from dicomrouter.cli.main import app as cli
+from dicomrouter.config import ConfigError
 from dicomrouter.control import audit
 from dicomrouter.observe.logs import configure_logging
 from dicomrouter.store import ObjectStore, create_index_engine
@@ -83,6 +86,63 @@ def megabytes(total: int, chunk: int = 64 * 1024) -> Iterator[bytes]:
     block = b"x" * chunk
     for _ in range(total // chunk):
         yield block
+
+
+# -- 2. YAML is parsed within limits on size, aliases and nesting -------------------------
+def alias_bomb() -> str:
+    """Nine levels of nine aliases each: a few hundred bytes, 9**9 values expanded."""
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for previous, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{previous}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_by_validate_with_422(tmp_path: Path) -> None:
+    env = api_env(tmp_path)
+    bomb = alias_bomb()
+    assert len(bomb) < 600
+    response = env.operator.post(
+        "/api/v1/config/validate", content=bomb, headers={"Content-Type": "application/yaml"}
+    )
+    assert response.status_code == 422, response.text[:300]
+    errors = response.json()["detail"]["errors"]
+    assert any("expands to more than" in error for error in errors), errors
+
+
+def test_an_alias_bomb_is_refused_by_apply_and_the_file_is_kept(tmp_path: Path) -> None:
+    env = api_env(tmp_path)
+    path = tmp_path / "dicomrouter.yaml"
+    path.write_text("ae_title: KEPT\n")
+    env.ctx.config_path = path
+    response = env.admin.put(
+        "/api/v1/config", content=alias_bomb(), headers={"Content-Type": "application/yaml"}
+    )
+    assert response.status_code == 422, response.text[:300]
+    errors = response.json()["detail"]["errors"]
+    assert any("expands to more than" in error for error in errors), errors
+    assert path.read_text() == "ae_title: KEPT\n"
+
+
+def test_check_refuses_an_alias_bomb_with_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb())
+    result = CliRunner().invoke(cli, ["check", "--config", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "expands to more than" in result.output
+
+
+def test_deep_nesting_and_huge_texts_are_refused() -> None:
+    from dicomrouter.config import load_yaml
+
+    with pytest.raises(ConfigError, match="nests deeper than 64"):
+        load_yaml("[" * 65 + "]" * 65)
+    with pytest.raises(ConfigError, match="over the limit"):
+        load_yaml("#" + "x" * (9 * MB))
+    # Anchors and merge keys in a real configuration still work.
+    assert load_yaml("d: &d {port: 104}\ne:\n  <<: *d\n  host: x\n") == {
+        "d": {"port": 104},
+        "e": {"port": 104, "host": "x"},
+    }
 
 
 # -- 7. the storage folder, the index and its WAL are private -----------------------------

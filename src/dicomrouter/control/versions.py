@@ -45,7 +45,13 @@ from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from dicomrouter.config import ConfigError, RouterConfig, load_config_text
+from dicomrouter.config import (
+    ConfigError,
+    RouterConfig,
+    YamlLimitError,
+    load_config_text,
+    load_yaml,
+)
 from dicomrouter.store.schema import config_versions
 
 from . import audit
@@ -216,8 +222,8 @@ def redacted_yaml(text: str) -> str:
     does not parse to a mapping is not shown at all (:data:`UNPARSEABLE`).
     """
     try:
-        data = yaml.safe_load(normalize(text))
-    except yaml.YAMLError:
+        data = load_yaml(normalize(text))
+    except ConfigError:
         return UNPARSEABLE
     if data is None:
         return ""
@@ -412,11 +418,14 @@ def validate(
     """Check a candidate: errors (it would be refused), lint warnings, diff, and which
     changed keys would need a restart. ``redacted``: the diff as a non-admin sees it."""
     text = normalize(text)
-    change = diff(active_text, text, redacted=redacted)
     try:
         candidate = parse_yaml(text, base_dir, environ=environ)
+    except YamlLimitError as exc:
+        # Not shown as a diff either: diffing (and redacting) it is what would cost.
+        raise InvalidConfig(list(exc.errors)) from None
     except ConfigError as exc:
-        return Validation(False, list(exc.errors), [], change)
+        return Validation(False, list(exc.errors), [], diff(active_text, text, redacted=redacted))
+    change = diff(active_text, text, redacted=redacted)
     changed = changed_keys(running, candidate) if running is not None else []
     return Validation(True, [], findings(candidate), change, changed, restart_required(changed))
 
