@@ -5,6 +5,8 @@ through control/, and no configuration that locks every admin out."""
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import logging
 import os
 import stat
@@ -23,7 +25,9 @@ from dicomrouter.control import audit
 from dicomrouter.observe.logs import configure_logging
 from dicomrouter.store import ObjectStore, create_index_engine
 from dicomrouter.store.schema import jobs
-from tests.support.api import ApiEnv, api_env
+from tests.support.api import ApiEnv, api_env, auth_section
+from tests.support.dcmtk import HOST
+from tests.support.router import RouterProcess, wait_until
 from tests.support.seed import Seeder
 
 MB = 1024 * 1024
@@ -86,6 +90,104 @@ def megabytes(total: int, chunk: int = 64 * 1024) -> Iterator[bytes]:
     block = b"x" * chunk
     for _ in range(total // chunk):
         yield block
+
+
+# -- 1. request bodies are bounded before authentication ---------------------------------
+def test_an_unauthenticated_100_mb_body_is_refused_unread(tmp_path: Path) -> None:
+    env = api_env(tmp_path)
+    status, _, body, pulled = asgi_call(
+        env.anonymous.app,  # type: ignore[arg-type]
+        "POST",
+        "/api/v1/jobs/retry",
+        {"content-type": "application/json", "content-length": str(100 * MB)},
+        megabytes(100 * MB),
+    )
+    assert status == 413
+    assert "http.max_body_size" in json.loads(body)["detail"]
+    assert pulled == 0  # refused from Content-Length alone
+
+
+def test_a_streamed_body_without_length_is_cut_off_at_the_limit(tmp_path: Path) -> None:
+    env = api_env(tmp_path)
+    status, _, body, pulled = asgi_call(
+        env.anonymous.app,  # type: ignore[arg-type]
+        "POST",
+        "/api/v1/login",
+        {"content-type": "application/json", "transfer-encoding": "chunked"},
+        megabytes(100 * MB),
+    )
+    assert status == 413, body
+    assert "1048576 bytes" in json.loads(body)["detail"]
+    assert pulled <= MB + 64 * 1024  # not one chunk more than the limit
+
+
+def test_configuration_uploads_have_their_own_bound(tmp_path: Path) -> None:
+    env = api_env(tmp_path, {"http": {"max_config_size": 3 * MB}})
+    comment = "#" + "x" * (2 * MB) + "\n"  # a big, valid YAML text (one comment)
+    yaml_type = {"Content-Type": "application/yaml"}
+    under = env.operator.post("/api/v1/config/validate", content=comment, headers=yaml_type)
+    assert under.status_code == 200, under.text[:300]
+    over = env.operator.post("/api/v1/config/validate", content=comment * 2, headers=yaml_type)
+    assert over.status_code == 413
+    assert "http.max_config_size" in over.json()["detail"]
+    # The same 2 MB as an ordinary JSON body is over http.max_body_size.
+    bulk = env.operator.post(
+        "/api/v1/jobs/cancel",
+        content=json.dumps({"route": "x", "padding": comment}),
+        headers={"Content-Type": "application/json"},
+    )
+    assert bulk.status_code == 413 and "http.max_body_size" in bulk.json()["detail"]
+
+
+def test_the_http_process_does_not_grow_with_a_100_mb_body(tmp_path: Path) -> None:
+    """A real router: 100 MB sent without credentials, streamed, gets 413, and the
+    HTTP process's resident memory stays far below what buffering it would take."""
+    config = {"auth": auth_section(), "http": {"bind": HOST}}
+    with RouterProcess(tmp_path / "router", config) as router:
+        port = int(router.config["http"]["port"])
+        wait_until(lambda: _http_pid(router) is not None, 30, message="the HTTP process")
+        pid = _http_pid(router)
+        assert pid is not None
+        before = _rss(pid)
+        connection = http.client.HTTPConnection(HOST, port, timeout=60)
+        connection.putrequest("POST", "/api/v1/jobs/retry")
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Transfer-Encoding", "chunked")
+        connection.endheaders()
+        block = b"x" * (256 * 1024)
+        status = None
+        try:
+            for _ in range(400):  # 100 MB, unless the server stops us first
+                connection.send(b"%x\r\n%s\r\n" % (len(block), block))
+        except OSError:
+            pass  # the server answered and closed: what we hope for
+        response = connection.getresponse()
+        status = response.status
+        connection.close()
+        after = _rss(pid)
+    assert status == 413
+    assert after - before < 50 * MB, (before, after)
+
+
+def _http_pid(router: RouterProcess) -> int | None:
+    """The node's child running ``python -m dicomrouter.children http``."""
+    assert router.process is not None
+    node = router.process.pid
+    for pid in Path(f"/proc/{node}/task/{node}/children").read_text().split():
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"dicomrouter.children" in args and b"http" in args:
+            return int(pid)
+    return None
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
 
 
 # -- 2. YAML is parsed within limits on size, aliases and nesting -------------------------

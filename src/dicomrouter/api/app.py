@@ -41,6 +41,7 @@ from . import status as status_api
 from .auth import LoginThrottle
 from .context import AppContext
 from .csrf import CrossSiteMiddleware
+from .limits import BodyLimitMiddleware
 from .params import QueryTextMiddleware
 
 log = logging.getLogger("dicomrouter.http")
@@ -155,9 +156,11 @@ def create_app(ctx: AppContext) -> FastAPI:
         max_age=int(ctx.config.http.session_lifetime),
         same_site="strict",
     )
-    # Added later, run earlier: a refused request never touches the session.
+    # Added later, run earlier: a refused request never touches the session, and a
+    # body is bounded before anything reads it.
     app.add_middleware(CrossSiteMiddleware, auth_enabled=lambda: ctx.config.auth.enabled)
     app.add_middleware(QueryTextMiddleware)
+    app.add_middleware(BodyLimitMiddleware, http_config=lambda: ctx.config.http)
     for module in (
         health,
         session,

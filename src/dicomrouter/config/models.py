@@ -248,6 +248,27 @@ class HttpConfig(_Model):
     session_lifetime: Duration = Field(
         8 * 3600.0, description="How long a dashboard login lasts without activity."
     )
+    max_body_size: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="Largest request body in bytes (JSON, forms) for everything but "
+        "configuration uploads and the rule tester's files. Checked before "
+        "authentication and before the body is read: a larger `Content-Length`, or a "
+        "stream that grows past it, gets 413.",
+    )
+    max_config_size: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="Largest configuration upload in bytes (`/api/v1/config`, "
+        "`/config/validate`, `/config/import`, the dashboard's configuration page). "
+        "Larger gets 413.",
+    )
+    max_upload_size: int = Field(
+        1024**3,
+        ge=1024,
+        description="Largest upload in bytes of DICOM files to the rule tester "
+        "(`/api/v1/routes/test`, the Routes page). Larger gets 413.",
+    )
 
 
 class UserConfig(_Model):
