@@ -247,6 +247,59 @@ def test_deep_nesting_and_huge_texts_are_refused() -> None:
     }
 
 
+# -- 3. X-Forwarded-For only from http.trusted_proxies ------------------------------------
+def _login(port: int, headers: dict[str, str]) -> int:
+    connection = http.client.HTTPConnection(HOST, port, timeout=30)
+    body = json.dumps({"username": "admin", "password": "wrong"})
+    connection.request(
+        "POST", "/api/v1/login", body, {"Content-Type": "application/json", **headers}
+    )
+    status = connection.getresponse().status
+    connection.close()
+    return status
+
+
+def test_a_forged_x_forwarded_for_is_ignored_by_the_throttle_and_the_audit(
+    tmp_path: Path,
+) -> None:
+    """A real router (uvicorn), clients on 127.0.0.1, no trusted proxy: each failed
+    login claims another address, yet the sixth is locked out and every audit row
+    names 127.0.0.1."""
+    config = {"auth": auth_section(), "http": {"bind": HOST}}
+    with RouterProcess(tmp_path / "router", config) as router:
+        port = int(router.config["http"]["port"])
+        statuses = [_login(port, {"X-Forwarded-For": f"203.0.113.{i}"}) for i in range(6)]
+        engine = create_index_engine(f"sqlite:///{router.storage / 'index.sqlite'}", create=False)
+        _, rows = audit.query(engine, action="auth.login")
+    assert statuses == [401] * 5 + [429]
+    assert {row["source"] for row in rows} == {HOST}
+
+
+def test_a_trusted_proxy_names_the_client(tmp_path: Path) -> None:
+    env = api_env(tmp_path, {"http": {"trusted_proxies": ["127.0.0.1", "10.0.0.0/8"]}})
+    body = json.dumps({"username": "admin", "password": "wrong"}).encode()
+    for client, forwarded in [
+        (("127.0.0.1", 1), "198.51.100.7"),
+        (("127.0.0.1", 2), "198.51.100.8, 10.1.2.3"),  # the rightmost untrusted hop
+        (("192.0.2.1", 3), "198.51.100.9"),  # not a trusted proxy: ignored
+    ]:
+        status, *_ = asgi_call(
+            env.anonymous.app,  # type: ignore[arg-type]
+            "POST",
+            "/api/v1/login",
+            {"content-type": "application/json", "x-forwarded-for": forwarded},
+            [body],
+            client=client,
+        )
+        assert status == 401
+    _, rows = audit.query(env.engine, action="auth.login")
+    assert [row["source"] for row in reversed(rows)] == [
+        "198.51.100.7",
+        "198.51.100.8",
+        "192.0.2.1",
+    ]
+
+
 # -- 7. the storage folder, the index and its WAL are private -----------------------------
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)

@@ -43,6 +43,7 @@ from .context import AppContext
 from .csrf import CrossSiteMiddleware
 from .limits import BodyLimitMiddleware
 from .params import QueryTextMiddleware
+from .proxy import ProxyHeadersMiddleware
 
 log = logging.getLogger("dicomrouter.http")
 
@@ -156,11 +157,13 @@ def create_app(ctx: AppContext) -> FastAPI:
         max_age=int(ctx.config.http.session_lifetime),
         same_site="strict",
     )
-    # Added later, run earlier: a refused request never touches the session, and a
-    # body is bounded before anything reads it.
+    # Added later, run earlier: a refused request never touches the session, a body
+    # is bounded before anything reads it, and the client address is settled before
+    # anything records it.
     app.add_middleware(CrossSiteMiddleware, auth_enabled=lambda: ctx.config.auth.enabled)
     app.add_middleware(QueryTextMiddleware)
     app.add_middleware(BodyLimitMiddleware, http_config=lambda: ctx.config.http)
+    app.add_middleware(ProxyHeadersMiddleware, trusted=lambda: ctx.config.http.trusted_proxies)
     for module in (
         health,
         session,

@@ -92,6 +92,8 @@ def serve_http(config: RouterConfig, config_path: Path | None, on_ready=None) ->
             access_log=False,
             lifespan="off",
             server_header=False,
+            # X-Forwarded-For is believed only from http.trusted_proxies (api/proxy.py).
+            proxy_headers=False,
         )
     )
     if on_ready is not None:

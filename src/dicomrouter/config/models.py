@@ -269,6 +269,23 @@ class HttpConfig(_Model):
         description="Largest upload in bytes of DICOM files to the rule tester "
         "(`/api/v1/routes/test`, the Routes page). Larger gets 413.",
     )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="IP addresses or CIDR networks of reverse proxies allowed to set "
+        "`X-Forwarded-For` (and `X-Forwarded-Proto`). From anyone else these headers are "
+        "ignored: the client address in the audit log and the login throttle is the "
+        "connection's. Default: none (the header is never trusted).",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"invalid IP address or CIDR network {item!r}") from exc
+        return value
 
 
 class UserConfig(_Model):
