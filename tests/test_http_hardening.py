@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import stat
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -298,6 +299,31 @@ def test_a_trusted_proxy_names_the_client(tmp_path: Path) -> None:
         "198.51.100.8",
         "192.0.2.1",
     ]
+
+
+# -- 4. parallel wrong logins are throttled too -------------------------------------------
+def test_thirty_parallel_wrong_logins_are_mostly_refused_with_429(tmp_path: Path) -> None:
+    env = api_env(tmp_path)
+    statuses: list[int] = []
+    lock = threading.Lock()
+    start = threading.Barrier(30)
+
+    def attempt() -> None:
+        start.wait()
+        response = env.anonymous.post(
+            "/api/v1/login", json={"username": "admin", "password": "guess"}
+        )
+        with lock:
+            statuses.append(response.status_code)
+
+    threads = [threading.Thread(target=attempt) for _ in range(30)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(set(statuses)) == [401, 429]
+    assert statuses.count(401) <= 5  # the throttle's limit, however parallel
+    assert statuses.count(429) >= 25
 
 
 # -- 7. the storage folder, the index and its WAL are private -----------------------------

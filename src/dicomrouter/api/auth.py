@@ -129,6 +129,7 @@ class _Failures:
     recent: deque[float] = field(default_factory=deque)  # times, within the window
     level: int = 0  # lockouts in this streak: the next one lasts first_delay * 2**level
     locked_until: float = 0.0
+    pending: int = 0  # attempts admitted and not yet decided (hashing)
 
 
 class LoginThrottle:
@@ -138,7 +139,12 @@ class LoginThrottle:
     ``first_delay`` seconds; each failure after a lockout ends (before ``window``
     seconds of calm) locks it out again for twice as long, up to ``max_delay``. A
     successful password login forgets the address. At most ``capacity`` addresses
-    are remembered (the least recently failing are dropped)."""
+    are remembered (the least recently failing are dropped).
+
+    Attempts in progress count too (:meth:`admit`): a password check takes ~50 ms,
+    and attempts sent in parallel would otherwise all be checked before the first
+    failure is counted. An address gets at most as many attempts under way as it
+    has failures left before a lockout; the others get 429 at once."""
 
     limit = 5
     window = 300.0
@@ -159,16 +165,50 @@ class LoginThrottle:
         if remaining > 0:
             raise TooManyAttempts(remaining)
 
+    def admit(self, address: str) -> None:
+        """Start an attempt (password or token): raise :class:`TooManyAttempts` while
+        ``address`` is locked out, or when the attempts already under way could use
+        up its remaining failures. End it with :meth:`failure`, :meth:`success` or
+        :meth:`release`."""
+        now = self.clock()
+        with self._lock:
+            entry = self._addresses.get(address)
+            if entry is None:
+                entry = self._addresses[address] = _Failures()
+                self._trim()
+            remaining = entry.locked_until - now
+            if remaining > 0:
+                raise TooManyAttempts(remaining)
+            recent = sum(1 for at in entry.recent if now - at <= self.window)
+            # After a lockout, the next failure locks again: one attempt at a time.
+            allowed = 1 if entry.level else self.limit - recent
+            if entry.pending >= allowed:
+                raise TooManyAttempts(1)
+            entry.pending += 1
+
+    def release(self, address: str) -> None:
+        """End an admitted attempt that neither failed nor succeeded (an error)."""
+        with self._lock:
+            entry = self._addresses.get(address)
+            if entry is not None and entry.pending:
+                entry.pending -= 1
+
+    def _trim(self) -> None:
+        while len(self._addresses) > self.capacity:
+            self._addresses.popitem(last=False)
+
     def failure(self, address: str) -> float | None:
-        """Count a failure; the lockout's length if this one starts a lockout."""
+        """Count a failure (ending an admitted attempt, if any); the lockout's length
+        if this one starts a lockout."""
         now = self.clock()
         with self._lock:
             entry = self._addresses.pop(address, None)
+            pending = max(0, entry.pending - 1) if entry is not None else 0
             if entry is None or (entry.level and now >= entry.locked_until + self.window):
                 entry = _Failures()
+            entry.pending = pending
             self._addresses[address] = entry  # the most recent, last
-            while len(self._addresses) > self.capacity:
-                self._addresses.popitem(last=False)
+            self._trim()
             if now < entry.locked_until:
                 return None  # a concurrent attempt started the lockout already
             while entry.recent and now - entry.recent[0] > self.window:
@@ -215,8 +255,12 @@ def password_login(request: Request, name: str, password: str) -> Principal | No
     audits a failure and resets the address's count on success."""
     address = client_address(request)
     limiter = throttle(request)
-    limiter.check(address)
-    principal = check_login(context(request), name, password)
+    limiter.admit(address)
+    try:
+        principal = check_login(context(request), name, password)
+    except BaseException:
+        limiter.release(address)
+        raise
     if principal is None:
         failed_login(request, name, "wrong user name or password")
     else:
@@ -269,7 +313,7 @@ def _from_header(request: Request, ctx: AppContext) -> Principal | None:
             if verify_token(value.strip(), token.token_hash):
                 # Cheap to check, so valid tokens work even from a locked-out address.
                 return Principal(name, Role.parse(token.role), "token")
-        throttle(request).check(client_address(request))
+        throttle(request).admit(client_address(request))
         failed_login(request, "token", "unknown API token")
         return None
     if scheme == "basic" and value:
