@@ -11,22 +11,25 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import select
+from fastapi.testclient import TestClient
+from sqlalchemy import select, update
 from typer.testing import CliRunner
 
 from dicomrouter.cli.main import app as cli
 from dicomrouter.config import ConfigError
 from dicomrouter.control import audit
+from dicomrouter.control.security import hash_password
 from dicomrouter.observe.logs import configure_logging
 from dicomrouter.store import ObjectStore, create_index_engine
 from dicomrouter.store.schema import jobs
-from tests.support.api import ApiEnv, api_env, auth_section
+from tests.support.api import PASSWORD, ApiEnv, api_env, auth_section
 from tests.support.dcmtk import HOST
 from tests.support.router import RouterProcess, wait_until
 from tests.support.seed import Seeder
@@ -324,6 +327,79 @@ def test_thirty_parallel_wrong_logins_are_mostly_refused_with_429(tmp_path: Path
     assert sorted(set(statuses)) == [401, 429]
     assert statuses.count(401) <= 5  # the throttle's limit, however parallel
     assert statuses.count(429) >= 25
+
+
+# -- 5. sessions end on the server --------------------------------------------------------
+def logged_in(env: ApiEnv) -> str:
+    """Log in as admin with a password; the session cookie's value."""
+    client = env.anonymous
+    response = client.post("/api/v1/login", json={"username": "admin", "password": PASSWORD})
+    assert response.status_code == 200
+    cookie = client.cookies.get("dicomrouter_session")
+    assert cookie
+    client.cookies.clear()
+    return cookie
+
+
+def browser(env: ApiEnv, cookie: str) -> TestClient:
+    """A client that presents ``cookie``, as a browser holding it would."""
+    client = TestClient(env.anonymous.app)
+    client.cookies.set("dicomrouter_session", cookie)
+    return client
+
+
+def me(env: ApiEnv, cookie: str) -> int:
+    return browser(env, cookie).get("/api/v1/me").status_code
+
+
+def test_an_old_cookie_no_longer_works_after_logout(tmp_path: Path) -> None:
+    env = api_env(tmp_path)
+    cookie = logged_in(env)
+    assert me(env, cookie) == 200
+    assert browser(env, cookie).post("/api/v1/logout").status_code == 200
+    assert me(env, cookie) == 401  # the copy kept from before the logout
+    assert audit.query(env.engine, action="auth.logout")[0] == 1
+
+
+def test_a_dashboard_logout_ends_the_session_too(tmp_path: Path) -> None:
+    env = api_env(tmp_path)
+    cookie = logged_in(env)
+    assert browser(env, cookie).get("/jobs", follow_redirects=False).status_code == 200
+    out = browser(env, cookie).post("/logout", follow_redirects=False)
+    assert out.status_code == 303
+    again = browser(env, cookie).get("/jobs", follow_redirects=False)
+    assert again.status_code == 303 and again.headers["location"].startswith("/login")
+
+
+def test_a_session_slides_with_activity_and_ends_when_idle(tmp_path: Path) -> None:
+    from dicomrouter.store.schema import http_sessions
+
+    env = api_env(tmp_path, {"http": {"session_lifetime": "1h"}})
+    cookie = logged_in(env)
+    now = time.time()
+    with env.engine.begin() as conn:  # last used 10 minutes ago, 50 minutes left
+        conn.execute(update(http_sessions).values(last_seen=now - 600, expires_at=now + 3000))
+    assert me(env, cookie) == 200
+    with env.engine.connect() as conn:
+        expires = conn.execute(select(http_sessions.c.expires_at)).scalar_one()
+    assert expires >= now + 3600 - 5  # moved to a full hour from this request
+    with env.engine.begin() as conn:  # idle for longer than the lifetime
+        conn.execute(update(http_sessions).values(expires_at=time.time() - 1))
+    assert me(env, cookie) == 401
+
+
+def test_a_password_change_ends_the_users_sessions(tmp_path: Path) -> None:
+    from dicomrouter.config import parse_config
+    from dicomrouter.store.schema import http_sessions
+
+    env = api_env(tmp_path)
+    cookie = logged_in(env)
+    data = env.config.model_dump(mode="json")
+    data["auth"]["users"]["admin"]["password_hash"] = hash_password("a new password")
+    env.ctx.config = parse_config(data, environ={})
+    assert me(env, cookie) == 401
+    with env.engine.connect() as conn:
+        assert conn.execute(select(http_sessions)).all() == []
 
 
 # -- 7. the storage folder, the index and its WAL are private -----------------------------

@@ -2,7 +2,8 @@
 
 Three ways in, checked in this order:
 
-- a dashboard session (signed cookie set by ``POST /api/v1/login`` or the login page);
+- a dashboard session (signed cookie set by ``POST /api/v1/login`` or the login page,
+  naming a session the server keeps, so that logging out ends it);
 - ``Authorization: Bearer <token>`` for scripts (tokens from ``auth.tokens``);
 - ``Authorization: Basic`` with a user's password (handy for curl).
 
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Depends, HTTPException, Request, status
 
-from dicomrouter.control import audit
+from dicomrouter.control import audit, sessions
 from dicomrouter.control.security import (
     Principal,
     Role,
@@ -51,6 +52,7 @@ from .context import AppContext
 
 SESSION_USER = "user"
 SESSION_STAMP = "stamp"
+SESSION_ID = "sid"  # the token of the session's row (control.sessions)
 
 _ANONYMOUS_ADMIN = Principal("anonymous", Role.admin, "anonymous")
 
@@ -294,14 +296,24 @@ def failed_login(request: Request, name: str, reason: str) -> None:
 
 
 def _from_session(request: Request, ctx: AppContext) -> Principal | None:
+    """The session's user, if the session is live on the server
+    (:mod:`dicomrouter.control.sessions`: not logged out, not expired) and the user
+    still exists with the same password. Each use slides the session's expiry."""
     session = request.scope.get("session")
     if not session or SESSION_USER not in session:
         return None
-    user = ctx.config.auth.users.get(session[SESSION_USER])
-    if user is None or session.get(SESSION_STAMP) != session_stamp(user.password_hash):
+    name = session[SESSION_USER]
+    live = sessions.find(ctx.reader, str(session.get(SESSION_ID, "")))
+    user = ctx.config.auth.users.get(name)
+    if live is None or live.user != name:
         session.clear()
         return None
-    return Principal(session[SESSION_USER], Role.parse(user.role), "user")
+    if user is None or session.get(SESSION_STAMP) != session_stamp(user.password_hash):
+        sessions.end_user(ctx.engine, name)  # password changed or user removed
+        session.clear()
+        return None
+    sessions.touch(ctx.engine, live, ctx.config.http.session_lifetime)
+    return Principal(name, Role.parse(user.role), "user")
 
 
 def _from_header(request: Request, ctx: AppContext) -> Principal | None:

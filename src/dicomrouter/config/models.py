@@ -246,7 +246,10 @@ class HttpConfig(_Model):
         "(for load balancers and Prometheus). `false`: they need a `viewer` login too.",
     )
     session_lifetime: Duration = Field(
-        8 * 3600.0, description="How long a dashboard login lasts without activity."
+        8 * 3600.0,
+        description="How long a dashboard login lasts without activity: each request "
+        "extends it (it slides). Logging out, or a change of the user's password or "
+        "removal of the user, ends the session on the server at once.",
     )
     max_body_size: int = Field(
         1024 * 1024,

@@ -34,6 +34,9 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX IF NOT EXISTS ix_jobs_created ON jobs (created_at)",
         "CREATE INDEX IF NOT EXISTS ix_job_instances_updated ON job_instances (updated_at)",
     ],
+    # 5: the http_sessions table (server-side dashboard sessions) is new: create_all
+    # makes it, nothing else changes.
+    5: [],
 }
 
 
