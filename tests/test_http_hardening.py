@@ -402,6 +402,55 @@ def test_a_password_change_ends_the_users_sessions(tmp_path: Path) -> None:
         assert conn.execute(select(http_sessions)).all() == []
 
 
+# -- 6. security headers on every answer --------------------------------------------------
+@pytest.mark.parametrize(
+    ("method", "path", "expected"),
+    [
+        ("GET", "/login", 200),
+        ("GET", "/static/htmx.min.js", 200),
+        ("GET", "/api/v1/me", 401),
+        ("GET", "/api/v1/no-such-thing", 404),
+        ("GET", "/healthz", 200),
+        ("POST", "/api/v1/jobs/retry", 413),
+        ("POST", "/api/v1/jobs/cancel", 403),
+    ],
+)
+def test_every_answer_carries_the_security_headers(
+    tmp_path: Path, method: str, path: str, expected: int
+) -> None:
+    env = api_env(tmp_path)
+    headers = {"Origin": "https://evil.example"} if expected == 403 else {}
+    if expected == 413:
+        status, answer, *_ = asgi_call(
+            env.anonymous.app,  # type: ignore[arg-type]
+            method,
+            path,
+            {"content-type": "application/json", "content-length": str(100 * MB)},
+            [],
+        )
+    else:
+        response = env.anonymous.request(method, path, headers=headers, content=b"{}")
+        status, answer = response.status_code, dict(response.headers)
+    assert status == expected
+    policy = answer["content-security-policy"]
+    assert "frame-ancestors 'none'" in policy and "script-src 'self'" in policy
+    assert "unsafe-inline" not in policy and "unsafe-eval" not in policy
+    assert answer["x-frame-options"] == "DENY"
+    assert answer["x-content-type-options"] == "nosniff"
+    assert answer["referrer-policy"] == "same-origin"
+
+
+def test_dashboard_pages_have_no_inline_script(tmp_path: Path) -> None:
+    """What the policy forbids must not be needed: no inline handlers or scripts."""
+    env = api_env(tmp_path)
+    page = env.operator.get("/jobs")
+    assert page.status_code == 200
+    html = page.text
+    assert 'class="select-all"' in html  # the jobs table, with its select-all box
+    assert " onclick=" not in html and " onchange=" not in html
+    assert "<script>" not in html and "document.querySelector" not in html
+
+
 # -- 7. the storage folder, the index and its WAL are private -----------------------------
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)

@@ -41,6 +41,7 @@ from . import status as status_api
 from .auth import LoginThrottle
 from .context import AppContext
 from .csrf import CrossSiteMiddleware
+from .headers import SecurityHeadersMiddleware
 from .limits import BodyLimitMiddleware
 from .params import QueryTextMiddleware
 from .proxy import ProxyHeadersMiddleware
@@ -158,12 +159,13 @@ def create_app(ctx: AppContext) -> FastAPI:
         same_site="strict",
     )
     # Added later, run earlier: a refused request never touches the session, a body
-    # is bounded before anything reads it, and the client address is settled before
-    # anything records it.
+    # is bounded before anything reads it, the client address is settled before
+    # anything records it, and every answer (refusals too) gets the security headers.
     app.add_middleware(CrossSiteMiddleware, auth_enabled=lambda: ctx.config.auth.enabled)
     app.add_middleware(QueryTextMiddleware)
     app.add_middleware(BodyLimitMiddleware, http_config=lambda: ctx.config.http)
     app.add_middleware(ProxyHeadersMiddleware, trusted=lambda: ctx.config.http.trusted_proxies)
+    app.add_middleware(SecurityHeadersMiddleware)
     for module in (
         health,
         session,
