@@ -5,6 +5,7 @@ through control/, and no configuration that locks every admin out."""
 from __future__ import annotations
 
 import asyncio
+import getpass
 import http.client
 import json
 import logging
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
@@ -575,3 +577,24 @@ def test_a_bulk_cancel_with_a_nul_filter_cancels_nothing(tmp_path: Path) -> None
     )
     assert form.status_code in (303, 422)
     assert open_jobs(env) == 3
+
+
+# -- 9. the CLI acts through control/ and is audited --------------------------------------
+def test_cli_queue_cancel_and_retry_are_audited_with_the_local_user(tmp_path: Path) -> None:
+    env, ids = seeded_jobs(tmp_path)
+    path = tmp_path / "dicomrouter.yaml"
+    path.write_text(yaml.safe_dump({**QUEUE, "storage": {"path": str(env.store.root)}}))
+    runner = CliRunner()
+    cancel = runner.invoke(cli, ["queue", "cancel", str(ids[0]), "--config", str(path)])
+    assert cancel.exit_code == 0, cancel.output
+    retry = runner.invoke(cli, ["queue", "retry", "--state", "canceled", "--config", str(path)])
+    assert retry.exit_code == 0, retry.output
+    _, rows = audit.query(env.engine, action="job.")
+    assert [(r["action"], r["actor"], r["source"]) for r in reversed(rows)] == [
+        ("job.cancel", getpass.getuser(), "cli"),
+        ("job.retry", getpass.getuser(), "cli"),
+    ]
+    assert rows[1]["target"] == f"job {ids[0]}"
+    # A job that cannot be canceled says why, as the API does.
+    done = runner.invoke(cli, ["queue", "cancel", str(10**6), "--config", str(path)])
+    assert done.exit_code == 1 and "no job 1000000" in done.output

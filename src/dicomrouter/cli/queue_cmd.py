@@ -1,7 +1,10 @@
-"""``queue list|show|retry|cancel``: the durable queue, read and acted on from the index."""
+"""``queue list|show|retry|cancel``: the durable queue, read from the index and acted on
+through ``control.jobs`` (audited with the local user as actor)."""
 
 from __future__ import annotations
 
+import getpass
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -138,20 +141,37 @@ def show_command(
     console.print(attempts)
 
 
+def local_user() -> str:
+    """Who runs the command, for the audit log (the account, as ``whoami`` says)."""
+    try:
+        return getpass.getuser()
+    except Exception:  # no name for this uid (a container): still say who
+        return f"uid {os.getuid()}"
+
+
 def _act(
     action: str, job_ids: list[int], state: str | None, config: Path | None, json_output: bool
 ) -> None:
-    from dicomrouter.queue import JobStore
-    from dicomrouter.queue.views import list_jobs
+    """Through ``control.jobs``, as the API and the dashboard act: the same checks,
+    and an audit row with the local user as actor (source ``cli``)."""
+    from dicomrouter.control import jobs as control
+    from dicomrouter.control.errors import ControlError
 
     engine = _engine(config)
     ids = list(job_ids)
     if state:
-        ids += [j["id"] for j in list_jobs(engine, state=state, limit=1_000_000)]
+        try:
+            ids += control.matching_ids(engine, control.JobFilter(state=state))
+        except ControlError as exc:
+            fail(str(exc))
+    ids = list(dict.fromkeys(ids))
     if not ids:
         fail("name job ids, or --state to select jobs")
-    store = JobStore(engine)
-    changed = store.retry(ids) if action == "retry" else store.cancel(ids)
+    try:
+        act = control.retry if action == "retry" else control.cancel
+        changed = act(engine, ids, actor=local_user(), source="cli")
+    except ControlError as exc:
+        fail(str(exc))
     if json_output:
         print_json({"action": action, "requested": len(ids), "changed": changed})
     else:

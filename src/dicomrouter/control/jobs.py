@@ -321,6 +321,15 @@ def _act_on_ids(engine: Engine, action: Action, ids: Sequence[int], actor: str, 
     return changed
 
 
+def matching_ids(engine: Engine, f: JobFilter, states: Sequence[str] | None = None) -> list[int]:
+    """The ids of the jobs matching ``f`` (and in one of ``states``), oldest first."""
+    where = f.conditions()
+    if states is not None:
+        where.append(jobs.c.state.in_(states))
+    with engine.connect() as conn:
+        return [row.id for row in conn.execute(select(jobs.c.id).where(*where).order_by(jobs.c.id))]
+
+
 def bulk_action(
     engine: Engine,
     f: JobFilter,
@@ -339,10 +348,7 @@ def bulk_action(
         raise Invalid(f"unknown action {action!r}: retry or cancel")
     if f.is_empty() and not allow_all:
         raise Invalid("refusing to act on every job: give a filter, or set all")
-    allowed = RETRYABLE if action == "retry" else CANCELABLE
-    where = f.conditions() + [jobs.c.state.in_(allowed)]
-    with engine.connect() as conn:
-        ids = [row.id for row in conn.execute(select(jobs.c.id).where(*where).order_by(jobs.c.id))]
+    ids = matching_ids(engine, f, RETRYABLE if action == "retry" else CANCELABLE)
     changed = _apply(engine, action, ids) if ids else 0
     audit.record(
         engine,
