@@ -10,6 +10,7 @@ import http.client
 import json
 import logging
 import os
+import signal
 import stat
 import threading
 import time
@@ -27,11 +28,11 @@ from typer.testing import CliRunner
 from dicomrouter.cli.main import app as cli
 from dicomrouter.config import ConfigError
 from dicomrouter.control import audit
-from dicomrouter.control.security import hash_password
+from dicomrouter.control.security import hash_password, hash_token
 from dicomrouter.observe.logs import configure_logging
 from dicomrouter.store import ObjectStore, create_index_engine
 from dicomrouter.store.schema import jobs
-from tests.support.api import PASSWORD, ApiEnv, api_env, auth_section
+from tests.support.api import PASSWORD, TOKENS, ApiEnv, api_env, auth_section
 from tests.support.dcmtk import HOST
 from tests.support.router import RouterProcess, wait_until
 from tests.support.seed import Seeder
@@ -598,3 +599,72 @@ def test_cli_queue_cancel_and_retry_are_audited_with_the_local_user(tmp_path: Pa
     # A job that cannot be canceled says why, as the API does.
     done = runner.invoke(cli, ["queue", "cancel", str(10**6), "--config", str(path)])
     assert done.exit_code == 1 and "no job 1000000" in done.output
+
+
+# -- 10. no configuration that leaves no admin --------------------------------------------
+def viewers_only() -> str:
+    auth = {
+        "users": {"v": {"password_hash": auth_section()["users"]["viewer"]["password_hash"]}},
+        "tokens": {"t": {"token_hash": hash_token(TOKENS["viewer"]), "role": "viewer"}},
+    }
+    return yaml.safe_dump({"auth": auth})
+
+
+def test_an_apply_that_leaves_no_admin_is_refused_and_validate_says_so(tmp_path: Path) -> None:
+    env = api_env(tmp_path)
+    path = tmp_path / "dicomrouter.yaml"
+    path.write_text("ae_title: KEPT\n")
+    env.ctx.config_path = path
+    yaml_type = {"Content-Type": "application/yaml"}
+    check = env.operator.post("/api/v1/config/validate", content=viewers_only(), headers=yaml_type)
+    assert check.status_code == 200
+    assert check.json()["valid"] is False
+    assert any("no admin" in error for error in check.json()["errors"])
+    applied = env.admin.put("/api/v1/config", content=viewers_only(), headers=yaml_type)
+    assert applied.status_code == 422, applied.text
+    assert any("no admin" in error for error in applied.json()["detail"]["errors"])
+    assert path.read_text() == "ae_title: KEPT\n"
+    assert env.admin.get("/api/v1/me").status_code == 200  # still in
+    page = env.admin.post("/config/apply", data={"candidate": viewers_only(), "comment": ""})
+    assert page.status_code == 422 and "no admin" in page.text
+    # Turning authentication off, or keeping an admin token, is fine.
+    open_config = yaml.safe_dump({"auth": {"enabled": False}})
+    assert env.operator.post(
+        "/api/v1/config/validate", content=open_config, headers=yaml_type
+    ).json()["valid"]
+
+
+def test_a_new_installation_without_admin_may_still_be_edited_by_hand() -> None:
+    from dicomrouter.config import parse_config
+    from dicomrouter.control.versions import lockout
+
+    nobody = parse_config({}, environ={})  # auth on, no users: as after install
+    viewer = parse_config(yaml.safe_load(viewers_only()), environ={})
+    admin = parse_config({"auth": auth_section()}, environ={})
+    assert lockout(viewer, nobody) is None  # nothing is taken away
+    assert lockout(viewer, admin) is not None
+    assert lockout(admin, viewer) is None
+
+
+def test_a_sighup_reload_that_leaves_no_admin_is_refused(tmp_path: Path) -> None:
+    config = {"auth": auth_section(), "http": {"bind": HOST}}
+    with RouterProcess(tmp_path / "router", config) as router:
+        port = int(router.config["http"]["port"])
+        edited = {**router.config, "auth": yaml.safe_load(viewers_only())["auth"]}
+        router.config_path.write_text(yaml.safe_dump(edited, sort_keys=False))
+        assert router.process is not None
+        router.process.send_signal(signal.SIGHUP)
+        engine = create_index_engine(f"sqlite:///{router.storage / 'index.sqlite'}", create=False)
+
+        def reloads() -> list[str]:
+            return [row["outcome"] for row in audit.query(engine, action="config.reload")[1]]
+
+        wait_until(reloads, 30, message="the reload audited")
+        assert reloads() == ["failed"]
+        assert "leaves no admin" in router.log()
+        connection = http.client.HTTPConnection(HOST, port, timeout=30)
+        connection.request(
+            "GET", "/api/v1/me", headers={"Authorization": f"Bearer {TOKENS['admin']}"}
+        )
+        assert connection.getresponse().status == 200  # the admin token still works
+        connection.close()
