@@ -5,6 +5,7 @@ through control/, and no configuration that locks every admin out."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import getpass
 import http.client
 import json
@@ -340,6 +341,41 @@ def test_thirty_parallel_wrong_logins_are_mostly_refused_with_429(tmp_path: Path
     assert sorted(set(statuses)) == [401, 429]
     assert statuses.count(401) <= 5  # the throttle's limit, however parallel
     assert statuses.count(429) >= 25
+
+
+def test_parallel_basic_requests_with_a_known_password_are_not_throttled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A script sending many requests at once with the right Basic credentials is
+    not mistaken for a guesser: its password was checked once, and is remembered,
+    so its requests take no attempt slot (a password check is made slow here, as
+    under load, so that the requests overlap)."""
+    from dicomrouter.api import auth
+
+    env = api_env(tmp_path)
+    token = base64.b64encode(f"operator:{PASSWORD}".encode()).decode()
+    basic = {"Authorization": f"Basic {token}"}
+    assert env.anonymous.get("/api/v1/me", headers=basic).status_code == 200
+    real = auth.check_login
+
+    def slow(*args: Any) -> Any:
+        time.sleep(0.3)
+        return real(*args)
+
+    monkeypatch.setattr(auth, "check_login", slow)
+    statuses: list[int] = []
+    start = threading.Barrier(20)
+
+    def request() -> None:
+        start.wait()
+        statuses.append(env.anonymous.get("/api/v1/me", headers=basic).status_code)
+
+    threads = [threading.Thread(target=request) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses == [200] * 20
 
 
 # -- 5. sessions end on the server --------------------------------------------------------
