@@ -489,6 +489,16 @@ def test_every_answer_carries_the_security_headers(
     assert answer["referrer-policy"] == "same-origin"
 
 
+def test_the_openapi_page_may_load_swagger_ui_and_nothing_else_may(tmp_path: Path) -> None:
+    env = api_env(tmp_path)
+    docs = env.anonymous.get("/api/docs")
+    assert docs.status_code == 200 and "cdn.jsdelivr.net" in docs.text
+    policy = docs.headers["content-security-policy"]
+    assert "https://cdn.jsdelivr.net" in policy and "frame-ancestors 'none'" in policy
+    other = env.viewer.get("/api/v1/me").headers["content-security-policy"]
+    assert "cdn.jsdelivr.net" not in other
+
+
 def test_dashboard_pages_have_no_inline_script(tmp_path: Path) -> None:
     """What the policy forbids must not be needed: no inline handlers or scripts."""
     env = api_env(tmp_path)
