@@ -243,6 +243,14 @@ def test_an_alias_bomb_is_refused_by_apply_and_the_file_is_kept(tmp_path: Path) 
     assert path.read_text() == "ae_title: KEPT\n"
 
 
+def test_the_dashboard_refuses_a_bomb_as_configuration_or_as_a_rule(tmp_path: Path) -> None:
+    env = api_env(tmp_path)
+    preview = env.admin.post("/config/preview", data={"candidate": merge_bomb()})
+    assert preview.status_code == 422 and "expands to more than" in preview.text
+    rule = env.operator.post("/routes/backtest", data={"candidate": merge_bomb(), "days": "1"})
+    assert rule.status_code == 200 and "expands to more than" in rule.text
+
+
 def test_check_refuses_an_alias_bomb_with_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "bomb.yaml"
     path.write_text(merge_bomb())
