@@ -113,6 +113,16 @@ def test_retry_a_failed_delivery_from_the_browser(tmp_path: Path) -> None:
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 page.set_default_timeout(30_000)
+                # Whatever the Content-Security-Policy blocks shows as a console error.
+                refused: list[str] = []
+                page.on(
+                    "console",
+                    lambda m: (
+                        refused.append(m.text)
+                        if m.type == "error" and "Content Security Policy" in m.text
+                        else None
+                    ),
+                )
                 # Not logged in: the dashboard sends us to the login page.
                 page.goto(f"{base}/jobs")
                 expect(page).to_have_url(f"{base}/login?next=/jobs")
@@ -129,6 +139,11 @@ def test_retry_a_failed_delivery_from_the_browser(tmp_path: Path) -> None:
                 expect(row).to_have_attribute("data-destination", "pacs")
                 expect(row).to_have_attribute("data-state", "failed")
                 expect(row.locator("td.error-text")).to_contain_text("unreachable")
+                # "Select all" is a script from /static (no inline handlers allowed).
+                page.get_by_label("select all").check()
+                expect(row.locator("input.sel")).to_be_checked()
+                page.get_by_label("select all").uncheck()
+                expect(row.locator("input.sel")).not_to_be_checked()
 
                 with StoreSCP(down_port, "PACS", tmp_path / "pacs", accept="all") as scp:
                     # The probe finds it back; the failed job waits for the operator.
@@ -156,6 +171,16 @@ def test_retry_a_failed_delivery_from_the_browser(tmp_path: Path) -> None:
                 expect(page.locator('g[data-series="delivered"] rect').first).to_be_visible()
                 screenshot = artifacts_dir() / "overview.png"
                 page.screenshot(path=str(screenshot), full_page=True)
+                assert refused == [], refused
+
+                # Logging out ends the session on the server: the old cookie, put
+                # back by hand, no longer opens a page.
+                cookies = page.context.cookies()
+                page.get_by_role("button", name="Log out").click()
+                expect(page).to_have_url(f"{base}/login")
+                page.context.add_cookies(cookies)  # type: ignore[arg-type]
+                page.goto(f"{base}/jobs")
+                expect(page).to_have_url(f"{base}/login?next=/jobs")
             finally:
                 browser.close()
     data = screenshot.read_bytes()

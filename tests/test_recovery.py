@@ -16,6 +16,7 @@ import yaml
 from sqlalchemy import select
 from typer.testing import CliRunner
 
+from dicomrouter.cli.common import local_user
 from dicomrouter.cli.main import app as cli
 from dicomrouter.control import audit
 from dicomrouter.queue import JobStore
@@ -154,7 +155,7 @@ def test_the_cli_lists_moves_and_cancels_orphaned_jobs(tmp_path: Path) -> None:
     assert "moved 3 job(s) from old to new" in moved.output
     assert set().union(*(p.members(j["id"]) for j in _jobs(p, "new"))) == sent
     [entry] = audit.query(env.engine, action="job.move")[1]
-    assert entry["actor"].startswith("cli:") and entry["source"] == "cli"
+    assert entry["actor"] == local_user() and entry["source"] == "cli"
     refused = runner.invoke(
         cli, ["queue", "move", "--from", "new", "--to", "gone", "--config", str(config)]
     )
@@ -164,7 +165,7 @@ def test_the_cli_lists_moves_and_cancels_orphaned_jobs(tmp_path: Path) -> None:
     )
     assert canceled.exit_code == 0, canceled.output
     assert {j["state"] for j in _jobs(p, "new")} == {"canceled"}
-    assert audit.query(env.engine, action="job.bulk_cancel")[1][0]["actor"].startswith("cli:")
+    assert audit.query(env.engine, action="job.bulk_cancel")[1][0]["actor"] == local_user()
 
 
 def test_orphaned_jobs_alert_fires_and_resolves(

@@ -84,6 +84,9 @@ class Node:
         try:
             text = versions.normalize(path.read_text(encoding="utf-8"))
             new = versions.parse_yaml(text, path.parent, str(path))
+            refusal = versions.lockout(new, self.config)
+            if refusal is not None:
+                raise ConfigError(str(path), [refusal])
         except (OSError, ConfigError) as exc:
             errors = exc.errors if isinstance(exc, ConfigError) else [f"cannot read: {exc}"]
             log.error(

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import secrets
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from fastapi.responses import JSONResponse
 from starlette.middleware.sessions import SessionMiddleware
 
 from dicomrouter import __version__
+from dicomrouter.store.private import PRIVATE_FILE, tighten
 
 from . import (
     audit_api,
@@ -43,6 +43,10 @@ from . import status as status_api
 from .auth import LoginThrottle
 from .context import AppContext
 from .csrf import CrossSiteMiddleware
+from .headers import SecurityHeadersMiddleware
+from .limits import BodyLimitMiddleware
+from .params import QueryTextMiddleware
+from .proxy import ProxyHeadersMiddleware
 
 log = logging.getLogger("dicomrouter.http")
 
@@ -110,10 +114,7 @@ def session_secret(storage_root: Path) -> str:
             fresh = secrets.token_urlsafe(32)
             _write_secret(path, fresh, replace=True)
             return fresh
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            log.warning("%s had mode %04o: made private (0600)", path, mode)
-            path.chmod(0o600)
+        tighten(path, PRIVATE_FILE)
         return secret
     raise RuntimeError(f"cannot read or create {path}")
 
@@ -159,8 +160,14 @@ def create_app(ctx: AppContext) -> FastAPI:
         max_age=int(ctx.config.http.session_lifetime),
         same_site="strict",
     )
-    # Added last, so it runs first: a refused request never touches the session.
+    # Added later, run earlier: a refused request never touches the session, a body
+    # is bounded before anything reads it, the client address is settled before
+    # anything records it, and every answer (refusals too) gets the security headers.
     app.add_middleware(CrossSiteMiddleware, auth_enabled=lambda: ctx.config.auth.enabled)
+    app.add_middleware(QueryTextMiddleware)
+    app.add_middleware(BodyLimitMiddleware, http_config=lambda: ctx.config.http)
+    app.add_middleware(ProxyHeadersMiddleware, trusted=lambda: ctx.config.http.trusted_proxies)
+    app.add_middleware(SecurityHeadersMiddleware)
     for module in (
         health,
         session,

@@ -2,7 +2,8 @@
 
 Three ways in, checked in this order:
 
-- a dashboard session (signed cookie set by ``POST /api/v1/login`` or the login page);
+- a dashboard session (signed cookie set by ``POST /api/v1/login`` or the login page,
+  naming a session the server keeps, so that logging out ends it);
 - ``Authorization: Bearer <token>`` for scripts (tokens from ``auth.tokens``);
 - ``Authorization: Basic`` with a user's password (handy for curl).
 
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Depends, HTTPException, Request, status
 
-from dicomrouter.control import audit
+from dicomrouter.control import audit, sessions
 from dicomrouter.control.security import (
     Principal,
     Role,
@@ -51,6 +52,7 @@ from .context import AppContext
 
 SESSION_USER = "user"
 SESSION_STAMP = "stamp"
+SESSION_ID = "sid"  # the token of the session's row (control.sessions)
 
 _ANONYMOUS_ADMIN = Principal("anonymous", Role.admin, "anonymous")
 
@@ -85,6 +87,12 @@ class _PasswordCache:
         self._ok: dict[tuple[str, str, str], None] = {}
         self._size = size
         self._lock = threading.Lock()
+
+    def known(self, name: str, password: str, stored: str) -> bool:
+        """Whether this exact login succeeded recently (no hash computed)."""
+        key = (name, hashlib.sha256(password.encode()).hexdigest(), stored)
+        with self._lock:
+            return key in self._ok
 
     def check(self, name: str, password: str, stored: str) -> bool:
         key = (name, hashlib.sha256(password.encode()).hexdigest(), stored)
@@ -129,6 +137,7 @@ class _Failures:
     recent: deque[float] = field(default_factory=deque)  # times, within the window
     level: int = 0  # lockouts in this streak: the next one lasts first_delay * 2**level
     locked_until: float = 0.0
+    pending: int = 0  # attempts admitted and not yet decided (hashing)
 
 
 class LoginThrottle:
@@ -138,7 +147,12 @@ class LoginThrottle:
     ``first_delay`` seconds; each failure after a lockout ends (before ``window``
     seconds of calm) locks it out again for twice as long, up to ``max_delay``. A
     successful password login forgets the address. At most ``capacity`` addresses
-    are remembered (the least recently failing are dropped)."""
+    are remembered (the least recently failing are dropped).
+
+    Attempts in progress count too (:meth:`admit`): a password check takes ~50 ms,
+    and attempts sent in parallel would otherwise all be checked before the first
+    failure is counted. An address gets at most as many attempts under way as it
+    has failures left before a lockout; the others get 429 at once."""
 
     limit = 5
     window = 300.0
@@ -159,16 +173,50 @@ class LoginThrottle:
         if remaining > 0:
             raise TooManyAttempts(remaining)
 
+    def admit(self, address: str) -> None:
+        """Start an attempt (password or token): raise :class:`TooManyAttempts` while
+        ``address`` is locked out, or when the attempts already under way could use
+        up its remaining failures. End it with :meth:`failure`, :meth:`success` or
+        :meth:`release`."""
+        now = self.clock()
+        with self._lock:
+            entry = self._addresses.get(address)
+            if entry is None:
+                entry = self._addresses[address] = _Failures()
+                self._trim()
+            remaining = entry.locked_until - now
+            if remaining > 0:
+                raise TooManyAttempts(remaining)
+            recent = sum(1 for at in entry.recent if now - at <= self.window)
+            # After a lockout, the next failure locks again: one attempt at a time.
+            allowed = 1 if entry.level else self.limit - recent
+            if entry.pending >= allowed:
+                raise TooManyAttempts(1)
+            entry.pending += 1
+
+    def release(self, address: str) -> None:
+        """End an admitted attempt that neither failed nor succeeded (an error)."""
+        with self._lock:
+            entry = self._addresses.get(address)
+            if entry is not None and entry.pending:
+                entry.pending -= 1
+
+    def _trim(self) -> None:
+        while len(self._addresses) > self.capacity:
+            self._addresses.popitem(last=False)
+
     def failure(self, address: str) -> float | None:
-        """Count a failure; the lockout's length if this one starts a lockout."""
+        """Count a failure (ending an admitted attempt, if any); the lockout's length
+        if this one starts a lockout."""
         now = self.clock()
         with self._lock:
             entry = self._addresses.pop(address, None)
+            pending = max(0, entry.pending - 1) if entry is not None else 0
             if entry is None or (entry.level and now >= entry.locked_until + self.window):
                 entry = _Failures()
+            entry.pending = pending
             self._addresses[address] = entry  # the most recent, last
-            while len(self._addresses) > self.capacity:
-                self._addresses.popitem(last=False)
+            self._trim()
             if now < entry.locked_until:
                 return None  # a concurrent attempt started the lockout already
             while entry.recent and now - entry.recent[0] > self.window:
@@ -215,8 +263,20 @@ def password_login(request: Request, name: str, password: str) -> Principal | No
     audits a failure and resets the address's count on success."""
     address = client_address(request)
     limiter = throttle(request)
-    limiter.check(address)
-    principal = check_login(context(request), name, password)
+    ctx = context(request)
+    user = ctx.config.auth.users.get(name)
+    if user is not None and _passwords.known(name, password, user.password_hash):
+        # A script's repeated Basic login, checked before: as cheap as a token, so
+        # only a lockout stops it, not the number of attempts under way.
+        limiter.check(address)
+        limiter.success(address)
+        return Principal(name, Role.parse(user.role), "user")
+    limiter.admit(address)
+    try:
+        principal = check_login(ctx, name, password)
+    except BaseException:
+        limiter.release(address)
+        raise
     if principal is None:
         failed_login(request, name, "wrong user name or password")
     else:
@@ -250,14 +310,24 @@ def failed_login(request: Request, name: str, reason: str) -> None:
 
 
 def _from_session(request: Request, ctx: AppContext) -> Principal | None:
+    """The session's user, if the session is live on the server
+    (:mod:`dicomrouter.control.sessions`: not logged out, not expired) and the user
+    still exists with the same password. Each use slides the session's expiry."""
     session = request.scope.get("session")
     if not session or SESSION_USER not in session:
         return None
-    user = ctx.config.auth.users.get(session[SESSION_USER])
-    if user is None or session.get(SESSION_STAMP) != session_stamp(user.password_hash):
+    name = session[SESSION_USER]
+    live = sessions.find(ctx.reader, str(session.get(SESSION_ID, "")))
+    user = ctx.config.auth.users.get(name)
+    if live is None or live.user != name:
         session.clear()
         return None
-    return Principal(session[SESSION_USER], Role.parse(user.role), "user")
+    if user is None or session.get(SESSION_STAMP) != session_stamp(user.password_hash):
+        sessions.end_user(ctx.engine, name)  # password changed or user removed
+        session.clear()
+        return None
+    sessions.touch(ctx.engine, live, ctx.config.http.session_lifetime)
+    return Principal(name, Role.parse(user.role), "user")
 
 
 def _from_header(request: Request, ctx: AppContext) -> Principal | None:
@@ -269,7 +339,7 @@ def _from_header(request: Request, ctx: AppContext) -> Principal | None:
             if verify_token(value.strip(), token.token_hash):
                 # Cheap to check, so valid tokens work even from a locked-out address.
                 return Principal(name, Role.parse(token.role), "token")
-        throttle(request).check(client_address(request))
+        throttle(request).admit(client_address(request))
         failed_login(request, "token", "unknown API token")
         return None
     if scheme == "basic" and value:

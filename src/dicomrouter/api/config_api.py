@@ -144,8 +144,9 @@ async def validate_config(request: Request, principal: Principal = operator) -> 
     text, _ = await _candidate(request)
     base = ctx.config_path.parent if ctx.config_path else ctx.store.root.parent
     redacted = not versions.sees_secrets(principal)
-    check = await run_in_threadpool(
-        versions.validate, text, _active_text(ctx), base, ctx.config, redacted=redacted
+    check = await run_in_threadpool(  # 422 for a text too large or complex to parse
+        _changing,
+        lambda: versions.validate(text, _active_text(ctx), base, ctx.config, redacted=redacted),
     )
     return _shown(check.as_dict(), principal)
 

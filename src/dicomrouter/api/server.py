@@ -88,9 +88,12 @@ def serve_http(config: RouterConfig, config_path: Path | None, on_ready=None) ->
             host=config.http.bind,
             port=config.http.port,
             log_level="warning",
+            log_config=None,  # uvicorn's lines through our handler (escaped, one format)
             access_log=False,
             lifespan="off",
             server_header=False,
+            # X-Forwarded-For is believed only from http.trusted_proxies (api/proxy.py).
+            proxy_headers=False,
         )
     )
     if on_ready is not None:

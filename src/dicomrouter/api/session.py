@@ -1,4 +1,5 @@
-"""Log in and out (a signed session cookie), and ``/api/v1/me``."""
+"""Log in and out (a signed cookie naming a session kept on the server), and
+``/api/v1/me``."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel
 
-from dicomrouter.control import audit
+from dicomrouter.control import audit, sessions
 from dicomrouter.control.security import Principal
 
 from .auth import (
+    SESSION_ID,
     SESSION_STAMP,
     SESSION_USER,
     client_address,
@@ -31,10 +33,24 @@ class Login(BaseModel):
 def start_session(request: Request, principal: Principal) -> None:
     ctx = context(request)
     user = ctx.config.auth.users[principal.name]
-    request.session.clear()
+    address = client_address(request)
+    end_session(request, audited=False)  # a new login replaces any previous session
+    token = sessions.start(ctx.engine, principal.name, ctx.config.http.session_lifetime, address)
     request.session[SESSION_USER] = principal.name
     request.session[SESSION_STAMP] = session_stamp(user.password_hash)
-    audit.record(ctx.engine, principal.name, "auth.login", source=client_address(request))
+    request.session[SESSION_ID] = token
+    audit.record(ctx.engine, principal.name, "auth.login", source=address)
+
+
+def end_session(request: Request, *, audited: bool = True) -> None:
+    """Log out: the session ends on the server (its cookie no longer works, even
+    replayed) and the cookie is cleared."""
+    ctx = context(request)
+    session = request.session
+    if sessions.end(ctx.engine, str(session.get(SESSION_ID, ""))) and audited:
+        who = str(session.get(SESSION_USER, "?"))
+        audit.record(ctx.engine, who, "auth.logout", source=client_address(request))
+    session.clear()
 
 
 @router.post(
@@ -52,7 +68,7 @@ def login(body: Login, request: Request) -> dict[str, Any]:
 
 @router.post("/logout", summary="End the dashboard session")
 def logout(request: Request) -> dict[str, str]:
-    request.session.clear()
+    end_session(request)
     return {"status": "logged out"}
 
 

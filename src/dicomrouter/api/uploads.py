@@ -14,16 +14,17 @@ from contextlib import asynccontextmanager
 from fastapi import HTTPException, Request
 from starlette.datastructures import FormData, UploadFile
 
-#: A dry run needs only headers; this bounds what one request may make us spool.
-MAX_UPLOAD_BYTES = 1 << 30
-
 
 @asynccontextmanager
 async def uploaded_files(
-    request: Request, max_files: int, field: str = "files", max_bytes: int = MAX_UPLOAD_BYTES
+    request: Request, max_files: int, field: str = "files", max_bytes: int | None = None
 ) -> AsyncIterator[tuple[list[UploadFile], FormData]]:
     """The files of multipart field ``field`` and the whole form; 411 without a
-    ``Content-Length``, 413 above ``max_bytes``, 422 without files."""
+    ``Content-Length``, 413 above ``max_bytes`` (default ``http.max_upload_size``:
+    a dry run needs only headers, so this bounds what one request may make us
+    spool), 422 without files."""
+    if max_bytes is None:
+        max_bytes = request.app.state.ctx.config.http.max_upload_size
     length = request.headers.get("content-length", "")
     if not length.isdigit():
         raise HTTPException(411, "send the upload with a Content-Length")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -20,6 +22,15 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 _TARGET_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d{1,5})$")
+
+
+def local_user() -> str:
+    """Who runs the command, for the audit log (the account, as ``whoami`` says); CLI
+    actions are audited with this actor and the source ``cli``."""
+    try:
+        return getpass.getuser()
+    except Exception:  # no name for this uid (a container): still say who
+        return f"uid {os.getuid()}"
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

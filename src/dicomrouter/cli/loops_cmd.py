@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import getpass
 from datetime import datetime
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from .common import console, fail, print_json
+from .common import console, fail, local_user, print_json
 from .queue_cmd import ConfigOption, JsonOption, _engine
 
 loops_app = typer.Typer(
@@ -64,7 +63,7 @@ def release_command(
     if not ids and not all_held:
         fail("name the holds to release (ids from 'dicomrouter loops list'), or --all")
     released = loops.release(
-        _engine(config), None if all_held else ids, actor=getpass.getuser(), source="cli"
+        _engine(config), None if all_held else ids, actor=local_user(), source="cli"
     )
     if json_output:
         print_json({"released": [event.as_dict() for event in released]})

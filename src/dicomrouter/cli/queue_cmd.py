@@ -1,8 +1,8 @@
-"""``queue list|show|retry|cancel``: the durable queue, read and acted on from the index."""
+"""``queue list|show|retry|cancel``: the durable queue, read from the index and acted on
+through ``control.jobs`` (audited with the local user as actor)."""
 
 from __future__ import annotations
 
-import os
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import console, fail, load, print_json
+from .common import console, fail, load, local_user, print_json
 
 queue_app = typer.Typer(help="Inspect and act on delivery jobs.", no_args_is_help=True)
 
@@ -104,16 +104,6 @@ def list_command(
     console.print(table)
 
 
-def _local_user() -> str:
-    """The audit actor of a CLI action: who ran it on this machine."""
-    import getpass
-
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return f"cli:uid {os.getuid()}"
-
-
 def _orphaned(engine, config: Path | None) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
     from dataclasses import asdict
 
@@ -139,7 +129,7 @@ def move_command(
     engine = _engine(config)
     try:
         result = move_jobs(
-            engine, load(config).destinations, source, target, actor=_local_user(), source="cli"
+            engine, load(config).destinations, source, target, actor=local_user(), source="cli"
         )
     except ControlError as exc:
         fail(str(exc))
@@ -199,17 +189,26 @@ def show_command(
 def _act(
     action: str, job_ids: list[int], state: str | None, config: Path | None, json_output: bool
 ) -> None:
-    from dicomrouter.queue import JobStore
-    from dicomrouter.queue.views import list_jobs
+    """Through ``control.jobs``, as the API and the dashboard act: the same checks,
+    and an audit row with the local user as actor (source ``cli``)."""
+    from dicomrouter.control import jobs as control
+    from dicomrouter.control.errors import ControlError
 
     engine = _engine(config)
     ids = list(job_ids)
     if state:
-        ids += [j["id"] for j in list_jobs(engine, state=state, limit=1_000_000)]
+        try:
+            ids += control.matching_ids(engine, control.JobFilter(state=state))
+        except ControlError as exc:
+            fail(str(exc))
+    ids = list(dict.fromkeys(ids))
     if not ids:
         fail("name job ids, or --state to select jobs")
-    store = JobStore(engine)
-    changed = store.retry(ids) if action == "retry" else store.cancel(ids)
+    try:
+        act = control.retry if action == "retry" else control.cancel
+        changed = act(engine, ids, actor=local_user(), source="cli")
+    except ControlError as exc:
+        fail(str(exc))
     if json_output:
         print_json({"action": action, "requested": len(ids), "changed": changed})
     else:
@@ -253,7 +252,7 @@ def _cancel_destination(destination: str, config: Path | None, json_output: bool
     from dicomrouter.queue import states
 
     f = JobFilter(destination=destination, state=list(states.OPEN_STATES))
-    changed = bulk_action(_engine(config), f, "cancel", actor=_local_user(), source="cli")
+    changed = bulk_action(_engine(config), f, "cancel", actor=local_user(), source="cli")
     if json_output:
         print_json({"action": "cancel", "destination": destination, "changed": changed})
     else:

@@ -1,6 +1,13 @@
 """Configuration: pydantic models, YAML loading with key-path errors, environment overrides."""
 
-from .loader import ConfigError, load_config, load_config_text, parse_config
+from .loader import (
+    ConfigError,
+    YamlLimitError,
+    load_config,
+    load_config_text,
+    load_yaml,
+    parse_config,
+)
 from .models import (
     DicomDestinationConfig,
     DicomListenerConfig,
@@ -22,9 +29,11 @@ __all__ = [
     "RouterConfig",
     "StorageConfig",
     "TimeWindow",
+    "YamlLimitError",
     "format_duration",
     "load_config",
     "load_config_text",
+    "load_yaml",
     "parse_config",
     "parse_duration",
 ]

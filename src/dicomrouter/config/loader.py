@@ -17,6 +17,17 @@ ENV_PREFIX = "DICOMROUTER_"
 NODE_KEYS = {"ae_title", "dicom", "storage", "database", "log_level", "dispatch", "http"}
 
 
+#: The largest YAML text parsed at all (the HTTP service bounds uploads lower, with
+#: ``http.max_config_size``). A configuration is tens of kilobytes.
+MAX_YAML_BYTES = 8 * 1024 * 1024
+#: Nodes the document may hold once every alias is expanded. Aliases are shared
+#: when parsed, but validating, redacting and comparing walk the expanded tree, so
+#: a few hundred bytes of nested aliases ("billion laughs") would cost minutes.
+MAX_YAML_NODES = 200_000
+#: Deepest nesting of mappings and sequences (a configuration needs about ten).
+MAX_YAML_DEPTH = 64
+
+
 class ConfigError(Exception):
     """A configuration problem; ``errors`` holds one ``"key.path: reason"`` per problem."""
 
@@ -29,6 +40,82 @@ class ConfigError(Exception):
         lines = [f"invalid configuration in {self.source}:"]
         lines += [f"  - {error}" for error in self.errors]
         return "\n".join(lines)
+
+
+class YamlLimitError(ConfigError):
+    """The text is too large or too complex to parse (size, aliases, nesting)."""
+
+
+def _check_yaml_limits(text: str, source: str) -> None:
+    """Refuse, from the parser's events alone (libyaml, C: milliseconds even for a
+    bomb), a text that is too large, nests too deep, or whose aliases expand to too
+    many nodes. Nothing is built before these checks pass."""
+    size = len(text.encode("utf-8", errors="replace"))
+    if size > MAX_YAML_BYTES:
+        raise YamlLimitError(
+            source, [f"the YAML text is {size} bytes, over the limit of {MAX_YAML_BYTES}"]
+        )
+    anchors: dict[str, int] = {}
+    stack: list[list[Any]] = []  # [anchor, expanded nodes so far] per open collection
+    try:
+        for event in yaml.parse(text, Loader=_Loader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                stack.append([event.anchor, 1])
+                if len(stack) > MAX_YAML_DEPTH:
+                    raise YamlLimitError(
+                        source,
+                        [f"{_where(event)}YAML nests deeper than {MAX_YAML_DEPTH} levels"],
+                    )
+                continue
+            if isinstance(event, yaml.CollectionEndEvent):
+                anchor, nodes = stack.pop()
+            elif isinstance(event, yaml.AliasEvent):
+                anchor, nodes = None, anchors.get(event.anchor or "", 1)
+            elif isinstance(event, yaml.ScalarEvent):
+                anchor, nodes = event.anchor, 1
+            else:
+                continue
+            if anchor is not None:
+                anchors[anchor] = nodes
+            if stack:
+                stack[-1][1] += nodes
+                nodes = stack[-1][1]
+            if nodes > MAX_YAML_NODES:
+                raise YamlLimitError(
+                    source,
+                    [
+                        f"{_where(event)}the YAML expands to more than {MAX_YAML_NODES} "
+                        "values (aliases repeating aliases?): refused"
+                    ],
+                )
+    except yaml.YAMLError as exc:
+        raise _syntax_error(source, exc) from None
+
+
+def _where(event: Any) -> str:
+    mark = getattr(event, "start_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+
+
+def _syntax_error(source: str, exc: yaml.YAMLError) -> ConfigError:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    return ConfigError(source, [f"{where}YAML syntax error: {problem}"])
+
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def load_yaml(text: str, source: str = "<yaml>") -> Any:
+    """``yaml.safe_load`` within :data:`MAX_YAML_BYTES`, :data:`MAX_YAML_NODES` and
+    :data:`MAX_YAML_DEPTH`: every YAML text the router reads goes through here.
+    Raises :class:`YamlLimitError` or ``ConfigError`` (syntax) with the line."""
+    _check_yaml_limits(text, source)
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a safe loader
+    except yaml.YAMLError as exc:
+        raise _syntax_error(source, exc) from None
 
 
 def _format_location(loc: tuple[Any, ...]) -> str:
@@ -71,7 +158,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         node = overrides
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = yaml.safe_load(value) if value else value
+        node[path[-1]] = load_yaml(value, name) if value else value
     return overrides
 
 
@@ -119,13 +206,7 @@ def load_config_text(
     """What ``load_config`` does with the file's text: a candidate from the API or a
     stored version is checked exactly as the file would be (same errors, same env
     overrides, ``storage.path`` relative to ``base_dir``)."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(source, [f"{where}YAML syntax error: {problem}"]) from None
+    data = load_yaml(text, source)
     config = parse_config(data, source, environ)
     if not config.storage.path.is_absolute():
         config.storage.path = (base_dir / config.storage.path).resolve()

@@ -270,8 +270,49 @@ class HttpConfig(_Model):
         "(for load balancers and Prometheus). `false`: they need a `viewer` login too.",
     )
     session_lifetime: Duration = Field(
-        8 * 3600.0, description="How long a dashboard login lasts without activity."
+        8 * 3600.0,
+        description="How long a dashboard login lasts without activity: each request "
+        "extends it (it slides). Logging out, or a change of the user's password or "
+        "removal of the user, ends the session on the server at once.",
     )
+    max_body_size: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="Largest request body in bytes (JSON, forms) for everything but "
+        "configuration uploads and the rule tester's files. Checked before "
+        "authentication and before the body is read: a larger `Content-Length`, or a "
+        "stream that grows past it, gets 413.",
+    )
+    max_config_size: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="Largest configuration upload in bytes (`/api/v1/config`, "
+        "`/config/validate`, `/config/import`, the dashboard's configuration page). "
+        "Larger gets 413.",
+    )
+    max_upload_size: int = Field(
+        1024**3,
+        ge=1024,
+        description="Largest upload in bytes of DICOM files to the rule tester "
+        "(`/api/v1/routes/test`, the Routes page). Larger gets 413.",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="IP addresses or CIDR networks of reverse proxies allowed to set "
+        "`X-Forwarded-For` (and `X-Forwarded-Proto`). From anyone else these headers are "
+        "ignored: the client address in the audit log and the login throttle is the "
+        "connection's. Default: none (the header is never trusted).",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"invalid IP address or CIDR network {item!r}") from exc
+        return value
 
 
 class UserConfig(_Model):

@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select
 
+from dicomrouter.observe.logs import escape_controls
 from dicomrouter.store.schema import audit_log
 
 log = logging.getLogger("dicomrouter.audit")
@@ -33,17 +34,21 @@ def record(
     source: str = "",
     detail: Mapping[str, Any] | None = None,
 ) -> None:
-    """Append one audit row. ``action`` is a dotted verb such as ``job.retry``."""
+    """Append one audit row. ``action`` is a dotted verb such as ``job.retry``.
+
+    Control characters in the text columns (a user name or AE title chosen by
+    whoever connected) are written as escapes, as in the log (``observe.logs``);
+    ``detail`` is JSON, which escapes them itself."""
     try:
         with engine.begin() as conn:
             conn.execute(
                 audit_log.insert().values(
                     at=time.time(),
-                    actor=actor[:128],
-                    source=source[:64],
-                    action=action[:64],
-                    target=target[:256],
-                    outcome=outcome[:16],
+                    actor=escape_controls(actor)[:128],
+                    source=escape_controls(source)[:64],
+                    action=escape_controls(action)[:64],
+                    target=escape_controls(target)[:256],
+                    outcome=escape_controls(outcome)[:16],
                     detail=json.dumps(dict(detail or {}), default=str, sort_keys=True),
                 )
             )

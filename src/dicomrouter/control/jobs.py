@@ -18,6 +18,7 @@ from sqlalchemy import ColumnElement, Engine, case, func, literal, select, updat
 
 from dicomrouter.config import DicomDestinationConfig
 from dicomrouter.destinations import describe_status
+from dicomrouter.observe.logs import find_control
 from dicomrouter.queue import JobStore
 from dicomrouter.queue import states as S
 from dicomrouter.queue.views import job_detail as _queue_job_detail
@@ -76,6 +77,18 @@ class JobFilter:
 
     def validate(self) -> None:
         """Raise :class:`Invalid` for a filter that can only be a mistake."""
+        texts = {
+            "state": ",".join(self.states()),
+            "destination": self.destination,
+            "route": self.route,
+            "study_uid": self.study_uid,
+            "patient_id": self.patient_id,
+            "accession_number": self.accession_number,
+        }
+        for key, value in texts.items():
+            found = find_control(value or "")
+            if found is not None:
+                raise Invalid(f"{key}: control character {found!r} not allowed in a filter")
         unknown = [s for s in self.states() if s not in S.JOB_STATES]
         if unknown:
             raise Invalid(
@@ -309,6 +322,15 @@ def _act_on_ids(engine: Engine, action: Action, ids: Sequence[int], actor: str, 
     return changed
 
 
+def matching_ids(engine: Engine, f: JobFilter, states: Sequence[str] | None = None) -> list[int]:
+    """The ids of the jobs matching ``f`` (and in one of ``states``), oldest first."""
+    where = f.conditions()
+    if states is not None:
+        where.append(jobs.c.state.in_(states))
+    with engine.connect() as conn:
+        return [row.id for row in conn.execute(select(jobs.c.id).where(*where).order_by(jobs.c.id))]
+
+
 def bulk_action(
     engine: Engine,
     f: JobFilter,
@@ -327,10 +349,7 @@ def bulk_action(
         raise Invalid(f"unknown action {action!r}: retry or cancel")
     if f.is_empty() and not allow_all:
         raise Invalid("refusing to act on every job: give a filter, or set all")
-    allowed = RETRYABLE if action == "retry" else CANCELABLE
-    where = f.conditions() + [jobs.c.state.in_(allowed)]
-    with engine.connect() as conn:
-        ids = [row.id for row in conn.execute(select(jobs.c.id).where(*where).order_by(jobs.c.id))]
+    ids = matching_ids(engine, f, RETRYABLE if action == "retry" else CANCELABLE)
     changed = _apply(engine, action, ids) if ids else 0
     audit.record(
         engine,

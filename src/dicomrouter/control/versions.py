@@ -45,7 +45,13 @@ from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from dicomrouter.config import ConfigError, RouterConfig, load_config_text
+from dicomrouter.config import (
+    ConfigError,
+    RouterConfig,
+    YamlLimitError,
+    load_config_text,
+    load_yaml,
+)
 from dicomrouter.store.schema import config_versions
 
 from . import audit
@@ -216,8 +222,8 @@ def redacted_yaml(text: str) -> str:
     does not parse to a mapping is not shown at all (:data:`UNPARSEABLE`).
     """
     try:
-        data = yaml.safe_load(normalize(text))
-    except yaml.YAMLError:
+        data = load_yaml(normalize(text))
+    except ConfigError:
         return UNPARSEABLE
     if data is None:
         return ""
@@ -394,6 +400,31 @@ def effective(new: RouterConfig, running: RouterConfig) -> RouterConfig:
     return result
 
 
+def has_admin(config: RouterConfig) -> bool:
+    """Someone can administer the router: a user or token with the admin role, or
+    no authentication at all (everyone is admin)."""
+    auth = config.auth
+    if not auth.enabled:
+        return True
+    roles = [user.role for user in auth.users.values()]
+    roles += [token.role for token in auth.tokens.values()]
+    return "admin" in roles
+
+
+def lockout(candidate: RouterConfig, running: RouterConfig | None) -> str | None:
+    """Why ``candidate`` may not replace ``running``: it would leave no admin where
+    there was one (nobody could change the configuration back, including whoever
+    applied it). None when it may. A running configuration without an admin (a new
+    installation) does not make a change refused."""
+    if has_admin(candidate) or (running is not None and not has_admin(running)):
+        return None
+    return (
+        "auth: this configuration leaves no admin (no user or token with role admin, "
+        "while auth.enabled is true), so nobody could change it back: refused. Keep "
+        "at least one admin user or token"
+    )
+
+
 def findings(config: RouterConfig) -> list[str]:
     from dicomrouter.config.lint import lint
 
@@ -412,13 +443,24 @@ def validate(
     """Check a candidate: errors (it would be refused), lint warnings, diff, and which
     changed keys would need a restart. ``redacted``: the diff as a non-admin sees it."""
     text = normalize(text)
-    change = diff(active_text, text, redacted=redacted)
     try:
         candidate = parse_yaml(text, base_dir, environ=environ)
+    except YamlLimitError as exc:
+        # Not shown as a diff either: diffing (and redacting) it is what would cost.
+        raise InvalidConfig(list(exc.errors)) from None
     except ConfigError as exc:
-        return Validation(False, list(exc.errors), [], change)
+        return Validation(False, list(exc.errors), [], diff(active_text, text, redacted=redacted))
+    change = diff(active_text, text, redacted=redacted)
     changed = changed_keys(running, candidate) if running is not None else []
-    return Validation(True, [], findings(candidate), change, changed, restart_required(changed))
+    refusal = lockout(candidate, running)
+    return Validation(
+        refusal is None,
+        [refusal] if refusal else [],
+        findings(candidate),
+        change,
+        changed,
+        restart_required(changed),
+    )
 
 
 # -- the table -------------------------------------------------------------------------
@@ -581,8 +623,9 @@ def apply_yaml(
     it, so two concurrent applies cannot leave the process on one version while the
     file and the newest version are the other.
 
-    Raises ``NoConfigFile`` (nothing to write to) or ``ConfigError`` (invalid: the
-    file, the versions and the running configuration are left untouched). Both are
+    Raises ``NoConfigFile`` (nothing to write to) or ``ConfigError`` (invalid, or it
+    would leave no admin, see :func:`lockout`: the file, the versions and the running
+    configuration are left untouched). Both are
     audited as failed attempts, like the success.
     """
     action = "config.apply" if source == "api" else f"config.{source}"
@@ -599,12 +642,15 @@ def apply_yaml(
     text = _with_newline(normalize(text))
     refused: ConfigError | None = None
     with _apply_lock:
+        current = running() if callable(running) else running
         try:
             candidate = parse_yaml(text, config_path.parent, environ=environ)
+            refusal = lockout(candidate, current)
+            if refusal is not None:
+                raise ConfigError(str(config_path), [refusal])
         except ConfigError as exc:
             refused = exc
         else:
-            current = running() if callable(running) else running
             change = diff(read_file(config_path), text, str(config_path), "new")
             write_atomically(config_path, text)
             version_id, created = record_if_new(

@@ -8,9 +8,12 @@ turns lock contention into short waits instead of errors.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
 
+from .private import PRIVATE_FILE, private_file, tighten
 from .schema import SCHEMA_VERSION, meta_info, metadata
 
 
@@ -38,6 +41,9 @@ MIGRATIONS: dict[int, list[str]] = {
         "'set aside by an earlier version, which never retried it' FROM instances "
         "WHERE routed = -1 AND id NOT IN (SELECT instance_id FROM unplanned)",
     ],
+    # 5: the http_sessions table (server-side dashboard sessions) is new: create_all
+    # makes it, nothing else changes.
+    5: [],
 }
 
 
@@ -47,6 +53,15 @@ _APPEND_ONLY_SQLITE = [
     "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END"
     for verb in ("UPDATE", "DELETE")
 ]
+
+
+def _private_sqlite(path: Path) -> None:
+    """The index holds patient names, the audit log and (in configuration versions)
+    password hashes: create it 0600 before SQLite does (its WAL and shared-memory
+    files take the database file's mode), and tighten all three if they exist."""
+    private_file(path)
+    for suffix in ("-wal", "-shm", "-journal"):
+        tighten(path.with_name(path.name + suffix), PRIVATE_FILE)
 
 
 def _sqlite_pragmas(busy_timeout_ms: int, synchronous: str):  # type: ignore[no-untyped-def]
@@ -89,6 +104,8 @@ def create_index_engine(
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
+        if create and parsed.database and parsed.database != ":memory:":
+            _private_sqlite(Path(parsed.database))
         engine = create_engine(
             url,
             connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False},

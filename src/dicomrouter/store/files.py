@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+from .private import PRIVATE_DIR, private_dir
 from .uids import validate_uid
 
 _DURABLE_CACHE = 10_000  # series folders remembered as durable
@@ -46,8 +47,9 @@ class ObjectStore:
         self._durable_lock = threading.Lock()
 
     def prepare(self) -> None:
+        """Create the folders private (0700), or tighten them (see ``private``)."""
         for folder in (self.root, self.objects, self.tmp):
-            folder.mkdir(parents=True, exist_ok=True)
+            private_dir(folder)
 
     def lock(self) -> None:
         """Take the storage folder for this node (an exclusive ``flock`` held for the
@@ -136,7 +138,7 @@ class ObjectStore:
         """
         if folder in self._durable:
             return
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
         probe = folder
         while probe != self.objects:
             _fsync_dir(probe.parent)

@@ -21,7 +21,7 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Bumped when the schema changes; ``database.MIGRATIONS`` upgrades older indexes."""
 
 meta_info = Table(
@@ -244,11 +244,26 @@ config_versions = Table(
     Column("comment", Text, nullable=False, default=""),
 )
 
+# Dashboard sessions, so that logging out ends one on the server (a signed cookie
+# alone stays valid until it expires). The cookie holds a random token; only its
+# SHA-256 is kept here.
+http_sessions = Table(
+    "http_sessions",
+    metadata,
+    Column("id", String(64), primary_key=True),  # sha256 hex of the cookie's token
+    Column("user", String(128), nullable=False, index=True),
+    Column("created_at", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+    Column("expires_at", Float, nullable=False, index=True),  # last_seen + lifetime
+    Column("source", String(64), nullable=False, default=""),  # address at login
+)
+
 __all__ = [
     "audit_log",
     "config_versions",
     "attempts",
     "destination_state",
+    "http_sessions",
     "instances",
     "job_instances",
     "jobs",

@@ -68,7 +68,10 @@ def preview(
     ctx = ctx_of(request)
     base = ctx.config_path.parent if ctx.config_path else ctx.store.root.parent
     candidate = versions.normalize(candidate)
-    check = versions.validate(candidate, active_text(ctx), base, ctx.config)
+    try:
+        check = versions.validate(candidate, active_text(ctx), base, ctx.config)
+    except ControlError as exc:
+        return _refused(request, principal, candidate, comment, exc)
     return _page(request, principal, {"candidate": candidate, "check": check, "comment": comment})
 
 

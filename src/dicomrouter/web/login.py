@@ -6,7 +6,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse, Response
 
 from dicomrouter.api.auth import TooManyAttempts, authenticate, password_login
-from dicomrouter.api.session import start_session
+from dicomrouter.api.session import end_session, start_session
 
 from .common import ctx_of, render, safe_next
 
@@ -47,5 +47,5 @@ def login_submit(
 
 @router.post("/logout", summary="Log out")
 def logout(request: Request) -> Response:
-    request.session.clear()
+    end_session(request)
     return RedirectResponse("/login", status_code=303)

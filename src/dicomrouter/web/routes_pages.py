@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
 from dicomrouter.api.auth import client_address
 from dicomrouter.api.uploads import uploaded_files
+from dicomrouter.config import ConfigError, load_yaml
 from dicomrouter.control.errors import ControlError
 from dicomrouter.control.routes import (
     audited_backtest,
@@ -99,7 +99,7 @@ def test_rule(
 ) -> HTMLResponse:
     extra: dict[str, Any] = {"candidate": candidate, "days": days}
     try:
-        rule = yaml.safe_load(candidate)
+        rule = load_yaml(candidate, "the candidate rule")
         if not isinstance(rule, dict):
             raise ValueError("write the rule as a mapping, like a routes: entry")
         extra["backtest"] = audited_backtest(
@@ -110,6 +110,8 @@ def test_rule(
             actor=principal.name,
             source=client_address(request),
         )
-    except (yaml.YAMLError, ValueError, ControlError) as exc:
+    except ConfigError as exc:
+        extra["error"] = "; ".join(exc.errors)
+    except (ValueError, ControlError) as exc:
         extra["error"] = str(exc)
     return _page(request, principal, extra)
