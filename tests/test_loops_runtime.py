@@ -47,7 +47,15 @@ def _reload(router: RouterProcess, config: dict[str, Any]) -> None:
     wait_until(
         lambda: len(_rows(router, "SELECT id FROM config_versions")) > versions,
         30,
-        message="the new configuration applied",
+        message="the new configuration recorded",
+    )
+    # Recorded by the node is not yet applied by the planner: wait for dispatch to
+    # take it, or an instance sent right after may still be planned on the old one.
+    version = max(row[0] for row in _rows(router, "SELECT id FROM config_versions"))
+    wait_until(
+        lambda: f"dispatch runs on configuration version {version}" in router.log(),
+        30,
+        message=f"dispatch on configuration version {version}",
     )
 
 
