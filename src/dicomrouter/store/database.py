@@ -31,15 +31,25 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX IF NOT EXISTS ix_jobs_created ON jobs (created_at)",
         "CREATE INDEX IF NOT EXISTS ix_job_instances_updated ON job_instances (updated_at)",
     ],
+    3: [
+        "ALTER TABLE instances ADD COLUMN purged_at FLOAT",
+        "ALTER TABLE instances ADD COLUMN purge_reason TEXT",
+        "CREATE INDEX IF NOT EXISTS ix_instances_live ON instances (purged_at, received_at)",
+        "CREATE INDEX IF NOT EXISTS ix_job_instances_instance "
+        "ON job_instances (instance_id, state)",
+    ],
 }
 
 
 #: The audit log is append-only: the index itself refuses to change or delete a row.
+#: (Retention's audit pruning lifts the DELETE guard inside its own transaction only:
+#: see ``retention/prune.py``.)
 _APPEND_ONLY_SQLITE = [
     f"CREATE TRIGGER IF NOT EXISTS audit_log_no_{verb.lower()} BEFORE {verb} ON audit_log "
     "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END"
     for verb in ("UPDATE", "DELETE")
 ]
+APPEND_ONLY_DELETE_TRIGGER = _APPEND_ONLY_SQLITE[1]
 
 
 def _sqlite_pragmas(busy_timeout_ms: int, synchronous: str):  # type: ignore[no-untyped-def]
