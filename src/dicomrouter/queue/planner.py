@@ -289,8 +289,12 @@ class Planner:
         plans: Plans,
     ) -> None:
         column = _LEVEL_COLUMN[trig.level]
+        # Never what retention purged: its file is gone (a late instance re-arming a
+        # study trigger must not queue the members deleted since).
         scope = conn.execute(
-            select(instances).where(column == trig.uid).order_by(instances.c.id)
+            select(instances)
+            .where(column == trig.uid, instances.c.purged_at.is_(None))
+            .order_by(instances.c.id)
         ).all()
         if not scope:
             return
@@ -339,7 +343,7 @@ class Planner:
                 members = list(
                     conn.execute(
                         select(instances.c.id, instances.c.generation).where(
-                            _LEVEL_COLUMN[level] == uid
+                            _LEVEL_COLUMN[level] == uid, instances.c.purged_at.is_(None)
                         )
                     ).all()
                 )

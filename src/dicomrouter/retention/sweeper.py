@@ -1,0 +1,82 @@
+"""The retention sweeper: a thread of the dispatch process that runs the purge every
+``retention.interval`` (first at start-up, which also finishes what a killed run left).
+
+Why the dispatch process: it already owns everything that writes decisions about
+stored objects (planning, deliveries), it is restarted by the node if it dies (and
+then recovers at once), and the receiving process stays free of any work but
+receiving: a purge's file deletions never take CPU from a C-STORE's GIL.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from sqlalchemy import Engine
+
+from dicomrouter.config import RouterConfig
+from dicomrouter.control import audit
+from dicomrouter.observe import metrics
+from dicomrouter.store import ObjectStore, create_index_engine
+
+from .purge import PurgeBusy, Purger, PurgeReport
+
+log = logging.getLogger("dicomrouter.retention")
+
+
+def record(engine: Engine, report: PurgeReport, actor: str, source: str) -> None:
+    """Audit a run that changed something (or any run a person asked for), and count it."""
+    if not report.dry_run:
+        metrics.purge_recorded(report.by_kind, report.purged_bytes)
+    if report.did_something or actor != audit.SYSTEM:
+        audit.record(
+            engine,
+            actor,
+            "retention.purge" + (".dry_run" if report.dry_run else ""),
+            str(engine.url.database or ""),
+            source=source,
+            detail={
+                key: value
+                for key, value in report.as_dict().items()
+                if key not in ("free_space_target",)
+            },
+        )
+
+
+def sweep_forever(
+    config: Callable[[], RouterConfig],
+    engine: Engine,
+    store: ObjectStore,
+    stop: threading.Event,
+) -> None:
+    # Tombstones must be durable before files go (see Purger): the dispatch process's
+    # own engine commits with synchronous=NORMAL, so the sweeper has its own.
+    durable = (
+        create_index_engine(str(engine.url), create=False)
+        if engine.dialect.name == "sqlite"
+        else engine
+    )
+    purger = Purger(config(), durable, store)
+    while not stop.is_set():
+        purger.config = config()
+        try:
+            report = purger.run()
+        except PurgeBusy as exc:
+            log.info("retention sweep skipped: %s", exc)
+        except Exception:
+            log.exception("retention sweep failed; next try in retention.interval")
+        else:
+            record(durable, report, audit.SYSTEM, "dispatch")
+            if report.did_something:
+                log.info(
+                    "retention: purged %d object(s) (%d bytes, %d evicted for space), "
+                    "%d orphaned file(s), %d history and %d audit row(s)",
+                    report.purged,
+                    report.purged_bytes,
+                    report.evicted,
+                    report.orphans,
+                    report.history_rows,
+                    report.audit_rows,
+                )
+        stop.wait(purger.config.retention.interval)
