@@ -11,6 +11,7 @@ import typer
 from dicomrouter import __version__
 
 from .common import DEFAULT_CONFIG, console, err_console, fail, load, parse_target
+from .purge_cmd import purge_command
 from .queue_cmd import queue_app
 from .rules_cmd import check_command, test_rule_command
 from .security_cmd import hash_password_command, init_command, token_command
@@ -27,6 +28,7 @@ app.add_typer(queue_app, name="queue")
 app.command("check")(check_command)
 app.command("test-rule")(test_rule_command)
 app.command("send")(send_command)
+app.command("purge")(purge_command)
 app.command("init")(init_command)
 app.command("hash-password")(hash_password_command)
 app.command("token")(token_command)

@@ -20,6 +20,7 @@ from dicomrouter.store.schema import instances, job_instances, jobs
 
 from .destinations import destination_summaries, recently_touched_jobs
 from .errors import Invalid
+from .retention import retention_status
 
 MAX_BUCKETS = 2000
 
@@ -78,7 +79,9 @@ _recent = _Recent()
 
 def node_status(ctx: Any, max_age: float = 0.0) -> dict[str, Any]:
     """{version, started_at, uptime_s, counts: {instances, studies, jobs: {state: n}},
-    disk: {free_bytes, total_bytes, watermark_bytes, ok}, destinations: [...]}.
+    disk: {free_bytes, total_bytes, watermark_bytes, ok}, destinations: [...],
+    retention: {as_of, stored, stored_bytes, eligible, eligible_bytes, kept_undelivered,
+    kept_undelivered_bytes, purged, purged_bytes, last_run} (see control/retention.py)}.
 
     ``max_age`` > 0 lets the counts (a scan of the index) be up to that many seconds
     old; disk and destinations are always read now."""
@@ -91,6 +94,11 @@ def node_status(ctx: Any, max_age: float = 0.0) -> dict[str, Any]:
         "counts": counts,
         "disk": disk_status(ctx),
         "destinations": destination_summaries(ctx),
+        "retention": _recent.get(
+            ("retention", id(ctx.reader)),
+            max_age,
+            lambda: retention_status(ctx.reader).as_dict(),
+        ),
     }
 
 
