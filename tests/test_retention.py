@@ -460,3 +460,25 @@ def test_kill_9_at_random_moments_of_a_purge(tmp_path: Path) -> None:
     _check_invariants(s)
     assert list(s.store.trash.iterdir()) == []
     assert not any(s.store.absolute(p).exists() for p in paths)
+
+
+def test_emptied_folders_go_and_a_receiver_that_cached_them_still_stores(tmp_path: Path) -> None:
+    s = site(tmp_path, retention={"delete_delivered_after": "0s"})
+    files = make_study(tmp_path / "in", 2)
+    [first, _] = s.receive(files)  # s.store now caches the series folder as existing
+    s.plan()
+    s.settle()
+    assert s.purge(days_later=0).purged == 2
+    series = s.store.absolute(first).parent
+    long_ago = time.time() - 2 * DAY
+    for folder in (series, series.parent):
+        os.utime(folder, (long_ago, long_ago))
+    s.purge(days_later=0, scan_orphans=True)
+    assert not series.parent.exists()
+    # The same series again, through the store that still has the folder cached.
+    ds = dcmread(files[0])
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.12345"
+    again = tmp_path / "again.dcm"
+    ds.save_as(again)
+    [relative] = s.receive([again])
+    assert s.store.absolute(relative).exists() and s.live_without_file() == []

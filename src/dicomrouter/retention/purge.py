@@ -500,16 +500,22 @@ class Purger:
     def find_orphans(self) -> list[str]:
         """Files in ``objects/`` no live row points at and untouched for the grace
         time: the old path of an object received again under another study or
-        series, a copy whose index commit never happened."""
+        series, a copy whose index commit never happened. Empty folders idle as long
+        are removed on the way."""
         cutoff = time.time() - self._orphan_grace()
         orphans: list[str] = []
         for study in _subdirs(self.store.objects):
+            try:  # before we remove its empty series, which touches it
+                study_idle = study.stat().st_mtime <= cutoff
+            except OSError:
+                continue
             for series in _subdirs(study):
                 files = {}
                 for entry in os.scandir(series):
                     if entry.name.endswith(".dcm") and entry.is_file(follow_symlinks=False):
                         files[f"{study.name}/{series.name}/{entry.name}"] = entry
                 if not files:
+                    _remove_if_idle(series, cutoff)
                     continue
                 with self.reader.connect() as conn:
                     live_paths = set(
@@ -523,6 +529,8 @@ class Purger:
                 for rel, entry in files.items():
                     if rel not in live_paths and entry.stat().st_mtime <= cutoff:
                         orphans.append(rel)
+            if study_idle:
+                _remove_if_idle(study, float("inf"))
         return orphans
 
     def remove_orphans(self) -> int:
@@ -574,6 +582,17 @@ class Purger:
         self._snapshot(report, cutoffs)
         if orphans:
             report.orphans = len(self.find_orphans())
+
+
+def _remove_if_idle(folder: Path, cutoff: float) -> None:
+    """Remove an empty study or series folder nothing was added to since ``cutoff``
+    (one per study would otherwise pile up for ever). ``rmdir`` only ever removes an
+    empty folder; a receiver that had it cached makes it again (``ObjectStore.commit``)."""
+    try:
+        if folder.stat().st_mtime <= cutoff:
+            folder.rmdir()
+    except OSError:
+        pass  # not empty, or already gone: both fine
 
 
 def _subdirs(folder: Path) -> list[Path]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from sqlalchemy import Engine
@@ -24,6 +25,8 @@ from .purge import PurgeBusy, Purger, PurgeReport
 
 log = logging.getLogger("dicomrouter.retention")
 
+_STEP = 5.0  # seconds between looks at the clock (and at a reloaded interval)
+
 
 def record(engine: Engine, report: PurgeReport, actor: str, source: str) -> None:
     """Audit a run that changed something (or any run a person asked for), and count it."""
@@ -34,7 +37,7 @@ def record(engine: Engine, report: PurgeReport, actor: str, source: str) -> None
             engine,
             actor,
             "retention.purge" + (".dry_run" if report.dry_run else ""),
-            str(engine.url.database or ""),
+            "storage",
             source=source,
             detail={
                 key: value
@@ -79,4 +82,8 @@ def sweep_forever(
                     report.history_rows,
                     report.audit_rows,
                 )
-        stop.wait(purger.config.retention.interval)
+        # In short steps, so a reloaded (shorter) interval applies without a restart.
+        started = time.monotonic()
+        while time.monotonic() - started < config().retention.interval:
+            if stop.wait(min(_STEP, config().retention.interval)):
+                return
