@@ -482,3 +482,26 @@ def test_emptied_folders_go_and_a_receiver_that_cached_them_still_stores(tmp_pat
     ds.save_as(again)
     [relative] = s.receive([again])
     assert s.store.absolute(relative).exists() and s.live_without_file() == []
+
+
+def test_with_on_duplicate_ignore_a_purged_instance_received_again_is_stored_again(
+    tmp_path: Path,
+) -> None:
+    s = site(
+        tmp_path,
+        storage={"path": str(tmp_path / "store"), "min_free_space": 0, "on_duplicate": "ignore"},
+    )
+    files = make_study(tmp_path / "in", 1)
+    s.receive(files)
+    s.plan()
+    s.settle()
+    assert s.purge(days_later=8).purged == 1
+    receiver = Receiver(s.config, ObjectStore(s.store.root), InstanceIndex(s.engine))
+    temp = s.store.tmp / "again.dcm"
+    temp.write_bytes(files[0].read_bytes())
+    sop = dcmread(files[0], stop_before_pixels=True).SOPInstanceUID
+    assert receiver._store(PEER, sop, temp, None)[0] == SUCCESS
+    receiver.stop()
+    [row] = s.rows().values()
+    assert row.purged_at is None and row.generation == 2 and row.routed == 0
+    assert s.live_without_file() == []

@@ -19,9 +19,11 @@ from dicomrouter.retention.sweeper import sweep_forever
 from dicomrouter.store import create_index_engine
 from dicomrouter.store.schema import audit_log, instances, purge_runs
 from tests.support.api import ApiEnv, api_env
+from tests.support.dcmtk import HOST, StoreSCP, sop_uids
 from tests.support.retention import Site
-from tests.support.router import wait_until
+from tests.support.router import RouterProcess, wait_until
 from tests.support.seed import Seeder
+from tests.support.synth import make_study
 
 DEST = {"ae_title": "PACS", "host": "127.0.0.1", "port": 1}
 
@@ -112,8 +114,6 @@ def test_cli_purge_dry_run_then_purge_audited_as_the_local_user(tmp_path: Path) 
         retention={"delete_delivered_after": "0s"},
         storage={"path": str(tmp_path / "store"), "min_free_space": 0},
     )
-    from tests.support.synth import make_study
-
     paths = site.receive(make_study(tmp_path / "in", 2))
     site.plan()
     site.settle()
@@ -200,3 +200,31 @@ def test_an_index_from_schema_2_is_upgraded(tmp_path: Path) -> None:
         columns = {row[1] for row in conn.execute(text("PRAGMA table_info(instances)"))}
         version = conn.execute(text("SELECT value FROM meta_info WHERE key='schema'")).scalar()
     assert {"purged_at", "purge_reason"} <= columns and version == "3"
+
+
+def test_a_running_router_delivers_then_purges_and_keeps_the_trace(
+    tmp_path: Path, pacs: StoreSCP
+) -> None:
+    """End to end with real peers: storescu -> router -> storescp, then the sweeper in
+    the dispatch process deletes the delivered files; the trace still answers."""
+    config = {
+        "storage": {"min_free_space": 0},
+        "destinations": {"pacs": {"ae_title": "PACS", "host": HOST, "port": pacs.port}},
+        "routes": [{"name": "all", "to": ["pacs"]}],
+        "retention": {"delete_delivered_after": "0s", "interval": "1s"},
+    }
+    files = make_study(tmp_path / "in", 3)
+    with RouterProcess(tmp_path / "router", config) as router:
+        assert router.send(files).returncode == 0
+        wait_until(lambda: pacs.received_sops() == sop_uids(files), 60, message="delivered")
+        stored = router.storage / "objects"
+        wait_until(
+            lambda: not any(p.is_file() for p in stored.rglob("*.dcm")), 60, message="purged"
+        )
+        engine = create_index_engine(f"sqlite:///{router.storage / 'index.sqlite'}", create=False)
+        with engine.connect() as conn:
+            rows = conn.execute(select(instances.c.purged_at, instances.c.purge_reason)).all()
+        assert len(rows) == 3 and all(r.purged_at and "delivered" in r.purge_reason for r in rows)
+        _, entries = audit.query(engine, action="retention.purge")
+        assert entries and entries[0]["actor"] == "system"
+        engine.dispose()
