@@ -21,6 +21,7 @@ from dicomrouter.control.security import (
     verify_token,
 )
 from dicomrouter.store import create_index_engine
+from dicomrouter.store.schema import SCHEMA_VERSION
 from tests.support.api import PASSWORD, api_env
 
 
@@ -155,7 +156,7 @@ def test_an_old_index_is_upgraded_in_place(tmp_path: Path) -> None:
             row[0]
             for row in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='index'")
         }
-    assert "admin_paused" in columns and version == "2"
+    assert "admin_paused" in columns and version == str(SCHEMA_VERSION)
     assert new_indexes <= indexes
 
 

@@ -8,7 +8,9 @@ turns lock contention into short waits instead of errors.
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, create_engine, event, select
+import re
+
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, select
 from sqlalchemy.engine import make_url
 
 from .schema import SCHEMA_VERSION, meta_info, metadata
@@ -50,6 +52,20 @@ _APPEND_ONLY_SQLITE = [
     for verb in ("UPDATE", "DELETE")
 ]
 APPEND_ONLY_DELETE_TRIGGER = _APPEND_ONLY_SQLITE[1]
+
+
+_ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)", re.IGNORECASE)
+
+
+def _already_applied(conn: Connection, statement: str) -> bool:
+    """An ``ADD COLUMN`` whose column exists (SQLite has no ``IF NOT EXISTS`` for it):
+    an index some steps of which were applied by hand, or a copy restored over a
+    newer schema, upgrades instead of failing. Other steps say ``IF NOT EXISTS``."""
+    match = _ADD_COLUMN.match(statement.strip())
+    if match is None:
+        return False
+    table, column = match.groups()
+    return column in {c["name"] for c in inspect(conn).get_columns(table)}
 
 
 def _sqlite_pragmas(busy_timeout_ms: int, synchronous: str):  # type: ignore[no-untyped-def]
@@ -127,7 +143,8 @@ def create_index_engine(
             elif int(row.value) < SCHEMA_VERSION:
                 for version in range(int(row.value) + 1, SCHEMA_VERSION + 1):
                     for statement in MIGRATIONS.get(version, []):
-                        conn.exec_driver_sql(statement)
+                        if not _already_applied(conn, statement):
+                            conn.exec_driver_sql(statement)
                 conn.execute(
                     meta_info.update()
                     .where(meta_info.c.key == "schema")
