@@ -4,8 +4,9 @@ One copy of the rules, used by the purge (to choose, and again under the write l
 to confirm), by the dry run and by the status counts. An instance is:
 
 - *delivered* when it was planned (``routed = 1``), at least one delivery holds it,
-  none of its deliveries is ``pending`` or ``failed`` (so every one is completed,
-  warning or canceled) and no series/study trigger of its series or study waits;
+  every one of its deliveries is completed, warning or canceled (none pending,
+  failed, or in any other state) and no series/study trigger of its series or
+  study waits;
 - *unrouted* when it was planned, no delivery holds it and no trigger waits;
 - *undelivered* otherwise (not planned yet, set aside, a delivery pending or failed,
   a trigger waiting): kept, unless ``delete_undelivered_after`` is set.
@@ -32,9 +33,10 @@ KINDS = (DELIVERED, UNROUTED, UNDELIVERED)
 _ji = job_instances
 live = instances.c.purged_at.is_(None)
 _held = exists().where(_ji.c.instance_id == instances.c.id)
-_open = exists().where(
-    _ji.c.instance_id == instances.c.id, _ji.c.state.in_((S.ITEM_PENDING, S.ITEM_FAILED))
-)
+#: Any delivery not settled for good: listed by what *is* settled, so a delivery
+#: state added later keeps its instance instead of letting it go.
+_SETTLED = (S.ITEM_COMPLETED, S.ITEM_WARNING, S.ITEM_CANCELED)
+_open = exists().where(_ji.c.instance_id == instances.c.id, _ji.c.state.not_in(_SETTLED))
 _waited_for = exists().where(
     triggers.c.pending == 1,
     or_(
