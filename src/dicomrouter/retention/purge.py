@@ -123,6 +123,9 @@ class Purger:
         #: orphan removal ("orphan-moved"): tests inject interleavings and crashes here.
         self.hook: Callable[[str], None] = lambda stage: None
         self._last_orphan_scan = -ORPHAN_SCAN_EVERY
+        #: Rest this fraction of the time each batch took before the next one (the
+        #: sweeper: 1.0), leaving disk and CPU to the receiver; 0 for a purge by hand.
+        self.pace = 0.0
 
     # -- the run ---------------------------------------------------------------------
     def run(
@@ -286,6 +289,7 @@ class Purger:
         ``condition`` under the write lock."""
         if until_free is not None:
             ids = self._enough_for(ids, until_free)
+        began = time.monotonic()
         now = time.time()
         with self.engine.begin() as conn:
             doomed = [
@@ -335,6 +339,8 @@ class Purger:
         self.hook("moved")
         self._settle(moved)
         self.hook("checked")
+        if self.pace > 0:
+            time.sleep(self.pace * (time.monotonic() - began))
         for d in doomed:
             report.purged += 1
             report.purged_bytes += d.size

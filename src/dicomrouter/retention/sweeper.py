@@ -9,7 +9,9 @@ receiving: a purge's file deletions never take CPU from a C-STORE's GIL.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +49,19 @@ def record(engine: Engine, report: PurgeReport, actor: str, source: str) -> None
         )
 
 
+#: Niceness of the sweeper thread: a purge is never urgent, a C-STORE always is.
+NICENESS = 10
+
+
+def in_background(purger: Purger) -> None:
+    """Run ``purger`` as a background task from this thread on: it rests as long as
+    each batch took (half the disk and CPU at most), and the thread is niced (Linux
+    sets niceness per thread), so the receiver and the deliveries come first."""
+    purger.pace = 1.0
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICENESS)
+
+
 def sweep_forever(
     config: Callable[[], RouterConfig],
     engine: Engine,
@@ -61,6 +76,7 @@ def sweep_forever(
         else engine
     )
     purger = Purger(config(), durable, store)
+    in_background(purger)
     while not stop.is_set():
         purger.config = config()
         try:
