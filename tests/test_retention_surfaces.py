@@ -228,3 +228,47 @@ def test_a_running_router_delivers_then_purges_and_keeps_the_trace(
         _, entries = audit.query(engine, action="retention.purge")
         assert entries and entries[0]["actor"] == "system"
         engine.dispose()
+
+
+def test_the_sweeper_evicts_as_soon_as_free_space_falls_below_the_target(
+    tmp_path: Path,
+) -> None:
+    target = 10**12
+    env, _ = seeded(tmp_path, interval="1h", free_space_target=target)
+    env.store.free_bytes = lambda: target + 1  # type: ignore[method-assign]
+    config = env.config.model_copy(
+        update={
+            "retention": env.config.retention.model_copy(
+                update={"delete_delivered_after": 30 * 86400.0}
+            )
+        }
+    )
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=sweep_forever, args=(lambda: config, env.engine, env.store, stop), daemon=True
+    )
+    thread.start()
+    try:
+
+        def runs() -> int:
+            with env.engine.connect() as conn:
+                return len(
+                    conn.execute(
+                        select(purge_runs.c.id).where(purge_runs.c.ended_at.is_not(None))
+                    ).all()
+                )
+
+        wait_until(lambda: runs() == 1, 30, message="the first sweep")
+        with env.engine.connect() as conn:
+            assert conn.execute(select(purge_runs.c.evicted)).scalar_one() == 0
+        # The disk fills up: long before the hour is over, the delivered objects go.
+        env.store.free_bytes = lambda: target - 1  # type: ignore[method-assign]
+        wait_until(lambda: runs() == 2, 30, message="a sweep for free space")
+    finally:
+        stop.set()
+        thread.join(30)
+    with env.engine.connect() as conn:
+        evicted = conn.execute(
+            select(purge_runs.c.evicted).order_by(purge_runs.c.id.desc())
+        ).first()
+    assert evicted is not None and evicted.evicted == 3  # the delivered ones, not the failed

@@ -77,10 +77,13 @@ def sweep_forever(
     )
     purger = Purger(config(), durable, store)
     in_background(purger)
+    space_was_ok = True
     while not stop.is_set():
         purger.config = config()
         try:
             report = purger.run()
+            target = purger.config.retention.free_space_target
+            space_was_ok = target is None or (report.free_bytes or 0) >= target
         except PurgeBusy as exc:
             log.info("retention sweep skipped: %s", exc)
         except Exception:
@@ -98,8 +101,21 @@ def sweep_forever(
                     report.history_rows,
                     report.audit_rows,
                 )
-        # In short steps, so a reloaded (shorter) interval applies without a restart.
-        started = time.monotonic()
-        while time.monotonic() - started < config().retention.interval:
-            if stop.wait(min(_STEP, config().retention.interval)):
-                return
+        _wait(config, store, stop, space_was_ok)
+
+
+def _wait(
+    config: Callable[[], RouterConfig], store: ObjectStore, stop: threading.Event, space_ok: bool
+) -> None:
+    """Until the next run: ``retention.interval``, looked at in short steps (a reloaded
+    shorter interval applies at once), or sooner when free space falls below
+    ``free_space_target`` (one statvfs per step). After a run that could not bring
+    free space back (nothing evictable left), only the interval wakes it."""
+    started = time.monotonic()
+    while time.monotonic() - started < config().retention.interval:
+        if stop.wait(min(_STEP, config().retention.interval)):
+            return
+        target = config().retention.free_space_target
+        if space_ok and target is not None and store.free_bytes() < target:
+            log.info("free space below retention.free_space_target: sweeping now")
+            return
