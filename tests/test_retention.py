@@ -505,3 +505,23 @@ def test_with_on_duplicate_ignore_a_purged_instance_received_again_is_stored_aga
     [row] = s.rows().values()
     assert row.purged_at is None and row.generation == 2 and row.routed == 0
     assert s.live_without_file() == []
+
+
+def test_a_copy_the_receiver_retracted_is_never_planned(tmp_path: Path) -> None:
+    s = site(tmp_path)
+    files = make_study(tmp_path / "in", 2)
+    s.receive(files)
+    retracted = dcmread(files[0], stop_before_pixels=True).SOPInstanceUID
+    # What the receiver does when a purge took its file before it answered (0xA700).
+    s.index.retract(retracted, 1, "file removed by a concurrent purge")
+    s.plan()
+    with s.engine.connect() as conn:
+        queued = set(
+            conn.execute(
+                select(instances.c.sop_instance_uid).join(
+                    job_instances, job_instances.c.instance_id == instances.c.id
+                )
+            ).scalars()
+        )
+    assert queued == {dcmread(files[1], stop_before_pixels=True).SOPInstanceUID}
+    assert s.open_deliveries_of_purged() == []

@@ -116,7 +116,7 @@ class Planner:
             ids = (
                 conn.execute(
                     select(instances.c.id)
-                    .where(instances.c.routed == 0)
+                    .where(instances.c.routed == 0, instances.c.purged_at.is_(None))
                     .order_by(instances.c.id)
                     .limit(limit)
                 )
@@ -137,7 +137,9 @@ class Planner:
     def _route_batch(self, limit: int, only: int | None = None) -> int:
         # Read the batch and its headers before taking the write lock: the receiver
         # needs that lock for every C-STORE, so only the writes happen under it.
-        query = select(instances).where(instances.c.routed == 0)
+        # Not a copy the receiver retracted (a purge took its file before it answered):
+        # it was never acknowledged, and there is no file to send.
+        query = select(instances).where(instances.c.routed == 0, instances.c.purged_at.is_(None))
         if only is not None:
             query = query.where(instances.c.id == only)
         with self.reader.connect() as reader:
@@ -147,6 +149,15 @@ class Planner:
         facts = {row.id: self._facts(row) for row in batch} if self.routes else {}
         now = time.time()
         with self.engine.begin() as conn:
+            retracted = set(
+                conn.execute(
+                    select(instances.c.id).where(
+                        instances.c.id.in_([row.id for row in batch]),
+                        instances.c.purged_at.is_not(None),
+                    )
+                ).scalars()
+            )
+            batch = [row for row in batch if row.id not in retracted]
             plans: Plans = {}
             matches: list[dict[str, object]] = []
             for row in batch:
@@ -161,15 +172,16 @@ class Planner:
                 )
                 conn.execute(route_matches.insert(), matches)
             self._commit_plans(conn, plans, now)
-            conn.execute(
-                update(instances)
-                .where(
-                    instances.c.id == bindparam("b_id"),
-                    instances.c.generation == bindparam("b_gen"),
+            if batch:
+                conn.execute(
+                    update(instances)
+                    .where(
+                        instances.c.id == bindparam("b_id"),
+                        instances.c.generation == bindparam("b_gen"),
+                    )
+                    .values(routed=1),
+                    [{"b_id": row.id, "b_gen": row.generation} for row in batch],
                 )
-                .values(routed=1),
-                [{"b_id": row.id, "b_gen": row.generation} for row in batch],
-            )
         return len(batch)
 
     def _facts(self, row: Row) -> InstanceFacts | None:
