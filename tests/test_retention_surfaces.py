@@ -54,6 +54,7 @@ def test_status_dashboard_and_metrics_show_stored_eligible_purged_and_kept(
     env, _ = seeded(tmp_path)
     before = env.viewer.get("/api/v1/status").json()["retention"]
     assert before["as_of"] is None and before["last_run"] is None
+    assert before["stored"] == 5 and before["stored_bytes"] > 0  # counted now, not per run
     dry = purge(env.config, env.engine, env.store, actor="alice", source="test", dry_run=True)
     assert dry.purged == 3 and dry.eligible == 3 and dry.undelivered == 2
     report = purge(env.config, env.engine, env.store, actor="alice", source="test")

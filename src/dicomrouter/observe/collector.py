@@ -19,9 +19,10 @@ Series:
 - ``dicomrouter_storage_free_bytes``, ``dicomrouter_storage_total_bytes``,
   ``dicomrouter_storage_min_free_bytes`` (the watermark below which C-STOREs are
   refused);
-- ``dicomrouter_retention_stored_instances``/``_bytes``, ``dicomrouter_retention_eligible_
-  instances``/``_bytes``, ``dicomrouter_retention_kept_undelivered_instances``/``_bytes``
-  (as of the last purge run), ``dicomrouter_retention_last_run_timestamp_seconds`` and
+- ``dicomrouter_retention_stored_instances``/``_bytes`` (now),
+  ``dicomrouter_retention_eligible_instances``/``_bytes`` and
+  ``dicomrouter_retention_kept_undelivered_instances``/``_bytes`` (as of the last
+  purge run), ``dicomrouter_retention_last_run_timestamp_seconds`` and
   ``dicomrouter_retention_last_run_ok``;
 - ``dicomrouter_index_up``: 0 when the index could not be read for this scrape;
 - ``dicomrouter_build_info{version}``.
@@ -167,7 +168,7 @@ class IndexCollector(Collector):
             log.exception("metrics: cannot read the retention status")
             return
         for name, value, text in (
-            ("stored_instances", status.stored, "Stored objects (as of the last purge run)."),
+            ("stored_instances", status.stored, "Stored objects (not purged)."),
             ("stored_bytes", status.stored_bytes, "Bytes of stored objects."),
             ("eligible_instances", status.eligible, "Stored objects due for purge."),
             ("eligible_bytes", status.eligible_bytes, "Bytes of stored objects due for purge."),

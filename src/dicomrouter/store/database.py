@@ -36,7 +36,7 @@ MIGRATIONS: dict[int, list[str]] = {
     3: [
         "ALTER TABLE instances ADD COLUMN purged_at FLOAT",
         "ALTER TABLE instances ADD COLUMN purge_reason TEXT",
-        "CREATE INDEX IF NOT EXISTS ix_instances_live ON instances (purged_at, received_at)",
+        "CREATE INDEX IF NOT EXISTS ix_instances_live ON instances (purged_at, received_at, size)",
         "CREATE INDEX IF NOT EXISTS ix_job_instances_instance "
         "ON job_instances (instance_id, state)",
     ],

@@ -66,8 +66,9 @@ Index("ix_instances_unrouted", instances.c.routed, instances.c.id)
 # and accession search.
 Index("ix_instances_received_at", instances.c.received_at)
 Index("ix_instances_accession", instances.c.accession_number)
-# Retention: live objects oldest first (purged_at IS NULL), and tombstones by age.
-Index("ix_instances_live", instances.c.purged_at, instances.c.received_at)
+# Retention: live objects oldest first (purged_at IS NULL), tombstones by age, and
+# (with size) what is stored, counted from the index alone.
+Index("ix_instances_live", instances.c.purged_at, instances.c.received_at, instances.c.size)
 
 route_matches = Table(
     "route_matches",
