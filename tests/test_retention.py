@@ -525,3 +525,27 @@ def test_a_copy_the_receiver_retracted_is_never_planned(tmp_path: Path) -> None:
         )
     assert queued == {dcmread(files[1], stop_before_pixels=True).SOPInstanceUID}
     assert s.open_deliveries_of_purged() == []
+
+
+def test_purge_batches_walk_the_live_index_in_order_without_sorting(tmp_path: Path) -> None:
+    """Each batch seeks past the last one in ix_instances_live's own order: a sort
+    would evaluate every remaining candidate for every batch (quadratic)."""
+    from sqlalchemy import tuple_
+
+    from dicomrouter.retention import policy
+    from dicomrouter.retention.purge import _LIVE_KEY, _LIVE_ORDER
+
+    s = site(tmp_path)
+    cutoffs = policy.Cutoffs.at(s.config.retention, time.time())
+    queries = [
+        select(instances.c.id)
+        .where(policy.due(cutoffs), tuple_(0.0, 0, 0) < _LIVE_ORDER)
+        .order_by(*_LIVE_KEY)
+        .limit(200),
+        select(instances.c.id).where(policy.evictable()).order_by(*_LIVE_KEY).limit(200),
+    ]
+    for query in queries:
+        sql = str(query.compile(s.engine, compile_kwargs={"literal_binds": True}))
+        with s.engine.connect() as conn:
+            plan = " | ".join(row[3] for row in conn.execute(text("EXPLAIN QUERY PLAN " + sql)))
+        assert "ix_instances_live" in plan and "TEMP B-TREE" not in plan, plan

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, bindparam, func, or_, select, update
+from sqlalchemy import Engine, bindparam, func, select, tuple_, update
 
 from dicomrouter.config import RouterConfig
 from dicomrouter.queue import states as S
@@ -54,6 +54,11 @@ BATCH = 200
 MIN_ORPHAN_GRACE = 3600.0
 #: Seconds between two walks of ``objects/`` for orphaned files by the sweeper.
 ORPHAN_SCAN_EVERY = 86400.0
+
+
+#: Oldest first, in the order of ``ix_instances_live`` (no sort needed).
+_LIVE_KEY = (instances.c.received_at, instances.c.size, instances.c.id)
+_LIVE_ORDER = tuple_(*_LIVE_KEY)
 
 
 class PurgeBusy(RuntimeError):
@@ -223,7 +228,7 @@ class Purger:
     def _purge_due(self, report: PurgeReport, cutoffs: policy.Cutoffs) -> None:
         condition = policy.due(cutoffs)
         kind = policy.due_kind(cutoffs)
-        after: tuple[float, int] | None = None
+        after: tuple[float, int, int] | None = None
         while True:
             query = select(
                 instances.c.id,
@@ -233,20 +238,16 @@ class Purger:
                 instances.c.received_at,
                 kind.label("kind"),
             ).where(condition)
+            # The order and the row value follow ix_instances_live (purged_at,
+            # received_at, size, then the rowid): each batch seeks past the last one.
+            # Another order sorts every remaining candidate for each batch: quadratic.
             if after is not None:
-                query = query.where(
-                    or_(
-                        instances.c.received_at > after[0],
-                        and_(instances.c.received_at == after[0], instances.c.id > after[1]),
-                    )
-                )
+                query = query.where(tuple_(*after) < _LIVE_ORDER)
             with self.reader.connect() as conn:
-                rows = conn.execute(
-                    query.order_by(instances.c.received_at, instances.c.id).limit(BATCH)
-                ).all()
+                rows = conn.execute(query.order_by(*_LIVE_KEY).limit(BATCH)).all()
             if not rows:
                 return
-            after = (rows[-1].received_at, rows[-1].id)
+            after = (rows[-1].received_at, rows[-1].size, rows[-1].id)
             self._purge([row.id for row in rows], condition, kind, report, evicted=False)
 
     def _evict(self, report: PurgeReport) -> None:
@@ -262,7 +263,7 @@ class Purger:
                     conn.execute(
                         select(instances.c.id)
                         .where(condition)
-                        .order_by(instances.c.received_at, instances.c.id)
+                        .order_by(*_LIVE_KEY)
                         .limit(BATCH)
                     ).scalars()
                 )
