@@ -32,6 +32,7 @@ from dicomrouter.store.schema import (
     jobs,
     purge_runs,
     route_matches,
+    triggers,
 )
 from tests.support.retention import DAY, Choreography, Site
 from tests.support.synth import make_study
@@ -549,3 +550,22 @@ def test_purge_batches_walk_the_live_index_in_order_without_sorting(tmp_path: Pa
         with s.engine.connect() as conn:
             plan = " | ".join(row[3] for row in conn.execute(text("EXPLAIN QUERY PLAN " + sql)))
         assert "ix_instances_live" in plan and "TEMP B-TREE" not in plan, plan
+
+
+def test_history_pruning_removes_the_fired_triggers_of_what_is_gone(tmp_path: Path) -> None:
+    s = site(
+        tmp_path,
+        routes=[{"name": "study", "trigger": "study", "stable_after": "1s", "to": ["pacs"]}],
+    )
+    s.receive(make_study(tmp_path / "a", 2, prefix="A"))
+    s.plan()
+    s.settle()
+    kept = s.receive(make_study(tmp_path / "b", 1, prefix="B"))
+    s.plan()  # a second study, still waiting for delivery: its history stays
+    assert s.purge(days_later=8).purged == 2
+    s.purge(days_later=8 + 91)
+    with s.engine.connect() as conn:
+        studies = set(conn.execute(select(triggers.c.uid)).scalars())
+        left = set(conn.execute(select(instances.c.path)).scalars())
+    assert left == set(kept)
+    assert studies == {s.rows()[next(iter(s.rows()))].study_instance_uid}

@@ -1,8 +1,9 @@
 """History and audit pruning: the rows retention deletes once their time is up.
 
 History (``keep_history``, counted from the purge): the tombstone of a purged
-instance, its route matches and deliveries, then jobs left with no delivery and
-their attempts, fired triggers with no live instance left, and old purge records.
+instance, its route matches and deliveries, then its jobs left with no delivery
+and their attempts, fired triggers of its series and study with no instance left,
+and old purge records.
 Audit (``keep_audit``): audit log rows older than that.
 
 The audit log is append-only: on SQLite two triggers refuse any UPDATE or DELETE
@@ -13,7 +14,10 @@ ever sees the log without its guard, and a crash rolls all three back together.
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, and_, delete, exists, or_, select
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection, Engine, delete, exists, select
 
 from dicomrouter.queue import states as S
 from dicomrouter.store.database import APPEND_ONLY_DELETE_TRIGGER
@@ -32,59 +36,84 @@ _CHUNK = 500
 
 
 def prune_history(engine: Engine, cutoff: float) -> int:
-    """Delete the history of objects purged before ``cutoff``. Returns rows deleted."""
+    """Delete the history of objects purged before ``cutoff``. Returns rows deleted.
+
+    Driven by the tombstones it deletes (bounded work per run, whatever the size of
+    the index): their jobs, once left empty and finished, and the fired triggers of
+    their series and studies, once nothing live is left in them."""
     deleted = 0
     while True:
         with engine.begin() as conn:
-            gone = list(
-                conn.execute(
-                    select(instances.c.id)
-                    .where(instances.c.purged_at.is_not(None), instances.c.purged_at < cutoff)
-                    .limit(_CHUNK)
-                ).scalars()
-            )
+            gone = conn.execute(
+                select(
+                    instances.c.id,
+                    instances.c.series_instance_uid,
+                    instances.c.study_instance_uid,
+                )
+                .where(instances.c.purged_at.is_not(None), instances.c.purged_at < cutoff)
+                .limit(_CHUNK)
+            ).all()
             if not gone:
                 break
-            deleted += conn.execute(
-                delete(route_matches).where(route_matches.c.instance_id.in_(gone))
-            ).rowcount
-            deleted += conn.execute(
-                delete(job_instances).where(job_instances.c.instance_id.in_(gone))
-            ).rowcount
-            deleted += conn.execute(delete(instances).where(instances.c.id.in_(gone))).rowcount
-    while True:
-        with engine.begin() as conn:
-            empty_jobs = list(
+            ids = [row.id for row in gone]
+            held_by = list(
                 conn.execute(
-                    select(jobs.c.id)
-                    .where(
-                        jobs.c.state.in_(S.FINAL_STATES),
-                        jobs.c.finished_at < cutoff,
-                        ~exists().where(job_instances.c.job_id == jobs.c.id),
-                    )
-                    .limit(_CHUNK)
+                    select(job_instances.c.job_id)
+                    .where(job_instances.c.instance_id.in_(ids))
+                    .distinct()
                 ).scalars()
             )
-            if not empty_jobs:
-                break
             deleted += conn.execute(
-                delete(attempts).where(attempts.c.job_id.in_(empty_jobs))
+                delete(route_matches).where(route_matches.c.instance_id.in_(ids))
             ).rowcount
-            deleted += conn.execute(delete(jobs).where(jobs.c.id.in_(empty_jobs))).rowcount
-    in_scope = or_(
-        and_(triggers.c.level == "series", instances.c.series_instance_uid == triggers.c.uid),
-        and_(triggers.c.level == "study", instances.c.study_instance_uid == triggers.c.uid),
-    )
+            deleted += conn.execute(
+                delete(job_instances).where(job_instances.c.instance_id.in_(ids))
+            ).rowcount
+            deleted += conn.execute(delete(instances).where(instances.c.id.in_(ids))).rowcount
+            deleted += _empty_jobs(conn, held_by)
+            deleted += _idle_triggers(conn, gone)
     with engine.begin() as conn:
-        deleted += conn.execute(
-            delete(triggers).where(
-                triggers.c.pending == 0,
-                triggers.c.fired_at < cutoff,
-                ~exists().where(in_scope),
-            )
-        ).rowcount
         deleted += conn.execute(delete(purge_runs).where(purge_runs.c.started_at < cutoff)).rowcount
     return int(deleted)
+
+
+def _empty_jobs(conn: Connection, job_ids: list[int]) -> int:
+    """Delete the finished jobs among ``job_ids`` that no longer hold any instance."""
+    if not job_ids:
+        return 0
+    empty = list(
+        conn.execute(
+            select(jobs.c.id).where(
+                jobs.c.id.in_(job_ids),
+                jobs.c.state.in_(S.FINAL_STATES),
+                ~exists().where(job_instances.c.job_id == jobs.c.id),
+            )
+        ).scalars()
+    )
+    if not empty:
+        return 0
+    count = conn.execute(delete(attempts).where(attempts.c.job_id.in_(empty))).rowcount
+    return int(count) + int(conn.execute(delete(jobs).where(jobs.c.id.in_(empty))).rowcount)
+
+
+def _idle_triggers(conn: Connection, gone: Sequence[Any]) -> int:
+    """Delete fired triggers of these series and studies with nothing left in them."""
+    scopes = [("series", row.series_instance_uid) for row in gone]
+    scopes += [("study", row.study_instance_uid) for row in gone]
+    count = 0
+    for level, uid in sorted(set(scopes)):
+        column = (
+            instances.c.series_instance_uid if level == "series" else instances.c.study_instance_uid
+        )
+        count += conn.execute(
+            delete(triggers).where(
+                triggers.c.level == level,
+                triggers.c.uid == uid,
+                triggers.c.pending == 0,
+                ~exists().where(column == uid),
+            )
+        ).rowcount
+    return count
 
 
 def prune_audit(engine: Engine, cutoff: float) -> int:

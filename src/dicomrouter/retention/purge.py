@@ -261,10 +261,7 @@ class Purger:
             with self.reader.connect() as conn:
                 ids = list(
                     conn.execute(
-                        select(instances.c.id)
-                        .where(condition)
-                        .order_by(*_LIVE_KEY)
-                        .limit(BATCH)
+                        select(instances.c.id).where(condition).order_by(*_LIVE_KEY).limit(BATCH)
                     ).scalars()
                 )
             if not ids:
