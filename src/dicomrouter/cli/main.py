@@ -12,6 +12,7 @@ from dicomrouter import __version__
 
 from .common import DEFAULT_CONFIG, console, err_console, fail, load, parse_target
 from .loops_cmd import loops_app
+from .purge_cmd import purge_command
 from .queue_cmd import queue_app
 from .rules_cmd import check_command, test_rule_command
 from .security_cmd import hash_password_command, init_command, token_command
@@ -29,6 +30,7 @@ app.add_typer(loops_app, name="loops")
 app.command("check")(check_command)
 app.command("test-rule")(test_rule_command)
 app.command("send")(send_command)
+app.command("purge")(purge_command)
 app.command("init")(init_command)
 app.command("hash-password")(hash_password_command)
 app.command("token")(token_command)

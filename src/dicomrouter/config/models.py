@@ -517,6 +517,47 @@ class AlertsConfig(_Model):
         return self
 
 
+class RetentionConfig(_Model):
+    """What is deleted, when (see docs/operations.md, "Retention"). An object that has
+    not reached every destination it was queued for is never deleted by age unless
+    `delete_undelivered_after` is set, and never evicted for space."""
+
+    delete_delivered_after: Duration = Field(
+        7 * 86400.0,
+        description="Delete an object this long after it reached every destination it was "
+        "queued for (every job holding it completed, warning or canceled, and no series or "
+        "study trigger still waiting for it).",
+    )
+    delete_unrouted_after: Duration = Field(
+        7 * 86400.0,
+        description="Delete an object no route matched this long after it was received.",
+    )
+    delete_undelivered_after: Duration | None = Field(
+        None,
+        description="Delete an object whose delivery failed or is still pending this long "
+        "after it was received (its waiting deliveries fail with the reason). Unset (the "
+        "default): never; such objects are reported as kept because undelivered.",
+    )
+    free_space_target: int | None = Field(
+        None,
+        ge=0,
+        description="Bytes of free disk to keep: below it, delivered and unrouted objects are "
+        "deleted oldest first, before their time, until free space is back above it. "
+        "Undelivered objects are never evicted. Unset: no eviction.",
+    )
+    keep_history: Duration = Field(
+        90 * 86400.0,
+        description="How long the history (jobs, attempts, route matches, triggers and the "
+        "purge record) of deleted objects is kept, counted from their deletion.",
+    )
+    keep_audit: Duration = Field(365 * 86400.0, description="How long audit log entries are kept.")
+    interval: Duration = Field(
+        300.0,
+        gt=0,
+        description="How often the retention sweeper runs (in the dispatch process).",
+    )
+
+
 class RouterConfig(_Model):
     """The whole file."""
 
@@ -554,6 +595,10 @@ class RouterConfig(_Model):
     alerts: AlertsConfig = Field(
         default_factory=lambda: AlertsConfig(),
         description="Webhook alerts: failed jobs, destinations down, stale queues, low disk.",
+    )
+    retention: RetentionConfig = Field(
+        default_factory=lambda: RetentionConfig(),
+        description="When received objects, their history and the audit log are deleted.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO",

@@ -29,6 +29,7 @@ from dicomrouter.config.loader import format_validation_error
 from dicomrouter.control import audit
 from dicomrouter.queue import compile_routes
 from dicomrouter.queue.planner import indexed_facts
+from dicomrouter.queue.states import purged_message
 from dicomrouter.rules import Condition, InstanceFacts, compile_condition
 from dicomrouter.store import ObjectStore, missing_identity, read_header
 from dicomrouter.store.schema import instances, jobs, route_matches
@@ -356,6 +357,13 @@ def explain_match(
     if not route.when:
         return {**base, "matches_now": route.enabled, "reason": "no condition: always matches"}
     condition = compile_condition(route.when)
+    purged_at = getattr(row, "purged_at", None)
+    if purged_at is not None:
+        return {
+            **base,
+            "matches_now": None,
+            "reason": f"cannot re-explain: the stored copy was {purged_message(purged_at)}",
+        }
     try:
         facts = stored_facts(store, row)
     except Exception as exc:
@@ -424,7 +432,8 @@ def backtest(
     with ctx.reader.connect() as conn:
         rows = conn.execute(
             select(instances)
-            .where(instances.c.received_at >= since)
+            # Only what is still stored: a purged instance has no header to test.
+            .where(instances.c.received_at >= since, instances.c.purged_at.is_(None))
             .order_by(instances.c.received_at.desc(), instances.c.id.desc())
         )
         for row in rows:

@@ -24,6 +24,7 @@ from .destinations import destination_summaries, recently_touched_jobs
 from .errors import Invalid
 from .jobs import orphaned_queues
 from .loops import held_count
+from .retention import retention_status
 from .unplanned import summary as unplanned_summary
 
 MAX_BUCKETS = 2000
@@ -85,7 +86,10 @@ def node_status(ctx: Any, max_age: float = 0.0) -> dict[str, Any]:
     """{version, started_at, uptime_s, counts: {instances, studies, jobs: {state: n}},
     disk: {free_bytes, total_bytes, watermark_bytes, ok}, destinations: [...],
     unplanned: {count, oldest_failed_at, items: [...]}, orphaned: [{destination, jobs,
-    total, oldest_created_at}], processes: [{role, ok, reason, pid, heartbeat_age_s}]}.
+    total, oldest_created_at}], processes: [{role, ok, reason, pid, heartbeat_age_s}],
+    loops: {held}, retention: {as_of, stored, stored_bytes, eligible, eligible_bytes,
+    kept_undelivered, kept_undelivered_bytes, purged, purged_bytes, last_run} (see
+    control/retention.py)}.
 
     ``max_age`` > 0 lets the counts (a scan of the index) be up to that many seconds
     old; disk and destinations are always read now."""
@@ -106,6 +110,11 @@ def node_status(ctx: Any, max_age: float = 0.0) -> dict[str, Any]:
         "unplanned": asdict(unplanned),
         "orphaned": [asdict(q) for q in orphaned_queues(ctx.reader, ctx.config.destinations)],
         "processes": [asdict(check) for check in heartbeat.check(ctx.reader)],
+        "retention": _recent.get(
+            ("retention", id(ctx.reader)),
+            max_age,
+            lambda: retention_status(ctx.reader).as_dict(),
+        ),
     }
 
 

@@ -48,6 +48,7 @@ _KIND_ORDER = {
     "delivered": 4,
     "failed": 4,
     "canceled": 4,
+    "purged": 5,
 }
 
 
@@ -182,6 +183,8 @@ def _summaries(conn: Connection, study_uids: Sequence[str]) -> dict[str, dict[st
             func.min(instances.c.received_at).label("first"),
             func.max(instances.c.received_at).label("last"),
             func.max(instances.c.id).label("latest_id"),
+            func.count(instances.c.purged_at).label("purged"),
+            func.max(instances.c.purged_at).label("purged_at"),
         )
         .where(in_page)
         .group_by(uid)
@@ -192,6 +195,9 @@ def _summaries(conn: Connection, study_uids: Sequence[str]) -> dict[str, dict[st
             "series": row.series,
             "first_received_at": row.first,
             "last_received_at": row.last,
+            # Instances whose stored copy retention deleted, and when it last did.
+            "purged": row.purged,
+            "purged_at": row.purged_at,
             "modalities": [],
             "calling_aes": [],
             "deliveries": {},
@@ -242,10 +248,11 @@ def study_trace(ctx: NodeContext, study_uid: str) -> dict[str, Any] | None:
     no instance of it was ever received.
 
     ``events`` are ordered by time (``at``, POSIX seconds); each has a ``kind``:
-    ``received``, ``matched`` (with ``reason``), ``queued``, ``attempt``, and one of
-    ``delivered``/``failed``/``canceled`` per finished job, and ``loop`` where a loop
-    guard held instances or did not send them back to their sender. ``deliveries`` has one
-    entry per job with its instance counts and attempts.
+    ``received``, ``matched`` (with ``reason``), ``queued``, ``attempt``, one of
+    ``delivered``/``failed``/``canceled`` per finished job, ``loop`` where a loop
+    guard held instances or did not send them back to their sender, and ``purged``
+    (when retention deleted the stored copies, how many, and why: one event per reason).
+    ``deliveries`` has one entry per job with its instance counts and attempts.
     """
     engine = ctx.reader
     with engine.connect() as conn:
@@ -256,6 +263,7 @@ def study_trace(ctx: NodeContext, study_uid: str) -> dict[str, Any] | None:
         matches = _match_groups(conn, study_uid)
         deliveries = _deliveries(conn, study_uid)
         loop_decisions = loop_trace_events(conn, study_uid)
+        events.extend(_purge_events(conn, study_uid))
     for match in matches:
         explanation = explain_match(ctx.config, ctx.store, match.pop("_sample"), match["route"])
         match.update(explanation)
@@ -318,6 +326,32 @@ def _received_events(conn: Connection, study_uid: str, count: int) -> list[dict[
             )
             .where(where)
             .group_by(*sender)
+        )
+    ]
+
+
+def _purge_events(conn: Connection, study_uid: str) -> list[dict[str, Any]]:
+    """One ``purged`` event per reason: the study's history stays after its files go."""
+    return [
+        {
+            "at": row.first,
+            "kind": "purged",
+            "instances": row.n,
+            "bytes": row.bytes,
+            "reason": row.purge_reason,
+            "first_at": row.first,
+            "last_at": row.last,
+        }
+        for row in conn.execute(
+            select(
+                instances.c.purge_reason,
+                func.count().label("n"),
+                func.sum(instances.c.size).label("bytes"),
+                func.min(instances.c.purged_at).label("first"),
+                func.max(instances.c.purged_at).label("last"),
+            )
+            .where(instances.c.study_instance_uid == study_uid, instances.c.purged_at.is_not(None))
+            .group_by(instances.c.purge_reason)
         )
     ]
 

@@ -20,6 +20,7 @@ from sqlalchemy import Engine
 from dicomrouter.config import DicomDestinationConfig, RouterConfig
 from dicomrouter.queue import JobStore, Planner
 from dicomrouter.queue.planner import PLAN_BATCH
+from dicomrouter.retention import sweeper
 from dicomrouter.store import ObjectStore
 
 from .health import DestinationHealth
@@ -87,6 +88,16 @@ class Dispatcher:
         planner = threading.Thread(target=self._plan_loop, name="planner", daemon=True)
         self.threads.append(planner)
         planner.start()
+        # Retention runs here, beside the planner it must not race (both take the index
+        # write lock for their decisions), never in the receiving process.
+        retention = threading.Thread(
+            target=sweeper.sweep_forever,
+            args=(lambda: self.config, self.engine, self.store, self.stop_event),
+            name="retention",
+            daemon=True,
+        )
+        self.threads.append(retention)
+        retention.start()
         with self._lock:
             for name in self.config.destinations:
                 self._start_destination(name, self.config)

@@ -19,6 +19,11 @@ Series:
 - ``dicomrouter_storage_free_bytes``, ``dicomrouter_storage_total_bytes``,
   ``dicomrouter_storage_min_free_bytes`` (the watermark below which C-STOREs are
   refused);
+- ``dicomrouter_retention_stored_instances``/``_bytes`` (now),
+  ``dicomrouter_retention_eligible_instances``/``_bytes`` and
+  ``dicomrouter_retention_kept_undelivered_instances``/``_bytes`` (as of the last
+  purge run), ``dicomrouter_retention_last_run_timestamp_seconds`` and
+  ``dicomrouter_retention_last_run_ok``;
 - ``dicomrouter_index_up``: 0 when the index could not be read for this scrape;
 - ``dicomrouter_unplanned_instances`` and
   ``dicomrouter_unplanned_oldest_age_seconds``: acknowledged instances whose plan
@@ -134,6 +139,7 @@ class IndexCollector(Collector):
             return
         up.add_metric([], 1)
         yield up
+        yield from self._retention()
         depth = GaugeMetricFamily(
             "dicomrouter_queue_jobs",
             "Jobs waiting or being sent, by destination and state.",
@@ -209,6 +215,47 @@ class IndexCollector(Collector):
         for process in heartbeat.check(self.engine):
             up.add_metric([process.role], 1.0 if process.ok else 0.0)
         yield up
+
+    def _retention(self) -> Iterator[Any]:
+        from dicomrouter.control.retention import retention_status
+
+        try:
+            status = retention_status(self.engine)
+        except Exception:  # an index from before schema 3 is upgraded at start-up
+            log.exception("metrics: cannot read the retention status")
+            return
+        for name, value, text in (
+            ("stored_instances", status.stored, "Stored objects (not purged)."),
+            ("stored_bytes", status.stored_bytes, "Bytes of stored objects."),
+            ("eligible_instances", status.eligible, "Stored objects due for purge."),
+            ("eligible_bytes", status.eligible_bytes, "Bytes of stored objects due for purge."),
+            (
+                "kept_undelivered_instances",
+                status.kept_undelivered,
+                "Stored objects kept because not delivered (failed, pending, waiting).",
+            ),
+            (
+                "kept_undelivered_bytes",
+                status.kept_undelivered_bytes,
+                "Bytes of stored objects kept because not delivered.",
+            ),
+        ):
+            family = GaugeMetricFamily(f"dicomrouter_retention_{name}", text)
+            family.add_metric([], float(value))
+            yield family
+        last = status.last_run
+        if last is not None:
+            stamp = GaugeMetricFamily(
+                "dicomrouter_retention_last_run_timestamp_seconds",
+                "When the last purge run started (POSIX seconds).",
+            )
+            stamp.add_metric([], last.started_at)
+            yield stamp
+            ok = GaugeMetricFamily(
+                "dicomrouter_retention_last_run_ok", "1 when the last purge run succeeded."
+            )
+            ok.add_metric([], 0.0 if last.error else 1.0)
+            yield ok
 
     def _storage(self, config: RouterConfig) -> Iterator[Any]:
         try:

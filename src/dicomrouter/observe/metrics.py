@@ -24,7 +24,9 @@ Series (all prefixed ``dicomrouter_``):
 - ``delivery_latency_seconds{destination}``: histogram, reception to delivery
   (warnings included), for instances delivered by this router;
 - ``open_associations{direction="inbound"|"outbound"}``: gauge, summed over live
-  processes.
+  processes;
+- ``purged_instances_total{kind}``, ``purged_bytes_total``: what retention deleted
+  (kind: delivered, unrouted, undelivered).
 
 Queue depth, oldest pending age, destination state and free disk are computed from
 the index at scrape time: see :mod:`dicomrouter.observe.collector`.
@@ -95,6 +97,8 @@ class _Metrics:
     retried: Any
     latency: Any
     associations: Any
+    purged: Any
+    purged_bytes: Any
 
 
 _metrics: _Metrics | None = None
@@ -178,6 +182,18 @@ def _build() -> _Metrics:
                 "DICOM associations open now, inbound (from modalities) and outbound.",
                 ["direction"],
                 multiprocess_mode="livesum",
+                registry=reg,
+            ),
+            purged=Counter(
+                "dicomrouter_purged_instances",
+                "Stored instances deleted by retention, by kind (delivered, unrouted, "
+                "undelivered), evictions for free space included.",
+                ["kind"],
+                registry=reg,
+            ),
+            purged_bytes=Counter(
+                "dicomrouter_purged_bytes",
+                "Bytes of stored instances deleted by retention.",
                 registry=reg,
             ),
         )
@@ -277,6 +293,16 @@ def association_opened(direction: str) -> None:
 def association_closed(direction: str) -> None:
     """An association counted by :func:`association_opened` ended."""
     _child("associations", direction).dec()
+
+
+@_never_raise
+def purge_recorded(by_kind: dict[str, int], size: int) -> None:
+    """A retention run deleted ``by_kind`` instances (``size`` bytes in all)."""
+    if not by_kind:
+        return
+    for kind, count in by_kind.items():
+        _child("purged", kind).inc(count)
+    (_metrics or _build()).purged_bytes.inc(size)
 
 
 # -- exposition (HTTP process) -----------------------------------------------------

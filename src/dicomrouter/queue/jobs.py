@@ -282,6 +282,7 @@ class JobStore:
                     instances.c.sop_instance_uid,
                     instances.c.transfer_syntax_uid,
                     instances.c.received_at,
+                    instances.c.purged_at,
                 )
                 .join(instances, instances.c.id == job_instances.c.instance_id)
                 .where(
@@ -290,8 +291,11 @@ class JobStore:
                 )
                 .order_by(job_instances.c.job_id, instances.c.id)
                 .limit(max_items)
-            )
-            claim.items = [QueuedInstance(*row) for row in rows]
+            ).all()
+            claim.items = [QueuedInstance(*row[:-1]) for row in rows if row.purged_at is None]
+            purged = [row for row in rows if row.purged_at is not None]
+            if purged:
+                self._fail_purged(conn, purged, now)
             # Keep only the jobs this claim will work on: those with instances loaded
             # (the item limit may cut the list) and those with nothing left to send
             # (settled by finish). The rest go straight back, untouched.
@@ -639,6 +643,18 @@ class JobStore:
                 )
                 .values(state=S.ITEM_PENDING, updated_at=now)
             )
+            # What retention deleted cannot be sent again: it fails at once, saying so.
+            purged = conn.execute(
+                select(job_instances.c.job_id, instances.c.id, instances.c.purged_at)
+                .join(instances, instances.c.id == job_instances.c.instance_id)
+                .where(
+                    job_instances.c.job_id.in_(eligible),
+                    job_instances.c.state == S.ITEM_PENDING,
+                    instances.c.purged_at.is_not(None),
+                )
+            ).all()
+            if purged:
+                self._fail_purged(conn, purged, now)
             conn.execute(
                 update(jobs)
                 .where(jobs.c.id.in_(eligible))
@@ -663,6 +679,28 @@ class JobStore:
                 )
             )
         return len(eligible)
+
+    @staticmethod
+    def _fail_purged(conn: Connection, rows: Sequence[Any], now: float) -> None:
+        """Fail deliveries of instances retention deleted (rows: job id, instance id,
+        purged_at), with the date, so the job settles instead of sending nothing."""
+        conn.execute(
+            update(job_instances)
+            .where(
+                job_instances.c.job_id == bindparam("b_job"),
+                job_instances.c.instance_id == bindparam("b_instance"),
+                job_instances.c.state == S.ITEM_PENDING,
+            )
+            .values(state=S.ITEM_FAILED, message=bindparam("b_message"), updated_at=now),
+            [
+                {
+                    "b_job": row[0],
+                    "b_instance": row[1],
+                    "b_message": S.purged_message(row.purged_at),
+                }
+                for row in rows
+            ],
+        )
 
     def cancel(self, job_ids: Sequence[int]) -> int:
         now = time.time()

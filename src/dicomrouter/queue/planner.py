@@ -126,7 +126,7 @@ class Planner:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(instances.c.id, instances.c.generation)
-                .where(instances.c.routed == 0)
+                .where(instances.c.routed == 0, instances.c.purged_at.is_(None))
                 .order_by(instances.c.id)
                 .limit(limit)
             ).all()
@@ -179,16 +179,35 @@ class Planner:
     def _route_batch(self, limit: int, only: int | None = None, retry: bool = False) -> int:
         # Read the batch and its headers before taking the write lock: the receiver
         # needs that lock for every C-STORE, so only the writes happen under it.
-        query = select(instances).where(instances.c.routed == (-1 if retry else 0))
+        # Not a copy the receiver retracted (a purge took its file before it answered):
+        # it was never acknowledged, and there is no file to send.
+        query = select(instances).where(
+            instances.c.routed == (-1 if retry else 0), instances.c.purged_at.is_(None)
+        )
         if only is not None:
             query = query.where(instances.c.id == only)
         with self.reader.connect() as reader:
             batch = reader.execute(query.order_by(instances.c.id).limit(limit)).all()
         if not batch:
+            if retry and only is not None:
+                # Set aside, then purged (or its copy retracted): nothing to plan, and
+                # nothing to keep retrying.
+                with self.engine.begin() as conn:
+                    conn.execute(delete(set_aside_rows).where(set_aside_rows.c.instance_id == only))
             return 0
         facts = {row.id: self._facts(row) for row in batch} if self.routes else {}
         now = time.time()
         with self.engine.begin() as conn:
+            batch_ids = [row.id for row in batch]
+            retracted = set(
+                conn.execute(
+                    select(instances.c.id).where(
+                        instances.c.id.in_(batch_ids),
+                        instances.c.purged_at.is_not(None),
+                    )
+                ).scalars()
+            )
+            batch = [row for row in batch if row.id not in retracted]
             plans: Plans = {}
             self.loops.begin()
             matches: list[dict[str, object]] = []
@@ -204,21 +223,19 @@ class Planner:
                 )
                 conn.execute(route_matches.insert(), matches)
             self._commit_plans(conn, plans, now)
-            conn.execute(
-                update(instances)
-                .where(
-                    instances.c.id == bindparam("b_id"),
-                    instances.c.generation == bindparam("b_gen"),
+            if batch:
+                conn.execute(
+                    update(instances)
+                    .where(
+                        instances.c.id == bindparam("b_id"),
+                        instances.c.generation == bindparam("b_gen"),
+                    )
+                    .values(routed=1),
+                    [{"b_id": row.id, "b_gen": row.generation} for row in batch],
                 )
-                .values(routed=1),
-                [{"b_id": row.id, "b_gen": row.generation} for row in batch],
-            )
-            # An earlier generation may have been set aside: planned now, it is done.
-            conn.execute(
-                delete(set_aside_rows).where(
-                    set_aside_rows.c.instance_id.in_([row.id for row in batch])
-                )
-            )
+            # An earlier generation may have been set aside: planned now, it is done
+            # (a retracted copy too: there is nothing left to plan for it).
+            conn.execute(delete(set_aside_rows).where(set_aside_rows.c.instance_id.in_(batch_ids)))
         return len(batch)
 
     def _facts(self, row: Row) -> InstanceFacts | None:
@@ -338,8 +355,12 @@ class Planner:
         plans: Plans,
     ) -> None:
         column = _LEVEL_COLUMN[trig.level]
+        # Never what retention purged: its file is gone (a late instance re-arming a
+        # study trigger must not queue the members deleted since).
         scope = conn.execute(
-            select(instances).where(column == trig.uid).order_by(instances.c.id)
+            select(instances)
+            .where(column == trig.uid, instances.c.purged_at.is_(None))
+            .order_by(instances.c.id)
         ).all()
         if not scope:
             return
@@ -393,7 +414,7 @@ class Planner:
                             instances.c.sop_instance_uid,
                             instances.c.calling_ae,
                             instances.c.source_address,
-                        ).where(_LEVEL_COLUMN[level] == uid)
+                        ).where(_LEVEL_COLUMN[level] == uid, instances.c.purged_at.is_(None))
                     ).all()
                 )
         self._merge(plans, route, level, uid, row.study_instance_uid, members)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from datetime import UTC, datetime
 
 from dicomrouter.config import RetryConfig
 
@@ -34,3 +35,9 @@ def retry_delay(policy: RetryConfig, attempts: int, rng: random.Random | None = 
     spread = base * policy.jitter
     value = base + (rng or random).uniform(-spread, spread)
     return max(0.0, min(value, policy.max_delay))
+
+
+def purged_message(purged_at: float) -> str:
+    """Why a delivery of an instance retention deleted fails (claim, retry)."""
+    when = datetime.fromtimestamp(purged_at, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"purged by retention on {when}"

@@ -31,7 +31,6 @@ from dicomrouter.store import (
     InvalidUID,
     ObjectStore,
     Provenance,
-    Recorded,
     StorageError,
     missing_identity,
     read_header,
@@ -57,6 +56,8 @@ OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 INVALID_UID = 0xC001
 UID_MISMATCH = 0xC002
+
+_VANISHED = "file removed by a concurrent purge before the receiver answered; not acknowledged"
 
 
 def _networks(config: RouterConfig) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -314,9 +315,22 @@ class Receiver:
             provenance = Provenance(
                 calling_ae=peer.calling_ae, called_ae=peer.called_ae, source_address=peer.address
             )
-            recorded = self.index.record(header, relative, size, provenance, replace=not keep_first)
+            generation = self.index.record_generation(
+                header, relative, size, provenance, replace=not keep_first
+            )
+            if generation and not os.path.exists(self.store.absolute(relative)):
+                # A purge of the previous copy took this one's file between its rename
+                # and its index commit (see "purge crash-safety" in architecture.md):
+                # not kept, so not acknowledged. One stat; the sender retries.
+                self.index.retract(header.sop_instance_uid, generation, _VANISHED)
+                log.warning(
+                    "instance %s removed by a purge while being stored; asking %s to retry",
+                    header.sop_instance_uid,
+                    peer.calling_ae,
+                )
+                return OUT_OF_RESOURCES, "stored copy removed by retention; send again"
             metrics.instance_received(provenance.calling_ae, size)
-            if recorded is Recorded.OVERWRITTEN:
+            if generation > 1:
                 log.info("instance %s received again: replaced", header.sop_instance_uid)
             return SUCCESS, None
         except StorageError as exc:

@@ -8,9 +8,10 @@ turns lock contention into short waits instead of errors.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, select
 from sqlalchemy.engine import make_url
 
 from .private import PRIVATE_FILE, private_file, tighten
@@ -34,6 +35,13 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX IF NOT EXISTS ix_jobs_created ON jobs (created_at)",
         "CREATE INDEX IF NOT EXISTS ix_job_instances_updated ON job_instances (updated_at)",
     ],
+    3: [
+        "ALTER TABLE instances ADD COLUMN purged_at FLOAT",
+        "ALTER TABLE instances ADD COLUMN purge_reason TEXT",
+        "CREATE INDEX IF NOT EXISTS ix_instances_live ON instances (purged_at, received_at, size)",
+        "CREATE INDEX IF NOT EXISTS ix_job_instances_instance "
+        "ON job_instances (instance_id, state)",
+    ],
     # Instances an earlier version set aside for good (routed = -1) are retried now.
     4: [
         "INSERT INTO unplanned (instance_id, generation, attempts, first_failed_at, "
@@ -48,11 +56,28 @@ MIGRATIONS: dict[int, list[str]] = {
 
 
 #: The audit log is append-only: the index itself refuses to change or delete a row.
+#: (Retention's audit pruning lifts the DELETE guard inside its own transaction only:
+#: see ``retention/prune.py``.)
 _APPEND_ONLY_SQLITE = [
     f"CREATE TRIGGER IF NOT EXISTS audit_log_no_{verb.lower()} BEFORE {verb} ON audit_log "
     "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END"
     for verb in ("UPDATE", "DELETE")
 ]
+APPEND_ONLY_DELETE_TRIGGER = _APPEND_ONLY_SQLITE[1]
+
+
+_ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)", re.IGNORECASE)
+
+
+def _already_applied(conn: Connection, statement: str) -> bool:
+    """An ``ADD COLUMN`` whose column exists (SQLite has no ``IF NOT EXISTS`` for it):
+    an index some steps of which were applied by hand, or a copy restored over a
+    newer schema, upgrades instead of failing. Other steps say ``IF NOT EXISTS``."""
+    match = _ADD_COLUMN.match(statement.strip())
+    if match is None:
+        return False
+    table, column = match.groups()
+    return column in {c["name"] for c in inspect(conn).get_columns(table)}
 
 
 def _private_sqlite(path: Path) -> None:
@@ -141,7 +166,8 @@ def create_index_engine(
             elif int(row.value) < SCHEMA_VERSION:
                 for version in range(int(row.value) + 1, SCHEMA_VERSION + 1):
                     for statement in MIGRATIONS.get(version, []):
-                        conn.exec_driver_sql(statement)
+                        if not _already_applied(conn, statement):
+                            conn.exec_driver_sql(statement)
                 conn.execute(
                     meta_info.update()
                     .where(meta_info.c.key == "schema")

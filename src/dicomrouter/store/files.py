@@ -41,6 +41,8 @@ class ObjectStore:
         self.root = Path(root).resolve()
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
+        # Files a purge is deleting (same filesystem: a rename); see store/retention.
+        self.trash = self.root / "trash"
         self._objects_prefix = str(self.objects) + os.sep
         # Series folders whose names are known to be on disk (see _ensure_durable_dir).
         self._durable: set[Path] = set()
@@ -48,7 +50,7 @@ class ObjectStore:
 
     def prepare(self) -> None:
         """Create the folders private (0700), or tighten them (see ``private``)."""
-        for folder in (self.root, self.objects, self.tmp):
+        for folder in (self.root, self.objects, self.tmp, self.trash):
             private_dir(folder)
 
     def lock(self) -> None:
@@ -115,18 +117,35 @@ class ObjectStore:
                 finally:
                     os.close(fd)
             self._ensure_durable_dir(final.parent)
-            if replace:
-                os.replace(temp_path, final)
-            else:
-                try:
-                    os.link(temp_path, final)
-                except FileExistsError:
-                    return None
-                os.unlink(temp_path)
+            try:
+                placed = self._place(temp_path, final, replace)
+            except FileNotFoundError:
+                if not temp_path.exists():
+                    raise
+                # The series folder was removed as empty by retention after this
+                # process had seen it: make it again (rare; never on the common path).
+                with self._durable_lock:
+                    self._durable.discard(final.parent)
+                self._ensure_durable_dir(final.parent)
+                placed = self._place(temp_path, final, replace)
+            if not placed:
+                return None
             _fsync_dir(final.parent)
         except OSError as exc:
             raise StorageError(exc.errno, f"cannot store object: {exc.strerror}") from exc
         return final
+
+    @staticmethod
+    def _place(temp_path: Path, final: Path, replace: bool) -> bool:
+        if replace:
+            os.replace(temp_path, final)
+            return True
+        try:
+            os.link(temp_path, final)
+        except FileExistsError:
+            return False
+        os.unlink(temp_path)
+        return True
 
     def _ensure_durable_dir(self, folder: Path) -> None:
         """Create ``folder`` if needed and make sure its name is on disk.

@@ -70,7 +70,9 @@ class InstanceIndex:
 
     @cached_property
     def _exists_sql(self) -> tuple[str, tuple[str, ...] | None]:
-        statement = select(instances.c.id).where(instances.c.sop_instance_uid == bindparam("uid"))
+        statement = select(instances.c.id).where(
+            instances.c.sop_instance_uid == bindparam("uid"), instances.c.purged_at.is_(None)
+        )
         return self._compile(statement)
 
     def _run(self, work: Any, commit: bool) -> Any:
@@ -110,6 +112,24 @@ class InstanceIndex:
         new generation (to be routed again). One statement; committed on return.
 
         ``replace=False`` keeps an existing record (``on_duplicate: ignore``)."""
+        generation = self.record_generation(
+            header, relative_path, size, provenance, received_at, replace
+        )
+        if generation == 0:
+            return Recorded.KEPT
+        return Recorded.NEW if generation == 1 else Recorded.OVERWRITTEN
+
+    def record_generation(
+        self,
+        header: InstanceHeader,
+        relative_path: str,
+        size: int,
+        provenance: Provenance,
+        received_at: float | None = None,
+        replace: bool = True,
+    ) -> int:
+        """:meth:`record`, returning the generation now indexed (0: the existing record
+        was kept). The receiver needs it to retract exactly its own copy (:meth:`retract`)."""
         values = {
             "sop_instance_uid": header.sop_instance_uid,
             "sop_class_uid": header.sop_class_uid,
@@ -130,6 +150,8 @@ class InstanceIndex:
             "source_address": provenance.source_address[:64],
             "generation": 1,
             "routed": 0,
+            "purged_at": None,
+            "purge_reason": None,
         }
         sql, order = self._upsert_sql if replace else self._insert_sql
         params = _parameters(order, values)
@@ -141,17 +163,36 @@ class InstanceIndex:
             row = cursor.fetchone()
             return 0 if row is None else int(row[0])
 
-        generation = self._run(upsert, commit=True)
-        if generation == 0:
-            return Recorded.KEPT
-        return Recorded.NEW if generation == 1 else Recorded.OVERWRITTEN
+        return int(self._run(upsert, commit=True))
+
+    def retract(self, sop_instance_uid: str, generation: int, reason: str) -> None:
+        """The receiver's copy vanished between its commit and its answer: a purge took
+        the file (store/retention.py). The sender is told to retry (0xA700), so this
+        generation becomes a tombstone, never a live row without a file. Rare path."""
+        statement = (
+            instances.update()
+            .where(
+                instances.c.sop_instance_uid == bindparam("uid"),
+                instances.c.generation == bindparam("gen"),
+                instances.c.purged_at.is_(None),
+            )
+            .values(purged_at=bindparam("at"), purge_reason=bindparam("why"))
+        )
+        sql, order = self._compile(statement)
+        values = {"uid": sop_instance_uid, "gen": generation, "at": time.time(), "why": reason}
+        params = _parameters(order, values)
+        self._run(lambda cursor: cursor.execute(sql, params), commit=True)
 
     @cached_property
     def _insert_sql(self) -> tuple[str, tuple[str, ...] | None]:
-        """``INSERT .. ON CONFLICT DO NOTHING RETURNING generation``: no row back for a
-        SOP Instance UID already indexed (``on_duplicate: ignore``)."""
-        statement = self._insert().on_conflict_do_nothing(
-            index_elements=[instances.c.sop_instance_uid]
+        """``INSERT .. ON CONFLICT DO UPDATE .. WHERE purged_at IS NOT NULL RETURNING
+        generation``: no row back for a SOP Instance UID already indexed and still held
+        (``on_duplicate: ignore``); one whose copy retention deleted is stored again."""
+        statement = self._insert()
+        statement = statement.on_conflict_do_update(
+            index_elements=[instances.c.sop_instance_uid],
+            set_=self._next_generation(statement),
+            where=instances.c.purged_at.is_not(None),
         )
         return self._compile(statement.returning(instances.c.generation))
 
@@ -160,16 +201,22 @@ class InstanceIndex:
         """``INSERT .. ON CONFLICT (sop_instance_uid) DO UPDATE .. RETURNING generation``:
         a SOP Instance UID received again becomes the next generation."""
         statement = self._insert()
+        statement = statement.on_conflict_do_update(
+            index_elements=[instances.c.sop_instance_uid], set_=self._next_generation(statement)
+        )
+        return self._compile(statement.returning(instances.c.generation))
+
+    @staticmethod
+    def _next_generation(statement: Any) -> dict[str, Any]:
+        """Every column from the new copy (``purged_at`` back to NULL: it is live
+        again), and the next generation."""
         replaced: dict[str, Any] = {
             column.name: statement.excluded[column.name]
             for column in instances.columns
             if column.name not in ("id", "sop_instance_uid", "generation")
         }
         replaced["generation"] = instances.c.generation + literal_column("1")
-        statement = statement.on_conflict_do_update(
-            index_elements=[instances.c.sop_instance_uid], set_=replaced
-        )
-        return self._compile(statement.returning(instances.c.generation))
+        return replaced
 
     def _insert(self) -> Any:
         """An INSERT of every column but ``id`` as named parameters, in the dialect

@@ -56,12 +56,19 @@ instances = Table(
     Column("generation", Integer, nullable=False, default=1),
     # 0 until the rules stage has looked at this generation of the instance.
     Column("routed", Integer, nullable=False, default=0),
+    # Set when retention deleted this generation's file (store/retention.py): the row
+    # stays, as a tombstone, so the trace still says where it went and when it was purged.
+    Column("purged_at", Float),
+    Column("purge_reason", Text),
 )
 Index("ix_instances_unrouted", instances.c.routed, instances.c.id)
 # For the operator surface: time windows (throughput, backtests, study search order)
 # and accession search.
 Index("ix_instances_received_at", instances.c.received_at)
 Index("ix_instances_accession", instances.c.accession_number)
+# Retention: live objects oldest first (purged_at IS NULL), tombstones by age, and
+# (with size) what is stored, counted from the index alone.
+Index("ix_instances_live", instances.c.purged_at, instances.c.received_at, instances.c.size)
 
 route_matches = Table(
     "route_matches",
@@ -164,6 +171,8 @@ job_instances = Table(
 )
 Index("ix_job_instances_state", job_instances.c.job_id, job_instances.c.state)
 Index("ix_job_instances_updated", job_instances.c.updated_at)
+# Retention: "has every delivery of this instance settled?"
+Index("ix_job_instances_instance", job_instances.c.instance_id, job_instances.c.state)
 
 attempts = Table(
     "attempts",
@@ -231,6 +240,30 @@ audit_log = Table(
     Column("detail", Text, nullable=False, default="{}"),  # JSON
 )
 
+# One row per retention run (the sweeper, or ``dicomrouter purge``): what it deleted,
+# and what it saw (eligible, kept because undelivered) for the status page.
+purge_runs = Table(
+    "purge_runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("started_at", Float, nullable=False, index=True),
+    Column("ended_at", Float),
+    Column("actor", String(128), nullable=False),
+    Column("purged", Integer, nullable=False, default=0),
+    Column("purged_bytes", Integer, nullable=False, default=0),
+    Column("evicted", Integer, nullable=False, default=0),
+    Column("orphans", Integer, nullable=False, default=0),
+    Column("history_rows", Integer, nullable=False, default=0),
+    Column("audit_rows", Integer, nullable=False, default=0),
+    Column("stored", Integer, nullable=False, default=0),
+    Column("stored_bytes", Integer, nullable=False, default=0),
+    Column("eligible", Integer, nullable=False, default=0),
+    Column("eligible_bytes", Integer, nullable=False, default=0),
+    Column("undelivered", Integer, nullable=False, default=0),
+    Column("undelivered_bytes", Integer, nullable=False, default=0),
+    Column("error", Text),
+)
+
 # Every configuration that was applied, newest last: list, diff, roll back.
 config_versions = Table(
     "config_versions",
@@ -271,6 +304,7 @@ __all__ = [
     "meta_info",
     "metadata",
     "process_heartbeats",
+    "purge_runs",
     "route_matches",
     "triggers",
     "unplanned",

@@ -38,6 +38,9 @@ def problems(status: dict[str, Any]) -> list[str]:
     disk = status.get("disk") or {}
     if disk and not disk.get("ok", True):
         found.append("free disk space is below the watermark: receiving is refused")
+    last_run = (status.get("retention") or {}).get("last_run") or {}
+    if last_run.get("error"):
+        found.append(f"the last retention run failed: {last_run['error']}")
     for dest in status.get("destinations") or []:
         if dest.get("state") in ("paused", "probing"):
             since = dest.get("paused_since")
@@ -120,5 +123,6 @@ def overview(request: Request, range: str = "1h", principal: Principal = viewer)
         "ranges": list(RANGES),
         "charts": charts(status, points, span),
         "destination_names": sorted(ctx.config.destinations),
+        "now": time.time(),
     }
     return render(request, "overview.html", values, principal=principal)

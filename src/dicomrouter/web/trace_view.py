@@ -93,7 +93,7 @@ def _view(event: Mapping[str, Any], jobs: Mapping[int, Mapping[str, Any]]) -> di
             "until": _later(event.get("first_at"), event.get("last_at")) if grouped else None,
             "sop_uids": [] if grouped else [event.get("sop_instance_uid")],
         }
-    if kind == "matched":
+    if kind in ("matched", "purged"):
         return {"until": _later(event.get("first_at"), event.get("last_at"))}
     view: dict[str, Any] = {"jobs": event.get("jobs"), "job_ids": event.get("job_ids", [])}
     job = jobs.get(event.get("job_id", -1))
