@@ -17,7 +17,7 @@ from dicomrouter.control import audit
 from dicomrouter.control.retention import purge
 from dicomrouter.retention.sweeper import sweep_forever
 from dicomrouter.store import create_index_engine
-from dicomrouter.store.schema import audit_log, instances, purge_runs
+from dicomrouter.store.schema import SCHEMA_VERSION, audit_log, instances, purge_runs
 from tests.support.api import ApiEnv, api_env
 from tests.support.dcmtk import HOST, StoreSCP, sop_uids
 from tests.support.retention import Site
@@ -200,7 +200,7 @@ def test_an_index_from_schema_2_is_upgraded(tmp_path: Path) -> None:
     with upgraded.connect() as conn:
         columns = {row[1] for row in conn.execute(text("PRAGMA table_info(instances)"))}
         version = conn.execute(text("SELECT value FROM meta_info WHERE key='schema'")).scalar()
-    assert {"purged_at", "purge_reason"} <= columns and version == "3"
+    assert {"purged_at", "purge_reason"} <= columns and version == str(SCHEMA_VERSION)
 
 
 def test_a_running_router_delivers_then_purges_and_keeps_the_trace(
