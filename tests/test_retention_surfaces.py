@@ -273,3 +273,14 @@ def test_the_sweeper_evicts_as_soon_as_free_space_falls_below_the_target(
             select(purge_runs.c.evicted).order_by(purge_runs.c.id.desc())
         ).first()
     assert evicted is not None and evicted.evicted == 3  # the delivered ones, not the failed
+
+
+def test_cli_purge_of_a_storage_folder_it_cannot_write_fails_clearly(tmp_path: Path) -> None:
+    site = Site(tmp_path, storage={"path": str(tmp_path / "store"), "min_free_space": 0})
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump(json.loads(site.config.model_dump_json())))
+    lock = site.store.root / ".purge.lock"
+    lock.mkdir()  # cannot be opened as a file, as if it belonged to another user
+    result = _cli("purge", "-c", str(config))
+    assert result.returncode == 1 and "cannot purge" in result.stderr
+    assert "Traceback" not in result.stderr

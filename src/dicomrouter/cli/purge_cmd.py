@@ -51,6 +51,8 @@ def purge_command(
         )
     except PurgeBusy as exc:
         fail(str(exc))
+    except OSError as exc:  # the storage folder not ours (another user), a full disk...
+        fail(f"cannot purge {settings.storage.path}: {exc}")
     if json_output:
         print_json(report.as_dict())
         return
