@@ -147,13 +147,13 @@ class Planner:
 
     def _plan_one(self, instance_id: int, generation: int | None, retry: bool) -> bool:
         try:
-            self._route_batch(1, only=instance_id, retry=retry)
+            planned = self._route_batch(1, only=instance_id, retry=retry)
         except Exception as exc:
             failure = exc
         else:
-            if retry:
+            if retry and planned:
                 log.info("instance %s planned after an earlier failure", instance_id)
-            return True
+            return planned > 0
         error = unplanned.error_text(failure)
         with self.engine.begin() as conn:
             if generation is None:
