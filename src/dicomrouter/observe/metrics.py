@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dicomrouter.store.heartbeat import pid_exists
+
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -310,16 +312,6 @@ def purge_recorded(by_kind: dict[str, int], size: int) -> None:
 _LIVE_FILE = re.compile(r"^gauge_live\w*?_(\d+)\.db$")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class _MergedFiles:
     """MultiProcessCollector over the files of this run, minus the ``live*`` gauge
     files of processes that died (a restarted dispatch process must not count the
@@ -336,7 +328,7 @@ class _MergedFiles:
             if not entry.endswith(".db"):
                 continue
             live = _LIVE_FILE.match(entry)
-            if live and not _pid_alive(int(live.group(1))):
+            if live and not pid_exists(int(live.group(1))):
                 continue
             files.append(os.path.join(self.path, entry))
         return MultiProcessCollector.merge(files, accumulate=True)

@@ -590,19 +590,7 @@ class JobStore:
                     "process stopped while sending this job (see its log for a crash or an "
                     "out-of-memory kill); retry by hand once the cause is fixed"
                 )
-                conn.execute(
-                    update(job_instances)
-                    .where(
-                        job_instances.c.job_id.in_(poisoned),
-                        job_instances.c.state == S.ITEM_PENDING,
-                    )
-                    .values(state=S.ITEM_FAILED, message=reason, updated_at=now)
-                )
-                conn.execute(
-                    update(jobs)
-                    .where(jobs.c.id.in_(poisoned))
-                    .values(state=S.FAILED, finished_at=now, last_error=reason, updated_at=now)
-                )
+                self._end_jobs(conn, poisoned, S.FAILED, S.ITEM_FAILED, reason, now)
                 log.error("job(s) %s failed: %s", ", ".join(str(j) for j in poisoned), reason)
         return len(stuck)
 
@@ -722,6 +710,30 @@ class JobStore:
         return len(eligible)
 
     @staticmethod
+    def _end_jobs(
+        conn: Connection,
+        job_ids: Sequence[int],
+        job_state: str,
+        item_state: str,
+        reason: str,
+        now: float,
+    ) -> int:
+        """Finish these jobs in ``job_state`` and their still-pending instances in
+        ``item_state``, with ``reason`` on both (what the trace and ``queue show``
+        say). Returns how many instances were still pending."""
+        pending = conn.execute(
+            update(job_instances)
+            .where(job_instances.c.job_id.in_(job_ids), job_instances.c.state == S.ITEM_PENDING)
+            .values(state=item_state, message=reason, updated_at=now)
+        ).rowcount
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.id.in_(job_ids))
+            .values(state=job_state, finished_at=now, last_error=reason, updated_at=now)
+        )
+        return int(pending or 0)
+
+    @staticmethod
     def _cancel_items(conn: Connection, job_ids: Sequence[int], now: float) -> None:
         conn.execute(
             update(job_instances)
@@ -750,16 +762,7 @@ class JobStore:
             ]
             if not stale:
                 return [], 0
-            undelivered = conn.execute(
-                update(job_instances)
-                .where(job_instances.c.job_id.in_(stale), job_instances.c.state == S.ITEM_PENDING)
-                .values(state=S.ITEM_FAILED, message=reason[:2000], updated_at=now)
-            ).rowcount
-            conn.execute(
-                update(jobs)
-                .where(jobs.c.id.in_(stale))
-                .values(state=S.FAILED, finished_at=now, last_error=reason[:2000], updated_at=now)
-            )
+            undelivered = self._end_jobs(conn, stale, S.FAILED, S.ITEM_FAILED, reason[:2000], now)
             conn.execute(
                 attempts.insert(),
                 [
@@ -835,19 +838,7 @@ class JobStore:
             touched = self.enqueue_many(conn, plans, now) if plans else []
             note = f"moved to destination {dest_name}"
             for chunk in _chunks(moved):
-                conn.execute(
-                    update(job_instances)
-                    .where(
-                        job_instances.c.job_id.in_(chunk),
-                        job_instances.c.state == S.ITEM_PENDING,
-                    )
-                    .values(state=S.ITEM_CANCELED, message=note, updated_at=now)
-                )
-                conn.execute(
-                    update(jobs)
-                    .where(jobs.c.id.in_(chunk))
-                    .values(state=S.CANCELED, finished_at=now, last_error=note, updated_at=now)
-                )
+                self._end_jobs(conn, chunk, S.CANCELED, S.ITEM_CANCELED, note, now)
         return moved, touched
 
     def open_jobs_by_destination(self) -> dict[str, int]:

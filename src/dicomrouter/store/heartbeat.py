@@ -93,7 +93,8 @@ def read(engine: Engine, node: str | None = None) -> list[Heartbeat]:
         ]
 
 
-def _pid_exists(pid: int) -> bool:
+def pid_exists(pid: int) -> bool:
+    """Whether a process with this pid runs on this machine (signal 0)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -116,7 +117,7 @@ def check(
             checks.append(ProcessCheck(role, False, f"the {role} process has not started"))
             continue
         age = round(max(0.0, now - hb.heartbeat_at), 1)
-        if not _pid_exists(hb.pid):
+        if not pid_exists(hb.pid):
             reason, ok = f"the {role} process (pid {hb.pid}) is not running", False
         elif age > STALE_AFTER:
             reason, ok = f"no heartbeat from the {role} process for {age:.0f} s", False
