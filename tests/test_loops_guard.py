@@ -6,13 +6,18 @@ includes a held instance, and the ``loop_detected`` alert."""
 from __future__ import annotations
 
 import shutil
+import sqlite3
+import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
+from dicomrouter.config import hosts
 from dicomrouter.control import loops
 from dicomrouter.observe.alerts import AlertEvaluator
+from dicomrouter.queue import loops as queue_loops
 from dicomrouter.store import InstanceHeader, Provenance, read_header
 from dicomrouter.store.schema import instances, job_instances, loop_events
 from tests.support.api import ApiEnv, api_env
@@ -192,3 +197,53 @@ def test_loop_detected_alerts_once_per_destination_and_not_again_after_a_restart
     assert evaluator().check() == []  # nor after a restart (read back from the audit log)
     with env.engine.connect() as conn:
         assert conn.execute(select(loop_events.c.id)).all()
+
+
+def test_a_hanging_name_lookup_never_holds_the_index_write_lock(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The send-back guard needs the destination's addresses. Looked up inside the
+    planner's transaction, a DNS server that hangs held the write lock that every
+    C-STORE needs for a second per instance; it is looked up before it now."""
+    host = f"pacs-{uuid.uuid4().hex}.invalid"  # never cached by an earlier test
+    env = api_env(
+        tmp_path,
+        {
+            "destinations": {"pacs": {**PACS, "host": host}},
+            "routes": [{"name": "to-pacs", "to": ["pacs"]}],
+        },
+    )
+    seeder = Seeder(env, tmp_path / "in")
+    database = str(env.engine.url.database)
+    seen: list[str] = []
+    answer = threading.Event()
+
+    def write_lock() -> str:
+        probe = sqlite3.connect(database, timeout=0)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.rollback()
+            return "free"
+        except sqlite3.OperationalError as exc:
+            return str(exc)
+        finally:
+            probe.close()
+
+    def hanging_getaddrinfo(name: str, *args: Any, **kwargs: Any) -> Any:
+        seen.append(write_lock())  # what a receiver committing now would find
+        answer.wait(10)
+        raise OSError("no answer")
+
+    monkeypatch.setattr(hosts.socket, "getaddrinfo", hanging_getaddrinfo)
+    monkeypatch.setattr(queue_loops, "RESOLVE_TIMEOUT", 0.2)
+    try:
+        seeder.receive_study(2, calling_ae="PACS")
+        seeder.plan()
+    finally:
+        answer.set()
+    assert seen == ["free"]
+    # Unresolved in time, the AE title decided: not sent back to the PACS.
+    assert _deliveries(env) == []
+    with env.engine.connect() as conn:
+        kinds = set(conn.execute(select(loop_events.c.kind)).scalars())
+    assert kinds == {"not_sent_back"}

@@ -25,6 +25,7 @@ at that address".
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,8 @@ log = logging.getLogger("dicomrouter.planner")
 
 HELD = "held"
 NOT_SENT_BACK = "not_sent_back"
-#: Longest wait for a destination's host name while planning (then: not the sender).
+#: Longest wait, per planning pass, for the destinations' host names. Spent before
+#: the planner takes the index write lock (see ``LoopGuard.prepare``), never under it.
 RESOLVE_TIMEOUT = 1.0
 
 
@@ -169,6 +171,27 @@ class LoopGuard:
         return address is not None and is_own_address(address)
 
     # -- not sent back to its sender ----------------------------------------------
+    def prepare(self, calling_aes: Iterable[str] | None = None) -> None:
+        """Look up, before the planner takes the index write lock, the host names
+        :meth:`not_sent_back` may need: those of destinations whose AE title is one of
+        ``calling_aes`` (None: every destination). Inside the transaction it only
+        reads the lookup cache: a DNS server that hangs must never hold the lock
+        that every C-STORE needs. The lookups run at once, within one
+        :data:`RESOLVE_TIMEOUT` for all of them, and are cached (config/hosts.py)."""
+        if self.config.dispatch.send_back_to_sender:
+            return
+        aes = None if calling_aes is None else set(calling_aes)
+        hosts = {
+            dest.host
+            for dest in self.config.destinations.values()
+            if aes is None or dest.ae_title in aes
+        }
+        for host in hosts:
+            resolve(host, 0.0)  # starts every lookup that is not cached
+        deadline = time.monotonic() + RESOLVE_TIMEOUT
+        for host in hosts:
+            resolve(host, max(0.0, deadline - time.monotonic()))
+
     def begin(self) -> None:
         """A planning pass starts: forget skips of a pass that was rolled back."""
         self._skips = []
@@ -184,8 +207,18 @@ class LoopGuard:
         from_dest = [m for m in members if getattr(m, "calling_ae", None) == dest.ae_title]
         if not from_dest:
             return members
-        addresses = resolve(dest.host, RESOLVE_TIMEOUT).addresses
-        skipped = [m for m in from_dest if same_address(m.source_address, addresses)]
+        # The cache only (``prepare`` looked it up): this runs under the write lock.
+        found = resolve(dest.host, 0.0)
+        if found.complete:
+            skipped = [m for m in from_dest if same_address(m.source_address, found.addresses)]
+        else:
+            # The name did not answer in time: its AE title decides, as for a hold.
+            log.warning(
+                "%s did not resolve in time; instances from AE %s are taken as sent by it",
+                dest.host,
+                dest.ae_title,
+            )
+            skipped = from_dest
         if not skipped:
             return members
         self._skips.append(_Skip(dest_name, study_uid, skipped))

@@ -196,6 +196,7 @@ class Planner:
                     conn.execute(delete(set_aside_rows).where(set_aside_rows.c.instance_id == only))
             return 0
         facts = {row.id: self._facts(row) for row in batch} if self.routes else {}
+        self.loops.prepare({row.calling_ae for row in batch})
         now = time.time()
         with self.engine.begin() as conn:
             batch_ids = [row.id for row in batch]
@@ -326,6 +327,7 @@ class Planner:
         now = time.time() if now is None else now
         by_name = {route.name: route for route in self.routes}
         fired = 0
+        self.loops.prepare()
         with self.engine.begin() as conn:
             armed = conn.execute(select(triggers).where(triggers.c.pending == 1)).all()
             plans: Plans = {}
