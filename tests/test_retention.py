@@ -259,6 +259,25 @@ def test_free_space_target_evicts_delivered_and_unrouted_oldest_first_never_unde
     assert all(s.store.absolute(p).exists() for p in undelivered)
 
 
+def test_eviction_stops_when_deleting_does_not_raise_free_space(tmp_path: Path) -> None:
+    """Deletes that never show as free space (snapshots, files held open, a disk
+    something else is filling): one run evicts what was missing, not everything."""
+    s = site(tmp_path)
+    delivered = s.receive(make_study(tmp_path / "d", 20, prefix="D"))
+    s.plan()
+    s.settle()
+    target = 10**9
+    s.store.free_bytes = lambda: target - 1  # type: ignore[method-assign]
+    s.purger.config = s.config.model_copy(
+        update={"retention": s.config.retention.model_copy(update={"free_space_target": target})}
+    )
+    report = s.purge(days_later=0)
+    assert report.evicted == 1
+    assert [s.store.absolute(p).exists() for p in delivered] == [False] + [True] * 19
+    # The next run tries again, one object's worth at a time.
+    assert s.purge(days_later=0).evicted == 1
+
+
 # -- the race with the receiver ----------------------------------------------------------
 
 PEER = Peer("CT1", "DICOMROUTER", "127.0.0.1", 50000)

@@ -54,6 +54,8 @@ BATCH = 200
 MIN_ORPHAN_GRACE = 3600.0
 #: Seconds between two walks of ``objects/`` for orphaned files by the sweeper.
 ORPHAN_SCAN_EVERY = 86400.0
+#: One eviction run deletes at most the bytes missing at its start plus this fraction.
+EVICT_MARGIN = 0.1
 
 
 #: Oldest first, in the order of ``ix_instances_live`` (no sort needed).
@@ -252,27 +254,68 @@ class Purger:
 
     def _evict(self, report: PurgeReport) -> None:
         """Below ``free_space_target``: delivered and unrouted objects, oldest first,
-        until free space is back above it (or nothing evictable is left)."""
+        until free space is back above it, at most the bytes missing at the start plus
+        ``EVICT_MARGIN`` of them. Stops early when a batch did not raise free space
+        (deletes not showing yet: snapshots, files held open; or something else is
+        filling the disk): the next run tries again, instead of this one evicting
+        everything evictable."""
         target = self.config.retention.free_space_target
         if target is None:
             return
+        free = self.store.free_bytes()
+        if free >= target:
+            return
+        missing = target - free
+        budget = missing + int(missing * EVICT_MARGIN)
         condition = policy.evictable()
-        while self.store.free_bytes() < target:
+        while budget > 0:
             with self.reader.connect() as conn:
-                ids = list(
-                    conn.execute(
-                        select(instances.c.id).where(condition).order_by(*_LIVE_KEY).limit(BATCH)
-                    ).scalars()
-                )
-            if not ids:
+                rows = conn.execute(
+                    select(instances.c.id, instances.c.size)
+                    .where(condition)
+                    .order_by(*_LIVE_KEY)
+                    .limit(BATCH)
+                ).all()
+            if not rows:
                 log.warning(
                     "free space (%d bytes) below retention.free_space_target (%d) and "
                     "nothing left that may be evicted: everything stored is undelivered",
-                    self.store.free_bytes(),
+                    free,
                     target,
                 )
                 return
-            self._purge(ids, condition, policy.kind, report, evicted=True, until_free=target)
+            wanted = min(target - free, budget)
+            chosen: list[int] = []
+            for row in rows:
+                if wanted <= 0:
+                    break
+                chosen.append(row.id)
+                wanted -= int(row.size)
+            before = report.purged_bytes
+            self._purge(chosen, condition, policy.kind, report, evicted=True)
+            budget -= report.purged_bytes - before
+            now_free = self.store.free_bytes()
+            if now_free >= target:
+                return
+            if now_free <= free:
+                log.warning(
+                    "free space (%d bytes) did not rise after evicting objects for "
+                    "retention.free_space_target (%d): deleted files may not show as "
+                    "free space yet (snapshots, files held open) or something else is "
+                    "filling the disk; stopping, the next run tries again",
+                    now_free,
+                    target,
+                )
+                return
+            free = now_free
+        log.warning(
+            "evicted the %d bytes missing at the start of this run (plus margin) and free "
+            "space (%d bytes) is still below retention.free_space_target (%d); the next "
+            "run continues",
+            missing,
+            free,
+            target,
+        )
 
     def _purge(
         self,
@@ -281,12 +324,9 @@ class Purger:
         kind: Any,
         report: PurgeReport,
         evicted: bool,
-        until_free: int | None = None,
     ) -> None:
         """Mark, move, check (see the module docstring) the ``ids`` still matching
         ``condition`` under the write lock."""
-        if until_free is not None:
-            ids = self._enough_for(ids, until_free)
         began = time.monotonic()
         now = time.time()
         with self.engine.begin() as conn:
@@ -346,23 +386,6 @@ class Purger:
         if evicted:
             report.evicted += len(doomed)
         log.info("purged %d object(s)%s", len(doomed), " (evicted for space)" if evicted else "")
-
-    def _enough_for(self, ids: Sequence[int], target: int) -> list[int]:
-        """The oldest of ``ids`` whose sizes bring free space back to ``target``."""
-        missing = target - self.store.free_bytes()
-        with self.reader.connect() as conn:
-            sizes = dict(
-                conn.execute(
-                    select(instances.c.id, instances.c.size).where(instances.c.id.in_(list(ids)))
-                ).all()
-            )
-        chosen: list[int] = []
-        for instance_id in ids:
-            if missing <= 0:
-                break
-            chosen.append(instance_id)
-            missing -= int(sizes.get(instance_id, 0))
-        return chosen or list(ids[:1])
 
     # -- files -------------------------------------------------------------------------
     def _trash_path(self, relative: str) -> Path:
