@@ -93,6 +93,25 @@ def test_undelivered_objects_are_never_deleted_by_age_unless_configured(tmp_path
     assert any(m and m.startswith("purged by retention on ") for m in messages)
 
 
+def test_an_undelivered_object_a_worker_is_sending_is_not_purged(tmp_path: Path) -> None:
+    s = site(tmp_path, retention={"delete_undelivered_after": "30d"})
+    paths = s.receive(make_study(tmp_path / "in", 2))
+    s.plan()
+    claim = s.jobs.claim("pacs", "worker", lease=60)  # in progress, under a lease
+    assert claim is not None and len(claim.items) == 2
+    assert s.purge(days_later=31).purged == 0
+    assert all(s.store.absolute(p).exists() for p in paths)
+    with s.engine.connect() as conn:
+        states = set(conn.execute(select(job_instances.c.state)).scalars())
+    assert states == {S.ITEM_PENDING}
+    # Once the claim is given back (the lease recovered), the policy applies again.
+    with s.engine.begin() as conn:
+        conn.execute(update(jobs).values(lease_expires_at=0))
+    s.jobs.recover()
+    assert s.purge(days_later=31).by_kind == {"undelivered": 2}
+    assert s.open_deliveries_of_purged() == []
+
+
 def test_a_pending_series_trigger_keeps_its_instances(tmp_path: Path) -> None:
     s = site(
         tmp_path,
