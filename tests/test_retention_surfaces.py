@@ -272,7 +272,9 @@ def test_the_sweeper_evicts_as_soon_as_free_space_falls_below_the_target(
         evicted = conn.execute(
             select(purge_runs.c.evicted).order_by(purge_runs.c.id.desc())
         ).first()
-    assert evicted is not None and evicted.evicted == 3  # the delivered ones, not the failed
+    # One byte missing, and free space never rises here: one object's worth goes (the
+    # oldest delivered one), not everything evictable.
+    assert evicted is not None and evicted.evicted == 1
 
 
 def test_cli_purge_of_a_storage_folder_it_cannot_write_fails_clearly(tmp_path: Path) -> None:
