@@ -501,6 +501,88 @@ def test_kill_9_at_random_moments_of_a_purge(tmp_path: Path) -> None:
     assert not any(s.store.absolute(p).exists() for p in paths)
 
 
+def _second_copy(tmp_path: Path, original: Path) -> Path:
+    ds = dcmread(original)
+    ds.StudyDescription = "second copy"
+    copy = tmp_path / "second.dcm"
+    ds.save_as(copy)
+    return copy
+
+
+def test_dispatch_start_up_restores_what_a_killed_purge_moved_before_planning_or_sending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The purge marked generation 1, a new copy was received in full (live as
+    generation 2, acknowledged), the purge moved the new file into trash and was
+    killed before its check: the state is built as the kill leaves it."""
+    from dicomrouter.dispatch import service
+    from dicomrouter.retention import sweeper
+
+    s = site(tmp_path)
+    original = make_study(tmp_path / "in", 1)
+    [relative] = s.receive(original)
+    s.plan()
+    s.settle()
+    with s.engine.begin() as conn:
+        conn.execute(insert(purge_runs).values(started_at=time.time(), actor="system"))
+        conn.execute(update(instances).values(purged_at=time.time(), purge_reason="x"))
+    s.receive([_second_copy(tmp_path, original[0])])
+    assert s.purger._to_trash(relative) is not None
+    assert s.live_without_file() != [] and s.rows()[next(iter(s.rows()))].generation == 2
+
+    seen: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(
+        service.Dispatcher,
+        "_plan_loop",
+        lambda self: seen.append(("planner", s.live_without_file())),
+    )
+    monkeypatch.setattr(
+        service.Dispatcher,
+        "_start_destination",
+        lambda self, name, config: seen.append(("workers", s.live_without_file())),
+    )
+    monkeypatch.setattr(sweeper, "sweep_forever", lambda *args: None)
+    dispatcher = service.Dispatcher(s.config, s.engine, s.store)
+    dispatcher.start()
+    dispatcher.stop()
+    assert sorted(seen) == [("planner", []), ("workers", [])]
+    assert dcmread(s.store.absolute(relative)).StudyDescription == "second copy"
+    assert list(s.store.trash.iterdir()) == []
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("interrupt", [_Interrupt, KeyboardInterrupt])
+def test_a_purge_interrupted_after_moving_files_checks_them_before_it_raises(
+    tmp_path: Path, interrupt: type[BaseException]
+) -> None:
+    """An exception (or Ctrl-C in 'dicomrouter purge') between move and check: a
+    row made live again meanwhile has its file back once the purge has raised."""
+    s = site(tmp_path)
+    original = make_study(tmp_path / "in", 1)
+    [relative] = s.receive(original)
+    s.plan()
+    s.settle()
+    copy = _second_copy(tmp_path, original[0])
+
+    def hook(stage: str) -> None:
+        if stage == "marked":
+            s.receive([copy])  # received again in full: live, generation 2
+        elif stage == "moved":
+            raise interrupt()
+
+    s.purger.hook = hook
+    with pytest.raises(interrupt):
+        s.purge(days_later=8, scan_orphans=False)
+    [row] = s.rows().values()
+    assert row.purged_at is None and row.generation == 2
+    assert s.live_without_file() == []
+    assert dcmread(s.store.absolute(relative)).StudyDescription == "second copy"
+    assert list(s.store.trash.iterdir()) == []
+
+
 def test_emptied_folders_go_and_a_receiver_that_cached_them_still_stores(tmp_path: Path) -> None:
     s = site(tmp_path, retention={"delete_delivered_after": "0s"})
     files = make_study(tmp_path / "in", 2)

@@ -12,11 +12,15 @@ Each batch goes through three steps (the argument is in docs/architecture.md,
    same SOP Instance UID received again, same path) gets its file back, linked
    into place only if no newer copy is there.
 
-A kill at any point leaves: a tombstone whose file is still in place (removed by
-the next run's recovery of interrupted runs), or a file in trash (restored or
-removed by the next run's trash recovery). Nothing live ever loses its file: the
-receiver checks its file is still there after its index commit (one stat) and
-answers 0xA700 if a purge took it (see ``Receiver._store``).
+A batch interrupted by an exception (or Ctrl-C) after moving files checks them
+before the exception goes on. A kill at any point leaves: a tombstone whose file is
+still in place (removed by the next run's recovery of interrupted runs), or a file in
+trash (restored or removed by the recovery the dispatch process runs at start-up,
+before planning or sending, and every run does first). A file in trash may belong to
+a row received again and acknowledged after the mark: that row lacks its file from
+the kill until that recovery (docs/architecture.md, "Kills"). Otherwise nothing live
+loses its file: the receiver checks its file is still there after its index commit
+(one stat) and answers 0xA700 if a purge took it (see ``Receiver._store``).
 
 Only one purge runs at a time per storage folder (``<storage>/.purge.lock``): the
 sweeper in the dispatch process and ``dicomrouter purge`` exclude each other.
@@ -373,9 +377,15 @@ class Purger:
                     .values(state=S.ITEM_FAILED, message=S.purged_message(now), updated_at=now)
                 )
         self.hook("marked")
-        moved = {d.id: (d, self._to_trash(d.path)) for d in doomed}
-        self.hook("moved")
-        self._settle(moved)
+        moved: dict[int, tuple[_Doomed, Path | None]] = {}
+        try:
+            for d in doomed:
+                moved[d.id] = (d, self._to_trash(d.path))
+            self.hook("moved")
+        finally:
+            # Interrupted too (an exception, Ctrl-C): what was moved is checked now, so
+            # a row made live meanwhile never waits for the next run to get its file.
+            self._settle(moved)
         self.hook("checked")
         if self.pace > 0:
             time.sleep(self.pace * (time.monotonic() - began))
@@ -458,8 +468,17 @@ class Purger:
         as a purge (a row made live meanwhile keeps its file)."""
         if not relatives:
             return 0
-        moved = {rel: self._to_trash(rel) for rel in relatives}
-        self.hook("orphan-moved")
+        moved: dict[str, Path | None] = {}
+        try:
+            for rel in relatives:
+                moved[rel] = self._to_trash(rel)
+            self.hook("orphan-moved")
+        except BaseException:
+            self._check_unreferenced(moved)  # as in _purge: never left for the next run
+            raise
+        return self._check_unreferenced(moved)
+
+    def _check_unreferenced(self, moved: dict[str, Path | None]) -> int:
         live_now = self._live_paths([rel for rel, path in moved.items() if path is not None])
         removed = 0
         for rel, trashed in moved.items():
@@ -499,6 +518,12 @@ class Purger:
         if handled:
             log.warning("recovered %d file(s) left by an interrupted purge", handled)
         return handled
+
+    def recover_exclusive(self) -> int:
+        """:meth:`recover` under the purge lock (the dispatch process at start-up,
+        before its planner and workers run). Raises :class:`PurgeBusy`."""
+        with self._exclusive():
+            return self.recover()
 
     def _finish_interrupted(self, run: Any) -> int:
         with self.reader.connect() as conn:
