@@ -380,6 +380,8 @@ class Purger:
         moved: dict[int, tuple[_Doomed, Path | None]] = {}
         try:
             for d in doomed:
+                # Listed before the rename: an interrupt just after it still finds it.
+                moved[d.id] = (d, self._trash_path(d.path))
                 moved[d.id] = (d, self._to_trash(d.path))
             self.hook("moved")
         finally:
@@ -428,7 +430,7 @@ class Purger:
                 )
             }
         for instance_id, (doomed, trashed) in moved.items():
-            if trashed is None:
+            if trashed is None or not trashed.exists():
                 continue
             row = now_rows.get(instance_id)
             if row is not None and row.purged_at is None and row.path == doomed.path:
@@ -471,6 +473,7 @@ class Purger:
         moved: dict[str, Path | None] = {}
         try:
             for rel in relatives:
+                moved[rel] = self._trash_path(rel)  # as in _purge
                 moved[rel] = self._to_trash(rel)
             self.hook("orphan-moved")
         except BaseException:
@@ -482,7 +485,7 @@ class Purger:
         live_now = self._live_paths([rel for rel, path in moved.items() if path is not None])
         removed = 0
         for rel, trashed in moved.items():
-            if trashed is None:
+            if trashed is None or not trashed.exists():
                 continue
             if rel in live_now:
                 self._restore(trashed, rel)
