@@ -93,6 +93,25 @@ def test_undelivered_objects_are_never_deleted_by_age_unless_configured(tmp_path
     assert any(m and m.startswith("purged by retention on ") for m in messages)
 
 
+def test_an_undelivered_object_a_worker_is_sending_is_not_purged(tmp_path: Path) -> None:
+    s = site(tmp_path, retention={"delete_undelivered_after": "30d"})
+    paths = s.receive(make_study(tmp_path / "in", 2))
+    s.plan()
+    claim = s.jobs.claim("pacs", "worker", lease=60)  # in progress, under a lease
+    assert claim is not None and len(claim.items) == 2
+    assert s.purge(days_later=31).purged == 0
+    assert all(s.store.absolute(p).exists() for p in paths)
+    with s.engine.connect() as conn:
+        states = set(conn.execute(select(job_instances.c.state)).scalars())
+    assert states == {S.ITEM_PENDING}
+    # Once the claim is given back (the lease recovered), the policy applies again.
+    with s.engine.begin() as conn:
+        conn.execute(update(jobs).values(lease_expires_at=0))
+    s.jobs.recover()
+    assert s.purge(days_later=31).by_kind == {"undelivered": 2}
+    assert s.open_deliveries_of_purged() == []
+
+
 def test_a_pending_series_trigger_keeps_its_instances(tmp_path: Path) -> None:
     s = site(
         tmp_path,
@@ -257,6 +276,25 @@ def test_free_space_target_evicts_delivered_and_unrouted_oldest_first_never_unde
     s.store.free_bytes = lambda: 0  # type: ignore[method-assign]
     s.purge(days_later=0)
     assert all(s.store.absolute(p).exists() for p in undelivered)
+
+
+def test_eviction_stops_when_deleting_does_not_raise_free_space(tmp_path: Path) -> None:
+    """Deletes that never show as free space (snapshots, files held open, a disk
+    something else is filling): one run evicts what was missing, not everything."""
+    s = site(tmp_path)
+    delivered = s.receive(make_study(tmp_path / "d", 20, prefix="D"))
+    s.plan()
+    s.settle()
+    target = 10**9
+    s.store.free_bytes = lambda: target - 1  # type: ignore[method-assign]
+    s.purger.config = s.config.model_copy(
+        update={"retention": s.config.retention.model_copy(update={"free_space_target": target})}
+    )
+    report = s.purge(days_later=0)
+    assert report.evicted == 1
+    assert [s.store.absolute(p).exists() for p in delivered] == [False] + [True] * 19
+    # The next run tries again, one object's worth at a time.
+    assert s.purge(days_later=0).evicted == 1
 
 
 # -- the race with the receiver ----------------------------------------------------------
@@ -461,6 +499,88 @@ def test_kill_9_at_random_moments_of_a_purge(tmp_path: Path) -> None:
     _check_invariants(s)
     assert list(s.store.trash.iterdir()) == []
     assert not any(s.store.absolute(p).exists() for p in paths)
+
+
+def _second_copy(tmp_path: Path, original: Path) -> Path:
+    ds = dcmread(original)
+    ds.StudyDescription = "second copy"
+    copy = tmp_path / "second.dcm"
+    ds.save_as(copy)
+    return copy
+
+
+def test_dispatch_start_up_restores_what_a_killed_purge_moved_before_planning_or_sending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The purge marked generation 1, a new copy was received in full (live as
+    generation 2, acknowledged), the purge moved the new file into trash and was
+    killed before its check: the state is built as the kill leaves it."""
+    from dicomrouter.dispatch import service
+    from dicomrouter.retention import sweeper
+
+    s = site(tmp_path)
+    original = make_study(tmp_path / "in", 1)
+    [relative] = s.receive(original)
+    s.plan()
+    s.settle()
+    with s.engine.begin() as conn:
+        conn.execute(insert(purge_runs).values(started_at=time.time(), actor="system"))
+        conn.execute(update(instances).values(purged_at=time.time(), purge_reason="x"))
+    s.receive([_second_copy(tmp_path, original[0])])
+    assert s.purger._to_trash(relative) is not None
+    assert s.live_without_file() != [] and s.rows()[next(iter(s.rows()))].generation == 2
+
+    seen: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(
+        service.Dispatcher,
+        "_plan_loop",
+        lambda self: seen.append(("planner", s.live_without_file())),
+    )
+    monkeypatch.setattr(
+        service.Dispatcher,
+        "_start_destination",
+        lambda self, name, config: seen.append(("workers", s.live_without_file())),
+    )
+    monkeypatch.setattr(sweeper, "sweep_forever", lambda *args: None)
+    dispatcher = service.Dispatcher(s.config, s.engine, s.store)
+    dispatcher.start()
+    dispatcher.stop()
+    assert sorted(seen) == [("planner", []), ("workers", [])]
+    assert dcmread(s.store.absolute(relative)).StudyDescription == "second copy"
+    assert list(s.store.trash.iterdir()) == []
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("interrupt", [_Interrupt, KeyboardInterrupt])
+def test_a_purge_interrupted_after_moving_files_checks_them_before_it_raises(
+    tmp_path: Path, interrupt: type[BaseException]
+) -> None:
+    """An exception (or Ctrl-C in 'dicomrouter purge') between move and check: a
+    row made live again meanwhile has its file back once the purge has raised."""
+    s = site(tmp_path)
+    original = make_study(tmp_path / "in", 1)
+    [relative] = s.receive(original)
+    s.plan()
+    s.settle()
+    copy = _second_copy(tmp_path, original[0])
+
+    def hook(stage: str) -> None:
+        if stage == "marked":
+            s.receive([copy])  # received again in full: live, generation 2
+        elif stage == "moved":
+            raise interrupt()
+
+    s.purger.hook = hook
+    with pytest.raises(interrupt):
+        s.purge(days_later=8, scan_orphans=False)
+    [row] = s.rows().values()
+    assert row.purged_at is None and row.generation == 2
+    assert s.live_without_file() == []
+    assert dcmread(s.store.absolute(relative)).StudyDescription == "second copy"
+    assert list(s.store.trash.iterdir()) == []
 
 
 def test_emptied_folders_go_and_a_receiver_that_cached_them_still_stores(tmp_path: Path) -> None:

@@ -51,6 +51,9 @@ def purge_command(
         )
     except PurgeBusy as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        # The purge checked what it had already moved before letting this through.
+        fail("interrupted; the files already moved were checked, the next purge finishes", 130)
     except OSError as exc:  # the storage folder not ours (another user), a full disk...
         fail(f"cannot purge {settings.storage.path}: {exc}")
     if json_output:

@@ -81,6 +81,12 @@ class Dispatcher:
         self._retiring: set[str] = set()  # destinations whose old workers are finishing
 
     def start(self) -> None:
+        # Before the planner and workers: a file a killed purge left in trash for a
+        # row that is live again goes back before anything plans or sends it.
+        try:
+            sweeper.recover_at_start(self.config, self.engine, self.store)
+        except Exception:
+            log.exception("purge recovery at start-up failed; the first sweep retries it")
         recovered = self.jobs.recover(owner_prefix=node_id() + ":")
         if recovered:
             log.warning("resumed %d job(s) that were in progress before a restart", recovered)

@@ -10,7 +10,8 @@ to confirm), by the dry run and by the status counts. An instance is:
 - *unrouted* when it was planned, no delivery holds it and no trigger waits;
 - *undelivered* otherwise (not planned yet, set aside, a delivery pending or failed,
   a trigger waiting, held as a routing loop and not released): kept, unless
-  ``delete_undelivered_after`` is set.
+  ``delete_undelivered_after`` is set, and even then never while a worker is
+  sending it (a delivery of it pending in a job claimed under a lease).
 
 A live instance is one whose file retention has not deleted (``purged_at IS NULL``).
 """
@@ -24,7 +25,7 @@ from sqlalchemy import ColumnElement, and_, case, exists, func, or_, select
 
 from dicomrouter.config import RetentionConfig, format_duration
 from dicomrouter.queue import states as S
-from dicomrouter.store.schema import instances, job_instances, loop_events, triggers
+from dicomrouter.store.schema import instances, job_instances, jobs, loop_events, triggers
 
 DELIVERED = "delivered"
 UNROUTED = "unrouted"
@@ -51,6 +52,14 @@ _loop_held = exists().where(
     loop_events.c.generation == instances.c.generation,
     loop_events.c.kind == "held",
     loop_events.c.released_at.is_(None),
+)
+#: A delivery a worker holds right now (its job claimed under a lease, the instance
+#: not sent yet): its file must stay until the send is over, whatever the policy.
+_being_sent = exists().where(
+    _ji.c.instance_id == instances.c.id,
+    _ji.c.state == S.ITEM_PENDING,
+    _ji.c.job_id == jobs.c.id,
+    jobs.c.state == S.IN_PROGRESS,
 )
 _settled = and_(instances.c.routed == 1, ~_open, ~_waited_for, ~_loop_held)
 is_delivered = and_(live, _settled, _held)
@@ -102,6 +111,7 @@ def due(cutoffs: Cutoffs) -> ColumnElement[bool]:
             and_(
                 is_undelivered,
                 instances.c.routed != 0,
+                ~_being_sent,
                 instances.c.received_at <= cutoffs.undelivered,
             )
         )

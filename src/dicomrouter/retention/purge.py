@@ -12,11 +12,15 @@ Each batch goes through three steps (the argument is in docs/architecture.md,
    same SOP Instance UID received again, same path) gets its file back, linked
    into place only if no newer copy is there.
 
-A kill at any point leaves: a tombstone whose file is still in place (removed by
-the next run's recovery of interrupted runs), or a file in trash (restored or
-removed by the next run's trash recovery). Nothing live ever loses its file: the
-receiver checks its file is still there after its index commit (one stat) and
-answers 0xA700 if a purge took it (see ``Receiver._store``).
+A batch interrupted by an exception (or Ctrl-C) after moving files checks them
+before the exception goes on. A kill at any point leaves: a tombstone whose file is
+still in place (removed by the next run's recovery of interrupted runs), or a file in
+trash (restored or removed by the recovery the dispatch process runs at start-up,
+before planning or sending, and every run does first). A file in trash may belong to
+a row received again and acknowledged after the mark: that row lacks its file from
+the kill until that recovery (docs/architecture.md, "Kills"). Otherwise nothing live
+loses its file: the receiver checks its file is still there after its index commit
+(one stat) and answers 0xA700 if a purge took it (see ``Receiver._store``).
 
 Only one purge runs at a time per storage folder (``<storage>/.purge.lock``): the
 sweeper in the dispatch process and ``dicomrouter purge`` exclude each other.
@@ -54,6 +58,8 @@ BATCH = 200
 MIN_ORPHAN_GRACE = 3600.0
 #: Seconds between two walks of ``objects/`` for orphaned files by the sweeper.
 ORPHAN_SCAN_EVERY = 86400.0
+#: One eviction run deletes at most the bytes missing at its start plus this fraction.
+EVICT_MARGIN = 0.1
 
 
 #: Oldest first, in the order of ``ix_instances_live`` (no sort needed).
@@ -252,27 +258,68 @@ class Purger:
 
     def _evict(self, report: PurgeReport) -> None:
         """Below ``free_space_target``: delivered and unrouted objects, oldest first,
-        until free space is back above it (or nothing evictable is left)."""
+        until free space is back above it, at most the bytes missing at the start plus
+        ``EVICT_MARGIN`` of them. Stops early when a batch did not raise free space
+        (deletes not showing yet: snapshots, files held open; or something else is
+        filling the disk): the next run tries again, instead of this one evicting
+        everything evictable."""
         target = self.config.retention.free_space_target
         if target is None:
             return
+        free = self.store.free_bytes()
+        if free >= target:
+            return
+        missing = target - free
+        budget = missing + int(missing * EVICT_MARGIN)
         condition = policy.evictable()
-        while self.store.free_bytes() < target:
+        while budget > 0:
             with self.reader.connect() as conn:
-                ids = list(
-                    conn.execute(
-                        select(instances.c.id).where(condition).order_by(*_LIVE_KEY).limit(BATCH)
-                    ).scalars()
-                )
-            if not ids:
+                rows = conn.execute(
+                    select(instances.c.id, instances.c.size)
+                    .where(condition)
+                    .order_by(*_LIVE_KEY)
+                    .limit(BATCH)
+                ).all()
+            if not rows:
                 log.warning(
                     "free space (%d bytes) below retention.free_space_target (%d) and "
                     "nothing left that may be evicted: everything stored is undelivered",
-                    self.store.free_bytes(),
+                    free,
                     target,
                 )
                 return
-            self._purge(ids, condition, policy.kind, report, evicted=True, until_free=target)
+            wanted = min(target - free, budget)
+            chosen: list[int] = []
+            for row in rows:
+                if wanted <= 0:
+                    break
+                chosen.append(row.id)
+                wanted -= int(row.size)
+            before = report.purged_bytes
+            self._purge(chosen, condition, policy.kind, report, evicted=True)
+            budget -= report.purged_bytes - before
+            now_free = self.store.free_bytes()
+            if now_free >= target:
+                return
+            if now_free <= free:
+                log.warning(
+                    "free space (%d bytes) did not rise after evicting objects for "
+                    "retention.free_space_target (%d): deleted files may not show as "
+                    "free space yet (snapshots, files held open) or something else is "
+                    "filling the disk; stopping, the next run tries again",
+                    now_free,
+                    target,
+                )
+                return
+            free = now_free
+        log.warning(
+            "evicted the %d bytes missing at the start of this run (plus margin) and free "
+            "space (%d bytes) is still below retention.free_space_target (%d); the next "
+            "run continues",
+            missing,
+            free,
+            target,
+        )
 
     def _purge(
         self,
@@ -281,12 +328,9 @@ class Purger:
         kind: Any,
         report: PurgeReport,
         evicted: bool,
-        until_free: int | None = None,
     ) -> None:
         """Mark, move, check (see the module docstring) the ``ids`` still matching
         ``condition`` under the write lock."""
-        if until_free is not None:
-            ids = self._enough_for(ids, until_free)
         began = time.monotonic()
         now = time.time()
         with self.engine.begin() as conn:
@@ -333,9 +377,17 @@ class Purger:
                     .values(state=S.ITEM_FAILED, message=S.purged_message(now), updated_at=now)
                 )
         self.hook("marked")
-        moved = {d.id: (d, self._to_trash(d.path)) for d in doomed}
-        self.hook("moved")
-        self._settle(moved)
+        moved: dict[int, tuple[_Doomed, Path | None]] = {}
+        try:
+            for d in doomed:
+                # Listed before the rename: an interrupt just after it still finds it.
+                moved[d.id] = (d, self._trash_path(d.path))
+                moved[d.id] = (d, self._to_trash(d.path))
+            self.hook("moved")
+        finally:
+            # Interrupted too (an exception, Ctrl-C): what was moved is checked now, so
+            # a row made live meanwhile never waits for the next run to get its file.
+            self._settle(moved)
         self.hook("checked")
         if self.pace > 0:
             time.sleep(self.pace * (time.monotonic() - began))
@@ -346,23 +398,6 @@ class Purger:
         if evicted:
             report.evicted += len(doomed)
         log.info("purged %d object(s)%s", len(doomed), " (evicted for space)" if evicted else "")
-
-    def _enough_for(self, ids: Sequence[int], target: int) -> list[int]:
-        """The oldest of ``ids`` whose sizes bring free space back to ``target``."""
-        missing = target - self.store.free_bytes()
-        with self.reader.connect() as conn:
-            sizes = dict(
-                conn.execute(
-                    select(instances.c.id, instances.c.size).where(instances.c.id.in_(list(ids)))
-                ).all()
-            )
-        chosen: list[int] = []
-        for instance_id in ids:
-            if missing <= 0:
-                break
-            chosen.append(instance_id)
-            missing -= int(sizes.get(instance_id, 0))
-        return chosen or list(ids[:1])
 
     # -- files -------------------------------------------------------------------------
     def _trash_path(self, relative: str) -> Path:
@@ -395,7 +430,7 @@ class Purger:
                 )
             }
         for instance_id, (doomed, trashed) in moved.items():
-            if trashed is None:
+            if trashed is None or not trashed.exists():
                 continue
             row = now_rows.get(instance_id)
             if row is not None and row.purged_at is None and row.path == doomed.path:
@@ -435,12 +470,22 @@ class Purger:
         as a purge (a row made live meanwhile keeps its file)."""
         if not relatives:
             return 0
-        moved = {rel: self._to_trash(rel) for rel in relatives}
-        self.hook("orphan-moved")
+        moved: dict[str, Path | None] = {}
+        try:
+            for rel in relatives:
+                moved[rel] = self._trash_path(rel)  # as in _purge
+                moved[rel] = self._to_trash(rel)
+            self.hook("orphan-moved")
+        except BaseException:
+            self._check_unreferenced(moved)  # as in _purge: never left for the next run
+            raise
+        return self._check_unreferenced(moved)
+
+    def _check_unreferenced(self, moved: dict[str, Path | None]) -> int:
         live_now = self._live_paths([rel for rel, path in moved.items() if path is not None])
         removed = 0
         for rel, trashed in moved.items():
-            if trashed is None:
+            if trashed is None or not trashed.exists():
                 continue
             if rel in live_now:
                 self._restore(trashed, rel)
@@ -476,6 +521,12 @@ class Purger:
         if handled:
             log.warning("recovered %d file(s) left by an interrupted purge", handled)
         return handled
+
+    def recover_exclusive(self) -> int:
+        """:meth:`recover` under the purge lock (the dispatch process at start-up,
+        before its planner and workers run). Raises :class:`PurgeBusy`."""
+        with self._exclusive():
+            return self.recover()
 
     def _finish_interrupted(self, run: Any) -> int:
         with self.reader.connect() as conn:

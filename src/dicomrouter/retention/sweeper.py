@@ -62,19 +62,37 @@ def in_background(purger: Purger) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICENESS)
 
 
+def durable_engine(engine: Engine) -> Engine:
+    """An engine committing with synchronous=FULL: tombstones must be durable before
+    files go (see Purger); the dispatch process's own engine commits with NORMAL."""
+    if engine.dialect.name == "sqlite":
+        return create_index_engine(str(engine.url), create=False)
+    return engine
+
+
+def recover_at_start(config: RouterConfig, engine: Engine, store: ObjectStore) -> int:
+    """What a killed purge left (files in trash, runs without an end), finished under
+    the purge lock before anything plans or sends: a row made live again whose new
+    file a killed purge had moved into trash gets it back first. Returns how many
+    files were handled (0 when another purge holds the lock: it recovered first)."""
+    durable = durable_engine(engine)
+    try:
+        return Purger(config, durable, store).recover_exclusive()
+    except PurgeBusy as exc:
+        log.info("purge recovery at start-up skipped: %s", exc)
+        return 0
+    finally:
+        if durable is not engine:
+            durable.dispose()
+
+
 def sweep_forever(
     config: Callable[[], RouterConfig],
     engine: Engine,
     store: ObjectStore,
     stop: threading.Event,
 ) -> None:
-    # Tombstones must be durable before files go (see Purger): the dispatch process's
-    # own engine commits with synchronous=NORMAL, so the sweeper has its own.
-    durable = (
-        create_index_engine(str(engine.url), create=False)
-        if engine.dialect.name == "sqlite"
-        else engine
-    )
+    durable = durable_engine(engine)
     purger = Purger(config(), durable, store)
     in_background(purger)
     space_was_ok = True
