@@ -259,6 +259,47 @@ def test_check_refuses_an_alias_bomb_with_a_clear_error(tmp_path: Path) -> None:
     assert "expands to more than" in result.output
 
 
+CYCLE = """\
+destinations:
+  pacs: {ae_title: PACS, host: 127.0.0.1, port: 4242}
+routes:
+  - name: loop
+    to: [pacs]
+    when: &w {all: [*w]}
+"""
+
+
+def test_an_alias_to_its_own_enclosing_node_is_refused_as_a_cycle() -> None:
+    """Without the check, yaml builds a structure that contains itself and later walks
+    fail with RecursionError."""
+    from dicomrouter.config import YamlLimitError, load_yaml
+
+    with pytest.raises(YamlLimitError, match=r"alias \*w refers to its own enclosing node"):
+        load_yaml(CYCLE)
+    with pytest.raises(YamlLimitError, match=r"line 1, column 12: alias \*s .* \(a cycle\)"):
+        load_yaml("s: &s [1, [*s]]\n")
+    # An alias to a collection already closed is no cycle.
+    assert load_yaml("a: &a [1]\nb: [*a, *a]\n") == {"a": [1], "b": [[1], [1]]}
+
+
+def test_a_cycle_is_refused_by_validate_with_422(tmp_path: Path) -> None:
+    env = api_env(tmp_path)
+    response = env.operator.post(
+        "/api/v1/config/validate", content=CYCLE, headers={"Content-Type": "application/yaml"}
+    )
+    assert response.status_code == 422, response.text[:300]
+    errors = response.json()["detail"]["errors"]
+    assert any("alias *w refers to its own enclosing node" in error for error in errors), errors
+
+
+def test_check_refuses_a_cycle_with_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "cycle.yaml"
+    path.write_text(CYCLE)
+    result = CliRunner().invoke(cli, ["check", "--config", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "alias *w refers to its own enclosing node (a cycle)" in result.output
+
+
 def test_deep_nesting_and_huge_texts_are_refused() -> None:
     from dicomrouter.config import load_yaml
 
