@@ -427,6 +427,60 @@ def test_parallel_basic_requests_with_a_known_password_are_not_throttled(
     assert statuses == [200] * 20
 
 
+def test_cached_valid_logins_do_not_free_slots_for_guesses_under_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five wrong guesses are being checked (held in the password check here) when a
+    script logs in with a known password, as often as it likes: the sixth guess still
+    gets 429, as the cached login took no attempt slot and so frees none."""
+    from dicomrouter.api import auth
+
+    env = api_env(tmp_path)
+    token = base64.b64encode(f"viewer:{PASSWORD}".encode()).decode()
+    basic = {"Authorization": f"Basic {token}"}
+    assert env.anonymous.get("/api/v1/me", headers=basic).status_code == 200
+    real = auth.check_login
+    arrived = threading.Semaphore(0)
+    go = threading.Event()
+    held = [0]
+    lock = threading.Lock()
+
+    def held_check(*args: Any) -> Any:
+        with lock:
+            hold = held[0] < 5
+            held[0] += 1
+        if hold:
+            arrived.release()
+            go.wait()
+        return real(*args)
+
+    monkeypatch.setattr(auth, "check_login", held_check)
+    statuses: list[int] = []
+
+    def guess() -> None:
+        response = env.anonymous.post(
+            "/api/v1/login", json={"username": "admin", "password": "guess"}
+        )
+        with lock:
+            statuses.append(response.status_code)
+
+    threads = [threading.Thread(target=guess) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(5):
+            arrived.acquire()  # all five admitted and under way
+        for _ in range(3):
+            assert env.anonymous.get("/api/v1/me", headers=basic).status_code == 200
+        sixth = env.anonymous.post("/api/v1/login", json={"username": "admin", "password": "guess"})
+    finally:
+        go.set()
+        for thread in threads:
+            thread.join()
+    assert sixth.status_code == 429
+    assert sorted(statuses) == [401] * 5
+
+
 # -- 5. sessions end on the server --------------------------------------------------------
 def logged_in(env: ApiEnv) -> str:
     """Log in as admin with a password; the session cookie's value."""
