@@ -269,10 +269,15 @@ def test_the_lockout_doubles_per_further_failure_up_to_15_minutes(tmp_path: Path
         delays.append(retry_after)
     assert delays == [60, 120, 240, 480, 900, 900]
     assert audit.query(env.engine, action="auth.lockout")[0] == 7  # one per lockout
-    # Once the lockout is over, the right password works and forgets the address.
+    # Once the lockout is over, the right password works, but does not end the
+    # address's streak (a valid account must not reset the guessing at others):
     clock.now += 900
     ok = env.anonymous.post("/api/v1/login", json={"username": "admin", "password": PASSWORD})
     assert ok.status_code == 200
+    assert bad_login(env.anonymous).status_code == 401
+    assert int(bad_login(env.anonymous).headers["retry-after"]) == 900
+    # Only 5 minutes of calm after a lockout end the streak.
+    clock.now += 900 + 300
     for _ in range(4):
         assert bad_login(env.anonymous).status_code == 401
 
@@ -284,12 +289,40 @@ def test_failures_spread_over_more_than_5_minutes_do_not_lock_out(tmp_path: Path
         clock.now += 76
 
 
-def test_a_successful_login_resets_the_count(tmp_path: Path) -> None:
+@pytest.fixture
+def fresh_password_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forget the Basic logins remembered by earlier tests."""
+    monkeypatch.setattr(auth, "_passwords", auth._PasswordCache())
+
+
+def test_a_successful_login_resets_that_users_count(
+    tmp_path: Path, fresh_password_cache: None
+) -> None:
     env, _ = throttled_env(tmp_path)
+    for _ in range(4):
+        assert bad_login(env.anonymous, "viewer").status_code == 401
+    assert env.anonymous.get("/api/v1/me", headers=basic("viewer")).status_code == 200
+    for _ in range(4):
+        assert bad_login(env.anonymous, "viewer").status_code == 401
+    assert bad_login(env.anonymous, "viewer").status_code == 401  # the fifth since
+    assert bad_login(env.anonymous, "viewer").status_code == 429
+
+
+def test_valid_logins_as_one_user_do_not_reset_the_guesses_at_another(
+    tmp_path: Path, scrypts: list[str], fresh_password_cache: None
+) -> None:
+    """An attacker holding any account (or a colleague behind the same address)
+    logs in validly between wrong guesses at admin: the guesses still add up to a
+    lockout after 5, whether the valid login is hashed (the first) or cached (the
+    later ones), and a cached valid login does not get through the lockout."""
+    env, _ = throttled_env(tmp_path)
+    statuses = []
     for _ in range(3):
-        for _ in range(4):
-            assert bad_login(env.anonymous).status_code == 401
-        assert env.anonymous.get("/api/v1/me", headers=basic("viewer")).status_code == 200
+        statuses += [bad_login(env.anonymous, "admin").status_code for _ in range(2)]
+        statuses.append(env.anonymous.get("/api/v1/me", headers=basic("viewer")).status_code)
+    assert statuses == [401, 401, 200, 401, 401, 200, 401, 429, 429]
+    assert scrypts.count(PASSWORD) == 1  # the viewer's second login was cached
+    assert bad_login(env.anonymous, "admin").status_code == 429
 
 
 def test_other_addresses_are_not_locked_out(tmp_path: Path) -> None:

@@ -259,6 +259,47 @@ def test_check_refuses_an_alias_bomb_with_a_clear_error(tmp_path: Path) -> None:
     assert "expands to more than" in result.output
 
 
+CYCLE = """\
+destinations:
+  pacs: {ae_title: PACS, host: 127.0.0.1, port: 4242}
+routes:
+  - name: loop
+    to: [pacs]
+    when: &w {all: [*w]}
+"""
+
+
+def test_an_alias_to_its_own_enclosing_node_is_refused_as_a_cycle() -> None:
+    """Without the check, yaml builds a structure that contains itself and later walks
+    fail with RecursionError."""
+    from dicomrouter.config import YamlLimitError, load_yaml
+
+    with pytest.raises(YamlLimitError, match=r"alias \*w refers to its own enclosing node"):
+        load_yaml(CYCLE)
+    with pytest.raises(YamlLimitError, match=r"line 1, column 12: alias \*s .* \(a cycle\)"):
+        load_yaml("s: &s [1, [*s]]\n")
+    # An alias to a collection already closed is no cycle.
+    assert load_yaml("a: &a [1]\nb: [*a, *a]\n") == {"a": [1], "b": [[1], [1]]}
+
+
+def test_a_cycle_is_refused_by_validate_with_422(tmp_path: Path) -> None:
+    env = api_env(tmp_path)
+    response = env.operator.post(
+        "/api/v1/config/validate", content=CYCLE, headers={"Content-Type": "application/yaml"}
+    )
+    assert response.status_code == 422, response.text[:300]
+    errors = response.json()["detail"]["errors"]
+    assert any("alias *w refers to its own enclosing node" in error for error in errors), errors
+
+
+def test_check_refuses_a_cycle_with_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "cycle.yaml"
+    path.write_text(CYCLE)
+    result = CliRunner().invoke(cli, ["check", "--config", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "alias *w refers to its own enclosing node (a cycle)" in result.output
+
+
 def test_deep_nesting_and_huge_texts_are_refused() -> None:
     from dicomrouter.config import load_yaml
 
@@ -384,6 +425,60 @@ def test_parallel_basic_requests_with_a_known_password_are_not_throttled(
     for thread in threads:
         thread.join()
     assert statuses == [200] * 20
+
+
+def test_cached_valid_logins_do_not_free_slots_for_guesses_under_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five wrong guesses are being checked (held in the password check here) when a
+    script logs in with a known password, as often as it likes: the sixth guess still
+    gets 429, as the cached login took no attempt slot and so frees none."""
+    from dicomrouter.api import auth
+
+    env = api_env(tmp_path)
+    token = base64.b64encode(f"viewer:{PASSWORD}".encode()).decode()
+    basic = {"Authorization": f"Basic {token}"}
+    assert env.anonymous.get("/api/v1/me", headers=basic).status_code == 200
+    real = auth.check_login
+    arrived = threading.Semaphore(0)
+    go = threading.Event()
+    held = [0]
+    lock = threading.Lock()
+
+    def held_check(*args: Any) -> Any:
+        with lock:
+            hold = held[0] < 5
+            held[0] += 1
+        if hold:
+            arrived.release()
+            go.wait()
+        return real(*args)
+
+    monkeypatch.setattr(auth, "check_login", held_check)
+    statuses: list[int] = []
+
+    def guess() -> None:
+        response = env.anonymous.post(
+            "/api/v1/login", json={"username": "admin", "password": "guess"}
+        )
+        with lock:
+            statuses.append(response.status_code)
+
+    threads = [threading.Thread(target=guess) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(5):
+            arrived.acquire()  # all five admitted and under way
+        for _ in range(3):
+            assert env.anonymous.get("/api/v1/me", headers=basic).status_code == 200
+        sixth = env.anonymous.post("/api/v1/login", json={"username": "admin", "password": "guess"})
+    finally:
+        go.set()
+        for thread in threads:
+            thread.join()
+    assert sixth.status_code == 429
+    assert sorted(statuses) == [401] * 5
 
 
 # -- 5. sessions end on the server --------------------------------------------------------

@@ -18,7 +18,9 @@ still accepted from clients that send it unasked (``curl -u``).
 Guessing is throttled per client address (:class:`LoginThrottle`): after
 :attr:`LoginThrottle.limit` failures within :attr:`LoginThrottle.window` seconds,
 password and token attempts from that address get 429 with ``Retry-After`` (no
-scrypt, no audit row) for a delay that doubles with each further failure. At most
+scrypt, no audit row) for a delay that doubles with each further failure. A
+successful login forgets only that user's failures, so that a valid account (or a
+colleague behind the same address) cannot wipe the count of guesses at another. At most
 :data:`SCRYPT_SLOTS` password hashes are computed at once, and an unknown user name
 costs the same hash as a known one, so timing does not tell which users exist.
 """
@@ -134,7 +136,8 @@ class TooManyAttempts(HTTPException):
 
 @dataclass
 class _Failures:
-    recent: deque[float] = field(default_factory=deque)  # times, within the window
+    # (time, user name) of each failure within the window ("token" for tokens)
+    recent: deque[tuple[float, str]] = field(default_factory=deque)
     level: int = 0  # lockouts in this streak: the next one lasts first_delay * 2**level
     locked_until: float = 0.0
     pending: int = 0  # attempts admitted and not yet decided (hashing)
@@ -146,7 +149,8 @@ class LoginThrottle:
     ``limit`` failures within ``window`` seconds lock the address out for
     ``first_delay`` seconds; each failure after a lockout ends (before ``window``
     seconds of calm) locks it out again for twice as long, up to ``max_delay``. A
-    successful password login forgets the address. At most ``capacity`` addresses
+    successful password login forgets that user name's failures only (the others',
+    the lockout level and the attempts under way stay). At most ``capacity`` addresses
     are remembered (the least recently failing are dropped).
 
     Attempts in progress count too (:meth:`admit`): a password check takes ~50 ms,
@@ -187,7 +191,7 @@ class LoginThrottle:
             remaining = entry.locked_until - now
             if remaining > 0:
                 raise TooManyAttempts(remaining)
-            recent = sum(1 for at in entry.recent if now - at <= self.window)
+            recent = sum(1 for at, _ in entry.recent if now - at <= self.window)
             # After a lockout, the next failure locks again: one attempt at a time.
             allowed = 1 if entry.level else self.limit - recent
             if entry.pending >= allowed:
@@ -205,7 +209,7 @@ class LoginThrottle:
         while len(self._addresses) > self.capacity:
             self._addresses.popitem(last=False)
 
-    def failure(self, address: str) -> float | None:
+    def failure(self, address: str, name: str = "") -> float | None:
         """Count a failure (ending an admitted attempt, if any); the lockout's length
         if this one starts a lockout."""
         now = self.clock()
@@ -219,9 +223,9 @@ class LoginThrottle:
             self._trim()
             if now < entry.locked_until:
                 return None  # a concurrent attempt started the lockout already
-            while entry.recent and now - entry.recent[0] > self.window:
+            while entry.recent and now - entry.recent[0][0] > self.window:
                 entry.recent.popleft()
-            entry.recent.append(now)
+            entry.recent.append((now, name))
             if not entry.level and len(entry.recent) < self.limit:
                 return None
             delay = min(self.max_delay, self.first_delay * 2**entry.level)
@@ -230,9 +234,19 @@ class LoginThrottle:
             entry.recent.clear()
             return delay
 
-    def success(self, address: str) -> None:
+    def success(self, address: str, name: str) -> None:
+        """End an admitted attempt that succeeded for ``name``: forget that name's
+        failures, not the others' (nor the lockout level, nor other attempts under
+        way), so a valid login cannot reset the count of guesses at another user."""
         with self._lock:
-            self._addresses.pop(address, None)
+            entry = self._addresses.get(address)
+            if entry is None:
+                return
+            if entry.pending:
+                entry.pending -= 1
+            entry.recent = deque(item for item in entry.recent if item[1] != name)
+            if not (entry.recent or entry.level or entry.pending or entry.locked_until):
+                del self._addresses[address]
 
     def __len__(self) -> int:
         return len(self._addresses)
@@ -260,16 +274,16 @@ def check_login(ctx: AppContext, name: str, password: str) -> Principal | None:
 def password_login(request: Request, name: str, password: str) -> Principal | None:
     """A user name and password (login form, ``POST /api/v1/login``, Basic), throttled
     per client address: raises :class:`TooManyAttempts` (429) while it is locked out,
-    audits a failure and resets the address's count on success."""
+    audits a failure and, on success, forgets that user's failures (no one else's)."""
     address = client_address(request)
     limiter = throttle(request)
     ctx = context(request)
     user = ctx.config.auth.users.get(name)
     if user is not None and _passwords.known(name, password, user.password_hash):
         # A script's repeated Basic login, checked before: as cheap as a token, so
-        # only a lockout stops it, not the number of attempts under way.
+        # only a lockout stops it, not the number of attempts under way. It was not
+        # admitted and forgets no failures (else it could reset a guesser's count).
         limiter.check(address)
-        limiter.success(address)
         return Principal(name, Role.parse(user.role), "user")
     limiter.admit(address)
     try:
@@ -280,7 +294,7 @@ def password_login(request: Request, name: str, password: str) -> Principal | No
     if principal is None:
         failed_login(request, name, "wrong user name or password")
     else:
-        limiter.success(address)
+        limiter.success(address, name)
     return principal
 
 
@@ -297,7 +311,7 @@ def failed_login(request: Request, name: str, reason: str) -> None:
         source=address,
         detail={"reason": reason, "path": request.url.path},
     )
-    delay = throttle(request).failure(address)
+    delay = throttle(request).failure(address, name or "?")
     if delay is not None:
         audit.record(
             ctx.engine,

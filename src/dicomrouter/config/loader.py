@@ -43,13 +43,14 @@ class ConfigError(Exception):
 
 
 class YamlLimitError(ConfigError):
-    """The text is too large or too complex to parse (size, aliases, nesting)."""
+    """The text is too large or too complex to parse (size, aliases, nesting, cycles)."""
 
 
 def _check_yaml_limits(text: str, source: str) -> None:
     """Refuse, from the parser's events alone (libyaml, C: milliseconds even for a
-    bomb), a text that is too large, nests too deep, or whose aliases expand to too
-    many nodes. Nothing is built before these checks pass."""
+    bomb), a text that is too large, nests too deep, whose aliases expand to too
+    many nodes, or where an alias names a collection that encloses it (a cycle).
+    Nothing is built before these checks pass."""
     size = len(text.encode("utf-8", errors="replace"))
     if size > MAX_YAML_BYTES:
         raise YamlLimitError(
@@ -70,6 +71,16 @@ def _check_yaml_limits(text: str, source: str) -> None:
             if isinstance(event, yaml.CollectionEndEvent):
                 anchor, nodes = stack.pop()
             elif isinstance(event, yaml.AliasEvent):
+                if any(entry[0] == event.anchor for entry in stack):
+                    # The anchor's collection is still open: the alias would make
+                    # it contain itself, a cycle that later walks never leave.
+                    raise YamlLimitError(
+                        source,
+                        [
+                            f"{_where(event)}alias *{event.anchor} refers to its own "
+                            "enclosing node (a cycle): refused"
+                        ],
+                    )
                 anchor, nodes = None, anchors.get(event.anchor or "", 1)
             elif isinstance(event, yaml.ScalarEvent):
                 anchor, nodes = event.anchor, 1
