@@ -5,7 +5,6 @@ includes a held instance, and the ``loop_detected`` alert."""
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 import threading
 import uuid
@@ -18,11 +17,11 @@ from dicomrouter.config import hosts
 from dicomrouter.control import loops
 from dicomrouter.observe.alerts import AlertEvaluator
 from dicomrouter.queue import loops as queue_loops
-from dicomrouter.store import InstanceHeader, Provenance, read_header
+from dicomrouter.store import Provenance, read_header
 from dicomrouter.store.schema import instances, job_instances, loop_events
 from tests.support.api import ApiEnv, api_env
 from tests.support.dcmtk import free_port
-from tests.support.seed import Seeder
+from tests.support.seed import Seeder, store_as_receiver
 
 PACS = {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}
 
@@ -43,18 +42,8 @@ def _receive_again(
     seeder: Seeder, files: list[Path], calling_ae: str, source: str = "192.0.2.9"
 ) -> None:
     """The same instances arrive once more (a new generation), from ``calling_ae``."""
-    store = seeder.env.store
-    for file in files:
-        header = InstanceHeader.from_dataset(read_header(file))
-        temp = store.tmp / file.name
-        shutil.copyfile(file, temp)
-        relative = store.relative_path(
-            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
-        )
-        store.commit(temp, relative)
-        seeder.index.record(
-            header, relative, file.stat().st_size, Provenance(calling_ae, "ROUTER", source)
-        )
+    provenance = Provenance(calling_ae, "ROUTER", source)
+    store_as_receiver(seeder.env.store, seeder.index, files, provenance)
 
 
 def _deliveries(env: ApiEnv) -> list[tuple[int, int]]:

@@ -6,7 +6,6 @@ planner, and delivered (or refused) by settling claims as a dispatch worker does
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -20,14 +19,13 @@ from dicomrouter.queue import ItemResult, JobStore, Planner
 from dicomrouter.queue import states as S
 from dicomrouter.retention import Purger
 from dicomrouter.store import (
-    InstanceHeader,
     InstanceIndex,
     ObjectStore,
     Provenance,
     create_index_engine,
-    read_header,
 )
 from dicomrouter.store.schema import instances, job_instances, jobs
+from tests.support.seed import store_as_receiver
 
 DAY = 86400.0
 DEST = {"ae_title": "PACS", "host": "127.0.0.1", "port": 4242}
@@ -49,18 +47,7 @@ class Site:
 
     def receive(self, files: list[Path]) -> list[str]:
         """Store and index as the receiver does; returns the relative paths."""
-        paths = []
-        for file in files:
-            header = InstanceHeader.from_dataset(read_header(file))
-            temp = self.store.tmp / f"in-{file.name}"
-            shutil.copyfile(file, temp)
-            relative = self.store.relative_path(
-                header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
-            )
-            self.store.commit(temp, relative)
-            self.index.record(header, relative, file.stat().st_size, Provenance("CT1", "R", "h"))
-            paths.append(relative)
-        return paths
+        return store_as_receiver(self.store, self.index, files, Provenance("CT1", "R", "h"))
 
     def plan(self, fire: bool = True) -> None:
         while self.planner.route_new_instances():

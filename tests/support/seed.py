@@ -14,9 +14,35 @@ from typing import Any
 
 from dicomrouter.queue import ItemResult, JobStore, Planner
 from dicomrouter.queue import states as S
-from dicomrouter.store import InstanceHeader, InstanceIndex, Provenance, read_header
+from dicomrouter.store import (
+    InstanceHeader,
+    InstanceIndex,
+    ObjectStore,
+    Provenance,
+    read_header,
+)
 from tests.support.api import ApiEnv
 from tests.support.synth import make_study
+
+
+def store_as_receiver(
+    store: ObjectStore, index: InstanceIndex, files: list[Path], provenance: Provenance
+) -> list[str]:
+    """Write ``files`` into the object store and index them as the receiver does
+    (through ``tmp/``, the durable commit, then the index row); returns their
+    relative paths. A file already held becomes the next generation."""
+    paths = []
+    for file in files:
+        header = InstanceHeader.from_dataset(read_header(file))
+        temp = store.tmp / f"in-{file.name}"
+        shutil.copyfile(file, temp)
+        relative = store.relative_path(
+            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+        )
+        store.commit(temp, relative)
+        index.record(header, relative, file.stat().st_size, provenance)
+        paths.append(relative)
+    return paths
 
 
 class Seeder:
@@ -34,18 +60,8 @@ class Seeder:
         files = make_study(
             self.workdir / f"study{self._studies}", n, prefix=f"S{self._studies}", **options
         )
-        store = self.env.store
-        for file in files:
-            header = InstanceHeader.from_dataset(read_header(file))
-            temp = store.tmp / file.name
-            shutil.copyfile(file, temp)
-            relative = store.relative_path(
-                header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
-            )
-            store.commit(temp, relative)
-            self.index.record(
-                header, relative, file.stat().st_size, Provenance(calling_ae, "ROUTER", "10.0.0.9")
-            )
+        provenance = Provenance(calling_ae, "ROUTER", "10.0.0.9")
+        store_as_receiver(self.env.store, self.index, files, provenance)
         return files
 
     def plan(self) -> None:
