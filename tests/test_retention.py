@@ -159,14 +159,7 @@ def test_a_late_instance_rearming_a_study_trigger_does_not_queue_purged_members(
     late = make_study(tmp_path / "ct", 1, modality="CT", study_uid=study_uid, prefix="C")
     s.receive(late)
     s.plan()
-    with s.engine.connect() as conn:
-        queued = set(
-            conn.execute(
-                select(instances.c.sop_instance_uid).join(
-                    job_instances, job_instances.c.instance_id == instances.c.id
-                )
-            ).scalars()
-        )
+    queued = s.queued_sops()
     assert queued == {dcmread(late[0], stop_before_pixels=True).SOPInstanceUID}
 
 
@@ -636,14 +629,7 @@ def test_a_copy_the_receiver_retracted_is_never_planned(tmp_path: Path) -> None:
     # What the receiver does when a purge took its file before it answered (0xA700).
     s.index.retract(retracted, 1, "file removed by a concurrent purge")
     s.plan()
-    with s.engine.connect() as conn:
-        queued = set(
-            conn.execute(
-                select(instances.c.sop_instance_uid).join(
-                    job_instances, job_instances.c.instance_id == instances.c.id
-                )
-            ).scalars()
-        )
+    queued = s.queued_sops()
     assert queued == {dcmread(files[1], stop_before_pixels=True).SOPInstanceUID}
     assert s.open_deliveries_of_purged() == []
 

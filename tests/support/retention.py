@@ -82,6 +82,17 @@ class Site:
         with self.engine.connect() as conn:
             return {r.sop_instance_uid: r for r in conn.execute(select(instances))}
 
+    def queued_sops(self) -> set[str]:
+        """SOP Instance UIDs that any delivery holds."""
+        with self.engine.connect() as conn:
+            return set(
+                conn.execute(
+                    select(instances.c.sop_instance_uid).join(
+                        job_instances, job_instances.c.instance_id == instances.c.id
+                    )
+                ).scalars()
+            )
+
     def live_without_file(self) -> list[str]:
         """Live rows whose file is missing: must always be empty."""
         return [
