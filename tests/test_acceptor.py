@@ -32,13 +32,22 @@ from pynetdicom import AE, pdu, pdu_primitives
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicomrouter import wire
-from dicomrouter.receive.acceptor import (
-    APPLICATION_CONTEXT,
+from dicomrouter.dicomnet import (
     AcceptorSettings,
-    AssociationAcceptor,
+    BaseHandler,
+    Command,
     Peer,
-    supported_contexts,
+    Server,
+    Sink,
+    StoreRequest,
+)
+from dicomrouter.dicomnet import pdu as ul
+from dicomrouter.dicomnet.constants import (
+    APPLICATION_CONTEXT,
+    AbortReason,
+    AbortSource,
+    CommandField,
+    PduType,
 )
 from dicomrouter.receive.contexts import (
     ACCEPTED_TRANSFER_SYNTAXES,
@@ -46,6 +55,9 @@ from dicomrouter.receive.contexts import (
     VERIFICATION_SOP_CLASS,
     VERIFICATION_TRANSFER_SYNTAXES,
 )
+from dicomrouter.receive.scp import IDENTITY
+from dicomrouter.receive.spool import Spool
+from dicomrouter.store.part10 import encode_file_meta
 from tests.support import require_peers
 from tests.support.dcmtk import dcmtk_env, dcmtk_tool
 from tests.support.synth import make_small_study, make_study
@@ -53,10 +65,12 @@ from tests.support.synth import make_small_study, make_study
 HOST = "127.0.0.1"
 
 
-class FakeService:
-    """Records what the acceptor tells the application; stores into ``kept``."""
+class FakeService(BaseHandler):
+    """Records what the acceptor tells the application; spools objects into
+    ``tmp_dir`` as the receiver does, and keeps them in ``kept``."""
 
-    def __init__(self, kept: Path, status: tuple[int, str | None] = (0, None)):
+    def __init__(self, tmp_dir: Path, kept: Path, status: tuple[int, str | None] = (0, None)):
+        self.tmp_dir = tmp_dir
         self.kept = kept
         self.status = status
         self.allowed = True
@@ -80,14 +94,22 @@ class FakeService:
     def on_established(self, peer: Peer) -> None:
         self.established.append(peer)
 
-    def on_store(
-        self,
-        peer: Peer,
-        sop_class_uid: str,
-        sop_instance_uid: str,
-        path: Path,
-        content: bytes | bytearray | None,
-    ) -> tuple[int, str | None]:
+    def open_sink(self, request: StoreRequest) -> Sink | tuple[int, str | None]:
+        meta = encode_file_meta(
+            request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax
+        )
+        return Spool(self.tmp_dir, meta)
+
+    def on_store(self, request: StoreRequest, sink: Sink) -> tuple[int, str | None]:
+        assert isinstance(sink, Spool)
+        content = sink.finish()
+        if sink.status is not None or sink.path is None:
+            return sink.status or (0xA700, "storage error")
+        path, sop_class_uid, sop_instance_uid = (
+            sink.path,
+            request.sop_class_uid,
+            request.sop_instance_uid,
+        )
         on_disk = path.read_bytes()
         assert content is None or content == on_disk
         self.contents.append(content)
@@ -106,7 +128,7 @@ def acceptor(tmp_path: Path):
     tmp_dir, kept = tmp_path / "tmp", tmp_path / "kept"
     tmp_dir.mkdir()
     kept.mkdir()
-    service = FakeService(kept)
+    service = FakeService(tmp_dir, kept)
     settings = {
         "value": AcceptorSettings(
             ae_title="DICOMROUTER",
@@ -116,14 +138,10 @@ def acceptor(tmp_path: Path):
             network_timeout=1.0,
         )
     }
-    contexts = supported_contexts(
-        STORAGE_SOP_CLASSES,
-        ACCEPTED_TRANSFER_SYNTAXES,
-        VERIFICATION_SOP_CLASS,
-        VERIFICATION_TRANSFER_SYNTAXES,
-    )
-    server = AssociationAcceptor(lambda: settings["value"], service, contexts, tmp_dir)
-    server.start(HOST, 0)
+    supported = dict.fromkeys(STORAGE_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES)
+    supported[VERIFICATION_SOP_CLASS] = VERIFICATION_TRANSFER_SYNTAXES
+    server = Server(lambda: settings["value"], service, supported, IDENTITY)
+    server.listen(HOST, 0)
     server.test_settings = settings  # type: ignore[attr-defined]
     try:
         yield server, service, tmp_dir
@@ -165,19 +183,19 @@ class RawPeer:
         bind = (source, 0) if source else None
         self.sock = socket.create_connection((HOST, port), timeout=5, source_address=bind)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.reader = wire.SocketReader(self.sock)
+        self.reader = ul.SocketReader(self.sock)
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
     def receive(self) -> tuple[int, bytes]:
-        pdu_type, length = self.reader.pdu_header()
+        pdu_type, length = ul.read_header(self.reader)
         return pdu_type, self.reader.read(length)
 
     def associate(self, **options: object) -> dict[int, tuple[int, bytes]]:
         self.send(associate_rq(**options))  # type: ignore[arg-type]
         pdu_type, body = self.receive()
-        assert pdu_type == wire.A_ASSOCIATE_AC, body
+        assert pdu_type == PduType.A_ASSOCIATE_AC, body
         accepted = pdu.A_ASSOCIATE_AC()
         accepted.decode(bytes((pdu_type, 0)) + struct.pack(">L", len(body)) + body)
         return {
@@ -185,7 +203,7 @@ class RawPeer:
         }
 
     def command(self, context_id: int, command: bytes, control: int = 0x03) -> None:
-        self.send(wire.p_data(context_id, control, command))
+        self.send(ul.p_data(context_id, control, command))
 
     def store(self, command: bytes, data: bytes) -> dict[int, bytes]:
         """One C-STORE on context 1: command, whole data set, the response."""
@@ -195,8 +213,8 @@ class RawPeer:
 
     def response(self) -> dict[int, bytes]:
         pdu_type, body = self.receive()
-        assert pdu_type == wire.P_DATA_TF, (pdu_type, body)
-        return wire.decode_command(body[6:])
+        assert pdu_type == PduType.P_DATA_TF, (pdu_type, body)
+        return Command.decode(body[6:])
 
     def closed(self) -> bool:
         self.sock.settimeout(5)
@@ -269,12 +287,12 @@ def test_store_in_fragments_is_written_byte_for_byte(acceptor, tmp_path: Path) -
     peer.command(1, data[third : 2 * third], control=0x00)
     peer.command(1, data[2 * third :], control=0x02)
     response = peer.response()
-    assert wire.command_uint(response, wire.STATUS) == 0
-    assert wire.command_uint(response, wire.MESSAGE_ID_RESPONDED) == 7
-    assert wire.command_uint(response, wire.COMMAND_FIELD) == 0x8001
-    assert wire.command_text(response, wire.AFFECTED_SOP_INSTANCE) == uid
-    peer.send(struct.pack(">BxL4x", wire.A_RELEASE_RQ, 4))
-    assert peer.receive()[0] == wire.A_RELEASE_RP
+    assert response.status == 0
+    assert response.message_id_responded == 7
+    assert response.command_field == 0x8001
+    assert response.affected_sop_instance == uid
+    peer.send(struct.pack(">BxL4x", PduType.A_RELEASE_RQ, 4))
+    assert peer.receive()[0] == PduType.A_RELEASE_RP
     peer.close()
     sop_class, sop_instance, content = service.stored[0]
     assert (sop_class, sop_instance) == (CTImageStorage, uid)
@@ -295,8 +313,8 @@ def test_failure_status_and_comment_reach_the_sender(acceptor, tmp_path: Path) -
     peer = RawPeer(server.address[1])
     peer.associate()
     response = peer.store(store_rq(uid), data)
-    assert wire.command_uint(response, wire.STATUS) == 0xA700
-    assert wire.command_text(response, wire.ERROR_COMMENT) == "storage is full"
+    assert response.status == 0xA700
+    assert response.error_comment == "storage is full"
     peer.close()
 
 
@@ -309,7 +327,7 @@ def test_large_object_in_one_unlimited_pdu_streams_through(acceptor, tmp_path: P
     assert len(data) > 2_000_000
     peer = RawPeer(server.address[1])
     peer.associate(max_pdu=0)
-    assert wire.command_uint(peer.store(store_rq(uid), data), wire.STATUS) == 0
+    assert peer.store(store_rq(uid), data).status == 0
     peer.close()
     assert service.stored[0][2].endswith(data)
 
@@ -423,7 +441,7 @@ def test_rejections_carry_the_standard_reason(
     peer = RawPeer(server.address[1])
     peer.send(associate_rq(**options))
     pdu_type, body = peer.receive()
-    assert pdu_type == wire.A_ASSOCIATE_RJ
+    assert pdu_type == PduType.A_ASSOCIATE_RJ
     assert tuple(body[1:4]) == expected
     assert reason in service.rejected[0][1]
     assert service.established == []
@@ -445,7 +463,7 @@ def _answer_to_protocol_version(server, version: int) -> tuple[int, bytes]:  # t
 def test_protocol_version_and_association_limit(acceptor) -> None:
     server, service, _tmp = acceptor
     pdu_type, body = _answer_to_protocol_version(server, 0x0002)
-    assert (pdu_type, tuple(body[1:4])) == (wire.A_ASSOCIATE_RJ, (1, 2, 2))
+    assert (pdu_type, tuple(body[1:4])) == (PduType.A_ASSOCIATE_RJ, (1, 2, 2))
     # max_associations is 2: a third concurrent association is refused, transiently.
     first, second = RawPeer(server.address[1]), RawPeer(server.address[1])
     first.associate()
@@ -453,7 +471,7 @@ def test_protocol_version_and_association_limit(acceptor) -> None:
     third = RawPeer(server.address[1])
     third.send(associate_rq())
     pdu_type, body = third.receive()
-    assert (pdu_type, tuple(body[1:4])) == (wire.A_ASSOCIATE_RJ, (2, 3, 2))
+    assert (pdu_type, tuple(body[1:4])) == (PduType.A_ASSOCIATE_RJ, (2, 3, 2))
     assert "max_associations" in service.rejected[-1][1]
     for peer in (first, second, third):
         peer.close()
@@ -468,9 +486,9 @@ def test_a_released_association_frees_its_slot_before_the_peer_closes(acceptor) 
     second.associate()
     refused = RawPeer(server.address[1])
     refused.send(associate_rq())
-    assert refused.receive()[0] == wire.A_ASSOCIATE_RJ  # and it stays connected
-    second.send(wire.release_rq())
-    assert second.receive()[0] == wire.A_RELEASE_RP  # and it stays connected too
+    assert refused.receive()[0] == PduType.A_ASSOCIATE_RJ  # and it stays connected
+    second.send(ul.release_rq())
+    assert second.receive()[0] == PduType.A_RELEASE_RP  # and it stays connected too
     third = RawPeer(server.address[1])
     third.associate()  # within the ARTIM second of both lingering connections
     assert len(service.rejected) == 1
@@ -481,7 +499,7 @@ def test_a_released_association_frees_its_slot_before_the_peer_closes(acceptor) 
 def test_protocol_version_with_bit_0_set_is_accepted(acceptor) -> None:
     """PS3.8 9.3.2: the acceptor tests only bit 0 of the protocol version."""
     server, _service, _tmp = acceptor
-    assert _answer_to_protocol_version(server, 0x0003)[0] == wire.A_ASSOCIATE_AC
+    assert _answer_to_protocol_version(server, 0x0003)[0] == PduType.A_ASSOCIATE_AC
 
 
 def test_the_requestors_preferred_transfer_syntax_is_accepted(acceptor) -> None:
@@ -525,9 +543,9 @@ def test_connections_waiting_to_associate_are_capped(acceptor, monkeypatch) -> N
     """Beyond PENDING_PER_ASSOCIATION x max_associations connections that have not
     associated yet, new ones are closed at once (no thread each); established
     associations and their slots are unaffected."""
-    from dicomrouter.receive import acceptor as acceptor_module
+    from dicomrouter.dicomnet import server as server_module
 
-    monkeypatch.setattr(acceptor_module, "PENDING_PER_ASSOCIATION", 1)  # cap: 2
+    monkeypatch.setattr(server_module, "PENDING_PER_ASSOCIATION", 1)  # cap: 2
     server, _service, _tmp = acceptor
     established = RawPeer(server.address[1])
     established.associate()
@@ -555,7 +573,7 @@ def test_associations_per_source_address_are_capped(acceptor) -> None:
     second = RawPeer(server.address[1])
     second.send(associate_rq())
     pdu_type, body = second.receive()
-    assert (pdu_type, tuple(body[1:4])) == (wire.A_ASSOCIATE_RJ, (2, 3, 2))
+    assert (pdu_type, tuple(body[1:4])) == (PduType.A_ASSOCIATE_RJ, (2, 3, 2))
     assert service.rejected[-1][1] == "dicom.max_associations_per_host reached"
     other = RawPeer(server.address[1], source="127.0.0.2")
     other.associate()
@@ -679,7 +697,7 @@ def _stored_then_broken(acceptor, tmp_path: Path, breaker) -> None:  # type: ign
 
 def test_a_abort_mid_object_discards_it(acceptor, tmp_path: Path) -> None:
     def abort(peer: RawPeer) -> None:
-        peer.send(wire.abort(wire.ABORT_SERVICE_USER))
+        peer.send(ul.abort(AbortSource.SERVICE_USER))
 
     _stored_then_broken(acceptor, tmp_path, abort)
 
@@ -692,7 +710,7 @@ def test_stall_mid_object_is_aborted_after_dimse_timeout(acceptor, tmp_path: Pat
     def stall(peer: RawPeer) -> None:
         started = time.monotonic()
         pdu_type, _body = peer.receive()  # the acceptor gives up after 1 s
-        assert pdu_type == wire.A_ABORT
+        assert pdu_type == PduType.A_ABORT
         assert 0.8 < time.monotonic() - started < 4
 
     _stored_then_broken(acceptor, tmp_path, stall)
@@ -702,19 +720,19 @@ def test_idle_association_is_aborted_after_network_timeout(acceptor) -> None:
     server, service, _tmp = acceptor
     peer = RawPeer(server.address[1])
     peer.associate()
-    assert peer.receive()[0] == wire.A_ABORT
+    assert peer.receive()[0] == PduType.A_ABORT
     assert service.ended_event.wait(5) and service.ended[0][1] is True
 
 
 @pytest.mark.parametrize(
     ("send", "reason"),
     [
-        (lambda: wire.p_data(1, 0x02, b"\x00" * 10), wire.REASON_INVALID_PARAMETER),  # no command
-        (lambda: wire.p_data(9, 0x03, b"\x00" * 10), wire.REASON_INVALID_PARAMETER),  # context 9
-        (lambda: struct.pack(">BxL", 0x0A, 2) + b"xx", wire.REASON_UNRECOGNIZED_PDU),
-        (lambda: associate_rq(), wire.REASON_UNEXPECTED_PDU),  # a second A-ASSOCIATE-RQ
-        (lambda: wire.p_data(1, 0x03, b"\x01\x00\x00"), wire.REASON_INVALID_PARAMETER),
-        (lambda: struct.pack(">BxLLBB", 4, 6, 1, 1, 3), wire.REASON_INVALID_PARAMETER),
+        (lambda: ul.p_data(1, 0x02, b"\x00" * 10), AbortReason.INVALID_PDU_PARAMETER),  # no command
+        (lambda: ul.p_data(9, 0x03, b"\x00" * 10), AbortReason.INVALID_PDU_PARAMETER),  # context 9
+        (lambda: struct.pack(">BxL", 0x0A, 2) + b"xx", AbortReason.UNRECOGNIZED_PDU),
+        (lambda: associate_rq(), AbortReason.UNEXPECTED_PDU),  # a second A-ASSOCIATE-RQ
+        (lambda: ul.p_data(1, 0x03, b"\x01\x00\x00"), AbortReason.INVALID_PDU_PARAMETER),
+        (lambda: struct.pack(">BxLLBB", 4, 6, 1, 1, 3), AbortReason.INVALID_PDU_PARAMETER),
     ],
     ids=[
         "data-without-command",
@@ -731,8 +749,8 @@ def test_protocol_violations_end_in_a_abort(acceptor, send, reason: int) -> None
     peer.associate()
     peer.send(send())
     pdu_type, body = peer.receive()
-    assert pdu_type == wire.A_ABORT
-    assert body[2:4] == bytes((wire.ABORT_SERVICE_PROVIDER, reason))
+    assert pdu_type == PduType.A_ABORT
+    assert body[2:4] == bytes((AbortSource.SERVICE_PROVIDER, reason))
     assert peer.closed()
     assert service.ended_event.wait(5) and service.ended[0][1] is True
 
@@ -740,11 +758,11 @@ def test_protocol_violations_end_in_a_abort(acceptor, send, reason: int) -> None
 def test_first_pdu_must_be_an_association_request(acceptor) -> None:
     server, service, _tmp = acceptor
     peer = RawPeer(server.address[1])
-    peer.send(wire.p_data(1, 0x03, b""))
-    assert peer.receive()[0] == wire.A_ABORT
+    peer.send(ul.p_data(1, 0x03, b""))
+    assert peer.receive()[0] == PduType.A_ABORT
     garbage = RawPeer(server.address[1])
-    garbage.send(struct.pack(">BxL", wire.A_ASSOCIATE_RQ, 20) + b"\xff" * 20)
-    assert garbage.receive()[0] == wire.A_ABORT
+    garbage.send(struct.pack(">BxL", PduType.A_ASSOCIATE_RQ, 20) + b"\xff" * 20)
+    assert garbage.receive()[0] == PduType.A_ABORT
     assert service.established == [] and service.ended == []
     RawPeer(server.address[1]).associate()
 
@@ -762,12 +780,12 @@ def test_operations_we_do_not_provide_get_a_status_not_an_abort(acceptor, tmp_pa
     peer.command(1, command)
     peer.command(1, b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY ", control=0x02)
     response = peer.response()
-    assert wire.command_uint(response, wire.STATUS) == 0x0211
-    assert wire.command_uint(response, wire.COMMAND_FIELD) == 0x8020
+    assert response.status == 0x0211
+    assert response.command_field == 0x8020
     # A C-STORE whose SOP class is not the context's: refused, association goes on.
     mr_request = store_rq(uid, message_id=4, sop_class="1.2.840.10008.5.1.4.1.1.4")
-    assert wire.command_uint(peer.store(mr_request, data), wire.STATUS) == 0x0122
-    assert wire.command_uint(peer.store(store_rq(uid, message_id=5), data), wire.STATUS) == 0
+    assert peer.store(mr_request, data).status == 0x0122
+    assert peer.store(store_rq(uid, message_id=5), data).status == 0
     assert [uid for _c, uid, _d in service.stored] == [uid]
     assert leftovers(tmp_dir) == []
     peer.close()
@@ -806,9 +824,8 @@ def test_response_encoding_matches_pynetdicom() -> None:
             for _cx, data in p_data.presentation_data_value_list
             if data[0] & 0x01
         )
-        ours = wire.encode_response(
-            0x0001, 12, status, CTImageStorage.encode(), b"1.2.3.45", comment
-        )
+        request = Command.request(CommandField.C_STORE_RQ, 12, CTImageStorage, "1.2.3.45", True)
+        ours = request.response(status, comment).encode()
         assert ours == expected
 
 
@@ -820,7 +837,7 @@ def test_disk_full_mid_object_answers_out_of_resources(
     import errno
     import os
 
-    from dicomrouter.receive import acceptor as acceptor_module
+    from dicomrouter.receive import spool
 
     server, service, tmp_dir = acceptor
     (source,) = make_study(tmp_path / "src", 1, rows=1024, cols=1024)
@@ -834,13 +851,13 @@ def test_disk_full_mid_object_answers_out_of_resources(
         def write(fd: int, data: object) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(acceptor_module, "os", FullDisk())
+    monkeypatch.setattr(spool, "os", FullDisk())
     peer = RawPeer(server.address[1])
     peer.associate()
     response = peer.store(store_rq(uid), data)
-    assert wire.command_uint(response, wire.STATUS) == 0xA700
-    assert wire.command_text(response, wire.ERROR_COMMENT) == "storage is full"
+    assert response.status == 0xA700
+    assert response.error_comment == "storage is full"
     assert service.stored == [] and leftovers(tmp_dir) == []
     monkeypatch.undo()
-    assert wire.command_uint(peer.store(store_rq(uid, message_id=2), data), wire.STATUS) == 0
+    assert peer.store(store_rq(uid, message_id=2), data).status == 0
     peer.close()

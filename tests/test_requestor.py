@@ -24,9 +24,23 @@ from pydicom.uid import UID
 from pynetdicom import pdu, pdu_primitives
 from pynetdicom.presentation import PresentationContext
 
-from dicomrouter import wire
 from dicomrouter.destinations import DestinationUnavailable, DicomSender, Outcome
-from dicomrouter.destinations.association import AssociationLost, OutboundAssociation, Timeouts
+from dicomrouter.destinations.association import (
+    AssociationLost,
+    Timeouts,
+    open_association,
+    store_file,
+)
+from dicomrouter.dicomnet import Command
+from dicomrouter.dicomnet import pdu as ul
+from dicomrouter.dicomnet.constants import (
+    APPLICATION_CONTEXT,
+    AbortSource,
+    DataSetType,
+    PduType,
+    PdvControl,
+)
+from dicomrouter.store import part10
 from tests.test_destination_dicom import ct_batch, dest, without_meta
 
 HOST = "127.0.0.1"
@@ -46,7 +60,7 @@ def _accept_pdu(request: pdu_primitives.A_ASSOCIATE, max_pdu: int) -> bytes:
     class_uid = pdu_primitives.ImplementationClassUIDNotification()
     class_uid.implementation_class_uid = UID("1.2.826.0.1.3680043.9.9999")
     answer = pdu_primitives.A_ASSOCIATE()
-    answer.application_context_name = UID(wire.APPLICATION_CONTEXT)
+    answer.application_context_name = UID(APPLICATION_CONTEXT)
     answer.calling_ae_title = request.calling_ae_title
     answer.called_ae_title = request.called_ae_title
     answer.result = 0x00
@@ -61,12 +75,12 @@ class Conversation:
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
-        self.reader = wire.SocketReader(sock)
+        self.reader = ul.SocketReader(sock)
         self.pdu_lengths: list[int] = []
 
     def associate(self) -> pdu_primitives.A_ASSOCIATE:
-        pdu_type, length = self.reader.pdu_header()
-        assert pdu_type == wire.A_ASSOCIATE_RQ
+        pdu_type, length = ul.read_header(self.reader)
+        assert pdu_type == PduType.A_ASSOCIATE_RQ
         request = pdu.A_ASSOCIATE_RQ()
         request.decode(bytes((pdu_type, 0)) + length.to_bytes(4, "big") + self.reader.read(length))
         return request.to_primitive()
@@ -74,52 +88,47 @@ class Conversation:
     def _pdvs(self) -> Iterator[tuple[int, int, bytes]]:
         """(context ID, control header, value) of every PDV, PDU after PDU."""
         while True:
-            pdu_type, length = self.reader.pdu_header()
-            assert pdu_type == wire.P_DATA_TF, pdu_type
+            pdu_type, length = ul.read_header(self.reader)
+            assert pdu_type == PduType.P_DATA_TF, pdu_type
             self.pdu_lengths.append(length)  # the variable field, which the limit bounds
             remaining = length
             while remaining:
-                size, context, control = self.reader.pdv_header()
+                size, context, control = ul.read_pdv_header(self.reader)
                 remaining -= size + 6
                 value = bytearray()
                 self.reader.copy(size, value.extend)  # read() is for what fits its buffer
                 yield context, control, bytes(value)
 
-    def message(self) -> tuple[int, dict[int, bytes], bytes]:
+    def message(self) -> tuple[int, Command, bytes]:
         """The next DIMSE message: (context ID, command elements, data set bytes)."""
         command, data = bytearray(), bytearray()
-        elements: dict[int, bytes] | None = None
+        elements: Command | None = None
         for context, control, value in self._pdvs():
-            if control & wire.CONTROL_COMMAND:
+            if control & PdvControl.COMMAND:
                 command += value
-                if control & wire.CONTROL_LAST:
-                    elements = wire.decode_command(bytes(command))
-                    if wire.command_uint(elements, wire.DATA_SET_TYPE) == wire.NO_DATA_SET:
+                if control & PdvControl.LAST:
+                    elements = Command.decode(bytes(command))
+                    if elements.data_set_type == DataSetType.ABSENT:
                         return context, elements, b""
             else:
                 assert elements is not None, "data set before its command"
                 data += value
-                if control & wire.CONTROL_LAST:
+                if control & PdvControl.LAST:
                     return context, elements, bytes(data)
         raise AssertionError("unreachable")
 
-    def respond(self, context: int, elements: dict[int, bytes], status: int = 0) -> None:
-        message_id = wire.command_uint(elements, wire.MESSAGE_ID) or 0
-        field = wire.command_uint(elements, wire.COMMAND_FIELD) or 0
-        response = wire.encode_response(
-            field,
-            message_id,
-            status,
-            elements.get(wire.AFFECTED_SOP_CLASS),
-            elements.get(wire.AFFECTED_SOP_INSTANCE),
-        )
-        self.sock.sendall(wire.p_data(context, 0x03, response))
+    def respond(self, context: int, elements: Command, status: int = 0) -> None:
+        message_id = elements.message_id or 0
+        field = elements.command_field or 0
+        assert (message_id, field) == (elements.message_id, elements.command_field)
+        response = elements.response(status).encode()
+        self.sock.sendall(ul.p_data(context, 0x03, response))
 
     def expect_release(self) -> None:
-        pdu_type, length = self.reader.pdu_header()
-        self.reader.skip(length)
-        assert pdu_type == wire.A_RELEASE_RQ, pdu_type
-        self.sock.sendall(wire.release_rp())
+        pdu_type, length = ul.read_header(self.reader)
+        ul.skip(self.reader, length)
+        assert pdu_type == PduType.A_RELEASE_RQ, pdu_type
+        self.sock.sendall(ul.release_rp())
 
 
 class RawDestination:
@@ -148,7 +157,7 @@ class RawDestination:
     def _run(self, conversation: Conversation) -> None:
         try:
             self.script(conversation)
-        except (wire.PeerClosed, OSError):
+        except (ul.PeerClosed, OSError):
             pass
         except BaseException as exc:  # an assertion in the script
             self.errors.append(exc)
@@ -210,10 +219,9 @@ def test_a_response_to_another_message_aborts_and_is_transient(
     def script(peer: Conversation) -> None:
         peer.sock.sendall(_accept_pdu(peer.associate(), max_pdu=0))
         context, elements, _data = peer.message()
-        elements[wire.MESSAGE_ID] = struct.pack("<H", 999)
-        peer.respond(context, elements)
-        pdu_type, _length = peer.reader.pdu_header()
-        assert pdu_type == wire.A_ABORT
+        peer.respond(context, elements.but(message_id=999))
+        pdu_type, _length = ul.read_header(peer.reader)
+        assert pdu_type == PduType.A_ABORT
 
     destination = raw_destination(script)
     results = DicomSender(dest(destination.port), "ROUTER").send(ct_batch(tmp_path / "s", 2))
@@ -231,7 +239,7 @@ def test_an_association_the_peer_gave_up_is_not_reused(tmp_path: Path, raw_desti
         context, elements, _data = peer.message()
         peer.respond(context, elements)
         if len(destination.conversations) == 1:
-            peer.sock.sendall(wire.release_rq())  # then the first one hangs up
+            peer.sock.sendall(ul.release_rq())  # then the first one hangs up
             peer.sock.shutdown(socket.SHUT_WR)
             return
         peer.expect_release()
@@ -254,7 +262,7 @@ def test_an_association_the_peer_gave_up_is_not_reused(tmp_path: Path, raw_desti
 def test_a_transient_rejection_is_transient(raw_destination) -> None:  # type: ignore[no-untyped-def]
     def script(peer: Conversation) -> None:
         peer.associate()
-        peer.sock.sendall(wire.associate_rj(0x02, 0x03, 0x01))  # temporary congestion
+        peer.sock.sendall(ul.associate_rj(0x02, 0x03, 0x01))  # temporary congestion
 
     destination = raw_destination(script)
     with pytest.raises(DestinationUnavailable) as info:
@@ -290,31 +298,29 @@ def test_converted_data_sets_go_out_in_bounded_fragments(limit: int, largest: in
     """A data set we re-encoded (decompressed for a destination that refused the
     stored syntax) is fragmented like a stored file: within the peer's limit, and in
     1 MB fragments when the peer has none, so no PDU holds a whole large image."""
-    from dicomrouter.destinations.association import OutboundAssociation
-
     ours, theirs = socket.socketpair()
-    association = OutboundAssociation(ours, {}, limit)
     data = bytes(range(256)) * (10 * 1024 + 1)  # 2.5 MB
     received: list[tuple[int, bytes]] = []
 
     def read() -> None:
-        reader = wire.SocketReader(theirs)
-        with contextlib.suppress(wire.PeerClosed):
+        reader = ul.SocketReader(theirs)
+        with contextlib.suppress(ul.PeerClosed):
             while True:
-                pdu_type, length = reader.pdu_header()
-                if pdu_type != wire.P_DATA_TF:  # the A-ABORT at the end
-                    reader.skip(length)
+                pdu_type, length = ul.read_header(reader)
+                if pdu_type != PduType.P_DATA_TF:  # the A-ABORT at the end
+                    ul.skip(reader, length)
                     received.append((-pdu_type, b""))
                     continue
-                size, _context, control = reader.pdv_header()
+                size, _context, control = ul.read_pdv_header(reader)
                 value = bytearray()
                 reader.copy(size, value.extend)
                 received.append((control, bytes(value)))
 
     reader_thread = threading.Thread(target=read)
     reader_thread.start()
-    association._send_fragments(1, b"command", data)
-    association.abort()
+    ul.send_buffers(ours, ul.message(1, b"command", data, limit))  # as store_bytes does
+    ours.sendall(ul.abort(AbortSource.SERVICE_USER))
+    ours.close()
     reader_thread.join(10)
     theirs.close()
     (command, *fragments, abort) = received
@@ -322,7 +328,7 @@ def test_converted_data_sets_go_out_in_bounded_fragments(limit: int, largest: in
     assert b"".join(value for _control, value in fragments) == data
     assert [control for control, _value in fragments] == [0] * (len(fragments) - 1) + [2]
     assert max(len(value) for _control, value in fragments) == largest
-    assert abort == (-wire.A_ABORT, b"")
+    assert abort == (-PduType.A_ABORT, b"")
 
 
 @pytest.mark.timeout(30)  # a reuse check that waited for data would hang for dimse_timeout
@@ -362,22 +368,22 @@ def test_a_peer_that_stops_reading_costs_one_network_timeout_and_abort_never_wai
     dataset.PixelData = bytes(32 * 1024 * 1024)  # far beyond the socket buffers
     dataset.save_as(big, enforce_file_format=True)
     timeouts = Timeouts(connect=5, acse=5, dimse=30.0, network=2.0)  # a send stall
-    meta = wire.read_file_meta(big)
+    meta = part10.read_plain_file_meta(big)
     assert meta is not None
-    assoc = OutboundAssociation.request(
+    assoc = open_association(
         HOST, destination.port, "ROUTER", "DEST", [(meta[0], meta[2])], timeouts
     )
     started = time.monotonic()
     with pytest.raises(AssociationLost) as info:
-        assoc.store_file(big, 1)
+        store_file(assoc, big, 1)
     took = time.monotonic() - started
     assert info.value.timed_out
     assert 1.9 < took < 3.5, took  # one network timeout, not two, and not the DIMSE one
 
-    again = OutboundAssociation.request(
+    again = open_association(
         HOST, destination.port, "ROUTER", "DEST", [(meta[0], meta[2])], timeouts
     )
-    sender = threading.Thread(target=lambda: with_lost(lambda: again.store_file(big, 1)))
+    sender = threading.Thread(target=lambda: with_lost(lambda: store_file(again, big, 1)))
     sender.start()
     time.sleep(0.5)  # the sender is now blocked on the full buffer
     started = time.monotonic()
@@ -402,7 +408,7 @@ def test_a_rejection_with_a_reserved_reason_is_still_a_rejection(
 
     def script(peer: Conversation) -> None:
         peer.associate()
-        peer.sock.sendall(wire.associate_rj(result, source, reason))
+        peer.sock.sendall(ul.associate_rj(result, source, reason))
 
     destination = raw_destination(script)
     with pytest.raises(DestinationUnavailable) as info:
@@ -419,13 +425,13 @@ def test_an_undecodable_associate_answer_ends_the_association_cleanly(raw_destin
     def script(peer: Conversation) -> None:
         peer.associate()
         body = bytes(100_000)
-        peer.sock.sendall(struct.pack(">BBL", wire.A_ASSOCIATE_AC, 0, len(body)) + body)
-        with contextlib.suppress(OSError, wire.PeerClosed):
-            peer.reader.pdu_header()  # the A-ABORT, or the close
+        peer.sock.sendall(struct.pack(">BBL", PduType.A_ASSOCIATE_AC, 0, len(body)) + body)
+        with contextlib.suppress(OSError, ul.PeerClosed):
+            ul.read_header(peer.reader)  # the A-ABORT, or the close
 
     destination = raw_destination(script)
     with pytest.raises(AssociationLost, match="unreadable A-ASSOCIATE-AC"):
-        OutboundAssociation.request(
+        open_association(
             HOST,
             destination.port,
             "ROUTER",
@@ -440,13 +446,13 @@ def test_an_undecodable_associate_answer_ends_the_association_cleanly(raw_destin
     [
         (512, 512),  # 500+ PDVs per 256 KB block: more buffers than one sendmsg takes
         (100, 100),  # smaller than the C-STORE-RQ command set: it is fragmented too
-        (0x7FFFFFFF, wire.UNLIMITED_FRAGMENT + 6),  # "any size": still bounded fragments
+        (0x7FFFFFFF, ul.UNLIMITED_FRAGMENT + 6),  # "any size": still bounded fragments
     ],
 )
 def test_odd_peer_limits_are_respected_and_the_message_arrives_whole(
     tmp_path: Path, raw_destination, limit: int, largest: int
 ) -> None:  # type: ignore[no-untyped-def]
-    received: list[tuple[dict[int, bytes], bytes]] = []
+    received: list[tuple[Command, bytes]] = []
 
     def script(peer: Conversation) -> None:
         peer.sock.sendall(_accept_pdu(peer.associate(), max_pdu=limit))
@@ -464,7 +470,7 @@ def test_odd_peer_limits_are_respected_and_the_message_arrives_whole(
     results = DicomSender(dest(destination.port), "ROUTER").send([source])
     assert [r.outcome for r in results] == [Outcome.SUCCESS], results
     ((elements, data),) = received
-    assert wire.text(elements[wire.AFFECTED_SOP_INSTANCE]) == source.sop_instance_uid
+    assert elements.affected_sop_instance == source.sop_instance_uid
     assert data == without_meta(source.path)
     (peer,) = destination.conversations
     assert max(peer.pdu_lengths) == largest

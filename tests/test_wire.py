@@ -1,10 +1,12 @@
-"""The bytes of dicomrouter.wire against pynetdicom's and pydicom's encoders and
+"""The bytes of dicomrouter.dicomnet (command sets, PDUs) and store.part10 (File
+Meta) against pynetdicom's and pydicom's encoders and
 decoders: the same bytes for what we write, the same values for what we read; and
 pydicom without value validation is no more permissive about what we must refuse."""
 
 from __future__ import annotations
 
 import copy
+import struct
 import warnings
 from io import BytesIO
 from pathlib import Path
@@ -21,8 +23,9 @@ from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import create_file_meta, split_dataset
 
-from dicomrouter import wire
-from dicomrouter.store import InstanceHeader, InvalidUID, header, read_header
+from dicomrouter.dicomnet import Command, pdu
+from dicomrouter.dicomnet.constants import CommandField
+from dicomrouter.store import InstanceHeader, InvalidUID, header, part10, read_header
 
 
 @pytest.fixture
@@ -82,7 +85,7 @@ def test_encode_file_meta_matches_pydicom(
             implementation_version=version,
         ),
     )
-    encoded = wire.encode_file_meta(sop_class, sop_instance, syntax, implementation_uid, version)
+    encoded = part10.encode_file_meta(sop_class, sop_instance, syntax, implementation_uid, version)
     assert encoded == expected.getvalue()
 
 
@@ -106,9 +109,9 @@ def test_store_requests_encode_as_pynetdicom_does(sop_instance: str, message_id:
     primitive.AffectedSOPInstanceUID = sop_instance
     primitive.Priority = 0  # medium, as ours
     primitive.DataSet = BytesIO(b"\x08\x00")  # "has a data set"
-    ours = wire.encode_request(
-        wire.C_STORE_RQ, message_id, "1.2.840.10008.5.1.4.1.1.2", sop_instance, True
-    )
+    ours = Command.request(
+        CommandField.C_STORE_RQ, message_id, "1.2.840.10008.5.1.4.1.1.2", sop_instance, True
+    ).encode()
     assert ours == _pynetdicom_command(C_STORE_RQ(), primitive)
 
 
@@ -116,7 +119,7 @@ def test_echo_requests_encode_as_pynetdicom_does() -> None:
     primitive = C_ECHO()
     primitive.MessageID = 7
     primitive.AffectedSOPClassUID = "1.2.840.10008.1.1"
-    ours = wire.encode_request(wire.C_ECHO_RQ, 7, "1.2.840.10008.1.1")
+    ours = Command.request(CommandField.C_ECHO_RQ, 7, "1.2.840.10008.1.1").encode()
     assert ours == _pynetdicom_command(C_ECHO_RQ(), primitive)
 
 
@@ -143,7 +146,9 @@ def _rsp_command_set(**values: object) -> bytes:
 )
 def test_store_responses_decode_as_pynetdicom_does(values: dict[str, object]) -> None:
     encoded = _rsp_command_set(**dict(values))
-    field, responded, status, comment = wire.decode_response(encoded)
+    ours = Command.decode(encoded)
+    field, responded, status = ours.command_field, ours.message_id_responded, ours.status
+    comment = ours.error_comment
     message = C_STORE_RSP()
     message.command_set = dsutils.decode(BytesIO(encoded), True, True)
     theirs = message.message_to_primitive()
@@ -153,21 +158,21 @@ def test_store_responses_decode_as_pynetdicom_does(values: dict[str, object]) ->
     assert comment == theirs.ErrorComment
 
 
-def test_broken_responses_are_protocol_errors() -> None:
-    with pytest.raises(wire.ProtocolError):
-        wire.decode_response(b"\x00\x00\x00\x00\xff\xff")  # truncated
-    no_status = wire.command_element(0x0100, b"\x01\x80") + wire.command_element(
-        0x0120, b"\x01\x00"
+def test_broken_command_sets_are_protocol_errors() -> None:
+    with pytest.raises(pdu.ProtocolError):
+        Command.decode(b"\x00\x00\x00\x00\xff\xff")  # truncated
+    no_data_set_type = struct.pack("<HHL2s", 0, 0x0100, 2, b"\x01\x80") + struct.pack(
+        "<HHL2s", 0, 0x0120, 2, b"\x01\x00"
     )
-    with pytest.raises(wire.ProtocolError, match="status"):
-        wire.decode_response(no_status)
+    with pytest.raises(pdu.ProtocolError, match="Data Set Type"):
+        Command.decode(no_data_set_type)
 
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "image_dfl.dcm", "JPEG2000.dcm"])
 def test_file_meta_is_read_as_pydicom_reads_it(name: str) -> None:
     path = get_testdata_file(name)
     meta = read_file_meta_info(path)
-    sop_class, sop_instance, syntax, offset = wire.read_file_meta(path)  # type: ignore[misc]
+    sop_class, sop_instance, syntax, offset = part10.read_plain_file_meta(path)  # type: ignore[misc]
     assert (sop_class, sop_instance, syntax) == (
         meta.MediaStorageSOPClassUID,
         meta.MediaStorageSOPInstanceUID,
@@ -179,10 +184,10 @@ def test_file_meta_is_read_as_pydicom_reads_it(name: str) -> None:
 def test_files_without_the_plain_layout_fall_back(tmp_path: Path) -> None:
     no_preamble = tmp_path / "raw.dcm"
     no_preamble.write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes()[128:])
-    assert wire.read_file_meta(no_preamble) is None
+    assert part10.read_plain_file_meta(no_preamble) is None
     short = tmp_path / "short.dcm"
     short.write_bytes(b"\x00" * 128 + b"DICM")
-    assert wire.read_file_meta(short) is None
+    assert part10.read_plain_file_meta(short) is None
 
 
 @pytest.mark.parametrize("limit", [0, 16384, 4096])
@@ -197,29 +202,31 @@ def test_file_messages_written_to_the_socket(tmp_path: Path, limit: int, length:
     path = tmp_path / "object.dcm"
     payload = os.urandom(length)
     path.write_bytes(b"H" * 300 + payload)
-    command = wire.encode_request(wire.C_STORE_RQ, 3, "1.2.840.10008.5.1.4.1.1.2", "1.2.3", True)
+    command = Command.request(
+        CommandField.C_STORE_RQ, 3, "1.2.840.10008.5.1.4.1.1.2", "1.2.3", True
+    ).encode()
     sender, receiver = socket.socketpair()
     pdus: list[tuple[int, list[tuple[int, int, bytes]]]] = []
 
     def read() -> None:
-        reader = wire.SocketReader(receiver)
+        reader = pdu.SocketReader(receiver)
         try:
             while True:
-                pdu_type, size = reader.pdu_header()
+                pdu_type, size = pdu.read_header(reader)
                 pdvs = []
                 while size:
-                    data_length, context_id, control = reader.pdv_header()
+                    data_length, context_id, control = pdu.read_pdv_header(reader)
                     value = bytearray()
                     reader.copy(data_length, value.extend)
                     pdvs.append((context_id, control, bytes(value)))
                     size -= 6 + data_length
                 pdus.append((pdu_type, pdvs))
-        except wire.PeerClosed:
+        except pdu.PeerClosed:
             return
 
     thread = threading.Thread(target=read)
     thread.start()
-    wire.send_file_message(sender, 5, command, path, 300, limit)
+    pdu.send_file_message(sender, 5, command, path, 300, limit)
     sender.close()
     thread.join(10)
     receiver.close()
@@ -236,4 +243,4 @@ def test_file_messages_written_to_the_socket(tmp_path: Path, limit: int, length:
         assert [len(d) for _cx, _c, d in data] == expected
         assert max(len(d) + 6 for _cx, _c, d in data) <= limit
     else:
-        assert max(len(d) for _cx, _c, d in data) <= wire.UNLIMITED_FRAGMENT
+        assert max(len(d) for _cx, _c, d in data) <= pdu.UNLIMITED_FRAGMENT

@@ -1,6 +1,6 @@
 """Deliver stored instances to a DICOM C-STORE SCP.
 
-Throughput comes from these choices (see the shared field notes):
+Throughput comes from these choices (docs/architecture.md, "Sending"):
 
 * associations are reused for a whole batch (renewed every ``batch_size``
   instances, split when more than 128 presentation contexts are needed), and kept
@@ -8,7 +8,7 @@ Throughput comes from these choices (see the shared field notes):
 * files are streamed from disk without being decoded, which requires the accepted
   presentation context to carry exactly the file's transfer syntax, so every context
   offers a single transfer syntax;
-* our own requestor (:mod:`.association`): no polling threads, ``TCP_NODELAY``.
+* our own requestor (:mod:`dicomrouter.dicomnet`): no polling threads, ``TCP_NODELAY``.
 
 Only when the destination refuses the stored transfer syntax is the file parsed:
 encapsulated (compressed) pixel data is decoded with pydicom's pixel backends and
@@ -33,6 +33,7 @@ from pydicom.uid import (
 )
 
 from dicomrouter.config.models import DicomDestinationConfig
+from dicomrouter.dicomnet.negotiation import MAX_CONTEXTS
 from dicomrouter.store.header import install_no_value_validation
 
 from .association import (
@@ -42,13 +43,13 @@ from .association import (
     CannotConnect,
     OutboundAssociation,
     Timeouts,
+    open_association,
+    store_file,
 )
 from .status import Outcome, classify_status, describe_status
 
 log = logging.getLogger(__name__)
 
-#: PS3.8: presentation context IDs are odd numbers 1..255, so at most 128 per association.
-MAX_CONTEXTS = 128
 
 _ELE = ExplicitVRLittleEndian
 _ILE = ImplicitVRLittleEndian
@@ -204,7 +205,7 @@ class DicomSender:
         """
         cfg = self.config
         try:
-            return OutboundAssociation.request(
+            return open_association(
                 cfg.host, cfg.port, self.calling_ae, cfg.ae_title, proposed, self.timeouts
             )
         except CannotConnect as exc:
@@ -405,7 +406,7 @@ class DicomSender:
         sop, ts = inst.sop_class_uid, inst.transfer_syntax_uid
         try:
             if (sop, ts) in assoc.contexts:
-                rsp = assoc.store_file(inst.path, msg_id)
+                rsp = store_file(assoc, inst.path, msg_id)
             else:
                 target = next(
                     (alt for alt in fallback_syntaxes(ts)[1:] if (sop, str(alt)) in assoc.contexts),

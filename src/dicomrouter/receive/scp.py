@@ -1,10 +1,12 @@
 """The C-STORE/C-ECHO service. Its one job: make each object durable, then say so.
 
-The acceptor (:mod:`.acceptor`) streams each object into ``<storage>/tmp`` and calls
-:meth:`Receiver.on_store` on the association's thread; the response is sent when it
-returns, so it does only this: parse the header, validate, fsync and rename the file
-into place, commit the index row, answer. Routing and delivery happen in another
-process, so a slow destination can never slow a modality down.
+The network layer (:mod:`dicomrouter.dicomnet`) streams each object into the
+:class:`~.spool.Spool` that :meth:`Receiver.open_sink` opens under
+``<storage>/tmp`` and calls :meth:`Receiver.on_store` on the association's thread;
+the response is sent when it returns, so it does only this: parse the header,
+validate, fsync and rename the file into place, commit the index row, answer.
+Routing and delivery happen in another process, so a slow destination can never
+slow a modality down.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +26,18 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicomrouter.config import RouterConfig
 from dicomrouter.control import audit
+from dicomrouter.dicomnet import (
+    AcceptorSettings,
+    CommandField,
+    Identity,
+    Peer,
+    Reply,
+    Request,
+    Server,
+    Sink,
+    Status,
+    StoreRequest,
+)
 from dicomrouter.observe import metrics
 from dicomrouter.store import (
     IndexUnavailable,
@@ -36,26 +51,33 @@ from dicomrouter.store import (
     read_header,
 )
 from dicomrouter.store.header import install_no_value_validation, read_identity
+from dicomrouter.store.part10 import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION,
+    encode_file_meta,
+)
 
-from .acceptor import AcceptorSettings, AssociationAcceptor, Peer, supported_contexts
 from .contexts import (
     ACCEPTED_TRANSFER_SYNTAXES,
     STORAGE_SOP_CLASSES,
     VERIFICATION_SOP_CLASS,
     VERIFICATION_TRANSFER_SYNTAXES,
 )
+from .spool import Spool
 
 log = logging.getLogger("dicomrouter.receive")
 
 #: Rejected associations waiting to be written to the audit log, at most.
 MAX_PENDING_AUDITS = 1000
 
-# DIMSE statuses we answer (PS3.4 Annex B.2.3).
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-CANNOT_UNDERSTAND = 0xC000
-INVALID_UID = 0xC001
-UID_MISMATCH = 0xC002
+#: Who we are in every association and File Meta.
+IDENTITY = Identity(IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION)
+
+SUCCESS = Status.SUCCESS
+OUT_OF_RESOURCES = Status.OUT_OF_RESOURCES
+CANNOT_UNDERSTAND = Status.CANNOT_UNDERSTAND
+INVALID_UID = Status.INVALID_UID
+UID_MISMATCH = Status.UID_MISMATCH
 
 _VANISHED = "file removed by a concurrent purge before the receiver answered; not acknowledged"
 
@@ -83,7 +105,7 @@ def _settings(config: RouterConfig) -> AcceptorSettings:
     )
 
 
-Status = tuple[int, str | None]
+StatusAndComment = tuple[int, str | None]
 
 
 class Receiver:
@@ -99,7 +121,7 @@ class Receiver:
         self.config = config
         self.store = store
         self.index = index
-        self._acceptor: AssociationAcceptor | None = None
+        self._acceptor: Server | None = None
         self._settings = _settings(config)
         # Per-association counts of stored / refused objects, for one log line each.
         self._tally: dict[Peer, tuple[int, int]] = {}
@@ -133,14 +155,10 @@ class Receiver:
         install_no_value_validation()
         self.store.prepare()
         self.index.prepare()
-        contexts = supported_contexts(
-            STORAGE_SOP_CLASSES,
-            ACCEPTED_TRANSFER_SYNTAXES,
-            VERIFICATION_SOP_CLASS,
-            VERIFICATION_TRANSFER_SYNTAXES,
-        )
-        acceptor = AssociationAcceptor(lambda: self._settings, self, contexts, self.store.tmp)
-        acceptor.start(self.config.dicom.bind, self.config.dicom.port)
+        supported = dict.fromkeys(STORAGE_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES)
+        supported[VERIFICATION_SOP_CLASS] = VERIFICATION_TRANSFER_SYNTAXES
+        acceptor = Server(lambda: self._settings, self, supported, IDENTITY)
+        acceptor.listen(self.config.dicom.bind, self.config.dicom.port)
         self._acceptor = acceptor
         log.info(
             "listening for DICOM as %s on %s:%s",
@@ -163,7 +181,7 @@ class Receiver:
             self._acceptor = None
         self._auditor.shutdown(wait=True)
 
-    # -- acceptor callbacks (see acceptor.StoreService) ------------------------------
+    # -- the network layer's handler (dicomnet.ServiceHandler) -------------------------
     def allow_connection(self, address: str) -> bool:
         networks = self._networks
         if not networks:
@@ -201,15 +219,36 @@ class Receiver:
                 refused,
             )
 
-    def on_store(
-        self,
-        peer: Peer,
-        sop_class_uid: str,
-        sop_instance_uid: str,
-        path: Path,
-        content: bytes | bytearray | None,
-    ) -> Status:
-        result = self._store(peer, sop_instance_uid, path, content)
+    def open_sink(self, request: StoreRequest) -> Sink | StatusAndComment:
+        """A spool file in ``<storage>/tmp`` that starts with the File Meta built
+        from the request (nothing is parsed before the data set is complete)."""
+        try:
+            if not request.sop_instance_uid.isascii():
+                raise UnicodeEncodeError("ascii", request.sop_instance_uid, 0, 1, "not a UID")
+            meta = encode_file_meta(
+                request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax
+            )
+        except UnicodeEncodeError:
+            return INVALID_UID, "Affected SOP Instance UID is not a UID"
+        try:
+            return Spool(self.store.tmp, meta)
+        except OSError as exc:
+            log.error("cannot create a temporary file: %s", exc)
+            return OUT_OF_RESOURCES, "storage error"
+
+    def on_store(self, request: StoreRequest, sink: Sink) -> StatusAndComment:
+        assert isinstance(sink, Spool)
+        peer = request.peer
+        try:
+            content = sink.finish()
+        except OSError as exc:
+            log.error("cannot write a received object: %s", exc)
+            result: StatusAndComment = (OUT_OF_RESOURCES, "storage error")
+        else:
+            if sink.status is not None or sink.path is None:  # the last write failed
+                result = sink.status or (OUT_OF_RESOURCES, "storage error")
+            else:
+                result = self._store(peer, request.sop_instance_uid, sink.path, content)
         ok = result[0] == SUCCESS
         if not ok:
             metrics.instance_refused(peer.calling_ae)
@@ -217,6 +256,12 @@ class Receiver:
             stored, refused = self._tally.get(peer, (0, 0))
             self._tally[peer] = (stored + ok, refused + (not ok))
         return result
+
+    def on_request(self, request: Request) -> Iterable[Reply]:
+        """C-ECHO; no other service is provided (yet) on the receiver."""
+        if request.command_field == CommandField.C_ECHO_RQ and request.data_set is None:
+            return [Reply(SUCCESS)]
+        return [Reply(Status.UNRECOGNIZED_OPERATION, "only C-STORE and C-ECHO are provided")]
 
     def _audit_rejected(
         self, calling: str, address: str, reason: str, called: str = "", count: int = 1
@@ -265,7 +310,7 @@ class Receiver:
 
     def _store(
         self, peer: Peer, sop_instance_uid: str, temp_path: Path, content: bytes | bytearray | None
-    ) -> Status:
+    ) -> StatusAndComment:
         """Make the object in ``temp_path`` durable and indexed, or say why not.
         ``content``, when given, is the whole file: its header is parsed from it."""
         try:

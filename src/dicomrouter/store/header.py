@@ -17,8 +17,7 @@ from pydicom.filereader import read_dataset, read_partial
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
-from dicomrouter import wire
-
+from .part10 import parse_file_meta
 from .uids import validate_uid
 
 _validation_off = False
@@ -76,11 +75,11 @@ def read_identity(content: bytes | bytearray) -> Dataset:
     """``read_header(BytesIO(content), identity_only=True)`` for a whole Part-10
     file held in memory (what the receiver has for small objects), cheaper: a File
     Meta in the plain layout is read with ``struct``
-    (:func:`dicomrouter.wire.parse_file_meta`) and pydicom parses only the data set.
+    (:func:`.part10.parse_file_meta`) and pydicom parses only the data set.
     pydicom's File Meta reading was about 40% of the header step in a profile of the
     receiver. Deflated, private or unusual syntaxes and File Metas go the whole way
     through pydicom."""
-    meta = wire.parse_file_meta(content)
+    meta = parse_file_meta(content)
     if meta is not None:
         sop_class, sop_instance, syntax, offset = meta
         uid = UID(syntax)
