@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from dicomrouter.dicomnet.constants import describe_status
+
+__all__ = ["Outcome", "classify_status", "describe_status"]
+
 
 class Outcome(StrEnum):
     """What happened to one instance sent to a destination (a ``str`` subclass: the
@@ -29,67 +33,6 @@ class Outcome(StrEnum):
     def delivered(self) -> bool:
         """True when the destination holds the object (success or warning)."""
         return self in (Outcome.SUCCESS, Outcome.WARNING)
-
-
-# Exact codes from PS3.7 Annex C (general DIMSE statuses) and PS3.4 Annex B.2.3
-# (Storage Service Class). Ranges are handled in ``describe_status``.
-_EXACT: dict[int, str] = {
-    0x0000: "Success",
-    0x0001: "Requested optional attributes are not supported",
-    0x0105: "No such attribute",
-    0x0106: "Invalid attribute value",
-    0x0107: "Attribute list error",
-    0x0110: "Processing failure",
-    0x0111: "Duplicate SOP Instance",
-    0x0112: "No such SOP Instance",
-    0x0113: "No such event type",
-    0x0114: "No such argument",
-    0x0115: "Invalid argument value",
-    0x0116: "Attribute value out of range",
-    0x0117: "Invalid SOP Instance",
-    0x0118: "No such SOP Class",
-    0x0119: "Class-Instance conflict",
-    0x0120: "Missing attribute",
-    0x0121: "Missing attribute value",
-    0x0122: "Refused: SOP Class not supported",
-    0x0123: "No such action type",
-    0x0124: "Refused: not authorized",
-    0x0210: "Duplicate invocation",
-    0x0211: "Unrecognized operation",
-    0x0212: "Mistyped argument",
-    0x0213: "Resource limitation",
-    0xB000: "Coercion of data elements",
-    0xB006: "Elements discarded",
-    0xB007: "Data set does not match SOP Class",
-    0xFE00: "Cancel",
-}
-
-
-def describe_status(status: int) -> str:
-    """Return ``"0xA700 Out of resources"``-style text with the PS3.4/PS3.7 meaning.
-
-    The hex code is always included because PACS vendors use private values inside
-    the standard ranges and operators grep their logs for the code.
-    """
-    code = f"0x{status:04X}"
-    meaning = _EXACT.get(status)
-    if meaning is None:
-        high = status & 0xFF00
-        if high == 0xA700:
-            meaning = "Out of resources"
-        elif high == 0xA900:
-            meaning = "Data set does not match SOP Class"
-        elif status & 0xF000 == 0xC000:
-            meaning = "Cannot understand"
-        elif high == 0xB000:
-            meaning = "Warning"
-        elif status & 0xF000 == 0xA000:
-            meaning = "Failure"
-        elif high == 0xFF00:
-            meaning = "Pending"
-        else:
-            meaning = "Unknown status"
-    return f"{code} {meaning}"
 
 
 def classify_status(status: int) -> Outcome:
