@@ -14,8 +14,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dicomrouter.rules import RuleError, compile_condition
+from dicomrouter.units import Duration, Window
+
 from .hosts import is_local_host
-from .units import Duration, Window
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash, 1..16 chars
 
@@ -216,8 +218,6 @@ class RouteConfig(_Model):
 
     @model_validator(mode="after")
     def _compile_when(self) -> RouteConfig:
-        from dicomrouter.rules import RuleError, compile_condition
-
         if self.when is not None:
             try:
                 compile_condition(self.when)
