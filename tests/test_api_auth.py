@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from dicomrouter.cli.main import app as cli
 from dicomrouter.config import ConfigError, parse_config
 from dicomrouter.control import audit
-from dicomrouter.control.security import (
+from dicomrouter.security import (
     hash_password,
     hash_token,
     verify_password,

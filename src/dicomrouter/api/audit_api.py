@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 
 from dicomrouter.control import audit
-from dicomrouter.control.security import Principal
+from dicomrouter.security import Principal
 
 from .auth import admin, context
 from .params import Timestamp

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from fastapi import Depends, HTTPException, Request, status
 
 from dicomrouter.control import audit, sessions
-from dicomrouter.control.security import (
+from dicomrouter.security import (
     Principal,
     Role,
     hash_password,

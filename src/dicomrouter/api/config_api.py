@@ -25,7 +25,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from dicomrouter.config import ConfigError
 from dicomrouter.control import audit, versions
-from dicomrouter.control.security import Principal
+from dicomrouter.security import Principal
 
 from .auth import admin, client_address, context, operator, viewer
 from .context import AppContext

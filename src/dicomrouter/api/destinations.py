@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 
 from dicomrouter.control import destinations as control
-from dicomrouter.control.security import Principal
+from dicomrouter.security import Principal
 
 from .auth import client_address, context, operator, viewer
 from .control_errors import http_errors

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from dicomrouter.control.security import Role
+from dicomrouter.security import Role
 from dicomrouter.store import heartbeat
 
 from .auth import context, require

@@ -13,7 +13,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from dicomrouter.control import jobs as control
-from dicomrouter.control.security import Principal
+from dicomrouter.security import Principal
 
 from .auth import client_address, context, operator, viewer
 from .control_errors import http_errors

@@ -12,9 +12,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from dicomrouter.control.security import Role
 from dicomrouter.observe import metrics
 from dicomrouter.observe.collector import IndexCollector
+from dicomrouter.security import Role
 
 from .auth import context, require
 

@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
 from dicomrouter.control import routes as control
-from dicomrouter.control.security import Principal
+from dicomrouter.security import Principal
 
 from .auth import client_address, context, operator, viewer
 from .uploads import uploaded_files

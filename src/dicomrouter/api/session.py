@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel
 
 from dicomrouter.control import audit, sessions
-from dicomrouter.control.security import Principal
+from dicomrouter.security import Principal
 
 from .auth import (
     SESSION_ID,

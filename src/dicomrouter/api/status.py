@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 
 from dicomrouter.control import status as control
-from dicomrouter.control.security import Principal
+from dicomrouter.security import Principal
 
 from .auth import context, viewer
 from .control_errors import http_errors

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, Request
 
 from dicomrouter.control import studies
-from dicomrouter.control.security import Principal
+from dicomrouter.security import Principal
 
 from .auth import context, viewer
 

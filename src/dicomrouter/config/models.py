@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dicomrouter.rules import RuleError, compile_condition
+from dicomrouter.security import check_password_hash_format, check_token_hash_format
 from dicomrouter.units import Duration, Window
 
 from .hosts import is_local_host
@@ -328,8 +329,6 @@ class UserConfig(_Model):
     @field_validator("password_hash")
     @classmethod
     def _hash_format(cls, value: str) -> str:
-        from dicomrouter.control.security import check_password_hash_format
-
         return check_password_hash_format(value)
 
 
@@ -345,8 +344,6 @@ class TokenConfig(_Model):
     @field_validator("token_hash")
     @classmethod
     def _hash_format(cls, value: str) -> str:
-        from dicomrouter.control.security import check_token_hash_format
-
         return check_token_hash_format(value)
 
 

@@ -52,11 +52,11 @@ from dicomrouter.config import (
     load_config_text,
     load_yaml,
 )
+from dicomrouter.security import Principal, Role
 from dicomrouter.store.schema import config_versions
 
 from . import audit
 from .errors import Conflict, Invalid, NotFound
-from .security import Principal, Role
 
 log = logging.getLogger("dicomrouter.config")
 

@@ -7,7 +7,7 @@ from fastapi.responses import HTMLResponse
 
 from dicomrouter.control import audit
 from dicomrouter.control.errors import Invalid
-from dicomrouter.control.security import Principal
+from dicomrouter.security import Principal
 
 from .common import AUDIT_ROLE, ctx_of, page_role, parse_time, render
 

@@ -25,7 +25,7 @@ from dicomrouter.api.auth import authenticate, client_address, context
 from dicomrouter.api.context import AppContext
 from dicomrouter.api.params import parse_timestamp
 from dicomrouter.control.errors import ControlError, Invalid
-from dicomrouter.control.security import Principal, Role
+from dicomrouter.security import Principal, Role
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")

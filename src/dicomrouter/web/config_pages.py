@@ -19,7 +19,7 @@ from dicomrouter.api.context import AppContext
 from dicomrouter.api.params import RowId
 from dicomrouter.control import versions
 from dicomrouter.control.errors import ControlError, NotFound
-from dicomrouter.control.security import Principal
+from dicomrouter.security import Principal
 
 from .common import admin, ctx_of, flash, render, viewer
 

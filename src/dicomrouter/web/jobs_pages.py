@@ -19,8 +19,8 @@ from dicomrouter.control.jobs import (
     search_jobs,
     set_priority,
 )
-from dicomrouter.control.security import Principal
 from dicomrouter.queue import states as S
+from dicomrouter.security import Principal
 
 from .common import actor, back, ctx_of, operator, parse_time, render, run_action, viewer
 

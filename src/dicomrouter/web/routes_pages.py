@@ -25,7 +25,7 @@ from dicomrouter.control.routes import (
     route_history,
     route_summaries,
 )
-from dicomrouter.control.security import Principal
+from dicomrouter.security import Principal
 
 from .common import ctx_of, operator, render, viewer
 
