@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from dicomrouter.control import audit
+from dicomrouter.store import audit
 from dicomrouter.store.schema import instances
 from tests.support.api import ApiEnv, api_env
 from tests.support.history import DEST, plan, receive, settle

@@ -28,10 +28,9 @@ from typer.testing import CliRunner
 
 from dicomrouter.cli.main import app as cli
 from dicomrouter.config import ConfigError
-from dicomrouter.control import audit
 from dicomrouter.observe.logs import configure_logging
 from dicomrouter.security import hash_password, hash_token
-from dicomrouter.store import ObjectStore, create_index_engine
+from dicomrouter.store import ObjectStore, audit, create_index_engine
 from dicomrouter.store.schema import jobs
 from tests.support.api import PASSWORD, TOKENS, ApiEnv, api_env, auth_section
 from tests.support.dcmtk import HOST

@@ -25,10 +25,10 @@ from types import FrameType
 
 from dicomrouter.children import ChildProcess
 from dicomrouter.config import ConfigError, RouterConfig
-from dicomrouter.control import audit, versions
+from dicomrouter.control import versions
 from dicomrouter.observe.metrics import enable_multiprocess
 from dicomrouter.receive import Receiver
-from dicomrouter.store import InstanceIndex, ObjectStore, create_index_engine
+from dicomrouter.store import InstanceIndex, ObjectStore, audit, create_index_engine
 from dicomrouter.store.heartbeat import RECEIVER, HeartbeatThread
 
 log = logging.getLogger("dicomrouter")

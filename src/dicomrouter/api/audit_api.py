@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
-from dicomrouter.control import audit
 from dicomrouter.security import Principal
+from dicomrouter.store import audit
 
 from .auth import admin, context
 from .params import Timestamp

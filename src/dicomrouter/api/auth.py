@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Depends, HTTPException, Request, status
 
-from dicomrouter.control import audit, sessions
+from dicomrouter.control import sessions
 from dicomrouter.security import (
     Principal,
     Role,
@@ -49,6 +49,7 @@ from dicomrouter.security import (
     verify_password,
     verify_token,
 )
+from dicomrouter.store import audit
 
 from .context import AppContext
 

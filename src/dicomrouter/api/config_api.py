@@ -24,8 +24,9 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from dicomrouter.config import ConfigError
-from dicomrouter.control import audit, versions
+from dicomrouter.control import versions
 from dicomrouter.security import Principal
+from dicomrouter.store import audit
 
 from .auth import admin, client_address, context, operator, viewer
 from .context import AppContext

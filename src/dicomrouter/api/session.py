@@ -8,8 +8,9 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel
 
-from dicomrouter.control import audit, sessions
+from dicomrouter.control import sessions
 from dicomrouter.security import Principal
+from dicomrouter.store import audit
 
 from .auth import (
     SESSION_ID,

@@ -22,9 +22,9 @@ from sqlalchemy import Connection, case, func, or_, select, update
 
 from dicomrouter.queue import JobStore
 from dicomrouter.queue import states as S
+from dicomrouter.store import audit
 from dicomrouter.store.schema import attempts, destination_state, job_instances, jobs
 
-from . import audit
 from .errors import Conflict, NotFound
 
 OK = "ok"

@@ -53,9 +53,9 @@ from dicomrouter.config import (
     load_yaml,
 )
 from dicomrouter.security import Principal, Role
+from dicomrouter.store import audit
 from dicomrouter.store.schema import config_versions
 
-from . import audit
 from .errors import Conflict, Invalid, NotFound
 
 log = logging.getLogger("dicomrouter.config")

@@ -22,7 +22,6 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicomrouter.config import RouterConfig
-from dicomrouter.control import audit
 from dicomrouter.observe import metrics
 from dicomrouter.store import (
     IndexUnavailable,
@@ -32,6 +31,7 @@ from dicomrouter.store import (
     ObjectStore,
     Provenance,
     StorageError,
+    audit,
     missing_identity,
     read_header,
 )
