@@ -227,7 +227,7 @@ def test_uploads_are_refused_by_size_before_they_are_read() -> None:
     from fastapi import HTTPException
     from starlette.requests import Request
 
-    from dicomrouter.api.uploads import uploaded_files
+    from dicomrouter.edge.uploads import uploaded_files
 
     def request(headers: list[tuple[bytes, bytes]]) -> Request:
         async def receive() -> dict[str, object]:

@@ -12,11 +12,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from dicomrouter.edge.auth import context, require
 from dicomrouter.observe import metrics
 from dicomrouter.observe.collector import IndexCollector
 from dicomrouter.security import Role
-
-from .auth import context, require
 
 router = APIRouter(prefix="", tags=["metrics"])
 

@@ -7,7 +7,6 @@ from typing import Any
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from dicomrouter.api.params import RowId
 from dicomrouter.control.errors import ControlError, Invalid
 from dicomrouter.control.jobs import (
     JobFilter,
@@ -19,6 +18,7 @@ from dicomrouter.control.jobs import (
     search_jobs,
     set_priority,
 )
+from dicomrouter.edge.params import RowId
 from dicomrouter.queue import states as S
 from dicomrouter.security import Principal
 
