@@ -14,7 +14,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dicomrouter.rules import RuleError, compile_condition
 from dicomrouter.security import check_password_hash_format, check_token_hash_format
 from dicomrouter.units import Duration, Window
 
@@ -219,6 +218,10 @@ class RouteConfig(_Model):
 
     @model_validator(mode="after")
     def _compile_when(self) -> RouteConfig:
+        # Imported here, not at the top: the rules load pydicom (and numpy with it),
+        # which `dicomrouter serve` must keep out until it has excluded numpy.
+        from dicomrouter.rules import RuleError, compile_condition
+
         if self.when is not None:
             try:
                 compile_condition(self.when)

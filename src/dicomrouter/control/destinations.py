@@ -271,6 +271,8 @@ def echo(ctx: Any, name: str, *, actor: str = audit.SYSTEM, source: str = "") ->
     Returns {"ok", "ms", "error"}. A peer that accepts the association but not the
     Verification SOP Class is up (``ok``), with that said in ``error``.
     """
+    # Imported here: the HTTP process loads the sender (pynetdicom) only for an echo,
+    # as dicomrouter.destinations does.
     from dicomrouter.destinations.dicom import DicomSender, VerificationNotSupported
 
     dest = _configured(ctx, name)
