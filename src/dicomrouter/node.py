@@ -1,8 +1,8 @@
 """Run a router node: the receiver in this process; dispatch and HTTP in child processes.
 
 Separate processes because receiving and sending are both CPU-bound Python on the
-GIL (field notes: parallel associations in one process gave no gain, separate
-processes do); the HTTP service is kept out of the receiver's GIL for the same
+GIL: parallel associations in one process gave no gain, separate processes do
+(docs/benchmarks.md); the HTTP service is kept out of the receiver's GIL for the same
 reason. They share nothing but the index and the files, which is also what makes a
 crash of any one harmless: the index is the truth. This process supervises the
 children and restarts one that dies.

@@ -1,6 +1,6 @@
 """Deliver stored instances to a DICOM C-STORE SCP.
 
-Throughput comes from these choices (see the shared field notes):
+Throughput comes from these choices (measured: docs/benchmarks.md):
 
 * associations are reused for a whole batch (renewed every ``batch_size``
   instances, split when more than 128 presentation contexts are needed), and kept
