@@ -30,6 +30,8 @@ echo "== lint"
 "$PYTHON" -m ruff check src tests bench
 "$PYTHON" -m ruff format --check src tests bench
 "$PYTHON" -m mypy src/dicomrouter
+# The layers of docs/architecture.md (also part of the suite; here it fails first).
+"$PYTHON" -m pytest -p no:cacheprovider -q tests/test_layers.py
 
 echo "== tests"
 "$PYTHON" -m pytest -p no:cacheprovider -ra "$@"

@@ -22,9 +22,8 @@ from sqlalchemy import Engine, update
 
 from dicomrouter.config import RouterConfig, parse_config
 from dicomrouter.config.models import WebhookConfig
-from dicomrouter.control import audit
 from dicomrouter.observe.alerts import AlertEvaluator, AlertThread, post_json
-from dicomrouter.store import create_index_engine
+from dicomrouter.store import audit, create_index_engine
 from dicomrouter.store.schema import destination_state, jobs
 from tests.support.router import all_settled, wait_until
 

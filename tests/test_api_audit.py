@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from dicomrouter.control import audit
+from dicomrouter.store import audit
 from tests.support.api import api_env
 
 

@@ -14,14 +14,13 @@ from typer.testing import CliRunner
 
 from dicomrouter.cli.main import app as cli
 from dicomrouter.config import ConfigError, parse_config
-from dicomrouter.control import audit
-from dicomrouter.control.security import (
+from dicomrouter.security import (
     hash_password,
     hash_token,
     verify_password,
     verify_token,
 )
-from dicomrouter.store import create_index_engine, heartbeat
+from dicomrouter.store import audit, create_index_engine, heartbeat
 from dicomrouter.store.schema import SCHEMA_VERSION
 from tests.support.api import PASSWORD, api_env
 

@@ -15,9 +15,9 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from dicomrouter.control import audit
 from dicomrouter.dispatch.health import DestinationHealth
 from dicomrouter.queue.views import queue_summary
+from dicomrouter.store import audit
 from dicomrouter.store.schema import destination_state, jobs
 from tests.support.api import TOKENS, ApiEnv, api_env, auth_section
 from tests.support.dcmtk import HOST, StoreSCP, free_port, sop_uids

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from dicomrouter.control import audit
 from dicomrouter.queue import JobStore
+from dicomrouter.store import audit
 from dicomrouter.store.schema import job_instances, jobs
 from tests.support.api import ApiEnv, api_env
 from tests.support.seed import Seeder

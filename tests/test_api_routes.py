@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from dicomrouter.control import audit
+from dicomrouter.store import audit
 from dicomrouter.store.schema import instances
 from tests.support.api import ApiEnv, api_env
 from tests.support.history import DEST, plan, receive, settle
@@ -227,7 +227,7 @@ def test_uploads_are_refused_by_size_before_they_are_read() -> None:
     from fastapi import HTTPException
     from starlette.requests import Request
 
-    from dicomrouter.api.uploads import uploaded_files
+    from dicomrouter.edge.uploads import uploaded_files
 
     def request(headers: list[tuple[bytes, bytes]]) -> Request:
         async def receive() -> dict[str, object]:

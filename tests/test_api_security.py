@@ -20,11 +20,11 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from starlette.routing import BaseRoute
 
-from dicomrouter.api import auth
 from dicomrouter.api.app import MIN_SECRET_LENGTH, session_secret
-from dicomrouter.api.auth import LoginThrottle
 from dicomrouter.api.csrf import is_local_host, same_origin
-from dicomrouter.control import audit
+from dicomrouter.edge import auth
+from dicomrouter.edge.auth import LoginThrottle
+from dicomrouter.store import audit
 from tests.support.api import PASSWORD, ApiEnv, api_env
 
 TOO_BIG = "99999999999999999999"  # beyond a signed 64-bit integer

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from dicomrouter.control.security import hash_password
+from dicomrouter.security import hash_password
 from tests.support import require_peers, skip_or_fail
 from tests.support.dcmtk import HOST, StoreSCP, free_port, sop_uids
 from tests.support.router import RouterProcess, wait_until

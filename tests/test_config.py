@@ -10,7 +10,7 @@ import pytest
 from dicomrouter.config import ConfigError, load_config, parse_config
 from dicomrouter.config.lint import lint
 from dicomrouter.config.reference import render_reference
-from dicomrouter.config.units import TimeWindow, parse_duration
+from dicomrouter.units import TimeWindow, parse_duration
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "dicomrouter.yaml"

@@ -22,10 +22,10 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import Engine, select
 
 from dicomrouter.config import parse_config
-from dicomrouter.control import audit, versions
+from dicomrouter.control import versions
 from dicomrouter.dispatch.service import Dispatcher
 from dicomrouter.receive import Receiver
-from dicomrouter.store import InstanceIndex, ObjectStore, create_index_engine
+from dicomrouter.store import InstanceIndex, ObjectStore, audit, create_index_engine
 from dicomrouter.store.schema import audit_log, jobs
 from tests.support.api import TOKENS, auth_section
 from tests.support.dcmtk import HOST, StoreSCP, free_port, sop_uids

@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from dicomrouter.config import ConfigError
-from dicomrouter.control import audit, versions
+from dicomrouter.control import versions
 from dicomrouter.control.errors import Conflict, NotFound
-from dicomrouter.control.security import Principal, Role
-from dicomrouter.store import create_index_engine
+from dicomrouter.security import Principal, Role
+from dicomrouter.store import audit, create_index_engine
 from tests.support.api import ApiEnv, api_env, auth_section
 
 YAML = {"Content-Type": "application/yaml"}

@@ -28,10 +28,9 @@ from typer.testing import CliRunner
 
 from dicomrouter.cli.main import app as cli
 from dicomrouter.config import ConfigError
-from dicomrouter.control import audit
-from dicomrouter.control.security import hash_password, hash_token
 from dicomrouter.observe.logs import configure_logging
-from dicomrouter.store import ObjectStore, create_index_engine
+from dicomrouter.security import hash_password, hash_token
+from dicomrouter.store import ObjectStore, audit, create_index_engine
 from dicomrouter.store.schema import jobs
 from tests.support.api import PASSWORD, TOKENS, ApiEnv, api_env, auth_section
 from tests.support.dcmtk import HOST
@@ -399,7 +398,7 @@ def test_parallel_basic_requests_with_a_known_password_are_not_throttled(
     not mistaken for a guesser: its password was checked once, and is remembered,
     so its requests take no attempt slot (a password check is made slow here, as
     under load, so that the requests overlap)."""
-    from dicomrouter.api import auth
+    from dicomrouter.edge import auth
 
     env = api_env(tmp_path)
     token = base64.b64encode(f"operator:{PASSWORD}".encode()).decode()
@@ -433,7 +432,7 @@ def test_cached_valid_logins_do_not_free_slots_for_guesses_under_way(
     """Five wrong guesses are being checked (held in the password check here) when a
     script logs in with a known password, as often as it likes: the sixth guess still
     gets 429, as the cached login took no attempt slot and so frees none."""
-    from dicomrouter.api import auth
+    from dicomrouter.edge import auth
 
     env = api_env(tmp_path)
     token = base64.b64encode(f"viewer:{PASSWORD}".encode()).decode()

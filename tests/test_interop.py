@@ -63,10 +63,11 @@ STORESCU_OPTION: dict[str, str] = {
     U.JPEG2000: "-xw",
     U.RLELossless: "-xr",
 }
-#: The syntaxes the brief lists. JPEG Lossless process 14 (1.2.840.10008.1.2.4.57) has
-#: no bundled file and dcmtk's storescu cannot propose it, so that one is a relabelled
-#: copy of the SV1 sample (an SV1 codestream is a valid process 14 codestream) sent
-#: with pynetdicom (see :func:`_send_process14`).
+#: The transfer syntaxes covered: each one storescu can propose, and JPEG Lossless
+#: process 14 (1.2.840.10008.1.2.4.57). Process 14 has no bundled file and storescu
+#: cannot propose it, so that one is a relabelled copy of the SV1 sample (an SV1
+#: codestream is a valid process 14 codestream) sent with pynetdicom
+#: (see :func:`_send_process14`).
 WANTED_SYNTAXES: list[str] = [
     *STORESCU_OPTION,
     U.JPEGLossless,

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from dicomrouter.cli.common import local_user
 from dicomrouter.cli.main import app as cli
-from dicomrouter.control import audit
 from dicomrouter.queue import JobStore
+from dicomrouter.store import audit
 from dicomrouter.store.schema import job_instances, jobs
 from dicomrouter.store.schema import unplanned as unplanned_rows
 from tests.support.api import ApiEnv, api_env

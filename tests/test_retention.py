@@ -19,11 +19,10 @@ from pydicom import dcmread
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.exc import DatabaseError
 
-from dicomrouter.control import audit
 from dicomrouter.dicomnet import Peer
 from dicomrouter.queue import states as S
 from dicomrouter.receive.scp import OUT_OF_RESOURCES, SUCCESS, Receiver
-from dicomrouter.store import InstanceIndex, ObjectStore, create_index_engine
+from dicomrouter.store import InstanceIndex, ObjectStore, audit, create_index_engine
 from dicomrouter.store.schema import (
     attempts,
     audit_log,

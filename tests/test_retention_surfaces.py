@@ -14,10 +14,9 @@ import pytest
 import yaml
 from sqlalchemy import select, text
 
-from dicomrouter.control import audit
 from dicomrouter.control.retention import purge
 from dicomrouter.retention.sweeper import sweep_forever
-from dicomrouter.store import create_index_engine
+from dicomrouter.store import audit, create_index_engine
 from dicomrouter.store.schema import SCHEMA_VERSION, audit_log, instances, purge_runs
 from tests.support.api import ApiEnv, api_env
 from tests.support.dcmtk import HOST, StoreSCP, sop_uids

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from dicomrouter.control import audit
 from dicomrouter.control.jobs import JobFilter, job_detail, search_jobs
+from dicomrouter.store import audit
 from tests.support.api import PASSWORD, ApiEnv, api_env
 from tests.support.seed import Seeder
 

@@ -180,6 +180,7 @@ def _dispatch_main(
     config: RouterConfig, config_path: Path | None, ready: Callable[[], None]
 ) -> None:
     configure_logging(config.log_level, "dispatch")
+    # Imported here: each child loads only what its role needs (module docstring).
     from dicomrouter.control import versions
     from dicomrouter.dispatch import Dispatcher
     from dicomrouter.store import ObjectStore, create_index_engine
@@ -220,6 +221,7 @@ def _dispatch_main(
 
 def _http_main(config: RouterConfig, config_path: Path | None, ready: Callable[[], None]) -> None:
     configure_logging(config.log_level, "http")
+    # Imported here: each child loads only what its role needs (module docstring).
     from dicomrouter.api.server import serve_http
 
     serve_http(config, config_path, on_ready=ready)

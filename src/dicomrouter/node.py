@@ -1,8 +1,8 @@
 """Run a router node: the receiver in this process; dispatch and HTTP in child processes.
 
 Separate processes because receiving and sending are both CPU-bound Python on the
-GIL (field notes: parallel associations in one process gave no gain, separate
-processes do); the HTTP service is kept out of the receiver's GIL for the same
+GIL: parallel associations in one process gave no gain, separate processes do
+(docs/benchmarks.md); the HTTP service is kept out of the receiver's GIL for the same
 reason. They share nothing but the index and the files, which is also what makes a
 crash of any one harmless: the index is the truth. This process supervises the
 children and restarts one that dies.
@@ -25,10 +25,10 @@ from types import FrameType
 
 from dicomrouter.children import ChildProcess
 from dicomrouter.config import ConfigError, RouterConfig
-from dicomrouter.control import audit, versions
+from dicomrouter.control import versions
 from dicomrouter.observe.metrics import enable_multiprocess
 from dicomrouter.receive import Receiver
-from dicomrouter.store import InstanceIndex, ObjectStore, create_index_engine
+from dicomrouter.store import InstanceIndex, ObjectStore, audit, create_index_engine
 from dicomrouter.store.heartbeat import RECEIVER, HeartbeatThread
 
 log = logging.getLogger("dicomrouter")

@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 
 from dicomrouter.api import AppContext, create_app
 from dicomrouter.config import RouterConfig, parse_config
-from dicomrouter.control.security import hash_password, hash_token
+from dicomrouter.security import hash_password, hash_token
 from dicomrouter.store import ObjectStore, create_index_engine
 
 PASSWORD = "correct horse battery staple"

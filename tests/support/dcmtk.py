@@ -6,7 +6,7 @@ Kept small and generic so other test modules can reuse it. Two traps handled her
   (pynetdicom installs apps with the same names); :func:`dcmtk_tool` finds the real
   dcmtk binary by checking ``--version``.
 * Debian's dcmtk leaves Nagle's algorithm on unless ``TCP_NODELAY=1`` is in the
-  environment, which adds ~40 ms per message (see shared field notes), so every
+  environment, which adds ~40 ms per message (docs/benchmarks.md), so every
   tool is started with :func:`dcmtk_env`.
 """
 

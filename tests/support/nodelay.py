@@ -1,7 +1,7 @@
 """``TCP_NODELAY`` for pynetdicom peers in tests.
 
 pynetdicom never sets it; without it a request/response pair on loopback stalls
-~40 ms (Nagle's algorithm, see the field notes), and a test peer built on pynetdicom
+~40 ms (Nagle's algorithm: docs/benchmarks.md), and a test peer built on pynetdicom
 would be too slow to stand for a real modality or PACS.
 """
 

@@ -1,6 +1,7 @@
 """The HTTP edge: REST API, dashboard and metrics over ``dicomrouter.control``."""
 
+from dicomrouter.edge.context import AppContext
+
 from .app import create_app
-from .context import AppContext
 
 __all__ = ["AppContext", "create_app"]

@@ -24,7 +24,11 @@ from fastapi.responses import JSONResponse
 from starlette.middleware.sessions import SessionMiddleware
 
 from dicomrouter import __version__
+from dicomrouter.edge.auth import LoginThrottle
+from dicomrouter.edge.context import AppContext
+from dicomrouter.edge.params import QueryTextMiddleware
 from dicomrouter.store.private import PRIVATE_FILE, tighten
+from dicomrouter.web import mount_dashboard
 
 from . import (
     audit_api,
@@ -40,12 +44,9 @@ from . import (
     studies,
 )
 from . import status as status_api
-from .auth import LoginThrottle
-from .context import AppContext
 from .csrf import CrossSiteMiddleware
 from .headers import SecurityHeadersMiddleware
 from .limits import BodyLimitMiddleware
-from .params import QueryTextMiddleware
 from .proxy import ProxyHeadersMiddleware
 
 log = logging.getLogger("dicomrouter.http")
@@ -183,7 +184,5 @@ def create_app(ctx: AppContext) -> FastAPI:
         loops,
     ):
         app.include_router(module.router)
-    from dicomrouter.web import mount_dashboard
-
     mount_dashboard(app)
     return app

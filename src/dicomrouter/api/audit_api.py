@@ -12,11 +12,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
-from dicomrouter.control import audit
-from dicomrouter.control.security import Principal
-
-from .auth import admin, context
-from .params import Timestamp
+from dicomrouter.edge.auth import admin, context
+from dicomrouter.edge.params import Timestamp
+from dicomrouter.security import Principal
+from dicomrouter.store import audit
 
 router = APIRouter(prefix="/api/v1", tags=["audit"])
 

@@ -24,13 +24,14 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from dicomrouter.config import ConfigError
-from dicomrouter.control import audit, versions
-from dicomrouter.control.security import Principal
+from dicomrouter.control import versions
+from dicomrouter.edge.auth import admin, client_address, context, operator, viewer
+from dicomrouter.edge.context import AppContext
+from dicomrouter.edge.params import RowId
+from dicomrouter.security import Principal
+from dicomrouter.store import audit
 
-from .auth import admin, client_address, context, operator, viewer
-from .context import AppContext
 from .control_errors import http_errors
-from .params import RowId
 
 router = APIRouter(prefix="/api/v1", tags=["config"])
 

@@ -7,9 +7,9 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 
 from dicomrouter.control import destinations as control
-from dicomrouter.control.security import Principal
+from dicomrouter.edge.auth import client_address, context, operator, viewer
+from dicomrouter.security import Principal
 
-from .auth import client_address, context, operator, viewer
 from .control_errors import http_errors
 
 router = APIRouter(prefix="/api/v1/destinations", tags=["destinations"])

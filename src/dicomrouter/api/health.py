@@ -19,10 +19,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from dicomrouter.control.security import Role
+from dicomrouter.edge.auth import context, require
+from dicomrouter.security import Role
 from dicomrouter.store import heartbeat
-
-from .auth import context, require
 
 router = APIRouter(tags=["health"])
 

@@ -13,11 +13,11 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from dicomrouter.control import jobs as control
-from dicomrouter.control.security import Principal
+from dicomrouter.edge.auth import client_address, context, operator, viewer
+from dicomrouter.edge.params import RowId, Timestamp
+from dicomrouter.security import Principal
 
-from .auth import client_address, context, operator, viewer
 from .control_errors import http_errors
-from .params import RowId, Timestamp
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 

@@ -8,9 +8,8 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from dicomrouter.control import loops as control
-from dicomrouter.control.security import Principal
-
-from .auth import client_address, context, operator, viewer
+from dicomrouter.edge.auth import client_address, context, operator, viewer
+from dicomrouter.security import Principal
 
 router = APIRouter(prefix="/api/v1/loops", tags=["loops"])
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from dicomrouter.control.security import Role
+from dicomrouter.edge.auth import context, require
 from dicomrouter.observe import metrics
 from dicomrouter.observe.collector import IndexCollector
-
-from .auth import context, require
+from dicomrouter.security import Role
 
 router = APIRouter(prefix="", tags=["metrics"])
 

@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dicomrouter.control import jobs as control_jobs
 from dicomrouter.control import unplanned as control_unplanned
-from dicomrouter.control.security import Principal
+from dicomrouter.edge.auth import client_address, context, operator, viewer
+from dicomrouter.security import Principal
 
-from .auth import client_address, context, operator, viewer
 from .control_errors import http_errors
 
 router = APIRouter(prefix="/api/v1", tags=["recovery"])

@@ -26,10 +26,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
 from dicomrouter.control import routes as control
-from dicomrouter.control.security import Principal
-
-from .auth import client_address, context, operator, viewer
-from .uploads import uploaded_files
+from dicomrouter.edge.auth import client_address, context, operator, viewer
+from dicomrouter.edge.uploads import uploaded_files
+from dicomrouter.security import Principal
 
 router = APIRouter(prefix="/api/v1", tags=["routes"])
 

@@ -27,9 +27,8 @@ log = logging.getLogger("dicomrouter.http")
 
 
 def build_context(config: RouterConfig, config_path: Path | None):  # type: ignore[no-untyped-def]
+    from dicomrouter.edge.context import AppContext
     from dicomrouter.store import ObjectStore, create_index_engine
-
-    from .context import AppContext
 
     return AppContext(
         config=config,

@@ -8,11 +8,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 
 from dicomrouter.control import status as control
-from dicomrouter.control.security import Principal
+from dicomrouter.edge.auth import context, viewer
+from dicomrouter.edge.params import Timestamp
+from dicomrouter.security import Principal
 
-from .auth import context, viewer
 from .control_errors import http_errors
-from .params import Timestamp
 
 router = APIRouter(prefix="/api/v1", tags=["status"])
 

@@ -10,9 +10,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, Request
 
 from dicomrouter.control import studies
-from dicomrouter.control.security import Principal
-
-from .auth import context, viewer
+from dicomrouter.edge.auth import context, viewer
+from dicomrouter.security import Principal
 
 router = APIRouter(prefix="/api/v1", tags=["studies"])
 

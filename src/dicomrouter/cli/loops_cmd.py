@@ -29,6 +29,7 @@ def list_command(
     json_output: JsonOption = False,
 ) -> None:
     """Held instances, newest first."""
+    # Imported here, not at the top: see cli/__init__.py.
     from dicomrouter.control import loops
 
     events = loops.held(_engine(config), include_released=released, limit=limit)
@@ -58,6 +59,7 @@ def release_command(
     json_output: JsonOption = False,
 ) -> None:
     """Route held instances after all (once the loop is fixed, or it was none)."""
+    # Imported here, not at the top: see cli/__init__.py.
     from dicomrouter.control import loops
 
     if not ids and not all_held:

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from dicomrouter import __version__
+from dicomrouter.config.reference import render_reference
 
 from .common import DEFAULT_CONFIG, console, err_console, fail, load, parse_target
 from .loops_cmd import loops_app
@@ -55,9 +56,11 @@ def serve(config: ConfigOption = None) -> None:
     # SIGHUP's default action kills: a reload sent while we start must not (the node
     # installs its handler in serve_forever).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Imported here, not at the top: see cli/__init__.py.
     from dicomrouter.children import exclude_pixel_libraries
 
     exclude_pixel_libraries()  # this process receives: it never decodes pixel data
+    # Imported here, not at the top: see cli/__init__.py.
     from dicomrouter.node import Node
     from dicomrouter.observe.logs import configure_logging
     from dicomrouter.store import StorageError
@@ -111,8 +114,6 @@ def config_docs(
     ] = None,
 ) -> None:
     """Print the configuration reference generated from the models (docs/configuration.md)."""
-    from dicomrouter.config.reference import render_reference
-
     text = render_reference()
     if output:
         output.write_text(text, encoding="utf-8")

@@ -35,6 +35,7 @@ def purge_command(
     """Delete what the retention policy says may go, now (the sweeper does it every
     retention.interval): delivered and unrouted objects past their time, evictions
     below free_space_target, orphaned files, old history and audit rows."""
+    # Imported here, not at the top: see cli/__init__.py.
     from dicomrouter.control.retention import purge
     from dicomrouter.retention import PurgeBusy
     from dicomrouter.store import ObjectStore, create_index_engine

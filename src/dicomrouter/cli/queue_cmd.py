@@ -22,6 +22,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable outpu
 
 
 def _engine(config: Path | None):  # type: ignore[no-untyped-def]
+    # Imported here, not at the top: see cli/__init__.py.
     from dicomrouter.store import create_index_engine
 
     settings = load(config)
@@ -45,6 +46,7 @@ def list_command(
     json_output: JsonOption = False,
 ) -> None:
     """List jobs, newest first, with a per-destination summary."""
+    # Imported here, not at the top: see cli/__init__.py.
     from dicomrouter.queue import states
     from dicomrouter.queue.views import list_jobs, queue_summary
 
@@ -149,6 +151,7 @@ def show_command(
     json_output: JsonOption = False,
 ) -> None:
     """One job: its instances' delivery states and every attempt."""
+    # Imported here, not at the top: see cli/__init__.py.
     from dicomrouter.queue.views import job_detail
 
     detail = job_detail(_engine(config), job_id)
@@ -191,6 +194,7 @@ def _act(
 ) -> None:
     """Through ``control.jobs``, as the API and the dashboard act: the same checks,
     and an audit row with the local user as actor (source ``cli``)."""
+    # Imported here, not at the top: see cli/__init__.py.
     from dicomrouter.control import jobs as control
     from dicomrouter.control.errors import ControlError
 
@@ -248,6 +252,7 @@ def cancel_command(
 
 def _cancel_destination(destination: str, config: Path | None, json_output: bool) -> None:
     """Every open job of one destination, through the control plane (audited)."""
+    # Imported here, not at the top: see cli/__init__.py.
     from dicomrouter.control.jobs import JobFilter, bulk_action
     from dicomrouter.queue import states
 

@@ -17,7 +17,7 @@ def check_command(
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Validate the configuration and lint its rules."""
-    from dicomrouter.config.lint import lint
+    from dicomrouter.config.lint import lint  # loads pydicom: see cli/__init__.py
 
     settings = load(config)
     findings = lint(settings)
@@ -46,6 +46,7 @@ def test_rule_command(
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Dry run: which routes and destinations each file would go to. Sends nothing."""
+    # Imported here, not at the top: see cli/__init__.py.
     from dicomrouter.control.routes import Pretend, dry_run_files
 
     settings = load(config)

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 import yaml
 
-from dicomrouter.control.security import hash_password, hash_token, new_password, new_token
+from dicomrouter.security import hash_password, hash_token, new_password, new_token
 
 from .common import DEFAULT_CONFIG, console, fail
 

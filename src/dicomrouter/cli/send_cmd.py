@@ -20,6 +20,7 @@ def send_command(
     timeout: Annotated[float, typer.Option(help="DIMSE timeout in seconds.")] = 60.0,
 ) -> None:
     """Send DICOM files (C-STORE) over one reused association."""
+    # Imported here, not at the top: see cli/__init__.py.
     from dicomrouter.destinations import DestinationUnavailable, DicomSender, OutgoingInstance
     from dicomrouter.store import InstanceHeader, read_header
 

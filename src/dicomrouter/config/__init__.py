@@ -1,5 +1,7 @@
 """Configuration: pydantic models, YAML loading with key-path errors, environment overrides."""
 
+from dicomrouter.units import TimeWindow, format_duration, parse_duration
+
 from .loader import (
     ConfigError,
     YamlLimitError,
@@ -18,7 +20,6 @@ from .models import (
     RouterConfig,
     StorageConfig,
 )
-from .units import TimeWindow, format_duration, parse_duration
 
 __all__ = [
     "ConfigError",

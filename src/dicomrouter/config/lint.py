@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from dicomrouter.rules import compile_condition, never_matches
+from dicomrouter.rules.conditions import AllOf, AnyOf
+
 from . import hosts
 from .models import RouterConfig
 
@@ -24,8 +27,6 @@ class Finding:
 
 
 def lint(config: RouterConfig) -> list[Finding]:
-    from dicomrouter.rules import compile_condition, never_matches
-
     findings: list[Finding] = []
     used: set[str] = set()
     for index, route in enumerate(config.routes):
@@ -118,8 +119,6 @@ def _canonical(when: dict[str, Any] | None) -> str:
     not matter, so such routes are recognised as the same."""
     if when is None:
         return "always"
-    from dicomrouter.rules import compile_condition
-    from dicomrouter.rules.conditions import AllOf, AnyOf
 
     def text(cond: Any) -> str:
         if isinstance(cond, AllOf | AnyOf):

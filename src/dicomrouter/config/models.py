@@ -14,8 +14,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dicomrouter.security import check_password_hash_format, check_token_hash_format
+from dicomrouter.units import Duration, Window
+
 from .hosts import is_local_host
-from .units import Duration, Window
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash, 1..16 chars
 
@@ -216,6 +218,8 @@ class RouteConfig(_Model):
 
     @model_validator(mode="after")
     def _compile_when(self) -> RouteConfig:
+        # Imported here, not at the top: the rules load pydicom (and numpy with it),
+        # which `dicomrouter serve` must keep out until it has excluded numpy.
         from dicomrouter.rules import RuleError, compile_condition
 
         if self.when is not None:
@@ -328,8 +332,6 @@ class UserConfig(_Model):
     @field_validator("password_hash")
     @classmethod
     def _hash_format(cls, value: str) -> str:
-        from dicomrouter.control.security import check_password_hash_format
-
         return check_password_hash_format(value)
 
 
@@ -345,8 +347,6 @@ class TokenConfig(_Model):
     @field_validator("token_hash")
     @classmethod
     def _hash_format(cls, value: str) -> str:
-        from dicomrouter.control.security import check_token_hash_format
-
         return check_token_hash_format(value)
 
 

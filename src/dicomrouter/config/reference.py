@@ -9,6 +9,8 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from dicomrouter.units import format_duration
+
 from .models import DicomDestinationConfig, RouteConfig, RouterConfig
 
 _INTRO = """# Configuration reference
@@ -70,8 +72,6 @@ def _default(field: Any) -> str:
     if value is None or value is PydanticUndefined:
         return "unset"
     if isinstance(value, float) and "duration" in str(field.metadata) + str(field.annotation):
-        from .units import format_duration
-
         return f"`{format_duration(value)}`"
     return f"`{value}`"
 

@@ -22,9 +22,9 @@ from sqlalchemy import Connection, case, func, or_, select, update
 
 from dicomrouter.queue import JobStore
 from dicomrouter.queue import states as S
+from dicomrouter.store import audit
 from dicomrouter.store.schema import attempts, destination_state, job_instances, jobs
 
-from . import audit
 from .errors import Conflict, NotFound
 
 OK = "ok"
@@ -271,6 +271,8 @@ def echo(ctx: Any, name: str, *, actor: str = audit.SYSTEM, source: str = "") ->
     Returns {"ok", "ms", "error"}. A peer that accepts the association but not the
     Verification SOP Class is up (``ok``), with that said in ``error``.
     """
+    # Imported here: the HTTP process loads the sender (pynetdicom) only for an echo,
+    # as dicomrouter.destinations does.
     from dicomrouter.destinations.dicom import DicomSender, VerificationNotSupported
 
     dest = _configured(ctx, name)

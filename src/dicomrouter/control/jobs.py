@@ -22,9 +22,9 @@ from dicomrouter.observe.logs import find_control
 from dicomrouter.queue import JobStore
 from dicomrouter.queue import states as S
 from dicomrouter.queue.views import job_detail as _queue_job_detail
+from dicomrouter.store import audit
 from dicomrouter.store.schema import instances, job_instances, jobs
 
-from . import audit
 from .errors import Conflict, Invalid, NotFound
 
 Action = Literal["retry", "cancel"]

@@ -16,9 +16,8 @@ from typing import Any
 from sqlalchemy import Connection, Engine, func, select, update
 
 from dicomrouter.queue.loops import HELD, NOT_SENT_BACK
+from dicomrouter.store import audit
 from dicomrouter.store.schema import instances, loop_events
-
-from . import audit
 
 
 @dataclass(frozen=True)

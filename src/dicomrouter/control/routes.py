@@ -26,12 +26,11 @@ from sqlalchemy import Connection, Engine, Row, Select, case, func, select
 
 from dicomrouter.config import RouteConfig, RouterConfig
 from dicomrouter.config.loader import format_validation_error
-from dicomrouter.control import audit
 from dicomrouter.queue import compile_routes
 from dicomrouter.queue.planner import indexed_facts
 from dicomrouter.queue.states import purged_message
 from dicomrouter.rules import Condition, InstanceFacts, compile_condition
-from dicomrouter.store import ObjectStore, missing_identity, read_header
+from dicomrouter.store import ObjectStore, audit, missing_identity, read_header
 from dicomrouter.store.schema import instances, jobs, route_matches
 
 DAY = 86400.0

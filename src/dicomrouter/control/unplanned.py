@@ -13,8 +13,8 @@ from sqlalchemy import Engine
 
 from dicomrouter.queue import unplanned as queue_unplanned
 from dicomrouter.queue.unplanned import UnplannedInstance, UnplannedSummary
+from dicomrouter.store import audit
 
-from . import audit
 from .errors import NotFound
 
 __all__ = ["UnplannedInstance", "UnplannedSummary", "replan", "summary"]

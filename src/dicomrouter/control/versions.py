@@ -52,11 +52,12 @@ from dicomrouter.config import (
     load_config_text,
     load_yaml,
 )
+from dicomrouter.config.lint import lint
+from dicomrouter.security import Principal, Role
+from dicomrouter.store import audit
 from dicomrouter.store.schema import config_versions
 
-from . import audit
 from .errors import Conflict, Invalid, NotFound
-from .security import Principal, Role
 
 log = logging.getLogger("dicomrouter.config")
 
@@ -426,8 +427,6 @@ def lockout(candidate: RouterConfig, running: RouterConfig | None) -> str | None
 
 
 def findings(config: RouterConfig) -> list[str]:
-    from dicomrouter.config.lint import lint
-
     return [str(finding) for finding in lint(config)]
 
 

@@ -1,6 +1,7 @@
 """Deliver stored instances to a DICOM C-STORE SCP.
 
-Throughput comes from these choices (docs/architecture.md, "Sending"):
+Throughput comes from these choices (measured: docs/benchmarks.md; the protocol side
+in docs/architecture.md, "Sending"):
 
 * associations are reused for a whole batch (renewed every ``batch_size``
   instances, split when more than 128 presentation contexts are needed), and kept

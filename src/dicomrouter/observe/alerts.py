@@ -63,9 +63,9 @@ from sqlalchemy import Engine, func, select
 from dicomrouter import __version__
 from dicomrouter.config import RouterConfig
 from dicomrouter.config.models import AlertEventConfig, ResolvableAlertConfig, WebhookConfig
-from dicomrouter.control import audit
 from dicomrouter.control.jobs import orphaned_queues
 from dicomrouter.control.unplanned import summary as unplanned_summary
+from dicomrouter.store import audit
 from dicomrouter.store.schema import jobs, loop_events
 
 from .collector import read_queues

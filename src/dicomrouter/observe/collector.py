@@ -50,7 +50,10 @@ from sqlalchemy import Engine, func, select
 
 from dicomrouter import __version__
 from dicomrouter.config import RouterConfig
+from dicomrouter.control.jobs import orphaned_queues
 from dicomrouter.control.loops import held_count
+from dicomrouter.control.retention import retention_status
+from dicomrouter.control.unplanned import summary
 from dicomrouter.store import heartbeat
 from dicomrouter.store.schema import destination_state, jobs
 
@@ -182,9 +185,6 @@ class IndexCollector(Collector):
         yield from extra
 
     def _no_silent_loss(self, config: RouterConfig, now: float) -> Iterator[Any]:
-        from dicomrouter.control.jobs import orphaned_queues
-        from dicomrouter.control.unplanned import summary
-
         waiting = summary(self.engine, limit=0)
         count = GaugeMetricFamily(
             "dicomrouter_unplanned_instances",
@@ -217,8 +217,6 @@ class IndexCollector(Collector):
         yield up
 
     def _retention(self) -> Iterator[Any]:
-        from dicomrouter.control.retention import retention_status
-
         try:
             status = retention_status(self.engine)
         except Exception:  # an index from before schema 3 is upgraded at start-up

@@ -25,7 +25,6 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicomrouter.config import RouterConfig
-from dicomrouter.control import audit
 from dicomrouter.dicomnet import (
     AcceptorSettings,
     CommandField,
@@ -47,6 +46,7 @@ from dicomrouter.store import (
     ObjectStore,
     Provenance,
     StorageError,
+    audit,
     missing_identity,
     read_header,
 )

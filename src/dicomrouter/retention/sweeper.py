@@ -19,9 +19,8 @@ from collections.abc import Callable
 from sqlalchemy import Engine
 
 from dicomrouter.config import RouterConfig
-from dicomrouter.control import audit
 from dicomrouter.observe import metrics
-from dicomrouter.store import ObjectStore, create_index_engine
+from dicomrouter.store import ObjectStore, audit, create_index_engine
 
 from .purge import PurgeBusy, Purger, PurgeReport
 

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from dicomrouter.config.units import TimeWindow
+from dicomrouter.units import TimeWindow
 
 from . import operators as ops
 from .conditions import AllOf, Always, AnyOf, Condition, Exists, Match, Not

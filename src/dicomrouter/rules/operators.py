@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dicomrouter.config.units import TimeWindow
+from dicomrouter.units import TimeWindow
 
 from .values import quoted, token
 

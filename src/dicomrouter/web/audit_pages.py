@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse
 
-from dicomrouter.control import audit
 from dicomrouter.control.errors import Invalid
-from dicomrouter.control.security import Principal
+from dicomrouter.security import Principal
+from dicomrouter.store import audit
 
 from .common import AUDIT_ROLE, ctx_of, page_role, parse_time, render
 

@@ -1,6 +1,6 @@
 """What every dashboard page shares: templates, who is asking, flash messages.
 
-Pages authenticate exactly like the API (:func:`dicomrouter.api.auth.authenticate`:
+Pages authenticate exactly like the API (:func:`dicomrouter.edge.auth.authenticate`:
 session cookie first for a browser, a token or Basic for scripts), so a role change
 in the configuration applies to both at once. A page differs from the API only in
 how it says no: a browser without a session is sent to the login page instead of
@@ -21,11 +21,11 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from dicomrouter import __version__
-from dicomrouter.api.auth import authenticate, client_address, context
-from dicomrouter.api.context import AppContext
-from dicomrouter.api.params import parse_timestamp
 from dicomrouter.control.errors import ControlError, Invalid
-from dicomrouter.control.security import Principal, Role
+from dicomrouter.edge.auth import authenticate, client_address, context
+from dicomrouter.edge.context import AppContext
+from dicomrouter.edge.params import parse_timestamp
+from dicomrouter.security import Principal, Role
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")

@@ -14,12 +14,12 @@ from typing import Any
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from dicomrouter.api.auth import client_address
-from dicomrouter.api.context import AppContext
-from dicomrouter.api.params import RowId
 from dicomrouter.control import versions
 from dicomrouter.control.errors import ControlError, NotFound
-from dicomrouter.control.security import Principal
+from dicomrouter.edge.auth import client_address
+from dicomrouter.edge.context import AppContext
+from dicomrouter.edge.params import RowId
+from dicomrouter.security import Principal
 
 from .common import admin, ctx_of, flash, render, viewer
 

@@ -8,7 +8,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from dicomrouter.control import destinations
 from dicomrouter.control.errors import ControlError
 from dicomrouter.control.jobs import JobFilter, search_jobs
-from dicomrouter.control.security import Principal
+from dicomrouter.security import Principal
 
 from .common import actor, back, ctx_of, operator, render, run_action, viewer
 

@@ -7,7 +7,6 @@ from typing import Any
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from dicomrouter.api.params import RowId
 from dicomrouter.control.errors import ControlError, Invalid
 from dicomrouter.control.jobs import (
     JobFilter,
@@ -19,8 +18,9 @@ from dicomrouter.control.jobs import (
     search_jobs,
     set_priority,
 )
-from dicomrouter.control.security import Principal
+from dicomrouter.edge.params import RowId
 from dicomrouter.queue import states as S
+from dicomrouter.security import Principal
 
 from .common import actor, back, ctx_of, operator, parse_time, render, run_action, viewer
 

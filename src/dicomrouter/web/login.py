@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse, Response
 
-from dicomrouter.api.auth import TooManyAttempts, authenticate, password_login
-from dicomrouter.api.session import end_session, start_session
+from dicomrouter.edge.auth import TooManyAttempts, authenticate, password_login
+from dicomrouter.edge.sessions import end_session, start_session
 
 from .common import ctx_of, render, safe_next
 

@@ -9,8 +9,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-from dicomrouter.control.security import Principal
 from dicomrouter.control.status import node_status, throughput
+from dicomrouter.security import Principal
 
 from .charts import Series, bar_chart, column_chart, gauge
 from .common import age, ctx_of, percent, render, viewer

@@ -8,9 +8,9 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse
 
 from dicomrouter.control.jobs import JobFilter, bulk_action, move_jobs
-from dicomrouter.control.security import Principal
 from dicomrouter.control.unplanned import replan
 from dicomrouter.queue import states as S
+from dicomrouter.security import Principal
 
 from .common import actor, back, ctx_of, operator, run_action
 

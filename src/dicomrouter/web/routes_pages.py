@@ -15,8 +15,6 @@ from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
-from dicomrouter.api.auth import client_address
-from dicomrouter.api.uploads import uploaded_files
 from dicomrouter.config import ConfigError, load_yaml
 from dicomrouter.control.errors import ControlError
 from dicomrouter.control.routes import (
@@ -25,7 +23,9 @@ from dicomrouter.control.routes import (
     route_history,
     route_summaries,
 )
-from dicomrouter.control.security import Principal
+from dicomrouter.edge.auth import client_address
+from dicomrouter.edge.uploads import uploaded_files
+from dicomrouter.security import Principal
 
 from .common import ctx_of, operator, render, viewer
 

@@ -7,8 +7,8 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse
 
-from dicomrouter.control.security import Principal
 from dicomrouter.control.studies import search_studies, study_trace
+from dicomrouter.security import Principal
 
 from .common import ctx_of, render, templates, viewer
 from .trace_view import plural, short_uid, timeline

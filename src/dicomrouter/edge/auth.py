@@ -41,14 +41,15 @@ from dataclasses import dataclass, field
 
 from fastapi import Depends, HTTPException, Request, status
 
-from dicomrouter.control import audit, sessions
-from dicomrouter.control.security import (
+from dicomrouter.control import sessions
+from dicomrouter.security import (
     Principal,
     Role,
     hash_password,
     verify_password,
     verify_token,
 )
+from dicomrouter.store import audit
 
 from .context import AppContext
 

@@ -4,6 +4,10 @@ Every process writes here (the receiver for rejected associations, the HTTP serv
 for logins, manual actions and configuration changes, the alerter for alerts). A
 failure to write an audit row is logged but never fails the action it describes:
 a full audit table must not stop a modality from sending.
+
+It sits in ``store``, beside the table it writes, so the receiver, the retention
+sweeper, the alerter and ``control`` all record through it without depending on each
+other (docs/architecture.md, *Layers*).
 """
 
 from __future__ import annotations
