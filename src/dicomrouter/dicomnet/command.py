@@ -194,6 +194,7 @@ def _encode_value(kind: Kind, value: int | str) -> bytes:
         data = text.encode("latin-1")
         return data + b"\x00" if len(data) % 2 else data
     if kind == "AE":
-        return text.encode("ascii", "replace")[:16].ljust(16)
+        data = text.encode("ascii", "replace")[:16]
+        return data + b" " if len(data) % 2 else data
     data = text.encode("ascii", "replace")[:MAX_COMMENT]
     return data + b" " if len(data) % 2 else data

@@ -357,8 +357,8 @@ class UpperLayer:
 
     def accept(self, accept: AssociateAccept) -> bytes:
         """Evt7: returns the A-ASSOCIATE-AC."""
-        assert self.request is not None
         self._apply(Event.Evt7)
+        assert self.request is not None
         self.contexts = accept.accepted()
         self.peer_max_pdu = self.request.max_pdu
         return encode_associate_ac(self.request, accept, self.identity)
@@ -522,15 +522,16 @@ class UpperLayer:
             else:
                 self._apply(event)
             return ReleaseRequested()
-        self._apply(event)  # Evt13
-        if action is Action.AR_10:
-            return None  # collision, acceptor side: our RP is still due
+        self._apply(event)  # Evt13; after AR-10 (collision, acceptor side) our RP is due
         return ReleaseConfirmed()
 
     def _next_pdv(self, reader: Reader) -> Received | None:
         if self._pdu_left < 6:
             raise self._violation("P-DATA-TF length does not match its PDVs")
-        size, context_id, control = read_pdv_header(reader)
+        try:
+            size, context_id, control = read_pdv_header(reader)
+        except ProtocolError as exc:
+            raise self._violation(str(exc)) from None
         self._pdu_left -= 6 + size
         if self._pdu_left < 0:
             raise self._violation("PDV runs past the end of its P-DATA-TF")

@@ -18,6 +18,8 @@ from pynetdicom.presentation import PresentationContext, build_context, negotiat
 from .constants import APPLICATION_CONTEXT, ContextResult, PduType
 from .pdu import HEADER, ProtocolError
 
+#: Bytes of an A-ASSOCIATE-AC's fixed fields after its header (PS3.8 9.3.3).
+_AC_FIXED_FIELDS = 68
 #: PS3.8: presentation context IDs are odd numbers 1..255, so at most 128.
 MAX_CONTEXTS = 128
 
@@ -153,7 +155,11 @@ def decode_associate_rq(body: bytes) -> AssociateRequest:
 def decode_associate_ac(body: bytes, request: AssociateRequest) -> AssociateAccept:
     """The A-ASSOCIATE-AC answering ``request``; each outcome names the abstract
     syntax that was proposed under its context ID (the AC does not repeat it)."""
+    if len(body) < _AC_FIXED_FIELDS:
+        raise ProtocolError(f"unreadable A-ASSOCIATE-AC: {len(body)} bytes, no fixed fields")
     _decoded, primitive = _decode(PduType.A_ASSOCIATE_AC, body)
+    if primitive.application_context_name is None:
+        raise ProtocolError("unreadable A-ASSOCIATE-AC: no application context")
     max_pdu, class_uid, version, roles = _user_items(primitive)
     proposed = {c.context_id: c for c in request.contexts}
     outcomes = []
