@@ -53,7 +53,7 @@ def lint(config: RouterConfig) -> list[Finding]:
     for name in sorted(set(config.destinations) - used):
         findings.append(Finding("warning", f"destinations.{name}", "is not used by any route"))
     for name, dest in config.destinations.items():
-        if dest.port != config.dicom.port:
+        if dest.port not in config.dicom.ports:
             continue  # another port is never this router (no lookup needed)
         host = hosts.check_host(dest.host)
         if config.is_self(dest):
