@@ -75,7 +75,8 @@ def serve(config: ConfigOption = None) -> None:
     try:
         node.serve_forever()
     except OSError as exc:
-        fail(f"cannot listen on {settings.dicom.bind}:{settings.dicom.port}: {exc}")
+        ports = " and ".join(str(port) for port in settings.dicom.ports)
+        fail(f"cannot listen on {settings.dicom.bind} port {ports}: {exc}")
     except RuntimeError as exc:
         fail(str(exc))
 

@@ -139,6 +139,8 @@ class Receiver:
             VERIFICATION_SOP_CLASS,
             VERIFICATION_TRANSFER_SYNTAXES,
         )
+        if self.config.dicom.port is None:
+            return  # `dicom.port: null`: no plain listener (only `dicom.tls`)
         acceptor = AssociationAcceptor(lambda: self._settings, self, contexts, self.store.tmp)
         acceptor.start(self.config.dicom.bind, self.config.dicom.port)
         self._acceptor = acceptor
