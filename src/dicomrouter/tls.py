@@ -64,6 +64,10 @@ def _load_chain(context: ssl.SSLContext, certificate: StrPath, private_key: StrP
     except PermissionError as exc:
         raise TlsError(f"{exc.filename or certificate}: permission denied") from None
     except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise TlsError(
+                f"{os.fspath(private_key)} is not the private key of {os.fspath(certificate)}"
+            ) from None
         raise TlsError(
             f"certificate {os.fspath(certificate)} with key {os.fspath(private_key)}: "
             f"not a PEM certificate and matching unencrypted private key ({exc.reason or exc})"
