@@ -827,6 +827,23 @@ class RouterConfig(_Model):
             and is_local_host(dest.host)
         )
 
+    def certificate_files(self) -> dict[str, Path]:
+        """Every certificate file the configuration names, by key path (for the
+        ``certificate_expiry`` alert and the expiry metric): the TLS listeners'
+        certificates, the destinations' client certificates, and the CA bundles."""
+        found: dict[str, Path] = {}
+        sections: list[tuple[str, Any]] = [
+            ("dicom.tls", self.dicom.tls),
+            ("http.tls", self.http.tls),
+        ]
+        sections += [(f"destinations.{name}.tls", d.tls) for name, d in self.destinations.items()]
+        for prefix, section in sections:
+            for key in ("certificate", "ca_certificates"):
+                path = getattr(section, key, None)
+                if path is not None:
+                    found[f"{prefix}.{key}"] = path
+        return found
+
     @property
     def database_url(self) -> str:
         return self.database or f"sqlite:///{(self.storage.path / 'index.sqlite').resolve()}"
