@@ -193,3 +193,22 @@ def test_tls_changes_need_a_restart(pki: Pki) -> None:
     assert versions.restart_required(versions.changed_keys(new, other)) == [
         "dicom.tls.require_client_certificate"
     ]
+
+
+def test_check_reports_certificates_that_expire(pki: Pki, tmp_path: Path) -> None:
+    soon_cert, soon_key = pki.issue("soon", days=3, directory=tmp_path)
+    tls = {"certificate": str(soon_cert), "private_key": str(soon_key)}
+    config = parse_config({"http": {"tls": tls}}, environ={})
+    (finding,) = lint(config)
+    assert (finding.severity, finding.where) == ("warning", "http.tls.certificate")
+    assert finding.message.startswith(f"the certificate in {soon_cert} expires on ")
+    assert lint(parse_config({"dicom": {"tls": dicom_tls(pki)}}, environ={})) == []
+    within = {"alerts": {"events": {"certificate_expiry": {"before": "400d"}}}}
+    config = parse_config({**within, "dicom": {"tls": dicom_tls(pki)}}, environ={})
+    assert [(f.severity, f.where) for f in lint(config)] == [("warning", "dicom.tls.certificate")]
+    # Expired a quarter of an hour ago: loads (dates are not validation), but is an error.
+    gone_cert, gone_key = pki.issue("gone", days=-0.01, directory=tmp_path)
+    tls = {"certificate": str(gone_cert), "private_key": str(gone_key)}
+    (finding,) = lint(parse_config({"http": {"tls": tls}}, environ={}))
+    assert (finding.severity, finding.where) == ("error", "http.tls.certificate")
+    assert "expired on" in finding.message
