@@ -75,8 +75,8 @@ def serve(config: ConfigOption = None) -> None:
     try:
         node.serve_forever()
     except OSError as exc:
-        ports = " and ".join(str(port) for port in settings.dicom.ports)
-        fail(f"cannot listen on {settings.dicom.bind} port {ports}: {exc}")
+        where = " and ".join(f"{settings.dicom.bind}:{port}" for port in settings.dicom.ports)
+        fail(f"cannot listen on {where}: {exc}")
     except RuntimeError as exc:
         fail(str(exc))
 
