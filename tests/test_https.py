@@ -91,6 +91,16 @@ def test_curl_reaches_the_dashboard_and_api_over_https(
     assert login.returncode == 0, login.stderr
     cookies = [h for h in login.stdout.splitlines() if h.lower().startswith("set-cookie:")]
     assert cookies and all("secure" in h.lower() for h in cookies), login.stdout
+    # A browser's way: log in on the form, then the dashboard with the session cookie.
+    jar = str(router.workdir / "cookies.txt")
+    form = curl(
+        "--cacert", ca, "--cookie-jar", jar, "--output", "/dev/null", "--write-out", "%{http_code}",
+        "--data-urlencode", "username=admin", "--data-urlencode", f"password={PASSWORD}",
+        f"{base}/login",
+    )  # fmt: skip
+    assert form.returncode == 0 and form.stdout in ("302", "303"), form
+    assert status_of(f"{base}/", "--cacert", ca, "--cookie", jar) == "200"
+    assert status_of(f"{base}/", "--cacert", ca) in ("302", "303", "401")  # no cookie
 
     # Untrusted (curl's system store does not know our CA): refused.
     untrusted = curl("--output", "/dev/null", f"{base}/healthz")
