@@ -33,10 +33,11 @@ LAYERS: dict[str, frozenset[str]] = {
         "dicomnet": (),
         "units": (),
         "security": (),
+        "tls": (),
         "observe.logs": (),
         # The pipeline.
         "rules": ("units",),
-        "config": ("rules", "security"),
+        "config": ("rules", "security", "tls"),
         "store": ("config", "observe.logs", "dicomnet"),
         "observe.metrics": ("store",),
         "receive": ("observe.metrics",),
@@ -59,7 +60,7 @@ LAYERS: dict[str, frozenset[str]] = {
 }
 
 #: Components that may not import even the package's root (``__version__``).
-INDEPENDENT = frozenset({"dicomnet"})
+INDEPENDENT = frozenset({"dicomnet", "tls"})
 
 _CLI = "pydicom (and numpy) only after `serve` has excluded numpy: cli/__init__.py"
 _CHILD = "each child process imports only what its role needs: children.py"

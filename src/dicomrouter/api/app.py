@@ -160,6 +160,9 @@ def create_app(ctx: AppContext) -> FastAPI:
         session_cookie=SESSION_COOKIE,
         max_age=int(ctx.config.http.session_lifetime),
         same_site="strict",
+        # Over HTTPS the cookie is never sent over plain HTTP (``http.tls`` is bound
+        # at start-up: a change needs a restart, which builds a new app).
+        https_only=ctx.config.http.tls is not None,
     )
     # Added later, run earlier: a refused request never touches the session, a body
     # is bounded before anything reads it, the client address is settled before

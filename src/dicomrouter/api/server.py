@@ -9,6 +9,10 @@ Configuration: ``PUT /api/v1/config`` replaces this process's configuration at o
 and sends SIGHUP to the node (our parent), which validates the file again and
 forwards SIGHUP to every child; here that loads the newest recorded version, so a
 reload started from the shell (``kill -HUP``) reaches this process too.
+
+HTTPS (``http.tls``): uvicorn serves with our BCP 195 context
+(:mod:`dicomrouter.tls`), and SIGHUP reads the certificate and key again into that
+same context, so a renewed certificate is served from the next connection on.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from types import FrameType
 
 from dicomrouter.config import RouterConfig
 from dicomrouter.observe.alerts import start_alerts
+from dicomrouter.tls import ReloadableServerContext, TlsError
 
 log = logging.getLogger("dicomrouter.http")
 
@@ -63,6 +68,25 @@ def _tell_node() -> None:
     os.kill(os.getppid(), signal.SIGHUP)
 
 
+def https_context(config: RouterConfig) -> ReloadableServerContext | None:
+    """The HTTPS context for ``http.tls`` (None: plain HTTP)."""
+    if config.http.tls is None:
+        return None
+    holder = ReloadableServerContext(
+        config.http.tls.certificate, config.http.tls.private_key, name="HTTPS"
+    )
+    holder.context.set_alpn_protocols(["http/1.1"])  # uvicorn's h11 speaks HTTP/1.1
+    return holder
+
+
+def base_url(config: RouterConfig) -> str:
+    """Where the dashboard is served, as logged: ``https://`` when ``http.tls`` is set."""
+    scheme = "https" if config.http.tls is not None else "http"
+    host = config.http.bind
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}:{config.http.port}/"
+
+
 def serve_http(config: RouterConfig, config_path: Path | None, on_ready=None) -> None:  # type: ignore[no-untyped-def]
     """Run uvicorn until SIGTERM (uvicorn handles it: finish requests, then exit).
     Meant to run as the node's child: SIGHUP reloads, and an applied configuration
@@ -71,12 +95,16 @@ def serve_http(config: RouterConfig, config_path: Path | None, on_ready=None) ->
 
     from .app import create_app
 
+    try:
+        tls = https_context(config)
+    except TlsError as exc:  # the files changed since the configuration was checked
+        raise SystemExit(f"cannot serve HTTPS: {exc}") from None
     ctx = build_context(config, config_path)
     ctx.reload_node = _tell_node
 
     def on_hangup(signum: int, frame: FrameType | None) -> None:
-        # Off the signal handler (and the event loop): a short index read.
-        threading.Thread(target=_reload_logged, args=(ctx,), name="reload", daemon=True).start()
+        # Off the signal handler (and the event loop): file and index reads.
+        threading.Thread(target=_reload_logged, args=(ctx, tls), name="reload", daemon=True).start()
 
     signal.signal(signal.SIGHUP, on_hangup)
     app = create_app(ctx)
@@ -104,7 +132,12 @@ def serve_http(config: RouterConfig, config_path: Path | None, on_ready=None) ->
                 on_ready()
 
         server.startup = startup  # type: ignore[method-assign]
-    log.info("HTTP service on http://%s:%s/", config.http.bind, config.http.port)
+    if tls is not None:
+        # uvicorn builds its own context from file names; ours (BCP 195, reloadable)
+        # replaces it once the configuration is loaded (startup keeps a loaded one).
+        server.config.load()
+        server.config.ssl = tls.context
+    log.info("HTTP service on %s", base_url(config))
     try:
         server.run()
     finally:
@@ -113,7 +146,9 @@ def serve_http(config: RouterConfig, config_path: Path | None, on_ready=None) ->
         raise SystemExit(f"cannot serve HTTP on {config.http.bind}:{config.http.port}")
 
 
-def _reload_logged(ctx) -> None:  # type: ignore[no-untyped-def]
+def _reload_logged(ctx, tls: ReloadableServerContext | None = None) -> None:  # type: ignore[no-untyped-def]
+    if tls is not None:
+        tls.reload()  # logs its outcome; bad files keep the certificate in service
     try:
         reload_context(ctx)
     except Exception:

@@ -78,7 +78,8 @@ def serve(config: ConfigOption = None) -> None:
     try:
         node.serve_forever()
     except OSError as exc:
-        fail(f"cannot listen on {settings.dicom.bind}:{settings.dicom.port}: {exc}")
+        where = " and ".join(f"{settings.dicom.bind}:{port}" for port in settings.dicom.ports)
+        fail(f"cannot listen on {where}: {exc}")
     except RuntimeError as exc:
         fail(str(exc))
 

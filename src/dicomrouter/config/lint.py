@@ -1,12 +1,15 @@
 """``dicomrouter check``: findings about a configuration that loads but is probably wrong.
 
 Validation (models.py) refuses what cannot work; the lint flags what works but is
-likely a mistake: dead routes, double deliveries, unused destinations, loops.
+likely a mistake: dead routes, double deliveries, unused destinations, loops,
+certificates that expire soon.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any, Literal
 
 from dicomrouter.rules import compile_condition, never_matches
@@ -51,10 +54,11 @@ def lint(config: RouterConfig) -> list[Finding]:
             findings.append(Finding("warning", where, "is disabled"))
 
     findings += _overlaps(config)
+    findings += _certificates(config)
     for name in sorted(set(config.destinations) - used):
         findings.append(Finding("warning", f"destinations.{name}", "is not used by any route"))
     for name, dest in config.destinations.items():
-        if dest.port != config.dicom.port:
+        if dest.port not in config.dicom.ports:
             continue  # another port is never this router (no lookup needed)
         host = hosts.check_host(dest.host)
         if config.is_self(dest):
@@ -136,3 +140,25 @@ def _members(cond: Any, kind: type) -> list[Any]:
     for child in cond.children:
         out.extend(_members(child, kind) if isinstance(child, kind) else [child])
     return out
+
+
+def _certificates(config: RouterConfig) -> list[Finding]:
+    """Certificate files that have expired (error) or expire within the alert's
+    ``before`` (warning)."""
+    from dicomrouter.tls import TlsError, certificate_not_after
+
+    findings = []
+    before = config.alerts.events.certificate_expiry.before
+    for key, path in config.certificate_files().items():
+        try:
+            not_after = certificate_not_after(path)
+        except TlsError as exc:
+            findings.append(Finding("error", key, str(exc)))
+            continue
+        left = not_after.timestamp() - time.time()
+        when = not_after.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        if left <= 0:
+            findings.append(Finding("error", key, f"the certificate in {path} expired on {when}"))
+        elif left < before:
+            findings.append(Finding("warning", key, f"the certificate in {path} expires on {when}"))
+    return findings

@@ -184,22 +184,29 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def parse_config(
-    data: Any, source: str = "<config>", environ: Mapping[str, str] | None = None
+    data: Any,
+    source: str = "<config>",
+    environ: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
 ) -> RouterConfig:
+    """Validate ``data`` (with the environment overrides). Files the configuration
+    names (TLS certificates and keys) are made absolute against ``base_dir`` (default:
+    the current directory) and must exist and be readable."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(source, ["the file must be a YAML mapping of keys to values"])
     data = _merge(data, env_overrides(os.environ if environ is None else environ))
     try:
-        return RouterConfig.model_validate(data)
+        return RouterConfig.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         raise ConfigError(source, format_validation_error(exc)) from None
 
 
 def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> RouterConfig:
     """Load ``path`` (or the embedded defaults when ``None``), relative paths resolved
-    against the file's folder so that ``storage.path: ./data`` means next to the file."""
+    against the file's folder so that ``storage.path: ./data`` means next to the file
+    (and ``http.tls.certificate: tls/server.crt`` a file beside it)."""
     if path is None:
         config = parse_config({}, "<defaults>", environ)
         return config
@@ -218,7 +225,7 @@ def load_config_text(
     stored version is checked exactly as the file would be (same errors, same env
     overrides, ``storage.path`` relative to ``base_dir``)."""
     data = load_yaml(text, source)
-    config = parse_config(data, source, environ)
+    config = parse_config(data, source, environ, base_dir)
     if not config.storage.path.is_absolute():
         config.storage.path = (base_dir / config.storage.path).resolve()
     return config

@@ -8,12 +8,22 @@ and a test checks that the committed file is current.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from dicomrouter import tls
 from dicomrouter.security import check_password_hash_format, check_token_hash_format
 from dicomrouter.units import Duration, Window
 
@@ -32,11 +42,151 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+def _readable_file(value: Path, info: ValidationInfo) -> Path:
+    """A file that exists and that we may read, made absolute: a relative path is
+    relative to the configuration file's folder (the ``base_dir`` in the validation
+    context; without one, the current directory)."""
+    base = (info.context or {}).get("base_dir")
+    path = value.expanduser()
+    if not path.is_absolute():
+        path = (Path(base) if base is not None else Path.cwd()) / path
+    path = Path(os.path.normpath(path))
+    if not path.exists():
+        raise ValueError(f"no such file: {path}")
+    if not path.is_file():
+        raise ValueError(f"not a file: {path}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"cannot read {path}: permission denied")
+    return path
+
+
+#: A PEM file named in the configuration: checked to exist and be readable when the
+#: configuration is loaded.
+PemFile = Annotated[Path, AfterValidator(_readable_file)]
+
+
+class DicomTlsConfig(_Model):
+    """A second DICOM listener, with TLS (DICOM PS3.15 B.1, BCP 195: TLS 1.2 or newer,
+    forward-secret AEAD suites only). It shares `bind`, the AE title and every other
+    setting of the plain listener; set `dicom.port: null` to keep only this one."""
+
+    port: int = Field(
+        ...,
+        ge=1,
+        le=65535,
+        description="TCP port of the TLS listener (2762 is the registered DICOM-over-TLS port).",
+    )
+    certificate: PemFile = Field(
+        ...,
+        description="PEM file with the server certificate, followed by any intermediate "
+        "CA certificates. Read again on SIGHUP.",
+    )
+    private_key: PemFile = Field(
+        ...,
+        description="PEM file with the certificate's private key, unencrypted (keep it "
+        "readable by the router's user only). Read again on SIGHUP.",
+    )
+    ca_certificates: PemFile | None = Field(
+        None,
+        description="PEM bundle of the CA certificates that sign client certificates. Set: "
+        "a client certificate is asked for, and one that is offered must verify. Unset: "
+        "no client certificate is asked for.",
+    )
+    require_client_certificate: bool = Field(
+        False,
+        description="Refuse a client without a certificate signed by `ca_certificates` "
+        "(mutual TLS). Needs `ca_certificates`.",
+    )
+
+    @model_validator(mode="after")
+    def _usable(self) -> DicomTlsConfig:
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates")
+        try:
+            tls.server_context(
+                self.certificate,
+                self.private_key,
+                self.ca_certificates,
+                self.require_client_certificate,
+            )
+        except tls.TlsError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class DestinationTlsConfig(_Model):
+    """TLS to a destination (BCP 195: TLS 1.2 or newer). The destination's certificate
+    is always verified."""
+
+    ca_certificates: PemFile | None = Field(
+        None,
+        description="PEM bundle of the CA certificates that may sign the destination's "
+        "certificate. Unset: the system's trust store.",
+    )
+    certificate: PemFile | None = Field(
+        None,
+        description="PEM file with our client certificate (and intermediates), for "
+        "destinations that require mutual TLS. Needs `private_key`.",
+    )
+    private_key: PemFile | None = Field(
+        None, description="PEM file with the client certificate's unencrypted private key."
+    )
+    verify_hostname: bool = Field(
+        True,
+        description="Check that the destination's certificate names `host` (DNS name or IP "
+        "address). `false` only verifies that a trusted CA signed it.",
+    )
+
+    @model_validator(mode="after")
+    def _usable(self) -> DestinationTlsConfig:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together: set both or neither")
+        try:
+            tls.client_context(
+                self.ca_certificates, self.certificate, self.private_key, self.verify_hostname
+            )
+        except tls.TlsError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class HttpTlsConfig(_Model):
+    """HTTPS for the API, dashboard and metrics (BCP 195: TLS 1.2 or newer)."""
+
+    certificate: PemFile = Field(
+        ...,
+        description="PEM file with the server certificate, followed by any intermediate "
+        "CA certificates. Read again on SIGHUP.",
+    )
+    private_key: PemFile = Field(
+        ...,
+        description="PEM file with the certificate's private key, unencrypted. Read again "
+        "on SIGHUP.",
+    )
+
+    @model_validator(mode="after")
+    def _usable(self) -> HttpTlsConfig:
+        try:
+            tls.server_context(self.certificate, self.private_key)
+        except tls.TlsError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
 class DicomListenerConfig(_Model):
     """The C-STORE / C-ECHO service that modalities send to."""
 
-    port: int = Field(11112, ge=1, le=65535, description="TCP port of the DICOM listener.")
+    port: int | None = Field(
+        11112,
+        ge=1,
+        le=65535,
+        description="TCP port of the plain (unencrypted) DICOM listener; null: none "
+        "(then `tls` must be set).",
+    )
     bind: str = Field("0.0.0.0", description="Address to listen on; '::' for IPv6.")
+    tls: DicomTlsConfig | None = Field(
+        None, description="A second listener, with TLS, beside the plain one. Unset: none."
+    )
     allowed_callers: list[str] | None = Field(
         None,
         description="Calling AE titles allowed to associate. Unset or null: any caller.",
@@ -91,6 +241,20 @@ class DicomListenerConfig(_Model):
     @classmethod
     def _callers(cls, value: list[str] | None) -> list[str] | None:
         return None if value is None else [_check_ae_title(v) for v in value]
+
+    @model_validator(mode="after")
+    def _listeners(self) -> DicomListenerConfig:
+        if self.port is None and self.tls is None:
+            raise ValueError("port is null and tls is not set: nothing would listen")
+        if self.tls is not None and self.tls.port == self.port:
+            raise ValueError(f"tls.port {self.port} is also the plain listener's port")
+        return self
+
+    @property
+    def ports(self) -> list[int]:
+        """The ports we listen on: the plain one and the TLS one, if set."""
+        found = [] if self.port is None else [self.port]
+        return found + ([self.tls.port] if self.tls is not None else [])
 
     @field_validator("allowed_networks")
     @classmethod
@@ -182,6 +346,9 @@ class DicomDestinationConfig(_Model):
         "down for a week gets everything when it returns.",
     )
     enabled: bool = Field(True, description="A disabled destination keeps its queue unsent.")
+    tls: DestinationTlsConfig | None = Field(
+        None, description="Connect with TLS. Unset: a plain TCP connection."
+    )
 
     _check_ae = field_validator("ae_title", "calling_ae_title")(
         classmethod(lambda cls, v: v if v is None else _check_ae_title(v))
@@ -268,6 +435,11 @@ class HttpConfig(_Model):
     enabled: bool = Field(True, description="Serve HTTP beside the DICOM service.")
     port: int = Field(8080, ge=1, le=65535, description="TCP port of the HTTP service.")
     bind: str = Field("0.0.0.0", description="Address to listen on; '127.0.0.1' for local only.")
+    tls: HttpTlsConfig | None = Field(
+        None,
+        description="Serve HTTPS (only) on `port`. Unset: plain HTTP. The session cookie "
+        "is marked `Secure` over HTTPS.",
+    )
     open_probes: bool = Field(
         True,
         description="Serve `/healthz`, `/readyz` and `/metrics` without credentials "
@@ -449,6 +621,15 @@ class UnplannedAlertConfig(ResolvableAlertConfig):
     )
 
 
+class CertificateExpiryAlertConfig(ResolvableAlertConfig):
+    """A configured certificate (or CA certificate) expires soon, or has expired."""
+
+    before: Duration = Field(
+        14 * 86400.0,
+        description="How long before a certificate's expiry (its notAfter) the alert fires.",
+    )
+
+
 class AlertEventsConfig(_Model):
     """The alerts, one entry per kind."""
 
@@ -484,6 +665,12 @@ class AlertEventsConfig(_Model):
         default_factory=lambda: ResolvableAlertConfig(),
         description="Open jobs for a destination that is no longer configured: nothing "
         "sends them until they are moved to another destination or canceled.",
+    )
+    certificate_expiry: CertificateExpiryAlertConfig = Field(
+        default_factory=lambda: CertificateExpiryAlertConfig(),
+        description="A certificate file of the configuration (`dicom.tls`, `http.tls`, "
+        "a destination's `tls`, their CA bundles) expires within `before`, or has "
+        "expired; one alert per file.",
     )
 
 
@@ -629,15 +816,32 @@ class RouterConfig(_Model):
         return self
 
     def is_self(self, dest: DicomDestinationConfig) -> bool:
-        """True when a destination points back at this router (a routing loop): our
-        port on an address of this machine, however spelled (see ``hosts``), with
-        our AE title, or with any AE title when we do not check the called AE
-        (``dicom.require_called_ae: false``)."""
+        """True when a destination points back at this router (a routing loop): one
+        of our ports (plain or TLS) on an address of this machine, however spelled
+        (see ``hosts``), with our AE title, or with any AE title when we do not check
+        the called AE (``dicom.require_called_ae: false``)."""
         return (
             (dest.ae_title == self.ae_title or not self.dicom.require_called_ae)
-            and dest.port == self.dicom.port
+            and dest.port in self.dicom.ports
             and is_local_host(dest.host)
         )
+
+    def certificate_files(self) -> dict[str, Path]:
+        """Every certificate file the configuration names, by key path (for the
+        ``certificate_expiry`` alert and the expiry metric): the TLS listeners'
+        certificates, the destinations' client certificates, and the CA bundles."""
+        found: dict[str, Path] = {}
+        sections: list[tuple[str, Any]] = [
+            ("dicom.tls", self.dicom.tls),
+            ("http.tls", self.http.tls),
+        ]
+        sections += [(f"destinations.{name}.tls", d.tls) for name, d in self.destinations.items()]
+        for prefix, section in sections:
+            for key in ("certificate", "ca_certificates"):
+                path = getattr(section, key, None)
+                if path is not None:
+                    found[f"{prefix}.{key}"] = path
+        return found
 
     @property
     def database_url(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import typing
 from types import NoneType, UnionType
 from typing import Any, Literal, get_args, get_origin
@@ -45,6 +46,8 @@ def _type_name(annotation: Any) -> str:
             return "duration"
         if "TimeWindow" in names or getattr(base, "__name__", "") == "TimeWindow":
             return "time window"
+        if "readable_file" in names:
+            return "file path"
         return _type_name(base)
     if origin is Literal:
         return " \\| ".join(f"`{a}`" for a in get_args(annotation))
@@ -88,6 +91,9 @@ def _rows(
         description = (field.description or "").replace("\n", " ")
         out.append(f"| `{key}` | {kind} | {_default(field)} | {description} |")
         inner = annotation
+        if get_origin(inner) in (UnionType, typing.Union):  # an optional section
+            models = [a for a in get_args(inner) if isinstance(a, type) and a is not NoneType]
+            inner = models[0] if len(models) == 1 else inner
         if isinstance(inner, type) and issubclass(inner, BaseModel):
             nested.append((f"{key}.", inner))
 
@@ -95,7 +101,7 @@ def _rows(
 def _section(title: str, model: type[BaseModel], prefix: str, text: list[str]) -> None:
     text.append(f"\n## {title}\n")
     if model.__doc__:
-        text.append(model.__doc__.strip() + "\n")
+        text.append(inspect.cleandoc(model.__doc__) + "\n")
     text.append("| key | type | default | meaning |")
     text.append("| --- | --- | --- | --- |")
     nested: list[tuple[str, type]] = []

@@ -68,12 +68,14 @@ SOURCES = ("startup", "api", "sighup", "rollback", "import")
 RESTART_KEYS = (
     "dicom.port",
     "dicom.bind",
+    "dicom.tls",  # and every key under it (a SIGHUP reloads the same files)
     "storage.path",
     "database",
     "http.enabled",
     "http.port",
     "http.bind",
     "http.session_lifetime",
+    "http.tls",
 )
 
 REDACTED = "<redacted>"
@@ -385,7 +387,12 @@ def _named_list(value: Any) -> bool:
 
 
 def restart_required(changed: list[str]) -> list[str]:
-    return [key for key in changed if key in RESTART_KEYS]
+    """The keys of ``changed`` that are, or are under, one of ``RESTART_KEYS``."""
+    return [
+        key
+        for key in changed
+        if any(key == bound or key.startswith(bound + ".") for bound in RESTART_KEYS)
+    ]
 
 
 def effective(new: RouterConfig, running: RouterConfig) -> RouterConfig:
@@ -393,11 +400,13 @@ def effective(new: RouterConfig, running: RouterConfig) -> RouterConfig:
     values: what the processes actually run on until a restart."""
     result = new.model_copy(deep=True)
     result.dicom.port, result.dicom.bind = running.dicom.port, running.dicom.bind
+    result.dicom.tls = running.dicom.tls
     result.storage.path = running.storage.path
     result.database = running.database
     result.http.enabled = running.http.enabled
     result.http.port, result.http.bind = running.http.port, running.http.bind
     result.http.session_lifetime = running.http.session_lifetime
+    result.http.tls = running.http.tls
     return result
 
 

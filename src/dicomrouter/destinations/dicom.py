@@ -36,6 +36,7 @@ from pydicom.uid import (
 from dicomrouter.config.models import DicomDestinationConfig
 from dicomrouter.dicomnet.negotiation import MAX_CONTEXTS
 from dicomrouter.store.header import install_no_value_validation
+from dicomrouter.tls import client_context
 
 from .association import (
     VERIFICATION,
@@ -44,6 +45,7 @@ from .association import (
     CannotConnect,
     OutboundAssociation,
     Timeouts,
+    TlsClient,
     open_association,
     store_file,
 )
@@ -54,6 +56,21 @@ log = logging.getLogger(__name__)
 
 _ELE = ExplicitVRLittleEndian
 _ILE = ImplicitVRLittleEndian
+
+
+def _tls_client(config: DicomDestinationConfig) -> TlsClient | None:
+    """The destination's TLS context (BCP 195), read from its files when the sender is
+    made: at start and after each configuration reload."""
+    if config.tls is None:
+        return None
+    settings = config.tls
+    context = client_context(
+        settings.ca_certificates,
+        settings.certificate,
+        settings.private_key,
+        settings.verify_hostname,
+    )
+    return TlsClient(context, server_hostname=config.host)
 
 
 @dataclass(frozen=True)
@@ -191,6 +208,7 @@ class DicomSender:
         )
         self._kept: _KeptAssociation | None = None
         self._active: OutboundAssociation | None = None
+        self.tls = _tls_client(config)
         install_no_value_validation()  # pydicom only ever warned, on converted data sets
 
     @property
@@ -207,9 +225,11 @@ class DicomSender:
         cfg = self.config
         try:
             return open_association(
-                cfg.host, cfg.port, self.calling_ae, cfg.ae_title, proposed, self.timeouts
+                cfg.host, cfg.port, self.calling_ae, cfg.ae_title, proposed, self.timeouts, self.tls
             )
         except CannotConnect as exc:
+            if exc.tls:
+                raise DestinationUnavailable(f"TLS with {self._where} failed: {exc}") from None
             raise DestinationUnavailable(
                 f"cannot connect to {self._where} (refused, unreachable or no answer "
                 f"within {cfg.connect_timeout:g}s): {exc}"

@@ -56,7 +56,11 @@ MAX_RESPONSE_DATA_SET = 16 * 1024 * 1024
 
 class CannotConnect(Exception):
     """No TCP connection (refused, unreachable, or none within ``connect_timeout``),
-    or no TLS session with the peer."""
+    or no TLS session with the peer (``tls``: the handshake failed)."""
+
+    def __init__(self, message: str, tls: bool = False):
+        super().__init__(message)
+        self.tls = tls
 
 
 class AssociationRejected(Exception):
@@ -429,7 +433,7 @@ def _connect(host: str, port: int, timeouts: Timeouts, tls: TlsClient | None) ->
     except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
         _close(sock)
         reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
-        raise CannotConnect(f"TLS handshake with {host}:{port} failed: {reason}") from exc
+        raise CannotConnect(f"TLS handshake with {host}:{port} failed: {reason}", tls=True) from exc
     return sock
 
 

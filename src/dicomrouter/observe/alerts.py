@@ -17,7 +17,10 @@ queries as the metrics:
 - ``unplanned``: acknowledged instances whose plan could not be written, the
   oldest waiting for longer than ``after`` (one incident for the node);
 - ``orphaned_jobs``: open jobs of a destination no longer configured (one incident
-  per such destination).
+  per such destination);
+- ``certificate_expiry``: a certificate file of the configuration (TLS listeners,
+  destinations, CA bundles) expires within ``before`` or has expired (one incident
+  per configuration key; resolved when the file is renewed or no longer named).
 
 Each condition is an *incident*: it fires once when it starts (after its delay)
 and, if ``send_resolved``, once more when it ends. Incidents survive a restart of
@@ -67,6 +70,7 @@ from dicomrouter.control.jobs import orphaned_queues
 from dicomrouter.control.unplanned import summary as unplanned_summary
 from dicomrouter.store import audit
 from dicomrouter.store.schema import jobs, loop_events
+from dicomrouter.tls import TlsError, certificate_not_after
 
 from .collector import read_queues
 
@@ -82,6 +86,7 @@ SEVERITY = {
     "loop_detected": "error",
     "unplanned": "error",
     "orphaned_jobs": "warning",
+    "certificate_expiry": "warning",
 }
 _JOBS_LISTED = 20  # failed jobs named in one alert; the count says how many in all
 _DISK_HYSTERESIS = 1.05  # resolved only 5% above the watermark: no flapping
@@ -274,6 +279,57 @@ class AlertEvaluator:
             alerts += self._unplanned(config, now)
         if events.orphaned_jobs.enabled:
             alerts += self._orphaned(config, now)
+        if events.certificate_expiry.enabled:
+            alerts += self._certificates(config, now)
+        return alerts
+
+    def _certificates(self, config: RouterConfig, now: float) -> list[Alert]:
+        """One incident per configured certificate file that expires within
+        ``before`` (or has expired); resolved once it is renewed or unconfigured."""
+        rule = config.alerts.events.certificate_expiry
+        files = config.certificate_files()
+        open_ones = {target for event, target in self._incidents if event == "certificate_expiry"}
+        alerts: list[Alert] = []
+        for key in sorted(set(files) | open_ones):
+            path = files.get(key)
+            if path is None:  # no longer configured: the incident ends
+                gone = f"{key} is no longer configured"
+                details = {"key": key}
+                alerts += self._transition(
+                    rule, ("certificate_expiry", key), False, None, now, "", gone, details, 0.0
+                )
+                continue
+            try:
+                not_after = certificate_not_after(path).timestamp()
+            except TlsError as exc:  # being replaced? the next check reads it again
+                log.warning("alerts: cannot read the expiry date of %s (%s): %s", path, key, exc)
+                continue
+            left = not_after - now
+            when = iso(not_after)
+            if left <= 0:
+                firing = f"the certificate {path} ({key}) has expired on {when}"
+            else:
+                firing = (
+                    f"the certificate {path} ({key}) expires on {when}, in {_days(left)}: "
+                    "renew it, then send SIGHUP (kill -HUP) to reload it"
+                )
+            alerts += self._transition(
+                rule,
+                ("certificate_expiry", key),
+                left < rule.before,
+                None,
+                now,
+                firing,
+                f"the certificate {path} ({key}) is valid until {when}",
+                {
+                    "key": key,
+                    "file": str(path),
+                    "not_after": when,
+                    "expires_in_s": round(left),
+                    "before_s": rule.before,
+                },
+                delay=0.0,
+            )
         return alerts
 
     def _loops(self, now: float) -> list[Alert]:
@@ -622,6 +678,11 @@ def _parse_iso(text: Any) -> float | None:
         return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
     except ValueError:
         return None
+
+
+def _days(seconds: float) -> str:
+    days = seconds / 86400
+    return f"{days:.0f} day(s)" if days >= 1 else f"{seconds / 3600:.1f} hour(s)"
 
 
 def _human(size: float) -> str:

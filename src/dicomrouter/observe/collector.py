@@ -32,6 +32,9 @@ Series:
   longer configured (nothing sends them);
 - ``dicomrouter_process_up{role}``: 1 when the receiver / dispatch process of this
   node has a fresh heartbeat and reports ok (what ``/readyz`` checks);
+- ``dicomrouter_certificate_expiry_seconds{key}``: seconds until a configured
+  certificate file (``key`` is its configuration key, e.g. ``http.tls.certificate``)
+  expires; negative once expired;
 - ``dicomrouter_build_info{version}``.
 """
 
@@ -132,6 +135,7 @@ class IndexCollector(Collector):
         info.add_metric([], {"version": __version__})
         yield info
         yield from self._storage(config)
+        yield from self._certificates(config)
         up = GaugeMetricFamily("dicomrouter_index_up", "1 when the index answered this scrape.")
         try:
             queues = read_queues(self.engine, config)
@@ -254,6 +258,26 @@ class IndexCollector(Collector):
             )
             ok.add_metric([], 0.0 if last.error else 1.0)
             yield ok
+
+    def _certificates(self, config: RouterConfig) -> Iterator[Any]:
+        files = config.certificate_files()
+        if not files:
+            return
+        from dicomrouter.tls import TlsError, certificate_not_after
+
+        family = GaugeMetricFamily(
+            "dicomrouter_certificate_expiry_seconds",
+            "Seconds until a configured certificate file expires (negative: expired), "
+            "by configuration key.",
+            labels=["key"],
+        )
+        now = time.time()
+        for key, path in sorted(files.items()):
+            try:
+                family.add_metric([key], certificate_not_after(path).timestamp() - now)
+            except TlsError as exc:
+                log.warning("metrics: cannot read the expiry date of %s (%s): %s", path, key, exc)
+        yield family
 
     def _storage(self, config: RouterConfig) -> Iterator[Any]:
         try:

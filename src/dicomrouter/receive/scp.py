@@ -37,6 +37,7 @@ from dicomrouter.dicomnet import (
     Status,
     StoreRequest,
 )
+from dicomrouter.dicomnet.server import Listener
 from dicomrouter.observe import metrics
 from dicomrouter.store import (
     IndexUnavailable,
@@ -56,6 +57,7 @@ from dicomrouter.store.part10 import (
     IMPLEMENTATION_VERSION,
     encode_file_meta,
 )
+from dicomrouter.tls import ReloadableServerContext
 
 from .contexts import (
     ACCEPTED_TRANSFER_SYNTAXES,
@@ -122,6 +124,7 @@ class Receiver:
         self.store = store
         self.index = index
         self._acceptor: Server | None = None
+        self._tls: ReloadableServerContext | None = None
         self._settings = _settings(config)
         # Per-association counts of stored / refused objects, for one log line each.
         self._tally: dict[Peer, tuple[int, int]] = {}
@@ -137,15 +140,26 @@ class Receiver:
 
     @property
     def address(self) -> tuple[str, int]:
-        """Where the listener is bound (the port is known once started)."""
+        """Where the first listener is bound (the port is known once started)."""
         assert self._acceptor is not None
         return self._acceptor.address
+
+    @property
+    def tls_address(self) -> tuple[str, int] | None:
+        """Where the TLS listener is bound, if there is one."""
+        assert self._acceptor is not None
+        return next((x.address for x in self._acceptor.listeners if x.tls is not None), None)
 
     # -- set-up -----------------------------------------------------------------
     def apply(self, config: RouterConfig) -> None:
         """A reloaded configuration: callers, networks, AE title, limits and timeouts
         apply from the next association, storage policy from the next C-STORE.
-        ``dicom.port``/``bind`` and ``storage.path`` keep their values until a restart."""
+        The TLS certificate, key and CAs are read again from their files (renewed
+        certificates take effect at the next handshake; bad new files leave the old
+        ones in service). Ports, ``bind``, the TLS file paths and ``storage.path``
+        keep their values until a restart."""
+        if self._tls is not None:
+            self._tls.reload()
         self._networks = _networks(config)
         self._settings = _settings(config)
         self.config = config
@@ -158,22 +172,40 @@ class Receiver:
         supported = dict.fromkeys(STORAGE_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES)
         supported[VERIFICATION_SOP_CLASS] = VERIFICATION_TRANSFER_SYNTAXES
         acceptor = Server(lambda: self._settings, self, supported, IDENTITY)
-        acceptor.listen(self.config.dicom.bind, self.config.dicom.port)
+        listener = self.config.dicom
+        try:
+            if listener.port is not None:  # `dicom.port: null`: no plain listener
+                acceptor.listen(listener.bind, listener.port)
+            if listener.tls is not None:
+                self._tls = ReloadableServerContext(
+                    listener.tls.certificate,
+                    listener.tls.private_key,
+                    listener.tls.ca_certificates,
+                    listener.tls.require_client_certificate,
+                    name="dicom.tls",
+                )
+                acceptor.listen(listener.bind, listener.tls.port, self._tls.context)
+        except BaseException:
+            acceptor.stop()
+            raise
         self._acceptor = acceptor
         log.info(
-            "listening for DICOM as %s on %s:%s",
+            "listening for DICOM as %s on %s",
             self.config.ae_title,
-            self.config.dicom.bind,
-            self.config.dicom.port,
+            ", ".join(self._describe(listener) for listener in acceptor.listeners),
         )
+
+    @staticmethod
+    def _describe(listener: Listener) -> str:
+        host, port = listener.address
+        return f"{host}:{port}" + (" (TLS)" if listener.tls is not None else "")
 
     def health(self) -> tuple[bool, str]:
         """For the receiver's heartbeat: (listening, what)."""
         acceptor = self._acceptor
         if acceptor is None or not acceptor.listening:
             return False, "the DICOM listener is not accepting connections"
-        host, port = acceptor.address[:2]
-        return True, f"listening on {host}:{port}"
+        return True, "listening on " + ", ".join(map(self._describe, acceptor.listeners))
 
     def stop(self) -> None:
         if self._acceptor is not None:
