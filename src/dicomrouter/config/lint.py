@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from dicomrouter.rules import compile_condition, never_matches
 from dicomrouter.rules.conditions import AllOf, AnyOf
+from dicomrouter.tls import TlsError, certificate_not_after
 
 from . import hosts
 from .models import RouterConfig
@@ -145,8 +146,6 @@ def _members(cond: Any, kind: type) -> list[Any]:
 def _certificates(config: RouterConfig) -> list[Finding]:
     """Certificate files that have expired (error) or expire within the alert's
     ``before`` (warning)."""
-    from dicomrouter.tls import TlsError, certificate_not_after
-
     findings = []
     before = config.alerts.events.certificate_expiry.before
     for key, path in config.certificate_files().items():

@@ -59,6 +59,7 @@ from dicomrouter.control.retention import retention_status
 from dicomrouter.control.unplanned import summary
 from dicomrouter.store import heartbeat
 from dicomrouter.store.schema import destination_state, jobs
+from dicomrouter.tls import TlsError, certificate_not_after
 
 log = logging.getLogger("dicomrouter.metrics")
 
@@ -263,8 +264,6 @@ class IndexCollector(Collector):
         files = config.certificate_files()
         if not files:
             return
-        from dicomrouter.tls import TlsError, certificate_not_after
-
         family = GaugeMetricFamily(
             "dicomrouter_certificate_expiry_seconds",
             "Seconds until a configured certificate file expires (negative: expired), "
