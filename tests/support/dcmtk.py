@@ -140,11 +140,15 @@ class StoreSCP:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"storescp exited: {self.log_path.read_text(errors='replace')}")
-            if echo(self.port, self.aet, timeout=2):
+            if self.answers():
                 return self
             time.sleep(0.05)
         self.stop()
         raise TimeoutError(f"storescp not ready on port {self.port}")
+
+    def answers(self) -> bool:
+        """Whether it answers a C-ECHO (readiness)."""
+        return echo(self.port, self.aet, timeout=2)
 
     def stop(self) -> None:
         stop_process(self.process, 10)

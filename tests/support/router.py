@@ -77,7 +77,15 @@ class RouterProcess:
     when absent. ``kill()`` is a SIGKILL (crash), ``stop()`` a SIGTERM (clean stop).
     """
 
-    def __init__(self, workdir: Path, config: dict[str, Any]):
+    def __init__(
+        self,
+        workdir: Path,
+        config: dict[str, Any],
+        answers: Callable[[], bool] | None = None,
+    ):
+        """``answers`` tells when DICOM is up (default: a plain C-ECHO to
+        ``dicom.port``; a router with ``dicom.port: null`` needs its own)."""
+        self.answers = answers or (lambda: echo(self.port, self.ae_title, timeout=2))
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config = json.loads(json.dumps(config))
@@ -117,7 +125,7 @@ class RouterProcess:
         )
         log.close()
         deadline = time.monotonic() + timeout
-        while not echo(self.port, self.ae_title, timeout=2):
+        while not self.answers():
             if self.process.poll() is not None:
                 raise RuntimeError(f"router exited with {self.process.returncode}:\n{self.log()}")
             if time.monotonic() > deadline:

@@ -229,7 +229,7 @@ class DicomSender:
             )
         except CannotConnect as exc:
             if exc.tls:
-                raise DestinationUnavailable(f"TLS with {self._where} failed: {exc}") from None
+                raise DestinationUnavailable(f"cannot connect to {self._where}: {exc}") from None
             raise DestinationUnavailable(
                 f"cannot connect to {self._where} (refused, unreachable or no answer "
                 f"within {cfg.connect_timeout:g}s): {exc}"

@@ -432,8 +432,11 @@ def _connect(host: str, port: int, timeouts: Timeouts, tls: TlsClient | None) ->
             sock = tls.context.wrap_socket(sock, server_hostname=tls.server_hostname or host)
     except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
         _close(sock)
-        reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
-        raise CannotConnect(f"TLS handshake with {host}:{port} failed: {reason}", tls=True) from exc
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            reason = f"certificate verify failed: {exc.verify_message}"
+        else:
+            reason = str(getattr(exc, "reason", None) or exc)
+        raise CannotConnect(f"TLS handshake failed: {reason}", tls=True) from exc
     return sock
 
 
