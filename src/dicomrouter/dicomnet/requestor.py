@@ -22,7 +22,7 @@ import select
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,9 +32,13 @@ from .constants import (
     AbortSource,
     CommandField,
     Rejection,
+    Status,
     is_pending,
+    is_response,
     response_field,
 )
+from .handler import Peer, Reply
+from .handler import Request as IncomingRequest
 from .machine import (
     Aborted,
     AssociationAccepted,
@@ -49,6 +53,9 @@ from .machine import (
 from .machine import AssociationRejected as Rejected
 from .negotiation import MAX_CONTEXTS, AssociateRequest, Identity, ProposedContext
 from .pdu import PeerClosed, ProtocolError, SocketReader, abort, send_buffers, send_file_message
+
+#: What answers a request the peer sends on an outgoing association.
+RequestHandler = Callable[[IncomingRequest], Iterable[Reply]]
 
 #: Largest data set of a response read into memory (a C-FIND identifier).
 MAX_RESPONSE_DATA_SET = 16 * 1024 * 1024
@@ -142,8 +149,12 @@ class OutboundAssociation:
         reader: SocketReader,
         timeouts: Timeouts,
         hooks: Hooks,
+        peer: Peer,
+        on_request: RequestHandler | None = None,
     ):
         self.sock = sock
+        self.peer = peer
+        self.on_request = on_request
         self.machine = machine
         self.reader = reader
         self.contexts = {pair: cid for cid, pair in machine.contexts.items()}
@@ -167,6 +178,7 @@ class OutboundAssociation:
         identity: Identity,
         hooks: Hooks | None = None,
         tls: TlsClient | None = None,
+        on_request: RequestHandler | None = None,
     ) -> OutboundAssociation:
         """Connect, propose one context per (abstract syntax, transfer syntax) in
         ``proposed`` (at most 128) and return the association once accepted.
@@ -174,7 +186,12 @@ class OutboundAssociation:
         Raises :class:`CannotConnect`, :class:`AssociationRejected` or
         :class:`AssociationLost` (aborted, closed, or no answer within
         ``acse_timeout``). An association that accepted none of the contexts is
-        returned all the same (``contexts`` empty): the caller decides."""
+        returned all the same (``contexts`` empty): the caller decides.
+
+        A request the peer sends on this association while we wait for a response
+        (an N-EVENT-REPORT of storage commitment, say) goes to ``on_request``, whose
+        replies are sent at once; without it the peer is told the operation is not
+        provided."""
         if not 0 < len(proposed) <= MAX_CONTEXTS:
             raise ValueError(f"{len(proposed)} presentation contexts (1 to 128 allowed)")
         machine = UpperLayer(requestor=True, identity=identity)
@@ -210,7 +227,8 @@ class OutboundAssociation:
             _close(sock)
             raise AssociationLost("association aborted by peer during negotiation (A-ABORT)")
         assert isinstance(event, AssociationAccepted)  # the table allows nothing else
-        return cls(sock, machine, reader, timeouts, hooks or Hooks())
+        peer = Peer(calling_ae, called_ae, host, port, tls is not None)
+        return cls(sock, machine, reader, timeouts, hooks or Hooks(), peer, on_request)
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -372,12 +390,16 @@ class OutboundAssociation:
         self.sock.settimeout(self._timeouts.dimse or None)
         expected = response_field(request.command_field)
         try:
-            event = machine.next_event(self.reader)
-            if isinstance(event, Aborted):
-                self._finish()
-                raise AssociationLost("association aborted by peer (A-ABORT)")
-            if not isinstance(event, CommandReceived):
-                raise ProtocolError(f"{type(event).__name__} while awaiting a response")
+            while True:
+                event = machine.next_event(self.reader)
+                if isinstance(event, Aborted):
+                    self._finish()
+                    raise AssociationLost("association aborted by peer (A-ABORT)")
+                if not isinstance(event, CommandReceived):
+                    raise ProtocolError(f"{type(event).__name__} while awaiting a response")
+                if is_response(event.command.command_field):
+                    break
+                self._serve(event.context_id, event.command)
             command = event.command
             if (
                 command.command_field != expected
@@ -407,6 +429,31 @@ class OutboundAssociation:
         except ProtocolError as exc:
             self.abort()
             raise AssociationLost(f"protocol error by peer: {exc}") from None
+
+    def _serve(self, context_id: int, command: Command) -> None:
+        """A request from the peer: its replies (``on_request``, or "not provided")."""
+        data = self._read_data_set() if command.has_data_set else None
+        if command.command_field == CommandField.C_CANCEL_RQ:
+            return
+        if command.message_id is None:
+            raise ProtocolError("request without a Message ID")
+        abstract_syntax, transfer_syntax = self.machine.contexts[context_id]
+        incoming = IncomingRequest(
+            self.peer, context_id, abstract_syntax, transfer_syntax, command, data
+        )
+        replies: Iterable[Reply] = [Reply(Status.UNRECOGNIZED_OPERATION, "operation not provided")]
+        if self.on_request is not None:
+            try:
+                replies = list(self.on_request(incoming))
+            except Exception as exc:  # the peer is owed an answer all the same
+                replies = [Reply(Status.PROCESSING_FAILURE, str(exc)[:64])]
+        self.sock.settimeout(self._timeouts.send or None)
+        for reply in replies:
+            response = command.response(reply.status, reply.comment, reply.data_set is not None)
+            if reply.fields:
+                response = response.but(**reply.fields)
+            send_buffers(self.sock, self.machine.send(context_id, response, reply.data_set))
+        self.sock.settimeout(self._timeouts.dimse or None)
 
     def _read_data_set(self) -> bytes:
         data = bytearray()
