@@ -59,8 +59,9 @@ _ILE = ImplicitVRLittleEndian
 
 
 def _tls_client(config: DicomDestinationConfig) -> TlsClient | None:
-    """The destination's TLS context (BCP 195), read from its files when the sender is
-    made: at start and after each configuration reload."""
+    """The destination's TLS context (BCP 195), read from its files for each new
+    association, so renewed certificates are used from the next one (a millisecond
+    or two per association, which carries a whole batch)."""
     if config.tls is None:
         return None
     settings = config.tls
@@ -208,7 +209,6 @@ class DicomSender:
         )
         self._kept: _KeptAssociation | None = None
         self._active: OutboundAssociation | None = None
-        self.tls = _tls_client(config)
         install_no_value_validation()  # pydicom only ever warned, on converted data sets
 
     @property
@@ -225,7 +225,13 @@ class DicomSender:
         cfg = self.config
         try:
             return open_association(
-                cfg.host, cfg.port, self.calling_ae, cfg.ae_title, proposed, self.timeouts, self.tls
+                cfg.host,
+                cfg.port,
+                self.calling_ae,
+                cfg.ae_title,
+                proposed,
+                self.timeouts,
+                _tls_client(cfg),
             )
         except CannotConnect as exc:
             if exc.tls:
