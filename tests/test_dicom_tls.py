@@ -110,7 +110,8 @@ def test_storescu_tls_to_router_to_storescp_tls(tmp_path: Path, pki: Pki) -> Non
         original = dcmread(source)
         forwarded = received[str(original.SOPInstanceUID)]
         assert forwarded == original  # every element, pixel data included
-    assert "(TLS)" in router.log()
+    assert "(TLS)" in router.log()  # the start-up line names the TLS listener
+    assert "association from STORESCU (127.0.0.1, TLS) released: 3 stored" in router.log()
 
 
 @pytest.fixture

@@ -243,9 +243,10 @@ class Receiver:
             stored, refused = self._tally.pop(peer, (0, 0))
         if stored or refused:
             log.info(
-                "association from %s (%s) %s: %d stored, %d refused",
+                "association from %s (%s%s) %s: %d stored, %d refused",
                 peer.calling_ae,
                 peer.address,
+                ", TLS" if peer.secure else "",
                 "aborted" if aborted else "released",
                 stored,
                 refused,
