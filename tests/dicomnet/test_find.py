@@ -25,9 +25,7 @@ peer's limit bounds; the whole PDU is 6 bytes more.
 from __future__ import annotations
 
 import socket
-import struct
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
@@ -43,21 +41,16 @@ from dicomrouter.dicomnet.command import Command
 from dicomrouter.dicomnet.constants import CommandField, PduType, PdvControl, Status, is_pending
 from dicomrouter.dicomnet.handler import AcceptorSettings, BaseHandler, Reply, Request
 from dicomrouter.dicomnet.negotiation import (
-    AssociateAccept,
     AssociateRequest,
-    ContextOutcome,
-    Identity,
     ProposedContext,
     decode_associate_ac,
-    decode_associate_rq,
-    encode_associate_ac,
     encode_associate_rq,
 )
 from dicomrouter.dicomnet.requestor import OutboundAssociation, Timeouts
 from dicomrouter.dicomnet.server import Server
+from tests.dicomnet.peers import IDENTITY, RawAcceptor, read_message, read_pdu
 from tests.support.dcmtk import HOST, dcmtk_env, dcmtk_tool
 
-IDENTITY = Identity("1.2.826.0.1.3680043.9.9999", "TEST")
 FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 VERIFICATION = "1.2.840.10008.1.1"
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -149,60 +142,6 @@ def serve() -> Iterator[Callable[..., tuple[str, int]]]:
 # -- a raw peer: PDUs read and written by hand ----------------------------------------------
 
 
-def recv_exact(sock: socket.socket, length: int) -> bytes:
-    data = bytearray()
-    while len(data) < length:
-        chunk = sock.recv(length - len(data))
-        if not chunk:
-            raise EOFError(f"connection closed after {len(data)} of {length} bytes")
-        data += chunk
-    return bytes(data)
-
-
-def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
-    pdu_type, length = struct.unpack(">BxL", recv_exact(sock, 6))
-    return pdu_type, recv_exact(sock, length)
-
-
-def pdvs_of(body: bytes) -> list[tuple[int, int, bytes]]:
-    pdvs, offset = [], 0
-    while offset < len(body):
-        item_length, context_id, control = struct.unpack_from(">LBB", body, offset)
-        pdvs.append((context_id, control, body[offset + 6 : offset + 4 + item_length]))
-        offset += 4 + item_length
-    assert offset == len(body), "PDVs do not fill their PDU"
-    return pdvs
-
-
-def read_message(sock: socket.socket, sizes: list[int]) -> tuple[int, Command, bytes | None] | None:
-    """The next DIMSE message (context, command, data set), recording each P-DATA-TF's
-    length field in ``sizes``; None for an A-RELEASE-RQ between messages."""
-    command, data, decoded = bytearray(), bytearray(), None
-    while True:
-        pdu_type, body = read_pdu(sock)
-        if pdu_type == PduType.A_RELEASE_RQ and not command:
-            return None
-        assert pdu_type == PduType.P_DATA_TF, f"PDU type 0x{pdu_type:02X} inside a message"
-        sizes.append(len(body))
-        pdvs = pdvs_of(body)
-        for index, (context_id, control, value) in enumerate(pdvs):
-            done = False
-            if control & PdvControl.COMMAND:
-                assert decoded is None, "a command fragment after the command"
-                command += value
-                if control & PdvControl.LAST:
-                    decoded = Command.decode(command)
-                    done = not decoded.has_data_set
-            else:
-                assert decoded is not None, "data before the command"
-                data += value
-                done = bool(control & PdvControl.LAST)
-            if done:
-                assert index == len(pdvs) - 1, "two messages in one PDU"
-                assert decoded is not None
-                return context_id, decoded, bytes(data) if decoded.has_data_set else None
-
-
 # -- findscu, a real peer -------------------------------------------------------------------
 
 
@@ -292,43 +231,17 @@ def test_responses_fit_a_requestor_max_pdu_of_4096(serve: Callable[..., tuple[st
 # -- the acceptor's limit, honoured by our requestor ----------------------------------------
 
 
-class RawAcceptor(threading.Thread):
-    """Accepts one association announcing ``max_pdu``, records every P-DATA-TF
-    length and message, answers each C-STORE with success and the release with RP."""
+class StoringAcceptor(RawAcceptor):
+    """Records every P-DATA-TF length and message, answers each C-STORE with
+    success and the release with RP."""
 
     def __init__(self, max_pdu: int) -> None:
-        super().__init__(daemon=True)
-        self.max_pdu = max_pdu
-        self.listener = socket.create_server((HOST, 0))
-        self.listener.settimeout(10)
-        self.port = int(self.listener.getsockname()[1])
-        self.request: AssociateRequest | None = None
+        super().__init__(max_pdu)
         self.sizes: list[int] = []
         self.messages: list[tuple[int, Command, bytes | None]] = []
         self.released = False
-        self.error: BaseException | None = None
 
-    def run(self) -> None:
-        try:
-            conn, _address = self.listener.accept()
-            with conn:
-                conn.settimeout(10)
-                self._serve(conn)
-        except BaseException as exc:  # reported by the test thread
-            self.error = exc
-        finally:
-            self.listener.close()
-
-    def _serve(self, conn: socket.socket) -> None:
-        pdu_type, body = read_pdu(conn)
-        assert pdu_type == PduType.A_ASSOCIATE_RQ
-        self.request = request = decode_associate_rq(body)
-        outcomes = tuple(
-            ContextOutcome(c.context_id, 0, c.abstract_syntax, c.transfer_syntaxes[0])
-            for c in request.contexts
-        )
-        accept = AssociateAccept(outcomes, self.max_pdu)
-        conn.sendall(encode_associate_ac(request, accept, IDENTITY))
+    def serve(self, conn: socket.socket, request: AssociateRequest) -> None:
         while (message := read_message(conn, self.sizes)) is not None:
             self.messages.append(message)
             context_id, command, _data = message
@@ -343,7 +256,7 @@ class RawAcceptor(threading.Thread):
 @pytest.mark.parametrize("source", ["store_bytes", "store_file"])
 def test_store_fits_an_acceptor_max_pdu_of_4096(tmp_path: Path, source: str) -> None:
     data_set = bytes(i * 13 % 256 for i in range(100 * 1024 + 3))
-    acceptor = RawAcceptor(LIMIT)
+    acceptor = StoringAcceptor(LIMIT)
     acceptor.start()
     association = OutboundAssociation.request(
         HOST, acceptor.port, "DICOMNET", "RAWSCP", [(CT_STORAGE, EXPLICIT)], TIMEOUTS, IDENTITY

@@ -10,25 +10,17 @@ it the peer is told the operation is not provided, and the association goes on.
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Iterable
 
 import pytest
 
 from dicomrouter.dicomnet import Command, CommandField, Reply, Request, Status, pdu
-from dicomrouter.dicomnet.constants import VERIFICATION_SOP_CLASS, PduType, PdvControl
-from dicomrouter.dicomnet.negotiation import (
-    AssociateAccept,
-    ContextOutcome,
-    Identity,
-    decode_associate_rq,
-    encode_associate_ac,
-)
+from dicomrouter.dicomnet.constants import VERIFICATION_SOP_CLASS, PdvControl
+from dicomrouter.dicomnet.negotiation import AssociateRequest
 from dicomrouter.dicomnet.requestor import OutboundAssociation, Timeouts
-from tests.dicomnet.test_find import read_message, read_pdu
+from tests.dicomnet.peers import IDENTITY, RawAcceptor, read_message
 
 HOST = "127.0.0.1"
-IDENTITY = Identity("1.2.826.0.1.3680043.9.9999", "TEST")
 COMMITMENT = "1.2.840.10008.1.20.1"  # Storage Commitment Push Model
 COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 ILE = "1.2.840.10008.1.2"
@@ -36,37 +28,14 @@ COMMAND = PdvControl.COMMAND | PdvControl.LAST
 EVENT_DATA = b"\x08\x00\x95\x11\x04\x00\x00\x00" + b"1.2\x00"  # a small data set
 
 
-class ReportingAcceptor(threading.Thread):
+class ReportingAcceptor(RawAcceptor):
     """Sends an N-EVENT-REPORT-RQ before it answers the C-ECHO; keeps the response."""
 
     def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.listener = socket.create_server((HOST, 0))
-        self.listener.settimeout(10)
-        self.port = int(self.listener.getsockname()[1])
+        super().__init__()
         self.report_response: Command | None = None
-        self.error: BaseException | None = None
 
-    def run(self) -> None:
-        try:
-            conn, _address = self.listener.accept()
-            with conn:
-                conn.settimeout(10)
-                self._serve(conn)
-        except BaseException as exc:  # reported by the test thread
-            self.error = exc
-        finally:
-            self.listener.close()
-
-    def _serve(self, conn: socket.socket) -> None:
-        pdu_type, body = read_pdu(conn)
-        assert pdu_type == PduType.A_ASSOCIATE_RQ
-        request = decode_associate_rq(body)
-        outcomes = tuple(
-            ContextOutcome(c.context_id, 0, c.abstract_syntax, c.transfer_syntaxes[0])
-            for c in request.contexts
-        )
-        conn.sendall(encode_associate_ac(request, AssociateAccept(outcomes, 0), IDENTITY))
+    def serve(self, conn: socket.socket, request: AssociateRequest) -> None:
         message = read_message(conn, [])
         assert message is not None
         echo_context, echo, _data = message
