@@ -767,6 +767,20 @@ def test_first_pdu_must_be_an_association_request(acceptor) -> None:
     RawPeer(server.address[1]).associate()
 
 
+def test_an_abort_before_the_association_request_is_no_error(
+    acceptor, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    """PS3.8 Sta2 + A-ABORT (AA-2): the connection just closes; nothing is logged as
+    an error and the listener serves the next caller."""
+    server, service, _tmp = acceptor
+    peer = RawPeer(server.address[1])
+    peer.send(ul.abort(AbortSource.SERVICE_USER))
+    assert peer.closed()
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert service.established == [] and service.ended == []
+    RawPeer(server.address[1]).associate()
+
+
 def test_operations_we_do_not_provide_get_a_status_not_an_abort(acceptor, tmp_path: Path) -> None:
     server, service, tmp_dir = acceptor
     (source,) = make_small_study(tmp_path / "src", 1)

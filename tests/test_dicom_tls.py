@@ -171,7 +171,8 @@ def test_destinations_verify_the_peer_certificate_and_its_name(tmp_path: Path, p
         ).destinations["p"]
         with pytest.raises(
             DestinationUnavailable,
-            match="TLS handshake failed: certificate verify failed: .*(IP address|[Hh]ostname) mismatch",
+            match="TLS handshake failed: certificate verify failed: "
+            ".*(IP address|[Hh]ostname) mismatch",
         ):
             DicomSender(named, "ROUTER").echo()
         unnamed = parse_config(
@@ -179,6 +180,16 @@ def test_destinations_verify_the_peer_certificate_and_its_name(tmp_path: Path, p
             environ={},
         ).destinations["p"]
         DicomSender(unnamed, "ROUTER").echo()  # signed by our CA is enough now
+        ca_copy = tmp_path / "ca-copy.crt"
+        shutil.copyfile(pki.ca_cert, ca_copy)
+        renewing = parse_config(
+            {"destinations": {"p": tls_destination(pki, port, ca_certificates=str(ca_copy))}},
+            environ={},
+        ).destinations["p"]
+        ca_copy.write_text("")  # a renewal caught half-way: waited out, like an outage
+        with pytest.raises(DestinationUnavailable, match="TLS files of TLSSCP") as info:
+            DicomSender(renewing, "ROUTER").echo()
+        assert info.value.transient
 
 
 def served_certificate(port: int, pki: Pki) -> bytes:

@@ -36,7 +36,7 @@ from pydicom.uid import (
 from dicomrouter.config.models import DicomDestinationConfig
 from dicomrouter.dicomnet.negotiation import MAX_CONTEXTS
 from dicomrouter.store.header import install_no_value_validation
-from dicomrouter.tls import client_context
+from dicomrouter.tls import TlsError, client_context
 
 from .association import (
     VERIFICATION,
@@ -224,6 +224,10 @@ class DicomSender:
         """
         cfg = self.config
         try:
+            tls = _tls_client(cfg)
+        except TlsError as exc:  # a renewal half done: wait as for an unreachable peer
+            raise DestinationUnavailable(f"TLS files of {self._where}: {exc}") from None
+        try:
             return open_association(
                 cfg.host,
                 cfg.port,
@@ -231,7 +235,7 @@ class DicomSender:
                 cfg.ae_title,
                 proposed,
                 self.timeouts,
-                _tls_client(cfg),
+                tls,
             )
         except CannotConnect as exc:
             if exc.tls:

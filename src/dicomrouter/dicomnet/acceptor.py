@@ -21,6 +21,7 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from .command import Command
@@ -185,8 +186,15 @@ class AcceptorAssociation:
         assert self.tls is not None
         self.sock.settimeout(self.settings.acse_timeout or None)
         try:
-            wrapped = self.tls.wrap_socket(self.sock, server_side=True)
-        except (ssl.SSLError, OSError) as exc:
+            # Wrapped first, handshake after: the server's cut() must reach the
+            # socket the handshake runs on (wrapping detaches the plain one).
+            wrapped = self.tls.wrap_socket(
+                self.sock, server_side=True, do_handshake_on_connect=False
+            )
+            self.server._replace_socket(self.key, wrapped)
+            self.sock = wrapped
+            wrapped.do_handshake()
+        except OSError as exc:  # ssl.SSLError is one
             reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
             self.server._refusals.refused(self.host, f"TLS handshake failed: {reason}")
             try:
@@ -194,9 +202,7 @@ class AcceptorAssociation:
             except OSError:
                 pass
             return False
-        self.sock = wrapped
         self.reader = SocketReader(wrapped)
-        self.server._replace_socket(self.key, wrapped)
         return True
 
     def _who(self) -> str:
@@ -223,7 +229,10 @@ class AcceptorAssociation:
         server = self.server
         self.sock.settimeout(settings.acse_timeout or None)
         event = self.machine.next_event(self.reader)
-        assert isinstance(event, AssociationRequested)  # the table allows nothing else
+        if isinstance(event, Aborted):  # Sta2: the only other event the table allows
+            log.info("connection from %s:%s aborted before associating", self.host, self.port)
+            return False
+        assert isinstance(event, AssociationRequested)
         request = event.request
         calling, called = request.calling_ae, request.called_ae
         self.peer = Peer(calling, called, self.host, self.port, self.tls is not None)
@@ -394,17 +403,26 @@ class AcceptorAssociation:
         self._respond(incoming.context_id, incoming.command, Reply(*status))
 
     def _serve(self, request: Request) -> None:
-        """The handler's replies, each sent as it comes (pending ones first)."""
+        """The handler's replies, each sent as it comes (pending ones first). An
+        error of the handler is answered with a failure status; an error sending is
+        the association's, and ends it."""
         command = request.command
+        replies: Iterator[Reply] = iter(())
         try:
-            for reply in self.server.handler.on_request(request):
-                self._respond(request.context_id, command, reply)
-                if not is_pending(reply.status):
-                    return
-        except (OSError, PeerClosed, ProtocolError):
-            raise
+            replies = iter(self.server.handler.on_request(request))
         except Exception:
             log.exception("serving a request from %s failed", self._who())
+        while True:
+            try:
+                reply = next(replies)
+            except StopIteration:
+                break
+            except Exception:
+                log.exception("serving a request from %s failed", self._who())
+                break
+            self._respond(request.context_id, command, reply)
+            if not is_pending(reply.status):
+                return
         # No final status (the handler failed, or stopped after pending replies):
         # the peer is owed one.
         self._respond(request.context_id, command, Reply(Status.PROCESSING_FAILURE))

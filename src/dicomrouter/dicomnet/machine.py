@@ -18,6 +18,7 @@ a command inside a data set, a message split across contexts.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -50,6 +51,9 @@ from .pdu import (
 #: Largest A-ASSOCIATE-RQ or -AC read (128 contexts with many transfer syntaxes fit
 #: in about 40 KB); also below every reader's buffer, so it is read in one piece.
 MAX_ASSOCIATE = 128 * 1024
+#: Transitions kept in :attr:`UpperLayer.trace` (bounded: an association may last
+#: for millions of PDUs).
+TRACE_LENGTH = 64
 #: Largest command set assembled (a C-STORE-RQ is about 200 bytes).
 MAX_COMMAND = 64 * 1024
 
@@ -313,8 +317,8 @@ class UpperLayer:
         self.contexts: dict[int, tuple[str, str]] = {}
         #: The peer's maximum PDU length (0: no limit): what we send fits in it.
         self.peer_max_pdu = 0
-        #: Actions taken, for tests and debugging: (state, event, action).
-        self.trace: list[tuple[State, Event, Action]] = []
+        #: The last actions taken, for tests and debugging: (state, event, action).
+        self.trace: deque[tuple[State, Event, Action]] = deque(maxlen=TRACE_LENGTH)
         self._pdu_left = 0  # bytes of the current P-DATA-TF not parsed yet
         self._data_left = 0  # bytes of the current data fragment not read yet
         self._command = bytearray()

@@ -80,7 +80,7 @@ class SocketReader:
             received = self.sock.recv_into(self._view[self._end :])
         except TimeoutError:
             raise
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:  # ssl.SSLError is one
             raise PeerClosed(str(exc)) from exc
         if received == 0:
             raise PeerClosed("connection closed by the peer")

@@ -47,6 +47,7 @@ from .machine import (
     ReleaseConfirmed,
     ReleaseRequested,
     State,
+    StateError,
     UpperLayer,
     Violation,
 )
@@ -220,6 +221,9 @@ class OutboundAssociation:
             raise AssociationLost(
                 f"connection closed during association negotiation: {exc}"
             ) from None
+        except Exception as exc:  # e.g. a proposal pynetdicom cannot encode
+            _abort_and_close(sock)
+            raise AssociationLost(f"association negotiation failed: {exc}") from exc
         if isinstance(event, Rejected):
             _close(sock)
             raise AssociationRejected(event.rejection)
@@ -264,7 +268,10 @@ class OutboundAssociation:
             CommandField.C_STORE_RQ, message_id, sop_class, sop_instance, with_data_set=True
         )
         self._require_open()
-        limit = self.machine.sending(context_id)
+        try:
+            limit = self.machine.sending(context_id)
+        except StateError:  # abort() from another thread closed it meanwhile
+            raise AssociationLost("association aborted") from None
         self.sock.settimeout(self._timeouts.send or None)
         try:
             send_file_message(self.sock, context_id, command.encode(), path, offset, limit)
@@ -339,9 +346,12 @@ class OutboundAssociation:
         another thread."""
         if not self._open:
             return
-        with contextlib.suppress(OSError, ValueError, ssl.SSLError):
-            self.sock.setblocking(False)
-            self.sock.send(abort(AbortSource.SERVICE_USER))
+        if not isinstance(self.sock, ssl.SSLSocket):
+            # Over TLS, no: OpenSSL does not allow a write while the owner thread may
+            # be inside a read or write on the same session. The peer sees the close.
+            with contextlib.suppress(OSError, ValueError):
+                self.sock.setblocking(False)
+                self.sock.send(abort(AbortSource.SERVICE_USER))
         self._finish()
 
     def _finish(self) -> None:
@@ -350,7 +360,9 @@ class OutboundAssociation:
                 return
             self._open = False
         with contextlib.suppress(OSError, ValueError):
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a recv blocked in another thread
+            # Wakes a recv blocked in another thread. The plain socket's shutdown, also
+            # for TLS: SSLSocket.shutdown would drop its SSL object under that thread.
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
         _close(self.sock)
         self.machine.connection_closed()
         self._hooks.closed()
@@ -363,7 +375,7 @@ class OutboundAssociation:
         return context_id
 
     def _require_open(self) -> None:
-        if not self._open:
+        if not self._open or self.machine.state is not State.Sta6:
             raise AssociationLost("association already ended")
 
     def _send(self, context_id: int, command: Command, data: bytes | None) -> Command:
@@ -373,6 +385,8 @@ class OutboundAssociation:
             send_buffers(self.sock, self.machine.send(context_id, command, data))
         except OSError as exc:
             self._lost_while_sending(exc)
+        except StateError:  # abort() from another thread closed it meanwhile
+            raise AssociationLost("association aborted") from None
         return command
 
     def _lost_while_sending(self, exc: OSError) -> None:
@@ -429,6 +443,8 @@ class OutboundAssociation:
         except ProtocolError as exc:
             self.abort()
             raise AssociationLost(f"protocol error by peer: {exc}") from None
+        except StateError:  # abort() from another thread closed it meanwhile
+            raise AssociationLost("association aborted") from None
 
     def _serve(self, context_id: int, command: Command) -> None:
         """A request from the peer: its replies (``on_request``, or "not provided")."""
@@ -452,7 +468,10 @@ class OutboundAssociation:
             response = command.response(reply.status, reply.comment, reply.data_set is not None)
             if reply.fields:
                 response = response.but(**reply.fields)
-            send_buffers(self.sock, self.machine.send(context_id, response, reply.data_set))
+            try:
+                send_buffers(self.sock, self.machine.send(context_id, response, reply.data_set))
+            except OSError as exc:
+                self._lost_while_sending(exc)
         self.sock.settimeout(self._timeouts.dimse or None)
 
     def _read_data_set(self) -> bytes:

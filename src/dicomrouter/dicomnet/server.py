@@ -64,7 +64,9 @@ class _Connection:
             return False
         self._cut = True
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            # The plain socket's shutdown, also for a TLS socket: SSLSocket.shutdown
+            # would first drop its SSL object under the thread still using it.
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
         except (OSError, ValueError):
             pass
         return True
