@@ -10,7 +10,10 @@ a. ``storescu -> storescp``: the ceiling (no intermediary);
 b. ``storescu -> Orthanc -> storescp``: the peer, a Lua ``OnStoredInstance`` script that
    forwards every instance with ``SendToModality`` (per-instance, like our
    ``trigger: instance`` routes);
-c. ``storescu -> dicomrouter -> storescp``: ``python -m dicomrouter serve``.
+c. ``storescu -> dicomrouter -> storescp``: ``python -m dicomrouter serve``;
+d. ``storescu +tls -> dicomrouter (dicom.tls listener) -> storescp``: the same router,
+   received over DICOM TLS (mutual, with a throwaway PKI), forwarded in plain;
+e. ``storescu +tls -> storescp +tls``: what TLS costs dcmtk alone, for reference.
 
 Every dcmtk tool and Orthanc gets ``TCP_NODELAY=1`` (see docs: without it Nagle's
 algorithm dominates the numbers). Every server is started fresh for each repeat, so no
@@ -36,7 +39,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,7 +83,11 @@ LEGS = {
     "direct": "a. direct",
     "orthanc": "b. Orthanc (Lua)",
     "router": "c. dicomrouter",
+    "router_tls": "d. dicomrouter, TLS in",
+    "direct_tls": "e. direct, TLS",
 }
+TLS_LEGS = ("router_tls", "direct_tls")
+DEFAULT_LEGS = "direct,orthanc,router,router_tls,direct_tls"
 
 
 class BenchError(RuntimeError):
@@ -94,12 +101,13 @@ def _env() -> dict[str, str]:
     return dcmtk_env()  # TCP_NODELAY=1, or Nagle's algorithm dominates the numbers
 
 
-def echo(aet: str, port: int, timeout: float = 5.0) -> bool:
-    """One C-ECHO with dcmtk's echoscu; True if the peer answered."""
+def echo(aet: str, port: int, timeout: float = 5.0, options: Sequence[str] = ()) -> bool:
+    """One C-ECHO with dcmtk's echoscu (``options``: e.g. ``+tls ...``); True if the
+    peer answered."""
     try:
         result = subprocess.run(
             [dcmtk_tool("echoscu"), "-aet", SCU_AET, "-aec", aet, "-to", "2", "-ta", "2"]
-            + ["-td", "2", "127.0.0.1", str(port)],
+            + ["-td", "2", *options, "127.0.0.1", str(port)],
             env=_env(),
             capture_output=True,
             timeout=timeout,
@@ -111,14 +119,19 @@ def echo(aet: str, port: int, timeout: float = 5.0) -> bool:
 
 
 def wait_echo(
-    aet: str, port: int, proc: subprocess.Popen[bytes], timeout: float, what: str
+    aet: str,
+    port: int,
+    proc: subprocess.Popen[bytes],
+    timeout: float,
+    what: str,
+    options: Sequence[str] = (),
 ) -> None:
     """Poll C-ECHO until ``proc``'s server answers; fail fast if it exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise BenchError(f"{what} exited with code {proc.returncode} during startup")
-        if echo(aet, port):
+        if echo(aet, port, options=options):
             return
         time.sleep(0.1)
     raise BenchError(f"{what} did not answer C-ECHO within {timeout:.0f}s")
@@ -164,6 +177,51 @@ def count_files(folder: Path) -> int:
             return sum(1 for entry in entries if entry.is_file(follow_symlinks=False))
     except FileNotFoundError:
         return 0
+
+
+# --------------------------------------------------------------------------- TLS
+
+_PKI: dict[Path, Any] = {}
+
+
+def bench_pki(workdir: Path) -> Any:
+    """The throwaway PKI of this run (``tests/support/pki.py``: a CA, a server and a
+    client certificate), made once under ``workdir`` on first use."""
+    if workdir not in _PKI:
+        from tests.support.pki import make_pki  # needs ``cryptography``
+
+        _PKI[workdir] = make_pki(workdir / "pki")
+    return _PKI[workdir]
+
+
+def tls_options(certificate: Path, key: Path, ca: Path) -> list[str]:
+    """dcmtk's TLS options: our key and certificate, the CA we trust. Peers must
+    present a certificate (dcmtk's default ``--require-peer-cert``)."""
+    return ["+tls", str(key), str(certificate), "+cf", str(ca)]
+
+
+def client_tls_options(workdir: Path) -> list[str]:
+    """``storescu``/``echoscu`` as the PKI's client."""
+    pki = bench_pki(workdir)
+    return tls_options(pki.client_cert, pki.client_key, pki.ca_cert)
+
+
+def tls_unavailable() -> str | None:
+    """Why the TLS legs cannot run (no ``cryptography`` for the PKI, or a dcmtk built
+    without OpenSSL), or ``None``."""
+    try:
+        import cryptography  # noqa: F401
+    except ImportError:
+        return "the cryptography package is not installed (needed for the test PKI)"
+    try:
+        out = subprocess.run(
+            [dcmtk_tool("storescu"), "--version"], capture_output=True, text=True, timeout=10
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"storescu --version: {exc}"
+    if "openssl" not in out.lower():
+        return "dcmtk's storescu is built without OpenSSL (no +tls)"
+    return None
 
 
 # --------------------------------------------------------------------------- memory
@@ -263,10 +321,17 @@ class RssSampler:
 
 
 @contextlib.contextmanager
-def storescp(workdir: Path, name: str, fork: bool = False) -> Iterator[tuple[int, Path]]:
+def storescp(
+    workdir: Path, name: str, fork: bool = False, tls: bool = False
+) -> Iterator[tuple[int, Path]]:
     """A fresh destination ``storescp`` writing into an empty folder; ``fork``: one
-    process per association (dcmtk's storescp otherwise serves one at a time)."""
+    process per association (dcmtk's storescp otherwise serves one at a time);
+    ``tls``: DICOM TLS only, with the PKI's server certificate, requiring the client's."""
     port = free_port()
+    options: list[str] = []
+    if tls:
+        pki = bench_pki(workdir)
+        options = tls_options(pki.server_cert, pki.server_key, pki.ca_cert)
     outdir = workdir / f"{name}-out"
     shutil.rmtree(outdir, ignore_errors=True)
     outdir.mkdir(parents=True)
@@ -275,6 +340,7 @@ def storescp(workdir: Path, name: str, fork: bool = False) -> Iterator[tuple[int
         [dcmtk_tool("storescp"), "-aet", DEST_AET, "-od", str(outdir), "-dhl"]
         + ["-ta", "30", "-td", "60"]
         + (["--fork"] if fork else [])
+        + options
         + [str(port)],
         env=_env(),
         stdin=subprocess.DEVNULL,
@@ -283,7 +349,8 @@ def storescp(workdir: Path, name: str, fork: bool = False) -> Iterator[tuple[int
         start_new_session=True,
     )
     try:
-        wait_echo(DEST_AET, port, proc, 15, "storescp")
+        client = client_tls_options(workdir) if tls else []
+        wait_echo(DEST_AET, port, proc, 15, "storescp", client)
         yield port, outdir
     finally:
         stop_process(proc, timeout=5)
@@ -292,14 +359,31 @@ def storescp(workdir: Path, name: str, fork: bool = False) -> Iterator[tuple[int
 
 
 @contextlib.contextmanager
-def router(workdir: Path, name: str, dest_port: int) -> Iterator[tuple[int, int]]:
-    """A fresh ``python -m dicomrouter serve`` forwarding everything to ``dest_port``."""
+def router(
+    workdir: Path, name: str, dest_port: int, tls: bool = False
+) -> Iterator[tuple[int, int]]:
+    """A fresh ``python -m dicomrouter serve`` forwarding everything to ``dest_port``.
+    Yields (the port to send to, the router's pid). With ``tls``, that port is a
+    ``dicom.tls`` listener (the PKI's server certificate, client certificates
+    required); the plain port stays, for the C-ECHO readiness check."""
     port, http_port = free_port(), free_port()
     storage = workdir / f"{name}-router-storage"
     shutil.rmtree(storage, ignore_errors=True)
+    dicom: dict[str, Any] = {"port": port, "bind": "127.0.0.1"}
+    send_port = port
+    if tls:
+        pki = bench_pki(workdir)
+        send_port = free_port()
+        dicom["tls"] = {
+            "port": send_port,
+            "certificate": str(pki.server_cert),
+            "private_key": str(pki.server_key),
+            "ca_certificates": str(pki.ca_cert),
+            "require_client_certificate": True,
+        }
     config = {
         "ae_title": ROUTER_AET,
-        "dicom": {"port": port, "bind": "127.0.0.1"},
+        "dicom": dicom,
         "http": {"port": http_port, "bind": "127.0.0.1"},  # as shipped: HTTP runs too
         "storage": {"path": str(storage)},
         "destinations": {"dest": {"ae_title": DEST_AET, "host": "127.0.0.1", "port": dest_port}},
@@ -323,10 +407,19 @@ def router(workdir: Path, name: str, dest_port: int) -> Iterator[tuple[int, int]
         try:
             wait_echo(ROUTER_AET, port, proc, 30, "dicomrouter")
             wait_ready(f"http://127.0.0.1:{http_port}/readyz", proc, 30, "dicomrouter")
+            if tls:
+                wait_echo(
+                    ROUTER_AET,
+                    send_port,
+                    proc,
+                    30,
+                    "dicomrouter (TLS)",
+                    client_tls_options(workdir),
+                )
         except BenchError as exc:
             tail = log_path.read_text(errors="replace").splitlines()[-5:]
             raise BenchError(f"{exc}: {' | '.join(tail)}") from exc
-        yield port, proc.pid
+        yield send_port, proc.pid
     finally:
         stop_process(proc)
         log.close()
@@ -358,7 +451,13 @@ def router_unavailable() -> str | None:
 
 
 def send_and_wait(
-    called_aet: str, port: int, sources: list[Path], outdir: Path, expected: int, timeout: float
+    called_aet: str,
+    port: int,
+    sources: list[Path],
+    outdir: Path,
+    expected: int,
+    timeout: float,
+    options: Sequence[str] = (),
 ) -> float:
     """Run one storescu per folder of ``sources`` (one association each, all at once,
     as several modalities would) and time until ``outdir`` is full.
@@ -368,7 +467,8 @@ def send_and_wait(
     for routed legs the last forwarded file.
     """
     command = [dcmtk_tool("storescu"), "-aet", SCU_AET, "-aec", called_aet]
-    command += ["-to", "10", "-ta", "30", "-td", "60", "+sd", "+r", "127.0.0.1", str(port)]
+    command += ["-to", "10", "-ta", "30", "-td", "60", "+sd", "+r", *options]
+    command += ["127.0.0.1", str(port)]
     start = time.perf_counter()
     procs = [
         subprocess.Popen(
@@ -449,20 +549,56 @@ def run_router(
     n: int,
     timeout: float,
     memory: dict[str, int] | None = None,
+    tls: bool = False,
 ) -> tuple[float, int | None]:
-    """``memory``, when given, receives the peak PSS of the router's processes too."""
+    """``memory``, when given, receives the peak PSS of the router's processes too;
+    ``tls``: storescu sends over DICOM TLS to the router's ``dicom.tls`` listener (the
+    router still forwards in plain to the same storescp)."""
+    name = "router_tls" if tls else "router"
+    options = client_tls_options(workdir) if tls else []
     with (
-        storescp(workdir, "router", fork=len(sources) > 1) as (dest_port, outdir),
-        router(workdir, "router", dest_port) as (port, pid),
+        storescp(workdir, name, fork=len(sources) > 1) as (dest_port, outdir),
+        router(workdir, name, dest_port, tls=tls) as (port, pid),
         RssSampler(pid, pss=memory is not None) as rss,
     ):
-        seconds = send_and_wait(ROUTER_AET, port, sources, outdir, n, timeout)
+        seconds = send_and_wait(ROUTER_AET, port, sources, outdir, n, timeout, options)
     if memory is not None:
         memory["peak_pss_bytes"] = rss.peak_pss
     return seconds, rss.peak
 
 
-RUNNERS = {"direct": run_direct, "orthanc": run_orthanc, "router": run_router}
+def run_router_tls(
+    workdir: Path, sources: list[Path], n: int, timeout: float
+) -> tuple[float, int | None]:
+    return run_router(workdir, sources, n, timeout, tls=True)
+
+
+def run_direct_tls(
+    workdir: Path, sources: list[Path], n: int, timeout: float
+) -> tuple[float, int | None]:
+    """``storescu +tls -> storescp +tls`` (mutual TLS, as dcmtk requires by default)."""
+    options = client_tls_options(workdir)
+    with storescp(workdir, "direct_tls", fork=len(sources) > 1, tls=True) as (dest_port, outdir):
+        return send_and_wait(DEST_AET, dest_port, sources, outdir, n, timeout, options), None
+
+
+RUNNERS = {
+    "direct": run_direct,
+    "orthanc": run_orthanc,
+    "router": run_router,
+    "router_tls": run_router_tls,
+    "direct_tls": run_direct_tls,
+}
+
+# Throughput ratios reported (first / second): the router against its ceiling and its
+# peer, and what TLS costs the router and dcmtk.
+RATIOS = (
+    ("router", "direct"),
+    ("router", "orthanc"),
+    ("orthanc", "direct"),
+    ("router_tls", "router"),
+    ("direct_tls", "direct"),
+)
 
 
 @dataclass
@@ -548,14 +684,14 @@ def bench_dataset(
             except BenchError as exc:
                 # One failed repeat does not void the others; the report shows both.
                 leg_result.failures.append(str(exc))
-                console.print(f"  [red]{name:>6} {leg:<8} #{repeat}: {exc}[/red]")
+                console.print(f"  [red]{name:>6} {leg:<10} #{repeat}: {exc}[/red]")
                 continue
             leg_result.seconds.append(seconds)
             if peak is not None:
                 leg_result.peak_rss_bytes = max(leg_result.peak_rss_bytes or 0, peak)
             rss = f", peak RSS {peak / MB:.0f} MB" if peak else ""
             console.print(
-                f"  {name:>6} {leg:<8} #{repeat}: {seconds:7.2f} s  "
+                f"  {name:>6} {leg:<10} #{repeat}: {seconds:7.2f} s  "
                 f"({n / seconds:7.1f} inst/s, {total / MB / seconds:6.1f} MB/s{rss})"
             )
     for leg_result in result.legs.values():
@@ -595,7 +731,8 @@ def print_report(results: list[DatasetResult], huge: dict[str, Any] | None, repe
         table.add_column(column, justify="left" if column in ("Dataset", "Path") else "right")
     table.caption = (
         "a. storescu → storescp   b. storescu → Orthanc (Lua OnStoredInstance → SendToModality)"
-        " → storescp   c. storescu → dicomrouter serve → storescp"
+        " → storescp   c. storescu → dicomrouter serve → storescp   d. storescu +tls →"
+        " dicomrouter (dicom.tls) → storescp   e. storescu +tls → storescp +tls"
     )
     notes: dict[str, str] = {}
     for ds in results:
@@ -622,16 +759,12 @@ def print_report(results: list[DatasetResult], huge: dict[str, Any] | None, repe
         console.print(f"[yellow]{key}: {status}[/yellow]")
 
     ratios = Table(title="Throughput ratios (1.00 = as fast; below 1 = first one slower)")
-    for column in ("Dataset", "router / direct", "router / Orthanc", "Orthanc / direct"):
-        ratios.add_column(column, justify="right")
+    ratios.add_column("Dataset", justify="right")
+    for a, b in RATIOS:
+        ratios.add_column(f"{a} / {b}", justify="right")
     for ds in results:
         legs = ds.legs
-        ratios.add_row(
-            ds.name,
-            _fmt(ratio(legs.get("router"), legs.get("direct")), ".2f"),
-            _fmt(ratio(legs.get("router"), legs.get("orthanc")), ".2f"),
-            _fmt(ratio(legs.get("orthanc"), legs.get("direct")), ".2f"),
-        )
+        ratios.add_row(ds.name, *(_fmt(ratio(legs.get(a), legs.get(b)), ".2f") for a, b in RATIOS))
     console.print(ratios)
 
     if huge is not None:
@@ -647,6 +780,41 @@ def print_report(results: list[DatasetResult], huge: dict[str, Any] | None, repe
                 f"(PSS {(huge.get('peak_pss_bytes') or 0) / MB:.0f} MB) vs "
                 f"{_fmt(ref / MB if ref else None, '.0f')} MB for the {huge['reference']} dataset"
             )
+
+
+def router_code() -> str:
+    """Where ``python -m dicomrouter`` imports the router from (``PYTHONPATH`` decides,
+    and the router's processes inherit it), with that tree's commit if it is a git
+    checkout: a before/after comparison must know which code ran."""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", "import dicomrouter; print(dicomrouter.__file__)"],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"? ({exc})"
+    tree = Path(out).resolve().parents[2]  # <tree>/src/dicomrouter/__init__.py
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(
+            ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(tree), "status", "--porcelain", "--", "src"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        return f"{out} ({commit}{', modified' if dirty else ''})"
+    return out
 
 
 def machine_info() -> dict[str, Any]:
@@ -670,6 +838,8 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "network": "loopback 127.0.0.1",
+        "load_average": os.getloadavg(),
+        "dicomrouter": router_code(),
         **versions,
     }
 
@@ -685,8 +855,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--huge-gb", type=float, default=0.0, help="flat-memory run size; 0 skips")
     parser.add_argument(
         "--legs",
-        default="direct,orthanc,router",
-        help="comma-separated subset of: direct,orthanc,router",
+        default=DEFAULT_LEGS,
+        help=f"comma-separated subset of: {DEFAULT_LEGS}",
     )
     parser.add_argument(
         "--senders",
@@ -715,11 +885,17 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]unknown legs: {', '.join(sorted(unknown))}[/red]")
         return 2
     legs: dict[str, str | None] = {}
+    no_router = router_unavailable() if {"router", "router_tls"} & set(wanted) else None
+    no_tls = tls_unavailable() if set(TLS_LEGS) & set(wanted) else None
     for leg in wanted:
         if leg == "orthanc":
             legs[leg] = None if orthanc_executable() else "Orthanc not installed"
         elif leg == "router":
-            legs[leg] = router_unavailable()
+            legs[leg] = no_router
+        elif leg == "router_tls":
+            legs[leg] = no_router or no_tls
+        elif leg == "direct_tls":
+            legs[leg] = no_tls
         else:
             legs[leg] = None
     for leg, reason in legs.items():
@@ -734,6 +910,8 @@ def main(argv: list[str] | None = None) -> int:
         f"[dim]{info['cpus']} CPUs ({info['cpu_model']}), {info['platform']}, "
         f"{info.get('dcmtk', '')}, {info.get('orthanc', '')}; scratch {workdir}[/dim]"
     )
+    load = " ".join(f"{x:.2f}" for x in info["load_average"])
+    console.print(f"[dim]dicomrouter: {info['dicomrouter']}; load average {load}[/dim]")
     results: list[DatasetResult] = []
     huge: dict[str, Any] | None = None
     try:
@@ -769,11 +947,7 @@ def main(argv: list[str] | None = None) -> int:
                 {**asdict(ds), "legs": {k: asdict(v) for k, v in ds.legs.items()}} for ds in results
             ],
             "ratios": {
-                ds.name: {
-                    "router/direct": ratio(ds.legs.get("router"), ds.legs.get("direct")),
-                    "router/orthanc": ratio(ds.legs.get("router"), ds.legs.get("orthanc")),
-                    "orthanc/direct": ratio(ds.legs.get("orthanc"), ds.legs.get("direct")),
-                }
+                ds.name: {f"{a}/{b}": ratio(ds.legs.get(a), ds.legs.get(b)) for a, b in RATIOS}
                 for ds in results
             },
             "huge": huge,

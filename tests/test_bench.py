@@ -43,13 +43,17 @@ def test_every_leg_runs_with_two_senders(tmp_path: Path, dcmtk: None, orthanc_bi
     assert payload["senders"] == 2
     (dataset,) = payload["datasets"]
     assert dataset["instances"] == 12
-    for leg in ("direct", "orthanc", "router"):
-        outcome = dataset["legs"][leg]
+    # by default every leg runs, the TLS ones included (storescu +tls to the router's
+    # dicom.tls listener, and storescu +tls to storescp +tls)
+    assert list(dataset["legs"]) == ["direct", "orthanc", "router", "router_tls", "direct_tls"]
+    for leg, outcome in dataset["legs"].items():
         assert outcome["status"] == "ok", (leg, outcome)
         assert len(outcome["seconds"]) == 1 and outcome["seconds"][0] > 0
     ratios = payload["ratios"][dataset["name"]]
-    assert ratios["router/direct"] == pytest.approx(
-        dataset["legs"]["direct"]["median_s"] / dataset["legs"]["router"]["median_s"]
-    )
+    median = {leg: outcome["median_s"] for leg, outcome in dataset["legs"].items()}
+    assert ratios["router/direct"] == pytest.approx(median["direct"] / median["router"])
+    assert ratios["router_tls/router"] == pytest.approx(median["router"] / median["router_tls"])
+    assert ratios["direct_tls/direct"] == pytest.approx(median["direct"] / median["direct_tls"])
+    assert payload["machine"]["dicomrouter"].startswith(str(ROOT / "src"))
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith("dicomrouter-bench-")]
     assert leftovers == []  # the scratch folder is removed
