@@ -1,0 +1,98 @@
+"""The dashboard reads as sentences: the audit log's details, the trace of a large
+study, the routes page's tester and backtest (issue 11, "The first hour")."""
+
+from __future__ import annotations
+
+import re
+from html import unescape
+from pathlib import Path
+from typing import Any
+
+from dicomrouter.store import audit
+from dicomrouter.web.audit_text import describe
+from tests.support.api import api_env
+
+CONFIG: dict[str, Any] = {
+    "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 1}},
+    "routes": [{"name": "all", "trigger": "study", "to": ["pacs"]}],
+}
+
+
+def text_of(html: str) -> str:
+    return unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html)))
+
+
+# -- the audit log --------------------------------------------------------------------------
+def test_audit_details_are_sentences_not_python() -> None:
+    apply = describe(
+        "config.apply",
+        {
+            "version": 3,
+            "created": True,
+            "changed": ["dicom.port", "routes"],
+            "restart_required": ["dicom.port"],
+            "lines_added": 2,
+            "lines_removed": 1,
+            "comment": "new PACS port",
+            "sha256": "ab" * 32,
+        },
+    )
+    assert apply[:4] == [
+        "Version 3 (new).",
+        "Changed: dicom.port, routes.",
+        "Needs a restart: dicom.port.",
+        "2 lines added, 1 removed.",
+    ]
+    assert describe("job.retry", {"ids": [7], "requested": 1, "changed": 1}) == [
+        "1 of 1 job changed (job 7)."
+    ]
+    bulk = describe(
+        "job.bulk_cancel",
+        {"filter": {"state": ["failed"], "destination": "pacs"}, "matched": 2, "changed": 2},
+    )
+    assert bulk == ["2 jobs matched (state failed; destination pacs), 2 changed."]
+    assert describe("destination.echo", {"ok": False, "ms": 2.0, "error": "refused"}) == [
+        "No answer: refused."
+    ]
+    assert describe("route.backtest", {"days": 7.0, "matched_studies": 2, "truncated": False})[
+        0
+    ] == ("Over the last 7 days, 2 studies would have matched.")
+    # Unknown actions and unknown keys: "key: value", values in words.
+    assert describe("something.new", {"dry_run": True, "names": ["a", "b"], "gone": None}) == [
+        "dry run: yes",
+        "names: a, b",
+        "gone: none",
+    ]
+    # A value of an unexpected shape falls back instead of failing the page.
+    assert describe("job.retry", {"requested": "many"}) == ["requested: many"]
+    assert describe("auth.logout", {}) == []
+    for lines in (apply, bulk):
+        for line in lines:
+            assert not re.search(r"\[|\]|\bTrue\b|\bFalse\b|\bNone\b", line), line
+
+
+def test_the_audit_page_shows_no_python_lists_or_booleans(tmp_path: Path) -> None:
+    env = api_env(tmp_path, CONFIG)
+    audit.record(
+        env.engine,
+        "admin",
+        "config.apply",
+        "version 2",
+        detail={"version": 2, "created": True, "changed": ["dicom.port"], "restart_required": []},
+    )
+    audit.record(
+        env.engine,
+        "eve<script>",
+        "auth.login",
+        outcome="denied",
+        detail={"reason": "<b>unknown user</b>", "path": "/login"},
+    )
+    assert env.admin.post("/api/v1/destinations/pacs/pause").status_code == 200
+    page = env.admin.get("/audit")
+    assert page.status_code == 200
+    assert "<script>" not in page.text and "<b>unknown user</b>" not in page.text
+    cells = re.findall(r'<td class="small detail">(.*?)</td>', page.text, re.S)
+    shown = text_of(" | ".join(cells))
+    assert "Version 2 (new)." in shown and "Changed: dicom.port." in shown
+    assert "<b>unknown user</b> (on /login)" in shown
+    assert not re.search(r"\[|\]|\bTrue\b|\bFalse\b|\bNone\b|\{", shown), shown
