@@ -11,6 +11,7 @@ from typing import Any
 from dicomrouter.store import audit
 from dicomrouter.web.audit_text import describe
 from tests.support.api import api_env
+from tests.support.seed import Seeder
 
 CONFIG: dict[str, Any] = {
     "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 1}},
@@ -19,7 +20,7 @@ CONFIG: dict[str, Any] = {
 
 
 def text_of(html: str) -> str:
-    return unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html)))
+    return unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", html))).strip()
 
 
 # -- the audit log --------------------------------------------------------------------------
@@ -96,3 +97,42 @@ def test_the_audit_page_shows_no_python_lists_or_booleans(tmp_path: Path) -> Non
     assert "Version 2 (new)." in shown and "Changed: dicom.port." in shown
     assert "<b>unknown user</b> (on /login)" in shown
     assert not re.search(r"\[|\]|\bTrue\b|\bFalse\b|\bNone\b|\{", shown), shown
+
+
+# -- the trace of a big study ---------------------------------------------------------------
+def test_the_trace_of_a_1000_instance_study_stays_readable(tmp_path: Path) -> None:
+    """Routed instance by instance to two destinations: 2000 jobs. The page shows a
+    line per series and destination (expandable to its instances) and a timeline of
+    some lines, not thousands."""
+    config = {
+        "destinations": {
+            "pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 1},
+            "archive": {"ae_title": "ARCH", "host": "127.0.0.1", "port": 2},
+        },
+        "routes": [{"name": "each", "trigger": "instance", "to": ["pacs", "archive"]}],
+    }
+    env = api_env(tmp_path, config)
+    seed = Seeder(env, tmp_path / "in")
+    seed.receive_study(1000, modality="CT", series_count=4)
+    seed.plan()
+    assert len(seed.deliver("pacs", max_jobs=2000)) == 1000
+    assert len(seed.deliver("archive", max_jobs=10, fail=True)) == 10  # the rest waits
+    uid = env.viewer.get("/api/v1/studies").json()["items"][0]["study_instance_uid"]
+
+    html = env.viewer.get(f"/studies/{uid}").text
+    groups = re.findall(r'<details class="delivery-group".*?</details>', html, re.S)
+    assert len(groups) == 8  # 4 series x 2 destinations
+    summaries = [text_of(g.split("<summary>")[1].split("</summary>")[0]) for g in groups]
+    pacs = [s for s in summaries if "→ pacs:" in s]
+    assert len(pacs) == 4 and all("250 of 250 instances delivered" in s for s in pacs), pacs
+    archive = " ".join(s for s in summaries if "→ archive:" in s)
+    assert "10 failed" in archive and "refused: cannot understand" in archive
+    assert "0 of 250 instances delivered, 10 failed, 240 waiting" in archive
+    # Rows a person scrolls past before opening anything: the timeline's lines.
+    assert html.count('<li class="ev') <= 30, html.count('<li class="ev')
+    assert "1000 jobs" in text_of(html)  # the timeline says it of the jobs, once
+    # Opening a group lists its instances, each with its job and state.
+    assert sum(g.count('<tr><td class="mono uid-cell"') for g in groups) == 2000
+    trace = env.viewer.get(f"/api/v1/studies/{uid}/trace").json()
+    first_job = trace["deliveries"][0]
+    assert f'<a href="/jobs/{first_job["job_id"]}">{first_job["job_id"]}</a>' in html
