@@ -136,3 +136,53 @@ def test_the_trace_of_a_1000_instance_study_stays_readable(tmp_path: Path) -> No
     trace = env.viewer.get(f"/api/v1/studies/{uid}/trace").json()
     first_job = trace["deliveries"][0]
     assert f'<a href="/jobs/{first_job["job_id"]}">{first_job["job_id"]}</a>' in html
+
+
+# -- the routes page ------------------------------------------------------------------------
+def test_the_routes_testers_count_instances_keep_7_and_take_a_calling_ae(tmp_path: Path) -> None:
+    config = {
+        **CONFIG,
+        "routes": [
+            {
+                "name": "from-ct1",
+                "trigger": "study",
+                "when": {"CallingAETitle": "CT1"},
+                "to": ["pacs"],
+            }
+        ],
+    }
+    env = api_env(tmp_path, config)
+    seed = Seeder(env, tmp_path / "in")
+    files = seed.receive_study(4, modality="CT")
+    seed.receive_study(2, modality="MR")
+    seed.receive_study(3, modality="CT")
+
+    # "2 of 3 studies (9 instances)": the instances the studies hold, not the number
+    # of headers read (a matched study's other instances are skipped).
+    rule = "name: candidate\ntrigger: study\nwhen:\n  Modality: CT\nto: [pacs]\n"
+    page = env.operator.post("/routes/backtest", data={"candidate": rule, "days": "7"})
+    assert page.status_code == 200
+    assert "2 of 3 studies (9 instances) matched" in text_of(page.text)
+    # 7 days stays 7 when the form comes back, not 7.0.
+    assert 'name="days" value="7"' in page.text
+    page = env.operator.post("/routes/backtest", data={"candidate": rule, "days": "0.5"})
+    assert 'name="days" value="0.5"' in page.text
+
+    # The file tester pretends a calling AE, which conditions on the sender see.
+    def tested(calling_ae: str) -> str:
+        with open(files[0], "rb") as handle:
+            response = env.operator.post(
+                "/routes/test",
+                data={"calling_ae": calling_ae},
+                files={"files": ("one.dcm", handle, "application/dicom")},
+            )
+        assert response.status_code == 200
+        return response.text
+
+    html = tested("CT1")
+    assert 'name="calling_ae" value="CT1"' in html
+    row = re.search(r'<tr class="(match|nomatch)"><td>one.dcm</td><td>from-ct1</td>', html)
+    assert row is not None and row.group(1) == "match", html
+    html = tested("")
+    row = re.search(r'<tr class="(match|nomatch)"><td>one.dcm</td><td>from-ct1</td>', html)
+    assert row is not None and row.group(1) == "nomatch"
