@@ -12,6 +12,7 @@ aborted and recorded, as on an offline clinical network.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -20,12 +21,16 @@ from typing import Any
 
 import pytest
 import uvicorn
+import yaml
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 
+from dicomrouter.control import versions
 from dicomrouter.control.jobs import job_detail
 from tests.support.api import TOKENS, ApiEnv, api_env
 from tests.support.dcmtk import HOST, free_port
 from tests.support.seed import Seeder
+from tests.test_api_security import every_route
 from tests.test_browser_e2e import CHROMIUM, require_chromium
 
 WIDTH, HEIGHT = 1280, 800
@@ -77,7 +82,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     seed.plan()
     seed.deliver("pacs")
     seed.deliver("archive-with-a-rather-long-name")
-    seed.receive_study(2, modality="CT", calling_ae="CT2")
+    seed.receive_study(2, modality="CT", calling_ae="CT2", study_description="A" * 64)
     seed.plan()
     (failed,) = seed.deliver("pacs", fail=True)
     study = job_detail(env.engine, failed)
@@ -85,11 +90,15 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     # Something for the audit page: an operator action and an admin one.
     assert env.operator.post(f"/api/v1/jobs/{failed}/retry").status_code == 200
     assert env.admin.post("/api/v1/destinations/pacs/pause").status_code == 200
+    version, _ = versions.record_if_new(
+        env.engine, yaml.safe_dump(CONFIG), author="admin", source="api", comment="B" * 200
+    )
     params = {
         "job_id": str(failed),
         "name": "pacs",
+        "route": "ct-to-pacs",
         "uid": study["study_instance_uid"],
-        "version_id": "1",
+        "version_id": str(version),
     }
     for base in serve(env.anonymous.app):  # type: ignore[arg-type]
         yield Live(env, base, params)
@@ -145,3 +154,61 @@ def test_the_api_docs_render_with_no_network(
     page.close()
     assert outside == [], outside
     assert errors == [], errors
+
+
+#: The widest thing inside the page, as [width, description], or null when nothing
+#: is wider than the window.
+WIDEST = """() => {
+  const limit = window.innerWidth;
+  let worst = null;
+  for (const el of document.querySelectorAll("body *")) {
+    const box = el.getBoundingClientRect();
+    if (box.width === 0) continue;
+    if (box.right > limit + 1 && (!worst || box.right > worst[0])) {
+      worst = [Math.round(box.right), el.tagName.toLowerCase() + "." + el.className + " "
+               + (el.textContent || "").trim().slice(0, 60)];
+    }
+  }
+  return {scroll: document.documentElement.scrollWidth, width: limit, worst};
+}"""
+
+
+def dashboard_pages(app: FastAPI, params: dict[str, str]) -> list[str]:
+    """Every GET page of the dashboard (not the API, probes or metrics), path
+    parameters filled from the seed."""
+    pages = []
+    for path, methods, route in every_route(app):
+        if "GET" not in methods or isinstance(route, APIRoute) and route.include_in_schema:
+            continue
+        if path.startswith(("/api", "/static", "/metrics", "/healthz", "/readyz")):
+            continue
+        values = {**params, "name": params["route"]} if path.startswith("/routes/") else params
+        pages.append(re.sub(r"\{(\w+)\}", lambda m, v=values: v[m.group(1)], path))
+    return sorted(pages)
+
+
+def test_no_dashboard_page_is_wider_than_the_window(
+    live: Live, browser_context: tuple[Any, list[str]]
+) -> None:
+    context, outside = browser_context
+    pages = dashboard_pages(live.env.anonymous.app, live.params)  # type: ignore[arg-type]
+    assert {"/", "/audit", "/routes", "/jobs/{}".format(live.params["job_id"])} <= set(pages)
+    assert len(pages) >= 12, pages
+    page = context.new_page()
+    too_wide = {}
+    for path in pages:
+        response = page.goto(live.base + path)
+        assert response is not None and response.status == 200, path
+        measured = page.evaluate(WIDEST)
+        if measured["scroll"] > WIDTH or measured["worst"]:
+            too_wide[path] = measured
+    # The routes page after a backtest and a file test: the result tables.
+    page.goto(live.base + "/routes")
+    page.get_by_role("button", name="What would it match?").click()
+    page.wait_for_selector("table.backtest")
+    measured = page.evaluate(WIDEST)
+    if measured["scroll"] > WIDTH or measured["worst"]:
+        too_wide["/routes (backtest)"] = measured
+    page.close()
+    assert too_wide == {}, "\n".join(f"{k}: {v}" for k, v in too_wide.items())
+    assert outside == [], outside
