@@ -446,7 +446,6 @@ PUBLIC = {
     ("POST", "/api/v1/logout"),
     ("GET", "/api/openapi.json"),
     ("GET", "/api/docs"),
-    ("GET", "/docs/oauth2-redirect"),  # FastAPI's static page for Swagger UI
     ("GET", "/login"),
     ("POST", "/login"),
     ("POST", "/logout"),

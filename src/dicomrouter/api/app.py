@@ -34,6 +34,7 @@ from . import (
     audit_api,
     config_api,
     destinations,
+    docs_page,
     health,
     jobs,
     loops,
@@ -147,7 +148,7 @@ def create_app(ctx: AppContext) -> FastAPI:
         "configuration. Authenticate with a session cookie (`POST /api/v1/login`), "
         "`Authorization: Bearer <token>` or HTTP Basic. Cross-site POST/PUT/PATCH/DELETE "
         "from a browser are refused (403).",
-        docs_url="/api/docs",
+        docs_url=None,  # our own page (docs_page): Swagger UI from this server, not a CDN
         redoc_url=None,
         openapi_url="/api/openapi.json",
     )
@@ -185,6 +186,7 @@ def create_app(ctx: AppContext) -> FastAPI:
         audit_api,
         metrics_api,
         loops,
+        docs_page,
     ):
         app.include_router(module.router)
     mount_dashboard(app)

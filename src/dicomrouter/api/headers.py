@@ -4,8 +4,9 @@
   inline script or ``eval`` (the dashboard's only scripts are the bundled htmx and
   ``/static/app.js``; htmx runs with ``allowEval`` off). A page can neither be framed
   (``frame-ancestors 'none'``, and ``X-Frame-Options: DENY`` for old browsers) nor
-  post forms elsewhere. The OpenAPI page (``/api/docs``) loads Swagger UI from its
-  CDN with an inline start-up script, so it alone gets a policy that allows those.
+  post forms elsewhere. The OpenAPI page (``/api/docs``) is under the same policy:
+  its Swagger UI is vendored in the dashboard's static files and started by a script
+  file there (:mod:`.docs_page`), so nothing comes from a CDN and nothing is inline.
 - ``X-Content-Type-Options: nosniff``: an answer is what its type says.
 - ``Referrer-Policy: same-origin``: URLs (study UIDs, patient IDs in filters) never
   leak to another site. Not ``no-referrer``: with it a browser sends
@@ -24,25 +25,13 @@ PAGE_POLICY = (
     "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
     "frame-ancestors 'none'"
 )
-_CDN = "https://cdn.jsdelivr.net"
-DOCS_POLICY = (
-    f"default-src 'self'; script-src 'self' {_CDN} 'unsafe-inline'; "
-    f"style-src 'self' {_CDN} 'unsafe-inline'; "
-    f"img-src 'self' data: {_CDN} https://fastapi.tiangolo.com; connect-src 'self'; "
-    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
-)
-DOCS_PATHS = ("/api/docs",)
 
-_COMMON = [
+SECURITY_HEADERS = [
+    (b"content-security-policy", PAGE_POLICY.encode()),
     (b"x-frame-options", b"DENY"),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"same-origin"),
 ]
-
-
-def security_headers(path: str) -> list[tuple[bytes, bytes]]:
-    policy = DOCS_POLICY if path.startswith(DOCS_PATHS) else PAGE_POLICY
-    return [(b"content-security-policy", policy.encode()), *_COMMON]
 
 
 class SecurityHeadersMiddleware:
@@ -53,13 +42,12 @@ class SecurityHeadersMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        extra = security_headers(scope["path"])
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 present = {name.lower() for name, _ in headers}
-                headers += [(name, value) for name, value in extra if name not in present]
+                headers += [(n, v) for n, v in SECURITY_HEADERS if n not in present]
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -464,6 +464,19 @@ def backtest(
                 .group_by(instances.c.study_instance_uid)
             ):
                 matched[uid]["instances"] = count
+        # How many instances the evaluated studies hold in the window (stored ones):
+        # ``evaluated_instances`` is the number of headers read, fewer, since a
+        # study's other instances are skipped once one of them matched.
+        studies_instances = 0
+        seen = sorted(seen_studies)
+        for chunk_start in range(0, len(seen), 500):
+            studies_instances += conn.execute(
+                select(func.count()).where(
+                    instances.c.study_instance_uid.in_(seen[chunk_start : chunk_start + 500]),
+                    instances.c.received_at >= since,
+                    instances.c.purged_at.is_(None),
+                )
+            ).scalar_one()
     return {
         "route": route.model_dump(mode="json"),
         "description": describe(route),
@@ -472,6 +485,7 @@ def backtest(
         "evaluated_since": oldest,
         "evaluated_instances": evaluated,
         "evaluated_studies": len(seen_studies),
+        "studies_instances": studies_instances,
         "unreadable_instances": unreadable,
         "matched_studies": list(matched.values()),
         "destinations": list(route.to),

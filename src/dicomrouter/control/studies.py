@@ -39,7 +39,7 @@ _FINAL_KIND = {
     S.CANCELED: "canceled",
 }
 # Events at the same instant read in pipeline order.
-_KIND_ORDER = {
+EVENT_ORDER = {
     "received": 0,
     "matched": 1,
     "loop": 1,
@@ -269,10 +269,88 @@ def study_trace(ctx: NodeContext, study_uid: str) -> dict[str, Any] | None:
         match.update(explanation)
         events.append(match)
     job_events = [event for job in deliveries for event in _job_events(job)]
-    events.extend(_grouped(job_events) if len(deliveries) > PER_JOB_EVENTS else job_events)
+    events.extend(group_job_events(job_events) if len(deliveries) > PER_JOB_EVENTS else job_events)
     events.extend(loop_decisions)
-    events.sort(key=lambda e: (e["at"], _KIND_ORDER[e["kind"]]))
+    events.sort(key=lambda e: (e["at"], EVENT_ORDER[e["kind"]]))
     return {"study": summary, "events": events, "deliveries": deliveries}
+
+
+def series_deliveries(ctx: NodeContext, study_uid: str) -> list[dict[str, Any]]:
+    """The study's deliveries per series and destination, for a trace a person reads
+    (a 1000-instance study routed instance by instance has a thousand jobs): each
+    ``{series_instance_uid, modality, destination, instances, delivered, warning,
+    failed, pending, canceled, jobs, last_at, errors, instance_rows}``, where
+    ``instance_rows`` has one row per instance and delivery (SOP Instance UID, job,
+    state, DIMSE status, message, when) and ``errors`` the distinct failure messages
+    (at most 5). The same whatever the jobs' level: counts come from the per-instance
+    rows, in one query."""
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    query = (
+        select(
+            instances.c.series_instance_uid,
+            instances.c.modality,
+            instances.c.sop_instance_uid,
+            job_instances.c.job_id,
+            job_instances.c.destination,
+            job_instances.c.state,
+            job_instances.c.status,
+            job_instances.c.message,
+            job_instances.c.updated_at,
+        )
+        .join(instances, instances.c.id == job_instances.c.instance_id)
+        .where(instances.c.study_instance_uid == study_uid)
+        .order_by(
+            instances.c.series_instance_uid,
+            job_instances.c.destination,
+            instances.c.received_at,
+            instances.c.id,
+            job_instances.c.job_id,
+        )
+    )
+    with ctx.reader.connect() as conn:
+        for row in conn.execute(query):
+            key = (row.series_instance_uid, row.destination)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = {
+                    "series_instance_uid": row.series_instance_uid,
+                    "modality": row.modality,
+                    "destination": row.destination,
+                    "instances": 0,
+                    **{state: 0 for state in ("delivered", "warning", "failed", "pending")},
+                    "canceled": 0,
+                    "jobs": set(),
+                    "last_at": row.updated_at,
+                    "errors": [],
+                    "instance_rows": [],
+                }
+            group["instances"] += 1
+            if row.state in _DELIVERED:
+                group["delivered"] += 1
+            if row.state == S.ITEM_WARNING:
+                group["warning"] += 1
+            elif row.state in (S.ITEM_FAILED, S.ITEM_PENDING, S.ITEM_CANCELED):
+                group[row.state] += 1
+            errors, message = group["errors"], row.message
+            if row.state == S.ITEM_FAILED and message and message not in errors[:5]:
+                errors.append(message)
+            group["jobs"].add(row.job_id)
+            group["last_at"] = max(group["last_at"], row.updated_at)
+            group["instance_rows"].append(
+                {
+                    "sop_instance_uid": row.sop_instance_uid,
+                    "job_id": row.job_id,
+                    "state": row.state,
+                    "status": row.status,
+                    "message": row.message,
+                    "updated_at": row.updated_at,
+                }
+            )
+    result = list(groups.values())
+    for group in result:
+        group["jobs"] = sorted(group["jobs"])
+        group["errors"] = group["errors"][:5]
+    return result
 
 
 def _received_events(conn: Connection, study_uid: str, count: int) -> list[dict[str, Any]]:
@@ -478,7 +556,7 @@ def _job_events(job: dict[str, Any]) -> list[dict[str, Any]]:
     return events
 
 
-def _grouped(job_events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def group_job_events(job_events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One event per (kind, destination, outcome or state): how many jobs, instances
     and when (first/last), so a 3000-job study stays a readable timeline."""
     groups: dict[tuple[str, str, str], dict[str, Any]] = {}

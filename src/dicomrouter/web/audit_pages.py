@@ -9,6 +9,7 @@ from dicomrouter.control.errors import Invalid
 from dicomrouter.security import Principal
 from dicomrouter.store import audit
 
+from .audit_text import describe
 from .common import AUDIT_ROLE, ctx_of, page_role, parse_time, render
 
 router = APIRouter(include_in_schema=False)
@@ -39,6 +40,8 @@ def audit_page(
         )
     except Invalid as exc:  # a mistyped time: say so, show nothing
         total, entries, error = 0, [], str(exc)
+    for entry in entries:
+        entry["sentences"] = describe(entry["action"], entry["detail"])
     values = {
         "title": "Audit log",
         "entries": entries,

@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from dicomrouter.config import ConfigError, load_yaml
 from dicomrouter.control.errors import ControlError
 from dicomrouter.control.routes import (
+    Pretend,
     audited_backtest,
     audited_dry_run,
     route_history,
@@ -50,6 +51,7 @@ def _page(
         "backtest": None,
         "candidate": EXAMPLE_RULE,
         "days": 7,
+        "calling_ae": "",
         "error": None,
     }
     values.update(extra or {})
@@ -75,17 +77,19 @@ def route(request: Request, name: str, principal: Principal = viewer) -> HTMLRes
 @router.post("/routes/test", summary="Where would these files go", response_class=HTMLResponse)
 async def test_files(request: Request, principal: Principal = operator) -> HTMLResponse:
     ctx = ctx_of(request)
-    async with uploaded_files(request, MAX_FILES) as (uploads, _form):
+    async with uploaded_files(request, MAX_FILES) as (uploads, form):
+        # Conditions on the sender (calling_ae: ...) need to know who it would be.
+        calling_ae = str(form.get("calling_ae") or "").strip()
         sources = [(f.filename or f"file {i + 1}", f.file) for i, f in enumerate(uploads)]
         results = await run_in_threadpool(
             audited_dry_run,
             ctx,
             sources,
-            None,
+            Pretend(calling_ae=calling_ae),
             actor=principal.name,
             source=client_address(request),
         )
-    return _page(request, principal, {"dry_run": results})
+    return _page(request, principal, {"dry_run": results, "calling_ae": calling_ae})
 
 
 @router.post(
@@ -97,7 +101,11 @@ def test_rule(
     days: float = Form(7),
     principal: Principal = operator,
 ) -> HTMLResponse:
-    extra: dict[str, Any] = {"candidate": candidate, "days": days}
+    # Shown back as typed: 7, not 7.0.
+    extra: dict[str, Any] = {
+        "candidate": candidate,
+        "days": int(days) if days.is_integer() else days,
+    }
     try:
         rule = load_yaml(candidate, "the candidate rule")
         if not isinstance(rule, dict):

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse
 
-from dicomrouter.control.studies import search_studies, study_trace
+from dicomrouter.control.studies import search_studies, series_deliveries, study_trace
 from dicomrouter.security import Principal
 
 from .common import ctx_of, render, templates, viewer
@@ -53,12 +53,15 @@ def studies(request: Request, offset: int = 0, principal: Principal = viewer) ->
 
 @router.get("/studies/{uid}", summary="Where did this study go", response_class=HTMLResponse)
 def trace(request: Request, uid: str, principal: Principal = viewer) -> HTMLResponse:
-    result = study_trace(ctx_of(request), uid)
+    ctx = ctx_of(request)
+    result = study_trace(ctx, uid)
     if result is None:
         raise HTTPException(404, f"no study {uid}")
-    return render(
-        request,
-        "trace.html",
-        {"title": "Study trace", "uid": uid, "t": result, "timeline": timeline(result)},
-        principal=principal,
-    )
+    values = {
+        "title": "Study trace",
+        "uid": uid,
+        "t": result,
+        "timeline": timeline(result),
+        "groups": series_deliveries(ctx, uid),
+    }
+    return render(request, "trace.html", values, principal=principal)

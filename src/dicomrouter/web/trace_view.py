@@ -12,9 +12,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from dicomrouter.control.studies import EVENT_ORDER, group_job_events
+
 #: A run of more consecutive per-instance receptions than this, from one series and
 #: sender, is shown as one line ("12 instances of series …"); shorter runs are listed.
 FOLD_RECEPTIONS_ABOVE = 3
+
+#: With more jobs than this, the timeline says per destination and outcome what the
+#: jobs did ("40 jobs to pacs: delivered"), not three lines per job; the deliveries
+#: section lists them per series and destination, instance by instance on demand.
+FOLD_JOBS_ABOVE = 6
+_JOB_KINDS = ("queued", "attempt", "delivered", "failed", "canceled")
 
 _SENDER = ("series_instance_uid", "modality", "calling_ae", "called_ae", "source_address")
 
@@ -38,8 +46,15 @@ def timeline(trace: Mapping[str, Any]) -> list[dict[str, Any]]:
     fields plus ``view`` (what the sentence needs: counts, the job it belongs to,
     folded receptions)."""
     jobs = {d["job_id"]: d for d in trace.get("deliveries", [])}
+    events = list(trace.get("events", []))
+    if len(jobs) > FOLD_JOBS_ABOVE:
+        per_job = [e for e in events if e["kind"] in _JOB_KINDS and "job_id" in e]
+        if per_job:
+            events = [e for e in events if not (e["kind"] in _JOB_KINDS and "job_id" in e)]
+            events += group_job_events(per_job)
+            events.sort(key=lambda e: (e["at"], EVENT_ORDER[e["kind"]]))
     items: list[dict[str, Any]] = []
-    for run in _runs(trace.get("events", [])):
+    for run in _runs(events):
         first = run[0]
         if first["kind"] == "received" and len(run) > FOLD_RECEPTIONS_ABOVE:
             items.append(_folded(run))

@@ -18,3 +18,16 @@ document.addEventListener("htmx:beforeRequest", (event) => {
     event.preventDefault();
   }
 });
+
+// A part of a page that refreshes itself keeps what the user opened (a study
+// trace's per-instance list, say) open.
+let openDetails = [];
+document.addEventListener("htmx:beforeSwap", () => {
+  openDetails = [...document.querySelectorAll("details[id][open]")].map((d) => d.id);
+});
+document.addEventListener("htmx:afterSwap", () => {
+  for (const id of openDetails) {
+    const details = document.getElementById(id);
+    if (details) details.open = true;
+  }
+});
