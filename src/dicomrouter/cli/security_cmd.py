@@ -14,15 +14,21 @@ import yaml
 
 from dicomrouter.security import hash_password, hash_token, new_password, new_token
 
-from .common import DEFAULT_CONFIG, console, fail
+from .common import CONFIG_ENV, DEFAULT_CONFIG, console, fail
 
 _ROLES = ("viewer", "operator", "admin")
 
 
 def init_command(
-    config: Annotated[Path, typer.Option("--config", "-c", help="File to write.")] = Path(
-        DEFAULT_CONFIG
-    ),
+    config: Annotated[
+        Path,
+        typer.Option(
+            "--config",
+            "-c",
+            help=f"File to write. Default: ${CONFIG_ENV} if set, else ./{DEFAULT_CONFIG}.",
+            envvar=CONFIG_ENV,
+        ),
+    ] = Path(DEFAULT_CONFIG),
     admin: Annotated[str, typer.Option("--admin", help="Login name of the first admin.")] = "admin",
     storage: Annotated[
         str, typer.Option("--storage", help="storage.path to write (relative to the file).")
