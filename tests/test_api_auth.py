@@ -190,11 +190,12 @@ def test_token_and_hash_password_print_pasteable_snippets() -> None:
     runner = CliRunner()
     result = runner.invoke(cli, ["token", "ci", "--role", "operator"])
     assert result.exit_code == 0, result.output
+    # The entry alone, to paste under auth.tokens (see test_cli_auth_entries.py).
     snippet = yaml.safe_load(result.stdout)
     token = result.stderr.split("shown once):")[1].strip()
-    assert verify_token(token, snippet["auth"]["tokens"]["ci"]["token_hash"])
-    parse_config(snippet, environ={})
+    assert verify_token(token, snippet["ci"]["token_hash"])
+    parse_config({"auth": {"tokens": snippet}}, environ={})
     result = runner.invoke(cli, ["hash-password", "bob", "--password", "pw", "--role", "admin"])
     snippet = yaml.safe_load(result.stdout)
-    assert verify_password("pw", snippet["auth"]["users"]["bob"]["password_hash"])
+    assert verify_password("pw", snippet["bob"]["password_hash"])
     assert runner.invoke(cli, ["token", "x", "--role", "root"]).exit_code != 0

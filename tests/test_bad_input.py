@@ -484,7 +484,7 @@ def _bad_configs() -> Iterator[Any]:
     yield case("unknown-top-level-key", unknown_top, "bogus_section", "unknown key")
     yield case("port-out-of-range", port_range, "dicom.port")
     yield case("destination-port-missing", missing_port, "destinations.pacs.port", "missing")
-    yield case("unknown-destination", unknown_dest, "routes[0].to", "nope")
+    yield case("unknown-destination", unknown_dest, "routes[0] (all).to[0]", "nope")
     yield case("misspelled-keyword", typo_keyword, "routes[0]", "when.Modaltiy", "Modality")
     yield case("invalid-send-window", bad_window, "destinations.pacs.send_window")
     yield case("invalid-duration", parsecs, "destinations.pacs.retry.initial_delay", "parsecs")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,17 @@ from tests.support.router import wait_until
 from tests.support.synth import make_study
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if k != "DICOMROUTER_CONFIG"}
     return subprocess.run(
-        [sys.executable, "-m", "dicomrouter", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "dicomrouter", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env={**environ, **(env or {})},
     )
 
 
@@ -71,7 +80,81 @@ def test_check_json_on_the_issue_example() -> None:
     example = Path(__file__).resolve().parents[1] / "examples" / "dicomrouter.yaml"
     result = run("check", "--config", str(example), "--json")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"valid": True, "findings": []}
+    assert json.loads(result.stdout) == {
+        "valid": True,
+        "file": str(example),
+        "errors": [],
+        "warnings": [],
+    }
+
+
+BROKEN = """\
+dicom:
+  max_assocations: 4
+destinations:
+  pacs: {ae_title: PACS, host: 10.0.0.5, port: 104}
+routes:
+  - name: ct-to-pacs
+    triger: series
+    to: [pacs, archive]
+log_level: INFO
+log_level: DEBUG
+"""
+
+
+def test_check_json_prints_every_error_on_stdout(tmp_path: Path) -> None:
+    config = tmp_path / "router.yaml"
+    config.write_text(BROKEN.replace("log_level: DEBUG\n", ""))
+    result = run("check", "--config", str(config), "--json")
+    assert result.returncode == 2
+    assert json.loads(result.stdout) == {
+        "valid": False,
+        "file": str(config),
+        "errors": [
+            {
+                "key": "dicom.max_assocations",
+                "message": "unknown key; did you mean 'max_associations'?",
+            },
+            {
+                "key": "routes[0] (ct-to-pacs).triger",
+                "message": "unknown key; did you mean 'trigger'?",
+            },
+            {
+                "key": "routes[0] (ct-to-pacs).to[1]",
+                "message": "unknown destination 'archive' (known: pacs)",
+            },
+        ],
+        "warnings": [],
+    }
+    # A duplicate key stops the file before validation; in text, on stderr.
+    config.write_text(BROKEN)
+    text = run("check", "--config", str(config))
+    assert text.returncode == 2 and text.stdout.startswith("INVALID")
+    assert "error: log_level: duplicate key 'log_level' at line 10 (first at line 9)" in text.stderr
+
+
+def test_commands_find_the_file_by_env_var_or_in_the_current_folder(tmp_path: Path) -> None:
+    here = tmp_path / "site"
+    here.mkdir()
+    missing = run("check", cwd=here)
+    assert missing.returncode == 2
+    assert "give --config FILE, set DICOMROUTER_CONFIG" in missing.stderr
+    elsewhere = tmp_path / "elsewhere.yaml"
+    elsewhere.write_text("log_level: LOUD\n")
+    by_env = run("check", "--json", cwd=here, env={"DICOMROUTER_CONFIG": str(elsewhere)})
+    assert by_env.returncode == 2
+    assert json.loads(by_env.stdout)["file"] == str(elsewhere)
+    (here / "dicomrouter.yaml").write_text(f"storage: {{path: {tmp_path / 'data'}}}\n")
+    by_default = run("check", "--json", cwd=here)
+    assert by_default.returncode == 0, by_default.stderr
+    assert json.loads(by_default.stdout)["file"] == "dicomrouter.yaml"
+    # --config wins over the variable; queue commands find the file the same way.
+    explicit = run(
+        "check", "--config", "dicomrouter.yaml", cwd=here, env={"DICOMROUTER_CONFIG": "/nope"}
+    )
+    assert explicit.returncode == 0, explicit.stderr
+    queue = run("queue", "list", cwd=here)
+    assert queue.returncode == 1 and f"no index at {tmp_path / 'data'}" in queue.stderr
 
 
 def test_config_docs_matches_the_committed_reference() -> None:

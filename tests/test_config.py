@@ -88,7 +88,7 @@ def test_environment_override_errors_name_the_key() -> None:
         ),
         (
             {"destinations": {"pacs": DEST}, "routes": [{"name": "r", "to": ["nope"]}]},
-            "routes[0].to: unknown destination 'nope'",
+            "routes[0] (r).to[0]: unknown destination 'nope'",
         ),
         (
             {
@@ -102,7 +102,7 @@ def test_environment_override_errors_name_the_key() -> None:
                 "destinations": {"pacs": DEST},
                 "routes": [{"name": "r", "to": ["pacs"], "trigger": "patient"}],
             },
-            "routes[0].trigger:",
+            "routes[0] (r).trigger:",
         ),
         ({"ae_title": "THIS AE TITLE IS FAR TOO LONG"}, "ae_title: "),
     ],
@@ -117,7 +117,7 @@ def test_unknown_keyword_error_points_inside_when() -> None:
         "routes": [{"name": "r", "to": ["pacs"], "when": {"Modaltiy": "CT"}}],
     }
     (error,) = errors_of(data)
-    assert error.startswith("routes[0]: when.Modaltiy:")
+    assert error.startswith("routes[0] (r).when.Modaltiy:")
     assert "did you mean 'Modality'" in error
 
 

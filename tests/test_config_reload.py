@@ -129,7 +129,7 @@ def test_sighup_invalid_keeps_routing_valid_delivers_queued_jobs_once(
             router.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
             wait_until(lambda: _audit(router, "config.reload"), 30, message="reload audited")
             assert _audit(router, "config.reload") == [("failed", "system")]
-            assert "routes[2].to: unknown destination 'nowhere'" in router.log()
+            assert "routes[2] (bad).to[0]: unknown destination 'nowhere'" in router.log()
             _send(router, during)  # still routed by the old configuration
             _wait_jobs(router, {"pacs": {"completed": 12}, "broken": {"pending": 12}}, 60)
             assert len(versions.list_versions(_engine(router))[1]) == 1

@@ -96,7 +96,7 @@ def test_an_invalid_candidate_changes_nothing_and_is_audited_as_failed(setup) ->
             author="alice",
             environ={},
         )
-    assert any(e.startswith("routes[0].to: unknown destination") for e in info.value.errors)
+    assert any(e.startswith("routes[0] (x).to[0]: unknown destination") for e in info.value.errors)
     with pytest.raises(ConfigError) as info:
         versions.apply_yaml(engine, path, "dicom: [unclosed\n", running, author="a", environ={})
     assert "YAML syntax error" in info.value.errors[0]

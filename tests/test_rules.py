@@ -465,7 +465,7 @@ def test_config_reports_rule_errors_with_key_path() -> None:
     with pytest.raises(ConfigError) as info:
         _config({"all": [{"Modality": "CT"}, {"Modaltiy": "CT"}]})
     assert info.value.errors == [
-        "routes[0]: when.all[1].Modaltiy: unknown DICOM keyword 'Modaltiy' "
+        "routes[0] (x).when.all[1].Modaltiy: unknown DICOM keyword 'Modaltiy' "
         "(did you mean 'Modality'?)"
     ]
 

@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import console, fail, local_user, print_json
-from .queue_cmd import ConfigOption, JsonOption, _engine
+from .common import ConfigOption, console, fail, local_user, print_json
+from .queue_cmd import JsonOption, _engine
 
 loops_app = typer.Typer(
     help="Instances held because they came back from a destination (routing loops).",

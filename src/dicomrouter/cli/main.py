@@ -11,7 +11,7 @@ import typer
 from dicomrouter import __version__
 from dicomrouter.config.reference import render_reference
 
-from .common import DEFAULT_CONFIG, console, err_console, fail, load, parse_target
+from .common import ConfigOption, config_path, console, err_console, fail, load, parse_target
 from .loops_cmd import loops_app
 from .purge_cmd import purge_command
 from .queue_cmd import queue_app
@@ -36,21 +36,13 @@ app.command("init")(init_command)
 app.command("hash-password")(hash_password_command)
 app.command("token")(token_command)
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help=f"YAML configuration file; default: ./{DEFAULT_CONFIG} if it exists "
-        "(as written by 'dicomrouter init'), else the embedded defaults.",
-        envvar="DICOMROUTER_CONFIG",
-    ),
-]
-
 
 @app.command()
 def serve(config: ConfigOption = None) -> None:
-    """Run the router in the foreground until SIGTERM or Ctrl-C (SIGHUP reloads the file)."""
+    """Run the router in the foreground until SIGTERM or Ctrl-C (SIGHUP reloads the file).
+
+    Without --config, $DICOMROUTER_CONFIG or ./dicomrouter.yaml, it runs on the
+    embedded defaults."""
     import signal
 
     # SIGHUP's default action kills: a reload sent while we start must not (the node
@@ -65,8 +57,7 @@ def serve(config: ConfigOption = None) -> None:
     from dicomrouter.observe.logs import configure_logging
     from dicomrouter.store import StorageError
 
-    if config is None and Path(DEFAULT_CONFIG).is_file():
-        config = Path(DEFAULT_CONFIG)
+    config = config_path(config)  # None: the embedded defaults
     settings = load(config)
     configure_logging(settings.log_level)
     try:

@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import getpass
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .common import console, fail, load, print_json
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="YAML configuration file.", envvar="DICOMROUTER_CONFIG"),
-]
+from .common import ConfigOption, console, fail, load, print_json
 
 
 def _size(value: int) -> str:

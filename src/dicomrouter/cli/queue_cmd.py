@@ -10,14 +10,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import console, fail, load, local_user, print_json
+from .common import ConfigOption, console, fail, load, local_user, print_json
 
 queue_app = typer.Typer(help="Inspect and act on delivery jobs.", no_args_is_help=True)
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="YAML configuration file.", envvar="DICOMROUTER_CONFIG"),
-]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 

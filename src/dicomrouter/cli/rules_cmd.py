@@ -8,38 +8,85 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .common import console, err_console, fail, load, print_json
+from .common import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG,
+    ConfigOption,
+    config_path,
+    console,
+    err_console,
+    fail,
+    load,
+    print_json,
+)
 
 
 def check_command(
-    config: Annotated[Path, typer.Option("--config", "-c", help="YAML configuration file.")],
+    config: ConfigOption = None,
     strict: Annotated[bool, typer.Option(help="Exit non-zero on warnings too.")] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    json_output: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help='Print {"valid", "file", "errors", "warnings"} on stdout, each error and '
+            'warning as {"key", "message"}.',
+        ),
+    ] = False,
 ) -> None:
-    """Validate the configuration and lint its rules."""
+    """Validate the configuration and lint its rules, reporting every error at once.
+
+    Exit status: 0 valid; 1 lint errors (or warnings with --strict); 2 not loadable.
+    """
+    from dicomrouter.config import ConfigError, load_config
     from dicomrouter.config.lint import lint  # loads pydicom: see cli/__init__.py
 
-    settings = load(config)
-    findings = lint(settings)
-    errors = [f for f in findings if f.severity == "error"]
-    if json_output:
-        print_json({"valid": not errors, "findings": [f.__dict__ for f in findings]})
-    else:
-        for finding in findings:
-            color = "red" if finding.severity == "error" else "yellow"
-            err_console.print(f"[{color}]{finding}[/]", highlight=False)
-        summary = (
-            f"{config}: {len(settings.routes)} route(s), {len(settings.destinations)} "
-            f"destination(s), {len(errors)} error(s), {len(findings) - len(errors)} warning(s)"
+    path = config_path(config)
+    if path is None:
+        message = (
+            f"no configuration file: give --config FILE, set {CONFIG_ENV}, or run where "
+            f"./{DEFAULT_CONFIG} is ('dicomrouter init' writes one)"
         )
-        console.print(("[green]OK[/] " if not errors else "[red]INVALID[/] ") + summary)
-    if errors or (strict and findings):
+        _report_check(None, [{"key": "", "message": message}], [], json_output)
+        raise typer.Exit(2)
+    try:
+        settings = load_config(path)
+    except ConfigError as exc:
+        _report_check(str(path), [i.as_dict() for i in exc.issues], [], json_output)
+        raise typer.Exit(2) from None
+    findings = lint(settings)
+    errors = [{"key": f.where, "message": f.message} for f in findings if f.severity == "error"]
+    warnings = [{"key": f.where, "message": f.message} for f in findings if f.severity != "error"]
+    summary = (
+        f"{len(settings.routes)} route(s), {len(settings.destinations)} destination(s), "
+        f"{len(errors)} error(s), {len(warnings)} warning(s)"
+    )
+    _report_check(str(path), errors, warnings, json_output, summary)
+    if errors or (strict and warnings):
         raise typer.Exit(1)
+
+
+def _report_check(
+    path: str | None,
+    errors: list[dict[str, str]],
+    warnings: list[dict[str, str]],
+    json_output: bool,
+    summary: str = "",
+) -> None:
+    if json_output:
+        print_json({"valid": not errors, "file": path, "errors": errors, "warnings": warnings})
+        return
+    for severity, items, color in (("error", errors, "red"), ("warning", warnings, "yellow")):
+        for item in items:
+            where = f"{item['key']}: " if item["key"] else ""
+            err_console.print(f"[{color}]{severity}: {where}{item['message']}[/]", highlight=False)
+    summary = summary or f"{len(errors)} error(s)"
+    prefix = "[green]OK[/] " if not errors else "[red]INVALID[/] "
+    console.print(prefix + (f"{path}: " if path else "") + summary, highlight=False)
 
 
 def test_rule_command(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders.")],
-    config: Annotated[Path, typer.Option("--config", "-c", help="YAML configuration file.")],
+    config: ConfigOption = None,
     calling_ae: Annotated[str, typer.Option("--calling-ae", help="Pretend sender AE.")] = "",
     called_ae: Annotated[str | None, typer.Option("--called-ae", help="Pretend called AE.")] = None,
     source: Annotated[str, typer.Option("--source", help="Pretend sender IP.")] = "127.0.0.1",
@@ -49,7 +96,7 @@ def test_rule_command(
     # Imported here, not at the top: see cli/__init__.py.
     from dicomrouter.control.routes import Pretend, dry_run_files
 
-    settings = load(config)
+    settings = load(config, required=True)
     files = _expand(paths)
     if not files:
         fail("no files found")

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+import types
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from .models import RouterConfig
+from .models import ConfigProblems, RouterConfig, reference_problems
 
 ENV_PREFIX = "DICOMROUTER_"
 #: Top-level sections that environment variables may override (the node settings).
@@ -28,13 +31,30 @@ MAX_YAML_NODES = 200_000
 MAX_YAML_DEPTH = 64
 
 
-class ConfigError(Exception):
-    """A configuration problem; ``errors`` holds one ``"key.path: reason"`` per problem."""
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One problem: the key path it is about (empty: the document as a whole, e.g. a
+    YAML syntax error, whose message gives the line) and what is wrong."""
 
-    def __init__(self, source: str, errors: list[str]):
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}" if self.key else self.message
+
+    def as_dict(self) -> dict[str, str]:
+        return {"key": self.key, "message": self.message}
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``errors`` holds one ``"key.path: reason"`` per problem
+    (``issues``: the same as :class:`ConfigIssue`, key and message apart)."""
+
+    def __init__(self, source: str, errors: list[str] | list[ConfigIssue]):
         self.source = source
-        self.errors = errors
-        super().__init__(f"{source}: " + "; ".join(errors))
+        self.issues = [e if isinstance(e, ConfigIssue) else ConfigIssue("", e) for e in errors]
+        self.errors = [str(issue) for issue in self.issues]
+        super().__init__(f"{source}: " + "; ".join(self.errors))
 
     def __str__(self) -> str:
         lines = [f"invalid configuration in {self.source}:"]
@@ -120,41 +140,170 @@ _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 def load_yaml(text: str, source: str = "<yaml>") -> Any:
     """``yaml.safe_load`` within :data:`MAX_YAML_BYTES`, :data:`MAX_YAML_NODES` and
-    :data:`MAX_YAML_DEPTH`: every YAML text the router reads goes through here.
-    Raises :class:`YamlLimitError` or ``ConfigError`` (syntax) with the line."""
+    :data:`MAX_YAML_DEPTH`, refusing duplicate keys: every YAML text the router reads
+    goes through here. Raises :class:`YamlLimitError` or ``ConfigError`` (syntax,
+    duplicate keys) with the line."""
     _check_yaml_limits(text, source)
+    loader = _Loader(text)
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a safe loader
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        duplicates = _duplicate_keys(loader, node)
+        if duplicates:
+            raise ConfigError(source, duplicates)
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
         raise _syntax_error(source, exc) from None
+    finally:
+        loader.dispose()
 
 
-def _format_location(loc: tuple[Any, ...]) -> str:
+def _duplicate_keys(loader: Any, root: yaml.Node) -> list[ConfigIssue]:
+    """Every key written twice in the same mapping (YAML keeps the last one silently:
+    a second ``auth:`` block pasted below the first would replace it). A key that
+    overrides one brought in by a merge (``<<: *defaults``) is not a duplicate."""
+    found: list[ConfigIssue] = []
+    seen: set[int] = set()  # an aliased node is checked once, where it is defined
+    stack: list[tuple[yaml.Node, tuple[str | int, ...]]] = [(root, ())]
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack += [(child, (*path, i)) for i, child in reversed(list(enumerate(node.value)))]
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            children = []
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = _key(loader, key_node)
+                line = key_node.start_mark.line + 1
+                if key is not None and key in first:
+                    where = _format_location((*path, str(key)))
+                    found.append(
+                        ConfigIssue(
+                            where,
+                            f"duplicate key {str(key)!r} at line {line} "
+                            f"(first at line {first[key]}); YAML would keep only the last",
+                        )
+                    )
+                elif key is not None:
+                    first[key] = line
+                children.append((value_node, (*path, str(key))))
+            stack += reversed(children)
+    return found
+
+
+def _key(loader: Any, node: yaml.Node) -> Any:
+    """A mapping key as YAML reads it (``1`` and ``"1"`` differ, ``yes`` is ``True``);
+    None for a key that is not a plain value."""
+    if not isinstance(node, yaml.ScalarNode):
+        return None
+    try:
+        key = loader.construct_object(node)
+        hash(key)
+    except (yaml.YAMLError, TypeError, ValueError):
+        return None
+    return key
+
+
+def _format_location(loc: tuple[Any, ...], data: Any = None) -> str:
+    """``("routes", 1, "trigger")`` as ``routes[1].trigger``; with the document's
+    ``data``, a list item that has a ``name`` says it: ``routes[1] (ct-to-pacs).trigger``."""
     text = ""
+    node = data
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
+            node = node[part] if isinstance(node, list) and 0 <= part < len(node) else None
+            name = node.get("name") if isinstance(node, dict) else None
+            if isinstance(name, str) and name:
+                text += f" ({name})"
         else:
             text += ("." if text else "") + str(part)
+            node = node.get(part) if isinstance(node, dict) else None
     return text
 
 
-def format_validation_error(exc: ValidationError) -> list[str]:
-    messages = []
+def _unwrap(annotation: Any) -> Any:
+    """The type under ``Annotated[...]`` and ``X | None``."""
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
+        elif origin in (Union, types.UnionType):
+            args = [a for a in get_args(annotation) if a is not type(None)]
+            models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            annotation = (models or args)[0]
+        else:
+            return annotation
+
+
+def known_keys(loc: tuple[Any, ...], model: type[BaseModel] = RouterConfig) -> list[str]:
+    """The keys the model accepts at ``loc`` (``("dicom",)``: the ``dicom`` section's),
+    aliases included; empty when ``loc`` is not a section of the model."""
+    annotation: Any = model
+    for part in loc:
+        annotation = _unwrap(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                return []
+            annotation = field.annotation
+        elif get_origin(annotation) is dict:
+            annotation = get_args(annotation)[1]
+        elif get_origin(annotation) is list:
+            annotation = get_args(annotation)[0]
+        else:
+            return []
+    annotation = _unwrap(annotation)
+    if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        return []
+    names: list[str] = []
+    for name, field in annotation.model_fields.items():
+        names += [name] + [a for a in (field.alias, field.validation_alias) if isinstance(a, str)]
+    return names
+
+
+def _did_you_mean(loc: tuple[Any, ...], model: type[BaseModel]) -> str:
+    if not loc or not isinstance(loc[-1], str):
+        return ""
+    close = difflib.get_close_matches(loc[-1], known_keys(loc[:-1], model), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def validation_issues(
+    exc: ValidationError, data: Any = None, model: type[BaseModel] = RouterConfig
+) -> list[ConfigIssue]:
+    """Every error pydantic found, each with its key path (route names added from
+    ``data``, the document validated), unknown keys with the nearest known one."""
+    issues = []
     for error in exc.errors():
         loc = tuple(p for p in error["loc"] if p not in ("function-after", "function-before"))
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, ConfigProblems):
+            issues += [
+                ConfigIssue(_format_location((*loc, *sub), data), message)
+                for sub, message in cause.problems
+            ]
+            continue
         message = error["msg"].removeprefix("Value error, ")
-        where = _format_location(loc)
         if error["type"] == "extra_forbidden":
-            message = "unknown key"
+            message = "unknown key" + _did_you_mean(loc, model)
         elif error["type"] == "missing":
             message = "required key is missing"
-        # Cross-field messages already start with their own key path.
-        if where and not message.startswith(where.split(".")[0] + "["):
-            messages.append(f"{where}: {message}")
-        else:
-            messages.append(message)
-    return messages
+        issues.append(ConfigIssue(_format_location(loc, data), message))
+    return issues
+
+
+def format_validation_error(
+    exc: ValidationError, data: Any = None, model: type[BaseModel] = RouterConfig
+) -> list[str]:
+    """:func:`validation_issues` as ``"key.path: reason"`` texts."""
+    return [str(issue) for issue in validation_issues(exc, data, model)]
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -200,7 +349,15 @@ def parse_config(
     try:
         return RouterConfig.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
-        raise ConfigError(source, format_validation_error(exc)) from None
+        issues = validation_issues(exc, data)
+        if not any(error["loc"] == () for error in exc.errors()):
+            # An error in a section stops the whole-file cross-checks: report the
+            # routes' references from the raw data, so one run lists every error.
+            issues += [
+                ConfigIssue(_format_location(loc, data), message)
+                for loc, message in reference_problems(data.get("routes"), data.get("destinations"))
+            ]
+        raise ConfigError(source, issues) from None
 
 
 def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> RouterConfig:

@@ -42,6 +42,56 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+#: A key path inside the model that raised (``("routes", 1, "to")``; a string part may
+#: hold dots, as a rule's own path does).
+KeyPath = tuple[str | int, ...]
+
+
+class ConfigProblems(ValueError):
+    """Several problems found by one validator, so that the loader reports them all
+    at once, each with its key path relative to the model that raised."""
+
+    def __init__(self, problems: list[tuple[KeyPath, str]]):
+        self.problems = problems
+        super().__init__("; ".join(message for _, message in problems))
+
+
+def reference_problems(routes: Any, destinations: Any) -> list[tuple[KeyPath, str]]:
+    """Duplicate route names and routes sending to undefined destinations, on the
+    validated models or on the raw YAML data (so that these are reported together
+    with errors elsewhere in the file, which stop the model's own cross-checks)."""
+    if not isinstance(routes, list):
+        return []
+    known = sorted(str(name) for name in destinations) if isinstance(destinations, dict) else []
+    problems: list[tuple[KeyPath, str]] = []
+    seen: dict[str, int] = {}
+    for index, route in enumerate(routes):
+        name = getattr(route, "name", None) if not isinstance(route, dict) else route.get("name")
+        if isinstance(name, str):
+            if name in seen:
+                problems.append(
+                    (
+                        ("routes", index, "name"),
+                        f"duplicate route name {name!r} (also routes[{seen[name]}])",
+                    )
+                )
+            else:
+                seen[name] = index
+        targets = getattr(route, "to", None) if not isinstance(route, dict) else route.get("to")
+        if not isinstance(targets, list) or not isinstance(destinations, dict):
+            continue
+        for position, target in enumerate(targets):
+            if isinstance(target, str) and target not in destinations:
+                problems.append(
+                    (
+                        ("routes", index, "to", position),
+                        f"unknown destination {target!r} (known: "
+                        f"{', '.join(known) or 'none defined'})",
+                    )
+                )
+    return problems
+
+
 def _readable_file(value: Path, info: ValidationInfo) -> Path:
     """A file that exists and that we may read, made absolute: a relative path is
     relative to the configuration file's folder (the ``base_dir`` in the validation
@@ -383,20 +433,21 @@ class RouteConfig(_Model):
     to: list[str] = Field(..., min_length=1, description="Destination names.")
     enabled: bool = Field(True, description="A disabled route is kept but never fires.")
 
-    @model_validator(mode="after")
-    def _compile_when(self) -> RouteConfig:
-        # Imported here, not at the top: the rules load pydicom (and numpy with it),
-        # which `dicomrouter serve` must keep out until it has excluded numpy.
+    @field_validator("when")
+    @classmethod
+    def _compile_when(cls, when: dict[str, Any] | None) -> dict[str, Any] | None:
+        # A field validator, not a model one: a typo elsewhere in the route does not
+        # hide an error in its rule. Imported here, not at the top: the rules load
+        # pydicom (and numpy with it), which `dicomrouter serve` must keep out until
+        # it has excluded numpy.
         from dicomrouter.rules import RuleError, compile_condition
 
-        if self.when is not None:
+        if when is not None:
             try:
-                compile_condition(self.when)
+                compile_condition(when)
             except RuleError as exc:
-                raise ValueError(
-                    f"when.{exc.path}: {exc.message}" if exc.path else exc.message
-                ) from None
-        return self
+                raise ConfigProblems([((exc.path,) if exc.path else (), exc.message)]) from None
+        return when
 
     @property
     def forward_level(self) -> ForwardLevel:
@@ -693,14 +744,17 @@ class AlertsConfig(_Model):
 
     @model_validator(mode="after")
     def _known_webhooks(self) -> AlertsConfig:
+        problems: list[tuple[KeyPath, str]] = []
         for event in AlertEventsConfig.model_fields:
             names = getattr(self.events, event).webhooks or []
             unknown = [name for name in names if name not in self.webhooks]
-            if unknown:
-                known = ", ".join(sorted(self.webhooks)) or "none defined"
-                raise ValueError(
-                    f"events.{event}.webhooks: unknown webhook {unknown[0]!r} (known: {known})"
-                )
+            known = ", ".join(sorted(self.webhooks)) or "none defined"
+            problems += [
+                (("events", event, "webhooks"), f"unknown webhook {name!r} (known: {known})")
+                for name in unknown
+            ]
+        if problems:
+            raise ConfigProblems(problems)
         return self
 
 
@@ -796,23 +850,18 @@ class RouterConfig(_Model):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RouterConfig:
-        names = [route.name for route in self.routes]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"routes: duplicate route name(s): {', '.join(duplicates)}")
-        for index, route in enumerate(self.routes):
-            for target in route.to:
-                if target not in self.destinations:
-                    known = ", ".join(sorted(self.destinations)) or "none defined"
-                    raise ValueError(
-                        f"routes[{index}].to: unknown destination {target!r} (known: {known})"
-                    )
+        problems = reference_problems(self.routes, self.destinations)
         for name, dest in self.destinations.items():
             if self.is_self(dest):
-                raise ValueError(
-                    f"destinations.{name}: routing loop: {dest.ae_title}@{dest.host}:{dest.port} "
-                    "is this router itself"
+                problems.append(
+                    (
+                        ("destinations", name),
+                        f"routing loop: {dest.ae_title}@{dest.host}:{dest.port} "
+                        "is this router itself",
+                    )
                 )
+        if problems:
+            raise ConfigProblems(problems)
         return self
 
     def is_self(self, dest: DicomDestinationConfig) -> bool:

@@ -387,7 +387,8 @@ def validate_candidate(config: RouterConfig, candidate: Mapping[str, Any]) -> Ro
     try:
         route = RouteConfig.model_validate(data)
     except ValidationError as exc:
-        raise CandidateError([f"route.{error}" for error in format_validation_error(exc)]) from None
+        errors = format_validation_error(exc, data, RouteConfig)
+        raise CandidateError([f"route.{error}" for error in errors]) from None
     unknown = [
         f"route.to[{i}]: unknown destination {name!r} (known: "
         f"{', '.join(sorted(config.destinations)) or 'none defined'})"

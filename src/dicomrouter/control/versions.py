@@ -435,6 +435,25 @@ def lockout(candidate: RouterConfig, running: RouterConfig | None) -> str | None
     )
 
 
+def access_warning(candidate: RouterConfig, running: RouterConfig | None) -> str | None:
+    """What :func:`lockout` lets through but an admin should hear before applying:
+    ``candidate`` locks out every user (authentication on, no user or token at all),
+    or leaves no admin where there was none already. None when someone can
+    administer it, or when :func:`lockout` refuses it (an error, not a warning)."""
+    if has_admin(candidate) or lockout(candidate, running) is not None:
+        return None
+    if not candidate.auth.users and not candidate.auth.tokens:
+        return (
+            "warning: auth: this configuration would lock out every user: auth.enabled "
+            "is true and there is no user or token, so nobody can log in to the "
+            "dashboard or the API. Add an admin: dicomrouter hash-password NAME --role admin"
+        )
+    return (
+        "warning: auth: no user or token has role admin, so nobody can change the "
+        "configuration from the dashboard or the API (only by editing the file)"
+    )
+
+
 def findings(config: RouterConfig) -> list[str]:
     return [str(finding) for finding in lint(config)]
 
@@ -461,10 +480,11 @@ def validate(
     change = diff(active_text, text, redacted=redacted)
     changed = changed_keys(running, candidate) if running is not None else []
     refusal = lockout(candidate, running)
+    access = access_warning(candidate, running)
     return Validation(
         refusal is None,
         [refusal] if refusal else [],
-        findings(candidate),
+        ([access] if access else []) + findings(candidate),
         change,
         changed,
         restart_required(changed),
