@@ -99,6 +99,9 @@ LAZY: dict[tuple[str, str], str] = {
     ("dicomrouter.cli.queue_cmd", "dicomrouter.control.jobs"): _CLI,
     ("dicomrouter.cli.rules_cmd", "dicomrouter.config.lint"): _CLI,
     ("dicomrouter.cli.rules_cmd", "dicomrouter.control.routes"): _CLI,
+    ("dicomrouter.cli.rules_cmd", "dicomrouter.config"): _CLI,
+    ("dicomrouter.cli.security_cmd", "dicomrouter.config"): _CLI,
+    ("dicomrouter.cli.security_cmd", "dicomrouter.control.versions"): _CLI,
     ("dicomrouter.cli.send_cmd", "dicomrouter.destinations"): _CLI,
     ("dicomrouter.cli.send_cmd", "dicomrouter.store"): _CLI,
 }
