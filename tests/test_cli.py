@@ -43,9 +43,10 @@ def test_send_delivers_files_and_prints_a_summary(tmp_path: Path, pacs: StoreSCP
     result = run("send", str(tmp_path / "in"), "--to", f"PACS@{HOST}:{pacs.port}")
     wait_until(lambda: len(pacs.received_files()) == 5, 20, message="5 files at storescp")
     assert pacs.received_sops() == sop_uids(files)
-    # The unreadable file is reported and makes the exit code non-zero.
-    assert result.returncode == 1
+    # The file that is not DICOM is reported, and only skipped: the exit code is 0.
+    assert result.returncode == 0, result.stderr
     assert "skipped" in result.stderr and "notes.txt" in result.stderr
+    assert "skipped 1 file(s) that are not DICOM instances" in result.stdout
     assert "sent to PACS@" in result.stdout
     assert pacs.association_count() >= 1
 

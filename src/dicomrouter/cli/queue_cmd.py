@@ -153,6 +153,7 @@ def list_command(
             f"'dicomrouter queue move --from {entry['destination']} --to DESTINATION' "
             f"or cancel them with 'dicomrouter queue cancel --destination {entry['destination']}'.",
             highlight=False,
+            soft_wrap=False,
         )
     shown = f"newest {len(rows)} of {total}" if total > len(rows) else f"{total}"
     table = _table(
@@ -180,11 +181,13 @@ def list_command(
     console.print(table)
     errors = [job for job in rows if job["last_error"]]
     for job in errors[:10]:
-        console.print(f"job {job['id']}: {job['last_error']}", highlight=False, markup=False)
+        console.print(
+            f"job {job['id']}: {job['last_error']}", highlight=False, markup=False, soft_wrap=False
+        )
     if len(errors) > 10:
         console.print(f"... and {len(errors) - 10} more with an error: 'queue show ID'")
     if any(job["connection_failures"] for job in rows):
-        console.print(_CONNECTION_FAILURES, style="dim", highlight=False)
+        console.print(_CONNECTION_FAILURES, style="dim", highlight=False, soft_wrap=False)
 
 
 #: What a person needs to read next to the two counts.
@@ -276,7 +279,9 @@ def show_command(
     ]
     for label, value in lines:
         if value:
-            console.print(f"{label + ':':<21}{value}", highlight=False, markup=False)
+            console.print(
+                f"{label + ':':<21}{value}", highlight=False, markup=False, soft_wrap=False
+            )
     table = _table(
         "instances",
         "SOPInstanceUID",
