@@ -33,6 +33,11 @@ def test_echo_reports_success_and_failure(pacs: StoreSCP) -> None:
 def test_echo_rejects_a_malformed_target() -> None:
     result = run("echo", "PACS-127.0.0.1-104")
     assert result.returncode == 1
+    # Not AE@HOST:PORT, so a destination's name: none by that name is configured.
+    assert "no destination 'PACS-127.0.0.1-104'" in result.stderr
+    assert "give it as AE@HOST:PORT" in result.stderr
+    result = run("echo", "PACS@127.0.0.1-104")
+    assert result.returncode == 1
     assert "expected AE@HOST:PORT" in result.stderr
 
 

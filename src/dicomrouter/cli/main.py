@@ -129,7 +129,7 @@ def echo(
             ctx = _EchoContext(settings, engine)
             result = control.echo(ctx, target, actor=local_user(), source="cli")
     except ControlError as exc:
-        fail(str(exc))
+        fail(f"{exc}; to echo any peer, give it as AE@HOST:PORT, e.g. PACS@127.0.0.1:104")
     dest = settings.destinations[target]
     peer = f"{target} ({dest.ae_title}@{dest.host}:{dest.port})"
     if not result["ok"]:
