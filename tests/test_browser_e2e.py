@@ -74,9 +74,9 @@ def router_config(down_port: int) -> dict[str, Any]:
 
 def destination_state(router: RouterProcess) -> str | None:
     out = router.cli("queue", "list", "--json", "--config", str(router.config_path), check=True)
-    for entry in json.loads(out.stdout)["summary"]:
-        if entry["destination"] == "pacs":
-            return entry.get("health")  # type: ignore[no-any-return]
+    for entry in json.loads(out.stdout)["destinations"]:
+        if entry["name"] == "pacs":
+            return entry["state"]  # type: ignore[no-any-return]
     return None
 
 

@@ -42,6 +42,11 @@ def test_echo_reports_success_and_failure(pacs: StoreSCP) -> None:
 def test_echo_rejects_a_malformed_target() -> None:
     result = run("echo", "PACS-127.0.0.1-104")
     assert result.returncode == 1
+    # Not AE@HOST:PORT, so a destination's name: none by that name is configured.
+    assert "no destination 'PACS-127.0.0.1-104'" in result.stderr
+    assert "give it as AE@HOST:PORT" in result.stderr
+    result = run("echo", "PACS@127.0.0.1-104")
+    assert result.returncode == 1
     assert "expected AE@HOST:PORT" in result.stderr
 
 
@@ -52,9 +57,10 @@ def test_send_delivers_files_and_prints_a_summary(tmp_path: Path, pacs: StoreSCP
     result = run("send", str(tmp_path / "in"), "--to", f"PACS@{HOST}:{pacs.port}")
     wait_until(lambda: len(pacs.received_files()) == 5, 20, message="5 files at storescp")
     assert pacs.received_sops() == sop_uids(files)
-    # The unreadable file is reported and makes the exit code non-zero.
-    assert result.returncode == 1
+    # The file that is not DICOM is reported, and only skipped: the exit code is 0.
+    assert result.returncode == 0, result.stderr
     assert "skipped" in result.stderr and "notes.txt" in result.stderr
+    assert "skipped 1 file(s) that are not DICOM instances" in result.stdout
     assert "sent to PACS@" in result.stdout
     assert pacs.association_count() >= 1
 

@@ -41,9 +41,10 @@ def queue_json(router: RouterProcess) -> dict[str, Any]:
 
 
 def health(router: RouterProcess, destination: str) -> str | None:
-    for entry in queue_json(router)["summary"]:
-        if entry["destination"] == destination:
-            return entry.get("health")  # type: ignore[no-any-return]
+    """The destination's state as `queue list` (and the API, the dashboard) name it."""
+    for entry in queue_json(router)["destinations"]:
+        if entry["name"] == destination:
+            return entry["state"]  # type: ignore[no-any-return]
     return None
 
 
@@ -70,7 +71,7 @@ def test_outage_pauses_keeps_jobs_pending_and_resumes_at_once(tmp_path: Path, dc
     with RouterProcess(tmp_path / "router", config) as router:
         send_ok(router, files)
         router.wait_jobs(lambda js: len(js) == 20, 30, message="20 jobs")
-        wait_until(lambda: health(router, "down") == "paused", 30, message="destination paused")
+        wait_until(lambda: health(router, "down") == "probing", 30, message="destination probing")
         # 2 failed connections paused it; 3 failed probes later it has failed more
         # often than max_attempts (3), and still no job may be failed.
         wait_until(lambda: failed_probes(router, "down") >= 3, 30, interval=0.3, message="3 probes")
@@ -78,7 +79,7 @@ def test_outage_pauses_keeps_jobs_pending_and_resumes_at_once(tmp_path: Path, dc
         assert sorted({j["state"] for j in jobs}) == ["pending"], [
             (j["id"], j["state"], j["attempts"], j["last_error"]) for j in jobs
         ]
-        assert health(router, "down") == "paused"
+        assert health(router, "down") == "probing"
 
         with StoreSCP(port, "DOWN", tmp_path / "back", accept="all") as scp:
             # Probes run every 1s and a resume pulls the whole queue forward, so 20
@@ -105,7 +106,7 @@ def test_a_down_destination_does_not_hold_up_another(tmp_path: Path, dcmtk: None
         with RouterProcess(tmp_path / "router", config) as router:
             send_ok(router, first)
             wait_until(lambda: up.store_requests() >= 10, 30, message="first 10 at the up peer")
-            wait_until(lambda: health(router, "down") == "paused", 30, message="down paused")
+            wait_until(lambda: health(router, "down") == "probing", 30, message="down probing")
             # While "down" is paused, new data still flows to "up" promptly.
             send_ok(router, second)
             wait_until(lambda: up.store_requests() >= 20, 30, message="next 10 at the up peer")
@@ -136,7 +137,7 @@ def test_cancel_then_retry_pending_jobs_with_the_cli(tmp_path: Path, dcmtk: None
     with RouterProcess(tmp_path / "router", config) as router:
         send_ok(router, files)
         router.wait_jobs(lambda js: len(js) == 5, 30, message="5 jobs")
-        wait_until(lambda: health(router, "down") == "paused", 30, message="destination paused")
+        wait_until(lambda: health(router, "down") == "probing", 30, message="destination probing")
         ids = sorted(j["id"] for j in router.jobs())
 
         cancel = router.cli(

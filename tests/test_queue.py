@@ -377,8 +377,11 @@ def test_unreachable_destination_does_not_use_up_attempts(tmp_path: Path) -> Non
             failed=0,
         )
     (job,) = p.job_list()
-    assert (job["state"], job["attempts"]) == (S.PENDING, 0)
+    assert (job["state"], job["attempts"], job["connection_failures"]) == (S.PENDING, 0, 5)
     assert len(job_detail(p.engine, job["id"])["attempts"]) == 5  # type: ignore[index]
+    assert p.jobs.retry([job["id"]]) == 1  # a manual retry starts both counts again
+    (job,) = p.job_list()
+    assert (job["attempts"], job["connection_failures"]) == (0, 0)
 
 
 def test_warning_and_permanent_failure_states(tmp_path: Path) -> None:

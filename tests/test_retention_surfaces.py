@@ -203,6 +203,38 @@ def test_an_index_from_schema_2_is_upgraded(tmp_path: Path) -> None:
     assert {"purged_at", "purge_reason"} <= columns and version == str(SCHEMA_VERSION)
 
 
+def test_an_index_from_schema_5_counts_connection_failures(tmp_path: Path) -> None:
+    """Schema 6 counts connection failures apart from delivery attempts: an open job
+    takes its count from the attempts it recorded as unavailable."""
+    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    engine = create_index_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE jobs DROP COLUMN connection_failures"))
+        for job_id, state in ((1, "pending"), (2, "failed")):
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (id, destination, level, resource_uid, study_instance_uid,"
+                    " routes, state, priority, attempts, next_attempt_at, created_at, updated_at)"
+                    f" VALUES ({job_id}, 'pacs', 'study', '1.2', '1.2', 'r', '{state}', 0, 0, 0,"
+                    " 0, 0)"
+                )
+            )
+            for outcome in ("unavailable", "unavailable", "retry"):
+                conn.execute(
+                    text(
+                        "INSERT INTO attempts (job_id, started_at, outcome, sent, failed)"
+                        f" VALUES ({job_id}, 0, '{outcome}', 0, 0)"
+                    )
+                )
+        conn.execute(text("UPDATE meta_info SET value = '5' WHERE key = 'schema'"))
+    engine.dispose()
+    upgraded = create_index_engine(url)
+    with upgraded.connect() as conn:
+        counts = dict(conn.execute(text("SELECT id, connection_failures FROM jobs")).all())
+        version = conn.execute(text("SELECT value FROM meta_info WHERE key='schema'")).scalar()
+    assert counts == {1: 2, 2: 0} and version == str(SCHEMA_VERSION)
+
+
 def test_a_running_router_delivers_then_purges_and_keeps_the_trace(
     tmp_path: Path, pacs: StoreSCP
 ) -> None:

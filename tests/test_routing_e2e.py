@@ -339,12 +339,12 @@ def test_test_rule_reports_routes_and_destinations(tmp_path: Path) -> None:
         *map(str, head + chest),
     )
     assert result.returncode == 0, result.stderr
-    report = {Path(entry["file"]).name: entry for entry in json.loads(result.stdout)}
+    report = {Path(entry["file"]).name: entry for entry in json.loads(result.stdout)["files"]}
     match, miss = report[head[0].name], report[chest[0].name]
     assert match["destinations"] == ["research"]
-    routes = {r["route"]: r for r in match["routes"]}
+    routes = {r["name"]: r for r in match["routes"]}
     assert routes["ct-head-research"]["matched"] is True
-    assert routes["ct-head-research"]["to"] == ["research"]
+    assert routes["ct-head-research"]["destinations"] == ["research"]
     assert (routes["ct-head-research"]["trigger"], routes["ct-head-research"]["forward"]) == (
         "study",
         "study",
@@ -352,7 +352,7 @@ def test_test_rule_reports_routes_and_destinations(tmp_path: Path) -> None:
     assert routes["mr-archive"]["matched"] is False
     assert miss["destinations"] == []
     assert not any(r["matched"] for r in miss["routes"])
-    why = {r["route"]: r["why"] for r in miss["routes"]}["ct-head-research"]
+    why = {r["name"]: r["explanation"] for r in miss["routes"]}["ct-head-research"]
     assert "CT CHEST" in why and "HEAD" in why, why
 
     # The same CT HEAD from a sender not in the list does not match either.
@@ -360,7 +360,7 @@ def test_test_rule_reports_routes_and_destinations(tmp_path: Path) -> None:
         "test-rule", "--config", str(config), "--calling-ae", "MR1", "--json", str(head[0])
     )
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)[0]["destinations"] == []
+    assert json.loads(result.stdout)["files"][0]["destinations"] == []
 
 
 def test_check_warns_about_dead_duplicate_and_unused_and_strict_fails(tmp_path: Path) -> None:

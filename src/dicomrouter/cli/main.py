@@ -11,7 +11,16 @@ import typer
 from dicomrouter import __version__
 from dicomrouter.config.reference import render_reference
 
-from .common import ConfigOption, config_path, console, err_console, fail, load, parse_target
+from .common import (
+    ConfigOption,
+    config_path,
+    console,
+    err_console,
+    fail,
+    load,
+    local_user,
+    parse_target,
+)
 from .loops_cmd import loops_app
 from .purge_cmd import purge_command
 from .queue_cmd import queue_app
@@ -77,11 +86,67 @@ def serve(config: ConfigOption = None) -> None:
 
 @app.command()
 def echo(
-    target: Annotated[str, typer.Argument(help="AE@HOST:PORT")],
-    calling_ae: Annotated[str, typer.Option("--calling-ae", help="Our AE title.")] = "DICOMROUTER",
-    timeout: Annotated[float, typer.Option(help="Seconds for connect and response.")] = 10.0,
+    target: Annotated[
+        str, typer.Argument(help="A configured destination's name, or AE@HOST:PORT.")
+    ],
+    config: ConfigOption = None,
+    calling_ae: Annotated[
+        str | None,
+        typer.Option("--calling-ae", help="Our AE title for AE@HOST:PORT (default DICOMROUTER)."),
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds for connect and response, for AE@HOST:PORT (default 10)."),
+    ] = None,
 ) -> None:
-    """Send a C-ECHO (DICOM ping) and report the round trip."""
+    """Send a C-ECHO (DICOM ping) and report the round trip.
+
+    A destination's name echoes it as deliveries reach it (its address, calling AE
+    title, timeouts and TLS from the configuration), audited when the router's
+    index exists; AE@HOST:PORT echoes any peer. Exits 1 if the peer does not answer.
+    """
+    if "@" in target:
+        _echo_address(target, calling_ae or "DICOMROUTER", 10.0 if timeout is None else timeout)
+        return
+    if calling_ae is not None or timeout is not None:
+        fail(
+            "--calling-ae and --timeout apply to AE@HOST:PORT; a destination uses its configuration"
+        )
+    # Imported here, not at the top: see cli/__init__.py.
+    from dicomrouter.control import destinations as control
+    from dicomrouter.control.errors import ControlError
+    from dicomrouter.store import create_index_engine
+
+    settings = load(config)  # --config, $DICOMROUTER_CONFIG, ./dicomrouter.yaml
+    index_file = settings.storage.path / "index.sqlite"
+    try:
+        if settings.database is None and not index_file.exists():
+            result = control.echo_destination(settings, target)  # nothing to audit into yet
+        else:
+            engine = create_index_engine(settings.database_url)
+            ctx = _EchoContext(settings, engine)
+            result = control.echo(ctx, target, actor=local_user(), source="cli")
+    except ControlError as exc:
+        fail(f"{exc}; to echo any peer, give it as AE@HOST:PORT, e.g. PACS@127.0.0.1:104")
+    dest = settings.destinations[target]
+    peer = f"{target} ({dest.ae_title}@{dest.host}:{dest.port})"
+    if not result["ok"]:
+        fail(f"C-ECHO to {peer} failed after {result['ms']:.0f} ms: {result['error']}")
+    note = f" ({result['error']})" if result["error"] else ""
+    console.print(
+        f"[green]C-ECHO to {peer} succeeded[/] in {result['ms']:.0f} ms{note}", highlight=False
+    )
+
+
+class _EchoContext:
+    """What ``control.destinations.echo`` reads: the configuration and the index."""
+
+    def __init__(self, config: object, engine: object) -> None:
+        self.config = config
+        self.engine = engine
+
+
+def _echo_address(target: str, calling_ae: str, timeout: float) -> None:
     import time
 
     from dicomrouter.destinations import DicomSender

@@ -3,12 +3,17 @@ through ``control.jobs`` (audited with the local user as actor)."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.table import Table
+
+from dicomrouter.config import RouterConfig
 
 from .common import ConfigOption, console, fail, load, local_user, print_json
 
@@ -18,6 +23,20 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable outpu
 
 
 def _engine(config: Path | None):  # type: ignore[no-untyped-def]
+    return _context(config).engine
+
+
+@dataclass
+class LocalContext:
+    """What the control plane reads from a request's context, for this process: the
+    configuration and the index (one engine reads and writes)."""
+
+    config: RouterConfig
+    engine: Any
+    reader: Any
+
+
+def _context(config: Path | None) -> LocalContext:
     # Imported here, not at the top: see cli/__init__.py.
     from dicomrouter.store import create_index_engine
 
@@ -25,11 +44,46 @@ def _engine(config: Path | None):  # type: ignore[no-untyped-def]
     index_file = settings.storage.path / "index.sqlite"
     if settings.database is None and not index_file.exists():
         fail(f"no index at {index_file}: has the router run with this configuration?")
-    return create_index_engine(settings.database_url)
+    engine = create_index_engine(settings.database_url)
+    return LocalContext(settings, engine, engine)
 
 
-def _when(ts: float | None) -> str:
+def when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else ""
+
+
+def duration(seconds: float | None) -> str:
+    """``3d 4h``, ``5m 12s``: two units, as the dashboard writes an age."""
+    if seconds is None:
+        return "—"
+    s = int(max(0, seconds))
+    parts = [(s // 86400, "d"), (s % 86400 // 3600, "h"), (s % 3600 // 60, "m"), (s % 60, "s")]
+    return " ".join([f"{n}{u}" for n, u in parts if n][:2]) or "0s"
+
+
+def _next_attempt(job: dict[str, Any], now: float) -> str:
+    if job["state"] not in ("pending", "scheduled"):
+        return ""
+    wait = (job["next_attempt_at"] or 0) - now
+    return "now" if wait <= 0 else f"in {duration(wait)}"
+
+
+def _table(title: str, *columns: str, fold: tuple[str, ...] = ()) -> Table:
+    """A table that stays readable at 80 columns: headers and short values are never
+    cut (they may span two lines: write ``"delivery\nattempts"``), long free text
+    (``fold``) wraps instead of being truncated."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
+    for column in columns:
+        folded = column in fold
+        widest = max(len(line) for line in column.split("\n"))
+        table.add_column(
+            column,
+            overflow="fold",
+            no_wrap=not folded,
+            min_width=None if folded else widest,
+            ratio=1 if folded else None,
+        )
+    return table
 
 
 @queue_app.command("list")
@@ -41,27 +95,51 @@ def list_command(
     limit: Annotated[int, typer.Option(help="At most this many jobs, newest first.")] = 50,
     json_output: JsonOption = False,
 ) -> None:
-    """List jobs, newest first, with a per-destination summary."""
+    """List jobs, newest first, with the state and queue of every destination.
+
+    --json prints the API's objects: {"destinations": [as GET /api/v1/destinations],
+    "total", "jobs": [as GET /api/v1/jobs "items"], "orphaned"}.
+    """
     # Imported here, not at the top: see cli/__init__.py.
+    from dicomrouter.control.destinations import destination_summaries
+    from dicomrouter.control.errors import ControlError
+    from dicomrouter.control.jobs import JobFilter, search_jobs
     from dicomrouter.queue import states
-    from dicomrouter.queue.views import list_jobs, queue_summary
 
     if state and state not in states.JOB_STATES:
         fail(f"unknown state {state!r}: one of {', '.join(states.JOB_STATES)}")
-    engine = _engine(config)
-    rows = list_jobs(engine, state=state, destination=destination, study_uid=study, limit=limit)
-    orphaned = _orphaned(engine, config)
+    ctx = _context(config)
+    try:
+        total, rows = search_jobs(
+            ctx.reader,
+            JobFilter(state=state, destination=destination, study_uid=study),
+            limit=limit,
+        )
+    except ControlError as exc:
+        fail(str(exc))
+    dests = destination_summaries(ctx)
+    orphaned = _orphaned(ctx.engine, ctx.config)
     if json_output:
-        print_json({"summary": queue_summary(engine), "jobs": rows, "orphaned": orphaned})
+        print_json({"destinations": dests, "total": total, "jobs": rows, "orphaned": orphaned})
         return
-    summary = Table(title="destinations")
-    for column in ("destination", "health", *states.JOB_STATES):
-        summary.add_column(column, justify="right")
-    for entry in queue_summary(engine):
+    summary = _table(
+        "destinations",
+        "destination",
+        "state",
+        "scheduled",
+        "pending",
+        "in\nprogress",
+        "failed",
+        "oldest\npending",
+        fold=("destination",),
+    )
+    for d in dests:
+        queue = d["queue"]
         summary.add_row(
-            entry["destination"],
-            entry.get("health", "?"),
-            *(str(entry["jobs"].get(s, 0)) for s in states.JOB_STATES),
+            d["name"],
+            str(d["state"]),
+            *(str(queue.get(s, 0)) for s in (*states.OPEN_STATES, states.FAILED)),
+            duration(d["oldest_pending_age_s"]) if d["oldest_pending_age_s"] is not None else "",
         )
     console.print(summary)
     for entry in orphaned:
@@ -71,43 +149,57 @@ def list_command(
             f"'dicomrouter queue move --from {entry['destination']} --to DESTINATION' "
             f"or cancel them with 'dicomrouter queue cancel --destination {entry['destination']}'.",
             highlight=False,
+            soft_wrap=False,
         )
-    table = Table(title="jobs")
-    for column in (
+    shown = f"newest {len(rows)} of {total}" if total > len(rows) else f"{total}"
+    table = _table(
+        f"jobs ({shown})",
         "id",
         "destination",
-        "level",
-        "resource",
-        "routes",
         "state",
         "sent",
-        "attempts",
-        "next attempt",
-        "last error",
-    ):
-        table.add_column(column)
+        "delivery\nattempts",
+        "connection\nfailures",
+        "next\nattempt",
+        fold=("destination",),
+    )
+    now = time.time()
     for job in rows:
         table.add_row(
             str(job["id"]),
             job["destination"],
-            job["level"],
-            job["resource_uid"],
-            ",".join(job["routes"]),
             job["state"],
-            f"{job['delivered'] or 0}/{job['total'] or 0}",
+            f"{job['delivered']}/{job['total']}",
             str(job["attempts"]),
-            _when(job["next_attempt_at"]) if job["state"] in ("pending", "scheduled") else "",
-            (job["last_error"] or "")[:60],
+            str(job["connection_failures"]),
+            _next_attempt(job, now),
         )
     console.print(table)
+    errors = [job for job in rows if job["last_error"]]
+    for job in errors[:10]:
+        console.print(
+            f"job {job['id']}: {job['last_error']}", highlight=False, markup=False, soft_wrap=False
+        )
+    if len(errors) > 10:
+        console.print(f"... and {len(errors) - 10} more with an error: 'queue show ID'")
+    if any(job["connection_failures"] for job in rows):
+        console.print(_CONNECTION_FAILURES, style="dim", highlight=False, soft_wrap=False)
 
 
-def _orphaned(engine, config: Path | None) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
+#: What a person needs to read next to the two counts.
+_CONNECTION_FAILURES = (
+    "connection failures: times the destination could not be reached at all; "
+    "they do not use up retry.max_attempts (the destination is probed with C-ECHO "
+    "until it answers)."
+)
+
+
+def _orphaned(engine, settings: RouterConfig) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
     from dataclasses import asdict
 
     from dicomrouter.control.jobs import orphaned_queues
 
-    return [asdict(q) for q in orphaned_queues(engine, load(config).destinations)]
+    return [asdict(q) for q in orphaned_queues(engine, settings.destinations)]
 
 
 @queue_app.command("move")
@@ -146,42 +238,73 @@ def show_command(
     config: ConfigOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """One job: its instances' delivery states and every attempt."""
-    # Imported here, not at the top: see cli/__init__.py.
-    from dicomrouter.queue.views import job_detail
+    """One job: its counts, its instances' delivery states and every attempt.
 
-    detail = job_detail(_engine(config), job_id)
+    --json prints the API's object (GET /api/v1/jobs/ID)."""
+    # Imported here, not at the top: see cli/__init__.py.
+    from dicomrouter.control.jobs import job_detail
+
+    ctx = _context(config)
+    detail = job_detail(ctx.reader, job_id)
     if detail is None:
         fail(f"no job {job_id}")
     if json_output:
         print_json(detail)
         return
+    dest = ctx.config.destinations.get(detail["destination"])
+    of_max = f" of {dest.retry.max_attempts} (retry.max_attempts)" if dest else ""
     console.print(
-        f"[bold]job {job_id}[/] {detail['level']} {detail['resource_uid']} -> "
-        f"{detail['destination']}: [bold]{detail['state']}[/] "
-        f"(routes {', '.join(detail['routes'])}; attempts {detail['attempts']})"
+        f"[bold]job {job_id}[/] {detail['level']} -> {detail['destination']}: "
+        f"[bold]{detail['state']}[/]",
+        highlight=False,
     )
-    if detail["last_error"]:
-        console.print(f"last error: {detail['last_error']}")
-    table = Table(title="instances")
-    for column in ("SOPInstanceUID", "state", "status", "message"):
-        table.add_column(column)
+    lines = [
+        ("resource", detail["resource_uid"]),
+        ("routes", ", ".join(detail["routes"])),
+        (
+            "delivered",
+            f"{detail['delivered']} of {detail['total']} instance(s), {detail['failed']} failed",
+        ),
+        ("delivery attempts", f"{detail['attempt_count']}{of_max}"),
+        (
+            "connection failures",
+            f"{detail['connection_failures']} (do not use up retry.max_attempts)",
+        ),
+        ("next attempt", _next_attempt(detail, time.time())),
+        ("last error", detail["last_error"] or ""),
+    ]
+    for label, value in lines:
+        if value:
+            console.print(
+                f"{label + ':':<21}{value}", highlight=False, markup=False, soft_wrap=False
+            )
+    table = _table(
+        "instances",
+        "SOPInstanceUID",
+        "state",
+        "status",
+        "message",
+        fold=("SOPInstanceUID", "message"),
+    )
     for item in detail["instances"]:
         status = f"0x{item['status']:04X}" if item["status"] is not None else ""
         table.add_row(item["sop_instance_uid"], item["state"], status, item["message"] or "")
     console.print(table)
-    attempts = Table(title="attempts")
-    for column in ("started", "ended", "outcome", "sent", "failed", "message"):
-        attempts.add_column(column)
+    attempts = _table(
+        "attempts", "started", "took", "outcome", "sent", "failed", "message", fold=("message",)
+    )
     for a in detail["attempts"]:
+        took = a["ended_at"] - a["started_at"] if a["ended_at"] else None
         attempts.add_row(
-            _when(a["started_at"]),
-            _when(a["ended_at"]),
+            when(a["started_at"]),
+            f"{took:.1f}s" if took is not None else "",
             a["outcome"] or "",
             str(a["sent"]),
             str(a["failed"]),
             a["message"] or "",
         )
+    if not detail["attempts"]:
+        attempts.add_row("no attempt yet", "", "", "", "", "")
     console.print(attempts)
 
 
@@ -204,15 +327,30 @@ def _act(
     ids = list(dict.fromkeys(ids))
     if not ids:
         fail("name job ids, or --state to select jobs")
+    verb: control.Action = "retry" if action == "retry" else "cancel"
+    # Why a job will not change (no such job, already completed, held by a worker):
+    # one job gets the API's error; several get one line each.
+    refused = control.refusals(engine, verb, ids) if len(ids) > 1 else {}
     try:
-        act = control.retry if action == "retry" else control.cancel
+        act = control.retry if verb == "retry" else control.cancel
         changed = act(engine, ids, actor=local_user(), source="cli")
     except ControlError as exc:
         fail(str(exc))
     if json_output:
-        print_json({"action": action, "requested": len(ids), "changed": changed})
+        print_json(
+            {
+                "action": action,
+                "requested": len(ids),
+                "changed": changed,
+                "unchanged": [{"id": i, "reason": r} for i, r in refused.items()],
+            }
+        )
     else:
-        console.print(f"{action}: {changed} of {len(ids)} job(s) changed")
+        console.print(f"{action}: {changed} of {len(ids)} job(s) changed", highlight=False)
+        for reason in list(refused.values())[:20]:
+            console.print(f"  not changed: {reason}", highlight=False, markup=False)
+        if len(refused) > 20:
+            console.print(f"  ... and {len(refused) - 20} more not changed", highlight=False)
     if changed == 0:
         raise typer.Exit(1)
 

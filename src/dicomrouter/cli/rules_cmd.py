@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -101,9 +101,12 @@ def test_rule_command(
     if not files:
         fail("no files found")
     pretend = Pretend(calling_ae=calling_ae, called_ae=called_ae, source_address=source)
-    report = [_cli_entry(entry) for entry in dry_run_files(settings, files, pretend)]
+    # The control plane's entries as they are: the same field names as the API's
+    # POST /api/v1/routes/test ({file, destinations, routes: [{name, matched, trigger,
+    # forward, destinations, explanation}]}, or {file, error}).
+    report = dry_run_files(settings, files, pretend)
     if json_output:
-        print_json(report)
+        print_json({"files": report})
     else:
         for entry in report:
             if "error" in entry:
@@ -116,33 +119,15 @@ def test_rule_command(
                 table.add_column(column)
             for m in entry["routes"]:
                 table.add_row(
-                    m["route"],
+                    m["name"],
                     "[green]yes[/]" if m["matched"] else "[dim]no[/]",
                     f"{m['trigger']}/{m['forward']}",
-                    ", ".join(m["to"]),
-                    m["why"],
+                    ", ".join(m["destinations"]),
+                    m["explanation"],
                 )
             console.print(table)
     if any("error" in entry for entry in report):
         raise typer.Exit(1)
-
-
-def _cli_entry(entry: dict[str, Any]) -> dict[str, Any]:
-    """The control plane's dry-run entry in this command's (stable) JSON shape."""
-    if "error" in entry:
-        return {"file": entry["file"], "error": entry["error"]}
-    routes = [
-        {
-            "route": m["name"],
-            "matched": m["matched"],
-            "trigger": m["trigger"],
-            "forward": m["forward"],
-            "to": m["destinations"],
-            "why": m["explanation"],
-        }
-        for m in entry["routes"]
-    ]
-    return {"file": entry["file"], "destinations": entry["destinations"], "routes": routes}
 
 
 def _expand(paths: list[Path]) -> list[Path]:

@@ -19,7 +19,10 @@ def send_command(
     calling_ae: Annotated[str, typer.Option("--calling-ae", help="Our AE title.")] = "DICOMROUTER",
     timeout: Annotated[float, typer.Option(help="DIMSE timeout in seconds.")] = 60.0,
 ) -> None:
-    """Send DICOM files (C-STORE) over one reused association."""
+    """Send DICOM files (C-STORE) over one reused association.
+
+    Files that are not DICOM instances are skipped and listed; the exit code is 1
+    only if an instance was not delivered (or there was nothing to send)."""
     # Imported here, not at the top: see cli/__init__.py.
     from dicomrouter.destinations import DestinationUnavailable, DicomSender, OutgoingInstance
     from dicomrouter.store import InstanceHeader, read_header
@@ -43,9 +46,9 @@ def send_command(
             )
         )
     for file, reason in unreadable:
-        err_console.print(f"[yellow]skipped {file}: {reason}[/]")
+        err_console.print(f"[yellow]skipped {file}: {reason}[/]", highlight=False)
     if not batch:
-        fail("nothing to send")
+        fail(f"nothing to send: none of the {len(unreadable)} file(s) is a DICOM instance")
     names = {item.key: item.path for item in batch}
     counts = {"success": 0, "warning": 0, "transient": 0, "permanent": 0}
     failures: list[tuple[Path, str]] = []
@@ -76,6 +79,13 @@ def send_command(
     table.add_row(str(counts["success"]), str(counts["warning"]), str(failed), str(len(unreadable)))
     console.print(table)
     for file, reason in failures[:20]:
-        err_console.print(f"[red]failed {file}: {reason}[/]")
-    if failed or unreadable:
+        err_console.print(f"[red]failed {file}: {reason}[/]", highlight=False)
+    if unreadable:
+        # Not a failure: a folder of DICOM files often holds a DICOMDIR reader's
+        # notes, thumbnails or a README. Said, and the exit code stays 0.
+        console.print(
+            f"skipped {len(unreadable)} file(s) that are not DICOM instances (listed above)",
+            highlight=False,
+        )
+    if failed:
         raise typer.Exit(1)

@@ -340,7 +340,15 @@ class StorageConfig(_Model):
 class RetryConfig(_Model):
     """Exponential backoff with jitter between delivery attempts."""
 
-    max_attempts: int = Field(20, ge=1, description="Attempts before a job is `failed`.")
+    max_attempts: int = Field(
+        20,
+        ge=1,
+        description="Delivery attempts before a job is `failed`. A connection failure "
+        "(the destination refused the connection or rejected the association) is not a "
+        "delivery attempt and does not use this up: the destination is paused and probed "
+        "with C-ECHO (`pause_after_failures`, `probe_interval`), and its jobs wait. "
+        "Jobs show both counts: *delivery attempts* and *connection failures*.",
+    )
     initial_delay: Duration = Field(10.0, description="Delay after the first failure.")
     max_delay: Duration = Field(1800.0, description="Upper bound of the delay.")
     multiplier: float = Field(2.0, ge=1.0, description="Growth factor between attempts.")

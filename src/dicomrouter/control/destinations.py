@@ -9,6 +9,9 @@ The live state combines three sources, in this order of precedence:
   (``destination_state.state == "paused"``, see :mod:`dicomrouter.dispatch.health`);
 - ``ok`` otherwise.
 
+The naming itself is :func:`dicomrouter.queue.states.destination_state`, the one
+the metrics and the CLI use too.
+
 Numbers are computed from the index on each call, so the API, the dashboard and the
 CLI agree with what the dispatcher actually did.
 """
@@ -27,10 +30,11 @@ from dicomrouter.store.schema import attempts, destination_state, job_instances,
 
 from .errors import Conflict, NotFound
 
-OK = "ok"
-PAUSED = "paused"
-PROBING = "probing"
-DISABLED = "disabled"
+DestinationState = S.DestinationState
+OK = DestinationState.OK
+PAUSED = DestinationState.PAUSED
+PROBING = DestinationState.PROBING
+DISABLED = DestinationState.DISABLED
 HOUR = 3600.0
 _ERROR_OUTCOMES = ("retry", "failed", "unavailable")
 
@@ -56,12 +60,14 @@ def _queues(conn: Connection) -> dict[str, dict[str, int]]:
     return queues
 
 
-def _oldest_open(conn: Connection) -> dict[str, float]:
+def _oldest_pending(conn: Connection) -> dict[str, float]:
+    """Per destination, when its oldest late job (:data:`~dicomrouter.queue.states.LATE_STATES`:
+    pending or in progress, not waiting for a send window) was created."""
     return {
         row[0]: float(row[1])
         for row in conn.execute(
             select(jobs.c.destination, func.min(jobs.c.created_at))
-            .where(jobs.c.state.in_(S.OPEN_STATES))
+            .where(jobs.c.state.in_(S.LATE_STATES))
             .group_by(jobs.c.destination)
         )
     }
@@ -112,22 +118,12 @@ def _last_error(conn: Connection, name: str) -> tuple[float, str] | None:
     return (float(row.ended_at or 0.0), str(row.message)) if row else None
 
 
-def _state(enabled: bool, health: Any) -> str:
-    if not enabled:
-        return DISABLED
-    if health is not None and health.admin_paused:
-        return PAUSED
-    if health is not None and health.state == "paused":
-        return PROBING
-    return OK
-
-
 def _summaries(ctx: Any, only: str | None = None) -> list[dict[str, Any]]:
     now = time.time()
     config = ctx.config
     with ctx.reader.connect() as conn:
         queues = _queues(conn)
-        oldest = _oldest_open(conn)
+        oldest = _oldest_pending(conn)
         hour = _last_hour(conn, now)
         success = _last_success(conn)
         health = {row.name: row for row in conn.execute(select(destination_state))}
@@ -150,6 +146,10 @@ def _summaries(ctx: Any, only: str | None = None) -> list[dict[str, Any]]:
             if h is not None and h.state == "paused" and h.last_error:
                 last_error, last_error_at = h.last_error, h.updated_at  # fresher: the probe's
             started = oldest.get(name)
+            state = S.destination_state(bool(dest and dest.enabled), h)
+            last_success_at = max(
+                [t for t in (success.get(name), h and h.last_success_at) if t], default=None
+            )
             result.append(
                 {
                     "name": name,
@@ -158,19 +158,17 @@ def _summaries(ctx: Any, only: str | None = None) -> list[dict[str, Any]]:
                     "host": dest.host if dest else None,
                     "port": dest.port if dest else None,
                     "enabled": bool(dest.enabled) if dest else False,
-                    "state": _state(bool(dest and dest.enabled), h),
+                    "state": state,
                     "queue": {s: queues.get(name, {}).get(s, 0) for s in S.JOB_STATES},
                     "oldest_pending_at": started,
                     "oldest_pending_age_s": max(0.0, now - started) if started else None,
                     "delivered_last_hour": counts["delivered"],
                     "failed_last_hour": counts["failed"],
                     "failure_rate": counts["failed"] / done if done else None,
-                    "last_success_at": max(
-                        [t for t in (success.get(name), h and h.last_success_at) if t],
-                        default=None,
-                    ),
+                    "last_success_at": last_success_at,
                     "last_error": last_error,
                     "last_error_at": last_error_at,
+                    "last_error_current": error_is_current(state, last_error_at, last_success_at),
                     "paused_since": h.paused_since if h is not None else None,
                     "consecutive_failures": h.consecutive_failures if h is not None else 0,
                 }
@@ -178,11 +176,30 @@ def _summaries(ctx: Any, only: str | None = None) -> list[dict[str, Any]]:
     return result
 
 
+def error_is_current(
+    state: str, last_error_at: float | None, last_success_at: float | None
+) -> bool:
+    """Whether a destination's last error describes it now: it is unreachable
+    (``probing``), or nothing has been delivered since the error. An error before the
+    last success is history."""
+    if last_error_at is None:
+        return False
+    if state == PROBING:
+        return True
+    return last_success_at is None or last_error_at > last_success_at
+
+
 def destination_summaries(ctx: Any) -> list[dict[str, Any]]:
     """Every configured destination (and any unconfigured one with open jobs), in
-    configuration order. ``oldest_pending_*`` count every job not yet finished
-    (scheduled, pending or in progress); ``failure_rate`` is failed / (delivered +
-    failed) instances over the last hour, ``None`` when nothing was sent."""
+    configuration order.
+
+    ``state`` is a :class:`DestinationState`; ``oldest_pending_*`` is the oldest job
+    that should be going out (pending or in progress; jobs waiting for their send
+    window are not late), as ``/metrics`` and the ``queue_stale`` alert count it;
+    ``failure_rate`` is failed / (delivered + failed) instances over the last hour,
+    ``None`` when nothing was sent (an unreachable destination sends nothing: its
+    rate is unknown, not 0 %); ``last_error_current`` says whether ``last_error``
+    (at ``last_error_at``) still describes the destination or is history."""
     return _summaries(ctx)
 
 
@@ -214,7 +231,7 @@ def pause(ctx: Any, name: str, actor: str, source: str = "") -> dict[str, Any]:
         if row is None:
             conn.execute(
                 destination_state.insert().values(
-                    name=name, state=OK, admin_paused=1, paused_since=now, updated_at=now
+                    name=name, state="ok", admin_paused=1, paused_since=now, updated_at=now
                 )
             )
         else:
@@ -265,18 +282,23 @@ def resume(ctx: Any, name: str, actor: str, source: str = "") -> dict[str, Any]:
     return detail
 
 
-def echo(ctx: Any, name: str, *, actor: str = audit.SYSTEM, source: str = "") -> dict[str, Any]:
-    """C-ECHO ``name`` now, with the same calling AE title as deliveries.
+def echo_destination(config: Any, name: str) -> dict[str, Any]:
+    """C-ECHO the configured destination ``name`` now, with the same calling AE title
+    and timeouts as deliveries; not audited (see :func:`echo`).
 
     Returns {"ok", "ms", "error"}. A peer that accepts the association but not the
-    Verification SOP Class is up (``ok``), with that said in ``error``.
+    Verification SOP Class is up (``ok``), with that said in ``error``. Raises
+    :class:`NotFound` for a name the configuration does not have.
     """
     # Imported here: the HTTP process loads the sender (pynetdicom) only for an echo,
     # as dicomrouter.destinations does.
     from dicomrouter.destinations.dicom import DicomSender, VerificationNotSupported
 
-    dest = _configured(ctx, name)
-    sender = DicomSender(dest, dest.calling_ae_title or ctx.config.ae_title)
+    dest = config.destinations.get(name)
+    if dest is None:
+        known = ", ".join(config.destinations) or "none configured"
+        raise NotFound(f"no destination {name!r} in the configuration (known: {known})")
+    sender = DicomSender(dest, dest.calling_ae_title or config.ae_title)
     started = time.perf_counter()
     ok, error = True, None
     try:
@@ -287,13 +309,18 @@ def echo(ctx: Any, name: str, *, actor: str = audit.SYSTEM, source: str = "") ->
         ok, error = False, str(exc) or type(exc).__name__
     finally:
         sender.close()
-    result = {"ok": ok, "ms": round((time.perf_counter() - started) * 1000, 1), "error": error}
+    return {"ok": ok, "ms": round((time.perf_counter() - started) * 1000, 1), "error": error}
+
+
+def echo(ctx: Any, name: str, *, actor: str = audit.SYSTEM, source: str = "") -> dict[str, Any]:
+    """:func:`echo_destination`, audited as ``destination.echo``."""
+    result = echo_destination(ctx.config, name)
     audit.record(
         ctx.engine,
         actor,
         "destination.echo",
         name,
-        outcome="ok" if ok else "failed",
+        outcome="ok" if result["ok"] else "failed",
         source=source,
         detail=result,
     )

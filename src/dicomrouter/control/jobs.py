@@ -182,6 +182,7 @@ _JOB_COLUMNS = (
     jobs.c.state,
     jobs.c.priority,
     jobs.c.attempts,
+    jobs.c.connection_failures,
     jobs.c.created_at,
     jobs.c.updated_at,
     jobs.c.finished_at,
@@ -210,7 +211,9 @@ def search_jobs(
 ) -> tuple[int, list[dict[str, Any]]]:
     """Jobs matching ``f``, newest first: (total matching, one page of job dicts).
 
-    A job dict has the job's columns (``routes`` as a list), the instance counts
+    A job dict has the job's columns (``routes`` as a list; ``attempts`` counts
+    delivery attempts, which use up ``retry.max_attempts``, ``connection_failures``
+    the times the destination could not be reached, which do not), the instance counts
     ``total``/``delivered``/``failed``, the study's ``patient_id``, ``patient_name``
     and ``accession_number``, and ``age_s`` (seconds since it was created).
     """
@@ -230,8 +233,9 @@ def search_jobs(
 def job_detail(engine: Engine, job_id: int) -> dict[str, Any] | None:
     """One job as in :func:`search_jobs`, plus ``instances`` (each instance's delivery
     state, DIMSE ``status`` with ``status_text``, and message) and ``attempts`` (every
-    attempt: started_at, ended_at, outcome, sent, failed, message), oldest first. The
-    job's attempt counter is ``attempt_count`` here."""
+    attempt: started_at, ended_at, outcome, sent, failed, message; ``unavailable``
+    is a connection failure), oldest first. The job's delivery attempt counter is
+    ``attempt_count`` here (``connection_failures`` as in the list)."""
     detail = _queue_job_detail(engine, job_id)
     if detail is None:
         return None
@@ -302,19 +306,44 @@ def cancel(
     return _act_on_ids(engine, "cancel", ids, actor, source)
 
 
+def _refusal(row: Any, action: Action) -> str | None:
+    """Why ``action`` cannot apply to the job in ``row`` now, or None if it can."""
+    allowed = RETRYABLE if action == "retry" else CANCELABLE
+    if row.state not in allowed:
+        return f"job {row.id} is {row.state}: nothing to {action}"
+    if action == "retry" and row.lease_owner is not None:
+        return f"job {row.id} is still held by a worker; retry it once the worker lets go"
+    return None
+
+
+def refusals(engine: Engine, action: Action, ids: Sequence[int]) -> dict[int, str]:
+    """Per job id that ``action`` would not change now, why (no such job, already
+    completed, held by a worker), in the words a single job's error uses."""
+    ids = list(dict.fromkeys(ids))
+    found: dict[int, Any] = {}
+    with engine.connect() as conn:
+        for chunk in _chunks(ids):
+            for row in conn.execute(
+                select(jobs.c.id, jobs.c.state, jobs.c.lease_owner).where(jobs.c.id.in_(chunk))
+            ):
+                found[row.id] = row
+    reasons: dict[int, str] = {}
+    for job_id in ids:
+        job = found.get(job_id)
+        reason = f"no job {job_id}" if job is None else _refusal(job, action)
+        if reason is not None:
+            reasons[job_id] = reason
+    return reasons
+
+
 def _act_on_ids(engine: Engine, action: Action, ids: Sequence[int], actor: str, source: str) -> int:
     ids = list(dict.fromkeys(ids))
     if not ids:
         raise Invalid("no job ids given")
     if len(ids) == 1:
-        row = _require_job(engine, ids[0])
-        allowed = RETRYABLE if action == "retry" else CANCELABLE
-        if row.state not in allowed:
-            raise Conflict(f"job {row.id} is {row.state}: nothing to {action}")
-        if action == "retry" and row.lease_owner is not None:
-            raise Conflict(
-                f"job {row.id} is still held by a worker; retry it once the worker lets go"
-            )
+        reason = _refusal(_require_job(engine, ids[0]), action)
+        if reason is not None:
+            raise Conflict(reason)
     changed = _apply(engine, action, ids)
     _audit_jobs(engine, actor, source, action, ids, changed)
     if len(ids) == 1 and not changed:

@@ -139,8 +139,11 @@ def throughput(
     engine: Engine, since: float, bucket_s: int, now: float | None = None, max_age: float = 0.0
 ) -> list[dict[str, Any]]:
     """Instances received, delivered (completed or warning) and failed per time
-    bucket, from ``since`` (rounded down to a whole bucket) to now; every bucket is
-    listed, empty ones with zeros, so a chart needs no gap handling.
+    bucket. ``received`` counts distinct instances at their latest reception (an
+    instance received again moves to its new bucket), unlike the C-STORE counter
+    ``dicomrouter_received_instances_total``, which counts every copy stored.
+    Buckets run from ``since`` (rounded down to a whole bucket) to now; every bucket
+    is listed, empty ones with zeros, so a chart needs no gap handling.
 
     Returns [{"t": bucket start (POSIX s), "received": n, "delivered": n, "failed": n}].
     ``max_age`` > 0 accepts a series computed up to that many seconds ago for the

@@ -57,15 +57,16 @@ from dicomrouter.control.jobs import orphaned_queues
 from dicomrouter.control.loops import held_count
 from dicomrouter.control.retention import retention_status
 from dicomrouter.control.unplanned import summary
+from dicomrouter.queue import states as S
 from dicomrouter.store import heartbeat
 from dicomrouter.store.schema import destination_state, jobs
 from dicomrouter.tls import TlsError, certificate_not_after
 
 log = logging.getLogger("dicomrouter.metrics")
 
-QUEUE_STATES = ("scheduled", "pending", "in_progress")
-LATE_STATES = ("pending", "in_progress")
-DESTINATION_STATES = ("ok", "paused", "probing", "disabled")
+QUEUE_STATES = S.OPEN_STATES
+LATE_STATES = S.LATE_STATES
+DESTINATION_STATES = tuple(str(state) for state in S.DestinationState)
 
 
 @dataclass
@@ -81,13 +82,7 @@ class DestinationQueue:
 
 def destination_state_name(enabled: bool, row: Any) -> str:
     """ok, paused (operator), probing (unreachable) or disabled (configuration)."""
-    if not enabled:
-        return "disabled"
-    if row is not None and getattr(row, "admin_paused", False):
-        return "paused"
-    if row is not None and row.state == "paused":
-        return "probing"
-    return "ok"
+    return str(S.destination_state(enabled, row))
 
 
 def read_queues(engine: Engine, config: RouterConfig) -> list[DestinationQueue]:

@@ -16,7 +16,9 @@ or mmap) when the first metric is built.
 Series (all prefixed ``dicomrouter_``):
 
 - ``received_instances_total{calling_ae}``, ``received_bytes_total{calling_ae}``,
-  ``refused_instances_total{calling_ae}``: C-STOREs stored, their size, and refused;
+  ``refused_instances_total{calling_ae}``: C-STOREs stored, their size, and refused
+  (an instance received twice counts twice; the dashboard's throughput chart counts
+  distinct instances, at their latest reception);
 - ``delivered_instances_total{destination}`` (success status),
   ``warning_instances_total{destination}`` (delivered with a 0xB... warning),
   ``failed_instances_total{destination}`` (refused for good),
@@ -132,7 +134,8 @@ def _build() -> _Metrics:
         _metrics = _Metrics(
             received=Counter(
                 "dicomrouter_received_instances",
-                "Instances received and stored, by calling AE title.",
+                "C-STOREs received and stored (a copy received again counts again), "
+                "by calling AE title.",
                 ae,
                 registry=reg,
             ),

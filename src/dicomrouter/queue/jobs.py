@@ -402,7 +402,8 @@ class JobStore:
 
         ``count_attempt`` is False when the destination could not be reached at all:
         an unreachable destination is paused and probed, and its jobs wait without
-        using up ``retry.max_attempts`` (a peer may be down for a week).
+        using up ``retry.max_attempts`` (a peer may be down for a week); such a try
+        counts as a connection failure (``jobs.connection_failures``) instead.
         """
         now = time.time()
         with self.engine.begin() as conn:
@@ -421,6 +422,7 @@ class JobStore:
                         jobs.c.id,
                         jobs.c.state,
                         jobs.c.attempts,
+                        jobs.c.connection_failures,
                         jobs.c.lease_owner,
                         jobs.c.next_attempt_at,
                         jobs.c.finished_at,
@@ -455,6 +457,7 @@ class JobStore:
                     "b_id": job_id,
                     "b_state": row.state,
                     "b_attempts": row.attempts,
+                    "b_connection_failures": row.connection_failures,
                     "b_next": row.next_attempt_at,
                     "b_finished": row.finished_at,
                     "b_error": row.last_error,
@@ -478,6 +481,8 @@ class JobStore:
                 else:
                     tries = row.attempts + (1 if count_attempt else 0)
                     values["b_attempts"] = tries
+                    if not count_attempt:
+                        values["b_connection_failures"] = row.connection_failures + 1
                     values["b_error"] = job_message or None
                     if tries >= dest.retry.max_attempts:
                         exhausted.append(job_id)
@@ -511,6 +516,7 @@ class JobStore:
                     .values(
                         state=bindparam("b_state"),
                         attempts=bindparam("b_attempts"),
+                        connection_failures=bindparam("b_connection_failures"),
                         next_attempt_at=bindparam("b_next"),
                         finished_at=bindparam("b_finished"),
                         last_error=bindparam("b_error"),
@@ -661,6 +667,7 @@ class JobStore:
                         else_=jobs.c.state,
                     ),
                     attempts=0,
+                    connection_failures=0,
                     next_attempt_at=now,
                     finished_at=None,
                     updated_at=now,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
 
 from dicomrouter.config import RetryConfig
 
@@ -18,6 +20,10 @@ CANCELED = "canceled"
 JOB_STATES = (SCHEDULED, PENDING, IN_PROGRESS, COMPLETED, WARNING, FAILED, CANCELED)
 OPEN_STATES = (SCHEDULED, PENDING, IN_PROGRESS)
 WAITING_STATES = (SCHEDULED, PENDING)
+#: What "oldest pending" looks at everywhere (dashboard, API, CLI, /metrics, the
+#: queue_stale alert): jobs that should be going out. Jobs waiting for their send
+#: window are not late, so they do not count.
+LATE_STATES = (PENDING, IN_PROGRESS)
 FINAL_STATES = (COMPLETED, WARNING, FAILED, CANCELED)
 
 # Per-instance delivery states inside a job.
@@ -26,6 +32,28 @@ ITEM_COMPLETED = "completed"
 ITEM_WARNING = "warning"
 ITEM_FAILED = "failed"
 ITEM_CANCELED = "canceled"
+
+
+class DestinationState(StrEnum):
+    """A destination's state, as every surface names it."""
+
+    OK = "ok"
+    PAUSED = "paused"  # paused by an operator: nothing is sent until resumed by hand
+    PROBING = "probing"  # unreachable: paused automatically, probed with C-ECHO
+    DISABLED = "disabled"  # ``enabled: false`` in the configuration
+
+
+def destination_state(enabled: bool, row: Any) -> DestinationState:
+    """The one naming of a destination's state, from its configuration (``enabled``)
+    and its ``destination_state`` row (or None), in this order of precedence:
+    disabled, paused (by an operator), probing (unreachable), ok."""
+    if not enabled:
+        return DestinationState.DISABLED
+    if row is not None and getattr(row, "admin_paused", False):
+        return DestinationState.PAUSED
+    if row is not None and row.state == "paused":
+        return DestinationState.PROBING
+    return DestinationState.OK
 
 
 def retry_delay(policy: RetryConfig, attempts: int, rng: random.Random | None = None) -> float:

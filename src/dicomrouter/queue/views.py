@@ -1,4 +1,4 @@
-"""Read-only views of the queue, shared by the CLI (and later the API)."""
+"""Read-only views of the queue, under the control plane's (``control.jobs``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import Engine, case, func, select
 
-from dicomrouter.store.schema import attempts, destination_state, instances, job_instances, jobs
+from dicomrouter.store.schema import attempts, instances, job_instances, jobs
 
 
 def list_jobs(
@@ -72,28 +72,6 @@ def job_detail(engine: Engine, job_id: int) -> dict[str, Any] | None:
             )
         ]
     return detail
-
-
-def queue_summary(engine: Engine) -> list[dict[str, Any]]:
-    """Per destination: jobs by state, and the destination's health."""
-    with engine.connect() as conn:
-        rows = conn.execute(
-            select(jobs.c.destination, jobs.c.state, func.count().label("n")).group_by(
-                jobs.c.destination, jobs.c.state
-            )
-        ).all()
-        health = {r.name: r for r in conn.execute(select(destination_state))}
-    summary: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        entry = summary.setdefault(row.destination, {"destination": row.destination, "jobs": {}})
-        entry["jobs"][row.state] = row.n
-    for name, h in health.items():
-        entry = summary.setdefault(name, {"destination": name, "jobs": {}})
-        # An operator's pause (API, dashboard) holds the queue whatever the peer does.
-        entry["health"] = "paused by operator" if h.admin_paused else h.state
-        entry["admin_paused"] = bool(h.admin_paused)
-        entry["last_error"] = h.last_error
-    return sorted(summary.values(), key=lambda e: e["destination"])
 
 
 def _job_dict(row: Any) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from dicomrouter.dicomnet import (
     Status,
     StoreRequest,
 )
+from dicomrouter.dicomnet.constants import describe_status
 from dicomrouter.dicomnet.server import Listener
 from dicomrouter.observe import metrics
 from dicomrouter.store import (
@@ -262,12 +263,12 @@ class Receiver:
                 request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax
             )
         except UnicodeEncodeError:
-            return INVALID_UID, "Affected SOP Instance UID is not a UID"
+            return self._refused(request, (INVALID_UID, "Affected SOP Instance UID is not a UID"))
         try:
             return Spool(self.store.tmp, meta)
         except OSError as exc:
             log.error("cannot create a temporary file: %s", exc)
-            return OUT_OF_RESOURCES, "storage error"
+            return self._refused(request, (OUT_OF_RESOURCES, "storage error"))
 
     def on_store(self, request: StoreRequest, sink: Sink) -> StatusAndComment:
         assert isinstance(sink, Spool)
@@ -284,10 +285,34 @@ class Receiver:
                 result = self._store(peer, request.sop_instance_uid, sink.path, content)
         ok = result[0] == SUCCESS
         if not ok:
-            metrics.instance_refused(peer.calling_ae)
+            self._refused(request, result, counted=True)
         with self._tally_lock:
             stored, refused = self._tally.get(peer, (0, 0))
             self._tally[peer] = (stored + ok, refused + (not ok))
+        return result
+
+    def _refused(
+        self, request: StoreRequest, result: StatusAndComment, counted: bool = False
+    ) -> StatusAndComment:
+        """One WARNING line per refused C-STORE: which object, from whom, the status
+        (hex and meaning) and why, so a modality's 1000 refusals are 1000 greppable
+        lines, not one count at the end of the association. Returns ``result``."""
+        status, comment = result
+        peer = request.peer
+        if not counted:  # refused before on_store: count it as on_store does
+            with self._tally_lock:
+                stored, refused = self._tally.get(peer, (0, 0))
+                self._tally[peer] = (stored, refused + 1)
+        metrics.instance_refused(peer.calling_ae)
+        log.warning(
+            "refused C-STORE of %s from %s (%s%s): %s%s",
+            request.sop_instance_uid or "?",
+            peer.calling_ae,
+            peer.address,
+            ", TLS" if peer.secure else "",
+            describe_status(status),
+            f": {comment}" if comment else "",
+        )
         return result
 
     def on_request(self, request: Request) -> Iterable[Reply]:

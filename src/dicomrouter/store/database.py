@@ -52,6 +52,14 @@ MIGRATIONS: dict[int, list[str]] = {
     # 5: the http_sessions table (server-side dashboard sessions) is new: create_all
     # makes it, nothing else changes.
     5: [],
+    # Connection failures (unreachable destination) are counted apart from delivery
+    # attempts; open jobs get theirs from the attempts they already recorded.
+    6: [
+        "ALTER TABLE jobs ADD COLUMN connection_failures INTEGER NOT NULL DEFAULT 0",
+        "UPDATE jobs SET connection_failures = (SELECT count(*) FROM attempts "
+        "WHERE attempts.job_id = jobs.id AND attempts.outcome = 'unavailable') "
+        "WHERE state IN ('scheduled', 'pending', 'in_progress')",
+    ],
 }
 
 

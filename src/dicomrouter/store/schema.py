@@ -21,7 +21,7 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """Bumped when the schema changes; ``database.MIGRATIONS`` upgrades older indexes."""
 
 meta_info = Table(
@@ -138,7 +138,11 @@ jobs = Table(
     # scheduled|pending|in_progress|completed|warning|failed|canceled
     Column("state", String(16), nullable=False),
     Column("priority", Integer, nullable=False, default=0),
+    # Delivery attempts: each one uses up retry.max_attempts.
     Column("attempts", Integer, nullable=False, default=0),
+    # Times the destination could not be reached at all: these do not use up
+    # retry.max_attempts (the destination is paused and probed instead).
+    Column("connection_failures", Integer, nullable=False, default=0, server_default="0"),
     Column("next_attempt_at", Float, nullable=False),
     Column("lease_owner", String(128)),
     Column("lease_expires_at", Float),

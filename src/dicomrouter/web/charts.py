@@ -139,7 +139,10 @@ def bar_chart(
     all on one scale so rows compare at a glance; the total is written at the end."""
     label_w, value_w = 100, 56
     bar_w = width - label_w - value_w
-    totals = [sum(float(values.get(s.key, 0)) for s in segments) for _, values in rows]
+    totals = [sum(float(values.get(s.key) or 0) for s in segments) for _, values in rows]
+    # A row whose every value is None has no value (e.g. no failure rate when nothing
+    # was sent): written "—", as the tables write it, not 0.
+    unknown = [all(values.get(s.key) is None for s in segments) for _, values in rows]
     peak = max(totals, default=0) or 1.0
     height = max(1, len(rows)) * row_height + 4
     parts = [
@@ -149,7 +152,7 @@ def bar_chart(
     ]
     if not rows:
         parts.append(f'<text class="empty" x="4" y="{row_height - 8}">nothing to show</text>')
-    for index, ((name, values), total) in enumerate(zip(rows, totals, strict=True)):
+    for index, ((name, values), total, none) in enumerate(zip(rows, totals, unknown, strict=True)):
         top = index * row_height + 2
         parts.append(
             f'<text class="label" x="{label_w - 6}" y="{top + row_height / 2 + 4:.1f}" '
@@ -159,7 +162,7 @@ def bar_chart(
         )
         offset = 0.0
         for s in segments:
-            value = float(values.get(s.key, 0))
+            value = float(values.get(s.key) or 0)
             if value <= 0:
                 continue
             w = max(1.5, bar_w * value / peak)
@@ -170,9 +173,10 @@ def bar_chart(
                 f"{escape(name)} {escape(s.label)}: {escape(value_label(value))}</title></rect>"
             )
             offset += w
+        shown = "—" if none else escape(value_label(total))
         parts.append(
             f'<text class="value" x="{width - 4}" y="{top + row_height / 2 + 4:.1f}" '
-            f'text-anchor="end" data-total="{_fmt(total)}">{escape(value_label(total))}</text>'
+            f'text-anchor="end" data-total="{"" if none else _fmt(total)}">{shown}</text>'
         )
     parts.append("</svg>")
     return Markup("".join(parts))

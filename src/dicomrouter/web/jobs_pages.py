@@ -79,10 +79,17 @@ def jobs_page(request: Request, offset: int = 0, principal: Principal = viewer) 
 
 @router.get("/jobs/{job_id}", summary="One job", response_class=HTMLResponse)
 def job_page(request: Request, job_id: RowId, principal: Principal = viewer) -> HTMLResponse:
-    job = job_detail(ctx_of(request).reader, job_id)
+    ctx = ctx_of(request)
+    job = job_detail(ctx.reader, job_id)
     if job is None:
         raise HTTPException(404, f"no job {job_id}")
-    return render(request, "job.html", {"title": f"Job {job_id}", "job": job}, principal=principal)
+    dest = ctx.config.destinations.get(job["destination"])
+    values = {
+        "title": f"Job {job_id}",
+        "job": job,
+        "max_attempts": dest.retry.max_attempts if dest is not None else None,
+    }
+    return render(request, "job.html", values, principal=principal)
 
 
 @router.post("/jobs/{job_id}/retry", summary="Retry a job")

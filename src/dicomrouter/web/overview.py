@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
+from dicomrouter.control.destinations import DestinationState
 from dicomrouter.control.status import node_status, throughput
 from dicomrouter.security import Principal
 
@@ -20,7 +21,10 @@ router = APIRouter(include_in_schema=False)
 #: Chart ranges offered: (query value, seconds shown, bucket width in seconds).
 RANGES = {"1h": (3600, 60), "6h": (6 * 3600, 300), "24h": (86400, 900), "7d": (7 * 86400, 3600)}
 
-RECEIVED = Series("received", "received", "s-received")
+#: The index knows each instance once, at its latest reception; /metrics'
+#: dicomrouter_received_instances_total counts every C-STORE stored, so an instance
+#: sent twice counts twice there and once here. The legend says which.
+RECEIVED = Series("received", "received (distinct instances)", "s-received")
 SENT = (Series("delivered", "delivered", "s-delivered"), Series("failed", "failed", "s-failed"))
 QUEUE = (
     Series("in_progress", "sending", "s-progress"),
@@ -28,7 +32,7 @@ QUEUE = (
     Series("scheduled", "scheduled", "s-scheduled"),
     Series("failed", "failed", "s-failed"),
 )
-OLDEST = (Series("age", "oldest pending", "s-pending"),)
+OLDEST = (Series("age", "oldest pending (not counting send windows)", "s-pending"),)
 FAILURE = (Series("rate", "failed in the last hour", "s-failed"),)
 
 
@@ -42,10 +46,15 @@ def problems(status: dict[str, Any]) -> list[str]:
     if last_run.get("error"):
         found.append(f"the last retention run failed: {last_run['error']}")
     for dest in status.get("destinations") or []:
-        if dest.get("state") in ("paused", "probing"):
+        if dest.get("state") in (DestinationState.PAUSED, DestinationState.PROBING):
             since = dest.get("paused_since")
             when = f" for {age(time.time() - since)}" if since else ""
-            found.append(f"destination {dest['name']} is {dest['state']}{when}")
+            why = (
+                "paused by an operator"
+                if dest["state"] == DestinationState.PAUSED
+                else "unreachable, probed with C-ECHO"
+            )
+            found.append(f"destination {dest['name']} is {dest['state']} ({why}){when}")
         if (dest.get("queue") or {}).get("failed"):
             found.append(f"destination {dest['name']} has {dest['queue']['failed']} failed job(s)")
     held = (status.get("loops") or {}).get("held")
@@ -78,7 +87,8 @@ def charts(status: dict[str, Any], points: list[dict[str, Any]], span: int) -> d
             RECEIVED,
             SENT,
             label=lambda t: dt.datetime.fromtimestamp(t).strftime(stamp),
-            title="Instances received, delivered and failed over time",
+            title="Instances received (each once, at its latest reception), delivered and "
+            "failed over time",
         ),
         "queue": bar_chart(
             [(d["name"], d.get("queue") or {}) for d in dests],
@@ -86,13 +96,13 @@ def charts(status: dict[str, Any], points: list[dict[str, Any]], span: int) -> d
             title="Queue depth per destination (jobs)",
         ),
         "oldest": bar_chart(
-            [(d["name"], {"age": d.get("oldest_pending_age_s") or 0}) for d in dests],
+            [(d["name"], {"age": d.get("oldest_pending_age_s")}) for d in dests],
             OLDEST,
             value_label=age,
             title="Age of the oldest pending job per destination",
         ),
         "failure": bar_chart(
-            [(d["name"], {"rate": d.get("failure_rate") or 0}) for d in dests],
+            [(d["name"], {"rate": d.get("failure_rate")}) for d in dests],
             FAILURE,
             value_label=percent,
             title="Failure rate per destination over the last hour",
