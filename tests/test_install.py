@@ -28,10 +28,11 @@ def readme_block_after(marker: str) -> list[str]:
 
 
 def run_command() -> str:
-    """The README's first command, without its comment."""
+    """The README's first command: the first line after `# 1.` that is no comment."""
     lines = readme_block_after("## Two commands")
     index = next(i for i, line in enumerate(lines) if line.startswith("# 1."))
-    return lines[index + 1].split(" #")[0].strip()
+    command = next(line for line in lines[index:] if not line.startswith("#"))
+    return command.split(" #")[0].strip()
 
 
 def clean_checkout(target: Path) -> Path:
