@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The README's test command. On a fresh Debian machine it installs what the tests
 # need (dcmtk and Orthanc as real DICOM peers, Debian's chromium for the dashboard's
-# browser test, the Python dependencies), lints, and runs the whole suite, interop and
-# browser tests included. Extra arguments go to pytest.
+# browser test, python3-venv), installs the project with its test dependencies into
+# the virtual environment .venv (scripts/venv.sh, shared with scripts/run.sh: Debian's
+# Python refuses a bare pip install, PEP 668), lints, and runs the whole suite, interop
+# and browser tests included. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python3}
 SUDO=""
 [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 
@@ -15,6 +16,8 @@ missing=()
 [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
 # Playwright drives Debian's chromium (executable_path); it never downloads its own.
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+# tests/test_packaging.py checks the systemd unit with systemd-analyze verify.
+command -v systemd-analyze >/dev/null || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]} (apt-get)"
   $SUDO apt-get update -qq
@@ -23,8 +26,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-echo "== installing Python dependencies"
-"$PYTHON" -m pip install -q -e '.[test]'
+. scripts/venv.sh
+ensure_venv "[test]"
+PYTHON=$VENV_PYTHON
 
 echo "== lint"
 "$PYTHON" -m ruff check src tests bench

@@ -9,9 +9,11 @@ from typing import Annotated
 import typer
 
 from dicomrouter import __version__
-from dicomrouter.config.reference import render_reference
+from dicomrouter.config.loader import env_override_applies
+from dicomrouter.config.reference import env_overrides_text, render_reference
 
 from .common import (
+    DEFAULT_CONFIG,
     ConfigOption,
     config_path,
     console,
@@ -46,12 +48,23 @@ app.command("hash-password")(hash_password_command)
 app.command("token")(token_command)
 
 
-@app.command()
+_SERVE_EPILOG = (
+    "Environment overrides (the ports, without editing the file): "
+    + env_overrides_text().replace("`", "")
+    + " Every key: docs/configuration.md, or 'dicomrouter config-docs'."
+)
+
+
+@app.command(epilog=_SERVE_EPILOG)
 def serve(config: ConfigOption = None) -> None:
     """Run the router in the foreground until SIGTERM or Ctrl-C (SIGHUP reloads the file).
 
-    Without --config, $DICOMROUTER_CONFIG or ./dicomrouter.yaml, it runs on the
-    embedded defaults."""
+    Listens for DICOM on dicom.port (11112) and serves the dashboard, REST API and
+    metrics on http.port (8080). Without --config, $DICOMROUTER_CONFIG or
+    ./dicomrouter.yaml, it runs on the embedded defaults.
+    """
+    import logging
+    import os
     import signal
 
     # SIGHUP's default action kills: a reload sent while we start must not (the node
@@ -69,6 +82,20 @@ def serve(config: ConfigOption = None) -> None:
     config = config_path(config)  # None: the embedded defaults
     settings = load(config)
     configure_logging(settings.log_level)
+    log = logging.getLogger("dicomrouter")
+    if config is not None:
+        log.info("configuration: %s", config.resolve())
+    else:
+        log.info(
+            "configuration: the embedded defaults (no --config, no ./%s; "
+            "'dicomrouter init' writes one)",
+            DEFAULT_CONFIG,
+        )
+    overrides = sorted(name for name in os.environ if env_override_applies(name))
+    if overrides:  # names only: a value may hold a password (DICOMROUTER_DATABASE)
+        log.info("overridden by the environment: %s", ", ".join(overrides))
+    if settings.http.enabled and settings.auth.enabled and not settings.auth.users:
+        log.warning("%s", no_users_message(config and config.resolve(), settings.http.port))
     try:
         node = Node(settings, config.resolve() if config else None)
     except StorageError as exc:
@@ -82,6 +109,25 @@ def serve(config: ConfigOption = None) -> None:
         fail(f"cannot listen on {where}: {exc}")
     except RuntimeError as exc:
         fail(str(exc))
+
+
+def no_users_message(config: Path | None, port: int) -> str:
+    """What ``serve`` logs when nobody can log in: how to create the first user."""
+    if config is None:
+        how = (
+            f"stop, run 'dicomrouter init' (it writes ./{DEFAULT_CONFIG} with an admin "
+            "user and prints the password) and start again"
+        )
+    else:
+        how = (
+            "'dicomrouter hash-password admin --role admin' prints an entry to add "
+            f"under auth.users in {config}; then reload (SIGHUP, or "
+            "'systemctl reload dicomrouter')"
+        )
+    return (
+        f"no users (auth.users is empty): nobody can log in to the dashboard on port "
+        f"{port}. To create the first admin: {how}."
+    )
 
 
 @app.command()

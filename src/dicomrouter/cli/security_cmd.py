@@ -53,23 +53,28 @@ def init_command(
         "storage": {"path": storage},
         "http": {"port": 8080},
         "auth": {"users": {admin: {"password_hash": hash_password(password), "role": "admin"}}},
-        "destinations": {},
-        "routes": [],
     }
     header = (
         "# dicomrouter configuration (written by 'dicomrouter init').\n"
         "# Every key: docs/configuration.md. Rules: docs/rules.md.\n"
     )
+    # No empty destinations:/routes: keys: the README's quick start appends them.
+    footer = (
+        "# Add destinations: and routes: below (examples/dicomrouter.yaml shows both);\n"
+        "# more users: dicomrouter hash-password NAME --role operator\n"
+    )
     try:
         config.write_text(
-            header + yaml.safe_dump(document, sort_keys=False, width=1000), encoding="utf-8"
+            header + yaml.safe_dump(document, sort_keys=False, width=1000) + footer,
+            encoding="utf-8",
         )
         config.chmod(0o600)
     except OSError as exc:
         fail(f"cannot write {config}: {exc.strerror}")
     console.print(f"[green]wrote {config}[/] with the admin user [bold]{admin}[/].")
     console.print(f"  password: [bold]{password}[/]  (shown once; only its hash is stored)")
-    console.print(f"Start:   dicomrouter serve --config {config}")
+    start = "" if config == Path(DEFAULT_CONFIG) else f" --config {config}"
+    console.print(f"Start:   dicomrouter serve{start}")
     console.print(f"Log in:  http://localhost:8080/  as {admin}")
     console.print(f"API:     curl -u {admin}:<password> http://localhost:8080/api/v1/status")
 

@@ -306,15 +306,20 @@ def format_validation_error(
     return [str(issue) for issue in validation_issues(exc, data, model)]
 
 
+def env_override_applies(name: str) -> bool:
+    """The environment variable ``name`` overrides a configuration key."""
+    if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+        return False
+    return name[len(ENV_PREFIX) :].split("__")[0].lower() in NODE_KEYS
+
+
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """``DICOMROUTER_DICOM__PORT=104`` becomes ``{"dicom": {"port": "104"}}``."""
     overrides: dict[str, Any] = {}
     for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+        if not env_override_applies(name):
             continue
         path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
-        if path[0] not in NODE_KEYS:
-            continue
         node = overrides
         for part in path[:-1]:
             node = node.setdefault(part, {})

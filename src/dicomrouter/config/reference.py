@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import textwrap
 import typing
 from types import NoneType, UnionType
 from typing import Any, Literal, get_args, get_origin
@@ -12,6 +13,7 @@ from pydantic_core import PydanticUndefined
 
 from dicomrouter.units import format_duration
 
+from .loader import ENV_PREFIX, NODE_KEYS
 from .models import DicomDestinationConfig, RouteConfig, RouterConfig
 
 _INTRO = """# Configuration reference
@@ -32,14 +34,49 @@ Durations are written `250ms`, `30s`, `10m`, `2h`, `1d` or as a number of second
 Time windows are `HH:MM-HH:MM` (a window ending before it starts spans midnight),
 optionally preceded by weekdays: `Mon-Fri 08:00-18:00`.
 
-**Environment overrides.** Node settings (`ae_title`, `dicom`, `storage`, `database`,
-`dispatch`, `log_level`) can be overridden with `DICOMROUTER_<KEY>` variables, nested
-keys joined by a double underscore: `DICOMROUTER_DICOM__PORT=104`,
-`DICOMROUTER_STORAGE__PATH=/srv/dicom`. Values are parsed as YAML scalars.
-`DICOMROUTER_CONFIG` names the file for every command that takes `--config`.
+{env_overrides}
 
 The rule language of `routes[].when` is described in [rules.md](rules.md).
 """
+
+
+#: A variable for each section, as examples in the text (the ports first: the most
+#: common reason to override).
+_ENV_EXAMPLES = {"dicom": "PORT=104", "http": "PORT=9090", "storage": "PATH=/srv/dicom"}
+
+
+def env_override_variables() -> list[str]:
+    """One entry per section that environment variables may override (loader's
+    ``NODE_KEYS``), in the file's order: ``DICOMROUTER_AE_TITLE`` for a value,
+    ``DICOMROUTER_DICOM__<KEY>`` for a section's keys."""
+    names = []
+    for name, field in RouterConfig.model_fields.items():
+        if name not in NODE_KEYS:
+            continue
+        annotation = field.annotation
+        section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        names.append(f"{ENV_PREFIX}{name.upper()}" + ("__<KEY>" if section else ""))
+    return names
+
+
+def env_overrides_text() -> str:
+    """What the overrides are, in Markdown: the configuration reference and
+    ``dicomrouter serve --help`` both print it (the CLI without the backticks)."""
+    sections = [n for n in RouterConfig.model_fields if n in NODE_KEYS]
+    examples = ", ".join(
+        f"`{ENV_PREFIX}{name.upper()}__{example}`"
+        for name, example in _ENV_EXAMPLES.items()
+        if name in NODE_KEYS
+    )
+    return (
+        "Environment variables override these sections of the file, or set them "
+        f"without one: {', '.join(f'`{n}`' for n in sections)}, as "
+        f"{', '.join(f'`{v}`' for v in env_override_variables())}. "
+        "`<KEY>` is a key of that section (see the configuration reference), nested "
+        "keys joined by a double underscore; values are parsed as YAML scalars. "
+        f"For example: {examples}. "
+        f"`{ENV_PREFIX}CONFIG` names the file for every command that takes `--config`."
+    )
 
 
 def _type_name(annotation: Any) -> str:
@@ -116,8 +153,13 @@ def _section(title: str, model: type[BaseModel], prefix: str, text: list[str]) -
         _section(f"`{sub_prefix.rstrip('.')}`", sub_model, sub_prefix, text)
 
 
+def _wrap(paragraph: str, width: int = 88) -> str:
+    return textwrap.fill(paragraph, width, break_long_words=False, break_on_hyphens=False)
+
+
 def render_reference() -> str:
-    text = [_INTRO]
+    overrides = _wrap("**Environment overrides.** " + env_overrides_text())
+    text = [_INTRO.format(env_overrides=overrides)]
     _section("Top level", RouterConfig, "", text)
     _section("`destinations.<name>`", DicomDestinationConfig, "destinations.<name>.", text)
     _section("`routes[]`", RouteConfig, "routes[].", text)

@@ -17,7 +17,13 @@ router = APIRouter(include_in_schema=False)
 def login_page(request: Request, next: str = "/") -> Response:
     if not ctx_of(request).config.auth.enabled or authenticate(request) is not None:
         return RedirectResponse(safe_next(next), status_code=303)
-    return render(request, "login.html", {"next": safe_next(next), "error": None})
+    return render(request, "login.html", _values(request, next=safe_next(next), error=None))
+
+
+def _values(request: Request, **values: object) -> dict[str, object]:
+    """The template's values, and whether there is anyone to log in as: with no users
+    the page says how to create the first one instead of just refusing."""
+    return {"no_users": not ctx_of(request).config.auth.users, **values}
 
 
 @router.post("/login", summary="Log in from the form")
@@ -30,16 +36,14 @@ def login_submit(
     try:
         principal = password_login(request, username, password)
     except TooManyAttempts as exc:
-        values = {"next": safe_next(next), "error": exc.detail, "user": username}
+        values = _values(request, next=safe_next(next), error=exc.detail, user=username)
         response = render(request, "login.html", values, status_code=429)
         response.headers["Retry-After"] = str(exc.retry_after)
         return response
     if principal is None:
-        values = {
-            "next": safe_next(next),
-            "error": "Wrong user name or password.",
-            "user": username,
-        }
+        values = _values(
+            request, next=safe_next(next), error="Wrong user name or password.", user=username
+        )
         return render(request, "login.html", values, status_code=401)
     start_session(request, principal)
     return RedirectResponse(safe_next(next), status_code=303)
