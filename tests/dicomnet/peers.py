@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+from abc import ABC, abstractmethod
 
 from dicomrouter.dicomnet.command import Command
 from dicomrouter.dicomnet.constants import PduType, PdvControl
@@ -77,7 +78,7 @@ def read_message(sock: socket.socket, sizes: list[int]) -> tuple[int, Command, b
                 return context_id, decoded, bytes(data) if decoded.has_data_set else None
 
 
-class RawAcceptor(threading.Thread):
+class RawAcceptor(threading.Thread, ABC):
     """Accepts one association, every proposed context in its first transfer syntax,
     announcing ``max_pdu``; then :meth:`serve` plays the rest. An exception in it is
     kept in ``error`` for the test thread to report."""
@@ -116,5 +117,6 @@ class RawAcceptor(threading.Thread):
         )
         return request
 
+    @abstractmethod
     def serve(self, conn: socket.socket, request: AssociateRequest) -> None:
-        raise NotImplementedError
+        """What the acceptor does once associated (the test's part)."""
