@@ -21,9 +21,24 @@ command -v systemd-analyze >/dev/null || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]} (apt-get)"
   $SUDO apt-get update -qq
-  # RUNLEVEL=1 asks invoke-rc.d not to start the packaged Orthanc service: the tests
-  # start their own Orthanc instances on free ports.
+  # The packaged Orthanc service must not start (the tests start their own Orthanc
+  # instances on free ports, and 4242 stays free for the quick start): invoke-rc.d
+  # honours RUNLEVEL=1, deb-systemd-invoke only a policy-rc.d that says no.
+  policy_added=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod +x /usr/sbin/policy-rc.d
+    policy_added=1
+    trap '$SUDO rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   $SUDO env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq "${missing[@]}" >/dev/null
+  if [ -n "$policy_added" ]; then
+    $SUDO rm -f /usr/sbin/policy-rc.d
+    trap - EXIT
+  fi
+  if [ -d /run/systemd/system ] && [ -e /lib/systemd/system/orthanc.service ]; then
+    $SUDO systemctl disable --now orthanc.service >/dev/null 2>&1 || true
+  fi
 fi
 
 . scripts/venv.sh

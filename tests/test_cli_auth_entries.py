@@ -111,3 +111,18 @@ def test_the_commands_print_a_pastable_entry_or_write_it(tmp_path: Path) -> None
     taken = run("token", "ci", "--write", cwd=tmp_path)
     assert taken.returncode == 1 and "exists already; nothing was written" in taken.stderr
     assert "shown once" not in taken.stderr and config.read_text() == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+def test_write_as_root_keeps_the_service_users_ownership(tmp_path: Path) -> None:
+    """Under systemd the file belongs to the service user; `sudo hash-password --write`
+    must not hand it to root, or the next reload cannot read it."""
+    config = tmp_path / "dicomrouter.yaml"
+    config.write_text(INIT_STYLE)
+    config.chmod(0o600)
+    os.chown(config, 65534, 65534)  # nobody
+    written = run("token", "ci", "--role", "operator", "--write", cwd=tmp_path)
+    assert written.returncode == 0, written.stderr
+    status = config.stat()
+    assert (status.st_uid, status.st_gid, status.st_mode & 0o777) == (65534, 65534, 0o600)
+    assert "ci:" in config.read_text()

@@ -52,7 +52,7 @@ def test_serve_names_its_configuration_file_and_says_how_to_create_a_user(
     no_users = next(line for line in result.stderr.splitlines() if "no users" in line)
     assert "WARNING" in no_users and "port 8080" in no_users
     assert "dicomrouter hash-password admin --role admin" in no_users
-    assert f"auth.users in {config.resolve()}" in no_users
+    assert f"--write --config {config.resolve()}" in no_users
 
 
 def test_serve_on_the_embedded_defaults_says_so_and_names_the_overrides(tmp_path: Path) -> None:

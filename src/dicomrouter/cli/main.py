@@ -49,8 +49,7 @@ app.command("token")(token_command)
 
 
 _SERVE_EPILOG = (
-    "Environment overrides (the ports, without editing the file): "
-    + env_overrides_text().replace("`", "")
+    env_overrides_text().replace("`", "")
     + " Every key: docs/configuration.md, or 'dicomrouter config-docs'."
 )
 
@@ -120,9 +119,9 @@ def no_users_message(config: Path | None, port: int) -> str:
         )
     else:
         how = (
-            "'dicomrouter hash-password admin --role admin' prints an entry to add "
-            f"under auth.users in {config}; then reload (SIGHUP, or "
-            "'systemctl reload dicomrouter')"
+            f"'dicomrouter hash-password admin --role admin --write --config {config}' "
+            "adds one (without --write it prints the entry to add under auth.users); "
+            "then reload (SIGHUP, or 'systemctl reload dicomrouter')"
         )
     return (
         f"no users (auth.users is empty): nobody can log in to the dashboard on port "

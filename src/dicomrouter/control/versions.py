@@ -601,16 +601,21 @@ def active_text(config_path: Path | None, config: RouterConfig) -> str:
 def write_atomically(path: Path, text: str) -> None:
     """Write ``path`` so that a crash leaves the old or the new file, never half of one:
     a temporary file in the same folder, fsynced, renamed over it, folder fsynced.
-    The file keeps its mode (it may be 0600: it holds password hashes)."""
+    The file keeps its mode (it may be 0600: it holds password hashes) and, when root
+    writes it (``hash-password --write`` run with sudo), its owner: the service user
+    must still be able to read it at the next reload."""
     try:
-        mode = path.stat().st_mode & 0o7777
+        status = path.stat()
     except FileNotFoundError:
-        mode = 0o600
+        status = None
+    mode = status.st_mode & 0o7777 if status is not None else 0o600
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
+            if status is not None and os.geteuid() == 0:
+                os.fchown(handle.fileno(), status.st_uid, status.st_gid)
             os.fchmod(handle.fileno(), mode)
             os.fsync(handle.fileno())
         os.replace(tmp, path)
