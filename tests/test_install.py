@@ -99,10 +99,10 @@ def test_the_readme_install_by_hand_works_as_written(tmp_path: Path) -> None:
     apt, *rest = lines
     # Debian's python3 needs python3-venv for `python3 -m venv` (ensurepip). The line is
     # run when it is missing; as root, sudo is not needed (nor always installed).
-    assert apt == "sudo apt-get install -y python3-venv", apt
+    assert apt == "sudo apt-get update && sudo apt-get install -y python3-venv", apt
     checkout = clean_checkout(tmp_path / "checkout")
     if shell("python3 -c 'import ensurepip'", checkout).returncode != 0:
-        command = apt.removeprefix("sudo ") if os.getuid() == 0 else apt
+        command = apt.replace("sudo ", "") if os.getuid() == 0 else apt
         installed = shell(command, checkout, INSTALL_TIMEOUT)
         assert installed.returncode == 0, installed.stderr
     for line in rest:
