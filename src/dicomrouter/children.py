@@ -58,6 +58,7 @@ class ChildProcess:
         self.name, self.args = name, args
         self.process: subprocess.Popen[bytes] | None = None
         self._restart_delay, self._last_restart, self._next_restart = 1.0, 0.0, 0.0
+        self._terminated: subprocess.Popen[bytes] | None = None  # the one sent SIGTERM
 
     def start(self) -> None:
         ready_r, ready_w = os.pipe()
@@ -127,9 +128,16 @@ class ChildProcess:
         if self.process is not None and self.alive():
             self.process.send_signal(signum)
 
+    def terminate(self) -> None:
+        """SIGTERM, once: finish what is in hand, release jobs (:meth:`stop` waits).
+        Sent to every child before waiting for any, so their clean stops overlap."""
+        if self.process is not None and self.alive() and self.process is not self._terminated:
+            self._terminated = self.process
+            self.process.terminate()
+
     def stop(self, timeout: float = 30.0) -> None:
         if self.process is not None and self.alive():
-            self.process.terminate()  # SIGTERM: finish what is in hand, release jobs
+            self.terminate()
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -183,6 +183,8 @@ class Node:
         if self.heartbeat is not None:
             self.heartbeat.stop()
             self.heartbeat.engine.dispose()
+        for child in self.children:  # all at once: the stops overlap (TimeoutStopSec)
+            child.terminate()
         self.receiver.stop()
         for child in self.children:
             child.stop()
