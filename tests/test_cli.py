@@ -39,11 +39,13 @@ def test_echo_reports_success_and_failure(pacs: StoreSCP) -> None:
     assert "C-ECHO to PACS@" in closed.stderr and "failed" in closed.stderr
 
 
-def test_echo_rejects_a_malformed_target() -> None:
-    result = run("echo", "PACS-127.0.0.1-104")
+def test_echo_rejects_a_malformed_target(tmp_path: Path) -> None:
+    result = run("echo", "PACS-127.0.0.1-104", cwd=tmp_path)
     assert result.returncode == 1
-    # Not AE@HOST:PORT, so a destination's name: none by that name is configured.
+    # Not AE@HOST:PORT, so a destination's name: none by that name is configured, and
+    # no file was found to configure one.
     assert "no destination 'PACS-127.0.0.1-104'" in result.stderr
+    assert "the embedded defaults have no destinations" in result.stderr
     assert "give it as AE@HOST:PORT" in result.stderr
     result = run("echo", "PACS@127.0.0.1-104")
     assert result.returncode == 1

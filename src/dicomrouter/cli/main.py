@@ -162,7 +162,8 @@ def echo(
     from dicomrouter.control.errors import ControlError
     from dicomrouter.store import create_index_engine
 
-    settings = load(config)  # --config, $DICOMROUTER_CONFIG, ./dicomrouter.yaml
+    path = config_path(config)  # --config, $DICOMROUTER_CONFIG, ./dicomrouter.yaml
+    settings = load(path)
     index_file = settings.storage.path / "index.sqlite"
     try:
         if settings.database is None and not index_file.exists():
@@ -172,7 +173,13 @@ def echo(
             ctx = _EchoContext(settings, engine)
             result = control.echo(ctx, target, actor=local_user(), source="cli")
     except ControlError as exc:
-        fail(f"{exc}; to echo any peer, give it as AE@HOST:PORT, e.g. PACS@127.0.0.1:104")
+        where = (
+            ""
+            if path is not None
+            else " (no configuration file: no --config, $DICOMROUTER_CONFIG or "
+            f"./{DEFAULT_CONFIG}; the embedded defaults have no destinations)"
+        )
+        fail(f"{exc}{where}; to echo any peer, give it as AE@HOST:PORT, e.g. PACS@127.0.0.1:104")
     dest = settings.destinations[target]
     peer = f"{target} ({dest.ae_title}@{dest.host}:{dest.port})"
     if not result["ok"]:
