@@ -3,30 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.cli import run_cli as run
 from tests.support.dcmtk import HOST, StoreSCP, free_port, sop_uids
 from tests.support.router import wait_until
 from tests.support.synth import make_study
-
-
-def run(
-    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if k != "DICOMROUTER_CONFIG"}
-    return subprocess.run(
-        [sys.executable, "-m", "dicomrouter", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=cwd,
-        env={**environ, **(env or {})},
-    )
 
 
 @pytest.mark.interop

@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from dicomrouter.cli.security_cmd import merge_auth_entry
 from dicomrouter.config import ConfigError, load_config_text, load_yaml
+from tests.support.cli import run_cli as run
 
 ADMIN_HASH = (
     "scrypt$16384$8$1$C/YwWmqwXtXJ64BQ1GvJEA==$qKbs7Se8YI/2mYfpKFC9XFTsJcvJ+tnFXNWAXpDgJLc="
@@ -28,18 +27,6 @@ auth:
   # tokens come here
 destinations: {{}}
 """
-
-
-def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if k != "DICOMROUTER_CONFIG"}
-    return subprocess.run(
-        [sys.executable, "-m", "dicomrouter", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=cwd,
-        env=environ,
-    )
 
 
 def test_an_entry_goes_into_the_existing_sections_and_keeps_the_comments() -> None:

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from dicomrouter.store import (
     read_header,
 )
 from tests.support.api import ApiEnv, api_env
+from tests.support.cli import run_cli
 from tests.support.dcmtk import HOST, StoreSCP, free_port
 from tests.support.seed import Seeder
 from tests.support.synth import make_study
@@ -39,14 +38,7 @@ DESTINATIONS = {
 
 
 def cli(*args: str, columns: int = 80) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": str(columns), "PYTHONPATH": str(Path("src").resolve())}
-    return subprocess.run(
-        [sys.executable, "-m", "dicomrouter", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    return run_cli(*args, env={"COLUMNS": str(columns)})
 
 
 @pytest.fixture
