@@ -206,11 +206,6 @@ def is_pending(status: int) -> bool:
     return status in (Status.PENDING, Status.PENDING_WARNING)
 
 
-def is_warning(status: int) -> bool:
-    """0x0001 and 0xBxxx: done, with a warning (PS3.7 C.3)."""
-    return status == 0x0001 or 0xB000 <= status <= 0xBFFF
-
-
 # Exact codes from PS3.7 Annex C (general DIMSE statuses) and PS3.4 Annex B.2.3
 # (Storage Service Class). Ranges are handled in ``describe_status``.
 STATUS_MEANINGS: dict[int, str] = {

@@ -120,9 +120,6 @@ class BytesReader:
         self._data = bytearray(data)
         self._start = 0
 
-    def feed(self, data: Buffer) -> None:
-        self._data += data
-
     @property
     def buffered(self) -> int:
         return len(self._data) - self._start
