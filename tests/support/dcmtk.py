@@ -177,8 +177,21 @@ class StoreSCP:
         return self.log().count("Received Store Request")
 
     def received_sops(self) -> set[str]:
-        """SOP Instance UIDs of the files received so far."""
-        return sop_uids(self.received_files())
+        """SOP Instance UIDs of the files received so far.
+
+        storescp writes each file under its final name, so a poll can meet one that is
+        still being written: that file is not received yet, and the next poll counts it.
+        """
+        from pydicom import dcmread
+        from pydicom.errors import InvalidDicomError
+
+        uids: set[str] = set()
+        for path in self.received_files():
+            try:
+                uids.add(str(dcmread(path, stop_before_pixels=True).SOPInstanceUID))
+            except (InvalidDicomError, EOFError, AttributeError, OSError):
+                continue
+        return uids
 
     def received_files(self) -> list[Path]:
         """Files storescp wrote so far, sorted by name."""
