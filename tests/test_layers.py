@@ -42,7 +42,8 @@ LAYERS: dict[str, frozenset[str]] = {
         "observe.metrics": ("store",),
         "receive": ("observe.metrics",),
         "queue": ("store",),
-        "destinations": ("observe.metrics",),
+        "transforms": ("store",),
+        "destinations": ("observe.metrics", "transforms"),
         "retention": ("queue", "observe.metrics"),
         "dispatch": ("destinations", "retention"),
         # The edges, over the same index.
@@ -70,6 +71,7 @@ _SERVER = "api/server.py, as the TLS change found it; to move to module level af
 LAZY: dict[tuple[str, str], str] = {
     ("dicomrouter.config.models", "dicomrouter.rules"): "rules load pydicom: "
     "`dicomrouter serve` reads its configuration before it excludes numpy",
+    ("dicomrouter.config.transforms", "dicomrouter.rules"): "the same, for a step's `when`",
     ("dicomrouter.destinations", "dicomrouter.destinations.dicom"): "the sender "
     "(pynetdicom) loads on first use: the HTTP process needs it only for an echo",
     ("dicomrouter.control.destinations", "dicomrouter.destinations.dicom"): "the same, "

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from .models import ConfigProblems, RouterConfig, reference_problems
+from .transforms import STEP_KINDS
 
 ENV_PREFIX = "DICOMROUTER_"
 #: Top-level sections that environment variables may override (the node settings).
@@ -275,6 +276,14 @@ def _did_you_mean(loc: tuple[Any, ...], model: type[BaseModel]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def _without_union_tag(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A transform step is a union told apart by its key, and pydantic puts that tag
+    in the path (``transforms.x[1].replace.replace.pattern``): drop it."""
+    if len(loc) > 3 and loc[0] == "transforms" and isinstance(loc[2], int) and loc[3] in STEP_KINDS:
+        return loc[:3] + loc[4:]
+    return loc
+
+
 def validation_issues(
     exc: ValidationError, data: Any = None, model: type[BaseModel] = RouterConfig
 ) -> list[ConfigIssue]:
@@ -282,7 +291,9 @@ def validation_issues(
     ``data``, the document validated), unknown keys with the nearest known one."""
     issues = []
     for error in exc.errors():
-        loc = tuple(p for p in error["loc"] if p not in ("function-after", "function-before"))
+        loc = _without_union_tag(
+            tuple(p for p in error["loc"] if p not in ("function-after", "function-before"))
+        )
         cause = (error.get("ctx") or {}).get("error")
         if isinstance(cause, ConfigProblems):
             issues += [
@@ -360,7 +371,9 @@ def parse_config(
             # routes' references from the raw data, so one run lists every error.
             issues += [
                 ConfigIssue(_format_location(loc, data), message)
-                for loc, message in reference_problems(data.get("routes"), data.get("destinations"))
+                for loc, message in reference_problems(
+                    data.get("routes"), data.get("destinations"), data.get("transforms")
+                )
             ]
         raise ConfigError(source, issues) from None
 

@@ -28,6 +28,17 @@ from dicomrouter.security import check_password_hash_format, check_token_hash_fo
 from dicomrouter.units import Duration, Window
 
 from .hosts import is_local_host
+from .problems import ConfigProblems, KeyPath
+from .transforms import (
+    LOSSLESS_SYNTAXES,
+    LOSSY_SYNTAXES,
+    Pipeline,
+    SopClassFilter,
+    transfer_syntax_uid,
+)
+
+TRANSFER_SYNTAX_NAMES = (*LOSSLESS_SYNTAXES, *LOSSY_SYNTAXES)
+_KNOWN_SYNTAX_UIDS = {uid for uid in (*LOSSLESS_SYNTAXES.values(), *LOSSY_SYNTAXES.values()) if uid}
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash, 1..16 chars
 
@@ -42,24 +53,13 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
-#: A key path inside the model that raised (``("routes", 1, "to")``; a string part may
-#: hold dots, as a rule's own path does).
-KeyPath = tuple[str | int, ...]
-
-
-class ConfigProblems(ValueError):
-    """Several problems found by one validator, so that the loader reports them all
-    at once, each with its key path relative to the model that raised."""
-
-    def __init__(self, problems: list[tuple[KeyPath, str]]):
-        self.problems = problems
-        super().__init__("; ".join(message for _, message in problems))
-
-
-def reference_problems(routes: Any, destinations: Any) -> list[tuple[KeyPath, str]]:
-    """Duplicate route names and routes sending to undefined destinations, on the
-    validated models or on the raw YAML data (so that these are reported together
-    with errors elsewhere in the file, which stop the model's own cross-checks)."""
+def reference_problems(
+    routes: Any, destinations: Any, transforms: Any = None
+) -> list[tuple[KeyPath, str]]:
+    """Duplicate route names, routes sending to undefined destinations, and undefined
+    pipelines, on the validated models or on the raw YAML data (so that these are
+    reported together with errors elsewhere in the file, which stop the model's own
+    cross-checks)."""
     if not isinstance(routes, list):
         return []
     known = sorted(str(name) for name in destinations) if isinstance(destinations, dict) else []
@@ -89,6 +89,28 @@ def reference_problems(routes: Any, destinations: Any) -> list[tuple[KeyPath, st
                         f"{', '.join(known) or 'none defined'})",
                     )
                 )
+    return problems + pipeline_reference_problems(routes, destinations, transforms or {})
+
+
+def pipeline_reference_problems(
+    routes: Any, destinations: Any, transforms: Any
+) -> list[tuple[KeyPath, str]]:
+    """Routes and destinations naming a pipeline that ``transforms`` does not define."""
+    known = sorted(str(name) for name in transforms) if isinstance(transforms, dict) else []
+    referrers: list[tuple[KeyPath, Any]] = []
+    if isinstance(routes, list):
+        referrers += [(("routes", i, "transform"), route) for i, route in enumerate(routes)]
+    if isinstance(destinations, dict):
+        referrers += [
+            (("destinations", str(name), "transform"), dest) for name, dest in destinations.items()
+        ]
+    problems: list[tuple[KeyPath, str]] = []
+    for path, item in referrers:
+        name = item.get("transform") if isinstance(item, dict) else getattr(item, "transform", None)
+        if isinstance(name, str) and name not in known:
+            problems.append(
+                (path, f"unknown transform {name!r} (known: {', '.join(known) or 'none defined'})")
+            )
     return problems
 
 
@@ -407,10 +429,62 @@ class DicomDestinationConfig(_Model):
     tls: DestinationTlsConfig | None = Field(
         None, description="Connect with TLS. Unset: a plain TCP connection."
     )
+    transform: str | None = Field(
+        None,
+        description="Name of a pipeline in `transforms` applied to everything sent here "
+        "(after the route's own). Unset: objects are sent byte for byte as received.",
+    )
+    transfer_syntax: str = Field(
+        "as-received",
+        description="Transfer syntax to send in, by name (`as-received`, `explicit-little`, "
+        "`implicit-little`, `deflated`, `rle`, `jpeg-ls-lossless`, `jpeg2000-lossless`, "
+        "`jpeg-lossless-sv1`, `htj2k-lossless`; lossy: `jpeg-ls-near-lossless`, `jpeg2000`, "
+        "`jpeg-baseline`) or UID. Refused by the destination: as received, then Explicit VR "
+        "Little Endian.",
+    )
+    allow_lossy: bool = Field(
+        False, description="Allow a lossy `transfer_syntax` (it gets a new SOP Instance UID)."
+    )
+    sop_classes: SopClassFilter | None = Field(
+        None,
+        description="SOP classes this destination takes; others are recorded as `skipped`.",
+    )
 
     _check_ae = field_validator("ae_title", "calling_ae_title")(
         classmethod(lambda cls, v: v if v is None else _check_ae_title(v))
     )
+
+    @field_validator("transfer_syntax")
+    @classmethod
+    def _known_syntax(cls, value: str) -> str:
+        uid = transfer_syntax_uid(value)
+        if uid == "" or uid in _KNOWN_SYNTAX_UIDS:
+            return value
+        names = ", ".join(TRANSFER_SYNTAX_NAMES)
+        raise ValueError(f"unknown transfer syntax {value!r} (known: {names}, or their UIDs)")
+
+    @model_validator(mode="after")
+    def _lossy_allowed(self) -> DicomDestinationConfig:
+        if self.lossy and not self.allow_lossy:
+            raise ConfigProblems(
+                [
+                    (
+                        ("transfer_syntax",),
+                        f"{self.transfer_syntax!r} is lossy: set allow_lossy: true to send "
+                        "lossy images (they get new SOP Instance UIDs)",
+                    )
+                ]
+            )
+        return self
+
+    @property
+    def transfer_syntax_uid(self) -> str:
+        """The syntax asked for, as a UID; "" for ``as-received``."""
+        return transfer_syntax_uid(self.transfer_syntax)
+
+    @property
+    def lossy(self) -> bool:
+        return self.transfer_syntax_uid in LOSSY_SYNTAXES.values()
 
 
 TriggerLevel = Literal["instance", "series", "study"]
@@ -440,6 +514,14 @@ class RouteConfig(_Model):
     )
     to: list[str] = Field(..., min_length=1, description="Destination names.")
     enabled: bool = Field(True, description="A disabled route is kept but never fires.")
+    transform: str | None = Field(
+        None,
+        description="Name of a pipeline in `transforms` applied to everything this route "
+        "sends (before the destination's own).",
+    )
+    priority: Literal["urgent", "normal", "low"] = Field(
+        "normal", description="Job priority: urgent jobs are claimed first, low ones last."
+    )
 
     @field_validator("when")
     @classmethod
@@ -829,6 +911,11 @@ class RouterConfig(_Model):
         default_factory=dict, description="Named destinations."
     )
     routes: list[RouteConfig] = Field(default_factory=list, description="Routing rules.")
+    transforms: dict[str, Pipeline] = Field(
+        default_factory=dict,
+        description="Named pipelines of steps that change objects on the way "
+        "(docs/transforms.md); used by `routes[].transform` and `destinations.<name>.transform`.",
+    )
     dispatch: DispatchConfig = Field(
         default_factory=lambda: DispatchConfig(),
         description="The delivery engine's timing.",
@@ -858,7 +945,7 @@ class RouterConfig(_Model):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RouterConfig:
-        problems = reference_problems(self.routes, self.destinations)
+        problems = reference_problems(self.routes, self.destinations, self.transforms)
         for name, dest in self.destinations.items():
             if self.is_self(dest):
                 problems.append(

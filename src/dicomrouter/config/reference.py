@@ -15,6 +15,7 @@ from dicomrouter.units import format_duration
 
 from .loader import ENV_PREFIX, NODE_KEYS
 from .models import DicomDestinationConfig, RouteConfig, RouterConfig
+from .transforms import STEP_MODELS
 
 _INTRO = """# Configuration reference
 
@@ -126,7 +127,7 @@ def _rows(
     model: type[BaseModel], prefix: str, out: list[str], nested: list[tuple[str, type]]
 ) -> None:
     for name, field in model.model_fields.items():
-        key = f"{prefix}{name}"
+        key = f"{prefix}{field.alias or name}"
         annotation = field.annotation
         kind = _type_name(
             field.rebuild_annotation() if hasattr(field, "rebuild_annotation") else annotation
@@ -157,10 +158,22 @@ def _wrap(paragraph: str, width: int = 88) -> str:
     return textwrap.fill(paragraph, width, break_long_words=False, break_on_hyphens=False)
 
 
+_STEPS_INTRO = """
+## `transforms.<name>[]`
+
+A pipeline is a list of steps; each step is a mapping with exactly one of the keys
+below, and may carry a `when` rule. What each step does, with examples, is in
+[transforms.md](transforms.md).
+"""
+
+
 def render_reference() -> str:
     overrides = _wrap("**Environment overrides.** " + env_overrides_text())
     text = [_INTRO.format(env_overrides=overrides)]
     _section("Top level", RouterConfig, "", text)
     _section("`destinations.<name>`", DicomDestinationConfig, "destinations.<name>.", text)
     _section("`routes[]`", RouteConfig, "routes[].", text)
+    text.append(_STEPS_INTRO)
+    for kind, model in STEP_MODELS.items():
+        _section(f"Step `{kind}`", model, "transforms.<name>[].", text)
     return "\n".join(text).rstrip() + "\n"

@@ -1,0 +1,335 @@
+"""Configuration of transforms: named pipelines of steps (``transforms:``), and what
+a destination sends (its transfer syntax, the SOP classes it takes).
+
+Each step is a mapping with exactly one step key (``set``, ``remove``...) and, for
+any step, a ``when`` in the rule language. The step models are a union told apart
+by that key, so an error names the step's own key path
+(``transforms.fix-ct1[2].replace.AccessionNumber.pattern``). What the steps do is in
+``docs/transforms.md``; the code that runs them is ``dicomrouter.transforms``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+)
+
+from .problems import ConfigProblems
+
+#: The step keys, in the order the documentation lists them.
+STEP_KINDS = (
+    "set",
+    "remove",
+    "remove_private",
+    "copy",
+    "replace",
+    "map",
+    "shift_dates",
+    "deidentify",
+)
+
+#: PS3.15 Annex E options of the Basic Application Level Confidentiality Profile, by
+#: the standard's names in snake_case (table E.1-1's columns).
+DEIDENTIFY_OPTIONS = (
+    "retain_safe_private",
+    "retain_uids",
+    "retain_device_identity",
+    "retain_institution_identity",
+    "retain_patient_characteristics",
+    "retain_longitudinal_full_dates",
+    "retain_longitudinal_modified_dates",
+    "clean_descriptors",
+    "clean_structured_content",
+    "clean_graphics",
+)
+DeidentifyOption = Literal[
+    "retain_safe_private",
+    "retain_uids",
+    "retain_device_identity",
+    "retain_institution_identity",
+    "retain_patient_characteristics",
+    "retain_longitudinal_full_dates",
+    "retain_longitudinal_modified_dates",
+    "clean_descriptors",
+    "clean_structured_content",
+    "clean_graphics",
+]
+
+#: Transfer syntaxes a destination may ask for, by name (a UID is accepted too).
+#: ``as-received`` sends each file in the syntax it was stored in.
+LOSSLESS_SYNTAXES = {
+    "as-received": "",
+    "explicit-little": "1.2.840.10008.1.2.1",
+    "implicit-little": "1.2.840.10008.1.2",
+    "deflated": "1.2.840.10008.1.2.1.99",
+    "rle": "1.2.840.10008.1.2.5",
+    "jpeg-ls-lossless": "1.2.840.10008.1.2.4.80",
+    "jpeg2000-lossless": "1.2.840.10008.1.2.4.90",
+    "jpeg-lossless-sv1": "1.2.840.10008.1.2.4.70",
+    "htj2k-lossless": "1.2.840.10008.1.2.4.201",
+}
+#: Lossy syntaxes: only with ``allow_lossy: true``.
+LOSSY_SYNTAXES = {
+    "jpeg-ls-near-lossless": "1.2.840.10008.1.2.4.81",
+    "jpeg2000": "1.2.840.10008.1.2.4.91",
+    "jpeg-baseline": "1.2.840.10008.1.2.4.50",
+}
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True)
+
+
+Rule = dict[str, Any]
+#: A value ``set`` writes: text (a template over tags and pseudo-keys, see
+#: docs/transforms.md), a number, a list for a multi-valued element, or null for an
+#: empty value.
+TagValue = str | int | float | list[str | int | float] | None
+
+
+class _Step(_Model):
+    when: Rule | None = Field(
+        None, description="Apply the step only to objects matching this rule (docs/rules.md)."
+    )
+
+    @field_validator("when")
+    @classmethod
+    def _compile_when(cls, when: Rule | None) -> Rule | None:
+        # Imported here: the rules load pydicom, which `serve` keeps out until it
+        # has excluded numpy (see RouteConfig._compile_when).
+        from dicomrouter.rules import RuleError, compile_condition
+
+        if when is not None:
+            try:
+                compile_condition(when)
+            except RuleError as exc:
+                raise ConfigProblems([((exc.path,) if exc.path else (), exc.message)]) from None
+        return when
+
+    @property
+    def kind(self) -> str:
+        fields = type(self).model_fields
+        return next(name for name in STEP_KINDS if (fields.get(name) or fields.get(name + "_")))
+
+
+class SetStep(_Step):
+    """Write values: ``{InstitutionName: "General Hospital", StationName: "{CallingAETitle}"}``."""
+
+    set: dict[str, TagValue] = Field(..., description="Tag (keyword or `gggg,eeee`) to value.")
+
+
+class RemoveStep(_Step):
+    """Delete elements: keywords, tags (``0009,1010``) or private tags by creator
+    (``0009,xx10`` under the creator named in ``private_creator``)."""
+
+    remove: list[str] = Field(..., min_length=1, description="Tags to delete.")
+
+
+class RemovePrivateConfig(_Model):
+    keep_creators: list[str] = Field(
+        default_factory=list,
+        description="Private creators (e.g. `SIEMENS CSA HEADER`) whose blocks are kept.",
+    )
+
+
+class RemovePrivateStep(_Step):
+    """Delete every private element, except the blocks of the creators kept."""
+
+    remove_private: RemovePrivateConfig = Field(
+        default_factory=RemovePrivateConfig, description="What private data to keep."
+    )
+
+    @field_validator("remove_private", mode="before")
+    @classmethod
+    def _bare(cls, value: Any) -> Any:
+        # `remove_private: true` (or an empty value) removes every private element.
+        return {} if value is True or value is None else value
+
+
+class CopyStep(_Step):
+    """Copy values between elements, written ``{target: source}`` as ``set`` is:
+    ``{StudyID: AccessionNumber}`` writes the AccessionNumber into StudyID."""
+
+    copy_: dict[str, str] = Field(
+        ..., alias="copy", description="Target tag to the source tag it takes its value from."
+    )
+
+
+class Replacement(_Model):
+    pattern: str = Field(..., description="Python regular expression searched in the value.")
+    with_: str = Field(
+        "", alias="with", description="Replacement; `\\1` or `\\g<name>` refer to groups."
+    )
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, pattern: str) -> str:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
+        return pattern
+
+
+class ReplaceStep(_Step):
+    """Regular-expression replacement in text values: ``{AccessionNumber: {pattern:
+    "^0+", with: ""}}``."""
+
+    replace: dict[str, Replacement] = Field(..., description="Tag to its replacement.")
+
+
+class Lookup(_Model):
+    file: Path = Field(
+        ..., description="CSV file: original value, new value (a header row is allowed)."
+    )
+    missing: Literal["keep", "remove", "fail"] | str = Field(
+        "keep",
+        description="A value not in the file: `keep` it, `remove` the element, `fail` the "
+        "delivery of that object, or any other text to write instead.",
+    )
+
+
+class MapStep(_Step):
+    """Look values up in a CSV table, reloaded when the file changes."""
+
+    map: dict[str, Lookup] = Field(..., description="Tag to its lookup table.")
+
+
+class ShiftDatesConfig(_Model):
+    days: int | None = Field(
+        None, description="Fixed shift in days (negative: earlier). Unset: use `secret_env`."
+    )
+    secret_env: str | None = Field(
+        None,
+        description="Environment variable holding a secret: each patient gets their own "
+        "offset (keyed on PatientID, within `max_days`), the same on every object.",
+    )
+    max_days: int = Field(365, ge=1, description="Largest per-patient offset, in days.")
+
+
+class ShiftDatesStep(_Step):
+    """Move every date (DA, DT) by an offset, keeping intervals within a patient."""
+
+    shift_dates: ShiftDatesConfig = Field(..., description="The offset.")
+
+
+class DeidentifyConfig(_Model):
+    secret_env: str = Field(
+        ...,
+        description="Environment variable holding the secret that keys the pseudonyms "
+        "(HMAC-SHA256). The secret is never written to the index or the logs.",
+    )
+    options: list[DeidentifyOption] = Field(
+        default_factory=list, description="PS3.15 Annex E profile options."
+    )
+    allow_burned_in: bool = Field(
+        False,
+        description="Send objects whose pixels may show identity (BurnedInAnnotation YES, "
+        "secondary capture, ultrasound...). Unset: their delivery fails with the reason.",
+    )
+    patient_id_prefix: str = Field("", description="Prefix of pseudonymous Patient IDs.")
+
+
+class DeidentifyStep(_Step):
+    """De-identify by the Basic Application Level Confidentiality Profile."""
+
+    deidentify: DeidentifyConfig = Field(..., description="Secret and profile options.")
+
+
+def _step_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        kinds = [key for key in value if key in STEP_KINDS]
+        return kinds[0] if len(kinds) == 1 else None
+    if isinstance(value, BaseModel):
+        return getattr(value, "kind", None)
+    return None
+
+
+#: Each step's model, by its key.
+STEP_MODELS: dict[str, type[_Step]] = {
+    "set": SetStep,
+    "remove": RemoveStep,
+    "remove_private": RemovePrivateStep,
+    "copy": CopyStep,
+    "replace": ReplaceStep,
+    "map": MapStep,
+    "shift_dates": ShiftDatesStep,
+    "deidentify": DeidentifyStep,
+}
+
+TransformStep = Annotated[
+    Annotated[SetStep, Tag("set")]
+    | Annotated[RemoveStep, Tag("remove")]
+    | Annotated[RemovePrivateStep, Tag("remove_private")]
+    | Annotated[CopyStep, Tag("copy")]
+    | Annotated[ReplaceStep, Tag("replace")]
+    | Annotated[MapStep, Tag("map")]
+    | Annotated[ShiftDatesStep, Tag("shift_dates")]
+    | Annotated[DeidentifyStep, Tag("deidentify")],
+    Discriminator(
+        _step_kind,
+        custom_error_type="transform_step",
+        custom_error_message="a step is a mapping with exactly one of: " + ", ".join(STEP_KINDS),
+    ),
+]
+
+#: A named pipeline: its steps, in order.
+Pipeline = list[TransformStep]
+
+
+class SopClassFilter(_Model):
+    """Which SOP classes a destination takes (names such as `CTImageStorage`, or UIDs).
+    An instance left out is recorded as ``skipped``, with the reason, not as failed."""
+
+    include: list[str] | None = Field(None, description="Only these. Unset: every class.")
+    exclude: list[str] = Field(default_factory=list, description="Never these.")
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _known(cls, values: list[str] | None) -> list[str] | None:
+        if values is None:
+            return None
+        from pydicom.uid import UID
+
+        resolved = []
+        for value in values:
+            if _UID_RE.match(value):
+                resolved.append(value)
+                continue
+            uid = _sop_class_by_name(value)
+            if uid is None:
+                raise ValueError(
+                    f"unknown SOP class {value!r} (a name such as CTImageStorage, or a UID)"
+                )
+            resolved.append(str(UID(uid)))
+        return resolved
+
+
+def _sop_class_by_name(name: str) -> str | None:
+    from pydicom.uid import UID_dictionary  # type: ignore[attr-defined]
+
+    for uid, entry in UID_dictionary.items():
+        keyword = entry[4] if len(entry) > 4 else ""
+        if name in (keyword, entry[0]) and entry[1] == "SOP Class":
+            return str(uid)
+    return None
+
+
+def transfer_syntax_uid(name: str) -> str:
+    """The UID of a syntax named in ``transfer_syntax`` ("" for ``as-received``)."""
+    if name in LOSSLESS_SYNTAXES:
+        return LOSSLESS_SYNTAXES[name]
+    if name in LOSSY_SYNTAXES:
+        return LOSSY_SYNTAXES[name]
+    return name

@@ -1,0 +1,52 @@
+"""What every transform step is, and what it may read besides the data set.
+
+A step changes a pydicom ``Dataset`` in place. It never sees the file: the pipeline
+(:mod:`.pipeline`) reads the stored file's header, runs the steps, and
+:mod:`.output` writes the result next to the untouched original, copying the pixel
+data through without decoding it unless a step says it ``touches_pixels``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import datetime
+from typing import ClassVar
+
+from pydicom.dataset import Dataset
+
+
+class TransformRefused(Exception):
+    """This object must not go through this pipeline (pixels that may show identity,
+    a ``map`` miss with ``missing: fail``...). Its delivery fails permanently with
+    this message as the reason; other objects are not affected."""
+
+
+class TransformUnavailable(Exception):
+    """The pipeline cannot run at all right now (its secret is not in the
+    environment, its lookup file is missing): deliveries through it wait and are
+    retried, with this message, instead of failing."""
+
+
+@dataclass(frozen=True)
+class ObjectContext:
+    """How the object arrived: the pseudo-keys templates and rules may read."""
+
+    calling_ae: str = ""
+    called_ae: str = ""
+    source_address: str = ""
+    received_at: datetime | None = None
+
+
+class Step(ABC):
+    """One configured step, compiled (regexes compiled, files opened lazily)."""
+
+    kind: ClassVar[str]
+    """The step's key in the configuration (``set``, ``deidentify``...)."""
+    touches_pixels: ClassVar[bool] = False
+    """True if the step reads or changes Pixel Data: the pipeline then reads the
+    whole file, not only its header."""
+
+    @abstractmethod
+    def apply(self, dataset: Dataset, context: ObjectContext) -> None:
+        """Change ``dataset`` in place, or raise :class:`TransformRefused`."""
