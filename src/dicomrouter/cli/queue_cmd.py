@@ -261,6 +261,7 @@ def show_command(
     lines = [
         ("resource", detail["resource_uid"]),
         ("routes", ", ".join(detail["routes"])),
+        ("route transform", detail.get("transform") or ""),
         (
             "delivered",
             f"{detail['delivered']} of {detail['total']} instance(s), {detail['failed']} failed",
@@ -284,11 +285,17 @@ def show_command(
         "state",
         "status",
         "message",
-        fold=("SOPInstanceUID", "message"),
+        "sent as",
+        fold=("SOPInstanceUID", "message", "sent as"),
     )
     for item in detail["instances"]:
         status = f"0x{item['status']:04X}" if item["status"] is not None else ""
-        table.add_row(item["sop_instance_uid"], item["state"], status, item["message"] or "")
+        sent_as = item.get("sent_as") or ""
+        if item.get("sent_uid"):
+            sent_as += f" (as {item['sent_uid']})"
+        table.add_row(
+            item["sop_instance_uid"], item["state"], status, item["message"] or "", sent_as
+        )
     console.print(table)
     attempts = _table(
         "attempts", "started", "took", "outcome", "sent", "failed", "message", fold=("message",)

@@ -179,6 +179,7 @@ _JOB_COLUMNS = (
     jobs.c.resource_uid,
     jobs.c.study_instance_uid,
     jobs.c.routes,
+    jobs.c.transform,
     jobs.c.state,
     jobs.c.priority,
     jobs.c.attempts,

@@ -279,9 +279,11 @@ def series_deliveries(ctx: NodeContext, study_uid: str) -> list[dict[str, Any]]:
     """The study's deliveries per series and destination, for a trace a person reads
     (a 1000-instance study routed instance by instance has a thousand jobs): each
     ``{series_instance_uid, modality, destination, instances, delivered, warning,
-    failed, pending, canceled, jobs, last_at, errors, instance_rows}``, where
-    ``instance_rows`` has one row per instance and delivery (SOP Instance UID, job,
-    state, DIMSE status, message, when) and ``errors`` the distinct failure messages
+    failed, pending, canceled, skipped, sent_as, jobs, last_at, errors,
+    instance_rows}``, where ``instance_rows`` has one row per instance and delivery
+    (SOP Instance UID, job, state, DIMSE status, message, when, how it was sent and
+    under which UID), ``sent_as`` the distinct ways it was sent (pipelines and
+    versions), and ``errors`` the distinct failure messages
     (at most 5). The same whatever the jobs' level: counts come from the per-instance
     rows, in one query."""
     groups: dict[tuple[str, str], dict[str, Any]] = {}
@@ -296,6 +298,8 @@ def series_deliveries(ctx: NodeContext, study_uid: str) -> list[dict[str, Any]]:
             job_instances.c.status,
             job_instances.c.message,
             job_instances.c.updated_at,
+            job_instances.c.sent_as,
+            job_instances.c.sent_uid,
         )
         .join(instances, instances.c.id == job_instances.c.instance_id)
         .where(instances.c.study_instance_uid == study_uid)
@@ -319,6 +323,8 @@ def series_deliveries(ctx: NodeContext, study_uid: str) -> list[dict[str, Any]]:
                     "instances": 0,
                     **{state: 0 for state in ("delivered", "warning", "failed", "pending")},
                     "canceled": 0,
+                    "skipped": 0,
+                    "sent_as": set(),
                     "jobs": set(),
                     "last_at": row.updated_at,
                     "errors": [],
@@ -329,8 +335,10 @@ def series_deliveries(ctx: NodeContext, study_uid: str) -> list[dict[str, Any]]:
                 group["delivered"] += 1
             if row.state == S.ITEM_WARNING:
                 group["warning"] += 1
-            elif row.state in (S.ITEM_FAILED, S.ITEM_PENDING, S.ITEM_CANCELED):
+            elif row.state in (S.ITEM_FAILED, S.ITEM_PENDING, S.ITEM_CANCELED, S.ITEM_SKIPPED):
                 group[row.state] += 1
+            if row.sent_as:
+                group["sent_as"].add(row.sent_as)
             errors, message = group["errors"], row.message
             if row.state == S.ITEM_FAILED and message and message not in errors[:5]:
                 errors.append(message)
@@ -344,11 +352,14 @@ def series_deliveries(ctx: NodeContext, study_uid: str) -> list[dict[str, Any]]:
                     "status": row.status,
                     "message": row.message,
                     "updated_at": row.updated_at,
+                    "sent_as": row.sent_as,
+                    "sent_uid": row.sent_uid,
                 }
             )
     result = list(groups.values())
     for group in result:
         group["jobs"] = sorted(group["jobs"])
+        group["sent_as"] = sorted(group["sent_as"])
         group["errors"] = group["errors"][:5]
     return result
 
@@ -476,6 +487,7 @@ def _deliveries(conn: Connection, study_uid: str) -> list[dict[str, Any]]:
     ids = [row.id for row in job_rows]
     counts: dict[int, dict[str, int]] = defaultdict(dict)
     tries: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    sent_as: dict[int, list[str]] = defaultdict(list)
     for chunk in _chunks(ids):
         for row in conn.execute(
             select(job_instances.c.job_id, job_instances.c.state, func.count().label("n"))
@@ -483,6 +495,12 @@ def _deliveries(conn: Connection, study_uid: str) -> list[dict[str, Any]]:
             .group_by(job_instances.c.job_id, job_instances.c.state)
         ):
             counts[row.job_id][row.state] = row.n
+        for row in conn.execute(
+            select(job_instances.c.job_id, job_instances.c.sent_as)
+            .where(job_instances.c.job_id.in_(chunk), job_instances.c.sent_as.is_not(None))
+            .group_by(job_instances.c.job_id, job_instances.c.sent_as)
+        ):
+            sent_as[row.job_id].append(row.sent_as)
         for row in conn.execute(
             select(attempts).where(attempts.c.job_id.in_(chunk)).order_by(attempts.c.id)
         ):
@@ -499,6 +517,8 @@ def _deliveries(conn: Connection, study_uid: str) -> list[dict[str, Any]]:
                 "resource_uid": row.resource_uid,
                 "state": row.state,
                 "priority": row.priority,
+                "transform": row.transform or None,
+                "sent_as": sorted(sent_as[row.id]),
                 "created_at": row.created_at,
                 "updated_at": row.updated_at,
                 "finished_at": row.finished_at,
@@ -509,6 +529,7 @@ def _deliveries(conn: Connection, study_uid: str) -> list[dict[str, Any]]:
                 "failed": by_state.get(S.ITEM_FAILED, 0),
                 "pending": by_state.get(S.ITEM_PENDING, 0),
                 "canceled": by_state.get(S.ITEM_CANCELED, 0),
+                "skipped": by_state.get(S.ITEM_SKIPPED, 0),
                 "attempts": tries[row.id],
             }
         )
@@ -525,6 +546,7 @@ def _job_events(job: dict[str, Any]) -> list[dict[str, Any]]:
             "routes": job["routes"],
             "level": job["level"],
             "instances": job["instances"],
+            "transform": job["transform"],
         }
     ]
     for attempt in job["attempts"]:
@@ -550,6 +572,8 @@ def _job_events(job: dict[str, Any]) -> list[dict[str, Any]]:
                 "state": job["state"],
                 "delivered": job["delivered"],
                 "failed": job["failed"],
+                "skipped": job["skipped"],
+                "sent_as": job["sent_as"],
                 "message": job["last_error"],
             }
         )

@@ -38,6 +38,10 @@ class QueuedInstance:
     sop_instance_uid: str
     transfer_syntax_uid: str
     received_at: float = 0.0  # for the delivery latency metric
+    transform: str = ""  # the job's route pipeline ("" for none)
+    calling_ae: str = ""  # how it arrived: what transforms' templates and rules read
+    called_ae: str = ""
+    source_address: str = ""
 
 
 @dataclass
@@ -62,6 +66,14 @@ class Delivery:
     study_uid: str
     routes: set[str] = field(default_factory=set)
     members: dict[int, int] = field(default_factory=dict)  # instance id -> generation
+    transform: str = ""
+    """The routes' pipeline (``routes[].transform``); "" for none."""
+    priority: int = 0
+    """The highest of its routes' priorities (:data:`PRIORITY`)."""
+
+
+#: ``routes[].priority`` as the job's priority: claimed highest first.
+PRIORITY = {"urgent": 10, "normal": 0, "low": -10}
 
 
 def _chunks(values: Sequence[Any], size: int = 500) -> Iterator[Sequence[Any]]:
@@ -73,9 +85,13 @@ def _chunks(values: Sequence[Any], size: int = 500) -> Iterator[Sequence[Any]]:
 class ItemResult:
     job_id: int
     instance_id: int
-    state: str  # ITEM_COMPLETED | ITEM_WARNING | ITEM_FAILED | ITEM_PENDING (transient)
+    state: str  # ITEM_COMPLETED | ITEM_WARNING | ITEM_FAILED | ITEM_SKIPPED | ITEM_PENDING
     status: int | None
     message: str
+    sent_as: str | None = None
+    """How it went out (pipelines and versions, transfer syntax); None: as received."""
+    sent_uid: str | None = None
+    """The SOP Instance UID sent, when a transform changed it."""
 
 
 def initial_state(dest: DicomDestinationConfig, now: float) -> tuple[str, float]:
@@ -113,12 +129,16 @@ class JobStore:
         self, conn: Connection, dest_name: str, plans: list[Delivery], now: float
     ) -> list[int]:
         ids = sorted({i for plan in plans for i in plan.members})
-        already: set[tuple[int, int]] = set()
+        already: set[tuple[int, int, str]] = set()
         for chunk in _chunks(ids):
             already.update(
-                (row.instance_id, row.generation)
+                (row.instance_id, row.generation, row.transform)
                 for row in conn.execute(
-                    select(job_instances.c.instance_id, job_instances.c.generation).where(
+                    select(
+                        job_instances.c.instance_id,
+                        job_instances.c.generation,
+                        job_instances.c.transform,
+                    ).where(
                         job_instances.c.destination == dest_name,
                         job_instances.c.instance_id.in_(chunk),
                     )
@@ -126,27 +146,39 @@ class JobStore:
             )
         fresh_plans: list[tuple[Delivery, list[tuple[int, int]]]] = []
         for plan in plans:
-            fresh = [(i, g) for i, g in plan.members.items() if (i, g) not in already]
+            fresh = [
+                (i, g) for i, g in plan.members.items() if (i, g, plan.transform) not in already
+            ]
             # Routes at different levels may name the same instance in one batch: the
-            # first plan takes it, so it is queued once per destination.
-            already.update(fresh)
+            # first plan takes it, so it is queued once per destination (and pipeline).
+            already.update((i, g, plan.transform) for i, g in fresh)
             if fresh:
                 fresh_plans.append((plan, fresh))
-        if not fresh_plans:
-            return []
-        waiting: dict[tuple[str, str], Row] = {}
-        for chunk in _chunks(sorted({plan.resource_uid for plan, _ in fresh_plans})):
+        waiting: dict[tuple[str, str, str], Row] = {}
+        for chunk in _chunks(sorted({plan.resource_uid for plan in plans})):
             for row in conn.execute(
-                select(jobs.c.id, jobs.c.level, jobs.c.resource_uid, jobs.c.routes).where(
+                select(
+                    jobs.c.id,
+                    jobs.c.level,
+                    jobs.c.resource_uid,
+                    jobs.c.routes,
+                    jobs.c.transform,
+                    jobs.c.priority,
+                ).where(
                     jobs.c.destination == dest_name,
                     jobs.c.resource_uid.in_(chunk),
                     jobs.c.state.in_(S.WAITING_STATES),
                 )
             ):
-                waiting[(row.level, row.resource_uid)] = row
+                waiting[(row.level, row.resource_uid, row.transform)] = row
+        self._raise_priorities(conn, plans, waiting)
+        if not fresh_plans:
+            return []
         dest = fresh_plans[0][0].config
         state, next_at = initial_state(dest, now)
-        new_plans = [(p, f) for p, f in fresh_plans if (p.level, p.resource_uid) not in waiting]
+        new_plans = [
+            (p, f) for p, f in fresh_plans if (p.level, p.resource_uid, p.transform) not in waiting
+        ]
         touched: list[int] = []
         if new_plans:
             rows = [
@@ -156,8 +188,9 @@ class JobStore:
                     "resource_uid": plan.resource_uid,
                     "study_instance_uid": plan.study_uid,
                     "routes": ",".join(sorted(plan.routes)),
+                    "transform": plan.transform,
                     "state": state,
-                    "priority": 0,
+                    "priority": plan.priority,
                     "attempts": 0,
                     "next_attempt_at": next_at,
                     "created_at": now,
@@ -171,7 +204,7 @@ class JobStore:
             new_ids = iter(inserted.all())
         items: list[dict[str, object]] = []
         for plan, fresh in fresh_plans:
-            existing = waiting.get((plan.level, plan.resource_uid))
+            existing = waiting.get((plan.level, plan.resource_uid, plan.transform))
             if existing is None:
                 job_id = next(new_ids)
             else:
@@ -193,6 +226,7 @@ class JobStore:
                     "instance_id": instance_id,
                     "destination": dest_name,
                     "generation": generation,
+                    "transform": plan.transform,
                     "state": S.ITEM_PENDING,
                     "updated_at": now,
                 }
@@ -201,6 +235,17 @@ class JobStore:
         if items:
             conn.execute(job_instances.insert(), items)
         return touched
+
+    @staticmethod
+    def _raise_priorities(
+        conn: Connection, plans: list[Delivery], waiting: dict[tuple[str, str, str], Row]
+    ) -> None:
+        """A more urgent route that names what a waiting job already holds makes
+        that job as urgent (even when it adds no instance to it)."""
+        for plan in plans:
+            row = waiting.get((plan.level, plan.resource_uid, plan.transform))
+            if row is not None and plan.priority > int(row.priority):
+                conn.execute(update(jobs).where(jobs.c.id == row.id).values(priority=plan.priority))
 
     @staticmethod
     def _refresh_members(
@@ -282,6 +327,10 @@ class JobStore:
                     instances.c.sop_instance_uid,
                     instances.c.transfer_syntax_uid,
                     instances.c.received_at,
+                    job_instances.c.transform,
+                    instances.c.calling_ae,
+                    instances.c.called_ae,
+                    instances.c.source_address,
                     instances.c.purged_at,
                 )
                 .join(instances, instances.c.id == job_instances.c.instance_id)
@@ -360,6 +409,8 @@ class JobStore:
                 state=bindparam("b_state"),
                 status=bindparam("b_status"),
                 message=bindparam("b_message"),
+                sent_as=bindparam("b_sent_as"),
+                sent_uid=bindparam("b_sent_uid"),
                 updated_at=now,
             )
         )
@@ -370,6 +421,8 @@ class JobStore:
                 "b_state": r.state,
                 "b_status": r.status,
                 "b_message": r.message[:1000],
+                "b_sent_as": r.sent_as[:1000] if r.sent_as else None,
+                "b_sent_uid": r.sent_uid,
             }
             for r in results
         ]
@@ -806,6 +859,8 @@ class JobStore:
                     jobs.c.resource_uid,
                     jobs.c.study_instance_uid,
                     jobs.c.routes,
+                    jobs.c.transform,
+                    jobs.c.priority,
                 ).where(
                     jobs.c.id.in_(list(job_ids)),
                     jobs.c.state.in_(S.WAITING_STATES),
@@ -838,6 +893,8 @@ class JobStore:
                     row.study_instance_uid,
                     routes=set(filter(None, (row.routes or "").split(","))),
                     members=members[row.id],
+                    transform=row.transform,
+                    priority=row.priority,
                 )
                 for row in rows
                 if members[row.id]

@@ -26,7 +26,7 @@ from dicomrouter.store.schema import instances, route_matches, triggers
 from dicomrouter.store.schema import unplanned as set_aside_rows
 
 from . import unplanned
-from .jobs import Delivery, JobStore
+from .jobs import PRIORITY, Delivery, JobStore
 from .loops import LoopGuard
 
 log = logging.getLogger("dicomrouter.planner")
@@ -48,8 +48,9 @@ class CompiledRoute:
         return self.config.name
 
 
-Plans = dict[tuple[str, str, str], Delivery]
-"""Deliveries decided in one pass, merged per (destination, level, resource uid)."""
+Plans = dict[tuple[str, str, str, str], Delivery]
+"""Deliveries decided in one pass, merged per (destination, level, resource uid,
+route pipeline)."""
 
 #: Instances planned per transaction. Small enough that the receiver, which needs the
 #: same write lock to commit each C-STORE, never waits long behind the planner.
@@ -447,12 +448,17 @@ class Planner:
         study_uid: str,
         members: Iterable[Row],
     ) -> None:
+        transform = route.config.transform or ""
+        priority = PRIORITY[route.config.priority]
         for dest in route.config.to:
-            plan = plans.get((dest, level, uid))
+            plan = plans.get((dest, level, uid, transform))
             if plan is None:
-                plan = Delivery(dest, self.config.destinations[dest], level, uid, study_uid)
-                plans[(dest, level, uid)] = plan
+                dest_config = self.config.destinations[dest]
+                plan = Delivery(dest, dest_config, level, uid, study_uid, transform=transform)
+                plan.priority = priority
+                plans[(dest, level, uid, transform)] = plan
             plan.routes.add(route.name)
+            plan.priority = max(plan.priority, priority)
             dest_config = self.config.destinations[dest]
             for member in self.loops.not_sent_back(dest, dest_config, study_uid, members):
                 plan.members[member.id] = member.generation

@@ -32,6 +32,9 @@ ITEM_COMPLETED = "completed"
 ITEM_WARNING = "warning"
 ITEM_FAILED = "failed"
 ITEM_CANCELED = "canceled"
+#: Not sent, on purpose: the destination does not take its SOP class
+#: (``destinations.<name>.sop_classes``). Settled, like a delivery.
+ITEM_SKIPPED = "skipped"
 
 
 class DestinationState(StrEnum):

@@ -59,6 +59,8 @@ def job_detail(engine: Engine, job_id: int) -> dict[str, Any] | None:
                     job_instances.c.status,
                     job_instances.c.message,
                     job_instances.c.updated_at,
+                    job_instances.c.sent_as,
+                    job_instances.c.sent_uid,
                 )
                 .join(instances, instances.c.id == job_instances.c.instance_id)
                 .where(job_instances.c.job_id == job_id)

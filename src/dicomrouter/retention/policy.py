@@ -37,7 +37,7 @@ live = instances.c.purged_at.is_(None)
 _held = exists().where(_ji.c.instance_id == instances.c.id)
 #: Any delivery not settled for good: listed by what *is* settled, so a delivery
 #: state added later keeps its instance instead of letting it go.
-_SETTLED = (S.ITEM_COMPLETED, S.ITEM_WARNING, S.ITEM_CANCELED)
+_SETTLED = (S.ITEM_COMPLETED, S.ITEM_WARNING, S.ITEM_CANCELED, S.ITEM_SKIPPED)
 _open = exists().where(_ji.c.instance_id == instances.c.id, _ji.c.state.not_in(_SETTLED))
 _waited_for = exists().where(
     triggers.c.pending == 1,

@@ -60,6 +60,29 @@ MIGRATIONS: dict[int, list[str]] = {
         "WHERE attempts.job_id = jobs.id AND attempts.outcome = 'unavailable') "
         "WHERE state IN ('scheduled', 'pending', 'in_progress')",
     ],
+    # Transforms: a job names its routes' pipeline, and a delivery is unique per
+    # (destination, instance, generation, pipeline). The unique constraint changes,
+    # so job_instances is rebuilt (SQLite cannot alter a constraint).
+    7: [
+        "ALTER TABLE jobs ADD COLUMN transform VARCHAR(128) NOT NULL DEFAULT ''",
+        "CREATE TABLE job_instances_v7 ("
+        "job_id INTEGER NOT NULL REFERENCES jobs (id), "
+        "instance_id INTEGER NOT NULL REFERENCES instances (id), "
+        "destination VARCHAR(128) NOT NULL, generation INTEGER NOT NULL, "
+        "state VARCHAR(16) NOT NULL, status INTEGER, message TEXT, "
+        "updated_at FLOAT NOT NULL, transform VARCHAR(128) NOT NULL DEFAULT '', "
+        "sent_as TEXT, sent_uid VARCHAR(64), PRIMARY KEY (job_id, instance_id), "
+        "CONSTRAINT uq_delivery_v7 UNIQUE (destination, instance_id, generation, transform))",
+        "INSERT INTO job_instances_v7 (job_id, instance_id, destination, generation, state, "
+        "status, message, updated_at) SELECT job_id, instance_id, destination, generation, "
+        "state, status, message, updated_at FROM job_instances",
+        "DROP TABLE job_instances",
+        "ALTER TABLE job_instances_v7 RENAME TO job_instances",
+        "CREATE INDEX IF NOT EXISTS ix_job_instances_state ON job_instances (job_id, state)",
+        "CREATE INDEX IF NOT EXISTS ix_job_instances_updated ON job_instances (updated_at)",
+        "CREATE INDEX IF NOT EXISTS ix_job_instances_instance "
+        "ON job_instances (instance_id, state)",
+    ],
 }
 
 

@@ -21,7 +21,7 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """Bumped when the schema changes; ``database.MIGRATIONS`` upgrades older indexes."""
 
 meta_info = Table(
@@ -135,6 +135,9 @@ jobs = Table(
     Column("resource_uid", String(64), nullable=False),
     Column("study_instance_uid", String(64), nullable=False, default=""),
     Column("routes", Text, nullable=False, default=""),  # comma-separated route names
+    # The routes' pipeline (``routes[].transform``) this job sends through; "" for
+    # none. Routes with different pipelines to one destination make separate jobs.
+    Column("transform", String(128), nullable=False, default="", server_default=""),
     # scheduled|pending|in_progress|completed|warning|failed|canceled
     Column("state", String(16), nullable=False),
     Column("priority", Integer, nullable=False, default=0),
@@ -165,13 +168,23 @@ job_instances = Table(
     Column("instance_id", Integer, ForeignKey("instances.id"), primary_key=True),
     Column("destination", String(128), nullable=False),
     Column("generation", Integer, nullable=False),
-    # pending|completed|warning|failed|canceled
+    # pending|completed|warning|failed|canceled|skipped
     Column("state", String(16), nullable=False, default="pending"),
     Column("status", Integer),
     Column("message", Text),
     Column("updated_at", Float, nullable=False),
-    # One delivery of one generation of an instance per destination, however many routes.
-    UniqueConstraint("destination", "instance_id", "generation", name="uq_delivery"),
+    # The job's route pipeline (``jobs.transform``), repeated for the constraint below.
+    Column("transform", String(128), nullable=False, default="", server_default=""),
+    # How it went out: the pipelines applied with their versions and the config
+    # version, and the syntax it was sent in (None: byte for byte as received).
+    Column("sent_as", Text),
+    # The SOP Instance UID the destination received, when a transform changed it.
+    Column("sent_uid", String(64)),
+    # One delivery of one generation of an instance per destination and route
+    # pipeline, however many routes.
+    UniqueConstraint(
+        "destination", "instance_id", "generation", "transform", name="uq_delivery_v7"
+    ),
 )
 Index("ix_job_instances_state", job_instances.c.job_id, job_instances.c.state)
 Index("ix_job_instances_updated", job_instances.c.updated_at)
