@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -82,9 +82,12 @@ class RouterProcess:
         workdir: Path,
         config: dict[str, Any],
         answers: Callable[[], bool] | None = None,
+        env: Mapping[str, str] | None = None,
     ):
         """``answers`` tells when DICOM is up (default: a plain C-ECHO to
-        ``dicom.port``; a router with ``dicom.port: null`` needs its own)."""
+        ``dicom.port``; a router with ``dicom.port: null`` needs its own). ``env``
+        adds environment variables (a transform's secret...)."""
+        self.env = dict(env or {})
         self.answers = answers or (lambda: echo(self.port, self.ae_title, timeout=2))
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -121,7 +124,7 @@ class RouterProcess:
             [sys.executable, "-m", "dicomrouter", "serve", "--config", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"},
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .outgoing import InstanceResult, OutgoingInstance, PreparedFile
 from .status import Outcome, classify_status, describe_status
 
 if TYPE_CHECKING:
     from .dicom import (
         DestinationUnavailable,
         DicomSender,
-        InstanceResult,
-        OutgoingInstance,
         VerificationNotSupported,
     )
 
@@ -23,8 +22,6 @@ _FROM_DICOM = frozenset(
     {
         "DestinationUnavailable",
         "DicomSender",
-        "InstanceResult",
-        "OutgoingInstance",
         "VerificationNotSupported",
     }
 )
@@ -44,6 +41,7 @@ __all__ = [
     "InstanceResult",
     "Outcome",
     "OutgoingInstance",
+    "PreparedFile",
     "VerificationNotSupported",
     "classify_status",
     "describe_status",

@@ -22,7 +22,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -49,6 +48,7 @@ from .association import (
     open_association,
     store_file,
 )
+from .outgoing import InstanceResult, OutgoingInstance, annotate, prepared
 from .status import Outcome, classify_status, describe_status
 
 log = logging.getLogger(__name__)
@@ -72,29 +72,6 @@ def _tls_client(config: DicomDestinationConfig) -> TlsClient | None:
         settings.verify_hostname,
     )
     return TlsClient(context, server_hostname=config.host)
-
-
-@dataclass(frozen=True)
-class OutgoingInstance:
-    """One stored instance to deliver; UIDs come from the index so nothing is parsed."""
-
-    key: int
-    """Opaque id of the caller (index row id), echoed back in :class:`InstanceResult`."""
-    path: Path
-    """Part-10 file on disk (preamble, ``DICM``, group 0002, then the dataset)."""
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax_uid: str
-
-
-@dataclass
-class InstanceResult:
-    """Outcome of one instance; ``status`` is ``None`` when no C-STORE-RSP came back."""
-
-    key: int
-    outcome: Outcome
-    status: int | None
-    message: str
 
 
 class DestinationUnavailable(Exception):
@@ -426,7 +403,13 @@ class DicomSender:
                     )
                     continue
                 msg_id = msg_id % 0xFFFF + 1
-                emit(self._send_one(assoc, inst, msg_id, position))
+                with prepared(inst) as ready:
+                    if isinstance(ready, InstanceResult):
+                        emit(ready)
+                        continue
+                    result = self._send_one(assoc, ready, msg_id, position)
+                    annotate(result, inst, ready)
+                    emit(result)
             return len(chunk.instances)
         finally:
             self._active = None

@@ -24,6 +24,7 @@ from dicomrouter.retention import sweeper
 from dicomrouter.store import ObjectStore
 
 from .health import DestinationHealth
+from .transforming import Transforms
 from .worker import DestinationWorker, node_id
 
 log = logging.getLogger("dicomrouter.dispatch")
@@ -73,6 +74,7 @@ class Dispatcher:
         self.store = store
         self.jobs = JobStore(engine)
         self.planner = Planner(config, engine, store)
+        self.transforms = Transforms(config, engine, store.root / "outgoing")
         self.stop_event = threading.Event()
         self.threads: list[threading.Thread] = []
         self.destinations: dict[str, _Destination] = {}
@@ -87,6 +89,7 @@ class Dispatcher:
             sweeper.recover_at_start(self.config, self.engine, self.store)
         except Exception:
             log.exception("purge recovery at start-up failed; the first sweep retries it")
+        self.transforms.prepare_workdir()
         recovered = self.jobs.recover(owner_prefix=node_id() + ":")
         if recovered:
             log.warning("resumed %d job(s) that were in progress before a restart", recovered)
@@ -133,7 +136,16 @@ class Dispatcher:
         dest = config.destinations[name]
         health = DestinationHealth(name, dest, self.engine)
         workers = [
-            _Worker(name, index, config, self.jobs, self.store, health, threading.Event())
+            _Worker(
+                name,
+                index,
+                config,
+                self.jobs,
+                self.store,
+                health,
+                threading.Event(),
+                self.transforms,
+            )
             for index in range(dest.max_associations)
         ]
         self.destinations[name] = _Destination(_settings(config, name), workers)
@@ -147,6 +159,7 @@ class Dispatcher:
             old = self.config
             self.config = config
             self._planner_config = config
+            self.transforms.apply(config)
             for name in sorted(set(self.destinations) | set(config.destinations)):
                 running = self.destinations.get(name)
                 if name in self._retiring:

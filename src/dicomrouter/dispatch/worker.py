@@ -13,6 +13,8 @@ import threading
 import time
 from datetime import datetime
 
+from pydicom.uid import UID
+
 from dicomrouter.config import DicomDestinationConfig, RouterConfig, format_duration
 from dicomrouter.destinations import (
     DestinationUnavailable,
@@ -23,11 +25,12 @@ from dicomrouter.destinations import (
     VerificationNotSupported,
 )
 from dicomrouter.observe import metrics
-from dicomrouter.queue import Claim, ItemResult, JobStore
+from dicomrouter.queue import Claim, ItemResult, JobStore, QueuedInstance
 from dicomrouter.queue import states as S
 from dicomrouter.store import ObjectStore
 
 from .health import DestinationHealth
+from .transforming import Chain, Transforms, preparer
 
 log = logging.getLogger("dicomrouter.dispatch")
 
@@ -41,6 +44,28 @@ _FLUSH_EVERY = 0.5  # seconds between persisting per-instance results
 _KEEP_ALIVE = 2.0  # seconds an idle association is kept for the next claim
 _RENEW_EVERY = 2.0  # seconds between lease renewals (and cancel checks) during a send
 _DEFER_EVERY = 30.0  # seconds between marking waiting jobs scheduled while the window is closed
+
+
+def skip_reason(dest: DicomDestinationConfig, name: str, sop_class_uid: str) -> str | None:
+    """Why ``dest`` does not take this SOP class (``sop_classes``), or None."""
+    classes = dest.sop_classes
+    if classes is None:
+        return None
+    if sop_class_uid in classes.exclude:
+        return (
+            f"skipped: {_class_label(sop_class_uid)} is excluded by destinations.{name}.sop_classes"
+        )
+    if classes.include is not None and sop_class_uid not in classes.include:
+        return (
+            f"skipped: {_class_label(sop_class_uid)} is not in "
+            f"destinations.{name}.sop_classes.include"
+        )
+    return None
+
+
+def _class_label(uid: str) -> str:
+    name = UID(uid).name
+    return f"{name} ({uid})" if name and name != uid else uid
 
 
 def node_id() -> str:
@@ -58,6 +83,7 @@ class DestinationWorker(threading.Thread):
         store: ObjectStore,
         health: DestinationHealth,
         stop: threading.Event,
+        transforms: Transforms,
     ):
         super().__init__(name=f"dispatch-{name}-{index}", daemon=True)
         self.dest_name = name
@@ -68,6 +94,7 @@ class DestinationWorker(threading.Thread):
         self.store = store
         self.health = health
         self.stop_event = stop
+        self.transforms = transforms
         self.owner = f"{node_id()}:{os.getpid()}:{name}:{index}"
         calling = self.dest.calling_ae_title or config.ae_title
         self.sender = DicomSender(self.dest, calling, keep_alive=_KEEP_ALIVE)
@@ -176,23 +203,57 @@ class DestinationWorker(threading.Thread):
         self.health.resume()
         self.jobs.wake_destination(self.dest_name, self.dest)
 
-    def _deliver(self, claim: Claim) -> None:
-        by_key = dict(enumerate(claim.items))
-        batch = [
-            OutgoingInstance(
-                key=key,
-                path=self.store.absolute(item.path),
-                sop_class_uid=item.sop_class_uid,
-                sop_instance_uid=item.sop_instance_uid,
-                transfer_syntax_uid=item.transfer_syntax_uid,
+    def _outgoing(
+        self, claim: Claim
+    ) -> tuple[dict[int, QueuedInstance], list[OutgoingInstance], list[ItemResult]]:
+        """The claim's instances to send, and results decided without sending:
+        skipped (the destination does not take the SOP class) or waiting (their
+        pipeline is not configured any more)."""
+        by_key: dict[int, QueuedInstance] = {}
+        batch: list[OutgoingInstance] = []
+        settled: list[ItemResult] = []
+        chains: dict[str, Chain | str] = {}
+        for key, item in enumerate(claim.items):
+            skip = skip_reason(self.dest, self.dest_name, item.sop_class_uid)
+            if skip is not None:
+                settled.append(
+                    ItemResult(item.job_id, item.instance_id, S.ITEM_SKIPPED, None, skip)
+                )
+                continue
+            chain = chains.get(item.transform)
+            if chain is None:
+                chain = chains[item.transform] = self.transforms.chain(
+                    item.transform, self.dest.transform
+                )
+            if isinstance(chain, str):
+                settled.append(
+                    ItemResult(item.job_id, item.instance_id, S.ITEM_PENDING, None, chain)
+                )
+                continue
+            source = self.store.absolute(item.path)
+            by_key[key] = item
+            batch.append(
+                OutgoingInstance(
+                    key=key,
+                    path=source,
+                    sop_class_uid=item.sop_class_uid,
+                    sop_instance_uid=item.sop_instance_uid,
+                    transfer_syntax_uid=item.transfer_syntax_uid,
+                    prepare=preparer(chain, item, source, self.transforms.workdir),
+                )
             )
-            for key, item in by_key.items()
-        ]
+        return by_key, batch, settled
+
+    def _deliver(self, claim: Claim) -> None:
+        by_key, batch, settled = self._outgoing(claim)
+        # Waiting for a pipeline: the job backs off as after a transient failure.
+        waiting = {r.job_id: r.message for r in settled if r.state == S.ITEM_PENDING}
+        self.jobs.record_results(settled)
         buffer: list[ItemResult] = []
         counts = {"sent": 0, "failed": 0}
         per_job: dict[int, list[int]] = {}  # job id -> [sent, failed]
         last_flush = time.monotonic()
-        errors: dict[int, str] = {}  # job id -> its last failure, never another job's
+        errors: dict[int, str] = dict(waiting)  # job id -> its last failure, never another's
         renewer = _LeaseRenewer(self.jobs, claim, self.config.dispatch.lease)
 
         def on_result(result: InstanceResult) -> None:
@@ -209,7 +270,15 @@ class DestinationWorker(threading.Thread):
                 counts["failed"] += 1
                 errors[item.job_id] = result.message
             buffer.append(
-                ItemResult(item.job_id, item.instance_id, state, result.status, result.message)
+                ItemResult(
+                    item.job_id,
+                    item.instance_id,
+                    state,
+                    result.status,
+                    result.message,
+                    sent_as=result.sent_as,
+                    sent_uid=result.sent_uid,
+                )
             )
             now = time.monotonic()
             if now - last_flush >= _FLUSH_EVERY:
@@ -260,9 +329,10 @@ class DestinationWorker(threading.Thread):
             return
         renewer.stop()
         self.jobs.record_results(buffer)
-        if counts["sent"] or not results:
+        if batch and (counts["sent"] or not results):
             self.health.record_success()
         transient_jobs = {by_key[r.key].job_id for r in results if r.outcome is Outcome.TRANSIENT}
+        transient_jobs |= waiting.keys()
         interrupted = len(results) < len(batch)
         outcome = (
             "retry"

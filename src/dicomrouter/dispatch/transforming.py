@@ -1,0 +1,145 @@
+"""Which transforms a delivery goes through, and the copy it sends.
+
+A job carries its routes' pipeline name (``jobs.transform``); the destination names
+its own (``destinations.<name>.transform``). The route's runs first, then the
+destination's. The copy is made just before the instance is sent (one at a time, in
+``<storage>/outgoing``) and deleted right after, so transforms cost disk for one
+instance per worker, never a batch; the stored original is only ever read.
+
+The compiled pipelines of the running configuration are swapped whole on reload:
+a worker takes them once per claim, so a claim never mixes two versions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import Engine, func, select
+
+from dicomrouter.config import RouterConfig
+from dicomrouter.destinations import PreparedFile
+from dicomrouter.queue import QueuedInstance
+from dicomrouter.store.private import private_dir
+from dicomrouter.store.schema import config_versions
+from dicomrouter.transforms import (
+    CompiledPipeline,
+    ObjectContext,
+    TransformUnavailable,
+    compile_pipelines,
+    transformed_copy,
+)
+
+log = logging.getLogger("dicomrouter.dispatch")
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The pipelines one delivery goes through, in order, and how to say so."""
+
+    pipelines: tuple[CompiledPipeline, ...]
+    label: str
+    """``research @3f2a1c0d, config v12``: recorded with each delivery."""
+
+
+class Transforms:
+    """The running configuration's pipelines, shared by every worker of the process."""
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        engine: Engine,
+        workdir: Path,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.workdir = workdir
+        self._environ = environ if environ is not None else os.environ
+        self._lock = threading.Lock()
+        self._pipelines: dict[str, CompiledPipeline] = {}
+        self._version: int | None = None
+        self.apply(config)
+
+    def prepare_workdir(self) -> None:
+        """Create the folder for outgoing copies, and empty it: a copy left there
+        by a crash is never needed again (the next send makes a new one)."""
+        private_dir(self.workdir)
+        for entry in self.workdir.iterdir():
+            if entry.is_file():
+                entry.unlink(missing_ok=True)
+
+    def apply(self, config: RouterConfig) -> None:
+        pipelines = compile_pipelines(config, self._environ)
+        with self._lock:
+            self._pipelines = pipelines
+            self._version = None  # looked up on first use (the node records it)
+
+    def _config_version(self) -> int | None:
+        with self._lock:
+            if self._version is not None:
+                return self._version
+        try:
+            with self.engine.connect() as conn:
+                version = conn.execute(select(func.max(config_versions.c.id))).scalar()
+        except Exception:  # the label is information, never a reason not to send
+            log.debug("cannot read the configuration version", exc_info=True)
+            return None
+        with self._lock:
+            self._version = version
+        return version
+
+    def chain(self, route_pipeline: str, destination_pipeline: str | None) -> Chain | str:
+        """The chain for a job, or why it cannot run (a pipeline the configuration
+        no longer defines: its deliveries wait rather than go out untransformed)."""
+        names = [name for name in (route_pipeline, destination_pipeline or "") if name]
+        if not names:
+            return Chain((), "")
+        with self._lock:
+            pipelines = self._pipelines
+        missing = [name for name in names if name not in pipelines]
+        if missing:
+            return (
+                f"transform {missing[0]!r} is no longer configured: its deliveries wait "
+                "(configure it again, or cancel or move the job)"
+            )
+        chosen = tuple(pipelines[name] for name in names)
+        version = self._config_version()
+        label = ", ".join(f"{p.name} @{p.version}" for p in chosen)
+        if version is not None:
+            label += f", config v{version}"
+        return Chain(chosen, label)
+
+
+def preparer(
+    chain: Chain, item: QueuedInstance, source: Path, workdir: Path
+) -> Callable[[], PreparedFile] | None:
+    """What the sender calls just before sending ``item``: the transformed copy.
+    None when no pipeline applies (the stored file goes out byte for byte)."""
+    if not chain.pipelines:
+        return None
+    context = ObjectContext(
+        calling_ae=item.calling_ae,
+        called_ae=item.called_ae,
+        source_address=item.source_address,
+        received_at=datetime.fromtimestamp(item.received_at) if item.received_at else None,
+    )
+
+    def prepare() -> PreparedFile:
+        try:
+            copy = transformed_copy(source, chain.pipelines, context, workdir)
+        except OSError as exc:  # disk full in outgoing/, unreadable original...
+            raise TransformUnavailable(f"cannot write the transformed copy: {exc}") from exc
+        return PreparedFile(
+            path=copy.path,
+            sop_instance_uid=copy.sop_instance_uid,
+            transfer_syntax_uid=copy.transfer_syntax_uid,
+            description=chain.label,
+            temporary=True,
+        )
+
+    return prepare
