@@ -19,6 +19,7 @@ from pydicom.uid import (
     UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    JPEG2000Lossless,
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
@@ -52,6 +53,7 @@ IMAGES = [
     "MR_small_jpeg_ls_lossless.dcm",  # JPEG-LS lossless source
     "JPEG2000.dcm",  # JPEG 2000 source, 16-bit
     "examples_palette.dcm",  # PALETTE COLOR, 8-bit
+    "examples_jpeg2k.dcm",  # JPEG 2000 YBR_RCT: decoded to RGB
 ]
 
 
@@ -84,6 +86,7 @@ def test_lossless_transcode_keeps_pixels_and_uid(name: str, target_name: str, tm
     target = LOSSLESS_SYNTAXES[target_name]
     ds = dcmread(source)
     uid, sop_class = str(ds.SOPInstanceUID), str(ds.SOPClassUID)
+    unchanged = ds.file_meta.TransferSyntaxUID == target
     transcode(ds, target, allow_lossy=False)
 
     assert ds.file_meta.TransferSyntaxUID == target
@@ -97,9 +100,24 @@ def test_lossless_transcode_keeps_pixels_and_uid(name: str, target_name: str, tm
     original = decoded(source)
     assert back.pixel_array.shape == original.shape
     assert np.array_equal(back.pixel_array, original)
-    if UID(target).is_encapsulated and back.SamplesPerPixel == 3:
+    if UID(target).is_encapsulated and back.SamplesPerPixel == 3 and not unchanged:
         assert back.PhotometricInterpretation == "RGB"
         assert back.PlanarConfiguration == 0
+
+
+@pytest.mark.parametrize("target", [RLELossless, JPEGLSLossless, JPEG2000Lossless])
+def test_planar_configuration_1(target: str, tmp_path: Path) -> None:
+    """Colour-by-plane RGB is encoded from the right samples (PlanarConfiguration 0
+    after the transcode)."""
+    ds = dcmread(bundled("examples_rgb_color.dcm"))
+    original = ds.pixel_array.copy()
+    ds.PixelData = np.ascontiguousarray(original.transpose(2, 0, 1)).tobytes()
+    ds.PlanarConfiguration = 1
+    assert np.array_equal(ds.pixel_array, original)
+    transcode(ds, target, allow_lossy=False)
+    back = dcmread(round_trip(ds, tmp_path))
+    assert back.PlanarConfiguration == 0
+    assert np.array_equal(back.pixel_array, original)
 
 
 def test_multi_frame_keeps_frame_count(tmp_path: Path) -> None:

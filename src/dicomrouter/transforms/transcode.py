@@ -198,6 +198,11 @@ def transcode(dataset: Dataset, target_uid: str, *, allow_lossy: bool) -> Datase
 
     _check_encodable(dataset)
     original = _pixels(dataset)
+    if int(dataset.get("SamplesPerPixel", 1)) > 1 and dataset.get("PlanarConfiguration") == 1:
+        # The encoders take colour-by-pixel data (pydicom's RLE encoder silently
+        # mixes the samples of colour-by-plane data): reorder it first.
+        dataset.PixelData = np.ascontiguousarray(original).tobytes()
+        dataset.PlanarConfiguration = 0
     kwargs: dict[str, object] = dict(LOSSY_ENCODED[target][0]) if lossy else {}
     old_uid = str(dataset.SOPInstanceUID)
     native_size = len(dataset.PixelData)
