@@ -8,6 +8,9 @@ without ``+xa`` accepts uncompressed syntaxes only).
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -197,3 +200,24 @@ def test_orthanc_stores_the_syntax_asked_for(
             ds = dcmread(copy)
             assert ds.file_meta.TransferSyntaxUID == target
             assert np.array_equal(ds.pixel_array, pixels(inst.path))
+
+
+def test_sender_imports_where_numpy_is_excluded() -> None:
+    """The node and HTTP processes make `import numpy` fail and still import the
+    sender for a C-ECHO: the transcoding code must load numpy only when used."""
+    code = (
+        "import sys; sys.modules['numpy'] = None\n"
+        "import dicomrouter.destinations.dicom as d\n"
+        "assert d.proposed_syntaxes('1.2.840.10008.1.2.1', '') \n"
+        "print('ok')\n"
+    )
+    src = Path(__file__).resolve().parents[1] / "src"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(src)},
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

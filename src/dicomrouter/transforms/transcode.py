@@ -16,6 +16,10 @@ What a destination may ask for, and why some syntaxes are refused, is in
 
 Only one data set is decoded at a time: a transcode holds that instance's decoded
 frames, its encoded frames, and (while verifying) one more decoded copy.
+
+numpy is imported only when pixels are handled: the processes that never decode
+(the node, the HTTP service) make ``import numpy`` fail, and they import the
+sender (and so this module) for a C-ECHO.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
@@ -48,6 +52,9 @@ from pydicom.uid import (
 )
 
 from dicomrouter.config.transforms import NO_ENCODER
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +203,8 @@ def transcode(dataset: Dataset, target_uid: str, *, allow_lossy: bool) -> Datase
         meta.TransferSyntaxUID = target
         return dataset
 
+    import numpy as np
+
     _check_encodable(dataset)
     original = _pixels(dataset)
     if int(dataset.get("SamplesPerPixel", 1)) > 1 and dataset.get("PlanarConfiguration") == 1:
@@ -290,6 +299,8 @@ def _check_encodable(ds: Dataset) -> None:
         raise TranscodeError(f"BitsStored {stored} does not fit BitsAllocated {allocated}")
     if stored == allocated:
         return
+    import numpy as np
+
     raw = np.frombuffer(
         ds.PixelData, dtype=np.uint8 if allocated == 8 else np.dtype("<u2"), count=-1
     )
