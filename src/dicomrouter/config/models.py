@@ -32,6 +32,7 @@ from .problems import ConfigProblems, KeyPath
 from .transforms import (
     LOSSLESS_SYNTAXES,
     LOSSY_SYNTAXES,
+    NO_ENCODER,
     Pipeline,
     SopClassFilter,
     transfer_syntax_uid,
@@ -440,7 +441,8 @@ class DicomDestinationConfig(_Model):
         "`implicit-little`, `deflated`, `rle`, `jpeg-ls-lossless`, `jpeg2000-lossless`, "
         "`jpeg-lossless-sv1`, `htj2k-lossless`; lossy: `jpeg-ls-near-lossless`, `jpeg2000`, "
         "`jpeg-baseline`) or UID. Refused by the destination: as received, then Explicit VR "
-        "Little Endian.",
+        "Little Endian. `jpeg-lossless-sv1`, `htj2k-lossless` and `jpeg-baseline` have no "
+        "encoder here and are refused.",
     )
     allow_lossy: bool = Field(
         False, description="Allow a lossy `transfer_syntax` (it gets a new SOP Instance UID)."
@@ -458,6 +460,11 @@ class DicomDestinationConfig(_Model):
     @classmethod
     def _known_syntax(cls, value: str) -> str:
         uid = transfer_syntax_uid(value)
+        if uid in NO_ENCODER:
+            raise ValueError(
+                f"{value!r} cannot be sent: no encoder for it is available ({NO_ENCODER[uid]}); "
+                "choose jpeg-ls-lossless, jpeg2000-lossless or rle"
+            )
         if uid == "" or uid in _KNOWN_SYNTAX_UIDS:
             return value
         names = ", ".join(TRANSFER_SYNTAX_NAMES)

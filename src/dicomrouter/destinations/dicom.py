@@ -14,6 +14,15 @@ in docs/architecture.md, "Sending"):
 Only when the destination refuses the stored transfer syntax is the file parsed:
 encapsulated (compressed) pixel data is decoded with pydicom's pixel backends and
 the dataset is sent as Explicit (or Implicit) VR Little Endian.
+
+A destination with a ``transfer_syntax`` (not ``as-received``) is offered, for each
+instance, that syntax first, then the file's own, then Explicit VR Little Endian
+(:func:`proposed_syntaxes`). When the peer accepts the chosen one, the file is read
+and transcoded (:mod:`dicomrouter.transforms.transcode`), one instance at a time; an
+instance that cannot be transcoded (no Pixel Data, a codec missing, pixels a
+lossless encode would change) goes in the next accepted syntax of the chain, and
+the reason is logged and added to its result's message. Details:
+docs/transforms-transcoding.md.
 """
 
 from __future__ import annotations
@@ -36,6 +45,12 @@ from dicomrouter.config.models import DicomDestinationConfig
 from dicomrouter.dicomnet.negotiation import MAX_CONTEXTS
 from dicomrouter.store.header import install_no_value_validation
 from dicomrouter.tls import TlsError, client_context
+from dicomrouter.transforms.transcode import (
+    TranscodeError,
+    can_transcode,
+    encode_dataset,
+    transcode,
+)
 
 from .association import (
     VERIFICATION,
@@ -43,6 +58,7 @@ from .association import (
     AssociationRejected,
     CannotConnect,
     OutboundAssociation,
+    Response,
     Timeouts,
     TlsClient,
     open_association,
@@ -117,6 +133,27 @@ def fallback_syntaxes(transfer_syntax: str) -> tuple[UID, ...]:
     return (ts,)
 
 
+def proposed_syntaxes(transfer_syntax: str, target: str = "") -> tuple[UID, ...]:
+    """Transfer syntaxes to propose for a file stored in ``transfer_syntax`` to a
+    destination that asks for ``target`` ("" for as received), best first.
+
+    With a target: the target (if this file can be transcoded to it here), then the
+    file's own syntax (streamed unchanged), then Explicit VR Little Endian (if the
+    file can be converted to it), then the rest of :func:`fallback_syntaxes`.
+    """
+    received = fallback_syntaxes(transfer_syntax)
+    if not target or UID(target) == UID(transfer_syntax):
+        return received
+    chain: list[UID] = []
+    if can_transcode(transfer_syntax, target):
+        chain.append(UID(target))
+    chain.append(UID(transfer_syntax))
+    if _ELE in received or can_transcode(transfer_syntax, _ELE):
+        chain.append(_ELE)
+    chain.extend(received[1:])
+    return tuple(dict.fromkeys(chain))
+
+
 def _uid_label(uid: str) -> str:
     name = UID(uid).name
     return f"{name} ({uid})" if name and name != uid else uid
@@ -130,16 +167,20 @@ class _Chunk:
     contexts: list[tuple[str, str]]
 
 
-def plan_associations(batch: Sequence[OutgoingInstance], batch_size: int) -> list[_Chunk]:
+def plan_associations(
+    batch: Sequence[OutgoingInstance], batch_size: int, target: str = ""
+) -> list[_Chunk]:
     """Split ``batch`` (in order) into associations of at most ``batch_size`` instances
     and at most :data:`MAX_CONTEXTS` presentation contexts (one per (SOP class,
-    transfer syntax), never several syntaxes in one context)."""
+    transfer syntax), never several syntaxes in one context). ``target`` is the
+    destination's transfer syntax ("" for as received): see :func:`proposed_syntaxes`."""
     chunks: list[_Chunk] = []
     current: _Chunk | None = None
     seen: set[tuple[str, str]] = set()
     for inst in batch:
         needed = [
-            (inst.sop_class_uid, str(ts)) for ts in fallback_syntaxes(inst.transfer_syntax_uid)
+            (inst.sop_class_uid, str(ts))
+            for ts in proposed_syntaxes(inst.transfer_syntax_uid, target)
         ]
         new = [pair for pair in needed if pair not in seen]
         if current is None or (
@@ -184,6 +225,7 @@ class DicomSender:
             config.dimse_timeout,
             config.network_timeout,
         )
+        self._target = config.transfer_syntax_uid
         self._kept: _KeptAssociation | None = None
         self._active: OutboundAssociation | None = None
         install_no_value_validation()  # pydicom only ever warned, on converted data sets
@@ -283,7 +325,7 @@ class DicomSender:
             if on_result is not None:
                 on_result(result)
 
-        chunks = plan_associations(batch, self.config.batch_size)
+        chunks = plan_associations(batch, self.config.batch_size, self._target)
         for index, chunk in enumerate(chunks):
             if should_stop is not None and should_stop():
                 return results
@@ -418,7 +460,33 @@ class DicomSender:
         self, assoc: OutboundAssociation, inst: OutgoingInstance, msg_id: int, position: int
     ) -> InstanceResult:
         sop, ts = inst.sop_class_uid, inst.transfer_syntax_uid
+        sent_uid, sent_ts = inst.sop_instance_uid, ts
+        notes: list[str] = []
         try:
+            if self._target and UID(self._target) != UID(ts):
+                accepted = [
+                    alt
+                    for alt in proposed_syntaxes(ts, self._target)
+                    if (sop, str(alt)) in assoc.contexts
+                ]
+                if not accepted or accepted[0] != UID(self._target):
+                    notes.append(f"destination refused {_uid_label(self._target)}")
+                else:
+                    try:
+                        data, sent_uid = _transcoded(inst, self._target, self.config.allow_lossy)
+                    except TranscodeError as exc:
+                        log.info(
+                            "%s not sent in %s: %s",
+                            inst.sop_instance_uid,
+                            _uid_label(self._target),
+                            exc,
+                        )
+                        notes.append(f"not sent in {_uid_label(self._target)}: {exc}")
+                    else:
+                        sent_ts = self._target
+                        rsp = assoc.store_bytes(data, sop, sent_uid, sent_ts, msg_id)
+                        del data
+                        return self._result(inst, rsp, sent_uid, sent_ts, notes)
             if (sop, ts) in assoc.contexts:
                 rsp = store_file(assoc, inst.path, msg_id)
             else:
@@ -431,14 +499,20 @@ class DicomSender:
                         inst.key,
                         Outcome.PERMANENT,
                         None,
-                        f"destination refused {_uid_label(ts)} for {_uid_label(sop)} and no "
-                        "conversion to an accepted transfer syntax is possible",
+                        _with_notes(
+                            f"destination refused {_uid_label(ts)} for {_uid_label(sop)} and "
+                            "no conversion to an accepted transfer syntax is possible",
+                            notes,
+                        ),
                     )
                 try:
                     data = _encode(_convert(inst, target), target)
                 except _ConversionError as exc:
-                    return InstanceResult(inst.key, Outcome.PERMANENT, None, str(exc))
-                rsp = assoc.store_bytes(data, sop, inst.sop_instance_uid, str(target), msg_id)
+                    return InstanceResult(
+                        inst.key, Outcome.PERMANENT, None, _with_notes(str(exc), notes)
+                    )
+                sent_ts = str(target)
+                rsp = assoc.store_bytes(data, sop, inst.sop_instance_uid, sent_ts, msg_id)
         except AssociationLost as exc:
             raise _ConnectionLost(position, str(exc)) from None
         except OSError as exc:
@@ -449,12 +523,41 @@ class DicomSender:
             # No exact context for the file's real syntax (index and file disagree),
             # or no usable File Meta.
             return InstanceResult(inst.key, Outcome.PERMANENT, None, f"cannot send: {exc}")
+        return self._result(inst, rsp, inst.sop_instance_uid, sent_ts, notes)
 
+    @staticmethod
+    def _result(
+        inst: OutgoingInstance, rsp: Response, sent_uid: str, sent_ts: str, notes: list[str]
+    ) -> InstanceResult:
         message = describe_status(rsp.status)
         if rsp.comment:
             message = f"{message}: {rsp.comment}"
-        log.debug("C-STORE %s -> %s", inst.sop_instance_uid, message)
-        return InstanceResult(inst.key, classify_status(rsp.status), rsp.status, message)
+        if notes:
+            message = _with_notes(f"{message}; sent in {_uid_label(sent_ts)}", notes)
+        log.debug("C-STORE %s -> %s", sent_uid, message)
+        return InstanceResult(
+            inst.key,
+            classify_status(rsp.status),
+            rsp.status,
+            message,
+            sent_uid=sent_uid if sent_uid != inst.sop_instance_uid else None,
+            sent_transfer_syntax_uid=sent_ts,
+        )
+
+
+def _with_notes(message: str, notes: list[str]) -> str:
+    return f"{message} ({'; '.join(notes)})" if notes else message
+
+
+def _transcoded(inst: OutgoingInstance, target: str, allow_lossy: bool) -> tuple[bytes, str]:
+    """The stored file transcoded to ``target``, encoded for a C-STORE, and the SOP
+    Instance UID it now has. The decoded image lives only inside this call."""
+    try:
+        ds = dcmread(inst.path)
+    except Exception as exc:
+        raise TranscodeError(f"cannot read stored file {inst.path}: {exc}") from exc
+    transcode(ds, target, allow_lossy=allow_lossy)
+    return encode_dataset(ds), str(ds.SOPInstanceUID)
 
 
 class _ConversionError(Exception):

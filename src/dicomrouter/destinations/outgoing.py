@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pydicom.uid import UID
+
 from dicomrouter.transforms import TransformRefused, TransformUnavailable
 
 from .status import Outcome
@@ -62,7 +64,10 @@ class InstanceResult:
     sent_as: str | None = None
     """How it went out when not byte for byte (pipelines, transfer syntax)."""
     sent_uid: str | None = None
-    """The SOP Instance UID sent, when a transform changed it."""
+    """The SOP Instance UID sent, when it is not the stored one (a transform, a
+    lossy transcode)."""
+    sent_transfer_syntax_uid: str | None = None
+    """The transfer syntax the instance was sent in, when it was sent."""
 
 
 @contextmanager
@@ -96,9 +101,14 @@ def prepared(inst: OutgoingInstance) -> Iterator[OutgoingInstance | InstanceResu
 
 
 def annotate(result: InstanceResult, original: OutgoingInstance, sent: OutgoingInstance) -> None:
-    """Record on ``result`` how the instance ``sent`` differs from the stored
-    ``original`` (a sender's own conversion may already have said more)."""
-    if sent.sent_as and not result.sent_as:
-        result.sent_as = sent.sent_as
+    """Record on ``result`` how what was sent differs from the stored ``original``:
+    the pipelines of a transformed copy, another transfer syntax, another UID."""
+    how = [sent.sent_as] if sent.sent_as else []
+    syntax = result.sent_transfer_syntax_uid
+    if syntax and syntax != original.transfer_syntax_uid:
+        name = UID(syntax).name
+        how.append(f"sent in {name if name and name != syntax else syntax}")
+    if how and not result.sent_as:
+        result.sent_as = "; ".join(how)
     if sent.sop_instance_uid != original.sop_instance_uid and not result.sent_uid:
         result.sent_uid = sent.sop_instance_uid
