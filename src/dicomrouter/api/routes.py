@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
 from dicomrouter.control import routes as control
+from dicomrouter.control.errors import Invalid, NotFound
 from dicomrouter.edge.auth import client_address, context, operator, viewer
 from dicomrouter.edge.uploads import uploaded_files
 from dicomrouter.security import Principal
@@ -110,8 +111,10 @@ _TEST_BODY: dict[str, Any] = {
     description="`multipart/form-data` with one or more `files`: for each file, every "
     "enabled route with `matched`, its `destinations` and the `explanation`; a file "
     "that is not DICOM gets an `error` entry instead. Optional form fields "
-    "`calling_ae`, `called_ae`, `source_address` pretend how it arrived. Sends and "
-    "stores nothing. With a JSON body, the same as `POST /api/v1/routes/backtest`.",
+    "`calling_ae`, `called_ae`, `source_address` pretend how it arrived; `transform` "
+    "(a pipeline's name) adds each file's tag-level diff through it as `transform` "
+    "(404 for an unknown pipeline). Sends and stores nothing. With a JSON body, the "
+    "same as `POST /api/v1/routes/backtest`.",
     openapi_extra=_TEST_BODY,
 )
 async def test_route(request: Request, principal: Principal = operator) -> dict[str, Any]:
@@ -135,14 +138,21 @@ async def test_route(request: Request, principal: Principal = operator) -> dict[
             source_address=str(form.get("source_address") or "127.0.0.1"),
         )
         sources = [(u.filename or f"file{i + 1}", u.file) for i, u in enumerate(uploads)]
-        report = await run_in_threadpool(
-            control.audited_dry_run,
-            ctx,
-            sources,
-            pretend,
-            actor=principal.name,
-            source=client_address(request),
-        )
+        transform = str(form.get("transform") or "").strip() or None
+        try:
+            report = await run_in_threadpool(
+                control.audited_dry_run,
+                ctx,
+                sources,
+                pretend,
+                actor=principal.name,
+                source=client_address(request),
+                transform=transform,
+            )
+        except NotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+        except Invalid as exc:
+            raise HTTPException(422, str(exc)) from None
     return {"files": report}
 
 

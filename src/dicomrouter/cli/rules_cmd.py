@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -39,6 +40,7 @@ def check_command(
     """
     from dicomrouter.config import ConfigError, load_config
     from dicomrouter.config.lint import lint  # loads pydicom: see cli/__init__.py
+    from dicomrouter.transforms.lint import lint_pipelines
 
     path = config_path(config)
     if path is None:
@@ -53,12 +55,13 @@ def check_command(
     except ConfigError as exc:
         _report_check(str(path), [i.as_dict() for i in exc.issues], [], json_output)
         raise typer.Exit(2) from None
-    findings = lint(settings)
+    findings = lint(settings) + lint_pipelines(settings, os.environ)
     errors = [{"key": f.where, "message": f.message} for f in findings if f.severity == "error"]
     warnings = [{"key": f.where, "message": f.message} for f in findings if f.severity != "error"]
     summary = (
         f"{len(settings.routes)} route(s), {len(settings.destinations)} destination(s), "
-        f"{len(errors)} error(s), {len(warnings)} warning(s)"
+        + (f"{len(settings.transforms)} transform(s), " if settings.transforms else "")
+        + f"{len(errors)} error(s), {len(warnings)} warning(s)"
     )
     _report_check(str(path), errors, warnings, json_output, summary)
     if errors or (strict and warnings):
@@ -91,9 +94,19 @@ def test_rule_command(
     called_ae: Annotated[str | None, typer.Option("--called-ae", help="Pretend called AE.")] = None,
     source: Annotated[str, typer.Option("--source", help="Pretend sender IP.")] = "127.0.0.1",
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    transform: Annotated[
+        str | None,
+        typer.Option(
+            "--transform",
+            metavar="NAME",
+            help="Also run the pipeline NAME of `transforms:` on each file and show the "
+            "tag-level diff (nothing is written beside a temporary copy).",
+        ),
+    ] = None,
 ) -> None:
     """Dry run: which routes and destinations each file would go to. Sends nothing."""
     # Imported here, not at the top: see cli/__init__.py.
+    from dicomrouter.control.errors import ControlError
     from dicomrouter.control.routes import Pretend, dry_run_files
 
     settings = load(config, required=True)
@@ -104,7 +117,10 @@ def test_rule_command(
     # The control plane's entries as they are: the same field names as the API's
     # POST /api/v1/routes/test ({file, destinations, routes: [{name, matched, trigger,
     # forward, destinations, explanation}]}, or {file, error}).
-    report = dry_run_files(settings, files, pretend)
+    try:
+        report = dry_run_files(settings, files, pretend, transform)
+    except ControlError as exc:
+        fail(str(exc))
     if json_output:
         print_json({"files": report})
     else:
@@ -126,8 +142,34 @@ def test_rule_command(
                     m["explanation"],
                 )
             console.print(table)
-    if any("error" in entry for entry in report):
+            if "transform" in entry:
+                _print_transform(entry["transform"])
+    if any("error" in entry or (entry.get("transform") or {}).get("error") for entry in report):
         raise typer.Exit(1)
+
+
+def _print_transform(preview: dict[str, Any]) -> None:
+    title = f"transform {preview['pipeline']} @ {preview['version']}"
+    if preview["error"]:
+        err_console.print(f"[red]{title}: {preview['error']}[/]", highlight=False)
+        return
+    if not preview["diff"]:
+        console.print(f"{title}: no change", highlight=False)
+        return
+    table = Table(title=title)
+    for column in ("element", "tag", "VR", "change", "before", "after"):
+        table.add_column(column, overflow="fold")
+    colors = {"added": "green", "removed": "red", "changed": "yellow"}
+    for row in preview["diff"]:
+        table.add_row(
+            row["path"],
+            row["tag"],
+            row["vr"],
+            f"[{colors[row['change']]}]{row['change']}[/]",
+            "" if row["before"] is None else row["before"],
+            "" if row["after"] is None else row["after"],
+        )
+    console.print(table)
 
 
 def _expand(paths: list[Path]) -> list[Path]:

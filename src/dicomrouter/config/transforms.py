@@ -10,6 +10,7 @@ by that key, so an error names the step's own key path
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,6 +21,7 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    ValidationInfo,
     field_validator,
 )
 
@@ -140,11 +142,25 @@ class SetStep(_Step):
     set: dict[str, TagValue] = Field(..., description="Tag (keyword or `gggg,eeee`) to value.")
 
 
-class RemoveStep(_Step):
-    """Delete elements: keywords, tags (``0009,1010``) or private tags by creator
-    (``0009,xx10`` under the creator named in ``private_creator``)."""
+class PrivateTag(_Model):
+    """A private element by its creator: ``{creator: "ACME 1.1", tag: "0009,xx10"}`` is
+    the element at offset ``10`` of the block ``ACME 1.1`` reserved in group 0009."""
 
-    remove: list[str] = Field(..., min_length=1, description="Tags to delete.")
+    creator: str = Field(..., min_length=1, description="Private creator (e.g. `ACME 1.1`).")
+    tag: str = Field(..., description="`gggg,xxee`: group and offset in the block.")
+
+
+class RemoveStep(_Step):
+    """Delete elements (top level): keywords, tags (``0009,1010``), private elements
+    in any block (``0009,xx10``) or in one creator's block (``{creator: "ACME 1.1",
+    tag: "0009,xx10"}``)."""
+
+    remove: list[str | PrivateTag] = Field(
+        ...,
+        min_length=1,
+        description="Elements to delete: keyword, `gggg,eeee`, `gggg,xxee` (private, any "
+        "block), or `{creator, tag}` (private, that creator's block).",
+    )
 
 
 class RemovePrivateConfig(_Model):
@@ -202,13 +218,26 @@ class ReplaceStep(_Step):
 
 class Lookup(_Model):
     file: Path = Field(
-        ..., description="CSV file: original value, new value (a header row is allowed)."
+        ...,
+        description="CSV file: original value, new value (a first row starting `original` "
+        "is a header). Relative: to the configuration file's folder. Reloaded when it changes.",
     )
     missing: Literal["keep", "remove", "fail"] | str = Field(
         "keep",
         description="A value not in the file: `keep` it, `remove` the element, `fail` the "
         "delivery of that object, or any other text to write instead.",
     )
+
+    @field_validator("file")
+    @classmethod
+    def _absolute(cls, value: Path, info: ValidationInfo) -> Path:
+        # Not required to exist here: a missing table holds deliveries back (they
+        # wait and retry) and `check` warns; it must not stop the router starting.
+        base = (info.context or {}).get("base_dir")
+        path = value.expanduser()
+        if not path.is_absolute():
+            path = (Path(base) if base is not None else Path.cwd()) / path
+        return Path(os.path.normpath(path))
 
 
 class MapStep(_Step):

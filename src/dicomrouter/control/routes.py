@@ -33,6 +33,8 @@ from dicomrouter.rules import Condition, InstanceFacts, compile_condition
 from dicomrouter.store import ObjectStore, audit, missing_identity, read_header
 from dicomrouter.store.schema import instances, jobs, route_matches
 
+from .transforms import pipeline_for_preview, preview_transform
+
 DAY = 86400.0
 
 #: Headers a backtest reads at most unless told otherwise (about 1 ms each).
@@ -258,6 +260,7 @@ def dry_run(
     config: RouterConfig,
     sources: Iterable[tuple[str, str | Path | BinaryIO]],
     pretend: Pretend | None = None,
+    transform: str | None = None,
 ) -> list[dict[str, Any]]:
     """For each ``(name, file or binary stream)``: which enabled routes match, why,
     and the destinations it would go to. Sends and stores nothing.
@@ -265,9 +268,14 @@ def dry_run(
     Each entry is ``{file, sop_instance_uid, study_instance_uid, destinations,
     routes: [{name, matched, trigger, forward, destinations, explanation}]}``, or
     ``{file, error}`` for a file that is not a DICOM instance.
+
+    With ``transform`` (a pipeline's name), each entry also has ``transform``:
+    ``{file, pipeline, version, diff: [{path, tag, vr, change, before, after}],
+    error}`` (:mod:`.transforms`); NotFound for an unknown name.
     """
     pretend = pretend or Pretend()
     routes = compile_routes(config)
+    pipeline = pipeline_for_preview(config, transform) if transform else None
     report: list[dict[str, Any]] = []
     for name, source in sources:
         try:
@@ -302,23 +310,34 @@ def dry_run(
             )
             if matched:
                 destinations.update(route.config.to)
-        report.append(
-            {
-                "file": name,
-                "sop_instance_uid": str(dataset.SOPInstanceUID),
-                "study_instance_uid": str(dataset.StudyInstanceUID),
-                "destinations": sorted(destinations),
-                "routes": matches,
-            }
-        )
+        entry: dict[str, Any] = {
+            "file": name,
+            "sop_instance_uid": str(dataset.SOPInstanceUID),
+            "study_instance_uid": str(dataset.StudyInstanceUID),
+            "destinations": sorted(destinations),
+            "routes": matches,
+        }
+        if pipeline is not None:
+            (preview,) = preview_transform(
+                pipeline,
+                [(name, source)],
+                calling_ae=facts.calling_ae,
+                called_ae=facts.called_ae,
+                source_address=facts.source_address,
+            )
+            entry["transform"] = preview.as_dict()
+        report.append(entry)
     return report
 
 
 def dry_run_files(
-    config: RouterConfig, paths: Sequence[Path], pretend: Pretend | None = None
+    config: RouterConfig,
+    paths: Sequence[Path],
+    pretend: Pretend | None = None,
+    transform: str | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`dry_run` on files on disk (``file`` is the path as given)."""
-    return dry_run(config, ((str(path), path) for path in paths), pretend)
+    return dry_run(config, ((str(path), path) for path in paths), pretend, transform)
 
 
 def _explain(condition: Condition | None, facts: InstanceFacts) -> str:
@@ -526,17 +545,21 @@ def audited_dry_run(
     *,
     actor: str,
     source: str,
+    transform: str | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`dry_run` on the live configuration, recorded as ``route.test`` (the API
     and the dashboard both come through here, so neither can forget the record)."""
-    report = dry_run(ctx.config, sources, pretend)
+    report = dry_run(ctx.config, sources, pretend, transform)
+    detail: dict[str, Any] = {"files": [entry["file"] for entry in report][:20]}
+    if transform:
+        detail["transform"] = transform
     audit.record(
         ctx.engine,
         actor,
         "route.test",
         f"{len(report)} file(s)",
         source=source,
-        detail={"files": [entry["file"] for entry in report][:20]},
+        detail=detail,
     )
     return report
 

@@ -56,6 +56,7 @@ from dicomrouter.config.lint import lint
 from dicomrouter.security import Principal, Role
 from dicomrouter.store import audit
 from dicomrouter.store.schema import config_versions
+from dicomrouter.transforms.lint import lint_pipelines
 
 from .errors import Conflict, Invalid, NotFound
 
@@ -455,7 +456,7 @@ def access_warning(candidate: RouterConfig, running: RouterConfig | None) -> str
 
 
 def findings(config: RouterConfig) -> list[str]:
-    return [str(finding) for finding in lint(config)]
+    return [str(finding) for finding in lint(config) + lint_pipelines(config, os.environ)]
 
 
 def validate(

@@ -7,7 +7,7 @@ from .compiler import OPERATORS, compile_condition
 from .conditions import AllOf, Always, AnyOf, Condition, Exists, Match, Not
 from .errors import RuleError
 from .facts import InstanceFacts
-from .fields import PSEUDO_KEYS
+from .fields import PSEUDO_KEYS, suggest_keyword
 from .lint import never_matches
 
 __all__ = [
@@ -24,4 +24,5 @@ __all__ = [
     "RuleError",
     "compile_condition",
     "never_matches",
+    "suggest_keyword",
 ]

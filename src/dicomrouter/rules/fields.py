@@ -200,6 +200,12 @@ def _known_names() -> tuple[str, ...]:
     return (*PSEUDO_KEYS, "all", "any", "not", *sorted(set(keywords)))
 
 
+def suggest_keyword(key: str) -> str:
+    """`` (did you mean 'InstitutionName'?)`` for a misspelt keyword, or "": the hint
+    every unknown-keyword message of ours ends with (rules, transforms)."""
+    return _suggest(key)
+
+
 def _suggest(key: str) -> str:
     names = _known_names()
     folded = [name for name in names if name.lower() == key.lower()]

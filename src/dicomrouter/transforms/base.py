@@ -47,6 +47,12 @@ class Step(ABC):
     """True if the step reads or changes Pixel Data: the pipeline then reads the
     whole file, not only its header."""
 
+    def needs_whole_file(self) -> bool:
+        """True if this step must see elements that are otherwise copied as raw bytes
+        (group 7FE0: Pixel Data and its companions). A step that ``touches_pixels``
+        does; a ``remove: [PixelData]`` does too."""
+        return self.touches_pixels
+
     @abstractmethod
     def apply(self, dataset: Dataset, context: ObjectContext) -> None:
         """Change ``dataset`` in place, or raise :class:`TransformRefused`."""

@@ -53,6 +53,9 @@ def _page(
         "days": 7,
         "calling_ae": "",
         "error": None,
+        "transform": "",
+        "transforms": sorted(ctx_of(request).config.transforms),
+        "tester_error": None,
     }
     values.update(extra or {})
     return render(request, "routes.html", values, principal=principal)
@@ -80,16 +83,22 @@ async def test_files(request: Request, principal: Principal = operator) -> HTMLR
     async with uploaded_files(request, MAX_FILES) as (uploads, form):
         # Conditions on the sender (calling_ae: ...) need to know who it would be.
         calling_ae = str(form.get("calling_ae") or "").strip()
+        transform = str(form.get("transform") or "").strip() or None
         sources = [(f.filename or f"file {i + 1}", f.file) for i, f in enumerate(uploads)]
-        results = await run_in_threadpool(
-            audited_dry_run,
-            ctx,
-            sources,
-            Pretend(calling_ae=calling_ae),
-            actor=principal.name,
-            source=client_address(request),
-        )
-    return _page(request, principal, {"dry_run": results, "calling_ae": calling_ae})
+        try:
+            results = await run_in_threadpool(
+                audited_dry_run,
+                ctx,
+                sources,
+                Pretend(calling_ae=calling_ae),
+                actor=principal.name,
+                source=client_address(request),
+                transform=transform,
+            )
+        except ControlError as exc:
+            return _page(request, principal, {"tester_error": str(exc), "calling_ae": calling_ae})
+    values = {"dry_run": results, "calling_ae": calling_ae, "transform": transform or ""}
+    return _page(request, principal, values)
 
 
 @router.post(
