@@ -30,8 +30,10 @@ from dicomrouter.store.schema import config_versions
 from dicomrouter.transforms import (
     CompiledPipeline,
     ObjectContext,
+    PipelineError,
     TransformUnavailable,
-    compile_pipelines,
+    chain_label,
+    compile_pipeline,
     transformed_copy,
 )
 
@@ -44,7 +46,8 @@ class Chain:
 
     pipelines: tuple[CompiledPipeline, ...]
     label: str
-    """``research @3f2a1c0d, config v12``: recorded with each delivery."""
+    """``fix-ct1 @ 1a2b3c + research @ 3f2a1c (config v12)``: recorded with each
+    delivery."""
 
 
 class Transforms:
@@ -62,6 +65,7 @@ class Transforms:
         self._environ = environ if environ is not None else os.environ
         self._lock = threading.Lock()
         self._pipelines: dict[str, CompiledPipeline] = {}
+        self._broken: dict[str, str] = {}  # pipeline name -> why it does not compile
         self._version: int | None = None
         self.apply(config)
 
@@ -74,9 +78,18 @@ class Transforms:
                 entry.unlink(missing_ok=True)
 
     def apply(self, config: RouterConfig) -> None:
-        pipelines = compile_pipelines(config, self._environ)
+        """Compile each pipeline on its own: one that cannot compile holds only its
+        own deliveries (with the reason), never the others'."""
+        pipelines: dict[str, CompiledPipeline] = {}
+        broken: dict[str, str] = {}
+        for name, steps in config.transforms.items():
+            try:
+                pipelines[name] = compile_pipeline(name, steps, self._environ)
+            except PipelineError as exc:
+                broken[name] = "; ".join(f"{where}: {message}" for where, message in exc.problems)
+                log.error("transform %s cannot run: %s", name, broken[name])
         with self._lock:
-            self._pipelines = pipelines
+            self._pipelines, self._broken = pipelines, broken
             self._version = None  # looked up on first use (the node records it)
 
     def _config_version(self) -> int | None:
@@ -100,18 +113,20 @@ class Transforms:
         if not names:
             return Chain((), "")
         with self._lock:
-            pipelines = self._pipelines
-        missing = [name for name in names if name not in pipelines]
-        if missing:
-            return (
-                f"transform {missing[0]!r} is no longer configured: its deliveries wait "
-                "(configure it again, or cancel or move the job)"
-            )
+            pipelines, broken = self._pipelines, self._broken
+        for name in names:
+            if name in broken:
+                return f"transform {name!r} cannot run: {broken[name]}"
+            if name not in pipelines:
+                return (
+                    f"transform {name!r} is no longer configured: its deliveries wait "
+                    "(configure it again, or cancel or move the job)"
+                )
         chosen = tuple(pipelines[name] for name in names)
         version = self._config_version()
-        label = ", ".join(f"{p.name} @{p.version}" for p in chosen)
+        label = chain_label(chosen)
         if version is not None:
-            label += f", config v{version}"
+            label += f" (config v{version})"
         return Chain(chosen, label)
 
 
