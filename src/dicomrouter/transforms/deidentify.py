@@ -112,6 +112,22 @@ _META_REMOVED = tuple(
     )
 )
 
+#: Sequences with D (or X/D, X/Z/D) whose items hold what Table E.1-1 does not list
+#: (the SR content tree's text, annotation text, a person's or institution's codes):
+#: removed, or emptied where the action allows Z, instead of de-identified item by
+#: item. A Clean option that applies (C) keeps them, cleaned.
+_OPAQUE_SEQUENCES = frozenset(
+    int(Tag(keyword))
+    for keyword in (
+        "ContentSequence",
+        "GraphicAnnotationSequence",
+        "PersonIdentificationCodeSequence",
+        "WaveformAnnotationSequence",
+        "InstitutionCodeSequence",
+        "OperatorIdentificationSequence",
+    )
+)
+
 _PATIENT_ID = 0x00100020
 _PATIENT_NAME = 0x00100010
 _DATE_VRS = frozenset({"DA", "DT"})
@@ -382,15 +398,17 @@ class _Run:
                 self.items(element, clean)
             else:
                 self.empty(element)
+        elif action in ("Z", "X/Z"):
+            self.empty(element)
         elif element.VR == "SQ":
-            # A dummy item cannot be made for an arbitrary sequence: emptied where
-            # the action allows Z, removed otherwise.
-            if "Z" in action:
+            if int(tag) not in _OPAQUE_SEQUENCES:
+                # D on a sequence: its items are the dummy, each attribute in them
+                # replaced by its own action (Verifying Observer Sequence...).
+                self.items(element, clean)
+            elif "Z" in action:
                 element.value = Sequence()
             else:
                 del dataset[tag]
-        elif action in ("Z", "X/Z"):
-            self.empty(element)
         else:  # D, Z/D, X/D, X/Z/D: a dummy keeps the attribute valid in any IOD
             self.dummy(element)
 
@@ -465,7 +483,14 @@ class _Run:
 
     @staticmethod
     def empty(element: DataElement) -> None:
-        element.value = Sequence() if element.VR == "SQ" else None
+        if element.VR == "SQ":
+            element.value = Sequence()
+        elif element.VR in _BYTES_VRS:
+            element.value = b""
+        elif element.VR in _NUMBER_VRS:
+            element.value = None
+        else:
+            element.value = ""
 
     def dummy(self, element: DataElement) -> None:
         vr = element.VR
