@@ -234,7 +234,10 @@ class _Scrubber:
     def __call__(self, text: str) -> str:
         if self._pattern is None:
             return text
-        return re.sub(r"\s{2,}", " ", self._pattern.sub("", text)).strip()
+        cleaned = re.sub(r"\s{2,}", " ", self._pattern.sub("", text)).strip()
+        # Text that was all identity becomes a dummy, not empty: a Type 1 text (an
+        # SR TEXT item's Text Value) must keep a value.
+        return cleaned if cleaned or not text.strip() else "ANONYMIZED"
 
 
 _IDENTIFYING_KEYWORDS = (
