@@ -210,6 +210,20 @@ def test_modified_dates_shift_every_date_of_the_patient_by_one_offset() -> None:
     assert ds.PatientBirthDate == ""  # Z: not a longitudinal date
 
 
+def test_date_shift_keeps_precision_and_empties_what_it_cannot_read() -> None:
+    ds = image()
+    ds.AcquisitionDateTime = "2024"
+    with pytest.warns(UserWarning, match="Invalid value for VR DA"):
+        ds.ContentDate = "2024.01.10"  # the old ACR-NEMA form
+        ds.InstanceCreationDate = "not a date"
+    ds.ImageComments = "born 19610305, 1961-03-05"
+    ds = run(ds, "retain_longitudinal_modified_dates", "clean_descriptors")
+    assert len(ds.AcquisitionDateTime) == 4 and ds.AcquisitionDateTime <= "2024"
+    assert ds.ContentDate == ds.StudyDate
+    assert ds.InstanceCreationDate == ""
+    assert ds.ImageComments == "born ,"
+
+
 def test_clean_structured_content_keeps_the_report_cleaned() -> None:
     basic = run(report())
     assert "ContentSequence" not in basic

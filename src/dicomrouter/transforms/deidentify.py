@@ -286,7 +286,7 @@ def _identifiers(dataset: Dataset, options: frozenset[str]) -> list[str]:
     birth = str(dataset.get("PatientBirthDate", "") or "").strip()
     if len(birth) == 8 and birth.isdigit():
         year, month, day = birth[:4], birth[4:6], birth[6:]
-        found += [f"{year}-{month}-{day}", f"{day}/{month}/{year}", f"{month}/{day}/{year}"]
+        found += [birth, f"{year}-{month}-{day}", f"{day}/{month}/{year}", f"{month}/{day}/{year}"]
         found += [f"{day}.{month}.{year}", f"{year}.{month}.{day}"]
     words: list[str] = []
     for text in found:
