@@ -14,6 +14,8 @@ SUDO=""
 missing=()
 [ -x /usr/bin/storescu ] || missing+=(dcmtk)
 [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+# dciodvfy validates the de-identified test corpus (tests/transforms/test_deidentify_corpus.py).
+[ -x /usr/bin/dciodvfy ] || missing+=(dicom3tools)
 # Playwright drives Debian's chromium (executable_path); it never downloads its own.
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 # tests/test_packaging.py checks the systemd unit with systemd-analyze verify.
