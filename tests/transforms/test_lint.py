@@ -82,7 +82,7 @@ def test_unset_secret_is_a_warning_naming_the_variable() -> None:
     assert findings(steps, {"SHIFT_KEY": "x"}) == {}
 
 
-def test_deidentify_without_a_secret_or_a_builder_is_flagged() -> None:
+def test_deidentify_without_a_secret_is_flagged() -> None:
     found = findings({"used": [{"deidentify": {"secret_env": "DEID"}}]})
     assert ("warning", "transforms.used[0].deidentify.secret_env") in found
 

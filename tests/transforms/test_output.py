@@ -18,6 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomrouter.store.part10 import IMPLEMENTATION_CLASS_UID
 from dicomrouter.transforms import ObjectContext, TransformRefused, diff_datasets, transformed_copy
+from dicomrouter.transforms.output import TAIL_LIMIT
 from dicomrouter.transforms.tags import PIXEL_GROUP
 from tests.transforms.helpers import pipeline
 
@@ -187,6 +188,27 @@ def test_elements_after_pixel_data_are_transformed_too(tmp_path: Path) -> None:
     assert 0x7FE11001 not in copy and 0x7FE10010 not in copy
     assert copy[0xFFFCFFFC].value == b"\0" * 16
     assert copy.PixelData == dcmread(source).PixelData
+
+
+def test_deidentification_refuses_what_it_cannot_see_after_the_pixel_data(
+    tmp_path: Path,
+) -> None:
+    """Elements after the pixel data larger than TAIL_LIMIT are copied unseen by
+    coercion steps, but de-identification must see every element: refused."""
+    tail = Dataset()
+    tail.add_new(0x7FE10010, "LO", "VENDOR")
+    tail.add_new(0x7FE11001, "OB", b"DOE^JANE" * (TAIL_LIMIT // 8 + 1))
+    source = tmp_path / "tail.dcm"
+    write_synthetic(source, 4096, tail)
+    coercion = transformed_copy(
+        source, [pipeline([{"set": {"StationName": "A"}}])], CONTEXT, tmp_path
+    )
+    assert dcmread(coercion.path)[0x7FE11001].value == tail[0x7FE11001].value
+    deid = pipeline([{"deidentify": {"secret_env": "S"}}], environ={"S": "secret"})
+    (tmp_path / "out").mkdir()
+    with pytest.raises(TransformRefused, match="de-identification must see every element"):
+        transformed_copy(source, [deid], CONTEXT, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_a_200_mb_instance_keeps_memory_flat(tmp_path: Path) -> None:

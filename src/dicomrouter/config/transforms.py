@@ -280,6 +280,17 @@ class DeidentifyConfig(_Model):
     )
     patient_id_prefix: str = Field("", description="Prefix of pseudonymous Patient IDs.")
 
+    @field_validator("options")
+    @classmethod
+    def _dates_once(cls, options: list[str]) -> list[str]:
+        dates = {"retain_longitudinal_full_dates", "retain_longitudinal_modified_dates"}
+        if dates <= set(options):
+            raise ValueError(
+                "retain_longitudinal_full_dates and retain_longitudinal_modified_dates "
+                "exclude each other: keep the dates, or shift them"
+            )
+        return options
+
 
 class DeidentifyStep(_Step):
     """De-identify by the Basic Application Level Confidentiality Profile."""

@@ -43,6 +43,10 @@ class Step(ABC):
 
     kind: ClassVar[str]
     """The step's key in the configuration (``set``, ``deidentify``...)."""
+    sees_every_element: ClassVar[bool] = False
+    """True if the step must see every element of the object (de-identification): a
+    copy whose elements after the pixel data are too large to parse is refused
+    rather than sent with elements the step never saw."""
     touches_pixels: ClassVar[bool] = False
     """True if the step reads or changes Pixel Data: the pipeline then reads the
     whole file, not only its header."""

@@ -158,6 +158,7 @@ class Deidentify(Step):
     configured options; ``environ`` holds the secret (``config.secret_env``)."""
 
     kind = "deidentify"
+    sees_every_element = True
     touches_pixels = False
 
     def __init__(self, config: DeidentifyConfig, environ: Mapping[str, str]) -> None:

@@ -25,7 +25,7 @@ from dicomrouter.config.lint import Finding
 from dicomrouter.config.transforms import MapStep, ReplaceStep
 
 from .lookup import TableError, read_table
-from .pipeline import STEP_BUILDERS, PipelineError, compile_pipeline
+from .pipeline import PipelineError, compile_pipeline
 
 #: Values a pattern is tried on to tell whether it matches anything but "".
 _SAMPLES = ("A", "a", "0", "0123", " ", "-", ".", "^", "Doe^John", "ABC DEF", "x" * 24)
@@ -52,15 +52,6 @@ def lint_pipelines(config: RouterConfig, environ: Mapping[str, str]) -> list[Fin
 
 def _step_findings(step: Any, where: str, environ: Mapping[str, str]) -> list[Finding]:
     findings: list[Finding] = []
-    if step.kind not in STEP_BUILDERS:
-        findings.append(
-            Finding(
-                "warning",
-                where,
-                f"the {step.kind} step is not available in this build: deliveries through "
-                "this pipeline will wait",
-            )
-        )
     secret_env = getattr(getattr(step, step.kind, None), "secret_env", None)
     if secret_env and not environ.get(secret_env):
         findings.append(

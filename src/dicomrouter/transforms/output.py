@@ -11,7 +11,9 @@ pipeline touches pixels:
    raw part ends;
 3. elements after it (Data Set Trailing Padding, Digital Signatures, private groups
    above 7FE0) are parsed and given to the steps too, when they are at most
-   :data:`TAIL_LIMIT` bytes; larger ones are copied as raw bytes, unseen by the steps;
+   :data:`TAIL_LIMIT` bytes; larger ones are copied as raw bytes, unseen by the steps
+   (unless a step must see every element, as de-identification must: then the
+   object is refused);
 4. the steps run on that header;
 5. the new file is written: our File Meta (:func:`~dicomrouter.store.part10.encode_file_meta`:
    its SOP Instance UID follows the data set's, the implementation class UID is ours),
@@ -152,6 +154,11 @@ def _header_only(
     raw_start = src.tell()
     raw_end = _end_of_pixel_group(src, raw_start, size, implicit)
     tail_parsed = 0 < size - raw_end <= TAIL_LIMIT
+    if raw_end < size and not tail_parsed and _sees_every_element(pipelines):
+        raise TransformRefused(
+            f"{size - raw_end} bytes of elements follow the pixel data (more than "
+            f"{TAIL_LIMIT} are not parsed), and de-identification must see every element"
+        )
     if tail_parsed:
         src.seek(raw_end)
         tail = read_dataset(io.BytesIO(src.read()), is_implicit_VR=implicit, is_little_endian=True)
@@ -177,6 +184,10 @@ def _header_only(
     elif raw_end < size:
         _copy_range(src, out, raw_end, size - raw_end)
     return head
+
+
+def _sees_every_element(pipelines: Sequence[CompiledPipeline]) -> bool:
+    return any(s.step.sees_every_element for p in pipelines for s in p.steps)
 
 
 def _end_of_pixel_group(src: BinaryIO, start: int, size: int, implicit: bool) -> int:

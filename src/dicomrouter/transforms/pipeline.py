@@ -11,9 +11,8 @@ A pipeline's ``version`` is a short hash of its configuration (the steps as load
 that a delivery can record "research @ 3f2a1c" and a change of pipeline is visible
 in the trace.
 
-Steps are built by :data:`STEP_BUILDERS`, one entry per step key. A key without a
-builder (``deidentify`` until its module is merged) compiles to a step that makes the
-pipeline unavailable, so objects wait instead of leaving unchanged.
+Steps are built by :data:`STEP_BUILDERS`, one entry per step key (a test checks
+that every key of the configuration has one).
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from dicomrouter.rules import Condition, InstanceFacts, compile_condition
 
 from .base import ObjectContext, Step, TransformRefused, TransformUnavailable
 from .dates import ShiftDates
+from .deidentify import Deidentify
 from .steps import (
     CopyValues,
     MapValues,
@@ -53,6 +53,7 @@ STEP_BUILDERS: dict[str, StepBuilder] = {
     "replace": lambda step, environ, where: ReplaceText(step, where),
     "map": lambda step, environ, where: MapValues(step, where),
     "shift_dates": lambda step, environ, where: ShiftDates(step.shift_dates, environ, where),
+    "deidentify": lambda step, environ, where: Deidentify(step.deidentify, environ),
 }
 
 
@@ -62,19 +63,6 @@ class PipelineError(ValueError):
     def __init__(self, problems: list[tuple[str, str]]):
         self.problems = problems
         super().__init__("; ".join(f"{where}: {message}" for where, message in problems))
-
-
-class NotBuilt(Step):
-    """A step kind this build cannot run: the pipeline is unavailable."""
-
-    kind = "unavailable"
-
-    def __init__(self, step_kind: str, where: str):
-        self.step_kind = step_kind
-        self.where = where
-
-    def apply(self, dataset: Dataset, context: ObjectContext) -> None:
-        raise TransformUnavailable(f"{self.where}: the {self.step_kind} step is not available")
 
 
 @dataclass(frozen=True)
@@ -133,10 +121,7 @@ def pipeline_version(steps: Sequence[Any]) -> str:
 def build_step(step: Any, environ: Mapping[str, str], where: str) -> Step:
     """One configured step, runnable; :class:`StepConfigError` or ValueError when its
     configuration cannot work."""
-    builder = STEP_BUILDERS.get(step.kind)
-    if builder is None:
-        return NotBuilt(step.kind, where)
-    return builder(step, environ, where)
+    return STEP_BUILDERS[step.kind](step, environ, where)
 
 
 def compile_pipeline(
