@@ -22,7 +22,7 @@ and transcoded (:mod:`dicomrouter.transforms.transcode`), one instance at a time
 instance that cannot be transcoded (no Pixel Data, a codec missing, pixels a
 lossless encode would change) goes in the next accepted syntax of the chain, and
 the reason is logged and added to its result's message. Details:
-docs/transforms-transcoding.md.
+docs/transforms.md ("Transfer syntax per destination").
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ values that must stay consistent across objects (UIDs, the Patient ID, each
 patient's date offset) come from :mod:`.pseudonyms`. The step sees the header only:
 Pixel Data is copied through by the output writer, so pixels are never read, and an
 object whose pixels may show identity is refused (see :meth:`Deidentify.refusal`).
-What the step does, option by option, is in docs/transforms-deidentify.md.
+What the step does, option by option, is in docs/transforms.md ("De-identification").
 """
 
 from __future__ import annotations

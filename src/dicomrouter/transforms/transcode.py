@@ -3,7 +3,7 @@ again, with pydicom's pixel encoders and decoders (pylibjpeg, openjpeg, pyjpegls
 and the RLE plugins).
 
 What a destination may ask for, and why some syntaxes are refused, is in
-``docs/transforms-transcoding.md``. In short:
+``docs/transforms.md`` ("Transfer syntax per destination"). In short:
 
 * a lossless transcode keeps the SOP Instance UID (PS3.4 allows it for a lossless
   change of transfer syntax) and is verified: the encoded frames are decoded again
