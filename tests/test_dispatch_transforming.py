@@ -100,3 +100,28 @@ def test_a_reload_swaps_the_pipelines_and_a_broken_one_holds_only_its_own(
     reason = transforms.chain("broken", None)
     assert isinstance(reason, str)
     assert reason.startswith("transform 'broken' cannot run: transforms.broken[0].set")
+
+
+def test_a_reload_that_changes_what_deliveries_go_through_stops_sends_in_flight(
+    tmp_path: Path,
+) -> None:
+    """Workers stop a send between instances when ``generation`` moves: only a
+    reload that changes a pipeline or a destination's pipeline moves it."""
+    transforms = setup(tmp_path)
+    base = {"storage": {"path": str(tmp_path)}, "transforms": TRANSFORMS}
+    dest = {"ae_title": "PACS", "host": "192.0.2.1", "port": 104}
+    start = transforms.generation
+    transforms.apply(parse_config(base, environ={}))
+    assert transforms.generation == start  # the same pipelines
+    changed = {**TRANSFORMS, "route-side": [{"set": {"StationName": "R2"}}]}
+    transforms.apply(parse_config({**base, "transforms": changed}, environ={}))
+    assert transforms.generation == start + 1
+    with_dest = {**base, "transforms": changed, "destinations": {"pacs": dest}}
+    transforms.apply(parse_config(with_dest, environ={}))
+    assert transforms.generation == start + 2  # a destination appears (no pipeline)
+    with_dest["destinations"] = {"pacs": {**dest, "transform": "dest-side"}}
+    transforms.apply(parse_config(with_dest, environ={}))
+    assert transforms.generation == start + 3
+    with_dest["destinations"] = {"pacs": {**dest, "port": 105, "transform": "dest-side"}}
+    transforms.apply(parse_config(with_dest, environ={}))
+    assert transforms.generation == start + 3  # another port: not a transform change

@@ -193,3 +193,21 @@ class _Raw:
 
     def execute(self, statement: Any) -> None:
         self.raw.execute(str(statement))
+
+
+def test_the_item_limit_cuts_the_least_urgent_jobs_not_the_urgent_one(tmp_path: Path) -> None:
+    config = {
+        "destinations": {"pacs": DEST},
+        "routes": [
+            route(name="normal", when={"Modality": "CT"}),
+            route(name="urgent", when={"Modality": "CR"}, priority="urgent"),
+        ],
+    }
+    p = Pipeline(tmp_path, config)
+    p.receive(make_study(tmp_path / "ct", 4, modality="CT", prefix="C"))
+    p.receive(make_study(tmp_path / "cr", 1, modality="CR", prefix="R"))
+    p.plan()
+    urgent = next(j["id"] for j in p.job_list() if j["routes"] == ["urgent"])
+    claim = JobStore(p.engine).claim("pacs", "w", 60, max_items=2)
+    assert claim is not None
+    assert claim.items[0].job_id == urgent and urgent in claim.job_ids

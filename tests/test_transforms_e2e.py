@@ -189,9 +189,12 @@ def test_a_missing_secret_holds_deliveries_instead_of_sending_identified_data(
     with RouterProcess(tmp_path / "router", config, env={"DEID_SECRET": ""}) as router:
         assert router.send(files).returncode == 0
         (job,) = router.wait_jobs(
-            lambda j: len(j) == 1 and j[0]["attempts"] >= 1, 60, "a first attempt"
+            lambda j: len(j) == 1 and "DEID_SECRET" in (j[0]["last_error"] or ""),
+            60,
+            "the job held with the reason",
         )
-        assert job["state"] == "pending", job
+        # Held, not failing: no delivery attempt is used up while the secret is missing.
+        assert job["state"] == "pending" and job["attempts"] == 0, job
         (item,) = job_items(router, job["id"])
         assert item["state"] == "pending" and "DEID_SECRET" in (item["message"] or "")
     assert pacs.received_files() == []

@@ -217,7 +217,7 @@ def _dispatch_main(
             loaded = versions.load_newest(engine, config_path, dispatcher.config)
             if loaded is not None:
                 logging.getLogger().setLevel(loaded[1].log_level)
-                dispatcher.apply(loaded[1])
+                dispatcher.apply(loaded[1], loaded[0].id)
                 log.info("dispatch runs on configuration version %d", loaded[0].id)
     heartbeat.stop()
     dispatcher.stop()

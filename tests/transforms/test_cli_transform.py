@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from pydicom.data import get_testdata_file
 
@@ -117,3 +118,32 @@ def test_api_rule_tester_returns_the_diff(tmp_path: Path) -> None:
     page = env.operator.post("/routes/test", files=files, data={"transform": "fix"})
     assert page.status_code == 200
     assert 'transform <span class="mono">fix @ ' in page.text and "General Hospital" in page.text
+
+
+def test_only_an_admin_may_preview_a_pipeline_keyed_by_a_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A preview of a keyed pipeline computes the real pseudonyms of whatever is
+    uploaded: an operator could test guesses against them. Admins only."""
+    monkeypatch.setenv("DEID_TEST_SECRET", "the secret")
+    data = {k: v for k, v in CONFIG.items() if k != "storage"}
+    data["transforms"] = {
+        **data["transforms"],
+        "research": [{"deidentify": {"secret_env": "DEID_TEST_SECRET", "allow_burned_in": True}}],
+    }
+    env = api_env(tmp_path, data)
+    files = [("files", ("ct.dcm", SOURCE.read_bytes(), "application/dicom"))]
+    form = {"transform": "research"}
+    refused = env.operator.post("/api/v1/routes/test", files=files, data=form)
+    assert refused.status_code == 403 and "only an admin" in refused.json()["detail"]
+    page = env.operator.post("/routes/test", files=files, data=form)
+    assert "only an admin" in page.text
+    allowed = env.admin.post("/api/v1/routes/test", files=files, data=form)
+    assert allowed.status_code == 200, allowed.text
+    preview = allowed.json()["files"][0]["transform"]
+    assert preview["pipeline"] == "research" and not preview.get("error")
+    # A pipeline with no secret in it stays open to operators.
+    assert (
+        env.operator.post("/api/v1/routes/test", files=files, data={"transform": "fix"}).status_code
+        == 200
+    )

@@ -274,6 +274,27 @@ def test_references_follow_the_referenced_objects_uids() -> None:
     assert second.SOPInstanceUID != first.SOPInstanceUID
 
 
+def test_uris_and_person_names_the_table_does_not_list_do_not_leak() -> None:
+    """A key object's RetrieveURL carries the host and the original UIDs; a person
+    name the table does not list yet is still a person's name."""
+    ds = image(sop=ROOT + "1.1.9")
+    study = str(ds.StudyInstanceUID)
+    item = Dataset()
+    item.SeriesInstanceUID = ds.SeriesInstanceUID
+    item.RetrieveURL = f"https://pacs.hospital.example/wado/studies/{study}"
+    ds.ReferencedSeriesSequence = [item]
+    ds.RetrieveURL = f"https://pacs.hospital.example/wado/studies/{study}"
+    ds.ReviewerName = "Reviewer^Ann"  # listed in Table E.1-1
+    ds.SecondaryReviewerName = "Secondary^Reviewer"  # not listed
+    ds.EvaluatorName = "Evaluator^Eve"  # not listed
+    step().apply(ds, ObjectContext())
+    text = str(ds)
+    assert "pacs.hospital.example" not in text and study not in text
+    assert "RetrieveURL" not in ds and "RetrieveURL" not in ds.ReferencedSeriesSequence[0]
+    for name in ("Secondary^Reviewer", "Reviewer^Ann", "Evaluator^Eve"):
+        assert name not in text
+
+
 def test_two_studies_of_one_patient_thirty_days_apart() -> None:
     options = ("retain_longitudinal_modified_dates",)
     a = run(image(study=ROOT + "1", series=ROOT + "1.1", study_date="20240110"), *options)

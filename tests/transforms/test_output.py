@@ -190,11 +190,12 @@ def test_elements_after_pixel_data_are_transformed_too(tmp_path: Path) -> None:
     assert copy.PixelData == dcmread(source).PixelData
 
 
-def test_deidentification_refuses_what_it_cannot_see_after_the_pixel_data(
+def test_steps_that_must_see_every_element_get_the_whole_file_when_a_tail_is_large(
     tmp_path: Path,
 ) -> None:
     """Elements after the pixel data larger than TAIL_LIMIT are copied unseen by
-    coercion steps, but de-identification must see every element: refused."""
+    coercion steps; de-identification and private-data removal must see them, so the
+    copy is made from the whole file for them."""
     tail = Dataset()
     tail.add_new(0x7FE10010, "LO", "VENDOR")
     tail.add_new(0x7FE11001, "OB", b"DOE^JANE" * (TAIL_LIMIT // 8 + 1))
@@ -204,11 +205,47 @@ def test_deidentification_refuses_what_it_cannot_see_after_the_pixel_data(
         source, [pipeline([{"set": {"StationName": "A"}}])], CONTEXT, tmp_path
     )
     assert dcmread(coercion.path)[0x7FE11001].value == tail[0x7FE11001].value
+    for steps, environ in (
+        ([{"deidentify": {"secret_env": "S"}}], {"S": "secret"}),
+        ([{"remove_private": True}], {}),
+        ([{"remove": ["7FE1,xx01"]}], {}),
+    ):
+        out = transformed_copy(source, [pipeline(steps, environ)], CONTEXT, tmp_path)
+        assert b"DOE^JANE" not in out.path.read_bytes(), steps
+        assert dcmread(out.path).PixelData == dcmread(source).PixelData
+
+
+def write_undefined_length_fragment(path: Path) -> None:
+    """An encapsulated image whose fragment item has undefined length (the walk over
+    item headers cannot tell where the pixel data ends), followed by a private block
+    that names the patient."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.6"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = "1.2.3.4.6"
+    ds.PatientName = "Doe^John"
+    ds.BurnedInAnnotation = "NO"
+    ds.save_as(path, enforce_file_format=True)
+    with open(path, "ab") as handle:
+        handle.write(b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff")
+        handle.write(b"\xfe\xff\x00\xe0\x00\x00\x00\x00")  # empty offset table
+        handle.write(b"\xfe\xff\x00\xe0\xff\xff\xff\xff" + b"\xff\xd8\xff\xd9")
+        handle.write(b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")  # sequence delimiter
+        handle.write(b"\xe1\x7f\x10\x00LO\x08\x00ACME 1.0")
+        handle.write(b"\xe1\x7f\x10\x10LO\x08\x00Doe^John")
+
+
+def test_deidentification_sees_a_tail_hidden_behind_an_undefined_length_fragment(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "odd.dcm"
+    write_undefined_length_fragment(source)
     deid = pipeline([{"deidentify": {"secret_env": "S"}}], environ={"S": "secret"})
-    (tmp_path / "out").mkdir()
-    with pytest.raises(TransformRefused, match="de-identification must see every element"):
-        transformed_copy(source, [deid], CONTEXT, tmp_path / "out")
-    assert list((tmp_path / "out").iterdir()) == []
+    out = transformed_copy(source, [deid], CONTEXT, tmp_path)
+    assert b"Doe^John" not in out.path.read_bytes()
 
 
 def test_a_200_mb_instance_keeps_memory_flat(tmp_path: Path) -> None:

@@ -157,6 +157,20 @@ def test_lossy_gets_a_new_uid_and_references_the_original(target: str, tmp_path:
         assert diff.max() <= 2
 
 
+def test_a_lossy_resend_is_the_same_new_instance() -> None:
+    """A retry after a lost association must not make a second instance at the peer:
+    the new UID is derived from the original's and the syntax, not random."""
+    uids = set()
+    for _ in range(2):
+        ds = dcmread(bundled("CT_small.dcm"))
+        transcode(ds, JPEGLSNearLossless, allow_lossy=True)
+        uids.add(str(ds.SOPInstanceUID))
+    assert len(uids) == 1
+    other = dcmread(bundled("CT_small.dcm"))
+    transcode(other, JPEG2000, allow_lossy=True)
+    assert str(other.SOPInstanceUID) not in uids
+
+
 def test_lossy_of_a_lossy_image_is_multi_valued(tmp_path: Path) -> None:
     ds = dcmread(bundled("SC_rgb_jpeg_dcmtk.dcm"))  # JPEG baseline, already lossy
     old = str(ds.SOPInstanceUID)

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 from fastapi import HTTPException, status
 
-from dicomrouter.control.errors import Conflict, Invalid, NotFound
+from dicomrouter.control.errors import Conflict, Forbidden, Invalid, NotFound
 
 
 @contextmanager
@@ -26,3 +26,5 @@ def http_errors() -> Iterator[None]:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     except Invalid as exc:
         raise HTTPException(422, str(exc)) from exc
+    except Forbidden as exc:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, str(exc)) from exc

@@ -26,10 +26,10 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
 from dicomrouter.control import routes as control
-from dicomrouter.control.errors import Invalid, NotFound
+from dicomrouter.control.errors import Forbidden, Invalid, NotFound
 from dicomrouter.edge.auth import client_address, context, operator, viewer
 from dicomrouter.edge.uploads import uploaded_files
-from dicomrouter.security import Principal
+from dicomrouter.security import Principal, Role
 
 router = APIRouter(prefix="/api/v1", tags=["routes"])
 
@@ -113,7 +113,8 @@ _TEST_BODY: dict[str, Any] = {
     "that is not DICOM gets an `error` entry instead. Optional form fields "
     "`calling_ae`, `called_ae`, `source_address` pretend how it arrived; `transform` "
     "(a pipeline's name) adds each file's tag-level diff through it as `transform` "
-    "(404 for an unknown pipeline). Sends and stores nothing. With a JSON body, the "
+    "(404 for an unknown pipeline; 403 unless admin for a pipeline keyed by a secret, "
+    "whose preview shows real pseudonyms). Sends and stores nothing. With a JSON body, the "
     "same as `POST /api/v1/routes/backtest`.",
     openapi_extra=_TEST_BODY,
 )
@@ -148,11 +149,14 @@ async def test_route(request: Request, principal: Principal = operator) -> dict[
                 actor=principal.name,
                 source=client_address(request),
                 transform=transform,
+                keyed_allowed=principal.may(Role.admin),
             )
         except NotFound as exc:
             raise HTTPException(404, str(exc)) from None
         except Invalid as exc:
             raise HTTPException(422, str(exc)) from None
+        except Forbidden as exc:
+            raise HTTPException(403, str(exc)) from None
     return {"files": report}
 
 

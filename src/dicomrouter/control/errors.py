@@ -24,3 +24,8 @@ class Conflict(ControlError):
 class Invalid(ControlError):
     """A request that can never succeed: an unknown state name, an empty bulk filter
     (HTTP 422)."""
+
+
+class Forbidden(ControlError):
+    """The caller's role may not do this (HTTP 403): a dry run through a pipeline
+    keyed by a secret shows real pseudonyms, so only an admin may run one."""

@@ -261,6 +261,8 @@ def dry_run(
     sources: Iterable[tuple[str, str | Path | BinaryIO]],
     pretend: Pretend | None = None,
     transform: str | None = None,
+    *,
+    keyed_allowed: bool = True,
 ) -> list[dict[str, Any]]:
     """For each ``(name, file or binary stream)``: which enabled routes match, why,
     and the destinations it would go to. Sends and stores nothing.
@@ -271,11 +273,14 @@ def dry_run(
 
     With ``transform`` (a pipeline's name), each entry also has ``transform``:
     ``{file, pipeline, version, diff: [{path, tag, vr, change, before, after}],
-    error}`` (:mod:`.transforms`); NotFound for an unknown name.
+    error}`` (:mod:`.transforms`); NotFound for an unknown name, Forbidden for a
+    pipeline keyed by a secret unless ``keyed_allowed`` (admins only).
     """
     pretend = pretend or Pretend()
     routes = compile_routes(config)
-    pipeline = pipeline_for_preview(config, transform) if transform else None
+    pipeline = (
+        pipeline_for_preview(config, transform, keyed_allowed=keyed_allowed) if transform else None
+    )
     report: list[dict[str, Any]] = []
     for name, source in sources:
         try:
@@ -546,10 +551,12 @@ def audited_dry_run(
     actor: str,
     source: str,
     transform: str | None = None,
+    keyed_allowed: bool = False,
 ) -> list[dict[str, Any]]:
     """:func:`dry_run` on the live configuration, recorded as ``route.test`` (the API
-    and the dashboard both come through here, so neither can forget the record)."""
-    report = dry_run(ctx.config, sources, pretend, transform)
+    and the dashboard both come through here, so neither can forget the record).
+    ``keyed_allowed``: the caller is an admin (see :func:`pipeline_for_preview`)."""
+    report = dry_run(ctx.config, sources, pretend, transform, keyed_allowed=keyed_allowed)
     detail: dict[str, Any] = {"files": [entry["file"] for entry in report][:20]}
     if transform:
         detail["transform"] = transform

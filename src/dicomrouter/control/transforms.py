@@ -33,7 +33,7 @@ from dicomrouter.transforms import (
     transformed_copy,
 )
 
-from .errors import Invalid, NotFound
+from .errors import Forbidden, Invalid, NotFound
 
 
 @dataclass(frozen=True)
@@ -57,18 +57,31 @@ class TransformPreview:
 
 
 def pipeline_for_preview(
-    config: RouterConfig, name: str, environ: Mapping[str, str] | None = None
+    config: RouterConfig,
+    name: str,
+    environ: Mapping[str, str] | None = None,
+    *,
+    keyed_allowed: bool = True,
 ) -> CompiledPipeline:
-    """The named pipeline compiled; NotFound or Invalid (its steps cannot work)."""
+    """The named pipeline compiled; NotFound, Invalid (its steps cannot work), or
+    Forbidden for a pipeline keyed by a secret when ``keyed_allowed`` is False: its
+    preview computes the real pseudonyms and date offsets of whatever is uploaded,
+    which would let anyone who may preview test guesses against the pseudonyms."""
     if name not in config.transforms:
         known = ", ".join(sorted(config.transforms)) or "none defined"
         raise NotFound(f"no transform {name!r} (known: {known})")
     try:
-        return compile_pipeline(
+        pipeline = compile_pipeline(
             name, config.transforms[name], os.environ if environ is None else environ
         )
     except PipelineError as exc:
         raise Invalid(str(exc)) from None
+    if pipeline.keyed and not keyed_allowed:
+        raise Forbidden(
+            f"transform {name!r} is keyed by a secret (deidentify, shift_dates with "
+            "secret_env): only an admin may preview it, as it shows real pseudonyms"
+        )
+    return pipeline
 
 
 def preview_transform(

@@ -68,6 +68,9 @@ class InstanceResult:
     lossy transcode)."""
     sent_transfer_syntax_uid: str | None = None
     """The transfer syntax the instance was sent in, when it was sent."""
+    held: bool = False
+    """Not sent because its transforms cannot run now: it waits, without using up a
+    delivery attempt."""
 
 
 @contextmanager
@@ -84,7 +87,14 @@ def prepared(inst: OutgoingInstance) -> Iterator[OutgoingInstance | InstanceResu
         yield InstanceResult(inst.key, Outcome.PERMANENT, None, f"not sent: {exc}")
         return
     except TransformUnavailable as exc:
-        yield InstanceResult(inst.key, Outcome.TRANSIENT, None, f"transform cannot run: {exc}")
+        yield InstanceResult(
+            inst.key, Outcome.TRANSIENT, None, f"transform cannot run: {exc}", held=True
+        )
+        return
+    except Exception as exc:  # an unreadable stored file: this instance, not the batch
+        log.warning("cannot transform %s: %s", inst.sop_instance_uid, exc, exc_info=True)
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        yield InstanceResult(inst.key, Outcome.PERMANENT, None, f"cannot transform: {detail}")
         return
     try:
         yield replace(

@@ -153,13 +153,14 @@ class Dispatcher:
         for worker in workers:
             worker.start()
 
-    def apply(self, config: RouterConfig) -> None:
-        """Run on a new configuration (see the module docstring)."""
+    def apply(self, config: RouterConfig, version: int | None = None) -> None:
+        """Run on a new configuration (see the module docstring); ``version`` is its
+        id among the recorded configuration versions, when known."""
         with self._lock:
             old = self.config
             self.config = config
             self._planner_config = config
-            self.transforms.apply(config)
+            self.transforms.apply(config, version)
             for name in sorted(set(self.destinations) | set(config.destinations)):
                 running = self.destinations.get(name)
                 if name in self._retiring:

@@ -67,6 +67,11 @@ class Transforms:
         self._pipelines: dict[str, CompiledPipeline] = {}
         self._broken: dict[str, str] = {}  # pipeline name -> why it does not compile
         self._version: int | None = None
+        self._shape: object = None
+        self.generation = 0
+        """Bumped by a reload that changes what any delivery goes through (a pipeline's
+        version, a destination's pipeline): a send in flight stops between instances,
+        so nothing more goes out under the old transforms."""
         self.apply(config)
 
     def prepare_workdir(self) -> None:
@@ -77,9 +82,11 @@ class Transforms:
             if entry.is_file():
                 entry.unlink(missing_ok=True)
 
-    def apply(self, config: RouterConfig) -> None:
+    def apply(self, config: RouterConfig, version: int | None = None) -> None:
         """Compile each pipeline on its own: one that cannot compile holds only its
-        own deliveries (with the reason), never the others'."""
+        own deliveries (with the reason), never the others'. ``version``: the id of
+        the configuration version this is (unknown: the newest recorded, looked up on
+        first use; at start-up the node has recorded it before starting us)."""
         pipelines: dict[str, CompiledPipeline] = {}
         broken: dict[str, str] = {}
         for name, steps in config.transforms.items():
@@ -88,9 +95,17 @@ class Transforms:
             except PipelineError as exc:
                 broken[name] = "; ".join(f"{where}: {message}" for where, message in exc.problems)
                 log.error("transform %s cannot run: %s", name, broken[name])
+        shape = (
+            sorted((name, p.version) for name, p in pipelines.items()),
+            sorted(broken),
+            sorted((name, d.transform or "") for name, d in config.destinations.items()),
+        )
         with self._lock:
             self._pipelines, self._broken = pipelines, broken
-            self._version = None  # looked up on first use (the node records it)
+            self._version = version
+            if shape != self._shape:
+                self._shape = shape
+                self.generation += 1
 
     def _config_version(self) -> int | None:
         with self._lock:

@@ -245,15 +245,16 @@ class DestinationWorker(threading.Thread):
         return by_key, batch, settled
 
     def _deliver(self, claim: Claim) -> None:
+        generation = self.transforms.generation
         by_key, batch, settled = self._outgoing(claim)
-        # Waiting for a pipeline: the job backs off as after a transient failure.
-        waiting = {r.job_id: r.message for r in settled if r.state == S.ITEM_PENDING}
+        # Held by a pipeline that cannot run: the job waits (see _hold), unsent.
+        held = {r.job_id: r.message for r in settled if r.state == S.ITEM_PENDING}
         self.jobs.record_results(settled)
         buffer: list[ItemResult] = []
         counts = {"sent": 0, "failed": 0}
         per_job: dict[int, list[int]] = {}  # job id -> [sent, failed]
         last_flush = time.monotonic()
-        errors: dict[int, str] = dict(waiting)  # job id -> its last failure, never another's
+        errors: dict[int, str] = {}  # job id -> its last failure, never another job's
         renewer = _LeaseRenewer(self.jobs, claim, self.config.dispatch.lease)
 
         def on_result(result: InstanceResult) -> None:
@@ -262,7 +263,9 @@ class DestinationWorker(threading.Thread):
             state = _ITEM_STATE[result.outcome]
             metrics.delivery_result(self.dest_name, result.outcome, item.received_at)
             tally = per_job.setdefault(item.job_id, [0, 0])
-            if state in (S.ITEM_COMPLETED, S.ITEM_WARNING):
+            if result.held:
+                held.setdefault(item.job_id, result.message)
+            elif state in (S.ITEM_COMPLETED, S.ITEM_WARNING):
                 counts["sent"] += 1
                 tally[0] += 1
             else:
@@ -291,6 +294,8 @@ class DestinationWorker(threading.Thread):
                 # Canceled jobs, or jobs whose lease was lost: stop between instances.
                 # The claim's other jobs go back to pending and continue at once.
                 return True
+            if self.transforms.generation != generation:
+                return True  # transforms changed: the rest goes out under the new ones
             window = self.dest.send_window
             return window is not None and not window.contains(datetime.now())
 
@@ -331,8 +336,12 @@ class DestinationWorker(threading.Thread):
         self.jobs.record_results(buffer)
         if batch and (counts["sent"] or not results):
             self.health.record_success()
-        transient_jobs = {by_key[r.key].job_id for r in results if r.outcome is Outcome.TRANSIENT}
-        transient_jobs |= waiting.keys()
+        self._hold(claim, held)
+        transient_jobs = {
+            by_key[r.key].job_id
+            for r in results
+            if r.outcome is Outcome.TRANSIENT and by_key[r.key].job_id not in held
+        }
         interrupted = len(results) < len(batch)
         outcome = (
             "retry"
@@ -355,6 +364,20 @@ class DestinationWorker(threading.Thread):
             outcome=outcome,
             sent=counts["sent"],
             failed=counts["failed"],
+        )
+
+    def _hold(self, claim: Claim, held: dict[int, str]) -> None:
+        """Jobs whose transforms cannot run go back without using up an attempt, so
+        a missing secret or a removed pipeline makes deliveries wait, however long,
+        never fail on their own nor go out untransformed."""
+        if not held:
+            return
+        self.jobs.hold(claim, held, self.dest)
+        log.warning(
+            "destination %s: %d job(s) held, their transforms cannot run: %s",
+            self.dest_name,
+            len(held),
+            next(iter(held.values())),
         )
 
 

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 #: fails instead of being claimed again: see JobStore.recover.
 MAX_INTERRUPTIONS = 3
 _INTERRUPTED = "delivery interrupted: the dispatch process stopped while sending"
+#: How long a job held by transforms that cannot run waits before it is tried again.
+HOLD_DELAY = 60.0
 
 
 @dataclass(frozen=True)
@@ -334,11 +336,13 @@ class JobStore:
                     instances.c.purged_at,
                 )
                 .join(instances, instances.c.id == job_instances.c.instance_id)
+                .join(jobs, jobs.c.id == job_instances.c.job_id)
                 .where(
                     job_instances.c.job_id.in_(claimed),
                     job_instances.c.state == S.ITEM_PENDING,
                 )
-                .order_by(job_instances.c.job_id, instances.c.id)
+                # The candidates' order: the item limit cuts the least urgent jobs.
+                .order_by(jobs.c.priority.desc(), job_instances.c.job_id, instances.c.id)
                 .limit(max_items)
             ).all()
             claim.items = [QueuedInstance(*row[:-1]) for row in rows if row.purged_at is None]
@@ -593,6 +597,39 @@ class JobStore:
                 )
                 .values(state=S.PENDING, lease_owner=None, lease_expires_at=None, updated_at=now)
             )
+
+    def hold(
+        self,
+        claim: Claim,
+        reasons: dict[int, str],
+        dest: DicomDestinationConfig,
+        now: float | None = None,
+    ) -> None:
+        """Give jobs back without using up an attempt, to be tried again in
+        :data:`HOLD_DELAY` at most: their transforms cannot run now (a secret missing
+        from the environment, a pipeline no longer configured). They wait, with the
+        reason, as long as it takes; they are never sent untransformed."""
+        now = time.time() if now is None else now
+        state, window_at = initial_state(dest, now)
+        delay = min(HOLD_DELAY, dest.retry.max_delay)
+        with self.engine.begin() as conn:
+            for job_id, reason in reasons.items():
+                conn.execute(
+                    update(jobs)
+                    .where(
+                        jobs.c.id == job_id,
+                        jobs.c.lease_owner == claim.owner,
+                        jobs.c.state == S.IN_PROGRESS,
+                    )
+                    .values(
+                        state=state,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        next_attempt_at=max(window_at, now + delay),
+                        last_error=reason[:2000],
+                        updated_at=now,
+                    )
+                )
 
     # -- recovery -------------------------------------------------------------------
     def recover(self, owner_prefix: str | None = None, now: float | None = None) -> int:

@@ -43,10 +43,13 @@ class Step(ABC):
 
     kind: ClassVar[str]
     """The step's key in the configuration (``set``, ``deidentify``...)."""
-    sees_every_element: ClassVar[bool] = False
-    """True if the step must see every element of the object (de-identification): a
-    copy whose elements after the pixel data are too large to parse is refused
-    rather than sent with elements the step never saw."""
+    keyed: bool = False
+    """True if what the step writes depends on a secret (pseudonyms, per-patient
+    date offsets): previewing it shows real pseudonyms, which only an admin may see."""
+    sees_every_element: bool = False
+    """True if the step must see every element of the object (de-identification,
+    removing private data): the copy is then made from the whole file whenever
+    reading only the header would hide elements from it (after the pixel data)."""
     touches_pixels: ClassVar[bool] = False
     """True if the step reads or changes Pixel Data: the pipeline then reads the
     whole file, not only its header."""

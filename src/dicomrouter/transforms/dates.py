@@ -77,6 +77,7 @@ class ShiftDates(Step):
     def __init__(self, config: ShiftDatesConfig, environ: Mapping[str, str], where: str):
         if (config.days is None) == (config.secret_env is None):
             raise ValueError("give either days (a fixed shift) or secret_env (per patient)")
+        self.keyed = config.secret_env is not None
         self.config = config
         self.environ = environ
         self.where = where

@@ -158,6 +158,7 @@ class Deidentify(Step):
     configured options; ``environ`` holds the secret (``config.secret_env``)."""
 
     kind = "deidentify"
+    keyed = True
     sees_every_element = True
     touches_pixels = False
 
@@ -384,7 +385,13 @@ class _Run:
             element.value = self.patient  # Z/D and Z: the consistent pseudonym
             return
         action = self.table.action(int(tag))
-        if action is None:
+        if action is None and element.VR == "UR":
+            # Not in the table, but a URI names a host and, often, the original
+            # study and series UIDs (RetrieveURL in a key object's references).
+            del dataset[tag]
+        elif action is None and element.VR == "PN" and element.value:
+            self.dummy(element)  # a person's name the table does not list yet
+        elif action is None:
             in_graphics = tag.group & 0xFF00 in (0x5000, 0x6000) and self.graphics
             self.unlisted(element, clean or in_graphics)
         elif action == "K":
@@ -423,7 +430,8 @@ class _Run:
     def unlisted(self, element: DataElement, clean: bool) -> None:
         """An attribute Table E.1-1 does not list: kept, but its UIDs are replaced,
         its dates shifted under the modified-dates option, its text cleaned inside a
-        cleaned sequence."""
+        cleaned sequence. (Unlisted URIs are removed and unlisted person names get a
+        dummy before this: see :meth:`element`.)"""
         if element.VR == "SQ":
             self.items(element, clean)
         elif element.VR == "UI":

@@ -12,13 +12,17 @@ pipeline touches pixels:
 3. elements after it (Data Set Trailing Padding, Digital Signatures, private groups
    above 7FE0) are parsed and given to the steps too, when they are at most
    :data:`TAIL_LIMIT` bytes; larger ones are copied as raw bytes, unseen by the steps
-   (unless a step must see every element, as de-identification must: then the
-   object is refused);
+   (unless a step must see every element: see below);
 4. the steps run on that header;
 5. the new file is written: our File Meta (:func:`~dicomrouter.store.part10.encode_file_meta`:
    its SOP Instance UID follows the data set's, the implementation class UID is ours),
    the header, then the raw group-7FE0 bytes copied from the source in chunks
    (``os.sendfile`` where there is one), then the tail.
+
+A step that must see every element (``sees_every_element``: de-identification,
+``remove_private``) gets the whole file instead whenever the header-only path would
+hide something from it: elements after the pixel data too large to parse here, or
+pixel data whose extent the walk cannot tell (an item of undefined length).
 
 Memory is the header plus one chunk, whatever the size of the pixels. Unchanged header
 elements are written back byte for byte (pydicom re-encodes only the values it
@@ -104,7 +108,12 @@ def transformed_copy(
             if whole:
                 dataset = _whole(src, out, pipelines, context, syntax)
             else:
-                dataset = _header_only(src, out, pipelines, context, syntax, meta.data_set_offset)
+                try:
+                    dataset = _header_only(
+                        src, out, pipelines, context, syntax, meta.data_set_offset
+                    )
+                except _ReadWhole:  # raised before anything is written
+                    dataset = _whole(src, out, pipelines, context, syntax)
         return TransformedFile(
             path=path,
             sop_instance_uid=str(dataset.SOPInstanceUID),
@@ -152,13 +161,15 @@ def _header_only(
         stop_when=lambda tag, vr, length: tag >= PIXEL_GROUP,
     )
     raw_start = src.tell()
-    raw_end = _end_of_pixel_group(src, raw_start, size, implicit)
+    found_end = _end_of_pixel_group(src, raw_start, size, implicit)
+    raw_end = size if found_end is None else found_end
     tail_parsed = 0 < size - raw_end <= TAIL_LIMIT
-    if raw_end < size and not tail_parsed and _sees_every_element(pipelines):
-        raise TransformRefused(
-            f"{size - raw_end} bytes of elements follow the pixel data (more than "
-            f"{TAIL_LIMIT} are not parsed), and de-identification must see every element"
-        )
+    unseen = found_end is None or (raw_end < size and not tail_parsed)
+    if unseen and _sees_every_element(pipelines):
+        # Elements the walk cannot see (an item of undefined length inside the pixel
+        # data) or too large to parse here: a step that must see every element gets
+        # the whole file, as pydicom reads it.
+        raise _ReadWhole()
     if tail_parsed:
         src.seek(raw_end)
         tail = read_dataset(io.BytesIO(src.read()), is_implicit_VR=implicit, is_little_endian=True)
@@ -186,14 +197,19 @@ def _header_only(
     return head
 
 
+class _ReadWhole(Exception):
+    """The header-only path cannot show a step every element it must see."""
+
+
 def _sees_every_element(pipelines: Sequence[CompiledPipeline]) -> bool:
     return any(s.step.sees_every_element for p in pipelines for s in p.steps)
 
 
-def _end_of_pixel_group(src: BinaryIO, start: int, size: int, implicit: bool) -> int:
+def _end_of_pixel_group(src: BinaryIO, start: int, size: int, implicit: bool) -> int | None:
     """Where the elements of group 7FE0 starting at ``start`` end, reading only
-    element and item headers. The end of the file when it cannot tell (an item of
-    undefined length inside: then everything after is copied raw)."""
+    element and item headers; None when it cannot tell (an item of undefined length,
+    or not an item, inside: then everything after is copied raw, unless a step must
+    see every element)."""
     position = start
     while position + 8 <= size:
         src.seek(position)
@@ -206,7 +222,7 @@ def _end_of_pixel_group(src: BinaryIO, start: int, size: int, implicit: bool) ->
             position += 8
         elif header[4:6] in _LONG_VRS:
             if len(header) < 12:
-                return size
+                return None
             (length,) = struct.unpack_from("<L", header, 8)
             position += 12
         else:
@@ -219,13 +235,13 @@ def _end_of_pixel_group(src: BinaryIO, start: int, size: int, implicit: bool) ->
             src.seek(position)
             item = src.read(8)
             if len(item) < 8:
-                return size
+                return None
             item_group, item_element, item_length = struct.unpack("<HHL", item)
             position += 8
             if (item_group, item_element) == (0xFFFE, 0xE0DD):
                 break
             if item_length == _UNDEFINED or (item_group, item_element) != (0xFFFE, 0xE000):
-                return size
+                return None
             position += item_length
     return min(position, size)
 

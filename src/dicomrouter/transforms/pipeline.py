@@ -84,6 +84,11 @@ class CompiledPipeline:
         return any(s.step.needs_whole_file() for s in self.steps)
 
     @property
+    def keyed(self) -> bool:
+        """True when a step's output depends on a secret (see ``Step.keyed``)."""
+        return any(s.step.keyed for s in self.steps)
+
+    @property
     def label(self) -> str:
         """``research @ 3f2a1c``: how deliveries and the trace name it."""
         return f"{self.name} @ {self.version}"

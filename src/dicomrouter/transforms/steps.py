@@ -146,6 +146,12 @@ class RemoveElements(Step):
                 self.addresses.append(parse_address(text, creator))
             except TagError as exc:
                 raise StepConfigError(text, str(exc)) from None
+        # An element after the pixel data (group above 7FE0) may sit in a tail the
+        # header-only copy does not parse.
+        self.sees_every_element = any(
+            (a.tag.group if a.tag is not None else a.group) > PIXEL_GROUP >> 16
+            for a in self.addresses
+        )
 
     def needs_whole_file(self) -> bool:
         return _in_pixel_group(a.tag for a in self.addresses if a.tag is not None)
@@ -163,6 +169,7 @@ class RemovePrivate(Step):
     the kept elements could not be read)."""
 
     kind = "remove_private"
+    sees_every_element = True
 
     def __init__(self, config: RemovePrivateStep, where: str):
         self.where = where

@@ -334,7 +334,9 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
 def _mark_lossy(ds: Dataset, target: UID, source: UID, old_uid: str, native_size: int) -> None:
     """New identity and the Lossy Image Compression attributes (PS3.3 C.7.6.1.1.5)."""
     was_lossy = str(ds.get("LossyImageCompression", "")) == "01" or is_lossy(source)
-    ds.SOPInstanceUID = generate_uid()
+    # The same original sent lossy in the same syntax is the same new instance, so a
+    # resend (a retry after a lost association) is not a second copy at the peer.
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=["dicomrouter lossy", old_uid, str(target)])
     compressed = sum(len(f) for f in _fragments(ds))
     ratio = f"{native_size / max(1, compressed):.2f}"[:16]
     method = LOSSY_ENCODED[target][1]

@@ -26,7 +26,7 @@ from dicomrouter.control.routes import (
 )
 from dicomrouter.edge.auth import client_address
 from dicomrouter.edge.uploads import uploaded_files
-from dicomrouter.security import Principal
+from dicomrouter.security import Principal, Role
 
 from .common import ctx_of, operator, render, viewer
 
@@ -94,6 +94,7 @@ async def test_files(request: Request, principal: Principal = operator) -> HTMLR
                 actor=principal.name,
                 source=client_address(request),
                 transform=transform,
+                keyed_allowed=principal.may(Role.admin),
             )
         except ControlError as exc:
             return _page(request, principal, {"tester_error": str(exc), "calling_ae": calling_ae})
