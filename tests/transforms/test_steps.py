@@ -13,7 +13,7 @@ from pydicom.sequence import Sequence
 
 from dicomrouter.transforms import ObjectContext, PipelineError, TransformRefused
 from dicomrouter.transforms.base import TransformUnavailable
-from dicomrouter.transforms.dates import patient_offset
+from dicomrouter.transforms.pseudonyms import PatientKey, Pseudonymizer
 from tests.transforms.helpers import ct, pipeline, run
 
 CONTEXT = ObjectContext(
@@ -279,11 +279,15 @@ def test_shift_dates_per_patient_is_keyed_stable_and_nonzero() -> None:
     steps = [{"shift_dates": {"secret_env": "SHIFT_SECRET", "max_days": 30}}]
     first, second = run(steps, dated(), environ=environ), run(steps, dated(), environ=environ)
     assert first.StudyDate == second.StudyDate != "20240131"
-    offsets = {patient_offset(b"s3cret", f"P{i}", 30) for i in range(500)}
+    keyed, other = Pseudonymizer(b"s3cret"), Pseudonymizer(b"other")
+    offsets = {keyed.shift_days(PatientKey(f"P{i}"), 30) for i in range(500)}
     assert 0 not in offsets and min(offsets) == -30 and max(offsets) == 30
-    assert patient_offset(b"other", "P1", 30) != patient_offset(b"s3cret", "P1", 30) or (
-        patient_offset(b"other", "P2", 30) != patient_offset(b"s3cret", "P2", 30)
+    assert any(
+        other.shift_days(PatientKey(f"P{i}"), 30) != keyed.shift_days(PatientKey(f"P{i}"), 30)
+        for i in range(5)
     )
+    # The same patient under another issuer is another patient.
+    assert len({keyed.shift_days(PatientKey("P1", issuer), 3650) for issuer in "ABC"}) > 1
 
 
 def test_shift_dates_without_its_secret_is_unavailable() -> None:

@@ -5,12 +5,13 @@ Every DA element, and the date part of every DT element, anywhere in the data se
 intervals within an object, and within a patient, are kept. Times are not touched.
 
 The offset is either fixed (``days``) or per patient (``secret_env``): HMAC-SHA256
-keyed by the secret over the PatientID, read as a number of days in ``[-max_days,
-max_days]``, never 0. The same patient therefore gets the same offset on every
-object, every day and after restarts, and nobody without the secret can compute it
-from the PatientID. An object without PatientID is keyed on the empty text, so all such
-objects share one offset. The secret is read from the environment when the step
-runs; without it, the pipeline is unavailable (deliveries wait and retry).
+keyed by the secret over the patient's key (Patient ID within its issuer, else name
+and birth date: :class:`~.pseudonyms.PatientKey`, as de-identification keys its
+pseudonyms), read as a number of days in ``[-max_days, max_days]``, never 0. The
+same patient therefore gets the same offset on every object, every day and after
+restarts, and nobody without the secret can compute it from the Patient ID. The
+secret is read from the environment when the step runs; without it, the pipeline
+cannot run and its deliveries are held.
 
 A value with year or month precision only (DT ``2021`` or ``202103``) is kept: it has no
 day to shift. A non-empty value that is not a date is refused rather than sent
@@ -19,8 +20,6 @@ unshifted.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import re
 from collections.abc import Mapping
 from datetime import date, timedelta
@@ -31,18 +30,12 @@ from pydicom.multival import MultiValue
 from dicomrouter.config.transforms import ShiftDatesConfig
 
 from .base import ObjectContext, Step, TransformRefused, TransformUnavailable
+from .pseudonyms import PatientKey, Pseudonymizer
 from .tags import describe_tag
 
 _DA_RE = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
 _DT_RE = re.compile(r"^(\d{4})(\d{2})(\d{2})(.*)$")
 _PARTIAL_DT_RE = re.compile(r"^\d{4}(\d{2})?([+-]\d{4})?$")
-
-
-def patient_offset(secret: bytes, patient_id: str, max_days: int) -> int:
-    """The per-patient offset in days: in ``[-max_days, -1]`` or ``[1, max_days]``."""
-    digest = hmac.new(secret, patient_id.encode("utf-8"), hashlib.sha256).digest()
-    n = int.from_bytes(digest[:8], "big") % (2 * max_days)
-    return n - max_days if n < max_days else n - max_days + 1
 
 
 def shift_da(text: str, days: int) -> str:
@@ -92,8 +85,8 @@ class ShiftDates(Step):
                 f"{self.where}: the environment variable {name} (the secret of the "
                 "per-patient date offset) is not set"
             )
-        patient_id = str(dataset.get("PatientID", "") or "").strip(" \0")
-        return patient_offset(secret.encode("utf-8"), patient_id, self.config.max_days)
+        pseudonyms = Pseudonymizer(secret.encode("utf-8", "surrogateescape"))
+        return pseudonyms.shift_days(PatientKey.of(dataset), self.config.max_days)
 
     def apply(self, dataset: Dataset, context: ObjectContext) -> None:
         days = self.offset(dataset)

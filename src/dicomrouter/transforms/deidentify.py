@@ -330,12 +330,7 @@ class _Run:
         self.table = step._table
         self.pseudonyms = pseudonyms
         self.dataset = dataset
-        key = PatientKey(
-            patient_id=str(dataset.get("PatientID", "") or "").strip(),
-            issuer=str(dataset.get("IssuerOfPatientID", "") or "").strip(),
-            name=str(dataset.get("PatientName", "") or "").strip(),
-            birth_date=str(dataset.get("PatientBirthDate", "") or "").strip(),
-        )
+        key = PatientKey.of(dataset)
         self.patient = pseudonyms.patient_id(key, step.config.patient_id_prefix)
         self.offset: timedelta | None = None
         if "retain_longitudinal_modified_dates" in self.options:

@@ -17,6 +17,8 @@ import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from pydicom.dataset import Dataset
+
 from .base import TransformUnavailable
 
 #: The root of UIDs made from a 128-bit number (ISO/IEC 9834-8, PS3.5 B.2).
@@ -40,6 +42,20 @@ class PatientKey:
     issuer: str = ""
     name: str = ""
     birth_date: str = ""
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> PatientKey:
+        """The key of the patient an object belongs to."""
+
+        def text(keyword: str) -> str:
+            return str(dataset.get(keyword, "") or "").strip(" \0")
+
+        return cls(
+            patient_id=text("PatientID"),
+            issuer=text("IssuerOfPatientID"),
+            name=text("PatientName"),
+            birth_date=text("PatientBirthDate"),
+        )
 
     def material(self) -> bytes:
         if self.patient_id:
@@ -88,7 +104,16 @@ class Pseudonymizer:
         return prefix + code
 
     def date_offset_days(self, key: PatientKey) -> int:
-        """The patient's date shift: from -1 to -MAX_DATE_OFFSET_DAYS days, the same
-        for every object of the patient, so intervals between their dates are kept."""
-        number = int.from_bytes(self._digest("date-offset", key.material())[:8], "big")
-        return -(1 + number % MAX_DATE_OFFSET_DAYS)
+        """The patient's date shift for de-identification: from -1 to
+        -MAX_DATE_OFFSET_DAYS days, the same for every object of the patient, so
+        intervals between their dates are kept."""
+        return -(1 + self._offset_number(key) % MAX_DATE_OFFSET_DAYS)
+
+    def shift_days(self, key: PatientKey, max_days: int) -> int:
+        """The patient's shift for ``shift_dates``: in ``[-max_days, -1]`` or
+        ``[1, max_days]``, from the same keyed number as :meth:`date_offset_days`."""
+        n = self._offset_number(key) % (2 * max_days)
+        return n - max_days if n < max_days else n - max_days + 1
+
+    def _offset_number(self, key: PatientKey) -> int:
+        return int.from_bytes(self._digest("date-offset", key.material())[:8], "big")
