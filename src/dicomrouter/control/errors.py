@@ -24,3 +24,13 @@ class Conflict(ControlError):
 class Invalid(ControlError):
     """A request that can never succeed: an unknown state name, an empty bulk filter
     (HTTP 422)."""
+
+
+class Forbidden(ControlError):
+    """The caller's role does not allow this (HTTP 403)."""
+
+
+class Unavailable(ControlError):
+    """The action cannot be done now, for a reason on the server's side: a key
+    missing from its environment, a key that does not match what was recorded
+    (HTTP 503)."""
