@@ -280,3 +280,23 @@ def test_check_warns_when_the_key_is_not_set(tmp_path: Path) -> None:
         for f in findings
     )
     assert not [f for f in lint_pipelines(config, ENV) if "key_env" in f.where]
+
+
+def test_retention_keeps_the_mapping_and_purges_around_it(tmp_path: Path) -> None:
+    from dicomrouter.control.retention import purge
+    from dicomrouter.store import ObjectStore
+
+    engine, _ = deidentified(tmp_path, 2)
+    config = parse_config(
+        {
+            "storage": {"path": str(tmp_path / "data")},
+            "database": f"sqlite:///{tmp_path / 'index.sqlite'}",
+            "retention": {"keep_history": "1h"},
+        },
+        environ={},
+    )
+    store = ObjectStore(config.storage.path)
+    store.prepare()
+    report = purge(config, engine, store, actor="test", source="test")
+    assert report.purged == 0
+    assert rows.count(engine) == 6
