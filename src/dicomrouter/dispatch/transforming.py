@@ -165,7 +165,10 @@ class MappingRecorder:
         try:
             pseudonym_rows.record(self.engine, [asdict(r) for r in fresh])
         except Exception as exc:
-            log.warning("cannot record the re-identification mapping: %s", exc)
+            # The driver's error, not SQLAlchemy's: that one lists the parameters.
+            log.warning(
+                "cannot record the re-identification mapping: %s", getattr(exc, "orig", exc)
+            )
             raise TransformUnavailable(
                 f"cannot record the re-identification mapping: {type(exc).__name__}"
             ) from exc
