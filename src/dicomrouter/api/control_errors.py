@@ -3,7 +3,8 @@
 ``control.errors`` says what went wrong without knowing about HTTP; every router
 that calls the control plane wraps the call in :func:`http_errors` so the same error
 always gives the same code: unknown thing 404, action that does not apply 409,
-request that can never succeed 422.
+request that can never succeed 422, a role too small 403, a server-side reason
+(a key missing from its environment) 503.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from contextlib import contextmanager
 
 from fastapi import HTTPException, status
 
-from dicomrouter.control.errors import Conflict, Forbidden, Invalid, NotFound
+from dicomrouter.control.errors import Conflict, Forbidden, Invalid, NotFound, Unavailable
 
 
 @contextmanager
@@ -28,3 +29,5 @@ def http_errors() -> Iterator[None]:
         raise HTTPException(422, str(exc)) from exc
     except Forbidden as exc:
         raise HTTPException(status.HTTP_403_FORBIDDEN, str(exc)) from exc
+    except Unavailable as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc

@@ -26,6 +26,7 @@ from .common import (
 from .loops_cmd import loops_app
 from .purge_cmd import purge_command
 from .queue_cmd import queue_app
+from .reidentify_cmd import reidentify_command
 from .rules_cmd import check_command, test_rule_command
 from .security_cmd import hash_password_command, init_command, token_command
 from .send_cmd import send_command
@@ -43,6 +44,7 @@ app.command("check")(check_command)
 app.command("test-rule")(test_rule_command)
 app.command("send")(send_command)
 app.command("purge")(purge_command)
+app.command("reidentify")(reidentify_command)
 app.command("init")(init_command)
 app.command("hash-password")(hash_password_command)
 app.command("token")(token_command)

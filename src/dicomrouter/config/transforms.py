@@ -264,6 +264,19 @@ class ShiftDatesStep(_Step):
     shift_dates: ShiftDatesConfig = Field(..., description="The offset.")
 
 
+class ReidentifyMappingConfig(_Model):
+    """Where the key of the re-identification mapping comes from."""
+
+    key_env: str = Field(
+        ...,
+        min_length=1,
+        description="Environment variable holding the mapping key: any secret of at least "
+        "32 characters (e.g. `openssl rand -base64 32`). Keys are derived from it with "
+        "HKDF-SHA256; it is never written to the index or the logs. Unset at run time: "
+        "deliveries through the pipeline wait.",
+    )
+
+
 class DeidentifyConfig(_Model):
     secret_env: str = Field(
         ...,
@@ -279,6 +292,13 @@ class DeidentifyConfig(_Model):
         "secondary capture, ultrasound...). Unset: their delivery fails with the reason.",
     )
     patient_id_prefix: str = Field("", description="Prefix of pseudonymous Patient IDs.")
+    mapping: ReidentifyMappingConfig | None = Field(
+        None,
+        description="Record the re-identification mapping (original to pseudonym: "
+        "patient, study, series and instance UIDs, date offset), encrypted in the index, "
+        "readable only by `admin` and audited (docs/transforms-reidentify.md). Unset: "
+        "nothing is recorded.",
+    )
 
     @field_validator("options")
     @classmethod

@@ -27,5 +27,12 @@ class Invalid(ControlError):
 
 
 class Forbidden(ControlError):
-    """The caller's role may not do this (HTTP 403): a dry run through a pipeline
-    keyed by a secret shows real pseudonyms, so only an admin may run one."""
+    """The caller's role does not allow this (HTTP 403): an admin-only read (the
+    re-identification mapping), a dry run through a pipeline keyed by a secret (it
+    shows real pseudonyms)."""
+
+
+class Unavailable(ControlError):
+    """The action cannot be done now, for a reason on the server's side: a key
+    missing from its environment, a key that does not match what was recorded
+    (HTTP 503)."""

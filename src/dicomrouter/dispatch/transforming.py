@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -25,10 +25,12 @@ from sqlalchemy import Engine, func, select
 from dicomrouter.config import RouterConfig
 from dicomrouter.destinations import PreparedFile
 from dicomrouter.queue import QueuedInstance
+from dicomrouter.store import pseudonyms as pseudonym_rows
 from dicomrouter.store.private import private_dir
 from dicomrouter.store.schema import config_versions
 from dicomrouter.transforms import (
     CompiledPipeline,
+    MappingRecord,
     ObjectContext,
     PipelineError,
     TransformUnavailable,
@@ -72,6 +74,7 @@ class Transforms:
         """Bumped by a reload that changes what any delivery goes through (a pipeline's
         version, a destination's pipeline): a send in flight stops between instances,
         so nothing more goes out under the old transforms."""
+        self.recorder = MappingRecorder(engine)
         self.apply(config)
 
     def prepare_workdir(self) -> None:
@@ -145,14 +148,68 @@ class Transforms:
         return Chain(chosen, label)
 
 
+class MappingRecorder:
+    """Commits the re-identification mappings a copy's steps reported, before the
+    copy is sent.
+
+    Order is what makes it safe: copy made, mappings committed, then sent. A crash
+    between the commit and the send loses nothing (the delivery is sent again, and
+    recording again is a no-op); a failed commit sends nothing (the delivery waits).
+    The dispatch engine commits with ``synchronous=NORMAL``: a power loss may forget
+    the last commits, but the WAL keeps them in order, so it forgets the delivery's
+    result too, and the delivery is sent, and its mapping recorded, again.
+
+    Rows already committed by this process are remembered (a bounded set), so a
+    study's thousand instances write their patient, study and series rows once.
+    """
+
+    #: How many recently committed rows are remembered.
+    REMEMBERED = 65536
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._done: dict[tuple[str, str, str], None] = {}
+
+    def commit(self, records: list[MappingRecord]) -> None:
+        """Record ``records``; TransformUnavailable if the index refuses them."""
+        with self._lock:
+            fresh = [r for r in records if (r.pipeline, r.kind, r.lookup) not in self._done]
+        if not fresh:
+            return
+        try:
+            pseudonym_rows.record(self.engine, [asdict(r) for r in fresh])
+        except Exception as exc:
+            # The driver's error, not SQLAlchemy's: that one lists the parameters.
+            log.warning(
+                "cannot record the re-identification mapping: %s", getattr(exc, "orig", exc)
+            )
+            raise TransformUnavailable(
+                f"cannot record the re-identification mapping: {type(exc).__name__}"
+            ) from exc
+        with self._lock:
+            for r in fresh:
+                self._done[(r.pipeline, r.kind, r.lookup)] = None
+            while len(self._done) > self.REMEMBERED:
+                self._done.pop(next(iter(self._done)))
+
+
 def preparer(
-    chain: Chain, item: QueuedInstance, source: Path, workdir: Path
+    chain: Chain,
+    item: QueuedInstance,
+    source: Path,
+    workdir: Path,
+    recorder: MappingRecorder | None = None,
 ) -> Callable[[], PreparedFile] | None:
     """What the sender calls just before sending ``item``: the transformed copy.
-    None when no pipeline applies (the stored file goes out byte for byte)."""
+    None when no pipeline applies (the stored file goes out byte for byte).
+
+    Mappings the steps report (a ``deidentify`` with ``mapping``) are committed
+    through ``recorder`` before the copy is handed over; without a recorder a step
+    that reports one makes the delivery wait rather than go out unrecorded."""
     if not chain.pipelines:
         return None
-    context = ObjectContext(
+    base = ObjectContext(
         calling_ae=item.calling_ae,
         called_ae=item.called_ae,
         source_address=item.source_address,
@@ -160,10 +217,20 @@ def preparer(
     )
 
     def prepare() -> PreparedFile:
+        reported: list[MappingRecord] = []
+        context = replace(base, record=reported.append)
         try:
             copy = transformed_copy(source, chain.pipelines, context, workdir)
         except OSError as exc:  # disk full in outgoing/, unreadable original...
             raise TransformUnavailable(f"cannot write the transformed copy: {exc}") from exc
+        if reported:
+            try:
+                if recorder is None:
+                    raise TransformUnavailable("no recorder for the re-identification mapping")
+                recorder.commit(reported)
+            except BaseException:
+                copy.path.unlink(missing_ok=True)
+                raise
         return PreparedFile(
             path=copy.path,
             sop_instance_uid=copy.sop_instance_uid,

@@ -239,7 +239,9 @@ class DestinationWorker(threading.Thread):
                     sop_class_uid=item.sop_class_uid,
                     sop_instance_uid=item.sop_instance_uid,
                     transfer_syntax_uid=item.transfer_syntax_uid,
-                    prepare=preparer(chain, item, source, self.transforms.workdir),
+                    prepare=preparer(
+                        chain, item, source, self.transforms.workdir, self.transforms.recorder
+                    ),
                 )
             )
         return by_key, batch, settled

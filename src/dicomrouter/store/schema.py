@@ -308,6 +308,31 @@ http_sessions = Table(
     Column("source", String(64), nullable=False, default=""),  # address at login
 )
 
+# The optional re-identification mapping of de-identifying pipelines (a
+# ``deidentify`` step with ``mapping``): original -> pseudonym, one row per
+# (pipeline, kind, original). The original is AES-GCM encrypted (``sealed``) under a
+# key from the environment, never stored here; ``lookup`` is an HMAC of it under the
+# same key, so a row is found (and recorded once) without decrypting any; the
+# pseudonym is in clear, indexed, for look-ups by pseudonym. Read only by admins,
+# through control.reidentify, audited. Not touched by retention: a mapping is needed
+# as long as the pseudonymous data may come back. No foreign key: it outlives the
+# instances it was made from. Added to version 7 before its release:
+# ``metadata.create_all`` creates it on an existing index, so no migration.
+pseudonym_map = Table(
+    "pseudonym_map",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("pipeline", String(128), nullable=False),
+    Column("kind", String(16), nullable=False),  # patient|date_offset|study|series|instance
+    Column("lookup", String(64), nullable=False),  # HMAC-SHA256 hex of the original
+    Column("pseudonym", String(128), nullable=False, index=True),
+    Column("sealed", Text, nullable=False),  # base64(nonce + AES-256-GCM ciphertext)
+    Column("key_id", String(16), nullable=False),  # names the key, derived from it
+    Column("recorded_at", Float, nullable=False),
+    UniqueConstraint("pipeline", "kind", "lookup", name="uq_pseudonym_map_original"),
+)
+Index("ix_pseudonym_map_lookup", pseudonym_map.c.lookup)
+
 __all__ = [
     "audit_log",
     "config_versions",
@@ -321,6 +346,7 @@ __all__ = [
     "meta_info",
     "metadata",
     "process_heartbeats",
+    "pseudonym_map",
     "purge_runs",
     "route_matches",
     "triggers",

@@ -7,7 +7,7 @@ decoded), and shown before/after by :func:`diff_datasets` in dry runs. See
 ``docs/transforms.md``.
 """
 
-from .base import ObjectContext, Step, TransformRefused, TransformUnavailable
+from .base import MappingRecord, ObjectContext, Step, TransformRefused, TransformUnavailable
 from .diff import DiffRow, diff_datasets
 from .output import TransformedFile, transformed_copy
 from .pipeline import (
@@ -25,6 +25,7 @@ __all__ = [
     "STEP_BUILDERS",
     "CompiledPipeline",
     "DiffRow",
+    "MappingRecord",
     "ObjectContext",
     "PipelineError",
     "Step",

@@ -9,6 +9,7 @@ data through without decoding it unless a step says it ``touches_pixels``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import ClassVar
@@ -29,13 +30,39 @@ class TransformUnavailable(Exception):
 
 
 @dataclass(frozen=True)
+class MappingRecord:
+    """One entry of the re-identification mapping, sealed by the step that made it
+    (:mod:`.mapping`): the original is encrypted, the pseudonym is in clear. The
+    dispatch side stores it (``store.pseudonyms``); nothing here writes the index."""
+
+    pipeline: str
+    kind: str
+    """``patient``, ``date_offset``, ``study``, ``series`` or ``instance``."""
+    lookup: str
+    """HMAC-SHA256 (hex) of the original under the mapping key: finds the row from
+    the original without decrypting every row, and makes recording idempotent."""
+    pseudonym: str
+    sealed: str
+    """The original (JSON), AES-256-GCM encrypted, base64."""
+    key_id: str
+    """Names the key it was sealed with (derived from it, not the key)."""
+
+
+@dataclass(frozen=True)
 class ObjectContext:
-    """How the object arrived: the pseudo-keys templates and rules may read."""
+    """How the object arrived: the pseudo-keys templates and rules may read; and,
+    while a delivery's copy is made, where mappings to keep are reported."""
 
     calling_ae: str = ""
     called_ae: str = ""
     source_address: str = ""
     received_at: datetime | None = None
+    pipeline: str = ""
+    """The pipeline running (set by :meth:`CompiledPipeline.apply`)."""
+    record: Callable[[MappingRecord], None] | None = None
+    """Where a step reports what it mapped for re-identification (``deidentify``
+    with ``mapping``). None (dry runs, ``test-rule``): nothing is kept. The dispatch
+    worker commits what was reported before the copy is sent."""
 
 
 class Step(ABC):

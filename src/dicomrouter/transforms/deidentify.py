@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
 
@@ -27,7 +28,8 @@ from pydicom.uid import UID_dictionary  # type: ignore[attr-defined]
 from dicomrouter.config.transforms import DeidentifyConfig
 
 from .annex_e import ActionTable
-from .base import ObjectContext, Step, TransformRefused
+from .base import MappingRecord, ObjectContext, Step, TransformRefused
+from .mapping import MappingKey
 from .pseudonyms import PatientKey, Pseudonymizer
 
 #: The profile and each option: its code (CID 7050, scheme DCM, pydicom's keyword).
@@ -186,13 +188,27 @@ class Deidentify(Step):
         """The keyed functions; TransformUnavailable if the secret is not set."""
         return Pseudonymizer.from_environ(self.config.secret_env, self._environ)
 
+    def mapping_key(self) -> MappingKey | None:
+        """The re-identification mapping's key, None when no mapping is configured;
+        TransformUnavailable if it is configured and its key is not set: nothing
+        goes out unrecorded."""
+        if self.config.mapping is None:
+            return None
+        return MappingKey.from_environ(self.config.mapping.key_env, self._environ)
+
     def apply(self, dataset: Dataset, context: ObjectContext) -> None:
         pseudonyms = self.pseudonymizer()
+        key = self.mapping_key()
         if not self.config.allow_burned_in:
             reason = self.refusal(dataset)
             if reason:
                 raise TransformRefused(reason)
-        _Run(self, pseudonyms, dataset).run()
+        run = _Run(self, pseudonyms, dataset)
+        originals = _Originals.of(dataset) if key is not None else None
+        run.run()
+        if key is not None and originals is not None and context.record is not None:
+            for record in originals.records(key, context.pipeline, run):
+                context.record(record)
 
     @staticmethod
     def refusal(dataset: Dataset) -> str | None:
@@ -219,6 +235,55 @@ class Deidentify(Step):
         if modality in BURNED_IN_MODALITIES:
             return f"Modality {modality} with BurnedInAnnotation {said}: {tail}"
         return None
+
+
+@dataclass(frozen=True)
+class _Originals:
+    """What the re-identification mapping keeps of one object, read before the
+    profile changes it."""
+
+    patient: PatientKey
+    uids: tuple[tuple[str, str], ...]  # (kind, original UID)
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> _Originals:
+        uids = []
+        for kind, keyword in _MAPPED_UIDS:
+            uid = str(dataset.get(keyword, "") or "").strip("\x00 ")
+            if uid and not _is_well_known(uid):
+                uids.append((kind, uid))
+        return cls(PatientKey.of(dataset), tuple(uids))
+
+    def records(self, key: MappingKey, pipeline: str, run: _Run) -> Iterator[MappingRecord]:
+        material = self.patient.material()
+        original = {
+            "PatientID": self.patient.patient_id,
+            "IssuerOfPatientID": self.patient.issuer,
+            "PatientName": self.patient.name,
+            "PatientBirthDate": self.patient.birth_date,
+        }
+        yield key.seal(pipeline, "patient", material, run.patient, original)
+        if run.offset is not None:
+            days = {"days": run.offset.days}
+            yield key.seal(pipeline, "date_offset", material, run.patient, days)
+        if run.retain_uids:
+            return
+        for kind, uid in self.uids:
+            yield key.seal(
+                pipeline,
+                kind,
+                uid.encode("ascii", "replace"),
+                run.pseudonyms.uid(uid),
+                {"uid": uid},
+            )
+
+
+#: The UIDs the mapping records, by kind.
+_MAPPED_UIDS = (
+    ("study", "StudyInstanceUID"),
+    ("series", "SeriesInstanceUID"),
+    ("instance", "SOPInstanceUID"),
+)
 
 
 class _Scrubber:

@@ -6,7 +6,8 @@ literal ``set`` value too long for its VR, a ``map`` table that is missing, unre
 or malformed (deliveries through it would wait forever).
 
 Warnings, because it may be fine where the service runs or is only suspicious: a
-``secret_env`` that is not set in *this* environment (``check`` often runs in a shell,
+``secret_env`` or a re-identification ``mapping.key_env`` that is not set (or too
+short) in *this* environment (``check`` often runs in a shell,
 the service has its own environment), a ``replace`` whose pattern only ever matches
 the empty string and replaces it with nothing, a pipeline nothing uses, a step kind
 this build cannot run.
@@ -24,7 +25,9 @@ from dicomrouter.config import RouterConfig
 from dicomrouter.config.lint import Finding
 from dicomrouter.config.transforms import MapStep, ReplaceStep
 
+from .base import TransformUnavailable
 from .lookup import TableError, read_table
+from .mapping import MappingKey
 from .pipeline import PipelineError, compile_pipeline
 
 #: Values a pattern is tried on to tell whether it matches anything but "".
@@ -63,6 +66,19 @@ def _step_findings(step: Any, where: str, environ: Mapping[str, str]) -> list[Fi
                 "is set",
             )
         )
+    mapping = getattr(getattr(step, step.kind, None), "mapping", None)
+    if mapping is not None:
+        try:
+            MappingKey.from_environ(mapping.key_env, environ)
+        except TransformUnavailable as exc:
+            findings.append(
+                Finding(
+                    "warning",
+                    f"{where}.mapping.key_env",
+                    f"{exc}; if the service does not have it either, deliveries through "
+                    "this pipeline wait until it is set",
+                )
+            )
     if isinstance(step, ReplaceStep):
         for key, replacement in step.replace.items():
             if not replacement.with_ and _only_matches_empty(replacement.pattern):

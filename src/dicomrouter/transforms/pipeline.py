@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -97,6 +97,8 @@ class CompiledPipeline:
         """Run the steps in order on ``dataset`` (in place). TransformRefused and
         TransformUnavailable propagate; any other error of a step refuses the object
         with the step's key path (a value pydicom cannot decode, for instance)."""
+        if context.pipeline != self.name:
+            context = replace(context, pipeline=self.name)
         for compiled in self.steps:
             if compiled.condition is not None:
                 facts = InstanceFacts(
