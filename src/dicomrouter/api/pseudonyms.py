@@ -1,6 +1,6 @@
 """``GET /api/v1/pseudonyms/{pseudonym}`` and ``GET /api/v1/pseudonyms?original=``:
 re-identification, from the mapping de-identifying pipelines record when their step
-has ``mapping`` (docs/transforms-reidentify.md).
+has ``mapping`` (docs/transforms.md, "Re-identification").
 
 Admin only, and every read is audited (``control.reidentify``, which also audits
 refused reads: the route lets any signed-in caller in so that a viewer's or an

@@ -296,8 +296,8 @@ class DeidentifyConfig(_Model):
         None,
         description="Record the re-identification mapping (original to pseudonym: "
         "patient, study, series and instance UIDs, date offset), encrypted in the index, "
-        "readable only by `admin` and audited (docs/transforms-reidentify.md). Unset: "
-        "nothing is recorded.",
+        "readable only by `admin` and audited (docs/transforms.md, Re-identification). "
+        "Unset: nothing is recorded.",
     )
 
     @field_validator("options")
