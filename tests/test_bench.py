@@ -57,3 +57,50 @@ def test_every_leg_runs_with_two_senders(tmp_path: Path, dcmtk: None, orthanc_bi
     assert payload["machine"]["dicomrouter"].startswith(str(ROOT / "src"))
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith("dicomrouter-bench-")]
     assert leftovers == []  # the scratch folder is removed
+
+
+def _bench(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result
+
+
+def test_transforms_bench_runs_every_leg_on_a_few_files(dcmtk: None) -> None:
+    """bench/transforms_bench.py on 3 files, 1 round. dicognito is a bench-only tool:
+    where it is not installed, the leg is skipped on purpose, and the script says so."""
+    import transforms_bench
+
+    args = ["--files", "3", "--rounds", "1", "--quick"]
+    absent = transforms_bench.dicognito_missing(transforms_bench.DEFAULT_DICOGNITO_LIB)
+    if absent:
+        args.append("--no-dicognito")
+    out = _bench("transforms_bench.py", *args).stdout
+    assert "| dataset | leg | instances/s | MB/s | median s | runs (s) |" in out
+    legs = ["dicomrouter coercion", "dcmodify", "dicomrouter deidentify"]
+    for dataset in ("synthetic CT 512x512x16", "pydicom test files"):
+        for leg in legs:
+            assert any(
+                line.startswith(f"| {dataset}") and f"| {leg} |" in line
+                for line in out.splitlines()
+            ), (dataset, leg, out)
+    if absent:
+        assert "dicognito leg skipped: --no-dicognito given" in out
+        assert "| dicognito |" not in out
+    else:
+        assert "| dicognito |" in out
+
+
+def test_transform_memory_bench_routes_a_small_study_both_ways(dcmtk: None) -> None:
+    """bench/transform_memory_bench.py on a 10 MB study: both legs run, every
+    instance arrives (with the new tags through the pipeline), RSS is reported."""
+    out = _bench("transform_memory_bench.py", "--size-gb", "0.01", "--rounds", "1").stdout
+    assert "| 1 | byte-for-byte |" in out and "| 1 | tag-only pipeline |" in out
+    assert "throughput pipeline / byte-for-byte" in out
+    assert "- tag-only pipeline: 20/20 arrived, new tags in all, pixels equal in 20" in out
+    assert "- byte-for-byte: 20/20 arrived, original tags in all" in out
