@@ -360,12 +360,17 @@ def storescp(
 
 @contextlib.contextmanager
 def router(
-    workdir: Path, name: str, dest_port: int, tls: bool = False
+    workdir: Path,
+    name: str,
+    dest_port: int,
+    tls: bool = False,
+    pipeline: list[dict[str, Any]] | None = None,
 ) -> Iterator[tuple[int, int]]:
     """A fresh ``python -m dicomrouter serve`` forwarding everything to ``dest_port``.
     Yields (the port to send to, the router's pid). With ``tls``, that port is a
     ``dicom.tls`` listener (the PKI's server certificate, client certificates
-    required); the plain port stays, for the C-ECHO readiness check."""
+    required); the plain port stays, for the C-ECHO readiness check. With
+    ``pipeline`` (transform steps), the route sends through it."""
     port, http_port = free_port(), free_port()
     storage = workdir / f"{name}-router-storage"
     shutil.rmtree(storage, ignore_errors=True)
@@ -390,6 +395,9 @@ def router(
         "routes": [{"name": "all", "trigger": "instance", "to": ["dest"]}],
         "log_level": "WARNING",
     }
+    if pipeline is not None:
+        config["transforms"] = {"bench": pipeline}
+        config["routes"][0]["transform"] = "bench"
     config_path = workdir / f"{name}-router.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     log_path = workdir / f"{name}-router.log"

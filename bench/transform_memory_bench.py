@@ -43,17 +43,13 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import yaml
 from pydicom import dcmread
 
 BENCH = Path(__file__).resolve().parent
@@ -63,20 +59,15 @@ for entry in (str(REPO), str(BENCH)):
         sys.path.insert(0, entry)  # tests.support and run_bench when run as a script
 
 from run_bench import (  # noqa: E402
-    DEST_AET,
     ROUTER_AET,
     BenchError,
     _children,
-    _env,
+    router,
     send_and_wait,
-    stop_process,
     storescp,
     timeout_for,
-    wait_echo,
-    wait_ready,
 )
 
-from tests.support.dcmtk import free_port  # noqa: E402
 from tests.support.synth import LARGE_SHAPE, instances_for_bytes, iter_study  # noqa: E402
 
 MB = 1_000_000
@@ -157,53 +148,6 @@ class Sampler:
 # --------------------------------------------------------------------------- router
 
 
-@contextlib.contextmanager
-def router(workdir: Path, name: str, dest_port: int, transform: bool) -> Iterator[tuple[int, int]]:
-    """A fresh ``dicomrouter serve`` forwarding everything to ``dest_port``, through
-    the tag-only pipeline if ``transform``. Yields (DICOM port, node pid)."""
-    port, http_port = free_port(), free_port()
-    storage = workdir / f"{name}-storage"
-    shutil.rmtree(storage, ignore_errors=True)
-    route: dict[str, Any] = {"name": "all", "trigger": "instance", "to": ["dest"]}
-    config: dict[str, Any] = {
-        "ae_title": ROUTER_AET,
-        "dicom": {"port": port, "bind": "127.0.0.1"},
-        "http": {"port": http_port, "bind": "127.0.0.1"},
-        "storage": {"path": str(storage)},
-        "destinations": {"dest": {"ae_title": DEST_AET, "host": "127.0.0.1", "port": dest_port}},
-        "routes": [route],
-        "log_level": "WARNING",
-    }
-    if transform:
-        config["transforms"] = {"tagfix": PIPELINE}
-        route["transform"] = "tagfix"
-    config_path = workdir / f"{name}-router.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    log_path = workdir / f"{name}-router.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dicomrouter", "serve", "--config", str(config_path)],
-        cwd=workdir,
-        env=_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        try:
-            wait_echo(ROUTER_AET, port, proc, 30, "dicomrouter")
-            wait_ready(f"http://127.0.0.1:{http_port}/readyz", proc, 30, "dicomrouter")
-        except BenchError as exc:
-            tail = log_path.read_text(errors="replace").splitlines()[-5:]
-            raise BenchError(f"{exc}: {' | '.join(tail)}") from exc
-        yield port, proc.pid
-    finally:
-        stop_process(proc)
-        log.close()
-        shutil.rmtree(storage, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------- runs
 
 
@@ -278,7 +222,10 @@ def run_leg(workdir: Path, study: Study, leg: str, timeout: float) -> Run:
     name = "pipeline" if transform else "plain"
     with (
         storescp(workdir, name) as (dest_port, outdir),
-        router(workdir, name, dest_port, transform) as (port, node),
+        router(workdir, name, dest_port, pipeline=PIPELINE if transform else None) as (
+            port,
+            node,
+        ),
     ):
         pids = router_pids(node)
         missing = [role for role in ROLES if role not in pids]

@@ -69,9 +69,8 @@ _SERVER = "api/server.py, as the TLS change found it; to move to module level af
 
 #: (importing module, imported module) -> why the import sits inside a function.
 LAZY: dict[tuple[str, str], str] = {
-    ("dicomrouter.config.models", "dicomrouter.rules"): "rules load pydicom: "
+    ("dicomrouter.config.problems", "dicomrouter.rules"): "rules load pydicom: "
     "`dicomrouter serve` reads its configuration before it excludes numpy",
-    ("dicomrouter.config.transforms", "dicomrouter.rules"): "the same, for a step's `when`",
     ("dicomrouter.destinations", "dicomrouter.destinations.dicom"): "the sender "
     "(pynetdicom) loads on first use: the HTTP process needs it only for an echo",
     ("dicomrouter.control.destinations", "dicomrouter.destinations.dicom"): "the same, "

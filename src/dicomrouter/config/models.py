@@ -28,7 +28,7 @@ from dicomrouter.security import check_password_hash_format, check_token_hash_fo
 from dicomrouter.units import Duration, Window
 
 from .hosts import is_local_host
-from .problems import ConfigProblems, KeyPath
+from .problems import ConfigProblems, KeyPath, checked_rule
 from .transforms import (
     LOSSLESS_SYNTAXES,
     LOSSY_SYNTAXES,
@@ -530,21 +530,9 @@ class RouteConfig(_Model):
         "normal", description="Job priority: urgent jobs are claimed first, low ones last."
     )
 
-    @field_validator("when")
-    @classmethod
-    def _compile_when(cls, when: dict[str, Any] | None) -> dict[str, Any] | None:
-        # A field validator, not a model one: a typo elsewhere in the route does not
-        # hide an error in its rule. Imported here, not at the top: the rules load
-        # pydicom (and numpy with it), which `dicomrouter serve` must keep out until
-        # it has excluded numpy.
-        from dicomrouter.rules import RuleError, compile_condition
-
-        if when is not None:
-            try:
-                compile_condition(when)
-            except RuleError as exc:
-                raise ConfigProblems([((exc.path,) if exc.path else (), exc.message)]) from None
-        return when
+    # A field validator, not a model one: a typo elsewhere in the route does not hide
+    # an error in its rule.
+    _compile_when = field_validator("when")(classmethod(lambda cls, when: checked_rule(when)))
 
     @property
     def forward_level(self) -> ForwardLevel:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -25,7 +25,7 @@ from pydantic import (
     field_validator,
 )
 
-from .problems import ConfigProblems
+from .problems import checked_rule
 
 #: The step keys, in the order the documentation lists them.
 STEP_KINDS = (
@@ -41,18 +41,6 @@ STEP_KINDS = (
 
 #: PS3.15 Annex E options of the Basic Application Level Confidentiality Profile, by
 #: the standard's names in snake_case (table E.1-1's columns).
-DEIDENTIFY_OPTIONS = (
-    "retain_safe_private",
-    "retain_uids",
-    "retain_device_identity",
-    "retain_institution_identity",
-    "retain_patient_characteristics",
-    "retain_longitudinal_full_dates",
-    "retain_longitudinal_modified_dates",
-    "clean_descriptors",
-    "clean_structured_content",
-    "clean_graphics",
-)
 DeidentifyOption = Literal[
     "retain_safe_private",
     "retain_uids",
@@ -65,6 +53,7 @@ DeidentifyOption = Literal[
     "clean_structured_content",
     "clean_graphics",
 ]
+DEIDENTIFY_OPTIONS: tuple[str, ...] = get_args(DeidentifyOption)
 
 #: Transfer syntaxes a destination may ask for, by name (a UID is accepted too).
 #: ``as-received`` sends each file in the syntax it was stored in.
@@ -116,19 +105,7 @@ class _Step(_Model):
         None, description="Apply the step only to objects matching this rule (docs/rules.md)."
     )
 
-    @field_validator("when")
-    @classmethod
-    def _compile_when(cls, when: Rule | None) -> Rule | None:
-        # Imported here: the rules load pydicom, which `serve` keeps out until it
-        # has excluded numpy (see RouteConfig._compile_when).
-        from dicomrouter.rules import RuleError, compile_condition
-
-        if when is not None:
-            try:
-                compile_condition(when)
-            except RuleError as exc:
-                raise ConfigProblems([((exc.path,) if exc.path else (), exc.message)]) from None
-        return when
+    _compile_when = field_validator("when")(classmethod(lambda cls, when: checked_rule(when)))
 
     @property
     def kind(self) -> str:
