@@ -441,8 +441,7 @@ class DicomDestinationConfig(_Model):
         "`implicit-little`, `deflated`, `rle`, `jpeg-ls-lossless`, `jpeg2000-lossless`, "
         "`jpeg-lossless-sv1`, `htj2k-lossless`; lossy: `jpeg-ls-near-lossless`, `jpeg2000`, "
         "`jpeg-baseline`) or UID. Refused by the destination: as received, then Explicit VR "
-        "Little Endian. `jpeg-lossless-sv1`, `htj2k-lossless` and `jpeg-baseline` have no "
-        "encoder here and are refused.",
+        "Little Endian. `jpeg-baseline` has no encoder here and is refused.",
     )
     allow_lossy: bool = Field(
         False, description="Allow a lossy `transfer_syntax` (it gets a new SOP Instance UID)."

@@ -79,10 +79,6 @@ LOSSY_SYNTAXES = {
 #: refused by ``check`` rather than failing at send time (tests/transforms/
 #: test_transcode.py checks that these, and only these, have no encoder).
 NO_ENCODER = {
-    "1.2.840.10008.1.2.4.70": "pydicom 3 has no JPEG Lossless (Process 14, SV1) encoder and "
-    "pylibjpeg-libjpeg only decodes",
-    "1.2.840.10008.1.2.4.201": "pylibjpeg-openjpeg (OpenJPEG) encodes JPEG 2000 but not "
-    "High-Throughput JPEG 2000",
     "1.2.840.10008.1.2.4.50": "pydicom 3 has no JPEG Baseline encoder",
 }
 

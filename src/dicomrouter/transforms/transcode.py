@@ -1,6 +1,7 @@
 """Change the transfer syntax of one data set: decode its pixel data and encode it
 again, with pydicom's pixel encoders and decoders (pylibjpeg, openjpeg, pyjpegls
-and the RLE plugins).
+and the RLE plugins), and for JPEG Lossless SV1 and HTJ2K Lossless, which pydicom
+3.0 does not encode, the imagecodecs plugin in :mod:`dicomrouter.transforms.codecs`.
 
 What a destination may ask for, and why some syntaxes are refused, is in
 ``docs/transforms.md`` ("Transfer syntax per destination"). In short:
@@ -52,6 +53,7 @@ from pydicom.uid import (
 )
 
 from dicomrouter.config.transforms import NO_ENCODER
+from dicomrouter.transforms import codecs
 
 if TYPE_CHECKING:
     import numpy as np
@@ -63,8 +65,11 @@ log = logging.getLogger(__name__)
 NATIVE_SYNTAXES = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
 _DEFLATED = DeflatedExplicitVRLittleEndian
 
-#: Lossless compressed syntaxes we can encode (when the plugin is installed).
-LOSSLESS_ENCODED = frozenset({RLELossless, JPEGLSLossless, JPEG2000Lossless})
+#: Lossless compressed syntaxes we can encode (when the plugin is installed); the
+#: last two with :mod:`dicomrouter.transforms.codecs` (imagecodecs).
+LOSSLESS_ENCODED = frozenset(
+    {RLELossless, JPEGLSLossless, JPEG2000Lossless, JPEGLosslessSV1, HTJ2KLossless}
+)
 #: Lossy syntaxes we can encode, with the encoder's settings and the value of
 #: LossyImageCompressionMethod (PS3.3 C.7.6.1.1.5.1).
 LOSSY_ENCODED: Mapping[str, tuple[dict[str, object], str]] = {
@@ -142,6 +147,8 @@ def can_encode(target: str) -> bool:
         return True
     if ts not in LOSSLESS_ENCODED and ts not in LOSSY_ENCODED:
         return False
+    if ts in codecs.SYNTAXES:
+        return codecs.is_available(ts)
     from pydicom.pixels import get_encoder
 
     try:
@@ -216,7 +223,10 @@ def transcode(dataset: Dataset, target_uid: str, *, allow_lossy: bool) -> Datase
     old_uid = str(dataset.SOPInstanceUID)
     native_size = len(dataset.PixelData)
     try:
-        dataset.compress(target, generate_instance_uid=False, **kwargs)  # type: ignore[arg-type]
+        if target in codecs.SYNTAXES:
+            codecs.compress(dataset, target)
+        else:
+            dataset.compress(target, generate_instance_uid=False, **kwargs)  # type: ignore[arg-type]
     except Exception as exc:
         raise TranscodeError(f"encoding {_label(target)} failed: {_one_line(exc)}") from exc
     if lossy:
@@ -272,6 +282,8 @@ def _missing(source: UID, target: UID) -> str:
     for uid, getter, what in ((source, get_decoder, "decoder"), (target, get_encoder, "encoder")):
         if uid in NATIVE_SYNTAXES or uid == _DEFLATED:
             continue
+        if what == "encoder" and uid in codecs.SYNTAXES:
+            getter = codecs.get_encoder
         try:
             codec = getter(uid)
         except NotImplementedError:
