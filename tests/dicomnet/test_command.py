@@ -1,7 +1,7 @@
 """DIMSE command sets (dicomnet.command) against pynetdicom's DIMSE encoder.
 
 What is proven: for each kind of message we send or answer (C-STORE-RQ/RSP,
-C-ECHO-RQ, C-FIND-RQ/RSP, C-MOVE-RSP, N-ACTION-RQ, N-EVENT-REPORT-RQ),
+C-ECHO-RQ, C-FIND-RQ/RSP, C-MOVE-RSP, N-ACTION-RQ/RSP, N-EVENT-REPORT-RQ/RSP),
 ``Command.encode`` writes the same bytes as pynetdicom's ``dimse_messages`` encoded
 by pydicom in Implicit VR Little Endian (the technique of tests/test_wire.py: the
 command PDVs pynetdicom's ``encode_msg`` produces, joined); ``Command.decode`` reads
@@ -27,7 +27,9 @@ from pynetdicom.dimse_messages import (
     C_STORE_RQ,
     C_STORE_RSP,
     N_ACTION_RQ,
+    N_ACTION_RSP,
     N_EVENT_REPORT_RQ,
+    N_EVENT_REPORT_RSP,
 )
 from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_MOVE, C_STORE, N_ACTION, N_EVENT_REPORT
 
@@ -194,6 +196,49 @@ CASES: dict[str, tuple[Command, Any, Any]] = {
             AffectedSOPInstanceUID=COMMITMENT_INSTANCE,
             EventTypeID=2,
             EventInformation=SOME_DATA,
+        ),
+    ),
+    "N-ACTION-RQ from Command.action": (
+        Command.action(23, STORAGE_COMMITMENT, COMMITMENT_INSTANCE, 1),
+        N_ACTION_RQ(),
+        primitive(
+            N_ACTION,
+            MessageID=23,
+            RequestedSOPClassUID=STORAGE_COMMITMENT,
+            RequestedSOPInstanceUID=COMMITMENT_INSTANCE,
+            ActionTypeID=1,
+            ActionInformation=SOME_DATA,
+        ),
+    ),
+    "N-ACTION-RSP success, action type repeated": (
+        Command.action(23, STORAGE_COMMITMENT, COMMITMENT_INSTANCE, 1).response(Status.SUCCESS),
+        N_ACTION_RSP(),
+        primitive(
+            N_ACTION,
+            MessageIDBeingRespondedTo=23,
+            AffectedSOPClassUID=STORAGE_COMMITMENT,
+            AffectedSOPInstanceUID=COMMITMENT_INSTANCE,
+            ActionTypeID=1,
+            Status=0x0000,
+        ),
+    ),
+    "N-EVENT-REPORT-RSP success, event type repeated": (
+        Command(
+            CommandField.N_EVENT_REPORT_RQ,
+            DataSetType.PRESENT,
+            message_id=24,
+            affected_sop_class=STORAGE_COMMITMENT,
+            affected_sop_instance=COMMITMENT_INSTANCE,
+            event_type_id=2,
+        ).response(Status.SUCCESS),
+        N_EVENT_REPORT_RSP(),
+        primitive(
+            N_EVENT_REPORT,
+            MessageIDBeingRespondedTo=24,
+            AffectedSOPClassUID=STORAGE_COMMITMENT,
+            AffectedSOPInstanceUID=COMMITMENT_INSTANCE,
+            EventTypeID=2,
+            Status=0x0000,
         ),
     ),
     "C-MOVE-RSP pending with sub-operations": (

@@ -133,6 +133,28 @@ class Command:
             data_set_type=DataSetType.PRESENT if with_data_set else DataSetType.ABSENT,
             status=status,
             error_comment=comment or None,
+            # PS3.7 10.3.1 and 10.3.4: N-EVENT-REPORT-RSP and N-ACTION-RSP repeat the
+            # request's event or action type.
+            event_type_id=(
+                self.event_type_id if self.command_field == CommandField.N_EVENT_REPORT_RQ else None
+            ),
+            action_type_id=(
+                self.action_type_id if self.command_field == CommandField.N_ACTION_RQ else None
+            ),
+        )
+
+    @classmethod
+    def action(
+        cls, message_id: int, sop_class: str, sop_instance: str, action_type: int
+    ) -> Command:
+        """An N-ACTION-RQ (PS3.7 10.3.4) with its action information data set."""
+        return cls(
+            command_field=CommandField.N_ACTION_RQ,
+            message_id=message_id,
+            requested_sop_class=sop_class,
+            requested_sop_instance=sop_instance,
+            action_type_id=action_type,
+            data_set_type=DataSetType.PRESENT,
         )
 
     def but(self, **changes: int | str | None) -> Command:

@@ -266,9 +266,24 @@ class Capabilities:
     """What an acceptor supports: SOP class -> transfer syntaxes. Built once (the
     contexts for ~150 storage classes), then used for every association."""
 
-    def __init__(self, supported: Mapping[str, Sequence[str]]):
+    def __init__(
+        self,
+        supported: Mapping[str, Sequence[str]],
+        roles: Mapping[str, tuple[bool, bool]] | None = None,
+    ):
+        """``roles``: for SOP classes whose role selection items we answer, whether
+        the requestor may take the SCU role and the SCP role (PS3.7 D.3.3.4). A
+        class without an entry keeps the default roles whatever is proposed.
+        Storage commitment is the case: the SCP that reports on a new association
+        requests it, proposing the SCP role for itself (PS3.4 J.3.3), and we accept
+        it with ``(True, True)``."""
         self.syntaxes_by_class = {sop: frozenset(ts) for sop, ts in supported.items()}
-        self._contexts = [build_context(sop, list(ts)) for sop, ts in supported.items()]
+        self._contexts = []
+        for sop, ts in supported.items():
+            context = build_context(sop, list(ts))
+            if roles and sop in roles:
+                context.scu_role, context.scp_role = roles[sop]
+            self._contexts.append(context)
 
     def negotiate(
         self,

@@ -313,6 +313,60 @@ class OutboundAssociation:
             if not is_pending(response.status):
                 return
 
+    def action(
+        self,
+        sop_class: str,
+        sop_instance: str,
+        action_type: int,
+        data_set: bytes,
+        syntax: str,
+        message_id: int = 1,
+    ) -> Response:
+        """N-ACTION-RQ with its action information ``data_set`` (encoded in
+        ``syntax``), on the context of ``sop_class`` in ``syntax``; returns the
+        N-ACTION-RSP. ``ValueError`` when no such context was accepted."""
+        command = Command.action(message_id, sop_class, sop_instance, action_type)
+        return self._response(self._send(self._context(sop_class, syntax), command, data_set))
+
+    def wait_for_request(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a request from the peer (the
+        N-EVENT-REPORT that follows an N-ACTION of storage commitment) and answer it
+        through ``on_request``. True once one was served; False when none came in
+        time, or the peer released the association instead (answered: the
+        association is then over). Raises :class:`AssociationLost` on an A-ABORT,
+        a closed connection or a protocol error."""
+        self._require_open()
+        if not self._readable(timeout):
+            return False
+        with self._receiving():
+            self.sock.settimeout(self._timeouts.dimse or None)
+            event = self.machine.next_event(self.reader)
+            if isinstance(event, ReleaseRequested):
+                with contextlib.suppress(OSError, ValueError):
+                    self.sock.sendall(self.machine.release_response())
+                self._finish()
+                return False
+            if isinstance(event, Aborted):
+                self._finish()
+                raise AssociationLost("association aborted by peer (A-ABORT)")
+            if not isinstance(event, CommandReceived) or is_response(event.command.command_field):
+                raise ProtocolError(f"{type(event).__name__} while no request was pending")
+            self._serve(event.context_id, event.command)
+            return True
+        return False  # pragma: no cover (_receiving raises)
+
+    def _readable(self, timeout: float) -> bool:
+        if self.reader.buffered:
+            return True
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        poller = select.poll()
+        try:
+            poller.register(self.sock, select.POLLIN)
+            return bool(poller.poll(max(0, int(timeout * 1000))))
+        except (OSError, ValueError):
+            return True  # the read that follows reports what happened
+
     # -- the end ---------------------------------------------------------------------------
     def release(self) -> None:
         """A-RELEASE-RQ, then wait (``acse_timeout``) for the A-RELEASE-RP; abort if
@@ -398,12 +452,37 @@ class OutboundAssociation:
             ) from None
         raise AssociationLost(f"association lost while sending: {exc}") from exc
 
+    @contextlib.contextmanager
+    def _receiving(self) -> Iterator[None]:
+        """What reading from the peer may raise, as :class:`AssociationLost`."""
+        try:
+            yield
+        except TimeoutError:
+            self.abort()
+            raise AssociationLost(
+                f"no response within {self._timeouts.dimse:g}s; association aborted",
+                timed_out=True,
+            ) from None
+        except PeerClosed as exc:
+            self._finish()
+            raise AssociationLost(f"connection closed by peer: {exc}") from None
+        except Violation as exc:
+            with contextlib.suppress(OSError, ValueError):
+                self.sock.sendall(exc.reply)
+            self._finish()
+            raise AssociationLost(f"protocol error by peer: {exc}") from None
+        except ProtocolError as exc:
+            self.abort()
+            raise AssociationLost(f"protocol error by peer: {exc}") from None
+        except StateError:  # abort() from another thread closed it meanwhile
+            raise AssociationLost("association aborted") from None
+
     def _response(self, request: Command) -> Response:
         """Read until the response to ``request`` (and its data set) is complete."""
         machine = self.machine
         self.sock.settimeout(self._timeouts.dimse or None)
         expected = response_field(request.command_field)
-        try:
+        with self._receiving():
             while True:
                 event = machine.next_event(self.reader)
                 if isinstance(event, Aborted):
@@ -426,25 +505,7 @@ class OutboundAssociation:
                 )
             data = self._read_data_set() if command.has_data_set else None
             return Response(command.status, command.error_comment, command, data)
-        except TimeoutError:
-            self.abort()
-            raise AssociationLost(
-                f"no response within {self._timeouts.dimse:g}s; association aborted",
-                timed_out=True,
-            ) from None
-        except PeerClosed as exc:
-            self._finish()
-            raise AssociationLost(f"connection closed by peer: {exc}") from None
-        except Violation as exc:
-            with contextlib.suppress(OSError, ValueError):
-                self.sock.sendall(exc.reply)
-            self._finish()
-            raise AssociationLost(f"protocol error by peer: {exc}") from None
-        except ProtocolError as exc:
-            self.abort()
-            raise AssociationLost(f"protocol error by peer: {exc}") from None
-        except StateError:  # abort() from another thread closed it meanwhile
-            raise AssociationLost("association aborted") from None
+        raise AssertionError("unreachable")  # pragma: no cover (mypy: _receiving raises)
 
     def _serve(self, context_id: int, command: Command) -> None:
         """A request from the peer: its replies (``on_request``, or "not provided")."""

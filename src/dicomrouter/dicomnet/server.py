@@ -81,10 +81,11 @@ class Server:
         handler: ServiceHandler,
         supported: Mapping[str, Sequence[str]],
         identity: Identity,
+        roles: Mapping[str, tuple[bool, bool]] | None = None,
     ):
         self.settings = settings
         self.handler = handler
-        self.capabilities = Capabilities(supported)
+        self.capabilities = Capabilities(supported, roles)
         self.identity = identity
         self.listeners: list[Listener] = []
         self._threads: list[threading.Thread] = []
