@@ -293,9 +293,10 @@ def show_command(
         sent_as = item.get("sent_as") or ""
         if item.get("sent_uid"):
             sent_as += f" (as {item['sent_uid']})"
-        table.add_row(
-            item["sop_instance_uid"], item["state"], status, item["message"] or "", sent_as
-        )
+        state = item["state"]
+        if item.get("commitment"):
+            state += f" (commitment {item['commitment']})"
+        table.add_row(item["sop_instance_uid"], state, status, item["message"] or "", sent_as)
     console.print(table)
     attempts = _table(
         "attempts", "started", "took", "outcome", "sent", "failed", "message", fold=("message",)

@@ -384,6 +384,27 @@ class RetryConfig(_Model):
         return self
 
 
+class StorageCommitmentConfig(_Model):
+    """Storage commitment (N-ACTION of the Storage Commitment Push Model) after each
+    batch delivered; the destination reports on the same association or calls our
+    listener back (docs/destinations-commitment.md)."""
+
+    enabled: bool = Field(False, description="Ask the destination to commit what it stored.")
+    timeout: Duration = Field(
+        3600.0, description="How long to wait for the destination's report (N-EVENT-REPORT)."
+    )
+    on_timeout: Literal["warn", "resend"] = Field(
+        "warn",
+        description="No report in time, or instances reported failed: `warn` marks their "
+        "commitment `failed` and alerts; `resend` also queues them again.",
+    )
+    wait: Duration = Field(
+        5.0,
+        description="How long to keep the N-ACTION's association open for a report on it; "
+        "a later report comes to our listener on a new association.",
+    )
+
+
 class DicomDestinationConfig(_Model):
     """A DICOM C-STORE SCP that receives objects (a PACS, a VNA, an AI node...)."""
 
@@ -449,6 +470,10 @@ class DicomDestinationConfig(_Model):
     sop_classes: SopClassFilter | None = Field(
         None,
         description="SOP classes this destination takes; others are recorded as `skipped`.",
+    )
+    storage_commitment: StorageCommitmentConfig = Field(
+        default_factory=lambda: StorageCommitmentConfig(),
+        description="Ask for storage commitment after each batch (off by default).",
     )
 
     _check_ae = field_validator("ae_title", "calling_ae_title")(
@@ -784,6 +809,12 @@ class AlertEventsConfig(_Model):
     disk_low: DiskAlertConfig = Field(
         default_factory=lambda: DiskAlertConfig(),
         description="Free disk space in storage is below `below`.",
+    )
+    commitment_failed: AlertEventConfig = Field(
+        default_factory=lambda: AlertEventConfig(),
+        description="A destination did not commit what it stored (storage commitment "
+        "failed, refused, or not reported within its `timeout`); one alert per destination "
+        "and check.",
     )
     loop_detected: AlertEventConfig = Field(
         default_factory=lambda: AlertEventConfig(),

@@ -300,6 +300,7 @@ def series_deliveries(ctx: NodeContext, study_uid: str) -> list[dict[str, Any]]:
             job_instances.c.updated_at,
             job_instances.c.sent_as,
             job_instances.c.sent_uid,
+            job_instances.c.commitment,
         )
         .join(instances, instances.c.id == job_instances.c.instance_id)
         .where(instances.c.study_instance_uid == study_uid)
@@ -354,6 +355,7 @@ def series_deliveries(ctx: NodeContext, study_uid: str) -> list[dict[str, Any]]:
                     "updated_at": row.updated_at,
                     "sent_as": row.sent_as,
                     "sent_uid": row.sent_uid,
+                    "commitment": row.commitment,
                 }
             )
     result = list(groups.values())

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 
 from dicomrouter.config import DicomDestinationConfig, RouterConfig
-from dicomrouter.queue import JobStore, Planner
+from dicomrouter.queue import JobStore, Planner, commitment
 from dicomrouter.queue.planner import PLAN_BATCH
 from dicomrouter.retention import sweeper
 from dicomrouter.store import ObjectStore
@@ -32,6 +32,7 @@ log = logging.getLogger("dicomrouter.dispatch")
 _TRIGGER_CHECK_EVERY = 0.5
 _RECOVER_EVERY = 5.0
 _REPLAN_CHECK_EVERY = 1.0  # set-aside instances due again (see queue.unplanned)
+_COMMITMENT_CHECK_EVERY = 5.0  # storage commitments past their timeout (queue.commitment)
 _MAX_PLAN_BACKOFF = 30.0
 
 
@@ -219,7 +220,7 @@ class Dispatcher:
 
     def _plan_loop(self) -> None:
         poll = self.config.dispatch.poll_interval
-        last_triggers = last_recover = last_replan = 0.0
+        last_triggers = last_recover = last_replan = last_commitments = 0.0
         failures = 0
         while not self.stop_event.is_set():
             with self._lock:
@@ -239,6 +240,9 @@ class Dispatcher:
                 if now - last_replan >= _REPLAN_CHECK_EVERY:
                     self.planner.retry_unplanned()
                     last_replan = now
+                if now - last_commitments >= _COMMITMENT_CHECK_EVERY:
+                    commitment.expire(self.engine, commitment.policies(self.config.destinations))
+                    last_commitments = now
                 failures = 0
             except Exception:
                 # Nothing could be written (even setting an instance aside failed):

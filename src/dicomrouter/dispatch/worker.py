@@ -13,7 +13,7 @@ import threading
 import time
 from datetime import datetime
 
-from pydicom.uid import UID
+from pydicom.uid import UID, generate_uid
 
 from dicomrouter.config import DicomDestinationConfig, RouterConfig, format_duration
 from dicomrouter.destinations import (
@@ -24,8 +24,10 @@ from dicomrouter.destinations import (
     OutgoingInstance,
     VerificationNotSupported,
 )
+from dicomrouter.destinations.commitment import REFUSED, UNAVAILABLE, request_commitment
+from dicomrouter.dicomnet.commitment import Reference
 from dicomrouter.observe import metrics
-from dicomrouter.queue import Claim, ItemResult, JobStore, QueuedInstance
+from dicomrouter.queue import Claim, ItemResult, JobStore, QueuedInstance, commitment
 from dicomrouter.queue import states as S
 from dicomrouter.store import ObjectStore
 
@@ -367,6 +369,58 @@ class DestinationWorker(threading.Thread):
             sent=counts["sent"],
             failed=counts["failed"],
         )
+        if self.dest.storage_commitment.enabled:
+            self._commit(
+                [
+                    commitment.Delivery(
+                        by_key[r.key].job_id,
+                        by_key[r.key].instance_id,
+                        by_key[r.key].sop_class_uid,
+                        r.sent_uid or by_key[r.key].sop_instance_uid,
+                    )
+                    for r in results
+                    if r.outcome in (Outcome.SUCCESS, Outcome.WARNING) and not r.held
+                ]
+            )
+
+    def _commit(self, deliveries: list[commitment.Delivery]) -> None:
+        """Storage commitment of what this batch delivered: the transaction is in the
+        index before the N-ACTION goes out (the report may come at once, to the
+        receiver); a destination that refuses is recorded as such, and one that
+        cannot be reached leaves it pending until its timeout."""
+        if not deliveries:
+            return
+        settings = self.dest.storage_commitment
+        engine = self.jobs.engine
+        uid = generate_uid()
+        # The batch's association, kept for the next one, is released first: a peer
+        # serving one association at a time (dcmtk's storescp) would never answer
+        # a second one while it is open.
+        self.sender.close()
+        try:
+            commitment.open_transaction(engine, uid, self.dest_name, deliveries, settings.timeout)
+            known = commitment.policies(self.config.destinations)
+            attempt = request_commitment(
+                self.sender,
+                uid,
+                [Reference(d.sop_class_uid, d.sop_instance_uid) for d in deliveries],
+                lambda request: commitment.serve_report(engine, request, known),
+                settings.wait,
+            )
+            if attempt.outcome == REFUSED:
+                commitment.end_transaction(
+                    engine, uid, commitment.REFUSED, attempt.message, settings.on_timeout
+                )
+            elif attempt.outcome == UNAVAILABLE:
+                log.warning(
+                    "destination %s: %s; commitment stays pending until its timeout",
+                    self.dest_name,
+                    attempt.message,
+                )
+            else:
+                log.info("destination %s: %s", self.dest_name, attempt.message)
+        except Exception:
+            log.exception("storage commitment with %s failed", self.dest_name)
 
     def _hold(self, claim: Claim, held: dict[int, str]) -> None:
         """Jobs whose transforms cannot run go back without using up an attempt, so

@@ -1,6 +1,6 @@
 """Queue stage: turns rule decisions into durable, leased delivery jobs."""
 
-from . import states
+from . import commitment, states
 from .jobs import Claim, ItemResult, JobStore, QueuedInstance
 from .planner import Planner, compile_routes
 
@@ -10,6 +10,7 @@ __all__ = [
     "JobStore",
     "Planner",
     "QueuedInstance",
+    "commitment",
     "compile_routes",
     "states",
 ]

@@ -61,6 +61,7 @@ def job_detail(engine: Engine, job_id: int) -> dict[str, Any] | None:
                     job_instances.c.updated_at,
                     job_instances.c.sent_as,
                     job_instances.c.sent_uid,
+                    job_instances.c.commitment,
                 )
                 .join(instances, instances.c.id == job_instances.c.instance_id)
                 .where(job_instances.c.job_id == job_id)

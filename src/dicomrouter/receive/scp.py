@@ -37,9 +37,15 @@ from dicomrouter.dicomnet import (
     Status,
     StoreRequest,
 )
+from dicomrouter.dicomnet.commitment import (
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    STORAGE_COMMITMENT_PUSH,
+)
 from dicomrouter.dicomnet.constants import describe_status
 from dicomrouter.dicomnet.server import Listener
 from dicomrouter.observe import metrics
+from dicomrouter.queue import commitment
 from dicomrouter.store import (
     IndexUnavailable,
     InstanceHeader,
@@ -172,7 +178,16 @@ class Receiver:
         self.index.prepare()
         supported = dict.fromkeys(STORAGE_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES)
         supported[VERIFICATION_SOP_CLASS] = VERIFICATION_TRANSFER_SYNTAXES
-        acceptor = Server(lambda: self._settings, self, supported, IDENTITY)
+        # Destinations report storage commitment on a new association, proposing
+        # the SCP role for themselves (PS3.4 J.3.3): accepted, as are default roles.
+        supported[STORAGE_COMMITMENT_PUSH] = [EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN]
+        acceptor = Server(
+            lambda: self._settings,
+            self,
+            supported,
+            IDENTITY,
+            roles={STORAGE_COMMITMENT_PUSH: (True, True)},
+        )
         listener = self.config.dicom
         try:
             if listener.port is not None:  # `dicom.port: null`: no plain listener
@@ -316,9 +331,14 @@ class Receiver:
         return result
 
     def on_request(self, request: Request) -> Iterable[Reply]:
-        """C-ECHO; no other service is provided (yet) on the receiver."""
+        """C-ECHO, and the storage commitment reports of destinations that call us
+        back (N-EVENT-REPORT, recorded in the index before it is answered)."""
         if request.command_field == CommandField.C_ECHO_RQ and request.data_set is None:
             return [Reply(SUCCESS)]
+        if request.command_field == CommandField.N_EVENT_REPORT_RQ:
+            return commitment.serve_report(
+                self.index.engine, request, commitment.policies(self.config.destinations)
+            )
         return [Reply(Status.UNRECOGNIZED_OPERATION, "only C-STORE and C-ECHO are provided")]
 
     def _audit_rejected(

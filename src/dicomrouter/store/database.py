@@ -71,7 +71,8 @@ MIGRATIONS: dict[int, list[str]] = {
         "destination VARCHAR(128) NOT NULL, generation INTEGER NOT NULL, "
         "state VARCHAR(16) NOT NULL, status INTEGER, message TEXT, "
         "updated_at FLOAT NOT NULL, transform VARCHAR(128) NOT NULL DEFAULT '', "
-        "sent_as TEXT, sent_uid VARCHAR(64), PRIMARY KEY (job_id, instance_id), "
+        "sent_as TEXT, sent_uid VARCHAR(64), commitment VARCHAR(16), "
+        "commitment_uid VARCHAR(64), PRIMARY KEY (job_id, instance_id), "
         "CONSTRAINT uq_delivery_v7 UNIQUE (destination, instance_id, generation, transform))",
         "INSERT INTO job_instances_v7 (job_id, instance_id, destination, generation, state, "
         "status, message, updated_at) SELECT job_id, instance_id, destination, generation, "
@@ -82,6 +83,7 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX IF NOT EXISTS ix_job_instances_updated ON job_instances (updated_at)",
         "CREATE INDEX IF NOT EXISTS ix_job_instances_instance "
         "ON job_instances (instance_id, state)",
+        "CREATE INDEX IF NOT EXISTS ix_job_instances_commitment ON job_instances (commitment_uid)",
     ],
 }
 

@@ -180,6 +180,10 @@ job_instances = Table(
     Column("sent_as", Text),
     # The SOP Instance UID the destination received, when a transform changed it.
     Column("sent_uid", String(64)),
+    # Storage commitment of this delivery: pending|committed|failed (None: not asked),
+    # and the Transaction UID it was asked under (``commitments``).
+    Column("commitment", String(16)),
+    Column("commitment_uid", String(64)),
     # One delivery of one generation of an instance per destination and route
     # pipeline, however many routes.
     UniqueConstraint(
@@ -187,9 +191,30 @@ job_instances = Table(
     ),
 )
 Index("ix_job_instances_state", job_instances.c.job_id, job_instances.c.state)
+Index("ix_job_instances_commitment", job_instances.c.commitment_uid)
 Index("ix_job_instances_updated", job_instances.c.updated_at)
 # Retention: "has every delivery of this instance settled?"
 Index("ix_job_instances_instance", job_instances.c.instance_id, job_instances.c.state)
+
+# Storage commitment transactions (N-ACTION sent, N-EVENT-REPORT awaited): one per
+# batch committed; its deliveries name it in ``job_instances.commitment_uid``.
+commitments = Table(
+    "commitments",
+    metadata,
+    Column("transaction_uid", String(64), primary_key=True),
+    Column("destination", String(128), nullable=False),
+    Column("job_ids", Text, nullable=False),  # comma-separated
+    Column("sent_at", Float, nullable=False),
+    Column("deadline", Float, nullable=False),
+    # pending|committed|failed (some or all failed)|timed_out|refused (not supported)
+    Column("state", String(16), nullable=False, default="pending"),
+    Column("instances", Integer, nullable=False, default=0),
+    Column("failed", Integer, nullable=False, default=0),
+    Column("message", Text),
+    Column("finished_at", Float),
+)
+Index("ix_commitments_state", commitments.c.state, commitments.c.deadline)
+Index("ix_commitments_finished", commitments.c.finished_at)
 
 attempts = Table(
     "attempts",
