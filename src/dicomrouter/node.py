@@ -27,6 +27,7 @@ from dicomrouter.children import ChildProcess
 from dicomrouter.config import ConfigError, RouterConfig
 from dicomrouter.control import versions
 from dicomrouter.observe.metrics import enable_multiprocess
+from dicomrouter.queue import commitment
 from dicomrouter.receive import Receiver
 from dicomrouter.store import InstanceIndex, ObjectStore, audit, create_index_engine
 from dicomrouter.store.heartbeat import RECEIVER, HeartbeatThread
@@ -51,8 +52,15 @@ class Node:
         # Versions and audit rows: ordinary transactions that may wait for the lock.
         self.control_engine = create_index_engine(config.database_url, create=False)
         self._record_startup_version()
+        control_engine = self.control_engine
         self.receiver = Receiver(
-            config, self.store, InstanceIndex(self.engine), audit_engine=self.control_engine
+            config,
+            self.store,
+            InstanceIndex(self.engine),
+            audit_engine=control_engine,
+            on_event_report=lambda request: commitment.serve_report(
+                control_engine, request, commitment.policies(self.receiver.config.destinations)
+            ),
         )
         self.heartbeat: HeartbeatThread | None = None
         self.children = [ChildProcess("dispatch", (config, config_path))]

@@ -18,6 +18,9 @@ queries as the metrics:
   oldest waiting for longer than ``after`` (one incident for the node);
 - ``orphaned_jobs``: open jobs of a destination no longer configured (one incident
   per such destination);
+- ``commitment_failed``: storage commitment transactions that ended since the last
+  check without every instance committed (failed, refused, or timed out); one alert
+  per destination and check, listing them.
 - ``certificate_expiry``: a certificate file of the configuration (TLS listeners,
   destinations, CA bundles) expires within ``before`` or has expired (one incident
   per configuration key; resolved when the file is renewed or no longer named).
@@ -68,6 +71,7 @@ from dicomrouter.config import RouterConfig
 from dicomrouter.config.models import AlertEventConfig, ResolvableAlertConfig, WebhookConfig
 from dicomrouter.control.jobs import orphaned_queues
 from dicomrouter.control.unplanned import summary as unplanned_summary
+from dicomrouter.queue import commitment
 from dicomrouter.store import audit
 from dicomrouter.store.schema import jobs, loop_events
 from dicomrouter.tls import TlsError, certificate_not_after
@@ -87,6 +91,7 @@ SEVERITY = {
     "unplanned": "error",
     "orphaned_jobs": "warning",
     "certificate_expiry": "warning",
+    "commitment_failed": "error",
 }
 _JOBS_LISTED = 20  # failed jobs named in one alert; the count says how many in all
 _DISK_HYSTERESIS = 1.05  # resolved only 5% above the watermark: no flapping
@@ -204,6 +209,7 @@ class AlertEvaluator:
         self._incidents: dict[tuple[str, str], _Incident] = {}
         self._failed_since: float = clock()
         self._loops_since: float = clock()
+        self._commitments_since: float = clock()
         self._sent: dict[str, deque[float]] = {}
         self._restore()
 
@@ -281,6 +287,37 @@ class AlertEvaluator:
             alerts += self._orphaned(config, now)
         if events.certificate_expiry.enabled:
             alerts += self._certificates(config, now)
+        if events.commitment_failed.enabled:
+            alerts += self._commitments(now)
+        return alerts
+
+    def _commitments(self, now: float) -> list[Alert]:
+        since, alerts = self._commitments_since, []
+        with self.reader.connect() as conn:
+            ended = commitment.recent_failures(conn, since, now)
+        by_destination: dict[str, list[dict[str, Any]]] = {}
+        for row in ended:
+            by_destination.setdefault(str(row["destination"]), []).append(row)
+        for name, rows in sorted(by_destination.items()):
+            failed = sum(int(r["failed"]) for r in rows)
+            listed = [{**r, "finished_at": iso(r["finished_at"])} for r in rows[:_JOBS_LISTED]]
+            alerts.append(
+                Alert(
+                    "commitment_failed",
+                    FIRING,
+                    name,
+                    f"{failed} instance(s) delivered to {name} not committed: "
+                    f"{rows[-1]['message'] or rows[-1]['state']}",
+                    since=rows[0]["finished_at"],
+                    details={
+                        "destination": name,
+                        "instances": failed,
+                        "transactions": listed,
+                        "until": now,
+                    },
+                )
+            )
+        self._commitments_since = now
         return alerts
 
     def _certificates(self, config: RouterConfig, now: float) -> list[Alert]:

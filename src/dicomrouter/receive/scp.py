@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -45,7 +45,6 @@ from dicomrouter.dicomnet.commitment import (
 from dicomrouter.dicomnet.constants import describe_status
 from dicomrouter.dicomnet.server import Listener
 from dicomrouter.observe import metrics
-from dicomrouter.queue import commitment
 from dicomrouter.store import (
     IndexUnavailable,
     InstanceHeader,
@@ -126,8 +125,12 @@ class Receiver:
         store: ObjectStore,
         index: InstanceIndex,
         audit_engine: Engine | None = None,
+        on_event_report: Callable[[Request], Iterable[Reply]] | None = None,
     ):
+        """``on_event_report`` answers N-EVENT-REPORTs (storage commitment reports
+        of destinations calling back; the node passes queue.commitment's)."""
         self.config = config
+        self.on_event_report = on_event_report
         self.store = store
         self.index = index
         self._acceptor: Server | None = None
@@ -335,10 +338,11 @@ class Receiver:
         back (N-EVENT-REPORT, recorded in the index before it is answered)."""
         if request.command_field == CommandField.C_ECHO_RQ and request.data_set is None:
             return [Reply(SUCCESS)]
-        if request.command_field == CommandField.N_EVENT_REPORT_RQ:
-            return commitment.serve_report(
-                self.index.engine, request, commitment.policies(self.config.destinations)
-            )
+        if (
+            request.command_field == CommandField.N_EVENT_REPORT_RQ
+            and self.on_event_report is not None
+        ):
+            return self.on_event_report(request)
         return [Reply(Status.UNRECOGNIZED_OPERATION, "only C-STORE and C-ECHO are provided")]
 
     def _audit_rejected(
