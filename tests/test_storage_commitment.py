@@ -44,7 +44,7 @@ def _instances(router: RouterProcess) -> list[dict[str, Any]]:
     return rows
 
 
-def _commitments(router: RouterProcess) -> list[str | None]:
+def _commitments(router: RouterProcess) -> list[str]:
     return sorted(str(i.get("commitment")) for i in _instances(router))
 
 
@@ -92,8 +92,6 @@ def test_orthanc_commits_what_it_stored_and_reports_on_a_new_association(
         assert {orthanc.find_sop(uid) is not None for uid in sop_uids(files)} == {True}
         log = router.log()
         assert "storage commitment" in log
-        # Orthanc answered on its own association, to our listener.
-        assert "ORTHANC" in orthanc.log_tail(200) or True
         states = {i["state"] for i in _instances(router)}
         assert states == {"completed"}
 
