@@ -31,6 +31,8 @@ from dicomrouter.queue import ItemResult
 from dicomrouter.queue import states as S
 from dicomrouter.store import audit
 from dicomrouter.store.schema import jobs, notification_marks, notification_outbox
+from tests.support.dcmtk import HOST, StoreSCP, free_port, sop_uids
+from tests.support.router import RouterProcess, wait_until
 from tests.support.synth import make_study
 from tests.test_queue import DEST, Pipeline
 
@@ -471,3 +473,43 @@ def test_detecting_again_does_not_duplicate(tmp_path: Path, receiver: Receiver) 
         conn.execute(update(notification_marks).values(value=time.time() - 100))
     r.notifier.run_once()
     assert receiver.events("/hook") == ["study_received"]
+
+
+@pytest.mark.interop
+def test_router_process_notifies_received_completed_delivered_in_order(
+    tmp_path: Path, receiver: Receiver, dcmtk: None
+) -> None:
+    """A real router (``dicomrouter serve``) receives a study from storescu, forwards
+    it to a real storescp; the webhook receiver gets the three events in order."""
+    scp = StoreSCP(free_port(), "PACS", tmp_path / "pacs", accept="all").start()
+    try:
+        config = {
+            "destinations": {"pacs": {"ae_title": "PACS", "host": HOST, "port": scp.port}},
+            "routes": [{"name": "study", "trigger": "study", "stable_after": "1s", "to": ["pacs"]}],
+            "alerts": {"webhooks": {"hook": {"url": receiver.url("/hook"), "retries": 0}}},
+            "notifications": {**ALL_ON, "check_interval": "200ms"},
+        }
+        files = make_study(tmp_path / "in", 4, series_count=2)
+        with RouterProcess(tmp_path / "router", config) as router:
+            result = router.send(files)
+            assert result.returncode == 0, result.stderr
+            wait_until(
+                lambda: "study_delivered" in receiver.events("/hook"),
+                60,
+                message=f"study_delivered; got {receiver.events('/hook')}\n{router.log()[-3000:]}",
+            )
+            time.sleep(1.0)  # nothing more should come
+            log = router.log()
+        assert scp.received_sops() == sop_uids(files)
+    finally:
+        scp.stop()
+    assert receiver.events("/hook") == ["study_received", "job_completed", "study_delivered"], log
+    received, completed, delivered = receiver.bodies("/hook")
+    uid = study_uid(files)
+    assert received["study"]["instances"] == 4 and received["study"]["calling_aes"] == ["STORESCU"]
+    assert completed["job"]["destination"] == "pacs" and completed["job"]["completed"] == 4
+    assert delivered["destinations"][0]["completed"] == 4
+    for body in (received, completed, delivered):
+        assert body["study_instance_uid"] == uid
+        assert body["link"].endswith(f"/studies/{uid}") and body["link"].startswith("http://")
+    assert received["occurred_at"] <= completed["occurred_at"] <= delivered["occurred_at"]
