@@ -296,7 +296,7 @@ def test_no_study_delivered_while_a_job_is_open_or_failed(
 def test_each_event_is_off_unless_enabled_and_marks_restart_when_turned_on(
     tmp_path: Path, receiver: Receiver
 ) -> None:
-    assert parse_config({}, environ={}).notifications.enabled() is False
+    assert parse_config({}, environ={}).notifications.any_enabled() is False
     r = Router(
         tmp_path,
         receiver,
@@ -513,3 +513,16 @@ def test_router_process_notifies_received_completed_delivered_in_order(
         assert body["study_instance_uid"] == uid
         assert body["link"].endswith(f"/studies/{uid}") and body["link"].startswith("http://")
     assert received["occurred_at"] <= completed["occurred_at"] <= delivered["occurred_at"]
+
+
+def test_a_study_received_while_the_notifier_was_down_is_notified_after_it_starts(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    r = Router(tmp_path, receiver, [], notifications={"study_received": {"enabled": True}})
+    r.notifier.run_once()  # the marks are in the index now
+    files = make_study(tmp_path / "in", 2)
+    r.receive(files)
+    r.alerter = r.new_alerter()  # the HTTP process restarts; the study became quiet meanwhile
+    r.clock.shift = 3600
+    r.notifier.run_once()
+    assert [b["study_instance_uid"] for b in receiver.bodies("/hook")] == [study_uid(files)]

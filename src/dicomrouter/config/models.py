@@ -906,7 +906,7 @@ class NotificationsConfig(_Model):
         86400.0,
         description="A notification that could not be delivered (webhook down, or held "
         "back by `alerts.max_per_hour`) is tried again, with growing delays, for this long "
-        "after its event; then it is dropped and audited (`notification.dropped`).",
+        "after it was recorded; then it is dropped and audited (`notification.dropped`).",
     )
     keep: Duration = Field(
         7 * 86400.0,
@@ -914,7 +914,7 @@ class NotificationsConfig(_Model):
         "before they are deleted.",
     )
 
-    def enabled(self) -> bool:
+    def any_enabled(self) -> bool:
         return any(
             getattr(self, name).enabled
             for name in ("study_received", "job_completed", "study_delivered")

@@ -624,7 +624,7 @@ class AlertThread(threading.Thread):
 
     def _tick(self) -> float:
         config = self.evaluator.get_config()
-        if config.notifications.enabled():
+        if config.notifications.any_enabled():
             return min(config.alerts.check_interval, config.notifications.check_interval)
         return config.alerts.check_interval
 

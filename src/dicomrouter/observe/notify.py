@@ -73,6 +73,7 @@ _ATTEMPTS_PER_PASS = 2000  # attempt rows looked at per pass (the rest: next pas
 _SEND_PER_PASS = 200  # notifications sent per pass, at most
 _MAX_DELAY = 600.0  # longest wait before trying an unsent notification again
 _PURGE_EVERY = 3600.0
+_MARKS_EVERY = 60.0  # an unchanged quiet-time mark is written at most this often
 _CHUNK = 500
 
 MARK_QUIET = "study_quiet"  # end of the last quiet-time window (study_received/delivered)
@@ -137,6 +138,7 @@ class Notifier:
         self.clock = clock
         self.stop = stop or threading.Event()
         self._purged_at = 0.0
+        self._marks_at = 0.0
 
     def run_once(self) -> int:
         """Detect, then send what is due. Returns how many notifications were sent."""
@@ -176,12 +178,13 @@ class Notifier:
                 new_marks[MARK_ATTEMPTS] = None
             if rules.study_delivered.enabled:
                 events += self._delivered(conn, config, sorted(received | touched), now)
-        return self._record(config, events, new_marks, now)
+        return self._record(config, events, marks, new_marks, now)
 
     def _record(
         self,
         config: RouterConfig,
         events: list[tuple[str, str, str, float, dict[str, Any]]],
+        marks: dict[str, float],
         new_marks: dict[str, float | None],
         now: float,
     ) -> int:
@@ -206,8 +209,20 @@ class Notifier:
                 for name in names
                 if name in config.alerts.webhooks
             ]
+        # The quiet-time mark moves at every pass; with nothing found it is written
+        # only now and then (a restart re-reads at most that much: the outbox's
+        # unique event ids make it harmless). A moved attempts mark is always written.
+        if not rows and now - self._marks_at < _MARKS_EVERY:
+            new_marks = {
+                name: value
+                for name, value in new_marks.items()
+                if value is None
+                or name not in marks
+                or (name != MARK_QUIET and value != marks[name])
+            }
         if not rows and not new_marks:
             return 0
+        self._marks_at = now
         with self.engine.begin() as conn:
             known: set[tuple[str, str]] = set()
             ids = sorted({row["event_id"] for row in rows})
@@ -550,7 +565,7 @@ class Notifier:
             if webhook is None:
                 self._drop(row, "the webhook is no longer configured (alerts.webhooks)")
                 continue
-            if now - row.occurred_at > config.notifications.give_up_after:
+            if now - row.created_at > config.notifications.give_up_after:
                 self._drop(row, row.last_error or "not sent within notifications.give_up_after")
                 continue
             if row.webhook in held:
