@@ -24,7 +24,7 @@ HTTP process (observe/alerts.py), every ``notifications.check_interval``:
    still seen). The events found and the new marks are written in one transaction
    to the outbox (``notification_outbox``), one row per event and webhook, payload
    included: an event detected before a crash is sent after the restart.
-2. *drains* the outbox in order: a POST with the webhook's timeout, ``retries`` and
+2. *drains* the outbox, in order per webhook: a POST with the webhook's timeout, ``retries`` and
    ``retry_delay`` (``alerts.post_json``), counted against the webhook's
    ``alerts.max_per_hour`` together with the alerts. A notification that could not
    be sent (or is over the limit) stays in the outbox and is tried again later, with
@@ -401,7 +401,7 @@ class Notifier:
                         "warning": items.get(S.ITEM_WARNING, 0),
                         "skipped": items.get(S.ITEM_SKIPPED, 0),
                         "bytes": items.get("bytes", 0),
-                        "attempts": job.attempts,
+                        "retries": job.attempts,
                         "created_at": iso(job.created_at),
                         "finished_at": iso(job.finished_at),
                         "duration_s": round(job.finished_at - job.created_at, 3),
@@ -540,68 +540,76 @@ class Notifier:
     # -- delivery -------------------------------------------------------------------
 
     def drain(self) -> int:
-        """Send the notifications that are due, oldest first. A webhook that fails
-        or is over its rate limit is skipped for the rest of the pass (its
-        notifications wait; the others go on). Returns how many were sent."""
+        """Send what is waiting, oldest first, per webhook: a webhook's notifications
+        go out in the order they were recorded, so one that fails (or is over its
+        rate limit, or waits for its retry time) holds back those behind it, for that
+        webhook only. Returns how many were sent."""
         config = self.get_config()
         now = self.clock()
         self._purge(config, now)
         with self.reader.connect() as conn:
-            due = conn.execute(
-                select(notification_outbox)
-                .where(
-                    notification_outbox.c.state == PENDING,
-                    notification_outbox.c.next_attempt_at <= now,
-                )
-                .order_by(notification_outbox.c.id)
-                .limit(_SEND_PER_PASS)
-            ).all()
-        held: set[str] = set()
+            names = sorted(
+                conn.execute(
+                    select(notification_outbox.c.webhook)
+                    .where(notification_outbox.c.state == PENDING)
+                    .distinct()
+                ).scalars()
+            )
         sent = 0
-        for row in due:
+        for name in names:
+            with self.reader.connect() as conn:
+                waiting = conn.execute(
+                    select(notification_outbox)
+                    .where(
+                        notification_outbox.c.state == PENDING,
+                        notification_outbox.c.webhook == name,
+                    )
+                    .order_by(notification_outbox.c.id)
+                    .limit(_SEND_PER_PASS)
+                ).all()
+            sent += self._send(config, name, waiting, now)
+        return sent
+
+    def _send(self, config: RouterConfig, name: str, waiting: Sequence[Any], now: float) -> int:
+        webhook = config.alerts.webhooks.get(name)
+        sent = 0
+        for row in waiting:
             if self.stop.is_set():
                 break
-            webhook = config.alerts.webhooks.get(row.webhook)
             if webhook is None:
                 self._drop(row, "the webhook is no longer configured (alerts.webhooks)")
                 continue
             if now - row.created_at > config.notifications.give_up_after:
                 self._drop(row, row.last_error or "not sent within notifications.give_up_after")
                 continue
-            if row.webhook in held:
-                continue
-            if not self.allowed(row.webhook, config.alerts.max_per_hour):
-                log.warning(
-                    "notifications to %s held back: rate limit (alerts.max_per_hour)", row.webhook
-                )
-                held.add(row.webhook)
+            if row.next_attempt_at > now:
+                break  # waiting for its retry; the later ones wait behind it
+            if not self.allowed(name, config.alerts.max_per_hour):
+                log.warning("notifications to %s held back: rate limit (alerts.max_per_hour)", name)
                 self._update(row.id, last_error="rate limit (alerts.max_per_hour)")
-                continue
+                break
             result = post_json(webhook, json.loads(row.payload), self.stop)
             tries = row.attempts + 1
-            if result.ok:
-                sent += 1
+            if not result.ok:
+                delay = min(config.notifications.check_interval * 2**tries, _MAX_DELAY)
                 self._update(
-                    row.id, state=SENT, attempts=tries, sent_at=self.clock(), last_error=None
+                    row.id,
+                    attempts=tries,
+                    next_attempt_at=self.clock() + delay,
+                    last_error=result.error,
                 )
-                log.info("notification %s %s sent to %s", row.event, row.subject, row.webhook)
-                continue
-            held.add(row.webhook)
-            delay = min(config.notifications.check_interval * 2**tries, _MAX_DELAY)
-            self._update(
-                row.id,
-                attempts=tries,
-                next_attempt_at=self.clock() + delay,
-                last_error=result.error,
-            )
-            log.error(
-                "notification %s %s could not be sent to %s: %s; trying again in %.0f s",
-                row.event,
-                row.subject,
-                row.webhook,
-                result.error,
-                delay,
-            )
+                log.error(
+                    "notification %s %s could not be sent to %s: %s; trying again in %.0f s",
+                    row.event,
+                    row.subject,
+                    name,
+                    result.error,
+                    delay,
+                )
+                break
+            sent += 1
+            self._update(row.id, state=SENT, attempts=tries, sent_at=self.clock(), last_error=None)
+            log.info("notification %s %s sent to %s", row.event, row.subject, name)
         return sent
 
     def _update(self, row_id: int, **values: Any) -> None:
