@@ -473,6 +473,13 @@ def test_detecting_again_does_not_duplicate(tmp_path: Path, receiver: Receiver) 
         conn.execute(update(notification_marks).values(value=time.time() - 100))
     r.notifier.run_once()
     assert receiver.events("/hook") == ["study_received"]
+    # A new process (nothing remembered) finds it again: the outbox has it already.
+    r.alerter = r.new_alerter()
+    with r.pipeline.engine.begin() as conn:
+        conn.execute(update(notification_marks).values(value=time.time() - 100))
+    assert r.notifier.detect() == 0
+    r.notifier.run_once()
+    assert receiver.events("/hook") == ["study_received"]
 
 
 @pytest.mark.interop

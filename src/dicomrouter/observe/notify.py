@@ -139,6 +139,9 @@ class Notifier:
         self.stop = stop or threading.Event()
         self._purged_at = 0.0
         self._marks_at = 0.0
+        # Quiet studies this process has already recorded (event id -> when): the
+        # windows overlap, and a study seen again is skipped before any more query.
+        self._seen: dict[str, float] = {}
 
     def run_once(self) -> int:
         """Detect, then send what is due. Returns how many notifications were sent."""
@@ -161,10 +164,12 @@ class Notifier:
         events: list[tuple[str, str, str, float, dict[str, Any]]] = []
         received: set[str] = set()
         touched: set[str] = set()
+        quiet_ids: list[str] = []
         with self.reader.connect() as conn:
             if quiet_on:
                 found, new_marks[MARK_QUIET] = self._received(conn, config, marks, now)
                 received = {event[2] for event in found}
+                quiet_ids = [event[1] for event in found]
                 if rules.study_received.enabled:
                     events += found
             elif MARK_QUIET in marks:
@@ -178,7 +183,11 @@ class Notifier:
                 new_marks[MARK_ATTEMPTS] = None
             if rules.study_delivered.enabled:
                 events += self._delivered(conn, config, sorted(received | touched), now)
-        return self._record(config, events, marks, new_marks, now)
+        added = self._record(config, events, marks, new_marks, now)
+        self._seen.update((event_id, now) for event_id in quiet_ids)
+        horizon = now - 2 * (_SLACK + _MARKS_EVERY)
+        self._seen = {key: at for key, at in self._seen.items() if at > horizon}
+        return added
 
     def _record(
         self,
@@ -274,9 +283,10 @@ class Notifier:
                 continue  # still receiving: it comes in a later window
             uid = study["study_instance_uid"]
             occurred = study["last"] + quiet
-            payload = self._envelope(
-                config, "study_received", f"study_received:{uid}:{study['last']:.6f}", occurred
-            )
+            event_id = f"study_received:{uid}:{study['last']:.6f}"
+            if event_id in self._seen:
+                continue  # found by an earlier pass (the windows overlap)
+            payload = self._envelope(config, "study_received", event_id, occurred)
             payload.update(
                 {
                     "study_instance_uid": uid,
