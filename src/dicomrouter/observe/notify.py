@@ -453,13 +453,15 @@ class Notifier:
             return []
         until = now - stable_after(config)
         facts = {f["study_instance_uid"]: f for f in self._study_facts(conn, uids)}
-        armed = set(
-            conn.execute(
-                select(triggers.c.study_instance_uid).where(
-                    triggers.c.pending == 1, triggers.c.study_instance_uid.in_(list(uids))
-                )
-            ).scalars()
-        )
+        armed: set[str] = set()
+        for chunk in _chunks(list(uids)):
+            armed.update(
+                conn.execute(
+                    select(triggers.c.study_instance_uid).where(
+                        triggers.c.pending == 1, triggers.c.study_instance_uid.in_(chunk)
+                    )
+                ).scalars()
+            )
         events = []
         for uid in uids:
             study = facts.get(uid)
