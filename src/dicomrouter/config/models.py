@@ -632,6 +632,13 @@ class HttpConfig(_Model):
         description="Largest upload in bytes of DICOM files to the rule tester "
         "(`/api/v1/routes/test`, the Routes page). Larger gets 413.",
     )
+    public_url: str | None = Field(
+        None,
+        description="The address people reach the dashboard at, e.g. "
+        "`https://router.example.org` behind a reverse proxy; used for the links in "
+        "notifications (`{public_url}/studies/{uid}`). Unset: `http(s)://<host>:<port>` "
+        "from `bind` and `port` (the machine's name when `bind` is a wildcard).",
+    )
     trusted_proxies: list[str] = Field(
         default_factory=list,
         description="IP addresses or CIDR networks of reverse proxies allowed to set "
@@ -639,6 +646,13 @@ class HttpConfig(_Model):
         "ignored: the client address in the audit log and the login throttle is the "
         "connection's. Default: none (the header is never trusted).",
     )
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError(f"invalid public URL {value!r}: expected http:// or https://")
+        return value.rstrip("/") if value is not None else None
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -873,6 +887,74 @@ class AlertsConfig(_Model):
         return self
 
 
+class NotificationEventConfig(_Model):
+    """Whether one kind of event notification is sent, and to which webhooks."""
+
+    enabled: bool = Field(False, description="Send this notification.")
+    webhooks: list[str] | None = Field(
+        None,
+        description="Names of `alerts.webhooks` to notify. Unset: every webhook.",
+    )
+
+
+class StudyReceivedNotificationConfig(NotificationEventConfig):
+    """A study has been received: no instance of it arrived for `stable_after`."""
+
+    stable_after: Duration | None = Field(
+        None,
+        description="How long a study must be quiet (no instance received) to count as "
+        "received. Unset: the longest `stable_after` of the enabled routes with "
+        "`trigger: study` (so the event comes when those routes fire), or 2 minutes "
+        "when no route has a study trigger.",
+    )
+
+
+class NotificationsConfig(_Model):
+    """Webhook notifications of operational events: a study received, a job
+    completed, a study delivered everywhere (see docs/alerts.md, "Notifications").
+    They use the webhooks, retries and rate limit of `alerts`; all off by default."""
+
+    study_received: StudyReceivedNotificationConfig = Field(
+        default_factory=lambda: StudyReceivedNotificationConfig(),
+        description="A study was received and has been quiet for `stable_after`.",
+    )
+    job_completed: NotificationEventConfig = Field(
+        default_factory=lambda: NotificationEventConfig(),
+        description="A job was delivered: it ended `completed` or `warning` (failed jobs "
+        "are the `job_failed` alert's).",
+    )
+    study_delivered: NotificationEventConfig = Field(
+        default_factory=lambda: NotificationEventConfig(),
+        description="Every job of a received study ended `completed` or `warning` "
+        "(canceled jobs aside; none failed or still open, nothing left to plan).",
+    )
+    check_interval: Duration = Field(
+        5.0,
+        gt=0,
+        description="How often new events are looked for and waiting notifications sent.",
+    )
+    give_up_after: Duration = Field(
+        86400.0,
+        description="A notification that could not be delivered (webhook down, or held "
+        "back by `alerts.max_per_hour`) is tried again, with growing delays, for this long "
+        "after it was recorded; then it is dropped and audited (`notification.dropped`).",
+    )
+    keep: Duration = Field(
+        7 * 86400.0,
+        description="How long sent notifications are kept in the index (the outbox) "
+        "before they are deleted.",
+    )
+
+    def any_enabled(self) -> bool:
+        return any(
+            getattr(self, name).enabled
+            for name in ("study_received", "job_completed", "study_delivered")
+        )
+
+
+NOTIFICATION_EVENTS = ("study_received", "job_completed", "study_delivered")
+
+
 class RetentionConfig(_Model):
     """What is deleted, when (see docs/operations.md, "Retention"). An object that has
     not reached every destination it was queued for is never deleted by age unless
@@ -957,6 +1039,11 @@ class RouterConfig(_Model):
         default_factory=lambda: AlertsConfig(),
         description="Webhook alerts: failed jobs, destinations down, stale queues, low disk.",
     )
+    notifications: NotificationsConfig = Field(
+        default_factory=lambda: NotificationsConfig(),
+        description="Webhook notifications of events: study received, job completed, "
+        "study delivered (off by default).",
+    )
     retention: RetentionConfig = Field(
         default_factory=lambda: RetentionConfig(),
         description="When received objects, their history and the audit log are deleted.",
@@ -971,6 +1058,13 @@ class RouterConfig(_Model):
     @model_validator(mode="after")
     def _cross_checks(self) -> RouterConfig:
         problems = reference_problems(self.routes, self.destinations, self.transforms)
+        for event in NOTIFICATION_EVENTS:
+            known = ", ".join(sorted(self.alerts.webhooks)) or "none defined in alerts.webhooks"
+            problems += [
+                (("notifications", event, "webhooks"), f"unknown webhook {name!r} (known: {known})")
+                for name in getattr(self.notifications, event).webhooks or []
+                if name not in self.alerts.webhooks
+            ]
         for name, dest in self.destinations.items():
             if self.is_self(dest):
                 problems.append(

@@ -49,14 +49,11 @@ docs/alerts.md)::
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,7 +65,7 @@ from sqlalchemy import Engine, func, select
 
 from dicomrouter import __version__
 from dicomrouter.config import RouterConfig
-from dicomrouter.config.models import AlertEventConfig, ResolvableAlertConfig, WebhookConfig
+from dicomrouter.config.models import AlertEventConfig, ResolvableAlertConfig
 from dicomrouter.control.jobs import orphaned_queues
 from dicomrouter.control.unplanned import summary as unplanned_summary
 from dicomrouter.queue import commitment
@@ -77,6 +74,10 @@ from dicomrouter.store.schema import jobs, loop_events
 from dicomrouter.tls import TlsError, certificate_not_after
 
 from .collector import read_queues
+from .notify import Notifier
+from .webhooks import Delivery, iso, post_json
+
+__all__ = ["AlertEvaluator", "AlertThread", "Delivery", "iso", "post_json", "start_alerts"]
 
 log = logging.getLogger("dicomrouter.alerts")
 
@@ -97,12 +98,6 @@ _JOBS_LISTED = 20  # failed jobs named in one alert; the count says how many in 
 _DISK_HYSTERESIS = 1.05  # resolved only 5% above the watermark: no flapping
 _HOUR = 3600.0
 _LOOK_BACK = 86400.0  # failed jobs older than this are history, never alerted
-
-
-def iso(at: float | None) -> str | None:
-    if at is None:
-        return None
-    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -132,50 +127,6 @@ class Alert:
             "at": iso(now),
             "details": self.details,
         }
-
-
-@dataclass
-class Delivery:
-    """What became of one POST: sent, or the last error after every retry."""
-
-    ok: bool
-    attempts: int
-    error: str | None = None
-    status: int | None = None
-
-
-def post_json(
-    webhook: WebhookConfig, payload: dict[str, Any], stop: threading.Event | None = None
-) -> Delivery:
-    """POST ``payload``; retry on a connection error, a timeout or a non-2xx answer,
-    after ``retry_delay``, doubled each time. ``stop`` cuts the waits short."""
-    body = json.dumps(payload, default=str).encode()
-    headers = {
-        "Content-Type": "application/json",
-        "User-Agent": f"dicomrouter/{__version__}",
-        **webhook.headers,
-    }
-    delay = webhook.retry_delay
-    error: str | None = None
-    status: int | None = None
-    for attempt in range(1, webhook.retries + 2):
-        request = urllib.request.Request(webhook.url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=webhook.timeout) as response:
-                status = int(response.status)
-            return Delivery(True, attempt, None, status)
-        except urllib.error.HTTPError as exc:  # non-2xx (urllib follows redirects)
-            status, error = exc.code, f"HTTP {exc.code} {exc.reason}"
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            status, error = None, str(getattr(exc, "reason", exc))
-        if attempt <= webhook.retries:
-            log.info("alert webhook %s: %s; retrying in %gs", webhook.url, error, delay)
-            if stop is not None and stop.wait(delay):
-                return Delivery(False, attempt, f"{error} (stopped)", status)
-            if stop is None:
-                time.sleep(delay)
-            delay *= 2
-    return Delivery(False, webhook.retries + 1, error, status)
 
 
 @dataclass
@@ -212,6 +163,9 @@ class AlertEvaluator:
         self._commitments_since: float = clock()
         self._sent: dict[str, deque[float]] = {}
         self._restore()
+        # Event notifications (observe/notify.py) go out from this thread too, under
+        # the same per-webhook rate limit.
+        self.notifier = Notifier(get_config, engine, reader, self._allowed, clock, self.stop)
 
     # -- state ------------------------------------------------------------------
 
@@ -686,12 +640,30 @@ class AlertThread(threading.Thread):
         self.evaluator = evaluator
 
     def run(self) -> None:
-        stop = self.evaluator.stop
-        while not stop.wait(self.evaluator.get_config().alerts.check_interval):
+        """Alerts every ``alerts.check_interval``; event notifications (detect, send)
+        every ``notifications.check_interval`` when any is enabled, else at the
+        alerts' pace (to send what an earlier configuration left in the outbox)."""
+        evaluator = self.evaluator
+        stop = evaluator.stop
+        last_check = time.monotonic()
+        while not stop.wait(self._tick()):
+            config = evaluator.get_config()
+            if time.monotonic() - last_check >= config.alerts.check_interval - 0.01:
+                last_check = time.monotonic()
+                try:
+                    evaluator.run_once()
+                except Exception:  # a broken check must not end alerting for good
+                    log.exception("alert check failed; trying again next interval")
             try:
-                self.evaluator.run_once()
-            except Exception:  # a broken check must not end alerting for good
-                log.exception("alert check failed; trying again next interval")
+                evaluator.notifier.run_once()
+            except Exception:
+                log.exception("event notifications failed; trying again next interval")
+
+    def _tick(self) -> float:
+        config = self.evaluator.get_config()
+        if config.notifications.any_enabled():
+            return min(config.alerts.check_interval, config.notifications.check_interval)
+        return config.alerts.check_interval
 
     def stop(self, timeout: float = 10.0) -> None:
         self.evaluator.stop.set()

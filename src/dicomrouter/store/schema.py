@@ -358,6 +358,48 @@ pseudonym_map = Table(
 )
 Index("ix_pseudonym_map_lookup", pseudonym_map.c.lookup)
 
+# Event notifications (observe/notify.py), the outbox: one row per event and webhook,
+# written by the alerter thread of the HTTP process when it detects the event (never
+# by the dispatch loop) and deleted ``notifications.keep`` after it was sent.
+# ``event_id`` is derived from the event itself (e.g. the job and its finish time), so
+# detecting it again is a no-op (the unique constraint) and the receiver can use it to
+# de-duplicate: delivery is at least once. Added to version 7 before its release:
+# ``metadata.create_all`` creates it on an existing index, so no migration.
+notification_outbox = Table(
+    "notification_outbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("event_id", String(200), nullable=False),
+    Column("event", String(32), nullable=False),  # study_received|job_completed|study_delivered
+    Column("webhook", String(128), nullable=False),
+    Column("subject", String(128), nullable=False, default=""),  # study UID or job id
+    Column("payload", Text, nullable=False),  # the JSON POSTed, built at detection
+    Column("occurred_at", Float, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("state", String(16), nullable=False, default="pending"),  # pending|sent|dropped
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("sent_at", Float),
+    Column("last_error", Text),
+    UniqueConstraint("event_id", "webhook", name="uq_notification_event"),
+)
+Index(
+    "ix_notification_outbox_due", notification_outbox.c.state, notification_outbox.c.next_attempt_at
+)
+Index("ix_notification_outbox_created", notification_outbox.c.created_at)
+
+# How far each detector of notification events has looked: the last ``attempts.id``
+# seen (job_completed), the end of the last quiet-time window (study_received). Written
+# in the transaction that adds the events found, so a restart neither loses nor
+# repeats them. Same note as above: version 7, no migration.
+notification_marks = Table(
+    "notification_marks",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
 __all__ = [
     "audit_log",
     "config_versions",
@@ -370,6 +412,8 @@ __all__ = [
     "loop_events",
     "meta_info",
     "metadata",
+    "notification_marks",
+    "notification_outbox",
     "process_heartbeats",
     "pseudonym_map",
     "purge_runs",
