@@ -22,7 +22,7 @@ import time
 
 from sqlalchemy import Engine, select, update
 
-from dicomrouter.config import DicomDestinationConfig
+from dicomrouter.config import BaseDestinationConfig
 from dicomrouter.store.schema import destination_state
 
 log = logging.getLogger("dicomrouter.dispatch")
@@ -34,7 +34,7 @@ ADMIN_REFRESH = 1.0
 
 
 class DestinationHealth:
-    def __init__(self, name: str, config: DicomDestinationConfig, engine: Engine):
+    def __init__(self, name: str, config: BaseDestinationConfig, engine: Engine):
         self.name = name
         self.config = config
         self.engine = engine

@@ -1,7 +1,9 @@
 """One delivery worker: claims jobs for one destination and sends them.
 
-A destination gets ``max_associations`` workers, each a thread with its own
-association, so a hung destination only ever blocks its own workers.
+A destination gets ``workers`` workers (``max_associations`` for DICOM,
+``max_workers`` for the other kinds), each a thread with its own sender (made by the
+registry for the destination's kind), so a hung destination only ever blocks its
+own workers.
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ from datetime import datetime
 
 from pydicom.uid import UID
 
-from dicomrouter.config import DicomDestinationConfig, RouterConfig, format_duration
+from dicomrouter.config import BaseDestinationConfig, RouterConfig, format_duration
 from dicomrouter.destinations import (
     DestinationUnavailable,
-    DicomSender,
     InstanceResult,
     Outcome,
     OutgoingInstance,
+    SenderOptions,
     VerificationNotSupported,
+    create_sender,
 )
 from dicomrouter.observe import metrics
 from dicomrouter.queue import Claim, ItemResult, JobStore, QueuedInstance
@@ -46,7 +49,7 @@ _RENEW_EVERY = 2.0  # seconds between lease renewals (and cancel checks) during 
 _DEFER_EVERY = 30.0  # seconds between marking waiting jobs scheduled while the window is closed
 
 
-def skip_reason(dest: DicomDestinationConfig, name: str, sop_class_uid: str) -> str | None:
+def skip_reason(dest: BaseDestinationConfig, name: str, sop_class_uid: str) -> str | None:
     """Why ``dest`` does not take this SOP class (``sop_classes``), or None."""
     classes = dest.sop_classes
     if classes is None:
@@ -89,15 +92,16 @@ class DestinationWorker(threading.Thread):
         self.dest_name = name
         self.index = index
         self.config = config
-        self.dest: DicomDestinationConfig = config.destinations[name]
+        self.dest: BaseDestinationConfig = config.destinations[name]
         self.jobs = jobs
         self.store = store
         self.health = health
         self.stop_event = stop
         self.transforms = transforms
         self.owner = f"{node_id()}:{os.getpid()}:{name}:{index}"
-        calling = self.dest.calling_ae_title or config.ae_title
-        self.sender = DicomSender(self.dest, calling, keep_alive=_KEEP_ALIVE)
+        self.sender = create_sender(
+            self.dest, SenderOptions(calling_ae=config.ae_title, keep_alive=_KEEP_ALIVE)
+        )
         self.current_claim: Claim | None = None
         self._deferred_at = 0.0
 
@@ -192,7 +196,7 @@ class DestinationWorker(threading.Thread):
 
     def _probe(self) -> None:
         try:
-            self.sender.echo()
+            self.sender.probe()
         except VerificationNotSupported:
             pass  # it answered: up, but without C-ECHO support
         except Exception as exc:
