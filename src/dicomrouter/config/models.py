@@ -533,7 +533,7 @@ class DicomDestinationConfig(BaseDestinationConfig):
 
 #: ``folder``'s default layout: a folder per patient, study and series.
 DEFAULT_FOLDER_LAYOUT = "{PatientID}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
-_TAG_FIELD_RE = re.compile(r"^\(?[0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)?$")
+_TAG_FIELD_RE = re.compile(r"^[0-9A-Fa-f]{4},[0-9A-Fa-f]{4}$")
 
 
 def _check_layout(value: str) -> str:
@@ -1100,13 +1100,15 @@ class RouterConfig(_Model):
             raise ConfigProblems(problems)
         return self
 
-    def is_self(self, dest: DicomDestinationConfig) -> bool:
+    def is_self(self, dest: BaseDestinationConfig) -> bool:
         """True when a destination points back at this router (a routing loop): one
         of our ports (plain or TLS) on an address of this machine, however spelled
         (see ``hosts``), with our AE title, or with any AE title when we do not check
-        the called AE (``dicom.require_called_ae: false``)."""
+        the called AE (``dicom.require_called_ae: false``). Only a DICOM destination
+        can be."""
         return (
-            (dest.ae_title == self.ae_title or not self.dicom.require_called_ae)
+            isinstance(dest, DicomDestinationConfig)
+            and (dest.ae_title == self.ae_title or not self.dicom.require_called_ae)
             and dest.port in self.dicom.ports
             and is_local_host(dest.host)
         )
