@@ -1,8 +1,9 @@
-"""Destination health: count connection failures, pause, probe with C-ECHO, resume.
+"""Destination health: count connection failures, pause, probe, resume (whatever the
+destination's kind: the probe is its sender's ``probe()``, a C-ECHO for DICOM).
 
 A destination that refuses connections is not retried job by job (that would burn
 every job's attempts while a PACS is down for maintenance). After
-``pause_after_failures`` consecutive failures it is *paused*: only C-ECHO probes go
+``pause_after_failures`` consecutive failures it is *paused*: only probes go
 out, every ``probe_interval``. The first successful probe resumes it and pulls its
 whole queue forward, so nothing waits out a long backoff after the peer is back.
 The state is mirrored in the index so the CLI and the API can show it.

@@ -198,7 +198,7 @@ class DestinationWorker(threading.Thread):
         try:
             self.sender.probe()
         except VerificationNotSupported:
-            pass  # it answered: up, but without C-ECHO support
+            pass  # it answered: up, but without support for the check (C-ECHO)
         except Exception as exc:
             self.health.probe_failed(str(exc))
             log.info("probe of %s failed: %s", self.dest_name, exc)
