@@ -73,8 +73,10 @@ LAZY: dict[tuple[str, str], str] = {
     "`dicomrouter serve` reads its configuration before it excludes numpy",
     ("dicomrouter.destinations", "dicomrouter.destinations.dicom"): "the sender "
     "(pynetdicom) loads on first use: the HTTP process needs it only for an echo",
-    ("dicomrouter.control.destinations", "dicomrouter.destinations.dicom"): "the same, "
-    "for the echo itself",
+    ("dicomrouter.destinations.registry", "dicomrouter.destinations.dicom"): "each kind's "
+    "sender loads when the first sender of that kind is made: a process loads only the "
+    "client libraries of the kinds it sends to",
+    ("dicomrouter.destinations.registry", "dicomrouter.destinations.folder"): "the same",
     ("dicomrouter.children", "dicomrouter.control.versions"): _CHILD,
     ("dicomrouter.children", "dicomrouter.dispatch"): _CHILD,
     ("dicomrouter.children", "dicomrouter.store"): _CHILD,

@@ -606,7 +606,7 @@ def test_a_successful_probe_pulls_backed_off_jobs_forward(tmp_path: Path) -> Non
     fake = SimpleNamespace(
         dest=p.config.destinations["pacs"],
         dest_name="pacs",
-        sender=SimpleNamespace(echo=lambda: None),  # the destination answers
+        sender=SimpleNamespace(probe=lambda: None),  # the destination answers
         health=SimpleNamespace(resume=lambda: resumed.append(True)),
         jobs=p.jobs,
     )

@@ -10,6 +10,7 @@ import typer
 
 from dicomrouter import __version__
 from dicomrouter.config.loader import env_override_applies
+from dicomrouter.config.models import DicomDestinationConfig
 from dicomrouter.config.reference import env_overrides_text, render_reference
 
 from .common import (
@@ -150,7 +151,9 @@ def echo(
 
     A destination's name echoes it as deliveries reach it (its address, calling AE
     title, timeouts and TLS from the configuration), audited when the router's
-    index exists; AE@HOST:PORT echoes any peer. Exits 1 if the peer does not answer.
+    index exists; AE@HOST:PORT echoes any peer. A destination of another kind gets
+    the probe of a paused destination instead (a folder: a test write). Exits 1 if
+    the peer does not answer.
     """
     if "@" in target:
         _echo_address(target, calling_ae or "DICOMROUTER", 10.0 if timeout is None else timeout)
@@ -183,12 +186,13 @@ def echo(
         )
         fail(f"{exc}{where}; to echo any peer, give it as AE@HOST:PORT, e.g. PACS@127.0.0.1:104")
     dest = settings.destinations[target]
-    peer = f"{target} ({dest.ae_title}@{dest.host}:{dest.port})"
+    peer = f"{target} ({dest.address})"
+    check = "C-ECHO to" if isinstance(dest, DicomDestinationConfig) else "Probe of"
     if not result["ok"]:
-        fail(f"C-ECHO to {peer} failed after {result['ms']:.0f} ms: {result['error']}")
+        fail(f"{check} {peer} failed after {result['ms']:.0f} ms: {result['error']}")
     note = f" ({result['error']})" if result["error"] else ""
     console.print(
-        f"[green]C-ECHO to {peer} succeeded[/] in {result['ms']:.0f} ms{note}", highlight=False
+        f"[green]{check} {peer} succeeded[/] in {result['ms']:.0f} ms{note}", highlight=False
     )
 
 
@@ -203,14 +207,14 @@ class _EchoContext:
 def _echo_address(target: str, calling_ae: str, timeout: float) -> None:
     import time
 
-    from dicomrouter.destinations import DicomSender
+    from dicomrouter.destinations import SenderOptions, create_sender
 
     dest = parse_target(
         target, connect_timeout=timeout, acse_timeout=timeout, dimse_timeout=timeout
     )
     started = time.perf_counter()
     try:
-        DicomSender(dest, calling_ae).echo()
+        create_sender(dest, SenderOptions(calling_ae=calling_ae)).probe()
     except Exception as exc:
         fail(f"C-ECHO to {target} failed: {exc}")
     console.print(

@@ -11,9 +11,14 @@ from .loader import (
     parse_config,
 )
 from .models import (
+    DESTINATION_KINDS,
+    DESTINATION_MODELS,
+    BaseDestinationConfig,
+    DestinationConfig,
     DicomDestinationConfig,
     DicomListenerConfig,
     DispatchConfig,
+    FolderDestinationConfig,
     RetentionConfig,
     RetryConfig,
     RouteConfig,
@@ -22,8 +27,13 @@ from .models import (
 )
 
 __all__ = [
+    "DESTINATION_KINDS",
+    "DESTINATION_MODELS",
+    "BaseDestinationConfig",
     "ConfigError",
+    "DestinationConfig",
     "DicomDestinationConfig",
+    "FolderDestinationConfig",
     "DicomListenerConfig",
     "DispatchConfig",
     "RetentionConfig",

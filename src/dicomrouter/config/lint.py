@@ -17,7 +17,7 @@ from dicomrouter.rules.conditions import AllOf, AnyOf
 from dicomrouter.tls import TlsError, certificate_not_after
 
 from . import hosts
-from .models import RouterConfig
+from .models import DicomDestinationConfig, RouterConfig
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,8 @@ def lint(config: RouterConfig) -> list[Finding]:
     for name in sorted(set(config.destinations) - used):
         findings.append(Finding("warning", f"destinations.{name}", "is not used by any route"))
     for name, dest in config.destinations.items():
+        if not isinstance(dest, DicomDestinationConfig):
+            continue  # only a DICOM destination can be this router
         if dest.port not in config.dicom.ports:
             continue  # another port is never this router (no lookup needed)
         host = hosts.check_host(dest.host)

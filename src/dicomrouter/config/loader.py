@@ -13,7 +13,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .models import ConfigProblems, RouterConfig, reference_problems
+from .models import DESTINATION_MODELS, ConfigProblems, RouterConfig, reference_problems
 from .transforms import STEP_KINDS
 
 ENV_PREFIX = "DICOMROUTER_"
@@ -269,19 +269,41 @@ def known_keys(loc: tuple[Any, ...], model: type[BaseModel] = RouterConfig) -> l
     return names
 
 
-def _did_you_mean(loc: tuple[Any, ...], model: type[BaseModel]) -> str:
+def _did_you_mean(loc: tuple[Any, ...], model: type[BaseModel], data: Any = None) -> str:
     if not loc or not isinstance(loc[-1], str):
         return ""
-    close = difflib.get_close_matches(loc[-1], known_keys(loc[:-1], model), n=1, cutoff=0.6)
+    keys = known_keys(loc[:-1], model)
+    if len(loc) == 3 and loc[0] == "destinations" and model is RouterConfig:
+        # A destination's keys are its kind's (the tag is gone from ``loc``).
+        node = data.get("destinations") if isinstance(data, dict) else None
+        node = node.get(loc[1]) if isinstance(node, dict) else None
+        kind = node.get("type", "dicom") if isinstance(node, dict) else "dicom"
+        if kind in DESTINATION_MODELS:
+            keys = list(DESTINATION_MODELS[kind].model_fields)
+    close = difflib.get_close_matches(loc[-1], keys, n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _without_union_tag(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     """A transform step is a union told apart by its key, and pydantic puts that tag
-    in the path (``transforms.x[1].replace.replace.pattern``): drop it."""
+    in the path (``transforms.x[1].replace.replace.pattern``): drop it. The same for a
+    destination's ``type`` (``destinations.x.folder.path``)."""
     if len(loc) > 3 and loc[0] == "transforms" and isinstance(loc[2], int) and loc[3] in STEP_KINDS:
         return loc[:3] + loc[4:]
+    if len(loc) > 2 and loc[0] == "destinations" and loc[2] in DESTINATION_MODELS:
+        return loc[:2] + loc[3:]
     return loc
+
+
+def _destination_type_error(loc: tuple[Any, ...], data: Any) -> tuple[tuple[Any, ...], str]:
+    """Where and why a destination's kind could not be told (``destinations.x``)."""
+    known = ", ".join(DESTINATION_MODELS)
+    node = data
+    for part in loc:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict):
+        return loc, f"a destination is a mapping of its keys (with a type: {known})"
+    return (*loc, "type"), f"unknown destination type {node.get('type')!r}; known: {known}"
 
 
 def validation_issues(
@@ -302,8 +324,10 @@ def validation_issues(
             ]
             continue
         message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            message = "unknown key" + _did_you_mean(loc, model)
+        if error["type"] == "destination_type":
+            loc, message = _destination_type_error(loc, data)
+        elif error["type"] == "extra_forbidden":
+            message = "unknown key" + _did_you_mean(loc, model, data)
         elif error["type"] == "missing":
             message = "required key is missing"
         issues.append(ConfigIssue(_format_location(loc, data), message))

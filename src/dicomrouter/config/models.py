@@ -17,7 +17,9 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -369,7 +371,7 @@ class RetryConfig(_Model):
         description="Delivery attempts before a job is `failed`. A connection failure "
         "(the destination refused the connection or rejected the association) is not a "
         "delivery attempt and does not use this up: the destination is paused and probed "
-        "with C-ECHO (`pause_after_failures`, `probe_interval`), and its jobs wait. "
+        "(`pause_after_failures`, `probe_interval`), and its jobs wait. "
         "Jobs show both counts: *delivery attempts* and *connection failures*.",
     )
     initial_delay: Duration = Field(10.0, description="Delay after the first failure.")
@@ -387,7 +389,7 @@ class RetryConfig(_Model):
 class StorageCommitmentConfig(_Model):
     """Storage commitment (N-ACTION of the Storage Commitment Push Model) after each
     batch delivered; the destination reports on the same association or calls our
-    listener back (docs/destinations-commitment.md)."""
+    listener back (docs/destinations.md, "Storage commitment")."""
 
     enabled: bool = Field(False, description="Ask the destination to commit what it stored.")
     timeout: Duration = Field(
@@ -405,41 +407,32 @@ class StorageCommitmentConfig(_Model):
     )
 
 
-class DicomDestinationConfig(_Model):
-    """A DICOM C-STORE SCP that receives objects (a PACS, a VNA, an AI node...)."""
+class BaseDestinationConfig(_Model):
+    """What every kind of destination shares: when and how often it is sent to, what
+    it takes, and what is done to objects on the way. Each kind adds its own keys."""
 
-    type: Literal["dicom"] = Field("dicom", description="Destination kind.")
-    ae_title: str = Field(..., description="Called AE title of the destination.")
-    host: str = Field(..., description="Host name or IP address.")
-    port: int = Field(..., ge=1, le=65535, description="TCP port.")
-    calling_ae_title: str | None = Field(
-        None, description="Calling AE title we present; default: the router's `ae_title`."
-    )
-    max_associations: int = Field(
-        1, ge=1, le=32, description="Associations opened in parallel to this destination."
-    )
+    type: str = Field(..., description="Destination kind.")
     batch_size: int = Field(
-        1000, ge=1, description="Instances sent over one association before it is renewed."
+        1000,
+        ge=1,
+        description="Instances handed to the sender at once (DICOM: sent over one "
+        "association before it is renewed).",
     )
     send_window: Window | None = Field(
         None, description="Deliver only inside this local-time window, e.g. '19:00-07:00'."
     )
     retry: RetryConfig = Field(default_factory=lambda: RetryConfig(), description="Retry policy.")
-    connect_timeout: Duration = Field(10.0, description="TCP connect timeout.")
-    acse_timeout: Duration = Field(30.0, description="Association negotiation timeout.")
-    dimse_timeout: Duration = Field(120.0, description="Timeout for each C-STORE response.")
-    network_timeout: Duration = Field(
-        120.0,
-        description="Longest a send may stall because the destination stopped reading "
-        "(its TCP window stays closed); then A-ABORT, and the instance is retried.",
-    )
     pause_after_failures: int = Field(
         3,
         ge=1,
-        description="Consecutive failed connections after which the destination is paused "
-        "and probed with C-ECHO instead of retried job by job.",
+        description="Consecutive failures to reach the destination (no connection, a "
+        "folder that cannot be written) after which it is paused and probed instead of "
+        "retried job by job.",
     )
-    probe_interval: Duration = Field(15.0, description="C-ECHO probe period while paused.")
+    probe_interval: Duration = Field(
+        15.0,
+        description="Probe period while paused (DICOM: a C-ECHO; folder: a test write).",
+    )
     give_up_after: Duration | None = Field(
         None,
         description="Once the destination has been unreachable (paused and probed) this "
@@ -448,9 +441,6 @@ class DicomDestinationConfig(_Model):
         "down for a week gets everything when it returns.",
     )
     enabled: bool = Field(True, description="A disabled destination keeps its queue unsent.")
-    tls: DestinationTlsConfig | None = Field(
-        None, description="Connect with TLS. Unset: a plain TCP connection."
-    )
     transform: str | None = Field(
         None,
         description="Name of a pipeline in `transforms` applied to everything sent here "
@@ -461,8 +451,10 @@ class DicomDestinationConfig(_Model):
         description="Transfer syntax to send in, by name (`as-received`, `explicit-little`, "
         "`implicit-little`, `deflated`, `rle`, `jpeg-ls-lossless`, `jpeg2000-lossless`, "
         "`jpeg-lossless-sv1`, `htj2k-lossless`; lossy: `jpeg-ls-near-lossless`, `jpeg2000`, "
-        "`jpeg-baseline`) or UID. Refused by the destination: as received, then Explicit VR "
-        "Little Endian. `jpeg-baseline` has no encoder here and is refused.",
+        "`jpeg-baseline`) or UID. DICOM: refused by the destination, as received, then "
+        "Explicit VR Little Endian. Folder: an object that cannot be transcoded is written "
+        "as received, with the reason on its delivery. `jpeg-baseline` has no encoder here "
+        "and is refused.",
     )
     allow_lossy: bool = Field(
         False, description="Allow a lossy `transfer_syntax` (it gets a new SOP Instance UID)."
@@ -470,14 +462,6 @@ class DicomDestinationConfig(_Model):
     sop_classes: SopClassFilter | None = Field(
         None,
         description="SOP classes this destination takes; others are recorded as `skipped`.",
-    )
-    storage_commitment: StorageCommitmentConfig = Field(
-        default_factory=lambda: StorageCommitmentConfig(),
-        description="Ask for storage commitment after each batch (off by default).",
-    )
-
-    _check_ae = field_validator("ae_title", "calling_ae_title")(
-        classmethod(lambda cls, v: v if v is None else _check_ae_title(v))
     )
 
     @field_validator("transfer_syntax")
@@ -495,7 +479,7 @@ class DicomDestinationConfig(_Model):
         raise ValueError(f"unknown transfer syntax {value!r} (known: {names}, or their UIDs)")
 
     @model_validator(mode="after")
-    def _lossy_allowed(self) -> DicomDestinationConfig:
+    def _lossy_allowed(self) -> BaseDestinationConfig:
         if self.lossy and not self.allow_lossy:
             raise ConfigProblems(
                 [
@@ -516,6 +500,167 @@ class DicomDestinationConfig(_Model):
     @property
     def lossy(self) -> bool:
         return self.transfer_syntax_uid in LOSSY_SYNTAXES.values()
+
+    @property
+    def workers(self) -> int:
+        """How many senders work for this destination in parallel (each kind names
+        the key: ``max_associations`` for DICOM, ``max_workers`` for the others)."""
+        raise NotImplementedError
+
+    @property
+    def address(self) -> str:
+        """Where it sends, for people: ``PACS@10.0.0.5:104``, a folder path..."""
+        raise NotImplementedError
+
+
+class DicomDestinationConfig(BaseDestinationConfig):
+    """`type: dicom` (the default when `type` is absent): a DICOM C-STORE SCP (a PACS,
+    a VNA, an AI node...)."""
+
+    type: Literal["dicom"] = Field("dicom", description="Destination kind.")
+    ae_title: str = Field(..., description="Called AE title of the destination.")
+    host: str = Field(..., description="Host name or IP address.")
+    port: int = Field(..., ge=1, le=65535, description="TCP port.")
+    calling_ae_title: str | None = Field(
+        None, description="Calling AE title we present; default: the router's `ae_title`."
+    )
+    max_associations: int = Field(
+        1, ge=1, le=32, description="Associations opened in parallel to this destination."
+    )
+    connect_timeout: Duration = Field(10.0, description="TCP connect timeout.")
+    acse_timeout: Duration = Field(30.0, description="Association negotiation timeout.")
+    dimse_timeout: Duration = Field(120.0, description="Timeout for each C-STORE response.")
+    network_timeout: Duration = Field(
+        120.0,
+        description="Longest a send may stall because the destination stopped reading "
+        "(its TCP window stays closed); then A-ABORT, and the instance is retried.",
+    )
+    tls: DestinationTlsConfig | None = Field(
+        None, description="Connect with TLS. Unset: a plain TCP connection."
+    )
+    storage_commitment: StorageCommitmentConfig = Field(
+        default_factory=lambda: StorageCommitmentConfig(),
+        description="Ask for storage commitment after each batch (off by default).",
+    )
+
+    _check_ae = field_validator("ae_title", "calling_ae_title")(
+        classmethod(lambda cls, v: v if v is None else _check_ae_title(v))
+    )
+
+    @property
+    def workers(self) -> int:
+        return self.max_associations
+
+    @property
+    def address(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+#: ``folder``'s default layout: a folder per patient, study and series.
+DEFAULT_FOLDER_LAYOUT = "{PatientID}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
+_TAG_FIELD_RE = re.compile(r"^[0-9A-Fa-f]{4},[0-9A-Fa-f]{4}$")
+
+
+def _check_layout(value: str) -> str:
+    """A layout is a relative path of templates over DICOM keywords or tags."""
+    import string
+
+    from pydicom.datadict import tag_for_keyword
+
+    if not value.strip():
+        raise ValueError("layout is empty")
+    if value.startswith(("/", "\\")):
+        raise ValueError(f"layout {value!r} must be relative to path (no leading /)")
+    try:
+        parsed = list(string.Formatter().parse(value))
+    except ValueError as exc:
+        raise ValueError(f"layout {value!r}: {exc} (write {{{{ and }}}} for braces)") from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if conversion:
+            raise ValueError(f"layout {value!r}: conversions (!{conversion}) are not supported")
+        if not name:
+            raise ValueError(f"layout {value!r}: empty field {{}}; name an element")
+        if "/" in name or "/" in (spec or "") or "{" in (spec or ""):
+            raise ValueError(f"layout {value!r}: a field cannot hold '/' or a nested field")
+        if tag_for_keyword(name) is None and not _TAG_FIELD_RE.match(name):
+            raise ValueError(
+                f"layout {value!r}: {{{name}}} is not a DICOM keyword or a tag (gggg,eeee)"
+            )
+    parts = value.split("/")
+    if any(not part for part in parts):
+        raise ValueError(f"layout {value!r}: empty folder name (two '/' in a row, or a final '/')")
+    if any(part in (".", "..") for part in parts):
+        raise ValueError(f"layout {value!r}: '.' and '..' are not folder names")
+    return value
+
+
+class FolderDestinationConfig(BaseDestinationConfig):
+    """`type: folder`: write each instance as a Part-10 file under a folder (a research
+    share, a folder another program watches). Files appear whole: each is written to
+    a temporary file, synced, then renamed into place. Details: docs/destinations.md."""
+
+    type: Literal["folder"] = Field(..., description="Destination kind.")
+    path: Path = Field(
+        ..., description="The folder written to; it must exist (nothing is created above it)."
+    )
+    layout: str = Field(
+        DEFAULT_FOLDER_LAYOUT,
+        description="Where each file goes under `path`: a template over DICOM keywords or "
+        "tags with Python format specs, e.g. `{PatientID}/{StudyDate}_{AccessionNumber}/"
+        "{SeriesNumber:03d}_{Modality}/{SOPInstanceUID}.dcm`. Each folder or file name is "
+        "made safe (no `..`, `/`, `\\`, control characters, reserved names; at most 100 "
+        "bytes; an empty value is `_`), so no value can lead outside `path`.",
+    )
+    on_exists: Literal["overwrite", "skip", "version"] = Field(
+        "overwrite",
+        description="A file already at that name: `overwrite` replaces it (atomically); "
+        "`skip` keeps it and counts the instance delivered; `version` writes `name_2.dcm`, "
+        "`name_3.dcm`... (an identical file already there counts as delivered).",
+    )
+    max_workers: int = Field(
+        1, ge=1, le=32, description="Instances written in parallel (one worker each)."
+    )
+
+    _check_layout = field_validator("layout")(classmethod(lambda cls, v: _check_layout(v)))
+
+    @property
+    def workers(self) -> int:
+        return self.max_workers
+
+    @property
+    def address(self) -> str:
+        return str(self.path)
+
+
+#: Every kind of destination, by its ``type``.
+DESTINATION_MODELS: dict[str, type[BaseDestinationConfig]] = {
+    "dicom": DicomDestinationConfig,
+    "folder": FolderDestinationConfig,
+}
+DESTINATION_KINDS = tuple(DESTINATION_MODELS)
+
+
+def _destination_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        kind = value.get("type", "dicom")
+        return kind if isinstance(kind, str) and kind in DESTINATION_MODELS else None
+    if isinstance(value, BaseDestinationConfig):
+        return value.type
+    return None
+
+
+#: A destination: one of :data:`DESTINATION_MODELS`, told apart by ``type``.
+DestinationConfig = Annotated[
+    Annotated[DicomDestinationConfig, Tag("dicom")]
+    | Annotated[FolderDestinationConfig, Tag("folder")],
+    Discriminator(
+        _destination_kind,
+        custom_error_type="destination_type",
+        custom_error_message="unknown destination type; known: " + ", ".join(DESTINATION_KINDS),
+    ),
+]
 
 
 TriggerLevel = Literal["instance", "series", "study"]
@@ -1014,8 +1159,10 @@ class RouterConfig(_Model):
         "Default: SQLite at `<storage.path>/index.sqlite`. Other databases (PostgreSQL, "
         "for scale-out) are planned; only SQLite is tested today.",
     )
-    destinations: dict[str, DicomDestinationConfig] = Field(
-        default_factory=dict, description="Named destinations."
+    destinations: dict[str, DestinationConfig] = Field(
+        default_factory=dict,
+        description="Named destinations; each has a `type` (`dicom`, the default, or "
+        "`folder`): see docs/destinations.md.",
     )
     routes: list[RouteConfig] = Field(default_factory=list, description="Routing rules.")
     transforms: dict[str, Pipeline] = Field(
@@ -1066,7 +1213,7 @@ class RouterConfig(_Model):
                 if name not in self.alerts.webhooks
             ]
         for name, dest in self.destinations.items():
-            if self.is_self(dest):
+            if isinstance(dest, DicomDestinationConfig) and self.is_self(dest):
                 problems.append(
                     (
                         ("destinations", name),
@@ -1078,13 +1225,15 @@ class RouterConfig(_Model):
             raise ConfigProblems(problems)
         return self
 
-    def is_self(self, dest: DicomDestinationConfig) -> bool:
+    def is_self(self, dest: BaseDestinationConfig) -> bool:
         """True when a destination points back at this router (a routing loop): one
         of our ports (plain or TLS) on an address of this machine, however spelled
         (see ``hosts``), with our AE title, or with any AE title when we do not check
-        the called AE (``dicom.require_called_ae: false``)."""
+        the called AE (``dicom.require_called_ae: false``). Only a DICOM destination
+        can be."""
         return (
-            (dest.ae_title == self.ae_title or not self.dicom.require_called_ae)
+            isinstance(dest, DicomDestinationConfig)
+            and (dest.ae_title == self.ae_title or not self.dicom.require_called_ae)
             and dest.port in self.dicom.ports
             and is_local_host(dest.host)
         )
@@ -1098,7 +1247,11 @@ class RouterConfig(_Model):
             ("dicom.tls", self.dicom.tls),
             ("http.tls", self.http.tls),
         ]
-        sections += [(f"destinations.{name}.tls", d.tls) for name, d in self.destinations.items()]
+        sections += [
+            (f"destinations.{name}.tls", d.tls)
+            for name, d in self.destinations.items()
+            if isinstance(d, DicomDestinationConfig)
+        ]
         for prefix, section in sections:
             for key in ("certificate", "ca_certificates"):
                 path = getattr(section, key, None)

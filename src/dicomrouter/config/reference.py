@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import textwrap
 import typing
+from collections.abc import Collection
 from types import NoneType, UnionType
 from typing import Any, Literal, get_args, get_origin
 
@@ -14,7 +15,7 @@ from pydantic_core import PydanticUndefined
 from dicomrouter.units import format_duration
 
 from .loader import ENV_PREFIX, NODE_KEYS
-from .models import DicomDestinationConfig, RouteConfig, RouterConfig
+from .models import DESTINATION_MODELS, BaseDestinationConfig, RouteConfig, RouterConfig
 from .transforms import STEP_MODELS
 
 _INTRO = """# Configuration reference
@@ -124,9 +125,15 @@ def _default(field: Any) -> str:
 
 
 def _rows(
-    model: type[BaseModel], prefix: str, out: list[str], nested: list[tuple[str, type]]
+    model: type[BaseModel],
+    prefix: str,
+    out: list[str],
+    nested: list[tuple[str, type]],
+    only: Collection[str] | None = None,
 ) -> None:
     for name, field in model.model_fields.items():
+        if only is not None and name not in only:
+            continue
         key = f"{prefix}{field.alias or name}"
         annotation = field.annotation
         kind = _type_name(
@@ -142,14 +149,21 @@ def _rows(
             nested.append((f"{key}.", inner))
 
 
-def _section(title: str, model: type[BaseModel], prefix: str, text: list[str]) -> None:
+def _section(
+    title: str,
+    model: type[BaseModel],
+    prefix: str,
+    text: list[str],
+    only: Collection[str] | None = None,
+) -> None:
+    """``model``'s keys (``only`` these, when given) as a table, then its sections."""
     text.append(f"\n## {title}\n")
     if model.__doc__:
         text.append(inspect.cleandoc(model.__doc__) + "\n")
     text.append("| key | type | default | meaning |")
     text.append("| --- | --- | --- | --- |")
     nested: list[tuple[str, type]] = []
-    _rows(model, prefix, text, nested)
+    _rows(model, prefix, text, nested, only)
     for sub_prefix, sub_model in nested:
         _section(f"`{sub_prefix.rstrip('.')}`", sub_model, sub_prefix, text)
 
@@ -157,6 +171,15 @@ def _section(title: str, model: type[BaseModel], prefix: str, text: list[str]) -
 def _wrap(paragraph: str, width: int = 88) -> str:
     return textwrap.fill(paragraph, width, break_long_words=False, break_on_hyphens=False)
 
+
+_DESTINATIONS_INTRO = """
+## `destinations.<name>`
+
+Each destination has a `type`, `dicom` when it is absent (so files written before
+there were other kinds load unchanged). The keys from `batch_size` to `sop_classes`
+are the same for every kind; each kind adds its own. Every kind, its keys and
+examples: [destinations.md](destinations.md).
+"""
 
 _STEPS_INTRO = """
 ## `transforms.<name>[]`
@@ -171,7 +194,13 @@ def render_reference() -> str:
     overrides = _wrap("**Environment overrides.** " + env_overrides_text())
     text = [_INTRO.format(env_overrides=overrides)]
     _section("Top level", RouterConfig, "", text)
-    _section("`destinations.<name>`", DicomDestinationConfig, "destinations.<name>.", text)
+    text.append(_DESTINATIONS_INTRO)
+    shared = [name for name in BaseDestinationConfig.model_fields if name != "type"]
+    prefix = "destinations.<name>."
+    _section("Every kind of destination", BaseDestinationConfig, prefix, text, shared)
+    for kind, dest_model in DESTINATION_MODELS.items():
+        own = [name for name in dest_model.model_fields if name not in shared]
+        _section(f"Destination `type: {kind}`", dest_model, prefix, text, own)
     _section("`routes[]`", RouteConfig, "routes[].", text)
     text.append(_STEPS_INTRO)
     for kind, model in STEP_MODELS.items():

@@ -5,7 +5,7 @@ The live state combines three sources, in this order of precedence:
 - ``disabled``: ``enabled: false`` in the configuration (its queue stays unsent);
 - ``paused``: paused by an operator (``destination_state.admin_paused``); the
   dispatch process stops claiming its jobs within a second and does not probe it;
-- ``probing``: paused automatically after failed connections, probed with C-ECHO
+- ``probing``: paused automatically after failed connections, probed (C-ECHO, a test write...)
   (``destination_state.state == "paused"``, see :mod:`dicomrouter.dispatch.health`);
 - ``ok`` otherwise.
 
@@ -23,6 +23,8 @@ from typing import Any
 
 from sqlalchemy import Connection, case, func, or_, select, update
 
+from dicomrouter.config import DicomDestinationConfig
+from dicomrouter.destinations import SenderOptions, VerificationNotSupported, create_sender
 from dicomrouter.queue import JobStore
 from dicomrouter.queue import states as S
 from dicomrouter.store import audit
@@ -138,6 +140,7 @@ def _summaries(ctx: Any, only: str | None = None) -> list[dict[str, Any]]:
         result = []
         for name in names:
             dest = config.destinations.get(name)
+            dicom = dest if isinstance(dest, DicomDestinationConfig) else None
             h = health.get(name)
             counts = hour.get(name, {"delivered": 0, "failed": 0})
             done = counts["delivered"] + counts["failed"]
@@ -154,9 +157,11 @@ def _summaries(ctx: Any, only: str | None = None) -> list[dict[str, Any]]:
                 {
                     "name": name,
                     "configured": dest is not None,
-                    "ae_title": dest.ae_title if dest else None,
-                    "host": dest.host if dest else None,
-                    "port": dest.port if dest else None,
+                    "kind": dest.type if dest else None,
+                    "address": dest.address if dest else None,
+                    "ae_title": dicom.ae_title if dicom else None,
+                    "host": dicom.host if dicom else None,
+                    "port": dicom.port if dicom else None,
                     "enabled": bool(dest.enabled) if dest else False,
                     "state": state,
                     "queue": {s: queues.get(name, {}).get(s, 0) for s in S.JOB_STATES},
@@ -283,26 +288,24 @@ def resume(ctx: Any, name: str, actor: str, source: str = "") -> dict[str, Any]:
 
 
 def echo_destination(config: Any, name: str) -> dict[str, Any]:
-    """C-ECHO the configured destination ``name`` now, with the same calling AE title
-    and timeouts as deliveries; not audited (see :func:`echo`).
+    """Probe the configured destination ``name`` now, as a paused one is probed
+    (DICOM: a C-ECHO with the same calling AE title and timeouts as deliveries;
+    folder: a test write); not audited (see :func:`echo`).
 
     Returns {"ok", "ms", "error"}. A peer that accepts the association but not the
     Verification SOP Class is up (``ok``), with that said in ``error``. Raises
     :class:`NotFound` for a name the configuration does not have.
     """
-    # Imported here: the HTTP process loads the sender (pynetdicom) only for an echo,
-    # as dicomrouter.destinations does.
-    from dicomrouter.destinations.dicom import DicomSender, VerificationNotSupported
-
     dest = config.destinations.get(name)
     if dest is None:
         known = ", ".join(config.destinations) or "none configured"
         raise NotFound(f"no destination {name!r} in the configuration (known: {known})")
-    sender = DicomSender(dest, dest.calling_ae_title or config.ae_title)
+    # The registry imports the kind's sender (pynetdicom for DICOM) only now.
+    sender = create_sender(dest, SenderOptions(calling_ae=config.ae_title))
     started = time.perf_counter()
     ok, error = True, None
     try:
-        sender.echo()
+        sender.probe()
     except VerificationNotSupported as exc:
         error = f"answered, but does not support C-ECHO: {exc}"
     except Exception as exc:  # any failure is the answer to "can we reach it?"

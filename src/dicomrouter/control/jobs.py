@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from sqlalchemy import ColumnElement, Engine, case, func, literal, select, update
 
-from dicomrouter.config import DicomDestinationConfig
+from dicomrouter.config import BaseDestinationConfig
 from dicomrouter.destinations import describe_status
 from dicomrouter.observe.logs import find_control
 from dicomrouter.queue import JobStore
@@ -479,7 +479,7 @@ class MoveResult:
 
 def move_jobs(
     engine: Engine,
-    destinations: Mapping[str, DicomDestinationConfig],
+    destinations: Mapping[str, BaseDestinationConfig],
     source_destination: str,
     target: str,
     *,

@@ -1,7 +1,9 @@
-"""Delivery to destinations: per-instance outcomes for the dispatcher.
+"""Delivery to destinations: one :class:`Sender` per kind, per-instance outcomes
+for the dispatcher.
 
-The DICOM sender (and pynetdicom with it) is loaded on first use: the HTTP process
-needs the status vocabulary on every page but a sender only for an echo.
+Each kind's sender (the DICOM one, and pynetdicom with it) is loaded on first use
+(:func:`create_sender`): the HTTP process needs the status vocabulary on every page
+but a sender only for an echo.
 """
 
 from __future__ import annotations
@@ -9,29 +11,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .outgoing import InstanceResult, OutgoingInstance, PreparedFile
+from .registry import SenderOptions, create_sender, kinds
+from .sender import DestinationUnavailable, Sender, VerificationNotSupported
 from .status import Outcome, classify_status, describe_status
 
 if TYPE_CHECKING:
-    from .dicom import (
-        DestinationUnavailable,
-        DicomSender,
-        VerificationNotSupported,
-    )
-
-_FROM_DICOM = frozenset(
-    {
-        "DestinationUnavailable",
-        "DicomSender",
-        "VerificationNotSupported",
-    }
-)
+    from .dicom import DicomSender
 
 
 def __getattr__(name: str) -> Any:
-    if name in _FROM_DICOM:
+    if name == "DicomSender":
         from . import dicom
 
-        return getattr(dicom, name)
+        return dicom.DicomSender
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -42,7 +34,11 @@ __all__ = [
     "Outcome",
     "OutgoingInstance",
     "PreparedFile",
+    "Sender",
+    "SenderOptions",
     "VerificationNotSupported",
     "classify_status",
+    "create_sender",
     "describe_status",
+    "kinds",
 ]

@@ -65,6 +65,7 @@ from .association import (
     store_file,
 )
 from .outgoing import InstanceResult, OutgoingInstance, annotate, prepared
+from .sender import DestinationUnavailable, VerificationNotSupported
 from .status import Outcome, classify_status, describe_status
 
 log = logging.getLogger(__name__)
@@ -88,24 +89,6 @@ def _tls_client(config: DicomDestinationConfig) -> TlsClient | None:
         settings.verify_hostname,
     )
     return TlsClient(context, server_hostname=config.host)
-
-
-class DestinationUnavailable(Exception):
-    """Nothing could be sent: no connection, association rejected or aborted.
-
-    ``transient`` is False only when the destination said so (A-ASSOCIATE-RJ with
-    result "rejected-permanent", or no presentation context accepted at all): the
-    dispatcher should then pause the destination rather than retry quickly.
-    """
-
-    def __init__(self, message: str, *, transient: bool = True) -> None:
-        super().__init__(message)
-        self.transient = transient
-
-
-class VerificationNotSupported(DestinationUnavailable):
-    """The peer accepted an association but not the Verification SOP Class: it is up,
-    it just cannot be pinged. A probe treats this as an answer."""
 
 
 def fallback_syntaxes(transfer_syntax: str) -> tuple[UID, ...]:
@@ -202,7 +185,8 @@ class _ConnectionLost(Exception):
 
 
 class DicomSender:
-    """Send batches of stored instances to one DICOM destination.
+    """Send batches of stored instances to one DICOM destination (the
+    :class:`~.sender.Sender` of ``type: dicom``).
 
     ``send`` may be called from several threads when ``keep_alive`` is 0 (each call
     opens its own association); with ``keep_alive`` the sender belongs to one thread.
@@ -299,6 +283,10 @@ class DicomSender:
                 )
         finally:
             assoc.release()
+
+    def probe(self) -> None:
+        """The :class:`~.sender.Sender` probe: a C-ECHO (:meth:`echo`)."""
+        self.echo()
 
     def send(
         self,

@@ -1,8 +1,9 @@
-"""Destination health: count connection failures, pause, probe with C-ECHO, resume.
+"""Destination health: count connection failures, pause, probe, resume (whatever the
+destination's kind: the probe is its sender's ``probe()``, a C-ECHO for DICOM).
 
 A destination that refuses connections is not retried job by job (that would burn
 every job's attempts while a PACS is down for maintenance). After
-``pause_after_failures`` consecutive failures it is *paused*: only C-ECHO probes go
+``pause_after_failures`` consecutive failures it is *paused*: only probes go
 out, every ``probe_interval``. The first successful probe resumes it and pulls its
 whole queue forward, so nothing waits out a long backoff after the peer is back.
 The state is mirrored in the index so the CLI and the API can show it.
@@ -22,7 +23,7 @@ import time
 
 from sqlalchemy import Engine, select, update
 
-from dicomrouter.config import DicomDestinationConfig
+from dicomrouter.config import BaseDestinationConfig
 from dicomrouter.store.schema import destination_state
 
 log = logging.getLogger("dicomrouter.dispatch")
@@ -34,7 +35,7 @@ ADMIN_REFRESH = 1.0
 
 
 class DestinationHealth:
-    def __init__(self, name: str, config: DicomDestinationConfig, engine: Engine):
+    def __init__(self, name: str, config: BaseDestinationConfig, engine: Engine):
         self.name = name
         self.config = config
         self.engine = engine

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
-from dicomrouter.config import DicomDestinationConfig, RouterConfig
+from dicomrouter.config import BaseDestinationConfig, RouterConfig
 from dicomrouter.queue import JobStore, Planner, commitment
 from dicomrouter.queue.planner import PLAN_BATCH
 from dicomrouter.retention import sweeper
@@ -58,11 +58,11 @@ class _Worker(DestinationWorker):
 class _Destination:
     """The running workers of one destination and the settings they run with."""
 
-    settings: tuple[DicomDestinationConfig, str, float, float]
+    settings: tuple[BaseDestinationConfig, str, float, float]
     workers: list[_Worker]
 
 
-def _settings(config: RouterConfig, name: str) -> tuple[DicomDestinationConfig, str, float, float]:
+def _settings(config: RouterConfig, name: str) -> tuple[BaseDestinationConfig, str, float, float]:
     """Everything a destination's workers take from the configuration."""
     dest = config.destinations[name]
     return (dest, config.ae_title, config.dispatch.lease, config.dispatch.poll_interval)
@@ -147,7 +147,7 @@ class Dispatcher:
                 threading.Event(),
                 self.transforms,
             )
-            for index in range(dest.max_associations)
+            for index in range(dest.workers)
         ]
         self.destinations[name] = _Destination(_settings(config, name), workers)
         self.threads.extend(workers)

@@ -1,7 +1,9 @@
 """One delivery worker: claims jobs for one destination and sends them.
 
-A destination gets ``max_associations`` workers, each a thread with its own
-association, so a hung destination only ever blocks its own workers.
+A destination gets ``workers`` workers (``max_associations`` for DICOM,
+``max_workers`` for the other kinds), each a thread with its own sender (made by the
+registry for the destination's kind), so a hung destination only ever blocks its
+own workers.
 """
 
 from __future__ import annotations
@@ -15,16 +17,24 @@ from datetime import datetime
 
 from pydicom.uid import UID, generate_uid
 
-from dicomrouter.config import DicomDestinationConfig, RouterConfig, format_duration
+from dicomrouter.config import (
+    BaseDestinationConfig,
+    DicomDestinationConfig,
+    RouterConfig,
+    format_duration,
+)
+from dicomrouter.config.models import StorageCommitmentConfig
 from dicomrouter.destinations import (
     DestinationUnavailable,
-    DicomSender,
     InstanceResult,
     Outcome,
     OutgoingInstance,
+    SenderOptions,
     VerificationNotSupported,
+    create_sender,
 )
 from dicomrouter.destinations.commitment import REFUSED, UNAVAILABLE, request_commitment
+from dicomrouter.destinations.dicom import DicomSender
 from dicomrouter.dicomnet.commitment import Reference
 from dicomrouter.observe import metrics
 from dicomrouter.queue import Claim, ItemResult, JobStore, QueuedInstance, commitment
@@ -48,7 +58,7 @@ _RENEW_EVERY = 2.0  # seconds between lease renewals (and cancel checks) during 
 _DEFER_EVERY = 30.0  # seconds between marking waiting jobs scheduled while the window is closed
 
 
-def skip_reason(dest: DicomDestinationConfig, name: str, sop_class_uid: str) -> str | None:
+def skip_reason(dest: BaseDestinationConfig, name: str, sop_class_uid: str) -> str | None:
     """Why ``dest`` does not take this SOP class (``sop_classes``), or None."""
     classes = dest.sop_classes
     if classes is None:
@@ -91,15 +101,16 @@ class DestinationWorker(threading.Thread):
         self.dest_name = name
         self.index = index
         self.config = config
-        self.dest: DicomDestinationConfig = config.destinations[name]
+        self.dest: BaseDestinationConfig = config.destinations[name]
         self.jobs = jobs
         self.store = store
         self.health = health
         self.stop_event = stop
         self.transforms = transforms
         self.owner = f"{node_id()}:{os.getpid()}:{name}:{index}"
-        calling = self.dest.calling_ae_title or config.ae_title
-        self.sender = DicomSender(self.dest, calling, keep_alive=_KEEP_ALIVE)
+        self.sender = create_sender(
+            self.dest, SenderOptions(calling_ae=config.ae_title, keep_alive=_KEEP_ALIVE)
+        )
         self.current_claim: Claim | None = None
         self._deferred_at = 0.0
 
@@ -194,9 +205,9 @@ class DestinationWorker(threading.Thread):
 
     def _probe(self) -> None:
         try:
-            self.sender.echo()
+            self.sender.probe()
         except VerificationNotSupported:
-            pass  # it answered: up, but without C-ECHO support
+            pass  # it answered: up, but without support for the check (C-ECHO)
         except Exception as exc:
             self.health.probe_failed(str(exc))
             log.info("probe of %s failed: %s", self.dest_name, exc)
@@ -369,7 +380,7 @@ class DestinationWorker(threading.Thread):
             sent=counts["sent"],
             failed=counts["failed"],
         )
-        if self.dest.storage_commitment.enabled:
+        if self._commitment() is not None:
             self._commit(
                 [
                     commitment.Delivery(
@@ -383,14 +394,22 @@ class DestinationWorker(threading.Thread):
                 ]
             )
 
+    def _commitment(self) -> StorageCommitmentConfig | None:
+        """The destination's storage commitment settings, when it asks for it (a
+        DICOM destination only)."""
+        dest = self.dest
+        if isinstance(dest, DicomDestinationConfig) and dest.storage_commitment.enabled:
+            return dest.storage_commitment
+        return None
+
     def _commit(self, deliveries: list[commitment.Delivery]) -> None:
         """Storage commitment of what this batch delivered: the transaction is in the
         index before the N-ACTION goes out (the report may come at once, to the
         receiver); a destination that refuses is recorded as such, and one that
         cannot be reached leaves it pending until its timeout."""
-        if not deliveries:
+        settings = self._commitment()
+        if not deliveries or settings is None or not isinstance(self.sender, DicomSender):
             return
-        settings = self.dest.storage_commitment
         engine = self.jobs.engine
         uid = generate_uid()
         # The batch's association, kept for the next one, is released first: a peer

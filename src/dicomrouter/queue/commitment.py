@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, and_, func, insert, select, update
 
+from dicomrouter.config import DicomDestinationConfig
 from dicomrouter.dicomnet import CommandField, Reply, Request, Status
 from dicomrouter.dicomnet.commitment import (
     STORAGE_COMMITMENT_PUSH,
@@ -304,11 +305,12 @@ Policies = Mapping[str, tuple[float, str]]
 
 
 def policies(destinations: Mapping[str, object]) -> dict[str, tuple[float, str]]:
-    """Destination -> (timeout, on_timeout) of those that ask for commitment."""
+    """Destination -> (timeout, on_timeout) of those that ask for commitment (DICOM
+    destinations only)."""
     out: dict[str, tuple[float, str]] = {}
     for name, dest in destinations.items():
-        settings = getattr(dest, "storage_commitment", None)
-        if settings is not None and settings.enabled:
+        if isinstance(dest, DicomDestinationConfig) and dest.storage_commitment.enabled:
+            settings = dest.storage_commitment
             out[name] = (float(settings.timeout), str(settings.on_timeout))
     return out
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Row, and_, bindparam, case, func, select, update
 
-from dicomrouter.config import DicomDestinationConfig
+from dicomrouter.config import BaseDestinationConfig
 from dicomrouter.store.schema import attempts, instances, job_instances, jobs
 
 from . import states as S
@@ -62,7 +62,7 @@ class Delivery:
     """What the planner decided to send to one destination for one resource."""
 
     destination: str
-    config: DicomDestinationConfig
+    config: BaseDestinationConfig
     level: str  # instance | series | study | patient
     resource_uid: str
     study_uid: str
@@ -96,7 +96,7 @@ class ItemResult:
     """The SOP Instance UID sent, when a transform changed it."""
 
 
-def initial_state(dest: DicomDestinationConfig, now: float) -> tuple[str, float]:
+def initial_state(dest: BaseDestinationConfig, now: float) -> tuple[str, float]:
     """``scheduled`` until the send window opens, else ``pending`` now."""
     if dest.send_window is None:
         return S.PENDING, now
@@ -436,7 +436,7 @@ class JobStore:
     def finish(
         self,
         claim: Claim,
-        dest: DicomDestinationConfig,
+        dest: BaseDestinationConfig,
         count_attempt: bool,
         unavailable_delay: float,
         message: str,
@@ -602,7 +602,7 @@ class JobStore:
         self,
         claim: Claim,
         reasons: dict[int, str],
-        dest: DicomDestinationConfig,
+        dest: BaseDestinationConfig,
         now: float | None = None,
     ) -> None:
         """Give jobs back without using up an attempt, to be tried again in
@@ -878,7 +878,7 @@ class JobStore:
         return stale, int(undelivered or 0)
 
     def move(
-        self, job_ids: Sequence[int], dest_name: str, dest: DicomDestinationConfig
+        self, job_ids: Sequence[int], dest_name: str, dest: BaseDestinationConfig
     ) -> tuple[list[int], list[int]]:
         """Hand waiting jobs over to another destination (e.g. theirs was removed from
         the configuration). Each job's instances still to send are queued for
@@ -952,7 +952,7 @@ class JobStore:
             ).all()
         return {row[0]: int(row[1]) for row in rows}
 
-    def defer_to_window(self, dest_name: str, dest: DicomDestinationConfig, now: float) -> int:
+    def defer_to_window(self, dest_name: str, dest: BaseDestinationConfig, now: float) -> int:
         """The destination's send window is closed: its ``pending`` jobs (a retry that
         fell due after the window closed, a claim stopped at closing time) become
         ``scheduled`` for the next opening, so that the queue says what they wait
@@ -977,7 +977,7 @@ class JobStore:
             )
         return int(result.rowcount or 0)
 
-    def wake_destination(self, dest_name: str, dest: DicomDestinationConfig) -> int:
+    def wake_destination(self, dest_name: str, dest: BaseDestinationConfig) -> int:
         """A paused destination answered again: its queue resumes now, not after backoff."""
         now = time.time()
         state, at = initial_state(dest, now)

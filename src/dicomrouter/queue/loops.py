@@ -32,7 +32,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, select
 
-from dicomrouter.config import DicomDestinationConfig, RouterConfig
+from dicomrouter.config import BaseDestinationConfig, DicomDestinationConfig, RouterConfig
 from dicomrouter.config.hosts import is_own_address, literal_address, resolve, same_address
 from dicomrouter.store.schema import job_instances, jobs, loop_events
 
@@ -78,7 +78,8 @@ class LoopGuard:
         senders = [
             name
             for name, dest in self.config.destinations.items()
-            if dest.ae_title == row.calling_ae or self._our_own_copy(dest, row)
+            if isinstance(dest, DicomDestinationConfig)  # only a DICOM peer sends back
+            and (dest.ae_title == row.calling_ae or self._our_own_copy(dest, row))
         ]
         if not senders:
             return False
@@ -184,7 +185,7 @@ class LoopGuard:
         hosts = {
             dest.host
             for dest in self.config.destinations.values()
-            if aes is None or dest.ae_title in aes
+            if isinstance(dest, DicomDestinationConfig) and (aes is None or dest.ae_title in aes)
         }
         for host in hosts:
             resolve(host, 0.0)  # starts every lookup that is not cached
@@ -197,13 +198,13 @@ class LoopGuard:
         self._skips = []
 
     def not_sent_back(
-        self, dest_name: str, dest: DicomDestinationConfig, study_uid: str, members: Iterable[Any]
+        self, dest_name: str, dest: BaseDestinationConfig, study_uid: str, members: Iterable[Any]
     ) -> list[Any]:
         """``members`` without those that came from ``dest`` itself (unless
         ``send_back_to_sender``); the skipped ones are remembered for ``record``."""
         members = list(members)
-        if self.config.dispatch.send_back_to_sender:
-            return members
+        if self.config.dispatch.send_back_to_sender or not isinstance(dest, DicomDestinationConfig):
+            return members  # only a DICOM destination can have sent an instance to us
         from_dest = [m for m in members if getattr(m, "calling_ae", None) == dest.ae_title]
         if not from_dest:
             return members

@@ -1,0 +1,424 @@
+"""Deliver stored instances as Part-10 files under a folder (``type: folder``).
+
+* **Where**: ``layout`` is a path of templates over the instance's tags (the
+  transforms' :class:`~dicomrouter.transforms.templates.Template`, format specs
+  included), rendered on the copy that goes out (after its transforms). Every folder
+  and file name is made safe by :func:`safe_component`, so no value can lead out of
+  ``path``; the final path is checked to be inside ``path`` once symbolic links are
+  resolved.
+* **Whole files only**: each file is written to ``<path>/.tmp/``, synced, then
+  renamed into place and its folder synced (a folder on another filesystem than
+  ``path`` gets its temporary file beside the target instead). A reader never sees
+  a partial file; a crash leaves at most a temporary file, removed after an hour.
+* **Outcomes**: written is ``SUCCESS``. A folder that cannot take anything (a full
+  disk, a read-only or vanished share, permissions) raises
+  :class:`~.sender.DestinationUnavailable` when nothing was written yet in this
+  batch, else the rest of the batch is ``TRANSIENT``: the dispatcher pauses the
+  destination and probes it (:meth:`FolderSender.probe`: a test write) until it can
+  be written again. A name the filesystem refuses, or a layout value that does not
+  fit its format spec, is ``PERMANENT`` for that instance.
+"""
+
+from __future__ import annotations
+
+import errno
+import filecmp
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import unicodedata
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from dicomrouter.config.models import FolderDestinationConfig
+from dicomrouter.store.part10 import PREAMBLE, encode_file_meta
+from dicomrouter.transforms import TransformRefused
+from dicomrouter.transforms.base import ObjectContext
+from dicomrouter.transforms.templates import Template
+from dicomrouter.transforms.transcode import TranscodeError, encode_dataset, transcode
+
+from .outgoing import InstanceResult, OutgoingInstance, annotate, prepared
+from .sender import DestinationUnavailable, OnResult, ShouldStop
+from .status import Outcome
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MAX_COMPONENT_BYTES", "TMP_DIR", "FolderSender", "safe_component"]
+
+#: The longest folder or file name written, in UTF-8 bytes (filesystems allow 255;
+#: shares and archivers that add to a name need room).
+MAX_COMPONENT_BYTES = 100
+#: Temporary files, under ``path`` (never a name :func:`safe_component` makes).
+TMP_DIR = ".tmp"
+_STALE_TMP = 3600.0  # seconds after which a temporary file is a crash's leftover
+_MAX_VERSIONS = 1000
+_COPY_BLOCK = 1024 * 1024
+
+#: Characters never written in a name: path separators, and what Windows and SMB
+#: shares refuse (a research share is often one).
+_UNSAFE = re.compile(r'[/\\:*?"<>|]')
+_RESERVED = frozenset(
+    {"CON", "PRN", "AUX", "NUL"}
+    | {f"COM{n}" for n in range(1, 10)}
+    | {f"LPT{n}" for n in range(1, 10)}
+)
+#: errno values that say the folder cannot take anything now: pause and probe.
+_UNAVAILABLE = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EIO,
+        errno.ENOENT,
+        errno.ESTALE,
+        errno.ETIMEDOUT,
+        errno.ENOTCONN,
+        errno.EHOSTDOWN,
+    }
+)
+#: errno values that say this one name cannot be made: fail the instance.
+_BAD_NAME = frozenset(
+    {errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
+)
+
+
+def safe_component(text: str, limit: int = MAX_COMPONENT_BYTES) -> str:
+    """``text`` as one folder or file name that stays where it is put.
+
+    Separators (``/``, ``\\``), control and format characters (NUL, newlines,
+    right-to-left overrides...) and what Windows refuses (``:*?"<>|``) become ``_``;
+    a leading dot becomes ``_`` (no hidden files, no ``.`` or ``..``), trailing dots
+    and surrounding spaces go; a reserved device name (``CON``, ``NUL``, ``COM1``...)
+    gets a ``_`` in front; empty is ``_``. Over ``limit`` UTF-8 bytes, the name is
+    shortened and gets a hash of the whole value (two long values that share a
+    beginning stay two files), keeping a short extension.
+    """
+    text = unicodedata.normalize("NFC", text)
+    text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates
+    text = "".join(
+        "_" if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs") else ch for ch in text
+    )
+    text = _UNSAFE.sub("_", text).strip(" ").rstrip(". ")
+    if text.startswith("."):
+        text = "_" + text[1:]
+    if not text:
+        return "_"
+    if text.split(".", 1)[0].upper().rstrip(" ") in _RESERVED:
+        text = "_" + text
+    if len(text.encode("utf-8")) <= limit:
+        return text
+    stem, dot, ext = text.rpartition(".")
+    if not dot or not stem or len(ext.encode("utf-8")) > 16:
+        stem, ext = text, ""
+    else:
+        ext = "." + ext
+    mark = "~" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
+    budget = limit - len(mark.encode("utf-8")) - len(ext.encode("utf-8"))
+    cut = stem.encode("utf-8")[:budget].decode("utf-8", "ignore").rstrip(" .")
+    return (cut or "_") + mark + ext
+
+
+class _BadName(Exception):
+    """This instance's file cannot be named or placed: a permanent failure."""
+
+
+class _Unavailable(Exception):
+    """The folder cannot take anything now (full, read-only, gone)."""
+
+
+class FolderSender:
+    """The :class:`~.sender.Sender` of ``type: folder``. Stateless between batches:
+    any number of them may write to the same folder."""
+
+    def __init__(self, config: FolderDestinationConfig) -> None:
+        self.config = config
+        self.root = Path(config.path)
+        self._layout = [Template(part) for part in config.layout.split("/")]
+        self._target = config.transfer_syntax_uid
+        self._context = ObjectContext()
+        self._swept = False
+
+    # -- the Sender interface ------------------------------------------------------
+
+    def send(
+        self,
+        batch: Sequence[OutgoingInstance],
+        on_result: OnResult | None = None,
+        should_stop: ShouldStop | None = None,
+    ) -> list[InstanceResult]:
+        results: list[InstanceResult] = []
+
+        def emit(result: InstanceResult) -> None:
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+
+        if not batch:
+            return results
+        self._check_root()
+        written = 0
+        for position, inst in enumerate(batch):
+            if should_stop is not None and should_stop():
+                return results
+            with prepared(inst) as ready:
+                if isinstance(ready, InstanceResult):
+                    emit(ready)
+                    continue
+                try:
+                    result = self._write_one(ready)
+                except _Unavailable as exc:
+                    if not written:
+                        raise DestinationUnavailable(str(exc)) from None
+                    log.warning("writing to %s: %s", self.root, exc)
+                    for rest in batch[position:]:
+                        emit(InstanceResult(rest.key, Outcome.TRANSIENT, None, str(exc)))
+                    return results
+                annotate(result, inst, ready)
+                if result.outcome.delivered:
+                    written += 1
+                emit(result)
+        return results
+
+    def probe(self) -> None:
+        """The folder exists and a file can be written, synced and removed in it."""
+        self._check_root()
+        try:
+            tmp = self._tmp_dir()
+            fd, name = tempfile.mkstemp(prefix="probe-", dir=tmp)
+            try:
+                os.write(fd, b"\0")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(name)
+        except OSError as exc:
+            raise DestinationUnavailable(f"folder {self.root} cannot be written: {exc}") from None
+
+    def close(self) -> None:
+        """Nothing is kept between batches."""
+
+    def close_if_idle(self) -> None:
+        """Nothing is kept between batches."""
+
+    def abort(self) -> None:
+        """A write is never blocked on a peer; the stop between instances is enough."""
+
+    # -- one instance ----------------------------------------------------------------
+
+    def _check_root(self) -> None:
+        if not self.root.is_dir():
+            raise DestinationUnavailable(f"folder {self.root} does not exist (or is not a folder)")
+
+    def _write_one(self, inst: OutgoingInstance) -> InstanceResult:
+        notes: list[str] = []
+        write: Callable[[BinaryIO], None]
+        sent_ts, sent_uid = inst.transfer_syntax_uid, inst.sop_instance_uid
+        try:
+            header: Dataset = dcmread(inst.path, stop_before_pixels=True)
+        except Exception as exc:
+            detail = " ".join(str(exc).split()) or type(exc).__name__
+            return InstanceResult(
+                inst.key, Outcome.PERMANENT, None, f"cannot read stored file {inst.path}: {detail}"
+            )
+        write = _copier(inst.path)
+        if self._target and UID(self._target) != UID(inst.transfer_syntax_uid):
+            try:
+                data, header = _transcoded(inst, self._target, self.config.allow_lossy)
+            except TranscodeError as exc:
+                log.info("%s not written in %s: %s", inst.sop_instance_uid, self._target, exc)
+                notes.append(f"not written in {_uid_label(self._target)}: {exc}")
+            else:
+                sent_ts, sent_uid = self._target, str(header.SOPInstanceUID)
+                write = _bytes_writer(data)
+        try:
+            target = self._place(header)
+            how = self._store(target, write)
+        except _BadName as exc:
+            return InstanceResult(inst.key, Outcome.PERMANENT, None, str(exc))
+        message = how + (f" ({'; '.join(notes)})" if notes else "")
+        return InstanceResult(
+            inst.key,
+            Outcome.SUCCESS,
+            None,
+            message,
+            sent_uid=sent_uid if sent_uid != inst.sop_instance_uid else None,
+            sent_transfer_syntax_uid=sent_ts,
+        )
+
+    def _place(self, header: Dataset) -> Path:
+        """The file's path under the folder, from ``layout``; :class:`_BadName` when
+        a value does not fit its format spec or the path would leave the folder."""
+        names = []
+        for template in self._layout:
+            try:
+                text = template.render(header, self._context, "layout")
+            except TransformRefused as exc:
+                raise _BadName(f"cannot name the file: {exc}") from None
+            names.append(safe_component(text))
+        root = self.root.resolve()
+        target = root.joinpath(*names)
+        if not target.resolve().is_relative_to(root) or target == root:
+            raise _BadName(f"{'/'.join(names)} would be outside {root}")  # a symbolic link
+        return target
+
+    def _store(self, target: Path, write: Callable[[BinaryIO], None]) -> str:
+        """Write ``target`` whole (temporary file, fsync, rename, fsync folder) as
+        ``on_exists`` says; return what was done."""
+        try:
+            self._makedirs(target.parent)
+            tmp = self._write_tmp(target.parent, write)
+            try:
+                how = self._commit(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+            _fsync_dir(target.parent)
+            return how
+        except OSError as exc:
+            raise self._classify(exc, target) from None
+
+    def _commit(self, tmp: Path, target: Path) -> str:
+        mode = self.config.on_exists
+        relative = target.relative_to(self.root.resolve())
+        if mode == "overwrite":
+            os.replace(tmp, target)
+            return f"written to {relative}"
+        if mode == "skip":
+            if _link_new(tmp, target):
+                return f"written to {relative}"
+            return f"kept the file already at {relative} (on_exists: skip)"
+        for n in range(1, _MAX_VERSIONS + 1):
+            candidate = target if n == 1 else target.with_name(f"{target.stem}_{n}{target.suffix}")
+            if _link_new(tmp, candidate):
+                return f"written to {candidate.relative_to(self.root.resolve())}"
+            if candidate.is_file() and filecmp.cmp(tmp, candidate, shallow=False):
+                name = candidate.relative_to(self.root.resolve())
+                return f"the same file is already at {name} (on_exists: version)"
+        raise _BadName(f"{relative}: {_MAX_VERSIONS} versions already (on_exists: version)")
+
+    def _write_tmp(self, folder: Path, write: Callable[[BinaryIO], None]) -> Path:
+        tmp_dir = self._tmp_dir()
+        if os.stat(tmp_dir).st_dev != os.stat(folder).st_dev:
+            tmp_dir = folder  # another filesystem mounted inside: a rename cannot cross
+        fd, name = tempfile.mkstemp(prefix=".", suffix=".part", dir=tmp_dir)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
+        return Path(name)
+
+    def _tmp_dir(self) -> Path:
+        tmp = self.root / TMP_DIR
+        if not tmp.is_dir():
+            tmp.mkdir(exist_ok=True)
+            _fsync_dir(self.root)
+        if not self._swept:
+            self._swept = True
+            _sweep(tmp)
+        return tmp
+
+    def _makedirs(self, folder: Path) -> None:
+        """Create ``folder`` and what is missing above it (under the root), syncing
+        each parent so the new names survive a power loss."""
+        missing: list[Path] = []
+        current = folder
+        while not current.is_dir():
+            missing.append(current)
+            current = current.parent
+        for path in reversed(missing):
+            try:
+                path.mkdir()
+            except FileExistsError:
+                if not path.is_dir():
+                    raise
+            _fsync_dir(path.parent)
+
+    def _classify(self, exc: OSError, target: Path) -> Exception:
+        detail = f"{exc.strerror or exc} ({target})"
+        if exc.errno in _BAD_NAME:
+            return _BadName(f"cannot write the file: {detail}")
+        if exc.errno in _UNAVAILABLE or not self.root.is_dir():
+            return _Unavailable(f"folder {self.root} cannot be written: {detail}")
+        return _Unavailable(f"writing to folder {self.root} failed: {detail}")
+
+
+def _copier(source: Path) -> Callable[[BinaryIO], None]:
+    def write(fh: BinaryIO) -> None:
+        with open(source, "rb") as src:
+            shutil.copyfileobj(src, fh, _COPY_BLOCK)
+
+    return write
+
+
+def _bytes_writer(data: bytes) -> Callable[[BinaryIO], None]:
+    def write(fh: BinaryIO) -> None:
+        fh.write(data)
+
+    return write
+
+
+def _transcoded(inst: OutgoingInstance, target: str, allow_lossy: bool) -> tuple[bytes, Dataset]:
+    """The Part-10 file of ``inst`` in ``target``, and its data set (for the layout)."""
+    try:
+        ds = dcmread(inst.path)
+    except Exception as exc:
+        raise TranscodeError(f"cannot read stored file {inst.path}: {exc}") from exc
+    transcode(ds, target, allow_lossy=allow_lossy)
+    meta = encode_file_meta(str(ds.SOPClassUID), str(ds.SOPInstanceUID), target)
+    return PREAMBLE + meta + encode_dataset(ds), ds
+
+
+def _link_new(tmp: Path, target: Path) -> bool:
+    """Put ``tmp`` at ``target`` only if nothing is there (atomically: a hard link);
+    False when something is. A filesystem without hard links gets a check, then a
+    rename."""
+    try:
+        os.link(tmp, target)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+    if target.exists():
+        return False
+    os.replace(tmp, target)
+    return True
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sweep(tmp: Path) -> None:
+    """Remove temporary files a crash left (older than an hour: never a live one)."""
+    cutoff = time.time() - _STALE_TMP
+    try:
+        for entry in os.scandir(tmp):
+            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                Path(entry.path).unlink(missing_ok=True)
+    except OSError as exc:
+        log.info("cannot clean %s: %s", tmp, exc)
+
+
+def _uid_label(uid: str) -> str:
+    name = UID(uid).name
+    return f"{name} ({uid})" if name and name != uid else uid
