@@ -29,7 +29,7 @@ from dicomrouter.destinations.folder import (
     safe_component,
 )
 from dicomrouter.transforms import TransformRefused
-from tests.support import skip_or_fail
+from tests.support import mounted_tmpfs
 from tests.support.synth import make_study
 
 
@@ -339,16 +339,9 @@ def test_probe_writes_and_removes_a_file(out: Path) -> None:
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MB tmpfs, unmounted afterwards (mounting needs root)."""
-    if os.geteuid() != 0:  # skipped outside CI only; CI runs as root and must run it
-        skip_or_fail("not running as root", "mounting a tmpfs")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
-    try:
+    """A 2 MB tmpfs."""
+    with mounted_tmpfs(tmp_path / "small", "2m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_full_disk_pauses_the_destination_and_keeps_nothing_partial(

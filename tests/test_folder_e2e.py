@@ -5,7 +5,6 @@ router's own history says."""
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 
-from tests.support import skip_or_fail
+from tests.support import mounted_tmpfs
 from tests.support.router import RouterProcess, all_settled, wait_until
 from tests.support.synth import make_study
 
@@ -117,15 +116,8 @@ def test_a_transform_changes_what_it_declares(tmp_path: Path) -> None:
 @pytest.fixture
 def share(tmp_path: Path) -> Iterator[Path]:
     """A small tmpfs standing for a share (remounted read-only by the test)."""
-    if os.geteuid() != 0:  # skipped outside CI only; CI runs as root and must run it
-        skip_or_fail("not running as root", "mounting a tmpfs")
-    mount = tmp_path / "share"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
-    try:
+    with mounted_tmpfs(tmp_path / "share", "16m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_read_only_folder_pauses_the_destination_then_gets_everything(

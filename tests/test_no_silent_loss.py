@@ -27,6 +27,7 @@ import pytest
 import yaml
 from pydicom import dcmread
 
+from tests.support import mounted_tmpfs
 from tests.support.dcmtk import HOST, StoreSCP, free_port, sop_uids
 from tests.support.router import RouterProcess, storescu, wait_until
 from tests.support.synth import make_large_study, make_small_study
@@ -36,14 +37,9 @@ pytestmark = [pytest.mark.interop, pytest.mark.timeout(400)]
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """An 8 MB tmpfs, unmounted afterwards (the test runs as root)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True)
-    try:
+    """An 8 MB tmpfs."""
+    with mounted_tmpfs(tmp_path / "small", "8m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def acknowledged(storescu_output: str, files: list[Path]) -> set[str]:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +54,18 @@ def stop_process(
             process.kill()
             process.wait(timeout)
     return process.returncode
+
+
+@contextmanager
+def mounted_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``2m``...) mounted at ``mount`` (created), lazily
+    unmounted afterwards: a small disk to fill up or remount read-only. Mounting
+    needs root: skipped outside CI otherwise, a failure in CI (which runs as root)."""
+    if os.geteuid() != 0:
+        skip_or_fail("not running as root", "mounting a tmpfs")
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
