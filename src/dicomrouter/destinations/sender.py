@@ -27,9 +27,9 @@ ShouldStop = Callable[[], bool]
 
 
 class DestinationUnavailable(Exception):
-    """Nothing could be sent: the destination cannot be reached or cannot take
-    anything now (no connection, association rejected, a folder that cannot be
-    written, a full disk).
+    """The destination cannot be reached or cannot take anything now (no
+    connection, association rejected, a folder that cannot be written, a full disk,
+    an HTTP server that answers 401/403 or 503).
 
     The dispatcher does not count it as a delivery attempt: it counts consecutive
     ones and, after ``pause_after_failures``, pauses the destination and probes it
@@ -37,11 +37,22 @@ class DestinationUnavailable(Exception):
     destination said it will not take anything (an A-ASSOCIATE-RJ "rejected
     permanent", no presentation context accepted); it is shown, the handling is the
     same.
+
+    ``pause`` pauses the destination at once, without waiting for
+    ``pause_after_failures``: the destination answered, and said that nothing will
+    be taken until someone acts (credentials refused: HTTP 401/403). The reason is
+    shown as the destination's last error; probes go on, so fixed credentials (a
+    reload) or a peer that changes its mind resume it.
+
+    It may be raised part way through a batch: the results already reported through
+    ``on_result`` stand, and the instances without one stay pending, with no
+    delivery attempt used.
     """
 
-    def __init__(self, message: str, *, transient: bool = True) -> None:
+    def __init__(self, message: str, *, transient: bool = True, pause: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+        self.pause = pause
 
 
 class VerificationNotSupported(DestinationUnavailable):
@@ -71,9 +82,10 @@ class Sender(Protocol):
         * Each instance goes through :func:`~.outgoing.prepared` (its transforms)
           just before it is sent, and :func:`~.outgoing.annotate` records on its
           result how it went out.
-        * Raise :class:`DestinationUnavailable` only when *nothing* was sent (the
-          destination is down): the dispatcher then counts a connection failure,
-          not a delivery attempt.
+        * Raise :class:`DestinationUnavailable` when the destination is down or
+          refuses everything (nothing more can be sent): the dispatcher then counts
+          a connection failure, not a delivery attempt. Results reported before it
+          stand; the instances without one stay pending.
         * When the destination fails part way (a connection lost, the disk filled
           up), give the instance in hand and every later one a ``TRANSIENT`` result
           and return: the dispatcher retries them with backoff.

@@ -133,20 +133,24 @@ class DestinationHealth:
             self.paused_since = None
             self._save(last_success_at=time.time(), paused_since=None)
 
-    def record_unreachable(self, reason: str) -> None:
+    def record_unreachable(self, reason: str, pause_now: bool = False) -> None:
+        """One more failed connection; pause after ``pause_after_failures`` of them,
+        or at once with ``pause_now`` (the destination refused us: credentials)."""
         with self._lock:
             self.failures += 1
             self.last_error = reason
             values: dict[str, object] = {"last_error": reason[:1000]}
-            if self.state == OK and self.failures >= self.config.pause_after_failures:
+            if self.state == OK and (
+                pause_now or self.failures >= self.config.pause_after_failures
+            ):
                 self.state = PAUSED
                 self.next_probe_at = time.time() + self.config.probe_interval
                 self.paused_since = time.time()
                 values["paused_since"] = self.paused_since
                 log.warning(
-                    "destination %s paused after %d failed connections (%s); probing every %gs",
+                    "destination %s paused after %s (%s); probing every %gs",
                     self.name,
-                    self.failures,
+                    "it refused us" if pause_now else f"{self.failures} failed connections",
                     reason,
                     self.config.probe_interval,
                 )

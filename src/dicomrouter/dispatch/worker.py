@@ -320,11 +320,14 @@ class DestinationWorker(threading.Thread):
         except DestinationUnavailable as exc:
             renewer.stop()
             self.jobs.record_results(buffer)
-            self.health.record_unreachable(str(exc))
+            if counts["sent"]:
+                self.health.record_success()  # it took some before it stopped
+            self.health.record_unreachable(str(exc), pause_now=exc.pause)
             self.jobs.finish(
                 claim,
                 self.dest,
                 count_attempt=False,
+                job_counts={job: (s, f) for job, (s, f) in per_job.items()},
                 unavailable_delay=self.health.unavailable_delay(),
                 message=str(exc),
                 outcome="unavailable",
