@@ -28,6 +28,8 @@ from tests.support.synth import make_study
 from tests.test_queue import DEST, Pipeline
 
 ILE = "1.2.840.10008.1.2"
+WARN = commitment.Policy(60, "warn", 5)
+RESEND = commitment.Policy(60, "resend", 5)
 
 
 def delivered(tmp_path: Path, n: int = 3, **settings: Any) -> tuple[Pipeline, list[Any]]:
@@ -78,7 +80,7 @@ def test_a_report_settles_each_delivery(tmp_path: Path) -> None:
         "1.2.3.9",
         [deliveries[0].sop_instance_uid],
         {deliveries[1].sop_instance_uid: "no such object instance (0x0112)"},
-        "warn",
+        WARN,
     )
     assert settled == commitment.Settled("pacs", 1, 2, 0)
     assert states(pipeline) == [
@@ -87,7 +89,7 @@ def test_a_report_settles_each_delivery(tmp_path: Path) -> None:
         ("completed", "failed"),
     ]
     # Settled once: a second report for it changes nothing.
-    assert commitment.record_report(pipeline.engine, "1.2.3.9", [], {}, "warn") is None
+    assert commitment.record_report(pipeline.engine, "1.2.3.9", [], {}, WARN) is None
     with pipeline.engine.connect() as conn:
         row = conn.execute(select(commitments)).one()
     assert (row.state, row.instances, row.failed) == ("failed", 3, 2)
@@ -97,8 +99,8 @@ def test_a_report_settles_each_delivery(tmp_path: Path) -> None:
 def test_a_timeout_warns_or_resends(tmp_path: Path) -> None:
     pipeline, deliveries = delivered(tmp_path, on_timeout="resend")
     commitment.open_transaction(pipeline.engine, "1.2.3.10", "pacs", deliveries, 60, now=100.0)
-    assert commitment.expire(pipeline.engine, {"pacs": (60, "resend")}, now=159.0) == []
-    (settled,) = commitment.expire(pipeline.engine, {"pacs": (60, "resend")}, now=161.0)
+    assert commitment.expire(pipeline.engine, {"pacs": RESEND}, now=159.0) == []
+    (settled,) = commitment.expire(pipeline.engine, {"pacs": RESEND}, now=161.0)
     assert settled == commitment.Settled("pacs", 0, 3, 3)
     assert states(pipeline) == [("pending", None)] * 3
     with pipeline.engine.connect() as conn:
@@ -106,16 +108,37 @@ def test_a_timeout_warns_or_resends(tmp_path: Path) -> None:
 
     other, more = delivered(tmp_path / "warn")
     commitment.open_transaction(other.engine, "1.2.3.11", "pacs", more, 60, now=100.0)
-    (settled,) = commitment.expire(other.engine, {"pacs": (60, "warn")}, now=161.0)
+    (settled,) = commitment.expire(other.engine, {"pacs": WARN}, now=161.0)
     assert settled.resent == 0
     assert states(other) == [("completed", "failed")] * 3
+
+
+def test_resends_stop_once_the_job_has_used_up_its_attempts(tmp_path: Path) -> None:
+    pipeline, deliveries = delivered(tmp_path, on_timeout="resend")
+    policy = commitment.Policy(60, "resend", 3)
+    for round_, expected in enumerate([("pending", None), ("pending", None)]):
+        uid = f"1.2.3.2{round_}"
+        commitment.open_transaction(pipeline.engine, uid, "pacs", deliveries, 60, now=100.0)
+        (settled,) = commitment.expire(pipeline.engine, {"pacs": policy}, now=161.0)
+        assert settled.resent == 3
+        assert states(pipeline) == [expected] * 3
+    with pipeline.engine.connect() as conn:
+        assert {r.attempts for r in conn.execute(select(jobs.c.attempts))} == {2}
+    # The third failure would be the third attempt: kept failed, with the reason.
+    commitment.open_transaction(pipeline.engine, "1.2.3.29", "pacs", deliveries, 60, now=100.0)
+    (settled,) = commitment.expire(pipeline.engine, {"pacs": policy}, now=161.0)
+    assert settled.resent == 0
+    assert [c for _s, c in states(pipeline)] == ["failed"] * 3
+    with pipeline.engine.connect() as conn:
+        messages = {r.message for r in conn.execute(select(job_instances.c.message))}
+    assert all("retry.max_attempts (3) used up" in m for m in messages), messages
 
 
 def test_a_refused_request_is_never_resent(tmp_path: Path) -> None:
     pipeline, deliveries = delivered(tmp_path, on_timeout="resend")
     commitment.open_transaction(pipeline.engine, "1.2.3.12", "pacs", deliveries, 60)
     commitment.end_transaction(
-        pipeline.engine, "1.2.3.12", commitment.REFUSED, "does not support it", "resend"
+        pipeline.engine, "1.2.3.12", commitment.REFUSED, "does not support it", RESEND
     )
     assert states(pipeline) == [("completed", "failed")] * 3
 
@@ -146,7 +169,7 @@ def test_a_report_through_the_listener_handler_and_the_alert(tmp_path: Path) -> 
         encode_report(report),
     )
     evaluator = AlertEvaluator(lambda: pipeline.config, pipeline.engine, pipeline.engine, tmp_path)
-    (reply,) = commitment.serve_report(pipeline.engine, request, {"pacs": (3600, "warn")})
+    (reply,) = commitment.serve_report(pipeline.engine, request, {"pacs": WARN})
     assert reply.status == Status.SUCCESS
     assert states(pipeline) == [
         ("completed", "committed"),

@@ -7,8 +7,10 @@
 - dcmtk's storescp (no commitment SCP): it refuses the commitment SOP class; the
   instances stay delivered, their commitment ``failed`` with a message naming the
   destination, and they are not sent again even with ``on_timeout: resend``.
-- An SCP that never reports: the timeout marks the commitment ``failed`` (warn) or
-  queues the instances again (resend).
+- Orthanc when its report cannot reach us (its entry for the router names a port
+  nobody listens on): with ``on_timeout: resend`` the study is sent again after the
+  timeout, and once ``retry.max_attempts`` are used up the commitment stays
+  ``failed``; Orthanc holds every instance.
 """
 
 from __future__ import annotations
@@ -126,3 +128,69 @@ def test_a_store_scp_without_commitment_leaves_instances_delivered_and_commitmen
         assert all("does not support storage commitment" in r["message"] for r in rows), rows
         assert all("PACS@" in r["message"] for r in rows)
         assert scp.store_requests() == 3  # not sent again, whatever on_timeout says
+
+
+def test_orthanc_whose_report_never_arrives_gets_the_study_again_then_it_fails(
+    tmp_path: Path,
+) -> None:
+    require_peers(orthanc=True)
+    nowhere = free_port()  # Orthanc's report goes here, and nobody listens
+    orthanc = Orthanc(
+        tmp_path / "orthanc",
+        aet="ORTHANC",
+        extra_config={
+            "DicomModalities": {
+                "router": {
+                    "AET": "DICOMROUTER",
+                    "Host": HOST,
+                    "Port": nowhere,
+                    "AllowStorageCommitment": True,
+                }
+            },
+        },
+    )
+    files = make_small_study(tmp_path / "study", N)
+    config = {
+        "destinations": {
+            "orthanc": {
+                "ae_title": "ORTHANC",
+                "host": HOST,
+                "port": orthanc.dicom_port,
+                "retry": {"max_attempts": 2, "initial_delay": "1s"},
+                "storage_commitment": {
+                    "enabled": True,
+                    "timeout": "2s",
+                    "wait": "200ms",
+                    "on_timeout": "resend",
+                },
+            }
+        },
+        "routes": [{"name": "all", "trigger": "study", "stable_after": "1s", "to": ["orthanc"]}],
+    }
+    with orthanc, RouterProcess(tmp_path / "router", config) as router:
+        assert router.send(files).returncode == 0
+        wait_until(
+            lambda: _commitments(router) == ["failed"] * N and all_settled(router.jobs()),
+            90,
+            message="commitment failed for good",
+        )
+        (job,) = router.jobs()
+        detail = json.loads(
+            router.cli(
+                "queue",
+                "show",
+                str(job["id"]),
+                "--config",
+                str(router.config_path),
+                "--json",
+                check=True,
+            ).stdout
+        )
+        # Sent twice, each time stored by Orthanc: the first send, then the resend.
+        assert [a["sent"] for a in detail["attempts"]] == [N, N], detail["attempts"]
+        rows = detail["instances"]
+        assert {r["state"] for r in rows} == {"completed"}
+        assert all("no storage commitment report" in r["message"] for r in rows), rows
+        assert all("retry.max_attempts (2) used up" in r["message"] for r in rows), rows
+        assert orthanc.instance_count() == N
+        assert {orthanc.find_sop(uid) is not None for uid in sop_uids(files)} == {True}

@@ -398,7 +398,8 @@ class StorageCommitmentConfig(_Model):
     on_timeout: Literal["warn", "resend"] = Field(
         "warn",
         description="No report in time, or instances reported failed: `warn` marks their "
-        "commitment `failed` and alerts; `resend` also queues them again.",
+        "commitment `failed` and alerts; `resend` also queues them again, each resend using "
+        "one of the job's `retry.max_attempts`.",
     )
     wait: Duration = Field(
         5.0,

@@ -431,7 +431,7 @@ class DestinationWorker(threading.Thread):
             )
             if attempt.outcome == REFUSED:
                 commitment.end_transaction(
-                    engine, uid, commitment.REFUSED, attempt.message, settings.on_timeout
+                    engine, uid, commitment.REFUSED, attempt.message, commitment.WARN_ONLY
                 )
             elif attempt.outcome == UNAVAILABLE:
                 log.warning(

@@ -7,8 +7,11 @@ process, finds it. The report settles each delivery named in it: ``committed``, 
 or reported failed, go as the destination's ``on_timeout`` says: ``warn`` leaves
 them ``failed``, ``resend`` puts them back in the queue (state ``pending``, the
 commitment cleared, the job pending again), so the next batch sends them and asks
-again. A destination that refuses the commitment SOP class never gets a resend:
-sending again cannot make it commit.
+again. Each resend uses one of the job's delivery attempts: once
+``retry.max_attempts`` are used up, the commitment stays ``failed`` (and alerts), so a
+destination that never commits is not sent the same study forever. A destination
+that refuses the commitment SOP class never gets a resend: sending again cannot
+make it commit.
 """
 
 from __future__ import annotations
@@ -40,6 +43,22 @@ FAILED = "failed"
 #: Transaction states beyond those: no report in time, or the N-ACTION refused.
 TIMED_OUT = "timed_out"
 REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a destination's ``storage_commitment`` and ``retry`` say to do when a
+    commitment fails."""
+
+    timeout: float
+    on_timeout: str
+    """``warn`` or ``resend``."""
+    max_attempts: int
+    """``retry.max_attempts``: resends stop once a job has used them up."""
+
+
+#: A destination no longer configured: its failures are only recorded.
+WARN_ONLY = Policy(0.0, "warn", 1)
 
 
 @dataclass(frozen=True)
@@ -118,7 +137,7 @@ def record_report(
     transaction_uid: str,
     committed: Iterable[str],
     failed: Mapping[str, str],
-    on_failure: str,
+    on_failure: Policy,
     now: float | None = None,
 ) -> Settled | None:
     """Apply an N-EVENT-REPORT: ``committed`` SOP Instance UIDs, ``failed`` ones with
@@ -178,7 +197,7 @@ def end_transaction(
     transaction_uid: str,
     state: str,
     message: str,
-    on_failure: str,
+    on_failure: Policy,
     now: float | None = None,
 ) -> Settled:
     """No report will come (``refused``: the destination does not do storage
@@ -193,7 +212,7 @@ def end_transaction(
             )
         ).scalar_one()
         rows = [(j, i, message) for j, i, _uid in _pending_rows(conn, transaction_uid)]
-        policy = on_failure if state == TIMED_OUT else "warn"
+        policy = on_failure if state == TIMED_OUT else WARN_ONLY
         resent = _fail(conn, rows, policy, now)
         conn.execute(
             update(commitments)
@@ -205,10 +224,10 @@ def end_transaction(
 
 
 def expire(
-    engine: Engine, policies: Mapping[str, tuple[float, str]], now: float | None = None
+    engine: Engine, policies: Mapping[str, Policy], now: float | None = None
 ) -> list[Settled]:
-    """End the transactions past their deadline. ``policies``: destination ->
-    (timeout, on_timeout); a destination no longer configured warns."""
+    """End the transactions past their deadline. ``policies``: destination -> its
+    :class:`Policy`; a destination no longer configured warns."""
     now = time.time() if now is None else now
     with engine.connect() as conn:
         due = conn.execute(
@@ -219,7 +238,7 @@ def expire(
         ).all()
     settled = []
     for uid, destination, sent_at in due:
-        _timeout, policy = policies.get(destination, (0.0, "warn"))
+        policy = policies.get(destination, WARN_ONLY)
         waited = now - float(sent_at)
         settled.append(
             end_transaction(
@@ -244,13 +263,30 @@ def _set(
     )
 
 
-def _fail(conn: Connection, rows: Sequence[tuple[int, int, str]], policy: str, now: float) -> int:
-    """Failed commitments: kept ``failed`` (warn), or queued again (resend)."""
-    if policy != "resend":
-        for job_id, instance_id, why in rows:
-            _set(conn, job_id, instance_id, FAILED, message=f"commitment failed: {why}"[:1000])
+def _fail(
+    conn: Connection, rows: Sequence[tuple[int, int, str]], policy: Policy, now: float
+) -> int:
+    """Failed commitments: kept ``failed`` (warn), or queued again (resend) while
+    their job has delivery attempts left; each resend uses one."""
+    if policy.on_timeout != "resend":
+        _keep_failed(conn, rows, "")
         return 0
-    for job_id, instance_id, why in rows:
+    attempts = {
+        int(r.id): int(r.attempts)
+        for r in conn.execute(
+            select(jobs.c.id, jobs.c.attempts).where(
+                jobs.c.id.in_(sorted({job_id for job_id, _i, _w in rows}))
+            )
+        )
+    }
+    exhausted = {job for job, used in attempts.items() if used + 1 >= policy.max_attempts}
+    _keep_failed(
+        conn,
+        [row for row in rows if row[0] in exhausted],
+        f"; not sent again: retry.max_attempts ({policy.max_attempts}) used up",
+    )
+    resend = [row for row in rows if row[0] not in exhausted]
+    for job_id, instance_id, why in resend:
         _set(
             conn,
             job_id,
@@ -261,8 +297,11 @@ def _fail(conn: Connection, rows: Sequence[tuple[int, int, str]], policy: str, n
             message=f"sent again: commitment failed: {why}"[:1000],
             updated_at=now,
         )
-    job_ids = sorted({job_id for job_id, _i, _why in rows})
+    job_ids = sorted({job_id for job_id, _i, _why in resend})
     if job_ids:
+        conn.execute(
+            update(jobs).where(jobs.c.id.in_(job_ids)).values(attempts=jobs.c.attempts + 1)
+        )
         conn.execute(
             update(jobs)
             .where(
@@ -276,7 +315,12 @@ def _fail(conn: Connection, rows: Sequence[tuple[int, int, str]], policy: str, n
             )
             .values(state=S.PENDING, next_attempt_at=now, finished_at=None, updated_at=now)
         )
-    return len(rows)
+    return len(resend)
+
+
+def _keep_failed(conn: Connection, rows: Sequence[tuple[int, int, str]], why_not: str) -> None:
+    for job_id, instance_id, why in rows:
+        _set(conn, job_id, instance_id, FAILED, message=f"commitment failed: {why}{why_not}"[:1000])
 
 
 def recent_failures(conn: Connection, since: float, until: float) -> list[dict[str, object]]:
@@ -301,17 +345,19 @@ def recent_failures(conn: Connection, since: float, until: float) -> list[dict[s
     return [dict(r._mapping) for r in rows]
 
 
-Policies = Mapping[str, tuple[float, str]]
+Policies = Mapping[str, Policy]
 
 
-def policies(destinations: Mapping[str, object]) -> dict[str, tuple[float, str]]:
-    """Destination -> (timeout, on_timeout) of those that ask for commitment (DICOM
+def policies(destinations: Mapping[str, object]) -> dict[str, Policy]:
+    """Destination -> :class:`Policy` of those that ask for commitment (DICOM
     destinations only)."""
-    out: dict[str, tuple[float, str]] = {}
+    out: dict[str, Policy] = {}
     for name, dest in destinations.items():
         if isinstance(dest, DicomDestinationConfig) and dest.storage_commitment.enabled:
             settings = dest.storage_commitment
-            out[name] = (float(settings.timeout), str(settings.on_timeout))
+            out[name] = Policy(
+                float(settings.timeout), str(settings.on_timeout), dest.retry.max_attempts
+            )
     return out
 
 
@@ -340,7 +386,7 @@ def serve_report(engine: Engine, request: Request, known: Policies) -> list[Repl
                 commitments.c.transaction_uid == report.transaction_uid
             )
         ).scalar()
-    policy = known.get(str(destination), (0.0, "warn"))[1]
+    policy = known.get(str(destination), WARN_ONLY)
     settled = record_report(
         engine,
         report.transaction_uid,
