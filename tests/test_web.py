@@ -245,6 +245,17 @@ def test_pause_and_resume_a_destination(seeded: tuple[ApiEnv, dict[str, Any]]) -
     assert "did not answer C-ECHO" in echo.text
 
 
+def test_a_folder_destination_is_tested_with_a_write_not_a_c_echo(tmp_path: Path) -> None:
+    gone = tmp_path / "share-that-is-not-mounted"
+    env = api_env(tmp_path, {"destinations": {"share": {"type": "folder", "path": str(gone)}}})
+    page = env.operator.get("/destinations/share").text
+    assert ">Test</button>" in page and "(a test write)" in page
+    assert ">Echo</button>" not in page
+    tested = env.operator.post("/destinations/share/echo")
+    assert "share did not answer a test write" in tested.text
+    assert "C-ECHO" not in tested.text
+
+
 def test_the_overview_charts_are_svg_with_the_data(
     seeded: tuple[ApiEnv, dict[str, Any]],
 ) -> None:

@@ -33,7 +33,7 @@ def get_destination(name: str, request: Request, _: Principal = viewer) -> dict[
 
 @router.post(
     "/{name}/echo",
-    summary="C-ECHO the destination now (operator)",
+    summary="Probe the destination now: DICOM C-ECHO, a folder's test write... (operator)",
     description="Returns `ok`, the round trip in `ms`, and the `error` if it failed. "
     "A failed echo is still a 200: the answer is in the body.",
     responses={404: {"description": "Unknown destination"}},
@@ -66,7 +66,7 @@ def pause_destination(
     summary="Resume a destination paused by an operator (operator)",
     description="Its waiting jobs are due at once (retry delays are skipped). 409 if "
     "it was not paused by an operator; an automatic pause (`probing`) ends by itself "
-    "at the first answer to the C-ECHO probe.",
+    "at the first answer to its probe (DICOM: C-ECHO).",
     responses={404: {"description": "Unknown destination"}, 409: {"description": "Not paused"}},
 )
 def resume_destination(

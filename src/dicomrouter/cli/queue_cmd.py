@@ -189,8 +189,8 @@ def list_command(
 #: What a person needs to read next to the two counts.
 _CONNECTION_FAILURES = (
     "connection failures: times the destination could not be reached at all; "
-    "they do not use up retry.max_attempts (the destination is probed with C-ECHO "
-    "until it answers)."
+    "they do not use up retry.max_attempts (the destination is probed, DICOM "
+    "with C-ECHO, until it answers)."
 )
 
 

@@ -513,6 +513,12 @@ class BaseDestinationConfig(_Model):
         """Where it sends, for people: ``PACS@10.0.0.5:104``, a folder path..."""
         raise NotImplementedError
 
+    @property
+    def probe_label(self) -> str:
+        """What its probe (and the operator's echo) does, for people: ``C-ECHO``, ``a
+        test write``... Shown in "unreachable, probed with ..." and "did not answer ..."."""
+        return "a probe"
+
 
 class DicomDestinationConfig(BaseDestinationConfig):
     """`type: dicom` (the default when `type` is absent): a DICOM C-STORE SCP (a PACS,
@@ -555,6 +561,10 @@ class DicomDestinationConfig(BaseDestinationConfig):
     @property
     def address(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+    @property
+    def probe_label(self) -> str:
+        return "C-ECHO"
 
 
 #: ``folder``'s default layout: a folder per patient, study and series.
@@ -633,6 +643,10 @@ class FolderDestinationConfig(BaseDestinationConfig):
     @property
     def address(self) -> str:
         return str(self.path)
+
+    @property
+    def probe_label(self) -> str:
+        return "a test write"
 
 
 #: Every kind of destination, by its ``type``.

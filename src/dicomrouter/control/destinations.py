@@ -159,6 +159,7 @@ def _summaries(ctx: Any, only: str | None = None) -> list[dict[str, Any]]:
                     "configured": dest is not None,
                     "kind": dest.type if dest else None,
                     "address": dest.address if dest else None,
+                    "probe": dest.probe_label if dest else None,
                     "ae_title": dicom.ae_title if dicom else None,
                     "host": dicom.host if dicom else None,
                     "port": dicom.port if dicom else None,

@@ -41,12 +41,15 @@ def destination(request: Request, name: str, principal: Principal = viewer) -> H
     return render(request, "destination.html", values, principal=principal)
 
 
-@router.post("/destinations/{name}/echo", summary="C-ECHO a destination")
+@router.post("/destinations/{name}/echo", summary="Probe a destination (DICOM: C-ECHO)")
 def echo(request: Request, name: str, principal: Principal = operator) -> RedirectResponse:
     def act() -> str:
-        result = destinations.echo(ctx_of(request), name, **actor(principal, request))
+        ctx = ctx_of(request)
+        result = destinations.echo(ctx, name, **actor(principal, request))
         if not result["ok"]:
-            raise Unreachable(f"{name} did not answer C-ECHO: {result['error']}")
+            dest = ctx.config.destinations.get(name)
+            check = dest.probe_label if dest is not None else "the probe"
+            raise Unreachable(f"{name} did not answer {check}: {result['error']}")
         note = f" ({result['error']})" if result.get("error") else ""
         return f"{name} answered in {float(result['ms']):.0f} ms{note}"
 

@@ -52,7 +52,7 @@ def problems(status: dict[str, Any]) -> list[str]:
             why = (
                 "paused by an operator"
                 if dest["state"] == DestinationState.PAUSED
-                else "unreachable, probed with C-ECHO"
+                else f"unreachable, probed with {dest.get('probe') or 'a probe'}"
             )
             found.append(f"destination {dest['name']} is {dest['state']} ({why}){when}")
         if (dest.get("queue") or {}).get("failed"):
