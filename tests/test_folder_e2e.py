@@ -140,8 +140,10 @@ def test_a_read_only_folder_pauses_the_destination_then_gets_everything(
     with RouterProcess(tmp_path / "router", config) as router:
         try:
             router.send(files)
+            # The first claim pauses the destination; jobs planned after it wait
+            # unclaimed (how many came in that claim depends on timing).
             router.wait_jobs(
-                lambda js: bool(js) and all(j["connection_failures"] >= 1 for j in js), 60
+                lambda js: len(js) == 5 and any(j["connection_failures"] >= 1 for j in js), 60
             )
             wait_until(lambda: "probe of share failed" in router.log(), 30, message="probes")
             assert arrived(share) == {}
