@@ -497,6 +497,10 @@ class S3Sender:
             text = error.get("Message") or exc.response.get("ResponseMetadata", {}).get(
                 "HTTPHeaders", {}
             ).get("x-amz-error-message", "")
+            if operation == "HeadBucket" and code == "404":  # a HEAD answer has no body
+                code, text = "NoSuchBucket", f"bucket {self.config.bucket} does not exist"
+            elif operation.startswith("Head") and code == "403":
+                text = "access denied, or credentials refused (a HEAD answer names no reason)"
             detail = f"{code}{f': {text}' if text else ''} (HTTP {status})"
             return _Failed(self._kind(code, status, operation), f"{where}: {detail}", code)
         if isinstance(exc, boto_errors.NoCredentialsError | boto_errors.PartialCredentialsError):
@@ -509,8 +513,6 @@ class S3Sender:
 
     @staticmethod
     def _kind(code: str, status: int, operation: str) -> str:
-        if code in ("404", "NotFound") and operation == "HeadBucket":
-            return "refused"  # HEAD has no body: 404 is NoSuchBucket
         if code in _REFUSED or status in (401, 403):
             return "refused"
         if code in _RETRY:
