@@ -11,7 +11,7 @@
   ``checksum: sha256``, its S3 additional checksum (``x-amz-checksum-sha256``), both
   computed from the bytes sent: a store that received other bytes refuses them
   (``BadDigest``). The answer is checked too: the ETag of a PUT or part is the MD5 of
-  what the store holds (except under SSE-KMS), a multipart object's ETag is the MD5 of
+  what the store holds (unless it is encrypted), a multipart object's ETag is the MD5 of
   its parts' MD5s, and a returned SHA-256 must be ours. A mismatch deletes what was
   stored (or aborts the upload) and the instance is retried.
 * **Outcomes**: uploaded is ``SUCCESS``. A store that refuses us (no such bucket,
@@ -97,6 +97,8 @@ _BUSY = frozenset(
         "OperationAborted",
     }
 )
+#: Fields of an answer that say the object is encrypted.
+_ENCRYPTED = ("ServerSideEncryption", "SSEKMSKeyId", "SSECustomerAlgorithm")
 _NETWORK = (
     boto_errors.EndpointConnectionError,
     boto_errors.ConnectionClosedError,
@@ -453,8 +455,9 @@ class S3Sender:
     ) -> str:
         """What in the store's answer contradicts the bytes sent ("" if nothing)."""
         etag = str(answer.get("ETag", "")).strip('"')
-        # Under SSE-KMS (and SSE-C) the ETag is not the MD5 of the data.
-        md5_etag = self.config.server_side_encryption != "aws:kms" and not answer.get("SSEKMSKeyId")
+        # Encrypted, the ETag may not be the MD5 of the data (SSE-KMS, SSE-C; MinIO and
+        # RGW for SSE-S3 too): then the store's own check of what we sent stands.
+        md5_etag = not any(answer.get(name) for name in _ENCRYPTED)
         if md5_etag and etag and etag.lower() != md5:
             return f"the store holds other bytes than sent (ETag {etag}, MD5 sent {md5})"
         returned = answer.get("ChecksumSHA256")
