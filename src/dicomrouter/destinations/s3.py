@@ -112,6 +112,13 @@ _NETWORK = (
 )
 
 
+#: One boto3 session per profile, shared by the senders of a process: a session
+#: loads the S3 service model once for all its clients (each new session reads it
+#: again, about a tenth of a second).
+_SESSIONS: dict[str | None, boto3.session.Session] = {}
+_SESSIONS_LOCK = threading.Lock()
+
+
 def object_key(prefix: str, names: Sequence[str]) -> str:
     """The object key of a rendered layout under ``prefix`` (validated by the
     configuration: plain names, no final ``/``)."""
@@ -250,14 +257,24 @@ class S3Sender:
                     )
                 keys[argument] = value
         try:
-            session = boto3.session.Session(
-                profile_name=config.profile, region_name=config.region, **keys
-            )
+            with _SESSIONS_LOCK:  # a session is not thread-safe
+                session = _SESSIONS.get(config.profile)
+                if session is None:
+                    session = _SESSIONS[config.profile] = boto3.session.Session(
+                        profile_name=config.profile
+                    )
+                self._client = self._make_client(session, keys)
         except boto_errors.ProfileNotFound as exc:
             raise _Failed("refused", f"{self._where}: {exc}") from None
-        self._client = session.client(
+        return self._client
+
+    def _make_client(self, session: boto3.session.Session, keys: dict[str, str]) -> Any:
+        config = self.config
+        return session.client(
             "s3",
+            region_name=config.region,
             endpoint_url=config.endpoint_url,
+            **keys,
             config=Config(
                 connect_timeout=config.connect_timeout,
                 read_timeout=config.read_timeout,
@@ -270,7 +287,6 @@ class S3Sender:
                 user_agent_extra="dicomrouter",
             ),
         )
-        return self._client
 
     # -- one instance ----------------------------------------------------------------
 
