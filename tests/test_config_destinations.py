@@ -23,6 +23,7 @@ from dicomrouter.destinations import Sender, SenderOptions, create_sender, kinds
 from dicomrouter.destinations.dicom import DicomSender
 from dicomrouter.destinations.folder import FolderSender
 from dicomrouter.destinations.s3 import S3Sender
+from dicomrouter.units import parse_size
 
 
 def load(text: str):  # type: ignore[no-untyped-def]
@@ -148,6 +149,20 @@ def test_an_s3_destination_and_its_defaults() -> None:
     assert (dest.multipart_chunk_size, dest.multipart_threshold) == (8 << 20, 64 << 20)
     assert dest.on_exists == "overwrite" and dest.checksum == "sha256"
     assert dest.workers == 4 and dest.address == "s3://dicom-archive/incoming/ at http://minio:9000"
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("5MB", 5 << 20),
+        ("5 MiB", 5 << 20),
+        ("512k", 512 << 10),
+        ("1.5GB", 3 << 29),
+        (6000000, 6000000),
+    ],
+)
+def test_sizes_are_powers_of_1024(text: object, size: int) -> None:
+    assert parse_size(text) == size
 
 
 def test_layout_takes_tags_and_format_specs() -> None:
