@@ -43,6 +43,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+# The S3 destination's tests start their own local S3 server (moto's server mode, a
+# [test] dependency installed below): tests/support/s3.py. Nothing to start here.
 . scripts/venv.sh
 ensure_venv "[test]"
 PYTHON=$VENV_PYTHON

@@ -104,3 +104,24 @@ def test_transform_memory_bench_routes_a_small_study_both_ways(dcmtk: None) -> N
     assert "throughput pipeline / byte-for-byte" in out
     assert "- tag-only pipeline: 20/20 arrived, new tags in all, pixels equal in 20" in out
     assert "- byte-for-byte: 20/20 arrived, original tags in all" in out
+
+
+def test_s3_bench_runs_every_leg_on_a_few_files(tmp_path: Path) -> None:
+    """bench/s3_bench.py on 3 small and one multipart file, 1 round: every leg
+    uploads everything (the script checks the bucket after each leg)."""
+    report = tmp_path / "s3.json"
+    _bench(
+        "s3_bench.py",
+        *("--files", "3", "--huge", "1", "--huge-mb", "6", "--rounds", "1"),
+        *("--json", str(report)),
+    )
+    payload = json.loads(report.read_text())
+    assert set(payload["datasets"]) == {"large", "huge"}
+    for dataset in payload["datasets"].values():
+        assert set(dataset["median_mb_s"]) == {
+            "dicomrouter",
+            "dicomrouter x4",
+            "upload_file",
+            "upload_file x4",
+        }
+        assert all(rate > 0 for rate in dataset["median_mb_s"].values())

@@ -15,12 +15,15 @@ from dicomrouter.config import (
     ConfigError,
     DicomDestinationConfig,
     FolderDestinationConfig,
+    S3DestinationConfig,
     load_config_text,
 )
 from dicomrouter.config.models import DEFAULT_FOLDER_LAYOUT
 from dicomrouter.destinations import Sender, SenderOptions, create_sender, kinds
 from dicomrouter.destinations.dicom import DicomSender
 from dicomrouter.destinations.folder import FolderSender
+from dicomrouter.destinations.s3 import S3Sender
+from dicomrouter.units import parse_size
 
 
 def load(text: str):  # type: ignore[no-untyped-def]
@@ -62,9 +65,35 @@ def test_a_folder_destination_and_its_defaults(tmp_path: Path) -> None:
     [
         ("{x: {host: h, port: 104}}", "destinations.x.ae_title: required key is missing"),
         (
-            "{x: {type: s3, bucket: b}}",
-            "destinations.x.type: unknown destination type 's3'; known: dicom, folder",
+            "{x: {type: ftp, host: h}}",
+            "destinations.x.type: unknown destination type 'ftp'; known: dicom, folder, s3",
         ),
+        ("{x: {type: s3}}", "destinations.x.bucket: required key is missing"),
+        ("{x: {type: s3, bucket: b, prefix: '../up'}}", "destinations.x.prefix: prefix '../up'"),
+        ("{x: {type: s3, bucket: b, prefix: /abs}}", "must not start with '/'"),
+        (
+            "{x: {type: s3, bucket: b, layout: '{PatientID}/../x'}}",
+            "destinations.x.layout: layout '{PatientID}/../x': '.' and '..' are not folder",
+        ),
+        (
+            "{x: {type: s3, bucket: b, multipart_chunk_size: 1MB}}",
+            "destinations.x.multipart_chunk_size: 1048576 bytes: S3 parts are 5MB to 5GB",
+        ),
+        ("{x: {type: s3, bucket: b, multipart_threshold: 8 bananas}}", "invalid size"),
+        (
+            "{x: {type: s3, bucket: b, access_key_id_env: KEY}}",
+            "destinations.x.secret_access_key_env: access_key_id_env and secret_access_key_env",
+        ),
+        (
+            "{x: {type: s3, bucket: b, kms_key_id: k}}",
+            "destinations.x.kms_key_id: needs server_side_encryption: aws:kms",
+        ),
+        (
+            "{x: {type: s3, bucket: b, server_side_encryption: aes}}",
+            "destinations.x.server_side_encryption: Input should be 'AES256' or 'aws:kms'",
+        ),
+        ("{x: {type: s3, bucket: b, on_exists: version}}", "destinations.x.on_exists"),
+        ("{x: {type: s3, bucket: b, endpoint_url: minio:9000}}", "expected http://host"),
         ("{x: []}", "destinations.x: a destination is a mapping of its keys"),
         ("{x: {type: folder}}", "destinations.x.path: required key is missing"),
         (
@@ -107,6 +136,35 @@ def test_errors_name_the_key(text: str, expected: str) -> None:
     assert any(expected in e for e in found), found
 
 
+def test_an_s3_destination_and_its_defaults() -> None:
+    config = load(
+        "destinations: {arc: {type: s3, bucket: dicom-archive, prefix: incoming/, "
+        "endpoint_url: 'http://minio:9000', multipart_chunk_size: 8MB, "
+        "multipart_threshold: 64 MiB, storage_class: STANDARD_IA, "
+        "server_side_encryption: aws:kms, kms_key_id: alias/dicom}}"
+    )
+    dest = config.destinations["arc"]
+    assert isinstance(dest, S3DestinationConfig)
+    assert dest.prefix == "incoming" and dest.layout == DEFAULT_FOLDER_LAYOUT
+    assert (dest.multipart_chunk_size, dest.multipart_threshold) == (8 << 20, 64 << 20)
+    assert dest.on_exists == "overwrite" and dest.checksum == "sha256"
+    assert dest.workers == 4 and dest.address == "s3://dicom-archive/incoming/ at http://minio:9000"
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("5MB", 5 << 20),
+        ("5 MiB", 5 << 20),
+        ("512k", 512 << 10),
+        ("1.5GB", 3 << 29),
+        (6000000, 6000000),
+    ],
+)
+def test_sizes_are_powers_of_1024(text: object, size: int) -> None:
+    assert parse_size(text) == size
+
+
 def test_layout_takes_tags_and_format_specs() -> None:
     config = load(
         "destinations: {x: {type: folder, path: /tmp, layout: "
@@ -137,6 +195,8 @@ def test_every_kind_has_a_sender(tmp_path: Path) -> None:
     assert isinstance(own, DicomSender) and own.calling_ae == "X"
     folder = create_sender(FolderDestinationConfig(type="folder", path=tmp_path))
     assert isinstance(folder, FolderSender) and isinstance(folder, Sender)
+    bucket = create_sender(S3DestinationConfig(type="s3", bucket="b"))
+    assert isinstance(bucket, S3Sender) and isinstance(bucket, Sender)
 
 
 def test_an_unknown_kind_has_no_sender() -> None:
@@ -156,5 +216,6 @@ def test_the_registry_loads_a_kind_only_when_used() -> None:
         "d.create_sender(FolderDestinationConfig(type='folder', path='/tmp'))\n"
         "assert 'dicomrouter.destinations.folder' in sys.modules\n"
         "assert 'dicomrouter.destinations.dicom' not in sys.modules\n"
+        "assert 'dicomrouter.destinations.s3' not in sys.modules and 'boto3' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

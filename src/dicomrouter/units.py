@@ -1,4 +1,4 @@
-"""Human-friendly value types used in the YAML file: durations and time windows.
+"""Human-friendly value types used in the YAML file: durations, sizes and time windows.
 
 They are parsed once, at load time, so a typo such as ``send_window: "19:00-7"``
 is reported with its key path instead of failing at 19:00.
@@ -47,6 +47,45 @@ Duration = Annotated[
     PlainSerializer(format_duration, return_type=str),
 ]
 """Seconds as a float; written in YAML as ``30s``, ``10m``..."""
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNIT_BYTES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(value: Any) -> int:
+    """Return bytes for ``8MB``, ``5 MiB``, ``512k``, ``1.5GB`` or a bare number.
+
+    Units are powers of 1024 whatever their spelling (``MB`` = ``MiB``), as in the
+    AWS CLI's ``multipart_chunksize``: S3's 5 MiB minimum part is then ``5MB``.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 8MB or 512KB")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return int(value)
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match:
+            unit = (match.group(2) or "").lower()[:1]
+            return int(float(match.group(1)) * _UNIT_BYTES[unit])
+    raise ValueError(f"invalid size {value!r}: expected a number with B, KB, MB, GB or TB")
+
+
+def format_size(size: int) -> str:
+    for unit, factor in (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+ByteSize = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    PlainSerializer(format_size, return_type=str),
+]
+"""Bytes as an int; written in YAML as ``8MB``, ``512KB`` (powers of 1024)."""
 
 
 _WEEKDAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]

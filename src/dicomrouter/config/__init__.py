@@ -23,6 +23,7 @@ from .models import (
     RetryConfig,
     RouteConfig,
     RouterConfig,
+    S3DestinationConfig,
     StorageConfig,
 )
 
@@ -40,6 +41,7 @@ __all__ = [
     "RetryConfig",
     "RouteConfig",
     "RouterConfig",
+    "S3DestinationConfig",
     "StorageConfig",
     "TimeWindow",
     "YamlLimitError",

@@ -27,7 +27,7 @@ from pydantic import (
 
 from dicomrouter import tls
 from dicomrouter.security import check_password_hash_format, check_token_hash_format
-from dicomrouter.units import Duration, Window
+from dicomrouter.units import ByteSize, Duration, Window
 
 from .hosts import is_local_host
 from .problems import ConfigProblems, KeyPath, checked_rule
@@ -649,10 +649,183 @@ class FolderDestinationConfig(BaseDestinationConfig):
         return "a test write"
 
 
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_S3_MIN_PART = 5 << 20  # S3's smallest part (but the last)
+_S3_MAX_PART = 5 << 30  # and largest, also the largest single PUT
+
+
+def _check_prefix(value: str) -> str:
+    """A key prefix is a relative path of plain names, with or without a final '/'."""
+    if value.startswith("/"):
+        raise ValueError(f"prefix {value!r} must not start with '/'")
+    parts = value.rstrip("/").split("/") if value else []
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"prefix {value!r}: empty, '.' and '..' are not folder names")
+    if any(ord(ch) < 0x20 or ch in "\\\x7f" for ch in value):
+        raise ValueError(f"prefix {value!r}: no control characters or backslashes")
+    return value.rstrip("/")
+
+
+class S3DestinationConfig(BaseDestinationConfig):
+    """`type: s3`: upload each instance as an object to an S3 bucket (AWS S3, or an
+    S3-compatible store: MinIO, Ceph RGW). Large objects go up as multipart uploads
+    read from disk part by part; every upload is checked with a checksum.
+    Details: docs/destinations.md."""
+
+    type: Literal["s3"] = Field(..., description="Destination kind.")
+    bucket: str = Field(
+        ..., min_length=1, max_length=255, description="The bucket uploaded to; it must exist."
+    )
+    prefix: str = Field(
+        "",
+        description="Key prefix: every key starts with it, then `/` and the rendered "
+        "`layout`, e.g. `incoming/dicom`. A final `/` is optional.",
+    )
+    layout: str = Field(
+        DEFAULT_FOLDER_LAYOUT,
+        description="The key under `prefix`: the same templates as a folder destination's "
+        "`layout`, each name made safe the same way, so no value leads outside `prefix`.",
+    )
+    endpoint_url: str | None = Field(
+        None,
+        description="The store's URL, for S3-compatible stores (`http://minio:9000`). "
+        "Unset: AWS S3 of `region`.",
+    )
+    region: str | None = Field(
+        None, description="AWS region (`eu-central-1`). Unset: from the profile or environment."
+    )
+    addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "auto",
+        description="`path` (`host/bucket/key`) for stores without DNS per bucket (most MinIO "
+        "and Ceph RGW setups); `virtual` (`bucket.host/key`); `auto`: boto3's choice.",
+    )
+    profile: str | None = Field(
+        None,
+        description="A profile of the AWS shared configuration (`~/.aws/credentials`, "
+        "`~/.aws/config`). Unset: the standard credential chain (environment, profile "
+        "`default`, container or instance role).",
+    )
+    access_key_id_env: str | None = Field(
+        None,
+        description="Name of the environment variable holding the access key id (with "
+        "`secret_access_key_env`); takes precedence over the credential chain.",
+    )
+    secret_access_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the secret access key."
+    )
+    session_token_env: str | None = Field(
+        None, description="Name of the environment variable holding a session token (optional)."
+    )
+    storage_class: str | None = Field(
+        None,
+        pattern=r"^[A-Z][A-Z0-9_]*$",
+        description="Storage class of each object (`STANDARD_IA`, `INTELLIGENT_TIERING`, "
+        "`GLACIER_IR`...; Ceph RGW: a placement's storage class). Unset: the bucket's default.",
+    )
+    server_side_encryption: Literal["AES256", "aws:kms"] | None = Field(
+        None,
+        description="Ask the store to encrypt each object: `AES256` (SSE-S3) or `aws:kms` "
+        "(SSE-KMS, with `kms_key_id`). Unset: the bucket's default.",
+    )
+    kms_key_id: str | None = Field(
+        None, description="KMS key (id, ARN or alias) with `server_side_encryption: aws:kms`."
+    )
+    checksum: Literal["sha256", "md5"] = Field(
+        "sha256",
+        description="Integrity check of each upload: `sha256` sends an S3 additional checksum "
+        "(SHA-256, per part for multipart uploads) and Content-MD5; `md5` only Content-MD5 "
+        "(stores without additional checksums, such as Ceph RGW before 19). The store "
+        "refuses a body that does not match, and the answer is checked too.",
+    )
+    on_exists: Literal["overwrite", "skip"] = Field(
+        "overwrite",
+        description="An object already at that key: `overwrite` replaces it; `skip` keeps "
+        "it and counts the instance delivered (a HEAD request before each upload).",
+    )
+    multipart_threshold: ByteSize = Field(
+        16 << 20,
+        description="Objects larger than this go up as multipart uploads (`16MB`; units are "
+        "powers of 1024). Smaller ones are one PUT, read into memory whole.",
+    )
+    multipart_chunk_size: ByteSize = Field(
+        8 << 20,
+        description="Part size of a multipart upload (5MB to 5GB); one part at a time is in "
+        "memory per worker.",
+    )
+    max_workers: int = Field(
+        4, ge=1, le=32, description="Instances uploaded in parallel (one connection each)."
+    )
+    connect_timeout: Duration = Field(10.0, description="TCP connect timeout.")
+    read_timeout: Duration = Field(
+        60.0, description="Longest wait for an answer (or for the store to read a part)."
+    )
+
+    _check_layout = field_validator("layout")(classmethod(lambda cls, v: _check_layout(v)))
+    _check_prefix = field_validator("prefix")(classmethod(lambda cls, v: _check_prefix(v)))
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_name(cls, value: str) -> str:
+        if "/" in value or any(ch.isspace() for ch in value):
+            raise ValueError(f"bucket {value!r}: a bucket name has no '/' or spaces")
+        return value
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"endpoint_url {value!r}: expected http://host[:port] or https://...")
+        return value
+
+    @field_validator("access_key_id_env", "secret_access_key_env", "session_token_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME_RE.match(value):
+            raise ValueError(f"{value!r} is not an environment variable name")
+        return value
+
+    @field_validator("multipart_threshold", "multipart_chunk_size")
+    @classmethod
+    def _part_size(cls, value: int) -> int:
+        if not _S3_MIN_PART <= value <= _S3_MAX_PART:
+            raise ValueError(f"{value} bytes: S3 parts are 5MB to 5GB")
+        return value
+
+    @model_validator(mode="after")
+    def _pairs(self) -> S3DestinationConfig:
+        problems: list[tuple[KeyPath, str]] = []
+        if (self.access_key_id_env is None) != (self.secret_access_key_env is None):
+            missing = (
+                "secret_access_key_env"
+                if self.secret_access_key_env is None
+                else ("access_key_id_env")
+            )
+            problems.append(((missing,), "access_key_id_env and secret_access_key_env go together"))
+        if self.session_token_env and self.access_key_id_env is None:
+            problems.append(
+                (("session_token_env",), "needs access_key_id_env and secret_access_key_env")
+            )
+        if self.kms_key_id and self.server_side_encryption != "aws:kms":
+            problems.append((("kms_key_id",), "needs server_side_encryption: aws:kms"))
+        if problems:
+            raise ConfigProblems(problems)
+        return self
+
+    @property
+    def workers(self) -> int:
+        return self.max_workers
+
+    @property
+    def address(self) -> str:
+        where = f"s3://{self.bucket}/{self.prefix + '/' if self.prefix else ''}"
+        return f"{where} at {self.endpoint_url}" if self.endpoint_url else where
+
+
 #: Every kind of destination, by its ``type``.
 DESTINATION_MODELS: dict[str, type[BaseDestinationConfig]] = {
     "dicom": DicomDestinationConfig,
     "folder": FolderDestinationConfig,
+    "s3": S3DestinationConfig,
 }
 DESTINATION_KINDS = tuple(DESTINATION_MODELS)
 
@@ -669,7 +842,8 @@ def _destination_kind(value: Any) -> str | None:
 #: A destination: one of :data:`DESTINATION_MODELS`, told apart by ``type``.
 DestinationConfig = Annotated[
     Annotated[DicomDestinationConfig, Tag("dicom")]
-    | Annotated[FolderDestinationConfig, Tag("folder")],
+    | Annotated[FolderDestinationConfig, Tag("folder")]
+    | Annotated[S3DestinationConfig, Tag("s3")],
     Discriminator(
         _destination_kind,
         custom_error_type="destination_type",
@@ -1176,8 +1350,8 @@ class RouterConfig(_Model):
     )
     destinations: dict[str, DestinationConfig] = Field(
         default_factory=dict,
-        description="Named destinations; each has a `type` (`dicom`, the default, or "
-        "`folder`): see docs/destinations.md.",
+        description="Named destinations; each has a `type` (`dicom`, the default, "
+        "`folder` or `s3`): see docs/destinations.md.",
     )
     routes: list[RouteConfig] = Field(default_factory=list, description="Routing rules.")
     transforms: dict[str, Pipeline] = Field(

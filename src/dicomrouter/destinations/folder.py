@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import errno
 import filecmp
-import hashlib
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
-import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -40,13 +37,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from dicomrouter.config.models import FolderDestinationConfig
-from dicomrouter.store.part10 import PREAMBLE, encode_file_meta
-from dicomrouter.transforms import TransformRefused
-from dicomrouter.transforms.base import ObjectContext
-from dicomrouter.transforms.templates import Template
-from dicomrouter.transforms.transcode import TranscodeError, encode_dataset, transcode
 
+from .layout import MAX_COMPONENT_BYTES, Layout, LayoutError, safe_component
 from .outgoing import InstanceResult, OutgoingInstance, annotate, prepared
+from .recode import TranscodeError, transcoded, uid_label
 from .sender import DestinationUnavailable, OnResult, ShouldStop
 from .status import Outcome
 
@@ -54,23 +48,12 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MAX_COMPONENT_BYTES", "TMP_DIR", "FolderSender", "safe_component"]
 
-#: The longest folder or file name written, in UTF-8 bytes (filesystems allow 255;
-#: shares and archivers that add to a name need room).
-MAX_COMPONENT_BYTES = 100
 #: Temporary files, under ``path`` (never a name :func:`safe_component` makes).
 TMP_DIR = ".tmp"
 _STALE_TMP = 3600.0  # seconds after which a temporary file is a crash's leftover
 _MAX_VERSIONS = 1000
 _COPY_BLOCK = 1024 * 1024
 
-#: Characters never written in a name: path separators, and what Windows and SMB
-#: shares refuse (a research share is often one).
-_UNSAFE = re.compile(r'[/\\:*?"<>|]')
-_RESERVED = frozenset(
-    {"CON", "PRN", "AUX", "NUL"}
-    | {f"COM{n}" for n in range(1, 10)}
-    | {f"LPT{n}" for n in range(1, 10)}
-)
 #: errno values that say the folder cannot take anything now: pause and probe.
 _UNAVAILABLE = frozenset(
     {
@@ -93,42 +76,6 @@ _BAD_NAME = frozenset(
 )
 
 
-def safe_component(text: str, limit: int = MAX_COMPONENT_BYTES) -> str:
-    """``text`` as one folder or file name that stays where it is put.
-
-    Separators (``/``, ``\\``), control and format characters (NUL, newlines,
-    right-to-left overrides...) and what Windows refuses (``:*?"<>|``) become ``_``;
-    a leading dot becomes ``_`` (no hidden files, no ``.`` or ``..``), trailing dots
-    and surrounding spaces go; a reserved device name (``CON``, ``NUL``, ``COM1``...)
-    gets a ``_`` in front; empty is ``_``. Over ``limit`` UTF-8 bytes, the name is
-    shortened and gets a hash of the whole value (two long values that share a
-    beginning stay two files), keeping a short extension.
-    """
-    text = unicodedata.normalize("NFC", text)
-    text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates
-    text = "".join(
-        "_" if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs") else ch for ch in text
-    )
-    text = _UNSAFE.sub("_", text).strip(" ").rstrip(". ")
-    if text.startswith("."):
-        text = "_" + text[1:]
-    if not text:
-        return "_"
-    if text.split(".", 1)[0].upper().rstrip(" ") in _RESERVED:
-        text = "_" + text
-    if len(text.encode("utf-8")) <= limit:
-        return text
-    stem, dot, ext = text.rpartition(".")
-    if not dot or not stem or len(ext.encode("utf-8")) > 16:
-        stem, ext = text, ""
-    else:
-        ext = "." + ext
-    mark = "~" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
-    budget = limit - len(mark.encode("utf-8")) - len(ext.encode("utf-8"))
-    cut = stem.encode("utf-8")[:budget].decode("utf-8", "ignore").rstrip(" .")
-    return (cut or "_") + mark + ext
-
-
 class _BadName(Exception):
     """This instance's file cannot be named or placed: a permanent failure."""
 
@@ -144,9 +91,8 @@ class FolderSender:
     def __init__(self, config: FolderDestinationConfig) -> None:
         self.config = config
         self.root = Path(config.path)
-        self._layout = [Template(part) for part in config.layout.split("/")]
+        self._layout = Layout(config.layout)
         self._target = config.transfer_syntax_uid
-        self._context = ObjectContext()
         self._swept = False
 
     # -- the Sender interface ------------------------------------------------------
@@ -234,10 +180,10 @@ class FolderSender:
         write = _copier(inst.path)
         if self._target and UID(self._target) != UID(inst.transfer_syntax_uid):
             try:
-                data, header = _transcoded(inst, self._target, self.config.allow_lossy)
+                data, header = transcoded(inst, self._target, self.config.allow_lossy)
             except TranscodeError as exc:
                 log.info("%s not written in %s: %s", inst.sop_instance_uid, self._target, exc)
-                notes.append(f"not written in {_uid_label(self._target)}: {exc}")
+                notes.append(f"not written in {uid_label(self._target)}: {exc}")
             else:
                 sent_ts, sent_uid = self._target, str(header.SOPInstanceUID)
                 write = _bytes_writer(data)
@@ -259,13 +205,10 @@ class FolderSender:
     def _place(self, header: Dataset) -> Path:
         """The file's path under the folder, from ``layout``; :class:`_BadName` when
         a value does not fit its format spec or the path would leave the folder."""
-        names = []
-        for template in self._layout:
-            try:
-                text = template.render(header, self._context, "layout")
-            except TransformRefused as exc:
-                raise _BadName(f"cannot name the file: {exc}") from None
-            names.append(safe_component(text))
+        try:
+            names = self._layout.render(header)
+        except LayoutError as exc:
+            raise _BadName(f"cannot name the file: {exc}") from None
         root = self.root.resolve()
         target = root.joinpath(*names)
         if not target.resolve().is_relative_to(root) or target == root:
@@ -371,17 +314,6 @@ def _bytes_writer(data: bytes) -> Callable[[BinaryIO], None]:
     return write
 
 
-def _transcoded(inst: OutgoingInstance, target: str, allow_lossy: bool) -> tuple[bytes, Dataset]:
-    """The Part-10 file of ``inst`` in ``target``, and its data set (for the layout)."""
-    try:
-        ds = dcmread(inst.path)
-    except Exception as exc:
-        raise TranscodeError(f"cannot read stored file {inst.path}: {exc}") from exc
-    transcode(ds, target, allow_lossy=allow_lossy)
-    meta = encode_file_meta(str(ds.SOPClassUID), str(ds.SOPInstanceUID), target)
-    return PREAMBLE + meta + encode_dataset(ds), ds
-
-
 def _link_new(tmp: Path, target: Path) -> bool:
     """Put ``tmp`` at ``target`` only if nothing is there (atomically: a hard link);
     False when something is. A filesystem without hard links gets a check, then a
@@ -417,8 +349,3 @@ def _sweep(tmp: Path) -> None:
                 Path(entry.path).unlink(missing_ok=True)
     except OSError as exc:
         log.info("cannot clean %s: %s", tmp, exc)
-
-
-def _uid_label(uid: str) -> str:
-    name = UID(uid).name
-    return f"{name} ({uid})" if name and name != uid else uid

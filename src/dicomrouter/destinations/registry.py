@@ -48,10 +48,17 @@ def _folder(config: Any, options: SenderOptions) -> Sender:
     return FolderSender(config)
 
 
+def _s3(config: Any, options: SenderOptions) -> Sender:
+    from .s3 import S3Sender
+
+    return S3Sender(config)
+
+
 #: kind -> a factory that imports the kind's module and makes its sender.
 _FACTORIES: dict[str, Callable[[Any, SenderOptions], Sender]] = {
     "dicom": _dicom,
     "folder": _folder,
+    "s3": _s3,
 }
 
 
