@@ -820,6 +820,10 @@ class S3DestinationConfig(BaseDestinationConfig):
         where = f"s3://{self.bucket}/{self.prefix + '/' if self.prefix else ''}"
         return f"{where} at {self.endpoint_url}" if self.endpoint_url else where
 
+    @property
+    def probe_label(self) -> str:
+        return "a HEAD of the bucket"
+
 
 #: Every kind of destination, by its ``type``.
 DESTINATION_MODELS: dict[str, type[BaseDestinationConfig]] = {
