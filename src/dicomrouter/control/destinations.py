@@ -23,14 +23,14 @@ from typing import Any
 
 from sqlalchemy import Connection, case, func, or_, select, update
 
-from dicomrouter.config import DicomDestinationConfig
+from dicomrouter.config import DicomDestinationConfig, GroupDestinationConfig
 from dicomrouter.destinations import SenderOptions, VerificationNotSupported, create_sender
 from dicomrouter.queue import JobStore
 from dicomrouter.queue import states as S
 from dicomrouter.store import audit
 from dicomrouter.store.schema import attempts, destination_state, job_instances, jobs
 
-from .errors import Conflict, NotFound
+from .errors import Conflict, Invalid, NotFound
 
 DestinationState = S.DestinationState
 OK = DestinationState.OK
@@ -218,7 +218,16 @@ def _configured(ctx: Any, name: str) -> Any:
     dest = ctx.config.destinations.get(name)
     if dest is None:
         raise NotFound(f"no destination {name!r} in the configuration")
+    _not_a_group(dest, name, "pause or resume")
     return dest
+
+
+def _not_a_group(dest: Any, name: str, what: str) -> None:
+    """A group sends nothing itself: what is done to a sender is done to its members."""
+    if isinstance(dest, GroupDestinationConfig):
+        raise Invalid(
+            f"{name!r} is a group: {what} its members instead ({', '.join(dest.members)})"
+        )
 
 
 def pause(ctx: Any, name: str, actor: str, source: str = "") -> dict[str, Any]:
@@ -300,6 +309,7 @@ def echo_destination(config: Any, name: str) -> dict[str, Any]:
     if dest is None:
         known = ", ".join(config.destinations) or "none configured"
         raise NotFound(f"no destination {name!r} in the configuration (known: {known})")
+    _not_a_group(dest, name, "echo")
     # The registry imports the kind's sender (pynetdicom for DICOM) only now.
     sender = create_sender(dest, SenderOptions(calling_ae=config.ae_title))
     started = time.perf_counter()

@@ -1,0 +1,322 @@
+"""Groups (``type: group``): which member a study goes to, and moving a paused
+member's waiting work.
+
+A group is resolved when planning, never when sending: the planner asks
+:class:`GroupChooser` for the member of each (group, study) and queues an ordinary
+job for that member, with ``jobs.via_group`` naming the group. The member's own
+workers, health, retries, send window and transforms then send it as they send
+anything else.
+
+A study keeps its member (``group_affinity``) while that member is up, so a study is
+never split between two nodes. When a member is paused (unreachable, disabled, or by
+an operator), :func:`move_waiting` (run by the dispatch process every few seconds)
+hands the waiting jobs that came to it through the group to the member the strategy
+chooses now, with the study's affinity; and so that the new member holds the whole
+study, what the old member already received of it through the group is queued for the
+new member too (the old one keeps its partial copy). Everything runs in the caller's
+write transaction, so a choice and the jobs it makes are committed together.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Row, delete, func, select, update
+
+from dicomrouter.config import GroupDestinationConfig, RouterConfig
+from dicomrouter.store.schema import (
+    destination_state,
+    group_affinity,
+    group_rotation,
+    instances,
+    job_instances,
+    jobs,
+)
+
+from . import states as S
+from .jobs import Delivery, JobStore
+
+log = logging.getLogger("dicomrouter.groups")
+
+_DELIVERED = (S.ITEM_COMPLETED, S.ITEM_WARNING)
+
+
+class GroupChooser:
+    """Chooses members inside one transaction (``conn``): the planner makes one per
+    planning pass, the mover one per group. It reads the members' state once, and
+    counts what it assigns itself, so the choices of one pass are consistent."""
+
+    def __init__(self, conn: Connection, config: RouterConfig, now: float) -> None:
+        self.conn = conn
+        self.config = config
+        self.now = now
+        self._up: set[str] | None = None
+        self._queued: dict[str, int] | None = None
+        self._chosen: dict[tuple[str, str], str] = {}
+
+    # -- state of the members ----------------------------------------------------
+    def up(self, group: GroupDestinationConfig) -> list[str]:
+        """The members that are up, in ``members`` order: enabled, not paused by an
+        operator, not paused as unreachable."""
+        if self._up is None:
+            senders = self.config.senders
+            names = sorted({m for g in self.config.groups.values() for m in g.members})
+            down = {
+                row.name
+                for row in self.conn.execute(
+                    select(destination_state.c.name).where(
+                        destination_state.c.name.in_(names),
+                        (destination_state.c.state == "paused")
+                        | (destination_state.c.admin_paused != 0),
+                    )
+                )
+            }
+            self._up = {n for n in names if n in senders and senders[n].enabled and n not in down}
+        return [m for m in group.members if m in self._up]
+
+    def _queue_depths(self, names: Sequence[str]) -> dict[str, int]:
+        """Instances waiting to be sent (pending in an open job), per member."""
+        if self._queued is None:
+            members = sorted({m for g in self.config.groups.values() for m in g.members})
+            counts = dict.fromkeys(members, 0)
+            for name, count in self.conn.execute(
+                select(jobs.c.destination, func.count())
+                .select_from(jobs.join(job_instances, job_instances.c.job_id == jobs.c.id))
+                .where(
+                    jobs.c.destination.in_(members),
+                    jobs.c.state.in_(S.OPEN_STATES),
+                    job_instances.c.state == S.ITEM_PENDING,
+                )
+                .group_by(jobs.c.destination)
+            ):
+                counts[name] = int(count)
+            self._queued = counts
+        return {name: self._queued.get(name, 0) for name in names}
+
+    # -- choosing ----------------------------------------------------------------
+    def member(self, name: str, study_uid: str, count: int = 0) -> str:
+        """The member of group ``name`` for ``study_uid``: the one it already has if
+        that member is up (or if none is), else the strategy's choice among those up
+        (or among all when none is up: the work waits there, and moves when another
+        comes up). ``count`` instances are about to be queued for it."""
+        key = (name, study_uid)
+        chosen = self._chosen.get(key)
+        if chosen is None:
+            group = self.config.groups[name]
+            up = self.up(group)
+            current = self.conn.execute(
+                select(group_affinity.c.member).where(
+                    group_affinity.c.group_name == name,
+                    group_affinity.c.study_instance_uid == study_uid,
+                )
+            ).scalar()
+            if current in group.members and (current in up or not up):
+                chosen = current
+            else:
+                chosen = self._strategy(name, group, up or list(group.members))
+                self._assign(name, study_uid, chosen, current is not None)
+            self._chosen[key] = chosen
+        if self._queued is not None:
+            self._queued[chosen] = self._queued.get(chosen, 0) + count
+        return chosen
+
+    def reassign(self, name: str, study_uid: str, source: str) -> str | None:
+        """Move ``study_uid``'s affinity away from ``source`` to the strategy's choice
+        among the other members that are up; None (nothing changes) if none is."""
+        group = self.config.groups[name]
+        candidates = [m for m in self.up(group) if m != source]
+        if not candidates:
+            return None
+        target = self._strategy(name, group, candidates)
+        self._assign(name, study_uid, target, True)
+        self._chosen[(name, study_uid)] = target
+        return target
+
+    def _strategy(self, name: str, group: GroupDestinationConfig, candidates: list[str]) -> str:
+        if group.strategy == "round_robin":
+            return self._next_in_turn(name, group, candidates)
+        if group.strategy == "least_queued":
+            depth = self._queue_depths(candidates)
+            return min(candidates, key=lambda m: (depth[m], group.members.index(m)))
+        return candidates[0]  # failover: the first in members' order
+
+    def _next_in_turn(self, name: str, group: GroupDestinationConfig, candidates: list[str]) -> str:
+        start = self.conn.execute(
+            select(group_rotation.c.next_index).where(group_rotation.c.group_name == name)
+        ).scalar()
+        count = len(group.members)
+        index = (start or 0) % count
+        while group.members[index] not in candidates:
+            index = (index + 1) % count
+        values = {"next_index": (index + 1) % count}
+        if start is None:
+            self.conn.execute(group_rotation.insert().values(group_name=name, **values))
+        else:
+            self.conn.execute(
+                update(group_rotation).where(group_rotation.c.group_name == name).values(**values)
+            )
+        return group.members[index]
+
+    def _assign(self, name: str, study_uid: str, member: str, exists: bool) -> None:
+        if exists:
+            self.conn.execute(
+                update(group_affinity)
+                .where(
+                    group_affinity.c.group_name == name,
+                    group_affinity.c.study_instance_uid == study_uid,
+                )
+                .values(member=member, assigned_at=self.now)
+            )
+        else:
+            self.conn.execute(
+                group_affinity.insert().values(
+                    group_name=name,
+                    study_instance_uid=study_uid,
+                    member=member,
+                    assigned_at=self.now,
+                )
+            )
+
+
+@dataclass(frozen=True)
+class GroupMove:
+    """The waiting work of one study moved from one member to another."""
+
+    group: str
+    study_uid: str
+    source: str
+    target: str
+    moved: int  # instances that waited for ``source``
+    resent: int  # instances ``source`` already had, queued for ``target`` too
+    jobs: list[int]  # ``target``'s jobs that received them
+
+
+def move_waiting(engine: Engine, config: RouterConfig, now: float) -> list[GroupMove]:
+    """Move the waiting work of paused members of every group (see the module
+    docstring). Idempotent: a second run finds nothing left waiting for a paused
+    member. A study with a job in flight to the paused member (claimed by a worker)
+    waits for the next run, so that what that claim delivers is not left behind."""
+    moves: list[GroupMove] = []
+    for name in sorted(config.groups):
+        with engine.begin() as conn:
+            moves += _move_group(conn, config, name, now)
+    for move in moves:
+        log.warning(
+            "group %s: study %s moves from %s (paused) to %s: %d waiting instance(s), "
+            "%d already delivered to %s queued again",
+            move.group,
+            move.study_uid,
+            move.source,
+            move.target,
+            move.moved,
+            move.resent,
+            move.source,
+        )
+    return moves
+
+
+def _move_group(conn: Connection, config: RouterConfig, name: str, now: float) -> list[GroupMove]:
+    group = config.groups[name]
+    chooser = GroupChooser(conn, config, now)
+    up = chooser.up(group)
+    down = [m for m in group.members if m not in up]
+    if not up or not down:
+        return []
+    waiting = conn.execute(
+        select(jobs.c.destination, jobs.c.study_instance_uid)
+        .where(
+            jobs.c.via_group == name,
+            jobs.c.destination.in_(down),
+            jobs.c.state.in_(S.WAITING_STATES),
+            jobs.c.lease_owner.is_(None),
+        )
+        .distinct()
+    ).all()
+    moves: list[GroupMove] = []
+    for source, study_uid in sorted({(row[0], row[1]) for row in waiting}):
+        study_jobs = conn.execute(
+            select(jobs).where(
+                jobs.c.via_group == name,
+                jobs.c.destination == source,
+                jobs.c.study_instance_uid == study_uid,
+            )
+        ).all()
+        if any(row.state == S.IN_PROGRESS for row in study_jobs):
+            continue  # a claim is on the wire to the source: move once it is settled
+        target = chooser.reassign(name, study_uid, source)
+        if target is None:
+            break
+        moves.append(_move_study(conn, config, name, study_uid, source, target, study_jobs, now))
+    return moves
+
+
+def _move_study(
+    conn: Connection,
+    config: RouterConfig,
+    name: str,
+    study_uid: str,
+    source: str,
+    target: str,
+    study_jobs: Sequence[Row[Any]],
+    now: float,
+) -> GroupMove:
+    ids = [row.id for row in study_jobs]
+    items = conn.execute(
+        select(
+            job_instances.c.job_id,
+            job_instances.c.instance_id,
+            job_instances.c.generation,
+            job_instances.c.state,
+        )
+        .join(instances, instances.c.id == job_instances.c.instance_id)
+        .where(job_instances.c.job_id.in_(ids), instances.c.purged_at.is_(None))
+    ).all()
+    waiting_jobs = {row.id for row in study_jobs if row.state in S.WAITING_STATES}
+    members: dict[int, dict[int, int]] = {job_id: {} for job_id in ids}
+    moved = resent = 0
+    for item in items:
+        waiting = item.job_id in waiting_jobs and item.state == S.ITEM_PENDING
+        if not waiting and item.state not in _DELIVERED:
+            continue  # failed for good, canceled or skipped there: not the study's content
+        slot = members[item.job_id]
+        slot[item.instance_id] = max(item.generation, slot.get(item.instance_id, 0))
+        moved += waiting
+        resent += not waiting
+    dest = config.destinations[target]
+    plans = [
+        Delivery(
+            target,
+            dest,
+            row.level,
+            row.resource_uid,
+            study_uid,
+            routes=set(filter(None, (row.routes or "").split(","))),
+            members=members[row.id],
+            transform=row.transform,
+            priority=row.priority,
+            via_group=name,
+        )
+        for row in study_jobs
+        if members[row.id]
+    ]
+    touched = JobStore(conn.engine).enqueue_many(conn, plans, now) if plans else []
+    # The waiting deliveries leave the source (deleted, not canceled: the study may
+    # come back to this member one day, and must then be queued whole again). The
+    # jobs end canceled with a note saying where their instances went.
+    note = f"moved to {target} (group {name}: {source} is paused)"
+    if waiting_jobs:
+        conn.execute(
+            delete(job_instances).where(
+                job_instances.c.job_id.in_(sorted(waiting_jobs)),
+                job_instances.c.state == S.ITEM_PENDING,
+            )
+        )
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.id.in_(sorted(waiting_jobs)))
+            .values(state=S.CANCELED, finished_at=now, last_error=note, updated_at=now)
+        )
+    return GroupMove(name, study_uid, source, target, moved, resent, touched)
