@@ -468,3 +468,18 @@ def test_moving_jobs_by_hand_to_a_group_is_refused(tmp_path: Path) -> None:
         move_jobs(p.engine, p.config.destinations, "m1", "pair")
     with p.engine.connect() as conn:
         assert conn.execute(select(jobs.c.destination)).scalars().all() == ["m1"]
+
+
+def test_a_group_cannot_be_echoed_or_paused_its_members_can(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from dicomrouter.control.destinations import echo_destination, pause
+    from dicomrouter.control.errors import Invalid
+
+    p = pipeline(tmp_path)
+    ctx = SimpleNamespace(config=p.config, engine=p.engine, reader=p.engine)
+    with pytest.raises(Invalid, match=r"'pair' is a group: echo its members instead \(m1, m2\)"):
+        echo_destination(p.config, "pair")
+    with pytest.raises(Invalid, match="'pair' is a group: pause or resume its members instead"):
+        pause(ctx, "pair", actor="test")
+    assert pause(ctx, "m1", actor="test")["state"] == "paused"

@@ -6,6 +6,7 @@ that member goes down, the next study (and the waiting work) goes whole to the o
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,10 @@ def test_failover_pair_a_study_whole_on_the_first_then_on_the_second_when_it_is_
             "queue", "show", str(jobs[0]["id"]), "--config", str(router.config_path), check=True
         )
         assert "via group pacs-pair" in show.stdout
+        # The group itself runs no workers: no health of its own, only its members'.
+        with sqlite3.connect(router.storage / "index.sqlite") as db:
+            names = {row[0] for row in db.execute("SELECT name FROM destination_state")}
+        assert names == {"pacs1", "pacs2"}
     assert pacs1.received_sops() == a  # nothing of B reached the node that was down
     assert pacs2.received_sops() == b  # B whole, A never split onto it
 
