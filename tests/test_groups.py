@@ -483,3 +483,57 @@ def test_a_group_cannot_be_echoed_or_paused_its_members_can(tmp_path: Path) -> N
     with pytest.raises(Invalid, match="'pair' is a group: pause or resume its members instead"):
         pause(ctx, "pair", actor="test")
     assert pause(ctx, "m1", actor="test")["state"] == "paused"
+
+
+def test_the_trace_and_job_views_say_which_member_got_what_through_which_group(
+    tmp_path: Path,
+) -> None:
+    from types import SimpleNamespace
+
+    from dicomrouter.control.jobs import job_detail, search_jobs
+    from dicomrouter.control.studies import study_trace
+
+    p = pipeline(tmp_path)
+    a = study(tmp_path, 2, "A")
+    p.receive(a)
+    p.plan()
+    set_state(p, "m1", "paused")
+    move(p)
+    ctx = SimpleNamespace(config=p.config, engine=p.engine, reader=p.engine, store=p.store)
+    trace = study_trace(ctx, study_uid(a))
+    assert trace is not None
+    queued = [(e["destination"], e["via_group"]) for e in trace["events"] if e["kind"] == "queued"]
+    assert queued == [("m1", "pair")] * 2 + [("m2", "pair")] * 2  # one job per instance
+    canceled = [e for e in trace["events"] if e["kind"] == "canceled"]
+    assert {e["message"] for e in canceled} == {"moved to m2 (group pair: m1 is paused)"}
+    _, listed = search_jobs(p.engine)
+    assert {(j["destination"], j["via_group"]) for j in listed} == {("m1", "pair"), ("m2", "pair")}
+    detail = job_detail(p.engine, listed[0]["id"])
+    assert detail is not None and detail["via_group"] == "pair"
+
+
+def test_an_index_from_schema_7_upgrades_its_jobs_are_direct(tmp_path: Path) -> None:
+    import sqlite3
+
+    from dicomrouter.store import create_index_engine
+    from dicomrouter.store.schema import SCHEMA_VERSION
+
+    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    create_index_engine(url).dispose()
+    with sqlite3.connect(tmp_path / "index.sqlite") as raw:  # as schema 7 made it
+        raw.execute("DROP TABLE group_affinity")
+        raw.execute("DROP TABLE group_rotation")
+        raw.execute("ALTER TABLE jobs DROP COLUMN via_group")
+        raw.execute(
+            "INSERT INTO jobs (id, destination, level, resource_uid, study_instance_uid, routes,"
+            " transform, state, priority, attempts, connection_failures, next_attempt_at,"
+            " created_at, updated_at) VALUES (1, 'pacs', 'study', '1.2', '1.2', 'r', '',"
+            " 'pending', 0, 0, 0, 0, 0, 0)"
+        )
+        raw.execute("UPDATE meta_info SET value = '7' WHERE key = 'schema'")
+    engine = create_index_engine(url)
+    with engine.connect() as conn:
+        assert conn.execute(select(jobs.c.id, jobs.c.via_group)).all() == [(1, None)]
+        assert conn.execute(select(group_affinity)).all() == []
+        version = conn.exec_driver_sql("SELECT value FROM meta_info WHERE key='schema'").scalar()
+    assert version == str(SCHEMA_VERSION) == "8"
