@@ -307,6 +307,54 @@ def test_a_paused_members_waiting_study_moves_whole_to_the_next_member(tmp_path:
     assert where(p, a + later) == {"m2": sops(a + later), "m1": delivered}
 
 
+def test_a_study_delivered_before_its_member_went_down_follows_its_late_instances(
+    tmp_path: Path,
+) -> None:
+    """Nothing waits for m1 (it had the whole study) when a late instance of the
+    study arrives while m1 is down: the planner moves the study to m2, whole."""
+    p = pipeline(tmp_path)
+    a = study(tmp_path, 3, "A")
+    p.receive(a)
+    p.plan()
+    assert deliver(p, "m1", max_jobs=10) == sops(a)
+    set_state(p, "m1", "paused")
+    assert move(p) == []  # nothing waits for m1
+    later = make_study(tmp_path / "in", 1, prefix="L", study_uid=study_uid(a))
+    p.receive(later)
+    p.plan()
+    assert where(p, a + later) == {"m1": sops(a), "m2": sops(a + later)}
+
+
+def test_a_late_instance_waits_with_its_study_while_a_claim_is_on_the_wire(
+    tmp_path: Path,
+) -> None:
+    """Paused by an operator while a batch is being sent (it finishes): the study
+    stays on m1 until the claim settles, then moves whole, what that claim delivered
+    included."""
+    p = pipeline(tmp_path)
+    a = study(tmp_path, 3, "A")
+    p.receive(a)
+    p.plan()
+    claim = p.jobs.claim("m1", "w", lease=60, max_jobs=1)
+    assert claim is not None
+    set_state(p, "m1", "ok", admin=1)
+    later = make_study(tmp_path / "in", 1, prefix="L", study_uid=study_uid(a))
+    p.receive(later)
+    p.plan()
+    assert where(p, a + later) == {"m1": sops(a + later)}
+    assert move(p) == []
+    p.jobs.record_results(
+        [ItemResult(i.job_id, i.instance_id, S.ITEM_COMPLETED, 0, "") for i in claim.items]
+    )
+    p.jobs.finish(claim, p.config.destinations["m1"], True, 5.0, "", "completed", 1, 0)
+    (moved,) = move(p)
+    assert (moved.moved, moved.resent) == (3, 1)
+    assert where(p, a + later) == {
+        "m1": {i.sop_instance_uid for i in claim.items},
+        "m2": sops(a + later),
+    }
+
+
 def test_moving_follows_the_strategy(tmp_path: Path) -> None:
     p = pipeline(
         tmp_path,

@@ -248,7 +248,9 @@ class Dispatcher:
                     # Here, between planning passes: a study's member is chosen and
                     # moved by one thread, each time in one write transaction.
                     if self.planner.config.groups:
-                        groups.move_waiting(self.engine, self.planner.config, time.time())
+                        groups.move_waiting(
+                            self.engine, self.planner.config, time.time(), self.planner.reader
+                        )
                     last_moves = now
                 failures = 0
             except Exception:

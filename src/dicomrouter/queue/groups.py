@@ -13,7 +13,8 @@ an operator), :func:`move_waiting` (run by the dispatch process every few second
 hands the waiting jobs that came to it through the group to the member the strategy
 chooses now, with the study's affinity; and so that the new member holds the whole
 study, what the old member already received of it through the group is queued for the
-new member too (the old one keeps its partial copy). Everything runs in the caller's
+new member too (the old one keeps its partial copy). The planner does the same when
+a study whose member is down gets a late instance. Everything runs in the caller's
 write transaction, so a choice and the jobs it makes are committed together.
 """
 
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, delete, func, select, update
+from sqlalchemy import Connection, Engine, Row, Select, delete, func, select, update
 
 from dicomrouter.config import GroupDestinationConfig, RouterConfig
 from dicomrouter.store.schema import (
@@ -56,6 +57,7 @@ class GroupChooser:
         self._up: set[str] | None = None
         self._queued: dict[str, int] | None = None
         self._chosen: dict[tuple[str, str], str] = {}
+        self.moves: list[GroupMove] = []  # studies moved while choosing
 
     # -- state of the members ----------------------------------------------------
     def up(self, group: GroupDestinationConfig) -> list[str]:
@@ -101,7 +103,12 @@ class GroupChooser:
         """The member of group ``name`` for ``study_uid``: the one it already has if
         that member is up (or if none is), else the strategy's choice among those up
         (or among all when none is up: the work waits there, and moves when another
-        comes up). ``count`` instances are about to be queued for it."""
+        comes up). ``count`` instances are about to be queued for it.
+
+        A study that leaves a member that is down takes along what that member had
+        of it through the group (:func:`move_study`), so the new member gets it
+        whole; unless a claim of it is on the wire to the old member: then it stays
+        there for now, and :func:`move_waiting` moves it once the claim settles."""
         key = (name, study_uid)
         chosen = self._chosen.get(key)
         if chosen is None:
@@ -113,11 +120,22 @@ class GroupChooser:
                     group_affinity.c.study_instance_uid == study_uid,
                 )
             ).scalar()
-            if current in group.members and (current in up or not up):
-                chosen = current
+            member = current if current in group.members else None
+            if member is not None and (
+                member in up
+                or not up
+                or _study_jobs(self.conn, name, study_uid, member)[1]  # a claim on the wire
+            ):
+                chosen = member
             else:
                 chosen = self._strategy(name, group, up or list(group.members))
                 self._assign(name, study_uid, chosen, current is not None)
+                if member is not None:
+                    self.moves.append(
+                        move_study(
+                            self.conn, self.config, name, study_uid, member, chosen, self.now
+                        )
+                    )
             self._chosen[key] = chosen
         if self._queued is not None:
             self._queued[chosen] = self._queued.get(chosen, 0) + count
@@ -194,18 +212,33 @@ class GroupMove:
     jobs: list[int]  # ``target``'s jobs that received them
 
 
-def move_waiting(engine: Engine, config: RouterConfig, now: float) -> list[GroupMove]:
+def move_waiting(
+    engine: Engine, config: RouterConfig, now: float, reader: Engine | None = None
+) -> list[GroupMove]:
     """Move the waiting work of paused members of every group (see the module
     docstring). Idempotent: a second run finds nothing left waiting for a paused
     member. A study with a job in flight to the paused member (claimed by a worker)
-    waits for the next run, so that what that claim delivers is not left behind."""
+    waits for the next run, so that what that claim delivers is not left behind.
+
+    Whether there is anything to move is read first through ``reader`` (which never
+    takes the write lock the receiver needs for each C-STORE); only a group with work
+    to move takes it."""
+    with (reader or engine).connect() as conn:
+        chooser = GroupChooser(conn, config, now)
+        busy = [name for name in sorted(config.groups) if _waiting_work(conn, chooser, name)]
     moves: list[GroupMove] = []
-    for name in sorted(config.groups):
+    for name in busy:
         with engine.begin() as conn:
             moves += _move_group(conn, config, name, now)
+    log_moves(moves)
+    return moves
+
+
+def log_moves(moves: Sequence[GroupMove]) -> None:
+    """One line per study moved (after its transaction committed)."""
     for move in moves:
         log.warning(
-            "group %s: study %s moves from %s (paused) to %s: %d waiting instance(s), "
+            "group %s: study %s moves from %s (down) to %s: %d waiting instance(s), "
             "%d already delivered to %s queued again",
             move.group,
             move.study_uid,
@@ -215,17 +248,12 @@ def move_waiting(engine: Engine, config: RouterConfig, now: float) -> list[Group
             move.resent,
             move.source,
         )
-    return moves
 
 
-def _move_group(conn: Connection, config: RouterConfig, name: str, now: float) -> list[GroupMove]:
-    group = config.groups[name]
-    chooser = GroupChooser(conn, config, now)
-    up = chooser.up(group)
-    down = [m for m in group.members if m not in up]
-    if not up or not down:
-        return []
-    waiting = conn.execute(
+def _waiting_query(name: str, down: Sequence[str]) -> Select[Any]:
+    """(member, study) of the jobs that came through group ``name`` and wait for one
+    of the ``down`` members, not held by a worker."""
+    return (
         select(jobs.c.destination, jobs.c.study_instance_uid)
         .where(
             jobs.c.via_group == name,
@@ -234,35 +262,71 @@ def _move_group(conn: Connection, config: RouterConfig, name: str, now: float) -
             jobs.c.lease_owner.is_(None),
         )
         .distinct()
-    ).all()
+    )
+
+
+def _down(chooser: GroupChooser, name: str) -> list[str] | None:
+    """The members of ``name`` that are down, or None when none is, or none is up
+    (then there is nowhere to move to)."""
+    group = chooser.config.groups[name]
+    up = chooser.up(group)
+    down = [m for m in group.members if m not in up]
+    return down if up and down else None
+
+
+def _waiting_work(conn: Connection, chooser: GroupChooser, name: str) -> bool:
+    down = _down(chooser, name)
+    return (
+        down is not None and conn.execute(_waiting_query(name, down).limit(1)).first() is not None
+    )
+
+
+def _move_group(conn: Connection, config: RouterConfig, name: str, now: float) -> list[GroupMove]:
+    chooser = GroupChooser(conn, config, now)
+    down = _down(chooser, name)
+    if down is None:
+        return []
+    waiting = conn.execute(_waiting_query(name, down)).all()
     moves: list[GroupMove] = []
     for source, study_uid in sorted({(row[0], row[1]) for row in waiting}):
-        study_jobs = conn.execute(
-            select(jobs).where(
-                jobs.c.via_group == name,
-                jobs.c.destination == source,
-                jobs.c.study_instance_uid == study_uid,
-            )
-        ).all()
-        if any(row.state == S.IN_PROGRESS for row in study_jobs):
+        if _study_jobs(conn, name, study_uid, source)[1]:
             continue  # a claim is on the wire to the source: move once it is settled
         target = chooser.reassign(name, study_uid, source)
         if target is None:
             break
-        moves.append(_move_study(conn, config, name, study_uid, source, target, study_jobs, now))
+        moves.append(move_study(conn, config, name, study_uid, source, target, now))
     return moves
 
 
-def _move_study(
+def _study_jobs(
+    conn: Connection, name: str, study_uid: str, member: str
+) -> tuple[list[Row[Any]], bool]:
+    """The jobs of ``study_uid`` that came to ``member`` through group ``name``, and
+    whether a worker holds one of them (a claim on the wire)."""
+    rows = list(
+        conn.execute(
+            select(jobs).where(
+                jobs.c.via_group == name,
+                jobs.c.destination == member,
+                jobs.c.study_instance_uid == study_uid,
+            )
+        ).all()
+    )
+    return rows, any(row.state == S.IN_PROGRESS for row in rows)
+
+
+def move_study(
     conn: Connection,
     config: RouterConfig,
     name: str,
     study_uid: str,
     source: str,
     target: str,
-    study_jobs: Sequence[Row[Any]],
     now: float,
 ) -> GroupMove:
+    """Hand what ``source`` has of ``study_uid`` through group ``name`` (waiting or
+    delivered) to ``target``, in ``conn``'s transaction (see the module docstring)."""
+    study_jobs, _ = _study_jobs(conn, name, study_uid, source)
     ids = [row.id for row in study_jobs]
     items = conn.execute(
         select(

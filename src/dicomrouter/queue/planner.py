@@ -25,7 +25,7 @@ from dicomrouter.store import ObjectStore, create_index_engine, read_header
 from dicomrouter.store.schema import instances, route_matches, triggers
 from dicomrouter.store.schema import unplanned as set_aside_rows
 
-from . import unplanned
+from . import groups, unplanned
 from .groups import GroupChooser
 from .jobs import PRIORITY, Delivery, JobStore
 from .loops import LoopGuard
@@ -245,6 +245,7 @@ class Planner:
             # An earlier generation may have been set aside: planned now, it is done
             # (a retracted copy too: there is nothing left to plan for it).
             conn.execute(delete(set_aside_rows).where(set_aside_rows.c.instance_id.in_(batch_ids)))
+        groups.log_moves(self._groups.moves)
         return len(batch)
 
     def _facts(self, row: Row) -> InstanceFacts | None:
@@ -356,6 +357,7 @@ class Planner:
                 )
                 fired += 1
             self._commit_plans(conn, plans, time.time())
+        groups.log_moves(self._groups.moves)
         return fired
 
     def _plan_trigger(
