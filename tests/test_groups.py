@@ -585,3 +585,36 @@ def test_an_index_from_schema_7_upgrades_its_jobs_are_direct(tmp_path: Path) -> 
         assert conn.execute(select(group_affinity)).all() == []
         version = conn.exec_driver_sql("SELECT value FROM meta_info WHERE key='schema'").scalar()
     assert version == str(SCHEMA_VERSION) == "8"
+
+
+def test_the_dashboard_and_the_api_show_the_group(tmp_path: Path) -> None:
+    from tests.support.api import api_env
+    from tests.support.seed import Seeder
+
+    env = api_env(
+        tmp_path,
+        {
+            "destinations": {
+                "m1": M1,
+                "m2": M2,
+                "pair": {"type": "group", "members": ["m1", "m2"]},
+            },
+            "routes": [route(to=["pair"], trigger="study", stable_after="0s")],
+        },
+    )
+    seed = Seeder(env, tmp_path / "in")
+    files = seed.receive_study(2)
+    seed.plan()
+    (job,) = env.viewer.get("/api/v1/jobs").json()["items"]
+    assert (job["destination"], job["via_group"]) == ("m1", "pair")
+    assert env.viewer.get(f"/api/v1/jobs/{job['id']}").json()["via_group"] == "pair"
+    assert "via group pair" in env.viewer.get(f"/jobs/{job['id']}").text
+    assert "via pair" in env.viewer.get("/jobs").text
+    trace = env.viewer.get(f"/studies/{study_uid(files)}").text
+    assert "via group <b>pair</b>" in trace
+    destinations = env.operator.get("/destinations").text
+    assert "failover over m1, m2" in destinations
+    assert 'action="/destinations/m1/pause"' in destinations
+    assert 'action="/destinations/pair/pause"' not in destinations
+    refused = env.operator.post("/api/v1/destinations/pair/pause")
+    assert refused.status_code == 422 and "is a group" in refused.text

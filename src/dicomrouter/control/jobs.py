@@ -215,7 +215,8 @@ def search_jobs(
 
     A job dict has the job's columns (``routes`` as a list; ``attempts`` counts
     delivery attempts, which use up ``retry.max_attempts``, ``connection_failures``
-    the times the destination could not be reached, which do not), the instance counts
+    the times the destination could not be reached, which do not; ``via_group`` the
+    group that chose the destination, or None), the instance counts
     ``total``/``delivered``/``failed``, the study's ``patient_id``, ``patient_name``
     and ``accession_number``, and ``age_s`` (seconds since it was created).
     """
