@@ -223,6 +223,31 @@ def test_least_queued_counts_what_one_pass_assigns(tmp_path: Path) -> None:
     assert {*where(p, a), *where(p, b)} == {"m1", "m2"}
 
 
+def test_least_queued_counts_late_instances_of_known_studies_in_the_same_pass(
+    tmp_path: Path,
+) -> None:
+    p = pipeline(
+        tmp_path,
+        "least_queued",
+        routes=[
+            route(name="direct", to=["m2"], when={"PatientID": "BUSY"}),
+            route(name="grouped", to=["pair"], when={"PatientID": {"not": "BUSY"}}),
+        ],
+    )
+    x = study(tmp_path, 1, "X")
+    p.receive(x)
+    p.plan()
+    assert deliver(p, "m1", max_jobs=10) == sops(x)  # m1: nothing waiting
+    p.receive(make_study(tmp_path / "in", 2, prefix="B", patient_id="BUSY"))  # m2: 2
+    p.plan()
+    late = make_study(tmp_path / "in", 5, prefix="L", study_uid=study_uid(x))
+    y = study(tmp_path, 1, "Y")
+    p.receive(late + y)
+    p.plan()  # one pass: X's 5 late instances go to m1 first, then Y is placed
+    assert where(p, x + late) == {"m1": sops(x + late)}
+    assert where(p, y) == {"m2": sops(y)}
+
+
 def test_a_study_keeps_its_member_for_instances_that_arrive_later(tmp_path: Path) -> None:
     p = pipeline(tmp_path, "round_robin")
     uid = "1.2.826.0.1.3680043.8.498.424242"

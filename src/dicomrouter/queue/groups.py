@@ -56,6 +56,7 @@ class GroupChooser:
         self.now = now
         self._up: set[str] | None = None
         self._queued: dict[str, int] | None = None
+        self._assigned: dict[str, int] = {}  # instances this chooser sent to each member
         self._chosen: dict[tuple[str, str], str] = {}
         self.moves: list[GroupMove] = []  # studies moved while choosing
 
@@ -96,7 +97,7 @@ class GroupChooser:
             ):
                 counts[name] = int(count)
             self._queued = counts
-        return {name: self._queued.get(name, 0) for name in names}
+        return {name: self._queued.get(name, 0) + self._assigned.get(name, 0) for name in names}
 
     # -- choosing ----------------------------------------------------------------
     def member(self, name: str, study_uid: str, count: int = 0) -> str:
@@ -137,8 +138,8 @@ class GroupChooser:
                         )
                     )
             self._chosen[key] = chosen
-        if self._queued is not None:
-            self._queued[chosen] = self._queued.get(chosen, 0) + count
+        # Queued at the end of the pass: counted now for the pass's next choices.
+        self._assigned[chosen] = self._assigned.get(chosen, 0) + count
         return chosen
 
     def reassign(self, name: str, study_uid: str, source: str) -> str | None:
