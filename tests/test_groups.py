@@ -380,6 +380,26 @@ def test_a_late_instance_waits_with_its_study_while_a_claim_is_on_the_wire(
     }
 
 
+def test_what_failed_on_the_old_member_gets_a_try_on_the_new_one(tmp_path: Path) -> None:
+    p = pipeline(tmp_path, routes=[route(to=["pair"], trigger="study", stable_after="0s")])
+    a = study(tmp_path, 3, "A")
+    p.receive(a)
+    p.plan(later=1)
+    claim = p.jobs.claim("m1", "w", lease=60)
+    assert claim is not None
+    first, *rest = claim.items
+    p.jobs.record_results(
+        [ItemResult(first.job_id, first.instance_id, S.ITEM_FAILED, 0xC000, "refused")]
+        + [ItemResult(i.job_id, i.instance_id, S.ITEM_PENDING, 0xA700, "busy") for i in rest]
+    )
+    p.jobs.finish(claim, p.config.destinations["m1"], True, 5.0, "busy", "retry", 0, 1)
+    assert {j["state"] for j in p.job_list()} == {S.PENDING}  # a retry is due
+    set_state(p, "m1", "paused")
+    (moved,) = move(p)
+    assert (moved.moved, moved.resent) == (2, 1)
+    assert where(p, a)["m2"] == sops(a)
+
+
 def test_moving_follows_the_strategy(tmp_path: Path) -> None:
     p = pipeline(
         tmp_path,

@@ -42,8 +42,6 @@ from .jobs import Delivery, JobStore
 
 log = logging.getLogger("dicomrouter.groups")
 
-_DELIVERED = (S.ITEM_COMPLETED, S.ITEM_WARNING)
-
 
 class GroupChooser:
     """Chooses members inside one transaction (``conn``): the planner makes one per
@@ -209,7 +207,7 @@ class GroupMove:
     source: str
     target: str
     moved: int  # instances that waited for ``source``
-    resent: int  # instances ``source`` already had, queued for ``target`` too
+    resent: int  # instances already sent (or tried) to ``source``, queued for ``target`` too
     jobs: list[int]  # ``target``'s jobs that received them
 
 
@@ -240,7 +238,7 @@ def log_moves(moves: Sequence[GroupMove]) -> None:
     for move in moves:
         log.warning(
             "group %s: study %s moves from %s (down) to %s: %d waiting instance(s), "
-            "%d already delivered to %s queued again",
+            "%d already sent (or tried) to %s queued again",
             move.group,
             move.study_uid,
             move.source,
@@ -344,8 +342,10 @@ def move_study(
     moved = resent = 0
     for item in items:
         waiting = item.job_id in waiting_jobs and item.state == S.ITEM_PENDING
-        if not waiting and item.state not in _DELIVERED:
-            continue  # failed for good, canceled or skipped there: not the study's content
+        if item.state == S.ITEM_CANCELED:
+            continue  # an operator canceled it: not sent anywhere
+        # Delivered, failed or skipped there: the new member takes the whole study,
+        # with a try of its own (its SOP class filter decides what it skips).
         slot = members[item.job_id]
         slot[item.instance_id] = max(item.generation, slot.get(item.instance_id, 0))
         moved += waiting
@@ -371,7 +371,8 @@ def move_study(
     # The waiting deliveries leave the source (deleted, not canceled: the study may
     # come back to this member one day, and must then be queued whole again). The
     # jobs end canceled with a note saying where their instances went.
-    note = f"moved to {target} (group {name}: {source} is paused)"
+    why = "paused" if config.destinations[source].enabled else "disabled"
+    note = f"moved to {target} (group {name}: {source} is {why})"
     if waiting_jobs:
         conn.execute(
             delete(job_instances).where(
