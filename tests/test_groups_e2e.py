@@ -6,6 +6,7 @@ that member goes down, the next study (and the waiting work) goes whole to the o
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,13 @@ def send(router: RouterProcess, files: list[Path]) -> None:
     assert result.returncode == 0, f"storescu failed:\n{result.stderr}\n{router.log()[-2000:]}"
 
 
+def state(router: RouterProcess, name: str) -> str | None:
+    """The destination's state as `queue list --json` (and the API) name it."""
+    out = router.cli("queue", "list", "--config", str(router.config_path), "--json", check=True)
+    found = [d["state"] for d in json.loads(out.stdout)["destinations"] if d["name"] == name]
+    return found[0] if found else None
+
+
 def received(scp: StoreSCP, wanted: set[str], timeout: float = 60) -> None:
     wait_until(
         lambda: wanted <= scp.received_sops(),
@@ -58,7 +66,8 @@ def test_failover_pair_a_study_whole_on_the_first_then_on_the_second_when_it_is_
     ports = (free_port(), free_port())
     study_a = make_study(tmp_path / "in", 6, prefix="A")
     study_b = make_study(tmp_path / "in", 6, prefix="B")
-    a, b = sop_uids(study_a), sop_uids(study_b)
+    study_c = make_study(tmp_path / "in", 4, prefix="C")
+    a, b, c = sop_uids(study_a), sop_uids(study_b), sop_uids(study_c)
     with (
         StoreSCP(ports[0], "PACS1", tmp_path / "pacs1") as pacs1,
         StoreSCP(ports[1], "PACS2", tmp_path / "pacs2") as pacs2,
@@ -89,8 +98,13 @@ def test_failover_pair_a_study_whole_on_the_first_then_on_the_second_when_it_is_
         with sqlite3.connect(router.storage / "index.sqlite") as db:
             names = {row[0] for row in db.execute("SELECT name FROM destination_state")}
         assert names == {"pacs1", "pacs2"}
-    assert pacs1.received_sops() == a  # nothing of B reached the node that was down
-    assert pacs2.received_sops() == b  # B whole, A never split onto it
+        # The first node comes back: once its probe answers, new studies go to it again.
+        pacs1.start()
+        wait_until(lambda: state(router, "pacs1") == "ok", 30, message="pacs1 back")
+        send(router, study_c)
+        received(pacs1, a | c)
+    assert pacs1.received_sops() == a | c  # nothing of B reached the node that was down
+    assert pacs2.received_sops() == b  # B whole, A and C never split onto it
 
 
 def test_round_robin_pair_spreads_studies_each_whole(tmp_path: Path) -> None:
