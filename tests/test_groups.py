@@ -663,3 +663,11 @@ def test_the_dashboard_and_the_api_show_the_group(tmp_path: Path) -> None:
     assert 'action="/destinations/pair/pause"' not in destinations
     refused = env.operator.post("/api/v1/destinations/pair/pause")
     assert refused.status_code == 422 and "is a group" in refused.text
+
+
+def test_a_group_dumped_with_every_key_loads_again() -> None:
+    import yaml
+
+    config = _load(f"destinations: {{{_MEMBERS}, pair: {{type: group, members: [m1, m2]}}}}")
+    again = _load(yaml.safe_dump(config.model_dump(mode="json")))
+    assert again.destinations["pair"] == config.destinations["pair"]

@@ -683,7 +683,11 @@ class GroupDestinationConfig(BaseDestinationConfig):
                 "settings apply to what the group sends them)",
             )
             for key in _GROUP_REFUSES
+            # Set to something else than the default: a configuration dumped with
+            # every key (the running one, written back) loads again.
             if key in self.model_fields_set
+            and getattr(self, key)
+            != BaseDestinationConfig.model_fields[key].get_default(call_default_factory=True)
         ]
         if problems:
             raise ConfigProblems(problems)
