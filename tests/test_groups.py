@@ -671,3 +671,27 @@ def test_a_group_dumped_with_every_key_loads_again() -> None:
     config = _load(f"destinations: {{{_MEMBERS}, pair: {{type: group, members: [m1, m2]}}}}")
     again = _load(yaml.safe_dump(config.model_dump(mode="json")))
     assert again.destinations["pair"] == config.destinations["pair"]
+
+
+def test_a_groups_state_and_queue_are_its_members(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from dicomrouter.control.destinations import destination_detail
+
+    p = pipeline(tmp_path)
+    p.receive(study(tmp_path, 3, "A"))
+    p.plan()
+    ctx = SimpleNamespace(config=p.config, engine=p.engine, reader=p.engine)
+
+    def pair() -> tuple[str, int]:
+        detail = destination_detail(ctx, "pair")
+        assert detail is not None and detail["kind"] == "group"
+        return detail["state"], detail["queue"]["pending"]
+
+    assert pair() == ("ok", 3)  # three instance jobs of m1, through the group
+    set_state(p, "m1", "paused")
+    assert pair() == ("ok", 3)  # m2 is up
+    set_state(p, "m2", "ok", admin=1)
+    assert pair() == ("probing", 3)  # m1 comes back by itself once a probe answers
+    set_state(p, "m1", "ok", admin=1)
+    assert pair() == ("paused", 3)

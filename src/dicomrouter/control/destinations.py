@@ -62,6 +62,33 @@ def _queues(conn: Connection) -> dict[str, dict[str, int]]:
     return queues
 
 
+def _group_queues(conn: Connection, groups: Any) -> dict[str, dict[str, int]]:
+    """A group's queue: the jobs its members have through it (``via_group``)."""
+    queues: dict[str, dict[str, int]] = {name: {} for name in groups}
+    for row in conn.execute(
+        select(jobs.c.via_group, jobs.c.state, func.count())
+        .where(jobs.c.via_group.in_(list(groups)))
+        .group_by(jobs.c.via_group, jobs.c.state)
+    ):
+        queues[row[0]][row[1]] = int(row[2])
+    return queues
+
+
+def _group_state(
+    config: Any, group: GroupDestinationConfig, health: dict[str, Any]
+) -> S.DestinationState:
+    """A group is ``ok`` while one of its members is; else the most hopeful state of
+    its members: ``probing`` (one comes back by itself), ``paused``, ``disabled``."""
+    states = {
+        S.destination_state(bool(config.destinations[m].enabled), health.get(m))
+        for m in group.members
+    }
+    for state in (S.DestinationState.OK, S.DestinationState.PROBING, S.DestinationState.PAUSED):
+        if state in states:
+            return state
+    return S.DestinationState.DISABLED
+
+
 def _oldest_pending(conn: Connection) -> dict[str, float]:
     """Per destination, when its oldest late job (:data:`~dicomrouter.queue.states.LATE_STATES`:
     pending or in progress, not waiting for a send window) was created."""
@@ -125,6 +152,8 @@ def _summaries(ctx: Any, only: str | None = None) -> list[dict[str, Any]]:
     config = ctx.config
     with ctx.reader.connect() as conn:
         queues = _queues(conn)
+        if config.groups:
+            queues.update(_group_queues(conn, config.groups))
         oldest = _oldest_pending(conn)
         hour = _last_hour(conn, now)
         success = _last_success(conn)
@@ -150,6 +179,8 @@ def _summaries(ctx: Any, only: str | None = None) -> list[dict[str, Any]]:
                 last_error, last_error_at = h.last_error, h.updated_at  # fresher: the probe's
             started = oldest.get(name)
             state = S.destination_state(bool(dest and dest.enabled), h)
+            if isinstance(dest, GroupDestinationConfig):
+                state = _group_state(config, dest, health)
             last_success_at = max(
                 [t for t in (success.get(name), h and h.last_success_at) if t], default=None
             )
