@@ -167,7 +167,7 @@ def list_command(
     for job in rows:
         table.add_row(
             str(job["id"]),
-            job["destination"],
+            job["destination"] + (f" (via {job['via_group']})" if job.get("via_group") else ""),
             job["state"],
             f"{job['delivered']}/{job['total']}",
             str(job["attempts"]),
@@ -254,8 +254,9 @@ def show_command(
     dest = ctx.config.destinations.get(detail["destination"])
     of_max = f" of {dest.retry.max_attempts} (retry.max_attempts)" if dest else ""
     console.print(
-        f"[bold]job {job_id}[/] {detail['level']} -> {detail['destination']}: "
-        f"[bold]{detail['state']}[/]",
+        f"[bold]job {job_id}[/] {detail['level']} -> {detail['destination']}"
+        + (f" via group {detail['via_group']}" if detail.get("via_group") else "")
+        + f": [bold]{detail['state']}[/]",
         highlight=False,
     )
     lines = [

@@ -56,6 +56,8 @@ def lint(config: RouterConfig) -> list[Finding]:
 
     findings += _overlaps(config)
     findings += _certificates(config)
+    for group in [config.groups[name] for name in sorted(used) if name in config.groups]:
+        used.update(group.members)  # a member used through a group is used
     for name in sorted(set(config.destinations) - used):
         findings.append(Finding("warning", f"destinations.{name}", "is not used by any route"))
     for name, dest in config.destinations.items():

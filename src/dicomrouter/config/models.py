@@ -92,6 +92,7 @@ def reference_problems(
                         f"{', '.join(known) or 'none defined'})",
                     )
                 )
+    problems += group_problems(destinations)
     return problems + pipeline_reference_problems(routes, destinations, transforms or {})
 
 
@@ -825,11 +826,119 @@ class S3DestinationConfig(BaseDestinationConfig):
         return "a HEAD of the bucket"
 
 
+#: Keys every kind has that say how a destination is sent to: on a group, its
+#: members' own settings apply, so a group refuses them rather than ignore them.
+_GROUP_REFUSES = (
+    "batch_size",
+    "send_window",
+    "retry",
+    "pause_after_failures",
+    "probe_interval",
+    "give_up_after",
+    "enabled",
+    "transform",
+    "transfer_syntax",
+    "allow_lossy",
+    "sop_classes",
+)
+
+
+class GroupDestinationConfig(BaseDestinationConfig):
+    """`type: group`: a study goes to one of `members` (other destinations), chosen
+    by `strategy` when its first instance is planned, and stays there (affinity by
+    Study Instance UID). Work waiting for a member that is paused moves to the member
+    the strategy chooses then. A group sends nothing itself: each member's workers,
+    retries, window and transforms do. Details: docs/destinations.md."""
+
+    type: Literal["group"] = Field(..., description="Destination kind.")
+    members: list[str] = Field(
+        ...,
+        min_length=1,
+        description="Names of the destinations a study may go to, in order of preference "
+        "(`failover`). Each is a destination of another kind; no group in a group.",
+    )
+    strategy: Literal["failover", "round_robin", "least_queued"] = Field(
+        "failover",
+        description="How a new study (or the waiting work of a paused member) chooses a "
+        "member among those that are up: `failover` the first in `members`, "
+        "`round_robin` the next after the last chosen, `least_queued` the one with the "
+        "fewest instances waiting to be sent.",
+    )
+
+    @model_validator(mode="after")
+    def _no_delivery_keys(self) -> GroupDestinationConfig:
+        problems: list[tuple[KeyPath, str]] = [
+            (
+                (key,),
+                "a group sends nothing itself: set this on its members (their own "
+                "settings apply to what the group sends them)",
+            )
+            for key in _GROUP_REFUSES
+            # Set to something else than the default: a configuration dumped with
+            # every key (the running one, written back) loads again.
+            if key in self.model_fields_set
+            and getattr(self, key)
+            != BaseDestinationConfig.model_fields[key].get_default(call_default_factory=True)
+        ]
+        if problems:
+            raise ConfigProblems(problems)
+        return self
+
+    @property
+    def workers(self) -> int:
+        return 0  # no sender of its own: its members' workers send
+
+    @property
+    def address(self) -> str:
+        return f"{self.strategy} over {', '.join(self.members)}"
+
+
+def group_problems(destinations: Any) -> list[tuple[KeyPath, str]]:
+    """Groups whose members are not destinations of another kind, or repeat, on the
+    validated models or on the raw YAML data (as :func:`reference_problems`)."""
+    if not isinstance(destinations, dict):
+        return []
+
+    def kind(value: Any) -> Any:
+        if isinstance(value, dict):
+            return value.get("type", "dicom")
+        return getattr(value, "type", None)
+
+    known = sorted(str(name) for name, value in destinations.items() if kind(value) != "group")
+    problems: list[tuple[KeyPath, str]] = []
+    for name, dest in destinations.items():
+        if kind(dest) != "group":
+            continue
+        members = dest.get("members") if isinstance(dest, dict) else dest.members
+        if not isinstance(members, list):
+            continue
+        seen: set[str] = set()
+        for position, member in enumerate(members):
+            where: KeyPath = ("destinations", str(name), "members", position)
+            if not isinstance(member, str):
+                continue
+            if member in seen:
+                problems.append((where, f"{member!r} is listed twice"))
+            elif member not in destinations:
+                problems.append(
+                    (
+                        where,
+                        f"unknown destination {member!r} (known: "
+                        f"{', '.join(known) or 'none defined'})",
+                    )
+                )
+            elif kind(destinations[member]) == "group":
+                problems.append((where, f"{member!r} is a group: a group's members are not groups"))
+            seen.add(member)
+    return problems
+
+
 #: Every kind of destination, by its ``type``.
 DESTINATION_MODELS: dict[str, type[BaseDestinationConfig]] = {
     "dicom": DicomDestinationConfig,
     "folder": FolderDestinationConfig,
     "s3": S3DestinationConfig,
+    "group": GroupDestinationConfig,
 }
 DESTINATION_KINDS = tuple(DESTINATION_MODELS)
 
@@ -847,7 +956,8 @@ def _destination_kind(value: Any) -> str | None:
 DestinationConfig = Annotated[
     Annotated[DicomDestinationConfig, Tag("dicom")]
     | Annotated[FolderDestinationConfig, Tag("folder")]
-    | Annotated[S3DestinationConfig, Tag("s3")],
+    | Annotated[S3DestinationConfig, Tag("s3")]
+    | Annotated[GroupDestinationConfig, Tag("group")],
     Discriminator(
         _destination_kind,
         custom_error_type="destination_type",
@@ -1355,7 +1465,7 @@ class RouterConfig(_Model):
     destinations: dict[str, DestinationConfig] = Field(
         default_factory=dict,
         description="Named destinations; each has a `type` (`dicom`, the default, "
-        "`folder` or `s3`): see docs/destinations.md.",
+        "`folder`, `s3`, or `group` over other destinations): see docs/destinations.md.",
     )
     routes: list[RouteConfig] = Field(default_factory=list, description="Routing rules.")
     transforms: dict[str, Pipeline] = Field(
@@ -1430,6 +1540,24 @@ class RouterConfig(_Model):
             and dest.port in self.dicom.ports
             and is_local_host(dest.host)
         )
+
+    @property
+    def senders(self) -> dict[str, BaseDestinationConfig]:
+        """The destinations that send themselves: every kind but `group` (a group's
+        members do its sending). Workers, health, probes and echo are theirs."""
+        return {
+            name: dest
+            for name, dest in self.destinations.items()
+            if not isinstance(dest, GroupDestinationConfig)
+        }
+
+    @property
+    def groups(self) -> dict[str, GroupDestinationConfig]:
+        return {
+            name: dest
+            for name, dest in self.destinations.items()
+            if isinstance(dest, GroupDestinationConfig)
+        }
 
     def certificate_files(self) -> dict[str, Path]:
         """Every certificate file the configuration names, by key path (for the

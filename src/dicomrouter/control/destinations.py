@@ -23,14 +23,14 @@ from typing import Any
 
 from sqlalchemy import Connection, case, func, or_, select, update
 
-from dicomrouter.config import DicomDestinationConfig
+from dicomrouter.config import DicomDestinationConfig, GroupDestinationConfig
 from dicomrouter.destinations import SenderOptions, VerificationNotSupported, create_sender
 from dicomrouter.queue import JobStore
 from dicomrouter.queue import states as S
 from dicomrouter.store import audit
 from dicomrouter.store.schema import attempts, destination_state, job_instances, jobs
 
-from .errors import Conflict, NotFound
+from .errors import Conflict, Invalid, NotFound
 
 DestinationState = S.DestinationState
 OK = DestinationState.OK
@@ -60,6 +60,33 @@ def _queues(conn: Connection) -> dict[str, dict[str, int]]:
     ):
         queues.setdefault(row[0], {})[row[1]] = int(row[2])
     return queues
+
+
+def _group_queues(conn: Connection, groups: Any) -> dict[str, dict[str, int]]:
+    """A group's queue: the jobs its members have through it (``via_group``)."""
+    queues: dict[str, dict[str, int]] = {name: {} for name in groups}
+    for row in conn.execute(
+        select(jobs.c.via_group, jobs.c.state, func.count())
+        .where(jobs.c.via_group.in_(list(groups)))
+        .group_by(jobs.c.via_group, jobs.c.state)
+    ):
+        queues[row[0]][row[1]] = int(row[2])
+    return queues
+
+
+def _group_state(
+    config: Any, group: GroupDestinationConfig, health: dict[str, Any]
+) -> S.DestinationState:
+    """A group is ``ok`` while one of its members is; else the most hopeful state of
+    its members: ``probing`` (one comes back by itself), ``paused``, ``disabled``."""
+    states = {
+        S.destination_state(bool(config.destinations[m].enabled), health.get(m))
+        for m in group.members
+    }
+    for state in (S.DestinationState.OK, S.DestinationState.PROBING, S.DestinationState.PAUSED):
+        if state in states:
+            return state
+    return S.DestinationState.DISABLED
 
 
 def _oldest_pending(conn: Connection) -> dict[str, float]:
@@ -125,6 +152,8 @@ def _summaries(ctx: Any, only: str | None = None) -> list[dict[str, Any]]:
     config = ctx.config
     with ctx.reader.connect() as conn:
         queues = _queues(conn)
+        if config.groups:
+            queues.update(_group_queues(conn, config.groups))
         oldest = _oldest_pending(conn)
         hour = _last_hour(conn, now)
         success = _last_success(conn)
@@ -150,6 +179,8 @@ def _summaries(ctx: Any, only: str | None = None) -> list[dict[str, Any]]:
                 last_error, last_error_at = h.last_error, h.updated_at  # fresher: the probe's
             started = oldest.get(name)
             state = S.destination_state(bool(dest and dest.enabled), h)
+            if isinstance(dest, GroupDestinationConfig):
+                state = _group_state(config, dest, health)
             last_success_at = max(
                 [t for t in (success.get(name), h and h.last_success_at) if t], default=None
             )
@@ -219,7 +250,16 @@ def _configured(ctx: Any, name: str) -> Any:
     dest = ctx.config.destinations.get(name)
     if dest is None:
         raise NotFound(f"no destination {name!r} in the configuration")
+    _not_a_group(dest, name, "pause or resume")
     return dest
+
+
+def _not_a_group(dest: Any, name: str, what: str) -> None:
+    """A group sends nothing itself: what is done to a sender is done to its members."""
+    if isinstance(dest, GroupDestinationConfig):
+        raise Invalid(
+            f"{name!r} is a group: {what} its members instead ({', '.join(dest.members)})"
+        )
 
 
 def pause(ctx: Any, name: str, actor: str, source: str = "") -> dict[str, Any]:
@@ -301,6 +341,7 @@ def echo_destination(config: Any, name: str) -> dict[str, Any]:
     if dest is None:
         known = ", ".join(config.destinations) or "none configured"
         raise NotFound(f"no destination {name!r} in the configuration (known: {known})")
+    _not_a_group(dest, name, "echo")
     # The registry imports the kind's sender (pynetdicom for DICOM) only now.
     sender = create_sender(dest, SenderOptions(calling_ae=config.ae_title))
     started = time.perf_counter()

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from sqlalchemy import ColumnElement, Engine, case, func, literal, select, update
 
-from dicomrouter.config import BaseDestinationConfig
+from dicomrouter.config import BaseDestinationConfig, GroupDestinationConfig
 from dicomrouter.destinations import describe_status
 from dicomrouter.observe.logs import find_control
 from dicomrouter.queue import JobStore
@@ -180,6 +180,7 @@ _JOB_COLUMNS = (
     jobs.c.study_instance_uid,
     jobs.c.routes,
     jobs.c.transform,
+    jobs.c.via_group,
     jobs.c.state,
     jobs.c.priority,
     jobs.c.attempts,
@@ -214,7 +215,8 @@ def search_jobs(
 
     A job dict has the job's columns (``routes`` as a list; ``attempts`` counts
     delivery attempts, which use up ``retry.max_attempts``, ``connection_failures``
-    the times the destination could not be reached, which do not), the instance counts
+    the times the destination could not be reached, which do not; ``via_group`` the
+    group that chose the destination, or None), the instance counts
     ``total``/``delivered``/``failed``, the study's ``patient_id``, ``patient_name``
     and ``accession_number``, and ``age_s`` (seconds since it was created).
     """
@@ -494,6 +496,12 @@ def move_jobs(
         raise Invalid(f"destination {target!r} is not configured (known: {known})")
     if source_destination == target:
         raise Invalid(f"jobs of {target!r} are already for {target!r}")
+    group = destinations[target]
+    if isinstance(group, GroupDestinationConfig):
+        raise Invalid(
+            f"{target!r} is a group: move the jobs to one of its members "
+            f"({', '.join(group.members)})"
+        )
     with engine.connect() as conn:
         ids = list(
             conn.execute(

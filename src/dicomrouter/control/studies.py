@@ -520,6 +520,7 @@ def _deliveries(conn: Connection, study_uid: str) -> list[dict[str, Any]]:
                 "state": row.state,
                 "priority": row.priority,
                 "transform": row.transform or None,
+                "via_group": row.via_group,
                 "sent_as": sorted(sent_as[row.id]),
                 "created_at": row.created_at,
                 "updated_at": row.updated_at,
@@ -539,7 +540,11 @@ def _deliveries(conn: Connection, study_uid: str) -> list[dict[str, Any]]:
 
 
 def _job_events(job: dict[str, Any]) -> list[dict[str, Any]]:
-    common = {"job_id": job["job_id"], "destination": job["destination"]}
+    common = {
+        "job_id": job["job_id"],
+        "destination": job["destination"],
+        "via_group": job["via_group"],  # the group that chose this destination, if any
+    }
     events: list[dict[str, Any]] = [
         {
             "at": job["created_at"],
@@ -594,6 +599,7 @@ def group_job_events(job_events: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "at": event["at"],
                 "kind": event["kind"],
                 "destination": event["destination"],
+                "via_group": event.get("via_group"),
                 "jobs": 0,
                 "first_at": event["at"],
                 "last_at": event["at"],

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 
 from dicomrouter.config import BaseDestinationConfig, RouterConfig
-from dicomrouter.queue import JobStore, Planner, commitment
+from dicomrouter.queue import JobStore, Planner, commitment, groups
 from dicomrouter.queue.planner import PLAN_BATCH
 from dicomrouter.retention import sweeper
 from dicomrouter.store import ObjectStore
@@ -33,6 +33,7 @@ _TRIGGER_CHECK_EVERY = 0.5
 _RECOVER_EVERY = 5.0
 _REPLAN_CHECK_EVERY = 1.0  # set-aside instances due again (see queue.unplanned)
 _COMMITMENT_CHECK_EVERY = 5.0  # storage commitments past their timeout (queue.commitment)
+_GROUP_MOVE_EVERY = 2.0  # waiting work of paused group members (queue.groups)
 _MAX_PLAN_BACKOFF = 30.0
 
 
@@ -109,7 +110,7 @@ class Dispatcher:
         self.threads.append(retention)
         retention.start()
         with self._lock:
-            for name in self.config.destinations:
+            for name in self.config.senders:  # a group's members send for it
                 self._start_destination(name, self.config)
 
     def health(self) -> tuple[bool, str]:
@@ -162,14 +163,14 @@ class Dispatcher:
             self.config = config
             self._planner_config = config
             self.transforms.apply(config, version)
-            for name in sorted(set(self.destinations) | set(config.destinations)):
+            for name in sorted(set(self.destinations) | set(config.senders)):
                 running = self.destinations.get(name)
                 if name in self._retiring:
                     continue  # restarted with the newest configuration once retired
                 if running is None:
                     log.info("destination %s added: starting its workers", name)
                     self._start_destination(name, config)
-                elif name not in config.destinations:
+                elif name not in config.senders:
                     log.info("destination %s removed: its workers stop after their jobs", name)
                     self._retire(name)
                 elif running.settings != _settings(config, name):
@@ -193,7 +194,7 @@ class Dispatcher:
                 self._retiring.discard(name)
                 self.threads = [t for t in self.threads if t not in retiring]
                 config = self.config
-                if name not in config.destinations or self.stop_event.is_set():
+                if name not in config.senders or self.stop_event.is_set():
                     return
                 self._start_destination(name, config)
             # New settings (a corrected address...) deserve a try now, not after backoff.
@@ -220,7 +221,7 @@ class Dispatcher:
 
     def _plan_loop(self) -> None:
         poll = self.config.dispatch.poll_interval
-        last_triggers = last_recover = last_replan = last_commitments = 0.0
+        last_triggers = last_recover = last_replan = last_commitments = last_moves = 0.0
         failures = 0
         while not self.stop_event.is_set():
             with self._lock:
@@ -243,6 +244,14 @@ class Dispatcher:
                 if now - last_commitments >= _COMMITMENT_CHECK_EVERY:
                     commitment.expire(self.engine, commitment.policies(self.config.destinations))
                     last_commitments = now
+                if now - last_moves >= _GROUP_MOVE_EVERY:
+                    # Here, between planning passes: a study's member is chosen and
+                    # moved by one thread, each time in one write transaction.
+                    if self.planner.config.groups:
+                        groups.move_waiting(
+                            self.engine, self.planner.config, time.time(), self.planner.reader
+                        )
+                    last_moves = now
                 failures = 0
             except Exception:
                 # Nothing could be written (even setting an instance aside failed):

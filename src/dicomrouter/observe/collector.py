@@ -91,7 +91,7 @@ def read_queues(engine: Engine, config: RouterConfig) -> list[DestinationQueue]:
     with engine.connect() as conn:
         health = {row.name: row for row in conn.execute(select(destination_state))}
         result = []
-        for name in sorted(set(config.destinations) | set(health)):
+        for name in sorted(set(config.senders) | set(health)):  # a group has no queue
             counts = dict.fromkeys(QUEUE_STATES, 0)
             for state, count in conn.execute(
                 select(jobs.c.state, func.count())

@@ -1,6 +1,6 @@
 """Queue stage: turns rule decisions into durable, leased delivery jobs."""
 
-from . import commitment, states
+from . import commitment, groups, states
 from .jobs import Claim, ItemResult, JobStore, QueuedInstance
 from .planner import Planner, compile_routes
 
@@ -12,5 +12,6 @@ __all__ = [
     "QueuedInstance",
     "commitment",
     "compile_routes",
+    "groups",
     "states",
 ]

@@ -72,6 +72,8 @@ class Delivery:
     """The routes' pipeline (``routes[].transform``); "" for none."""
     priority: int = 0
     """The highest of its routes' priorities (:data:`PRIORITY`)."""
+    via_group: str | None = None
+    """The group (``type: group``) that chose this destination; None: named directly."""
 
 
 #: ``routes[].priority`` as the job's priority: claimed highest first.
@@ -81,6 +83,11 @@ PRIORITY = {"urgent": 10, "normal": 0, "low": -10}
 def _chunks(values: Sequence[Any], size: int = 500) -> Iterator[Sequence[Any]]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
+
+
+def _waiting_key(plan: Delivery) -> tuple[str, str, str, str | None]:
+    """The waiting job a planned delivery joins: same resource, pipeline and group."""
+    return (plan.level, plan.resource_uid, plan.transform, plan.via_group)
 
 
 @dataclass(frozen=True)
@@ -156,7 +163,9 @@ class JobStore:
             already.update((i, g, plan.transform) for i, g in fresh)
             if fresh:
                 fresh_plans.append((plan, fresh))
-        waiting: dict[tuple[str, str, str], Row] = {}
+        # A job planned through a group is joined only by work of that group (its
+        # waiting work may move to another member), a direct one only by direct work.
+        waiting: dict[tuple[str, str, str, str | None], Row] = {}
         for chunk in _chunks(sorted({plan.resource_uid for plan in plans})):
             for row in conn.execute(
                 select(
@@ -166,21 +175,20 @@ class JobStore:
                     jobs.c.routes,
                     jobs.c.transform,
                     jobs.c.priority,
+                    jobs.c.via_group,
                 ).where(
                     jobs.c.destination == dest_name,
                     jobs.c.resource_uid.in_(chunk),
                     jobs.c.state.in_(S.WAITING_STATES),
                 )
             ):
-                waiting[(row.level, row.resource_uid, row.transform)] = row
+                waiting[(row.level, row.resource_uid, row.transform, row.via_group)] = row
         self._raise_priorities(conn, plans, waiting)
         if not fresh_plans:
             return []
         dest = fresh_plans[0][0].config
         state, next_at = initial_state(dest, now)
-        new_plans = [
-            (p, f) for p, f in fresh_plans if (p.level, p.resource_uid, p.transform) not in waiting
-        ]
+        new_plans = [(p, f) for p, f in fresh_plans if _waiting_key(p) not in waiting]
         touched: list[int] = []
         if new_plans:
             rows = [
@@ -193,6 +201,7 @@ class JobStore:
                     "transform": plan.transform,
                     "state": state,
                     "priority": plan.priority,
+                    "via_group": plan.via_group,
                     "attempts": 0,
                     "next_attempt_at": next_at,
                     "created_at": now,
@@ -206,7 +215,7 @@ class JobStore:
             new_ids = iter(inserted.all())
         items: list[dict[str, object]] = []
         for plan, fresh in fresh_plans:
-            existing = waiting.get((plan.level, plan.resource_uid, plan.transform))
+            existing = waiting.get(_waiting_key(plan))
             if existing is None:
                 job_id = next(new_ids)
             else:
@@ -240,12 +249,14 @@ class JobStore:
 
     @staticmethod
     def _raise_priorities(
-        conn: Connection, plans: list[Delivery], waiting: dict[tuple[str, str, str], Row]
+        conn: Connection,
+        plans: list[Delivery],
+        waiting: dict[tuple[str, str, str, str | None], Row],
     ) -> None:
         """A more urgent route that names what a waiting job already holds makes
         that job as urgent (even when it adds no instance to it)."""
         for plan in plans:
-            row = waiting.get((plan.level, plan.resource_uid, plan.transform))
+            row = waiting.get(_waiting_key(plan))
             if row is not None and plan.priority > int(row.priority):
                 conn.execute(update(jobs).where(jobs.c.id == row.id).values(priority=plan.priority))
 

@@ -25,7 +25,8 @@ from dicomrouter.store import ObjectStore, create_index_engine, read_header
 from dicomrouter.store.schema import instances, route_matches, triggers
 from dicomrouter.store.schema import unplanned as set_aside_rows
 
-from . import unplanned
+from . import groups, unplanned
+from .groups import GroupChooser
 from .jobs import PRIORITY, Delivery, JobStore
 from .loops import LoopGuard
 
@@ -48,9 +49,9 @@ class CompiledRoute:
         return self.config.name
 
 
-Plans = dict[tuple[str, str, str, str], Delivery]
+Plans = dict[tuple[str, str, str, str, str | None], Delivery]
 """Deliveries decided in one pass, merged per (destination, level, resource uid,
-route pipeline)."""
+route pipeline, group that chose the destination)."""
 
 #: Instances planned per transaction. Small enough that the receiver, which needs the
 #: same write lock to commit each C-STORE, never waits long behind the planner.
@@ -94,6 +95,10 @@ class Planner:
         self.routes = compile_routes(config)
         self._needs_header = any(route.condition is not None for route in self.routes)
         self.loops = LoopGuard(config)
+        self._group_names = set(config.groups)
+        # Chooses the members of groups inside the pass's transaction (set by each
+        # pass that plans, see _groups_for).
+        self._groups: GroupChooser | None = None
 
     def apply(self, config: RouterConfig) -> None:
         """Route with a new configuration from the next pass on. Call it between
@@ -104,6 +109,7 @@ class Planner:
         self.config = config
         self.routes = routes
         self._needs_header = any(route.condition is not None for route in routes)
+        self._group_names = set(config.groups)
         self.loops.apply(config)
 
     # -- instance arrival ---------------------------------------------------------
@@ -212,6 +218,7 @@ class Planner:
             batch = [row for row in batch if row.id not in retracted]
             plans: Plans = {}
             self.loops.begin()
+            self._groups = GroupChooser(conn, self.config, now)
             matches: list[dict[str, object]] = []
             for row in batch:
                 self._plan_instance(conn, row, facts.get(row.id), plans, matches, now)
@@ -238,6 +245,7 @@ class Planner:
             # An earlier generation may have been set aside: planned now, it is done
             # (a retracted copy too: there is nothing left to plan for it).
             conn.execute(delete(set_aside_rows).where(set_aside_rows.c.instance_id.in_(batch_ids)))
+        groups.log_moves(self._groups.moves)
         return len(batch)
 
     def _facts(self, row: Row) -> InstanceFacts | None:
@@ -333,6 +341,7 @@ class Planner:
             armed = conn.execute(select(triggers).where(triggers.c.pending == 1)).all()
             plans: Plans = {}
             self.loops.begin()
+            self._groups = GroupChooser(conn, self.config, now)
             for trig in armed:
                 route = by_name.get(trig.route)
                 if route is None:  # route removed or disabled since
@@ -348,6 +357,7 @@ class Planner:
                 )
                 fired += 1
             self._commit_plans(conn, plans, time.time())
+        groups.log_moves(self._groups.moves)
         return fired
 
     def _plan_trigger(
@@ -450,13 +460,21 @@ class Planner:
     ) -> None:
         transform = route.config.transform or ""
         priority = PRIORITY[route.config.priority]
-        for dest in route.config.to:
-            plan = plans.get((dest, level, uid, transform))
+        members = list(members)
+        for named in route.config.to:
+            dest, via = named, None
+            if named in self._group_names:
+                # A group: the study's member, chosen (or kept) in this transaction.
+                assert self._groups is not None
+                dest, via = self._groups.member(named, study_uid, len(members)), named
+            key = (dest, level, uid, transform, via)
+            plan = plans.get(key)
             if plan is None:
                 dest_config = self.config.destinations[dest]
                 plan = Delivery(dest, dest_config, level, uid, study_uid, transform=transform)
                 plan.priority = priority
-                plans[(dest, level, uid, transform)] = plan
+                plan.via_group = via
+                plans[key] = plan
             plan.routes.add(route.name)
             plan.priority = max(plan.priority, priority)
             dest_config = self.config.destinations[dest]

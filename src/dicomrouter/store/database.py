@@ -85,6 +85,11 @@ MIGRATIONS: dict[int, list[str]] = {
         "ON job_instances (instance_id, state)",
         "CREATE INDEX IF NOT EXISTS ix_job_instances_commitment ON job_instances (commitment_uid)",
     ],
+    # Groups (``type: group``): a job remembers the group it was planned through;
+    # the group_affinity and group_rotation tables are new (create_all).
+    8: [
+        "ALTER TABLE jobs ADD COLUMN via_group VARCHAR(128)",
+    ],
 }
 
 

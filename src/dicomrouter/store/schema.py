@@ -21,7 +21,7 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 """Bumped when the schema changes; ``database.MIGRATIONS`` upgrades older indexes."""
 
 meta_info = Table(
@@ -153,6 +153,10 @@ jobs = Table(
     Column("updated_at", Float, nullable=False),
     Column("finished_at", Float),
     Column("last_error", Text),
+    # The group (``type: group``) the planner chose this job's destination for; None
+    # when a route named the destination itself. Its waiting work may move to another
+    # member of that group (queue/groups.py).
+    Column("via_group", String(128)),
 )
 Index("ix_jobs_claim", jobs.c.destination, jobs.c.state, jobs.c.next_attempt_at)
 Index("ix_jobs_resource", jobs.c.destination, jobs.c.level, jobs.c.resource_uid)
@@ -242,6 +246,27 @@ destination_state = Table(
     Column("last_error", Text),
     Column("last_success_at", Float),
     Column("updated_at", Float, nullable=False),
+)
+
+# Which member of a group (``type: group``) each study goes to: chosen when the
+# study is first planned for the group, kept while that member is up, moved with the
+# study's waiting work when it is paused (queue/groups.py). A study is never split.
+group_affinity = Table(
+    "group_affinity",
+    metadata,
+    Column("group_name", String(128), primary_key=True),
+    Column("study_instance_uid", String(64), primary_key=True),
+    Column("member", String(128), nullable=False),
+    Column("assigned_at", Float, nullable=False),
+)
+
+# Where a ``round_robin`` group's next choice starts: the index in ``members``
+# after the last member chosen.
+group_rotation = Table(
+    "group_rotation",
+    metadata,
+    Column("group_name", String(128), primary_key=True),
+    Column("next_index", Integer, nullable=False, default=0),
 )
 
 # What the runtime loop guards decided about an instance (queue/loops.py): ``held``
@@ -405,6 +430,8 @@ __all__ = [
     "config_versions",
     "attempts",
     "destination_state",
+    "group_affinity",
+    "group_rotation",
     "http_sessions",
     "instances",
     "job_instances",
