@@ -63,7 +63,7 @@ def test_a_folder_destination_and_its_defaults(tmp_path: Path) -> None:
         ("{x: {host: h, port: 104}}", "destinations.x.ae_title: required key is missing"),
         (
             "{x: {type: s3, bucket: b}}",
-            "destinations.x.type: unknown destination type 's3'; known: dicom, folder",
+            "destinations.x.type: unknown destination type 's3'; known: dicom, folder, dicomweb",
         ),
         ("{x: []}", "destinations.x: a destination is a mapping of its keys"),
         ("{x: {type: folder}}", "destinations.x.path: required key is missing"),

@@ -1,4 +1,4 @@
-"""Human-friendly value types used in the YAML file: durations and time windows.
+"""Human-friendly value types used in the YAML file: durations, time windows, sizes.
 
 They are parsed once, at load time, so a typo such as ``send_window: "19:00-7"``
 is reported with its key path instead of failing at 19:00.
@@ -141,3 +141,37 @@ Window = Annotated[
     BeforeValidator(TimeWindow.parse),
     PlainSerializer(lambda window: window.text, return_type=str),
 ]
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_size(value: Any) -> int:
+    """Return bytes for ``10MB`` (10**7), ``10MiB`` (10 * 2**20), ``512k``, ``1.5G`` or a
+    bare number of bytes. ``K``/``M``/``G``/``T`` are decimal, with ``i`` binary."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 10MB or 512KiB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match:
+            unit = (match.group(2) or "").lower().rstrip("b")
+            base = 1024 if unit.endswith("i") else 1000
+            return int(float(match.group(1)) * base ** _SIZE_POWERS[unit.rstrip("i")])
+    raise ValueError(f"invalid size {value!r}: expected bytes, or a number with KB, MB, GB, MiB...")
+
+
+def format_size(size: int) -> str:
+    units = ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("GiB", 1 << 30), ("MiB", 1 << 20)
+    for unit, factor in (*units, ("KiB", 1 << 10)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size, return_type=str)]
+"""Bytes as an int; written in YAML as ``10MB``, ``512KiB``..."""
