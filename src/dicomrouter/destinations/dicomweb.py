@@ -66,7 +66,7 @@ __all__ = ["DicomwebSender"]
 #: The response body read at most (a Store Instances Response names each instance
 #: once: a few hundred bytes each).
 _MAX_RESPONSE = 16 * 1024 * 1024
-_ACCEPT = "application/dicom+json, application/dicom+xml;q=0.9, application/json;q=0.5"
+_ACCEPT = "application/dicom+json"  # both encodings are read; Orthanc logs an error on a list
 #: Statuses that say the server cannot take anything now: pause and probe.
 _UNAVAILABLE = frozenset({429, 502, 503, 504})
 #: Statuses that say this request failed for a reason a retry may fix.
