@@ -767,7 +767,7 @@ class DicomwebDestinationConfig(BaseDestinationConfig):
     )
     max_instances: int = Field(10, ge=1, le=10000, description="Instances per request at most.")
     max_bytes: Size = Field(
-        10_000_000,
+        10 * 1024 * 1024,
         ge=1,
         description="Bytes of files per request at most, e.g. `10MB`, `64MiB` (an instance "
         "larger than this goes alone in its request).",
