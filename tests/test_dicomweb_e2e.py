@@ -18,6 +18,8 @@ import json
 import re
 import signal
 import struct
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -193,3 +195,19 @@ def test_refused_credentials_pause_until_the_configuration_fixes_them(tmp_path: 
             jobs = router.wait_jobs(lambda js: all_settled(js), 60)
             assert [(j["state"], j["delivered"]) for j in jobs] == [("completed", 3)]
             assert_holds(peer, files, router.storage / "objects")
+
+
+def test_the_stow_benchmark_runs(tmp_path: Path) -> None:
+    """bench/stow_bench.py on 3 small instances: every leg runs and checks what B holds
+    (speed is not asserted)."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "stow_bench.py"
+    out = subprocess.run(
+        [sys.executable, str(bench), "--instances", "3", "--rows", "64", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    for line in ("round 1 router", "round 1 queued", "round 1 orthanc", "STOW alone, router"):
+        assert line in out.stdout, out.stdout
