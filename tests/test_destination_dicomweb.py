@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 
+from dicomrouter import tls
 from dicomrouter.config import ConfigError, load_config_text
 from dicomrouter.config.lint import lint
 from dicomrouter.config.models import DicomwebDestinationConfig
@@ -350,6 +351,46 @@ def test_a_missing_secret_pauses_and_sends_nothing(study: list[Path]) -> None:
             unset.probe()
     assert caught.value.pause and server.received == []
     assert "NOT_SET_HERE (destinations.ai.auth.token_env) is not set" in str(caught.value)
+
+
+# -- TLS ------------------------------------------------------------------------------------
+
+
+def test_https_verifies_the_server_against_the_configured_cas(study: list[Path], pki: Any) -> None:
+    context = tls.server_context(pki.server_cert, pki.server_key)
+    with stow_server(tls=context) as server:
+        trusted = sender(server.url, tls={"ca_certificates": pki.ca_cert})
+        assert trusted.send(outgoing(study[:1]))[0].outcome is Outcome.SUCCESS
+        with pytest.raises(DestinationUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+            sender(server.url, tls={"ca_certificates": pki.rogue_ca}).send(outgoing(study[:1]))
+    assert len(server.posts) == 1
+
+
+def test_verify_false_accepts_any_certificate(study: list[Path], pki: Any) -> None:
+    context = tls.server_context(pki.rogue_cert, pki.rogue_key)
+    with stow_server(tls=context) as server:
+        anyone = sender(server.url, tls={"verify": False})
+        assert anyone.send(outgoing(study[:1]))[0].outcome is Outcome.SUCCESS
+
+
+def test_a_client_certificate_for_mutual_tls(study: list[Path], pki: Any) -> None:
+    context = tls.server_context(pki.server_cert, pki.server_key, pki.ca_cert, True)
+    with stow_server(tls=context) as server:
+        mutual = sender(
+            server.url,
+            tls={
+                "ca_certificates": pki.ca_cert,
+                "certificate": pki.client_cert,
+                "private_key": pki.client_key,
+            },
+        )
+        assert mutual.send(outgoing(study[:1]))[0].outcome is Outcome.SUCCESS
+        anonymous = sender(server.url, tls={"ca_certificates": pki.ca_cert})
+        with pytest.raises(DestinationUnavailable, match=r"check destinations\.ai\.tls"):
+            anonymous.send(outgoing(study[:1]))
+        with pytest.raises(DestinationUnavailable):
+            anonymous.probe()
+    assert len(server.posts) == 1
 
 
 # -- probe ---------------------------------------------------------------------------------

@@ -103,6 +103,8 @@ def test_a_study_arrives_equal_split_over_several_requests(tmp_path: Path) -> No
             jobs = router.wait_jobs(lambda js: all_settled(js), 90)
             assert [(j["state"], j["delivered"]) for j in jobs] == [("completed", 10)]
             assert_holds(peer, files, router.storage / "objects")
+            probe = router.cli("echo", "web", "--config", str(router.config_path))
+            assert probe.returncode == 0 and "Probe of web" in probe.stdout, probe.stdout
         assert stow_requests(peer) == 4  # 3 + 3 + 3 + 1
 
 

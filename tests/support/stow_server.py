@@ -16,6 +16,7 @@ import email.policy
 import hashlib
 import io
 import json
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -123,7 +124,12 @@ def all_stored(request: Received) -> Answer:
 class StowServer:
     """Answers with ``respond`` (default: everything stored); records requests."""
 
-    def __init__(self, respond: Responder = all_stored, keep_body: bool = True) -> None:
+    def __init__(
+        self,
+        respond: Responder = all_stored,
+        keep_body: bool = True,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.respond = respond
         self.keep_body = keep_body
         self.received: list[Received] = []
@@ -175,7 +181,10 @@ class StowServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}/dicom-web"
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}/dicom-web"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
@@ -205,8 +214,11 @@ def _parse(content_type: str, body: bytes) -> tuple[list[bytes], list[str]]:
 
 
 @contextmanager
-def stow_server(respond: Responder = all_stored, keep_body: bool = True) -> Iterator[StowServer]:
-    server = StowServer(respond, keep_body).start()
+def stow_server(
+    respond: Responder = all_stored, keep_body: bool = True, tls: ssl.SSLContext | None = None
+) -> Iterator[StowServer]:
+    """A started :class:`StowServer` (HTTPS with the server context ``tls``)."""
+    server = StowServer(respond, keep_body, tls).start()
     try:
         yield server
     finally:

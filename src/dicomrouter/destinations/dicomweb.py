@@ -28,6 +28,9 @@
     :class:`~.sender.DestinationUnavailable` (paused and probed, as DICOM
     destinations are); else this request's instances and the rest are
     ``TRANSIENT``.
+  - A TLS failure (the server refused our certificate, which TLS 1.3 tells only
+    after the request is sent): as a refused connection, the reason pointing at
+    ``tls``.
   - Other 5xx, 408, 413, a read or write timeout, a connection lost mid-request:
     this request's instances are ``TRANSIENT`` (retried with backoff; the server may
     or may not have stored them).
@@ -294,6 +297,9 @@ class DicomwebSender:
             self._down(f"{url}: {_describe(exc)}", group, batch, next_position, emit, answered)
         except (httpx.HTTPError, BodyChanged) as exc:
             reason = f"{url}: {_describe(exc)}"
+            if _tls_refused(exc):  # TLS 1.3 reports a refused client certificate late
+                reason += f"; check destinations.{self.name}.tls"
+                self._down(reason, group, batch, next_position, emit, answered)
             log.warning("STOW of %d instance(s) failed: %s", len(group), reason)
             self._report(group, emit, lambda item: (Outcome.TRANSIENT, None, reason))
             return False
@@ -405,6 +411,16 @@ def _read_capped(blocks: Iterator[bytes]) -> bytes:
 def _detail(content: bytes) -> str:
     text = " ".join(content[:300].decode("utf-8", "replace").split())
     return f": {text}" if text else ""
+
+
+def _tls_refused(exc: BaseException) -> bool:
+    """The TLS layer failed (an alert from the server: our certificate refused)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _describe(exc: BaseException) -> str:
