@@ -82,7 +82,8 @@ def stow_xml(
     failed: list[tuple[str, int | None]] = (),  # type: ignore[assignment]
     warnings: dict[str, int] | None = None,
 ) -> bytes:
-    """The same response in the Native DICOM Model (``application/dicom+xml``)."""
+    """The same response in the Native DICOM Model (``application/dicom+xml``), with
+    its namespace (PS3.19 A.1), as Orthanc writes it."""
     warnings = warnings or {}
 
     def item(number: int, uid: str, tag: str, keyword: str, reason: int | None) -> str:
@@ -98,7 +99,10 @@ def stow_xml(
             )
         return text + "</Item>"
 
-    out = ['<?xml version="1.0" encoding="UTF-8"?>', '<NativeDicomModel xml:space="preserve">']
+    out = [
+        '<?xml version="1.0" encoding="UTF-8"?>',
+        '<NativeDicomModel xmlns="http://dicom.nema.org/PS3.19/models/NativeDICOM">',
+    ]
     if stored:
         out.append('<DicomAttribute tag="00081199" vr="SQ" keyword="ReferencedSOPSequence">')
         out += [
