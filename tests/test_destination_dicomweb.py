@@ -6,6 +6,7 @@ each HTTP status class, credentials, timeouts, flat memory on a large instance."
 from __future__ import annotations
 
 import base64
+import io
 import socket
 import threading
 import tracemalloc
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import RLELossless
 
 from dicomrouter import tls
 from dicomrouter.config import ConfigError, load_config_text
@@ -444,6 +446,19 @@ def test_transformed_copies_are_sent_and_refused_ones_are_not(
         results[1].message
     )
     assert not copy.exists()  # the temporary copy is gone once sent
+
+
+def test_transfer_syntax_is_honoured_by_transcoding(study: list[Path]) -> None:
+    with stow_server() as server:
+        results = sender(server.url, transfer_syntax="rle").send(outgoing(study[:2]))
+    assert [r.outcome for r in results] == [Outcome.SUCCESS] * 2
+    assert results[0].sent_transfer_syntax_uid == RLELossless
+    assert results[0].sent_as is not None and "RLE Lossless" in results[0].sent_as
+    for part, path in zip(server.posts[0].parts, study[:2], strict=True):
+        sent, stored = dcmread(io.BytesIO(part)), dcmread(path)
+        assert sent.file_meta.TransferSyntaxUID == RLELossless
+        assert sent.SOPInstanceUID == stored.SOPInstanceUID
+        assert (sent.pixel_array == stored.pixel_array).all()
 
 
 def test_should_stop_leaves_the_rest_unsent(study: list[Path]) -> None:
