@@ -365,12 +365,14 @@ def router(
     dest_port: int,
     tls: bool = False,
     pipeline: list[dict[str, Any]] | None = None,
+    destination: dict[str, Any] | None = None,
 ) -> Iterator[tuple[int, int]]:
     """A fresh ``python -m dicomrouter serve`` forwarding everything to ``dest_port``.
     Yields (the port to send to, the router's pid). With ``tls``, that port is a
     ``dicom.tls`` listener (the PKI's server certificate, client certificates
     required); the plain port stays, for the C-ECHO readiness check. With
-    ``pipeline`` (transform steps), the route sends through it."""
+    ``pipeline`` (transform steps), the route sends through it. ``destination``
+    replaces the DICOM destination (another kind: ``dest_port`` is then unused)."""
     port, http_port = free_port(), free_port()
     storage = workdir / f"{name}-router-storage"
     shutil.rmtree(storage, ignore_errors=True)
@@ -391,7 +393,9 @@ def router(
         "dicom": dicom,
         "http": {"port": http_port, "bind": "127.0.0.1"},  # as shipped: HTTP runs too
         "storage": {"path": str(storage)},
-        "destinations": {"dest": {"ae_title": DEST_AET, "host": "127.0.0.1", "port": dest_port}},
+        "destinations": {
+            "dest": destination or {"ae_title": DEST_AET, "host": "127.0.0.1", "port": dest_port}
+        },
         "routes": [{"name": "all", "trigger": "instance", "to": ["dest"]}],
         "log_level": "WARNING",
     }

@@ -14,6 +14,8 @@ SUDO=""
 missing=()
 [ -x /usr/bin/storescu ] || missing+=(dcmtk)
 [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+# Orthanc's DICOMweb plugin: the STOW-RS peer of tests/test_dicomweb_e2e.py and bench/stow_bench.py.
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
 # dciodvfy validates the de-identified test corpus (tests/transforms/test_deidentify_corpus.py).
 [ -x /usr/bin/dciodvfy ] || missing+=(dicom3tools)
 # Playwright drives Debian's chromium (executable_path); it never downloads its own.

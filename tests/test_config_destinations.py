@@ -66,7 +66,8 @@ def test_a_folder_destination_and_its_defaults(tmp_path: Path) -> None:
         ("{x: {host: h, port: 104}}", "destinations.x.ae_title: required key is missing"),
         (
             "{x: {type: ftp, host: h}}",
-            "destinations.x.type: unknown destination type 'ftp'; known: dicom, folder, s3",
+            "destinations.x.type: unknown destination type 'ftp'; known: dicom, folder, "
+            "dicomweb, s3, group",
         ),
         ("{x: {type: s3}}", "destinations.x.bucket: required key is missing"),
         ("{x: {type: s3, bucket: b, prefix: '../up'}}", "destinations.x.prefix: prefix '../up'"),

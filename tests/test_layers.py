@@ -77,6 +77,7 @@ LAZY: dict[tuple[str, str], str] = {
     "sender loads when the first sender of that kind is made: a process loads only the "
     "client libraries of the kinds it sends to",
     ("dicomrouter.destinations.registry", "dicomrouter.destinations.folder"): "the same",
+    ("dicomrouter.destinations.registry", "dicomrouter.destinations.dicomweb"): "the same (httpx)",
     ("dicomrouter.destinations.registry", "dicomrouter.destinations.s3"): "the same (boto3)",
     ("dicomrouter.children", "dicomrouter.control.versions"): _CHILD,
     ("dicomrouter.children", "dicomrouter.dispatch"): _CHILD,

@@ -13,6 +13,7 @@ and every wait is bounded: a dead or stuck peer raises instead of hanging the su
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -33,6 +34,8 @@ from tests.support.dcmtk import free_port
 __all__ = ["Orthanc", "OrthancError", "orthanc_executable"]
 
 _CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
+#: Where Debian's orthanc-* plugin packages put their libraries.
+PLUGIN_FOLDER = "/usr/share/orthanc/plugins"
 
 
 class OrthancError(RuntimeError):
@@ -72,6 +75,12 @@ class Orthanc:
     loaded at startup. Ports default to free ones; read them back from ``dicom_port`` and
     ``http_port``. ``extra_config`` is merged last and can override any generated key.
 
+    ``plugins`` names plugins to load from Debian's plugin folder, e.g.
+    ``("libOrthancDicomWeb.so",)`` (installed by ``orthanc-dicomweb``); their own
+    settings go in ``extra_config`` (``"DicomWeb": {...}``). ``credentials`` (user,
+    password) turns HTTP authentication on, with that one registered user, and the
+    REST helpers send it.
+
     Orthanc 1.10 cannot bind to one interface, so its DICOM and HTTP servers listen on
     all of them; ``RemoteAccessAllowed`` stays ``false`` so only local clients get
     answers from the REST API, and callers should only use 127.0.0.1.
@@ -92,6 +101,8 @@ class Orthanc:
         startup_timeout: float = 30.0,
         fast_stop: bool = True,
         executable: str | None = None,
+        plugins: tuple[str, ...] = (),
+        credentials: tuple[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.aet = aet
@@ -105,6 +116,8 @@ class Orthanc:
         self.startup_timeout = startup_timeout
         self.fast_stop = fast_stop
         self.executable = executable or orthanc_executable()
+        self.plugins = plugins
+        self.credentials = credentials
         self.config_path = self.workdir / "orthanc.json"
         self.log_path = self.workdir / "orthanc.log"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -130,7 +143,8 @@ class Orthanc:
             "StorageDirectory": str(storage),
             "IndexDirectory": str(storage),
             "StorageCompression": False,
-            "Plugins": [],  # the Debian default loads worklist/serve-folder plugins
+            # The Debian default loads worklist/serve-folder plugins: only those asked for.
+            "Plugins": [str(Path(PLUGIN_FOLDER) / name) for name in self.plugins],
             "ConcurrentJobs": self.concurrent_jobs,
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
@@ -155,6 +169,9 @@ class Orthanc:
             "LuaScripts": [],
             "TcpNoDelay": True,
         }
+        if self.credentials is not None:
+            config["AuthenticationEnabled"] = True
+            config["RegisteredUsers"] = {self.credentials[0]: self.credentials[1]}
         if self.lua is not None:
             config["LuaScripts"] = [str(self.workdir / "script.lua")]
         config.update(self.extra_config)
@@ -234,6 +251,9 @@ class Orthanc:
         self, method: str, path: str, body: bytes | None = None, timeout: float = 30.0
     ) -> bytes:
         request = urllib.request.Request(self.url + path, data=body, method=method)
+        if self.credentials is not None:
+            token = base64.b64encode(":".join(self.credentials).encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return bytes(response.read())
@@ -257,6 +277,10 @@ class Orthanc:
             data = json.dumps(body).encode("utf-8")
         answer = self._request("POST", path, data, timeout=timeout)
         return json.loads(answer) if answer.strip() else None
+
+    def set_log_level(self, level: str) -> None:
+        """``default``, ``verbose`` or ``trace`` from now on (``/tools/log-level``)."""
+        self._request("PUT", "/tools/log-level", level.encode())
 
     def instances(self) -> list[str]:
         """Orthanc IDs of every stored instance."""

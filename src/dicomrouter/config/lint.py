@@ -7,7 +7,9 @@ certificates that expire soon.
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any, Literal
@@ -17,7 +19,7 @@ from dicomrouter.rules.conditions import AllOf, AnyOf
 from dicomrouter.tls import TlsError, certificate_not_after
 
 from . import hosts
-from .models import DicomDestinationConfig, RouterConfig
+from .models import DicomDestinationConfig, DicomwebDestinationConfig, RouterConfig
 
 
 @dataclass(frozen=True)
@@ -30,8 +32,9 @@ class Finding:
         return f"{self.severity}: {self.where}: {self.message}"
 
 
-def lint(config: RouterConfig) -> list[Finding]:
+def lint(config: RouterConfig, environ: Mapping[str, str] | None = None) -> list[Finding]:
     findings: list[Finding] = []
+    findings += _secrets(config, os.environ if environ is None else environ)
     used: set[str] = set()
     for index, route in enumerate(config.routes):
         where = f"routes[{index}] ({route.name})"
@@ -164,4 +167,25 @@ def _certificates(config: RouterConfig) -> list[Finding]:
             findings.append(Finding("error", key, f"the certificate in {path} expired on {when}"))
         elif left < before:
             findings.append(Finding("warning", key, f"the certificate in {path} expires on {when}"))
+    return findings
+
+
+def _secrets(config: RouterConfig, environ: Mapping[str, str]) -> list[Finding]:
+    """A DICOMweb destination whose password or token variable is not set here: a
+    warning, as ``check`` often runs in a shell and the service has its own
+    environment (where it is unset, the destination pauses with this reason)."""
+    findings = []
+    for name, dest in config.destinations.items():
+        if not isinstance(dest, DicomwebDestinationConfig) or dest.auth is None:
+            continue
+        if not environ.get(dest.auth.secret_env):
+            findings.append(
+                Finding(
+                    "warning",
+                    f"destinations.{name}.auth.{dest.auth.secret_key}",
+                    f"the environment variable {dest.auth.secret_env} is not set here; "
+                    "if the service does not have it either, nothing is sent to "
+                    f"{name} (it is paused with this reason)",
+                )
+            )
     return findings

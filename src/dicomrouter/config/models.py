@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -933,10 +934,183 @@ def group_problems(destinations: Any) -> list[tuple[KeyPath, str]]:
     return problems
 
 
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_env_name(value: str | None) -> str | None:
+    if value is not None and not _ENV_NAME_RE.match(value):
+        raise ValueError(f"{value!r} is not an environment variable name")
+    return value
+
+
+class HttpAuthConfig(_Model):
+    """How a DICOMweb destination authenticates us. Secrets never go in the file: each
+    names the environment variable that holds it, read when the sender starts. A
+    client certificate (mutual TLS) goes in `tls` instead."""
+
+    type: Literal["basic", "bearer"] = Field(
+        ...,
+        description="`basic`: HTTP Basic with `username` and `password_env`; `bearer`: "
+        "`Authorization: Bearer` with `token_env`.",
+    )
+    username: str | None = Field(None, description="`basic`: the user name.")
+    password_env: str | None = Field(
+        None, description="`basic`: the environment variable holding the password."
+    )
+    token_env: str | None = Field(
+        None, description="`bearer`: the environment variable holding the token."
+    )
+
+    _check_env = field_validator("password_env", "token_env")(
+        classmethod(lambda cls, v: _check_env_name(v))
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> HttpAuthConfig:
+        wanted = {"basic": ("username", "password_env"), "bearer": ("token_env",)}[self.type]
+        problems: list[tuple[KeyPath, str]] = [
+            ((name,), f"required with type: {self.type}")
+            for name in wanted
+            if getattr(self, name) is None
+        ]
+        problems += [
+            ((name,), f"not used with type: {self.type}")
+            for name in ("username", "password_env", "token_env")
+            if name not in wanted and getattr(self, name) is not None
+        ]
+        if problems:
+            raise ConfigProblems(problems)
+        return self
+
+    @property
+    def secret_env(self) -> str:
+        """The environment variable holding the password or token."""
+        return self.password_env or self.token_env or ""
+
+    @property
+    def secret_key(self) -> str:
+        """The key naming it, for messages: ``password_env`` or ``token_env``."""
+        return "password_env" if self.type == "basic" else "token_env"
+
+
+class HttpClientTlsConfig(_Model):
+    """HTTPS to a destination (BCP 195: TLS 1.2 or newer)."""
+
+    ca_certificates: PemFile | None = Field(
+        None,
+        description="PEM bundle of the CA certificates that may sign the server's "
+        "certificate. Unset: the system's trust store.",
+    )
+    verify: bool = Field(
+        True,
+        description="Verify the server's certificate and name. `false` accepts any "
+        "certificate (a test server only: anyone in the path can read and change "
+        "what is sent).",
+    )
+    certificate: PemFile | None = Field(
+        None,
+        description="PEM file with our client certificate (and intermediates), for "
+        "servers that require mutual TLS. Needs `private_key`.",
+    )
+    private_key: PemFile | None = Field(
+        None, description="PEM file with the client certificate's unencrypted private key."
+    )
+
+    @model_validator(mode="after")
+    def _usable(self) -> HttpClientTlsConfig:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together: set both or neither")
+        try:
+            tls.client_context(self.ca_certificates, self.certificate, self.private_key)
+        except tls.TlsError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+def _check_http_url(value: str) -> str:
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("no credentials in the URL: use auth (secrets from the environment)")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{value!r}: the STOW-RS base URL takes no query or fragment")
+    return value.strip().rstrip("/")
+
+
+class DicomwebDestinationConfig(BaseDestinationConfig):
+    """`type: dicomweb`: a DICOMweb server (STOW-RS, PS3.18 10.5): an AI platform, a
+    cloud archive, a PACS with a DICOMweb front. Each request carries up to
+    `max_instances` instances or `max_bytes`, streamed from disk; the server's answer
+    sets each instance's state. Details: docs/destinations.md."""
+
+    type: Literal["dicomweb"] = Field(..., description="Destination kind.")
+    url: str = Field(
+        ...,
+        description="The DICOMweb base URL, e.g. `http://host:8042/dicom-web`: instances "
+        "are POSTed to `{url}/studies`.",
+    )
+    auth: HttpAuthConfig | None = Field(
+        None, description="HTTP authentication. Unset: none (or a client certificate in `tls`)."
+    )
+    tls: HttpClientTlsConfig | None = Field(
+        None,
+        description="Settings for an `https://` URL. Unset: the system's trust store, "
+        "no client certificate.",
+    )
+    timeout: Duration = Field(
+        120.0,
+        description="Longest wait to connect, and for each read or write of a request "
+        "(a server that stops reading or answering); then the request's instances are "
+        "retried.",
+    )
+    max_instances: int = Field(10, ge=1, le=10000, description="Instances per request at most.")
+    max_bytes: ByteSize = Field(
+        10 * 1024 * 1024,
+        ge=1,
+        description="Bytes of files per request at most, e.g. `10MB`, `64MiB` (an instance "
+        "larger than this goes alone in its request).",
+    )
+    max_workers: int = Field(
+        1, ge=1, le=32, description="Requests in parallel (one HTTP connection each)."
+    )
+    probe_path: str = Field(
+        "studies?limit=1",
+        description="What a probe GETs, relative to `url` (a QIDO-RS search by default; "
+        "any 2xx answer means up).",
+    )
+
+    _check_url = field_validator("url")(classmethod(lambda cls, v: _check_http_url(v)))
+
+    @model_validator(mode="after")
+    def _tls_needs_https(self) -> DicomwebDestinationConfig:
+        if self.tls is not None and not self.url.startswith("https://"):
+            raise ConfigProblems([(("tls",), "set, but url is not https://")])
+        return self
+
+    @property
+    def workers(self) -> int:
+        return self.max_workers
+
+    @property
+    def address(self) -> str:
+        return self.url
+
+    @property
+    def probe_label(self) -> str:
+        return f"a GET of {self.probe_path}"
+
+    @property
+    def stow_url(self) -> str:
+        """Where instances are POSTed (PS3.18 10.5: ``{base}/studies``)."""
+        return f"{self.url}/studies"
+
+
 #: Every kind of destination, by its ``type``.
 DESTINATION_MODELS: dict[str, type[BaseDestinationConfig]] = {
     "dicom": DicomDestinationConfig,
     "folder": FolderDestinationConfig,
+    "dicomweb": DicomwebDestinationConfig,
     "s3": S3DestinationConfig,
     "group": GroupDestinationConfig,
 }
@@ -956,6 +1130,7 @@ def _destination_kind(value: Any) -> str | None:
 DestinationConfig = Annotated[
     Annotated[DicomDestinationConfig, Tag("dicom")]
     | Annotated[FolderDestinationConfig, Tag("folder")]
+    | Annotated[DicomwebDestinationConfig, Tag("dicomweb")]
     | Annotated[S3DestinationConfig, Tag("s3")]
     | Annotated[GroupDestinationConfig, Tag("group")],
     Discriminator(

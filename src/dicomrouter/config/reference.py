@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from dicomrouter.units import format_duration
+from dicomrouter.units import format_duration, format_size
 
 from .loader import ENV_PREFIX, NODE_KEYS
 from .models import DESTINATION_MODELS, BaseDestinationConfig, RouteConfig, RouterConfig
@@ -33,6 +33,8 @@ key written twice in the same mapping is an error naming both lines (YAML would
 silently keep the last: a second `auth:` block would replace the first).
 
 Durations are written `250ms`, `30s`, `10m`, `2h`, `1d` or as a number of seconds.
+Sizes are a number of bytes or have a unit: `10MB`, `512KB`, `1GB` (powers of 1000),
+`64MiB`, `512KiB` (powers of 1024).
 Time windows are `HH:MM-HH:MM` (a window ending before it starts spans midnight),
 optionally preceded by weekdays: `Mon-Fri 08:00-18:00`.
 
@@ -91,6 +93,8 @@ def _type_name(annotation: Any) -> str:
             return "duration"
         if "TimeWindow" in names or getattr(base, "__name__", "") == "TimeWindow":
             return "time window"
+        if "parse_size" in names:
+            return "size"
         if "readable_file" in names:
             return "file path"
         return _type_name(base)
@@ -121,6 +125,8 @@ def _default(field: Any) -> str:
         return "unset"
     if isinstance(value, float) and "duration" in str(field.metadata) + str(field.annotation):
         return f"`{format_duration(value)}`"
+    if isinstance(value, int) and "parse_size" in str(field.metadata):
+        return f"`{format_size(value)}`"
     return f"`{value}`"
 
 

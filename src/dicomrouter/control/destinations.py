@@ -343,7 +343,7 @@ def echo_destination(config: Any, name: str) -> dict[str, Any]:
         raise NotFound(f"no destination {name!r} in the configuration (known: {known})")
     _not_a_group(dest, name, "echo")
     # The registry imports the kind's sender (pynetdicom for DICOM) only now.
-    sender = create_sender(dest, SenderOptions(calling_ae=config.ae_title))
+    sender = create_sender(dest, SenderOptions(calling_ae=config.ae_title, name=name))
     started = time.perf_counter()
     ok, error = True, None
     try:

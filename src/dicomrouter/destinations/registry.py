@@ -34,6 +34,9 @@ class SenderOptions:
     keep_alive: float = 0.0
     """Seconds a connection is kept open after a batch for the next one (0: closed
     at once; then ``send`` may be called from several threads)."""
+    name: str = ""
+    """The destination's name (``destinations.<name>``), for messages that point at
+    a key to fix."""
 
 
 def _dicom(config: Any, options: SenderOptions) -> Sender:
@@ -48,6 +51,12 @@ def _folder(config: Any, options: SenderOptions) -> Sender:
     return FolderSender(config)
 
 
+def _dicomweb(config: Any, options: SenderOptions) -> Sender:
+    from .dicomweb import DicomwebSender
+
+    return DicomwebSender(config, options.name, options.keep_alive)
+
+
 def _s3(config: Any, options: SenderOptions) -> Sender:
     from .s3 import S3Sender
 
@@ -58,6 +67,7 @@ def _s3(config: Any, options: SenderOptions) -> Sender:
 _FACTORIES: dict[str, Callable[[Any, SenderOptions], Sender]] = {
     "dicom": _dicom,
     "folder": _folder,
+    "dicomweb": _dicomweb,
     "s3": _s3,
 }
 

@@ -109,7 +109,7 @@ class DestinationWorker(threading.Thread):
         self.transforms = transforms
         self.owner = f"{node_id()}:{os.getpid()}:{name}:{index}"
         self.sender = create_sender(
-            self.dest, SenderOptions(calling_ae=config.ae_title, keep_alive=_KEEP_ALIVE)
+            self.dest, SenderOptions(calling_ae=config.ae_title, keep_alive=_KEEP_ALIVE, name=name)
         )
         self.current_claim: Claim | None = None
         self._deferred_at = 0.0
