@@ -33,8 +33,8 @@ key written twice in the same mapping is an error naming both lines (YAML would
 silently keep the last: a second `auth:` block would replace the first).
 
 Durations are written `250ms`, `30s`, `10m`, `2h`, `1d` or as a number of seconds.
-Sizes are a number of bytes or have a unit: `10MB`, `512KB`, `1GB` (powers of 1000),
-`64MiB`, `512KiB` (powers of 1024).
+Sizes are a number of bytes or have a unit: `10MB`, `512KB`, `1GB`; units are powers
+of 1024 however they are spelled (`10MB` = `10MiB`), as in the AWS CLI.
 Time windows are `HH:MM-HH:MM` (a window ending before it starts spans midnight),
 optionally preceded by weekdays: `Mon-Fri 08:00-18:00`.
 
