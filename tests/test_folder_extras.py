@@ -517,3 +517,22 @@ def test_configuration_errors_name_the_key(
     with pytest.raises(ValidationError) as err:
         FolderDestinationConfig(type="folder", path=tmp_path, **keys)
     assert message in str(err.value)
+
+
+def test_a_process_without_numpy_can_still_probe_the_folder(out: Path) -> None:
+    """The HTTP process excludes numpy and makes senders only for an operator's echo:
+    the extras load their pixel libraries when they render, not when imported."""
+    import sys
+
+    code = (
+        "import sys; sys.modules['numpy'] = None\n"
+        "from pathlib import Path\n"
+        "from dicomrouter.config import FolderDestinationConfig\n"
+        "from dicomrouter.destinations import create_sender\n"
+        f"config = FolderDestinationConfig(type='folder', path=Path({str(out)!r}), "
+        "render='png', extract_documents=True, dicomdir=True)\n"
+        "create_sender(config).probe()\n"
+        "print('probed')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "probed", done.stderr

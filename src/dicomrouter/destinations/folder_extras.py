@@ -32,26 +32,21 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import imagecodecs
-import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomFileLike
 from pydicom.fileset import FileSet
-from pydicom.pixels import (
-    apply_color_lut,
-    apply_modality_lut,
-    apply_voi_lut,
-    pixel_array,
-)
 from pydicom.uid import UID
 
 from dicomrouter.config.models import FolderDestinationConfig
 
 from .outgoing import InstanceResult
 from .status import Outcome
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +114,13 @@ def render_preview(path: Path, kind: str) -> bytes | None:
     Colour images are written as they are (PALETTE COLOR through its palette), 16-bit
     colour scaled down. A multi-frame image shows its middle frame, frame
     ``(n + 1) // 2`` counting from 1: only that frame is decoded.
+
+    numpy and imagecodecs are imported here, not with the module: the HTTP process,
+    which makes senders only for an operator's echo, cannot import numpy.
     """
+    import imagecodecs
+    from pydicom.pixels import pixel_array
+
     try:
         ds = dcmread(path, defer_size="4 KB")
     except Exception as exc:
@@ -146,6 +147,9 @@ def render_preview(path: Path, kind: str) -> bytes | None:
 
 
 def _to_8bit(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
+    import numpy as np
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
     if photometric == "PALETTE COLOR":
         rgb = apply_color_lut(arr, ds)
         return _colour(rgb >> 8 if rgb.dtype.itemsize > 1 else rgb, photometric)
@@ -173,6 +177,8 @@ def _to_8bit(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
 
 
 def _colour(arr: np.ndarray, photometric: str) -> np.ndarray:
+    import numpy as np
+
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise ExtraError(f"{photometric} pixel data of shape {arr.shape} is not one image")
     return np.ascontiguousarray(np.clip(arr, 0, 255).astype(np.uint8))
@@ -189,6 +195,9 @@ def _no_voi(ds: Dataset) -> bool:
 def _voi_range(ds: Dataset) -> tuple[float, float]:
     """The output range of the VOI transform: what it gives far below and far above
     anything stored (the window's ``y_min``/``y_max``, a LUT's first and last entry)."""
+    import numpy as np
+    from pydicom.pixels import apply_voi_lut
+
     if _is_window(ds):
         probe: np.ndarray = np.array([-1e12, 1e12], dtype=np.float64)
     else:
