@@ -37,7 +37,7 @@ from tests.support.synth import make_study
 from tests.test_destination_folder import outgoing
 
 STUDY, SERIES = generate_uid(), generate_uid()
-DCIODVFY = "/usr/bin/dciodvfy"
+DCIODVFY, DCDIRDMP = "/usr/bin/dciodvfy", "/usr/bin/dcdirdmp"
 
 
 def sender(root: Path, **extra: Any) -> FolderSender:
@@ -302,7 +302,14 @@ def check_dicomdir(study: Path, expected_uids: set[str]) -> None:
         if line.startswith(("Error", "Warning"))
     ]
     assert check.returncode == 0 and not problems, check.stdout + check.stderr
-    fs = FileSet(dicomdir)
+    tree = subprocess.run([DCDIRDMP, str(dicomdir)], capture_output=True, text=True)
+    assert tree.returncode == 0, tree.stderr  # follows every offset
+    listing = tree.stdout + tree.stderr  # dcdirdmp writes its listing to stderr
+    followed = [line.split("->")[1].strip() for line in listing.splitlines() if "->" in line]
+    assert len(followed) == len(expected_uids), listing
+    assert all((study / name.replace("\\", "/")).is_file() for name in followed), followed
+    fs = FileSet()
+    fs.load(dicomdir, raise_orphans=True)  # every record reachable through its offsets
     found = {}
     for instance in fs:
         parts = instance.ReferencedFileID
@@ -536,3 +543,24 @@ def test_a_process_without_numpy_can_still_probe_the_folder(out: Path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "probed", done.stderr
+
+
+def test_a_file_replaced_between_batches_is_read_again(tmp_path: Path, out: Path) -> None:
+    """The sender keeps the records of files it read; a file replaced (overwrite)
+    is read again, so the DICOMDIR says what the file now holds."""
+    files = make_study(tmp_path / "in", 3, series_count=1)
+    send = sender(out, dicomdir=True)
+    send.send(outgoing(files))
+    ds = dcmread(files[0])
+    ds.InstanceNumber = 42
+    ds.save_as(files[0], enforce_file_format=True)
+    send.send(outgoing(files[:1]))
+    (dicomdir,) = out.rglob("DICOMDIR")
+    check_dicomdir(dicomdir.parent, uids(files))
+    leaves = [
+        r for r in dcmread(dicomdir).DirectoryRecordSequence if r.DirectoryRecordType == "IMAGE"
+    ]
+    numbers = [int(r.InstanceNumber) for r in leaves]
+    assert numbers == sorted(numbers) and numbers[-1] == 42  # listed in Instance Number order
+    (latest,) = [r for r in leaves if r.ReferencedSOPInstanceUIDInFile == ds.SOPInstanceUID]
+    assert int(latest.InstanceNumber) == 42

@@ -17,6 +17,13 @@ After each batch the study's ``DICOMDIR`` is rebuilt from the files in its folde
 so a crash or an earlier failure is repaired by the next batch; the results of its
 instances are reported only then, and stay pending (``TRANSIENT``) when it could not
 be written. One lock per study (``flock``) keeps workers from interleaving.
+
+The records come from pydicom (``FileSet._recordify``: the record types and Type 1
+keys of PS3.3 F.5); the encoding, with its byte offsets, is done here. pydicom's own
+``FileSet.write`` would copy every file to names of its choosing, in place and
+non-atomically, and ``FileSet.add`` costs O(n) per instance. Records of files read
+before are kept per sender (by inode, size, modification time), so a study that
+comes in many batches is read once.
 """
 
 from __future__ import annotations
@@ -24,10 +31,11 @@ from __future__ import annotations
 import base64
 import fcntl
 import hashlib
-import io
 import logging
 import os
 import re
+import struct
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -35,10 +43,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
-from pydicom.filebase import DicomFileLike
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.fileset import FileSet
-from pydicom.uid import UID
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    ExplicitVRLittleEndian,
+    MediaStorageDirectoryStorage,
+    generate_uid,
+)
 
 from dicomrouter.config.models import FolderDestinationConfig
 
@@ -72,6 +87,9 @@ _PREVIEW_SUFFIX = {"png": ".png", "jpeg": ".jpg"}
 _JPEG_QUALITY = 90
 _FILE_ID = re.compile(r"^[A-Z0-9_]{1,8}$")
 _MAX_PROBES = 64
+_KNOWN_STUDIES = 4  # studies whose DICOMDIR records a sender keeps between batches
+#: A file's records, and what they were made from (inode, size, modification time).
+_Records = tuple[tuple[int, int, int], str, list[Dataset]]
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 #: Decoded as RGB by pydicom (YBR_FULL and YBR_FULL_422 are converted; JPEG 2000's
 #: ICT and RCT come out of the decoder as RGB).
@@ -270,6 +288,7 @@ class FolderExtras:
         self._put = put
         self._studies: dict[Path, _Study] = {}
         self._held: dict[int, _Study] = {}  # instance key -> its study
+        self._known: OrderedDict[Path, dict[Path, _Records]] = OrderedDict()
 
     @property
     def fileset(self) -> bool:
@@ -354,6 +373,17 @@ class FolderExtras:
         study.results.append(result)
         return True
 
+    def _known_of(self, study: Path) -> dict[Path, _Records]:
+        """The records read for ``study`` before, for the last few studies written
+        (a study usually comes in several batches, one after the other)."""
+        known = self._known.pop(study, None)
+        if known is None:
+            known = {}
+            while len(self._known) >= _KNOWN_STUDIES:
+                self._known.popitem(last=False)
+        self._known[study] = known
+        return known
+
     def finish(self) -> list[InstanceResult]:
         """Write the DICOMDIR of every study of this batch and return the results
         held for them: as they were, or ``TRANSIENT`` when it could not be written
@@ -363,7 +393,7 @@ class FolderExtras:
         for study in studies.values():
             try:
                 with self.locked(study.folder):
-                    missing = write_dicomdir(study.folder, self._put)
+                    missing = write_dicomdir(study.folder, self._put, self._known_of(study.folder))
             except (ExtraError, OSError) as exc:
                 text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 log.warning("DICOMDIR of %s not written: %s", study.folder, text)
@@ -382,27 +412,139 @@ def _with_remark(result: InstanceResult, remark: str) -> InstanceResult:
     return replace(result, outcome=Outcome.WARNING, message=f"{result.message} ({remark})")
 
 
-def write_dicomdir(study: Path, put: Callable[[Path, bytes], None]) -> dict[Path, str]:
+def write_dicomdir(
+    study: Path, put: Callable[[Path, bytes], None], known: dict[Path, _Records] | None = None
+) -> dict[Path, str]:
     """Rebuild ``study``'s DICOMDIR from the files under its ``DICOM/`` folder; the
-    files left out, with why (no record can be made of them)."""
-    fs = FileSet()
-    fs.ID = None
+    files left out, with why (no record can be made of them). ``known`` holds the
+    records of files read before (kept by the caller between batches): a file whose
+    inode, size and modification time are unchanged is not read again."""
+    maker = FileSet()
+    tree = _Node(Dataset())
+    known = {} if known is None else known
+    seen: dict[Path, _Records] = {}
     left_out: dict[Path, str] = {}
-    base = study / FILESET_DIR
-    for path in sorted(_fileset_files(base)):
+    for path in sorted(_fileset_files(study / FILESET_DIR)):
         try:
-            header = dcmread(path, stop_before_pixels=True)
-            record_source = _record_source(header)
-            instance = fs.add(record_source)
+            stat = path.stat()
+            stamp = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            cached = known.get(path)
+            if cached is not None and cached[0] == stamp:
+                _, uid, records = cached
+            else:
+                header = dcmread(path, stop_before_pixels=True)
+                uid = str(header.SOPInstanceUID)
+                # pydicom's records for one instance, highest level first (PS3.3
+                # F.5); FileSet.add makes the same, but costs O(n) per instance.
+                records = list(maker._recordify(_record_source(header)))
+                records[-1].ReferencedFileID = list(path.relative_to(study).parts)
         except Exception as exc:
             left_out[path] = f"not in the DICOMDIR: {_detail(exc)}"
             log.warning("%s left out of the DICOMDIR: %s", path, _detail(exc))
             continue
-        instance.node._record.ReferencedFileID = list(path.relative_to(study).parts)
-    buffer = io.BytesIO()
-    fs._write_dicomdir(DicomFileLike(buffer))  # pydicom <4: see the module docstring
-    put(study / "DICOMDIR", buffer.getvalue())
+        seen[path] = (stamp, uid, records)
+        tree.place(records, uid)
+    put(study / "DICOMDIR", _encode_dicomdir(tree))
+    known.clear()
+    known.update(seen)
     return left_out
+
+
+@dataclass
+class _Node:
+    """A directory record and the records of the level below it."""
+
+    record: Dataset
+    children: dict[str, _Node] = field(default_factory=dict)
+
+    def place(self, records: list[Dataset], uid: str) -> None:
+        node = self
+        for depth, record in enumerate(records):
+            last = depth == len(records) - 1
+            key = uid if last else str(record.get(_LEVEL_KEYS.get(depth, ""), "")) or "_"
+            node = node.children.setdefault(key, _Node(record))
+            if last:
+                node.record = record  # a resend with the same UID: the latest file
+
+    def ordered(self) -> list[_Node]:
+        """The records of the level below: series by Series Number, instances by
+        Instance Number (as a viewer lists them), else as found."""
+        return sorted(self.children.values(), key=_number)
+
+    def walk(self) -> Iterator[_Node]:
+        """The records below, depth first, each before the level it references."""
+        for child in self.ordered():
+            yield child
+            yield from child.walk()
+
+
+def _number(node: _Node) -> int:
+    for keyword in ("InstanceNumber", "SeriesNumber"):
+        try:
+            return int(node.record.get(keyword) or 0)
+        except (TypeError, ValueError):
+            continue
+    return 0
+
+
+#: What tells records of one level apart: patient, study, series (then SOP Instance).
+_LEVEL_KEYS = {0: "PatientID", 1: "StudyInstanceUID", 2: "SeriesInstanceUID"}
+_ITEM_HEADER = 8  # (FFFE,E000) and a 4-byte length
+_SEQ_HEADER = 12  # explicit VR: tag, "SQ", 2 reserved bytes, 4-byte length
+
+
+def _encode_dicomdir(tree: _Node) -> bytes:
+    """The DICOMDIR of ``tree`` as a Part-10 file (Explicit VR Little Endian, PS3.10
+    8.6): records in one sequence, each linked to its next sibling and its first
+    child by byte offsets from the start of the file (PS3.3 F.3.2.1). Offsets are
+    fixed-size (UL), so each record's length is known before they are filled in."""
+    nodes = list(tree.walk())
+    for node in nodes:
+        node.record.OffsetOfTheNextDirectoryRecord = 0
+        node.record.OffsetOfReferencedLowerLevelDirectoryEntity = 0
+    ds = Dataset()
+    ds.FileSetID = None
+    ds.OffsetOfTheFirstDirectoryRecordOfTheRootDirectoryEntity = 0
+    ds.OffsetOfTheLastDirectoryRecordOfTheRootDirectoryEntity = 0
+    ds.FileSetConsistencyFlag = 0
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MediaStorageDirectoryStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    head.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(head, meta, enforce_standard=True)
+    prefix = head.getvalue()
+    position = len(prefix) + len(_encode(ds)) + _SEQ_HEADER
+    offsets: dict[int, int] = {}
+    for node in nodes:
+        offsets[id(node)] = position
+        position += _ITEM_HEADER + len(_encode(node.record))
+    for parent in [tree, *nodes]:
+        children = parent.ordered()
+        if children and parent is not tree:
+            parent.record.OffsetOfReferencedLowerLevelDirectoryEntity = offsets[id(children[0])]
+        for current, following in zip(children, children[1:], strict=False):
+            current.record.OffsetOfTheNextDirectoryRecord = offsets[id(following)]
+    roots = tree.ordered()
+    if roots:
+        ds.OffsetOfTheFirstDirectoryRecordOfTheRootDirectoryEntity = offsets[id(roots[0])]
+        ds.OffsetOfTheLastDirectoryRecordOfTheRootDirectoryEntity = offsets[id(roots[-1])]
+    items = b"".join(
+        b"\xfe\xff\x00\xe0" + struct.pack("<I", len(body)) + body
+        for body in (_encode(node.record) for node in nodes)
+    )
+    sequence = b"\x04\x00\x20\x12SQ\x00\x00" + struct.pack("<I", len(items))
+    return prefix + _encode(ds) + sequence + items
+
+
+def _encode(record: Dataset) -> bytes:
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, record)
+    return buffer.getvalue()
 
 
 def _fileset_files(base: Path) -> Iterator[Path]:
@@ -417,25 +559,18 @@ def _fileset_files(base: Path) -> Iterator[Path]:
 
 
 def _record_source(header: Dataset) -> Dataset:
-    """What pydicom makes the records from: the header, with the Type 1 values of the
-    records it lacks invented (:data:`_INVENTED`), and no document bytes."""
-    ds = Dataset()
-    ds.file_meta = header.file_meta
-    for elem in header:
-        if elem.tag == 0x00420011:  # Encapsulated Document: its presence is enough
-            ds.add_new(elem.tag, "OB", b"")
-        else:
-            ds.add(elem)
+    """What pydicom makes the records from: the header (changed in place), with the
+    Type 1 values of the records it lacks invented (:data:`_INVENTED`)."""
     for keyword, value in _INVENTED.items():
-        if keyword not in ds or ds[keyword].VM == 0:
-            setattr(ds, keyword, value)
-    if "InstanceNumber" not in ds or ds["InstanceNumber"].VM == 0:
-        ds.InstanceNumber = 1
-    if "EncapsulatedDocument" in ds and not ds.get("MIMETypeOfEncapsulatedDocument"):
-        ds.MIMETypeOfEncapsulatedDocument = (
-            "application/pdf" if UID(ds.SOPClassUID).endswith(".104.1") else "text/XML"
+        if keyword not in header or header[keyword].VM == 0:
+            setattr(header, keyword, value)
+    if "InstanceNumber" not in header or header["InstanceNumber"].VM == 0:
+        header.InstanceNumber = 1
+    if "EncapsulatedDocument" in header and not header.get("MIMETypeOfEncapsulatedDocument"):
+        header.MIMETypeOfEncapsulatedDocument = (
+            "application/pdf" if UID(header.SOPClassUID).endswith(".104.1") else "text/XML"
         )
-    return ds
+    return header
 
 
 def _sop_instance_uid(path: Path) -> str | None:
