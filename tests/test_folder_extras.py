@@ -564,3 +564,17 @@ def test_a_file_replaced_between_batches_is_read_again(tmp_path: Path, out: Path
     assert numbers == sorted(numbers) and numbers[-1] == 42  # listed in Instance Number order
     (latest,) = [r for r in leaves if r.ReferencedSOPInstanceUIDInFile == ds.SOPInstanceUID]
     assert int(latest.InstanceNumber) == 42
+
+
+def test_lock_files_of_studies_long_done_are_removed(tmp_path: Path, out: Path) -> None:
+    """One lock file per study would pile up under .tmp/locks: those not used for an
+    hour go, the one in use stays."""
+    locks = out / TMP_DIR / "locks"
+    locks.mkdir(parents=True)
+    old, recent = locks / "old", locks / "recent"
+    old.touch()
+    recent.touch()
+    os.utime(old, (1_000_000_000, 1_000_000_000))
+    sender(out, dicomdir=True).send(outgoing(make_study(tmp_path / "in", 1)))
+    left = {p.name for p in locks.iterdir()}
+    assert "old" not in left and "recent" in left and len(left) == 2  # + this study's

@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import struct
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -87,6 +88,7 @@ _PREVIEW_SUFFIX = {"png": ".png", "jpeg": ".jpg"}
 _JPEG_QUALITY = 90
 _FILE_ID = re.compile(r"^[A-Z0-9_]{1,8}$")
 _MAX_PROBES = 64
+_STALE_LOCK = 3600.0  # seconds after which a study's lock file is removed
 _KNOWN_STUDIES = 4  # studies whose DICOMDIR records a sender keeps between batches
 #: A file's records, and what they were made from (inode, size, modification time).
 _Records = tuple[tuple[int, int, int], str, list[Dataset]]
@@ -240,7 +242,7 @@ def encapsulated_document(path: Path) -> tuple[bytes, str] | None:
     CDA with its closing tag and maybe white space: neither with 00H).
     """
     try:
-        ds = dcmread(path)
+        ds = dcmread(path, stop_before_pixels=True)  # (0042,0011) comes before pixels
     except Exception as exc:
         raise ExtraError(f"cannot read {path.name}: {_detail(exc)}") from None
     suffix = DOCUMENT_SUFFIXES.get(str(ds.get("SOPClassUID", "")))
@@ -289,6 +291,7 @@ class FolderExtras:
         self._studies: dict[Path, _Study] = {}
         self._held: dict[int, _Study] = {}  # instance key -> its study
         self._known: OrderedDict[Path, dict[Path, _Records]] = OrderedDict()
+        self._locks_swept = False
 
     @property
     def fileset(self) -> bool:
@@ -310,14 +313,30 @@ class FolderExtras:
 
     @contextmanager
     def locked(self, study: Path) -> Iterator[None]:
-        """Hold the study's lock (``<path>/.tmp/locks/``, never swept), across
-        threads and processes of this host."""
+        """Hold the study's lock, across threads and processes of this host: a file
+        in ``<path>/.tmp/locks/`` (a folder the temporary-file sweep leaves alone),
+        ``flock``-ed. Lock files of studies not written for an hour are removed
+        (:func:`_sweep_locks`), so the one locked is checked to be still in place."""
         locks = self.root / ".tmp" / "locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        name = hashlib.sha256(os.fsencode(study)).hexdigest()[:32]
-        fd = os.open(locks / name, os.O_RDWR | os.O_CREAT, 0o600)
+        if not self._locks_swept:
+            locks.mkdir(parents=True, exist_ok=True)
+            self._locks_swept = True
+            _sweep_locks(locks)
+        path = locks / hashlib.sha256(os.fsencode(study)).hexdigest()[:32]
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass  # removed by a sweep while we waited: lock the new one
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.utime(fd)
             yield
         finally:
             os.close(fd)  # releases the lock
@@ -571,6 +590,31 @@ def _record_source(header: Dataset) -> Dataset:
             "application/pdf" if UID(header.SOPClassUID).endswith(".104.1") else "text/XML"
         )
     return header
+
+
+def _sweep_locks(locks: Path) -> None:
+    """Remove the lock files of studies not written for an hour (one each, else).
+    Only a lock taken at once is removed, while it is held."""
+    cutoff = time.time() - _STALE_LOCK
+    try:
+        entries = list(os.scandir(locks))
+    except OSError as exc:
+        log.info("cannot clean %s: %s", locks, exc)
+        return
+    for entry in entries:
+        try:
+            if not entry.is_file(follow_symlinks=False) or entry.stat().st_mtime >= cutoff:
+                continue
+            fd = os.open(entry.path, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(entry.path)
+        except OSError:
+            pass  # in use, or gone
+        finally:
+            os.close(fd)
 
 
 def _sop_instance_uid(path: Path) -> str | None:
