@@ -578,3 +578,24 @@ def test_lock_files_of_studies_long_done_are_removed(tmp_path: Path, out: Path) 
     sender(out, dicomdir=True).send(outgoing(make_study(tmp_path / "in", 1)))
     left = {p.name for p in locks.iterdir()}
     assert "old" not in left and "recent" in left and len(left) == 2  # + this study's
+
+
+def test_a_file_no_record_can_be_made_of_is_delivered_with_a_warning(
+    tmp_path: Path, out: Path
+) -> None:
+    """An SR DOCUMENT record needs Completion Flag and Verification Flag (PS3.3
+    F.5.24), which are not invented: the file is written, the DICOMDIR lists the
+    rest, and the instance says why it is not listed."""
+    img = image(tmp_path / "i.dcm", RAMP)
+    sr = Dataset()
+    sr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    sr.Modality, sr.InstanceNumber = "SR", 2
+    sr = part10(tmp_path / "sr.dcm", sr)
+    results = sender(out, dicomdir=True).send(outgoing([img, sr]))
+    assert [r.outcome for r in results] == [Outcome.SUCCESS, Outcome.WARNING]
+    assert "(not in the DICOMDIR: " in results[1].message
+    assert "Completion Flag" in results[1].message
+    (dicomdir,) = out.rglob("DICOMDIR")
+    check_dicomdir(dicomdir.parent, uids([img]))
+    placed = [p for p in (dicomdir.parent / FILESET_DIR).rglob("*") if p.is_file()]
+    assert sorted(p.read_bytes() for p in placed) == sorted([img.read_bytes(), sr.read_bytes()])

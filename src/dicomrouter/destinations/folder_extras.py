@@ -413,8 +413,8 @@ class FolderExtras:
             try:
                 with self.locked(study.folder):
                     missing = write_dicomdir(study.folder, self._put, self._known_of(study.folder))
-            except (ExtraError, OSError) as exc:
-                text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            except Exception as exc:  # never lose the results held for it
+                text = exc.strerror if isinstance(exc, OSError) and exc.strerror else _detail(exc)
                 log.warning("DICOMDIR of %s not written: %s", study.folder, text)
                 out += [
                     InstanceResult(r.key, Outcome.TRANSIENT, None, f"DICOMDIR not written: {text}")
@@ -457,6 +457,8 @@ def write_dicomdir(
                 # F.5); FileSet.add makes the same, but costs O(n) per instance.
                 records = list(maker._recordify(_record_source(header)))
                 records[-1].ReferencedFileID = list(path.relative_to(study).parts)
+                for record in records:
+                    _encode(record)  # a value that cannot be encoded leaves this file out
         except Exception as exc:
             left_out[path] = f"not in the DICOMDIR: {_detail(exc)}"
             log.warning("%s left out of the DICOMDIR: %s", path, _detail(exc))
