@@ -17,6 +17,9 @@
   destination and probes it (:meth:`FolderSender.probe`: a test write) until it can
   be written again. A name the filesystem refuses, or a layout value that does not
   fit its format spec, is ``PERMANENT`` for that instance.
+* **Extras** (previews, encapsulated documents, a file-set with a DICOMDIR per
+  study): :mod:`.folder_extras`, called after each file is written and after each
+  batch.
 """
 
 from __future__ import annotations
