@@ -166,6 +166,38 @@ def test_rgb_is_written_as_it_is(tmp_path: Path, out: Path) -> None:
     assert np.array_equal(preview_of(out), pixels)
 
 
+def test_ybr_full_is_converted_to_rgb(tmp_path: Path, out: Path) -> None:
+    from pydicom.pixels import convert_color_space
+
+    rng = np.random.default_rng(12)
+    rgb = rng.integers(16, 240, size=(32, 32, 3), dtype=np.uint8)
+    src = image(tmp_path / "ybr.dcm", convert_color_space(rgb, "RGB", "YBR_FULL"), "YBR_FULL")
+    sender(out, render="png").send(outgoing([src]))
+    assert np.abs(preview_of(out).astype(int) - rgb).max() <= 2  # rounding twice
+
+
+def test_16_bit_rgb_is_scaled_to_8_bits(tmp_path: Path, out: Path) -> None:
+    rng = np.random.default_rng(16)
+    pixels = rng.integers(0, 65536, size=(16, 16, 3), dtype=np.uint16)
+    src = image(tmp_path / "rgb16.dcm", pixels, photometric="RGB")
+    sender(out, render="png").send(outgoing([src]))
+    assert np.array_equal(preview_of(out), (pixels >> 8).astype(np.uint8))
+
+
+def test_palette_colour_goes_through_its_palette(tmp_path: Path, out: Path) -> None:
+    indices = (np.arange(32 * 32, dtype=np.uint8).reshape(32, 32) % 4).astype(np.uint8)
+    red, green, blue = ([0, 65535, 0, 30000], [0, 0, 65535, 30000], [65535, 0, 0, 30000])
+    attrs: dict[str, Any] = {}
+    for name, lut in (("Red", red), ("Green", green), ("Blue", blue)):
+        attrs[f"{name}PaletteColorLookupTableDescriptor"] = [4, 0, 16]
+        attrs[f"{name}PaletteColorLookupTableData"] = np.array(lut, dtype="<u2").tobytes()
+    src = image(tmp_path / "pal.dcm", indices, photometric="PALETTE COLOR", **attrs)
+    (result,) = sender(out, render="png").send(outgoing([src]))
+    assert result.outcome is Outcome.SUCCESS, result.message
+    table = np.array([red, green, blue], dtype=np.uint16).T >> 8
+    assert np.array_equal(preview_of(out), table[indices].astype(np.uint8))
+
+
 def test_a_multi_frame_image_shows_its_middle_frame(tmp_path: Path, out: Path) -> None:
     frames = np.stack([np.full((16, 16), v, dtype=np.uint16) for v in (100, 500, 900)])
     frames[:, 0, 0] = 0  # every frame holds 0..1000, so min/max would not tell them apart
