@@ -631,3 +631,48 @@ def test_a_file_no_record_can_be_made_of_is_delivered_with_a_warning(
     check_dicomdir(dicomdir.parent, uids([img]))
     placed = [p for p in (dicomdir.parent / FILESET_DIR).rglob("*") if p.is_file()]
     assert sorted(p.read_bytes() for p in placed) == sorted([img.read_bytes(), sr.read_bytes()])
+
+
+def test_extras_are_made_from_the_copy_that_went_out(tmp_path: Path, out: Path) -> None:
+    """A transform's copy (here: another window, another patient) is what the preview
+    and the DICOMDIR show, not the stored original."""
+    from dataclasses import replace
+
+    from dicomrouter.destinations import PreparedFile
+
+    src = image(tmp_path / "i.dcm", RAMP, WindowCenter=1000, WindowWidth=801)
+    copy = tmp_path / "copy.dcm"
+    ds = dcmread(src)
+    ds.WindowCenter, ds.WindowWidth, ds.PatientID = 300, 101, "ANON"
+    ds.save_as(copy, enforce_file_format=True)
+    prepared = PreparedFile(copy, str(ds.SOPInstanceUID), ExplicitVRLittleEndian, "anon", False)
+    (inst,) = outgoing([src])
+    send = sender(out, render="png", dicomdir=True)
+    (result,) = send.send([replace(inst, prepare=lambda: prepared)])
+    assert result.outcome is Outcome.SUCCESS and result.sent_as == "anon"
+    assert np.abs(preview_of(out).astype(int) - window(RAMP.astype(float), 300, 101)).max() <= 1
+    (dicomdir,) = out.rglob("DICOMDIR")
+    assert dicomdir.parent.parent == out / "ANON"
+    assert dcmread(dicomdir).DirectoryRecordSequence[0].PatientID == "ANON"
+
+
+def test_non_ascii_values_reach_the_dicomdir_in_their_character_set(
+    tmp_path: Path, out: Path
+) -> None:
+    src = image(
+        tmp_path / "u.dcm",
+        RAMP,
+        SpecificCharacterSet="ISO_IR 192",
+        PatientID="Müller",
+        StudyDescription="Knie 膝",
+    )
+    ds = dcmread(src)
+    ds.PatientName = "Müller^Jürgen"
+    ds.save_as(src, enforce_file_format=True)
+    (result,) = sender(out, dicomdir=True).send(outgoing([src]))
+    assert result.outcome is Outcome.SUCCESS
+    (dicomdir,) = out.rglob("DICOMDIR")
+    assert dicomdir.parent.parent == out / "Müller"
+    check_dicomdir(dicomdir.parent, uids([src]))
+    patient, study = dcmread(dicomdir).DirectoryRecordSequence[:2]
+    assert str(patient.PatientName) == "Müller^Jürgen" and study.StudyDescription == "Knie 膝"
