@@ -676,3 +676,22 @@ def test_non_ascii_values_reach_the_dicomdir_in_their_character_set(
     check_dicomdir(dicomdir.parent, uids([src]))
     patient, study = dcmread(dicomdir).DirectoryRecordSequence[:2]
     assert str(patient.PatientName) == "Müller^Jürgen" and study.StudyDescription == "Knie 膝"
+
+
+def test_a_versioned_file_gets_its_own_preview(tmp_path: Path, out: Path) -> None:
+    first = image(tmp_path / "v.dcm", RAMP, WindowCenter=1000, WindowWidth=801)
+    send = sender(out, render="png", on_exists="version", layout="{PatientID}.dcm")
+    send.send(outgoing([first]))
+    ds = dcmread(first)
+    ds.WindowCenter = 300
+    ds.save_as(first, enforce_file_format=True)
+    (result,) = send.send(outgoing([first]))
+    assert result.message == "written to P1_2.dcm"
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
+        "P1.dcm",
+        "P1.png",
+        "P1_2.dcm",
+        "P1_2.png",
+    ]
+    second = np.asarray(imagecodecs.png_decode((out / "P1_2.png").read_bytes()))
+    assert np.abs(second.astype(int) - window(RAMP.astype(float), 300, 801)).max() <= 1
