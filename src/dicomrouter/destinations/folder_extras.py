@@ -22,8 +22,8 @@ The records come from pydicom (``FileSet._recordify``: the record types and Type
 keys of PS3.3 F.5); the encoding, with its byte offsets, is done here. pydicom's own
 ``FileSet.write`` would copy every file to names of its choosing, in place and
 non-atomically, and ``FileSet.add`` costs O(n) per instance. Records of files read
-before are kept per sender (by inode, size, modification time), so a study that
-comes in many batches is read once.
+before are kept per sender (by inode, size, modification time; up to
+:data:`_KNOWN_FILES`), so a study that comes in many batches is read once.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import fcntl
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -89,7 +90,9 @@ _JPEG_QUALITY = 90
 _FILE_ID = re.compile(r"^[A-Z0-9_]{1,8}$")
 _MAX_PROBES = 64
 _STALE_LOCK = 3600.0  # seconds after which a study's lock file is removed
-_KNOWN_STUDIES = 4  # studies whose DICOMDIR records a sender keeps between batches
+#: Files whose DICOMDIR records a sender keeps between batches (about 5 KB each),
+#: the most recently written studies first.
+_KNOWN_FILES = 5000
 #: A file's records, and what they were made from (inode, size, modification time).
 _Records = tuple[tuple[int, int, int], str, list[Dataset]]
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
@@ -393,13 +396,12 @@ class FolderExtras:
         return True
 
     def _known_of(self, study: Path) -> dict[Path, _Records]:
-        """The records read for ``study`` before, for the last few studies written
-        (a study usually comes in several batches, one after the other)."""
-        known = self._known.pop(study, None)
-        if known is None:
-            known = {}
-            while len(self._known) >= _KNOWN_STUDIES:
-                self._known.popitem(last=False)
+        """The records read for ``study`` before (a study usually comes in several
+        batches, one after the other), within :data:`_KNOWN_FILES` for all studies:
+        the studies written longest ago are forgotten first."""
+        known = self._known.pop(study, {})
+        while self._known and sum(map(len, self._known.values())) + len(known) > _KNOWN_FILES:
+            self._known.popitem(last=False)
         self._known[study] = known
         return known
 
@@ -463,11 +465,10 @@ def write_dicomdir(
             left_out[path] = f"not in the DICOMDIR: {_detail(exc)}"
             log.warning("%s left out of the DICOMDIR: %s", path, _detail(exc))
             continue
-        seen[path] = (stamp, uid, records)
-        tree.place(records, uid)
+        seen[path] = (stamp, uid, tree.place(records, uid))
     put(study / "DICOMDIR", _encode_dicomdir(tree))
     known.clear()
-    known.update(seen)
+    known.update(itertools.islice(seen.items(), _KNOWN_FILES))
     return left_out
 
 
@@ -478,14 +479,18 @@ class _Node:
     record: Dataset
     children: dict[str, _Node] = field(default_factory=dict)
 
-    def place(self, records: list[Dataset], uid: str) -> None:
-        node = self
+    def place(self, records: list[Dataset], uid: str) -> list[Dataset]:
+        """Add one instance's records; the records now in the tree for it (the
+        levels above are shared by all the instances of a series, study, patient)."""
+        node, placed = self, []
         for depth, record in enumerate(records):
             last = depth == len(records) - 1
             key = uid if last else str(record.get(_LEVEL_KEYS.get(depth, ""), "")) or "_"
             node = node.children.setdefault(key, _Node(record))
             if last:
                 node.record = record  # a resend with the same UID: the latest file
+            placed.append(node.record)
+        return placed
 
     def ordered(self) -> list[_Node]:
         """The records of the level below: series by Series Number, instances by
