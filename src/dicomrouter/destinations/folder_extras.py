@@ -76,6 +76,7 @@ __all__ = [
     "extra_path",
     "file_id",
     "render_preview",
+    "write_dicomdir",
 ]
 
 #: The folder under a study's folder that holds its files (``dicomdir: true``).
@@ -295,10 +296,6 @@ class FolderExtras:
         self._held: dict[int, _Study] = {}  # instance key -> its study
         self._known: OrderedDict[Path, dict[Path, _Records]] = OrderedDict()
         self._locks_swept = False
-
-    @property
-    def fileset(self) -> bool:
-        return self.config.dicomdir
 
     # -- per instance ----------------------------------------------------------------
 
