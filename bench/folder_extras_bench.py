@@ -26,8 +26,8 @@ from pydicom import dcmread
 
 from dicomrouter.config import FolderDestinationConfig
 from dicomrouter.destinations import OutgoingInstance
+from dicomrouter.destinations.dicomdir import write_dicomdir
 from dicomrouter.destinations.folder import FolderSender
-from dicomrouter.destinations.folder_extras import write_dicomdir
 from tests.support.synth import make_study
 
 LEGS: dict[str, dict[str, Any]] = {

@@ -29,9 +29,10 @@ from pydicom.uid import (
 )
 
 from dicomrouter.config import FolderDestinationConfig
-from dicomrouter.destinations import Outcome, folder_extras
+from dicomrouter.destinations import Outcome
+from dicomrouter.destinations import dicomdir as fileset
+from dicomrouter.destinations.dicomdir import FILESET_DIR, file_id
 from dicomrouter.destinations.folder import TMP_DIR, FolderSender
-from dicomrouter.destinations.folder_extras import FILESET_DIR, file_id
 from tests.support import require_peers, skip_or_fail
 from tests.support.synth import make_study
 from tests.test_destination_folder import outgoing
@@ -467,7 +468,7 @@ def test_a_dicomdir_is_never_written_from_a_stale_listing(
     """While one writer lists the study for its DICOMDIR, another cannot add a file
     to it (the study's lock), so the DICOMDIR written last lists both."""
     first, second = make_study(tmp_path / "in", 2, series_count=1)
-    listing = folder_extras._fileset_files
+    listing = fileset._fileset_files
     other: list[threading.Thread] = []
 
     def slow_listing(base: Path) -> Any:
@@ -480,7 +481,7 @@ def test_a_dicomdir_is_never_written_from_a_stale_listing(
             other[0].join(1.0)  # with the lock it waits for us; without, it is done
         return iter(found)
 
-    monkeypatch.setattr(folder_extras, "_fileset_files", slow_listing)
+    monkeypatch.setattr(fileset, "_fileset_files", slow_listing)
     sender(out, dicomdir=True).send(outgoing([first]))
     other[0].join()
     (dicomdir,) = out.rglob("DICOMDIR")

@@ -13,7 +13,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import EncapsulatedPDFStorage
 
-from dicomrouter.destinations.folder_extras import FILESET_DIR, file_id
+from dicomrouter.destinations.dicomdir import FILESET_DIR, file_id
 from tests.support.router import RouterProcess, all_settled
 from tests.support.synth import make_study
 from tests.test_folder_extras import PDF_ODD, check_dicomdir, document, uids
