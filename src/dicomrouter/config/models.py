@@ -571,6 +571,7 @@ class DicomDestinationConfig(BaseDestinationConfig):
 
 #: ``folder``'s default layout: a folder per patient, study and series.
 DEFAULT_FOLDER_LAYOUT = "{PatientID}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
+DEFAULT_DICOMDIR_FOLDER = "{PatientID}/{StudyInstanceUID}"
 _TAG_FIELD_RE = re.compile(r"^[0-9A-Fa-f]{4},[0-9A-Fa-f]{4}$")
 
 
@@ -635,8 +636,59 @@ class FolderDestinationConfig(BaseDestinationConfig):
     max_workers: int = Field(
         1, ge=1, le=32, description="Instances written in parallel (one worker each)."
     )
+    render: Literal["png", "jpeg"] | None = Field(
+        None,
+        description="Also write a preview of each image next to its file (same name, "
+        "`.png` or `.jpg`): the object's first window (or VOI LUT), else its minimum to "
+        "maximum; the middle frame of a multi-frame image. Objects without pixel data get "
+        "none. A preview that cannot be made leaves the instance delivered, as `warning`.",
+    )
+    extract_documents: bool = Field(
+        False,
+        description="Also write the document of an Encapsulated PDF (`.pdf`) or CDA "
+        "(`.xml`) object next to its file, as it was before it was encapsulated.",
+    )
+    dicomdir: bool = Field(
+        False,
+        description="Make each study's folder a DICOM file-set: the study's files under "
+        "`DICOM/` with names the standard allows, and a `DICOMDIR` listing them, rewritten "
+        "after each batch. The folder is `dicomdir_folder`; `layout` is not used.",
+    )
+    dicomdir_folder: str = Field(
+        DEFAULT_DICOMDIR_FOLDER,
+        description="With `dicomdir: true`, the study's folder under `path` (a template "
+        "like `layout`'s, each name made safe), e.g. `{PatientID}/{StudyDate}_"
+        "{AccessionNumber}`. It should name one study: it holds one `DICOMDIR`.",
+    )
 
     _check_layout = field_validator("layout")(classmethod(lambda cls, v: _check_layout(v)))
+
+    @field_validator("dicomdir_folder")
+    @classmethod
+    def _check_dicomdir_folder(cls, value: str) -> str:
+        try:
+            return _check_layout(value)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("layout", "dicomdir_folder", 1)) from None
+
+    @model_validator(mode="after")
+    def _check_dicomdir(self) -> FolderDestinationConfig:
+        if not self.dicomdir:
+            if "dicomdir_folder" in self.model_fields_set:
+                raise ValueError("dicomdir_folder is used only with dicomdir: true")
+            return self
+        if "layout" in self.model_fields_set:
+            raise ValueError(
+                "layout cannot be used with dicomdir: true: a DICOMDIR lists files by IDs of "
+                "at most 8 names of 8 characters A-Z, 0-9, _ (PS3.10), which the router "
+                "makes itself; set the study's folder with dicomdir_folder instead"
+            )
+        if self.on_exists == "version":
+            raise ValueError(
+                "on_exists: version cannot be used with dicomdir: true: a file-set holds "
+                "one file per SOP Instance UID (use overwrite or skip)"
+            )
+        return self
 
     @property
     def workers(self) -> int:

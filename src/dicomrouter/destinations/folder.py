@@ -17,6 +17,9 @@
   destination and probes it (:meth:`FolderSender.probe`: a test write) until it can
   be written again. A name the filesystem refuses, or a layout value that does not
   fit its format spec, is ``PERMANENT`` for that instance.
+* **Extras** (previews, encapsulated documents, a file-set with a DICOMDIR per
+  study): :mod:`.folder_extras`, called after each file is written and after each
+  batch.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pydicom.uid import UID
 
 from dicomrouter.config.models import FolderDestinationConfig
 
+from .folder_extras import ExtraError, FolderExtras
 from .layout import MAX_COMPONENT_BYTES, Layout, LayoutError, safe_component
 from .outgoing import InstanceResult, OutgoingInstance, annotate, prepared
 from .recode import TranscodeError, transcoded, uid_label
@@ -94,6 +98,8 @@ class FolderSender:
         self._layout = Layout(config.layout)
         self._target = config.transfer_syntax_uid
         self._swept = False
+        self._extras = FolderExtras(config, self._put)
+        self._study = Layout(config.dicomdir_folder) if config.dicomdir else None
 
     # -- the Sender interface ------------------------------------------------------
 
@@ -106,6 +112,8 @@ class FolderSender:
         results: list[InstanceResult] = []
 
         def emit(result: InstanceResult) -> None:
+            if self._extras.hold(result):
+                return  # reported with its study's DICOMDIR (finish)
             results.append(result)
             if on_result is not None:
                 on_result(result)
@@ -113,10 +121,25 @@ class FolderSender:
         if not batch:
             return results
         self._check_root()
+        try:
+            self._send(batch, emit, should_stop)
+        finally:
+            for held in self._extras.finish():
+                results.append(held)
+                if on_result is not None:
+                    on_result(held)
+        return results
+
+    def _send(
+        self,
+        batch: Sequence[OutgoingInstance],
+        emit: Callable[[InstanceResult], None],
+        should_stop: ShouldStop | None,
+    ) -> None:
         written = 0
         for position, inst in enumerate(batch):
             if should_stop is not None and should_stop():
-                return results
+                return
             with prepared(inst) as ready:
                 if isinstance(ready, InstanceResult):
                     emit(ready)
@@ -129,12 +152,11 @@ class FolderSender:
                     log.warning("writing to %s: %s", self.root, exc)
                     for rest in batch[position:]:
                         emit(InstanceResult(rest.key, Outcome.TRANSIENT, None, str(exc)))
-                    return results
+                    return
                 annotate(result, inst, ready)
                 if result.outcome.delivered:
                     written += 1
                 emit(result)
-        return results
 
     def probe(self) -> None:
         """The folder exists and a file can be written, synced and removed in it."""
@@ -187,26 +209,36 @@ class FolderSender:
             else:
                 sent_ts, sent_uid = self._target, str(header.SOPInstanceUID)
                 write = _bytes_writer(data)
+        study: Path | None = None
         try:
-            target = self._place(header)
-            how = self._store(target, write)
-        except _BadName as exc:
+            if self._study is None:
+                how, final = self._store(self._place(header), write)
+            else:
+                study = self._place(header, self._study)
+                try:
+                    with self._extras.locked(study):
+                        how, final = self._store(self._extras.file_in_set(study, header), write)
+                except OSError as exc:  # the lock (_store classifies its own)
+                    raise self._classify(exc, study) from None
+        except (_BadName, ExtraError) as exc:
             return InstanceResult(inst.key, Outcome.PERMANENT, None, str(exc))
-        message = how + (f" ({'; '.join(notes)})" if notes else "")
+        extras = self._extras.after_write(inst.key, final, study)
+        message = how + (f" ({'; '.join(notes + extras)})" if notes or extras else "")
         return InstanceResult(
             inst.key,
-            Outcome.SUCCESS,
+            Outcome.WARNING if extras else Outcome.SUCCESS,
             None,
             message,
             sent_uid=sent_uid if sent_uid != inst.sop_instance_uid else None,
             sent_transfer_syntax_uid=sent_ts,
         )
 
-    def _place(self, header: Dataset) -> Path:
-        """The file's path under the folder, from ``layout``; :class:`_BadName` when
-        a value does not fit its format spec or the path would leave the folder."""
+    def _place(self, header: Dataset, layout: Layout | None = None) -> Path:
+        """The file's path under the folder, from ``layout`` (or another layout: a
+        study's file-set folder); :class:`_BadName` when a value does not fit its
+        format spec or the path would leave the folder."""
         try:
-            names = self._layout.render(header)
+            names = (layout or self._layout).render(header)
         except LayoutError as exc:
             raise _BadName(f"cannot name the file: {exc}") from None
         root = self.root.resolve()
@@ -215,9 +247,9 @@ class FolderSender:
             raise _BadName(f"{'/'.join(names)} would be outside {root}")  # a symbolic link
         return target
 
-    def _store(self, target: Path, write: Callable[[BinaryIO], None]) -> str:
+    def _store(self, target: Path, write: Callable[[BinaryIO], None]) -> tuple[str, Path]:
         """Write ``target`` whole (temporary file, fsync, rename, fsync folder) as
-        ``on_exists`` says; return what was done."""
+        ``on_exists`` says; return what was done and the file's path."""
         try:
             self._makedirs(target.parent)
             tmp = self._write_tmp(target.parent, write)
@@ -230,24 +262,35 @@ class FolderSender:
         except OSError as exc:
             raise self._classify(exc, target) from None
 
-    def _commit(self, tmp: Path, target: Path) -> str:
+    def _commit(self, tmp: Path, target: Path) -> tuple[str, Path]:
         mode = self.config.on_exists
         relative = target.relative_to(self.root.resolve())
         if mode == "overwrite":
             os.replace(tmp, target)
-            return f"written to {relative}"
+            return f"written to {relative}", target
         if mode == "skip":
             if _link_new(tmp, target):
-                return f"written to {relative}"
-            return f"kept the file already at {relative} (on_exists: skip)"
+                return f"written to {relative}", target
+            return f"kept the file already at {relative} (on_exists: skip)", target
         for n in range(1, _MAX_VERSIONS + 1):
             candidate = target if n == 1 else target.with_name(f"{target.stem}_{n}{target.suffix}")
             if _link_new(tmp, candidate):
-                return f"written to {candidate.relative_to(self.root.resolve())}"
+                return f"written to {candidate.relative_to(self.root.resolve())}", candidate
             if candidate.is_file() and filecmp.cmp(tmp, candidate, shallow=False):
                 name = candidate.relative_to(self.root.resolve())
-                return f"the same file is already at {name} (on_exists: version)"
+                return f"the same file is already at {name} (on_exists: version)", candidate
         raise _BadName(f"{relative}: {_MAX_VERSIONS} versions already (on_exists: version)")
+
+    def _put(self, target: Path, data: bytes) -> None:
+        """Write an extra (a preview, a document, a DICOMDIR) whole, replacing the
+        file there."""
+        self._makedirs(target.parent)
+        tmp = self._write_tmp(target.parent, _bytes_writer(data))
+        try:
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(target.parent)
 
     def _write_tmp(self, folder: Path, write: Callable[[BinaryIO], None]) -> Path:
         tmp_dir = self._tmp_dir()
