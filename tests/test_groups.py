@@ -17,7 +17,13 @@ from dicomrouter.config import ConfigError, GroupDestinationConfig, load_config_
 from dicomrouter.config.lint import lint
 from dicomrouter.queue import ItemResult, groups
 from dicomrouter.queue import states as S
-from dicomrouter.store.schema import destination_state, group_affinity, job_instances, jobs
+from dicomrouter.store.schema import (
+    destination_state,
+    group_affinity,
+    instances,
+    job_instances,
+    jobs,
+)
 from tests.support.synth import make_study
 from tests.test_queue import Pipeline, route
 
@@ -99,6 +105,18 @@ def deliver(p: Pipeline, dest: str, max_jobs: int) -> set[str]:
 
 def move(p: Pipeline) -> list[groups.GroupMove]:
     return groups.move_waiting(p.engine, p.config, time.time())
+
+
+def queue_directly(tmp_path: Path, member: str, files: list[Path]) -> None:
+    """Queue ``files`` for ``member`` by a direct route, as a configuration before a
+    reload did: a group's member is never sent to directly under one configuration
+    (refused at load), but what an earlier one queued is still there."""
+    before = Pipeline(
+        tmp_path,
+        {"destinations": {"m1": M1, "m2": M2, "m3": M3}, "routes": [route(to=[member])]},
+    )
+    before.receive(files)
+    before.plan()
 
 
 # -- choosing a member -------------------------------------------------------------
@@ -191,17 +209,11 @@ def test_round_robin_skips_a_member_that_is_down_and_its_turn_is_persisted(
 def test_least_queued_chooses_the_member_with_the_fewest_waiting_instances(
     tmp_path: Path,
 ) -> None:
-    p = pipeline(
-        tmp_path,
-        "least_queued",
-        routes=[
-            route(name="direct", to=["m1"], when={"PatientID": "BUSY"}),
-            route(name="grouped", to=["pair"], when={"PatientID": {"not": "BUSY"}}),
-        ],
-    )
+    p = pipeline(tmp_path, "least_queued")
     busy = make_study(tmp_path / "in", 4, prefix="X", patient_id="BUSY")
     p.receive(busy)
     p.plan()
+    assert where(p, busy) == {"m1": sops(busy)}  # both empty: the first member
     a, b = study(tmp_path, 2, "A"), study(tmp_path, 5, "B")
     p.receive(a)
     p.plan()
@@ -226,20 +238,12 @@ def test_least_queued_counts_what_one_pass_assigns(tmp_path: Path) -> None:
 def test_least_queued_counts_late_instances_of_known_studies_in_the_same_pass(
     tmp_path: Path,
 ) -> None:
-    p = pipeline(
-        tmp_path,
-        "least_queued",
-        routes=[
-            route(name="direct", to=["m2"], when={"PatientID": "BUSY"}),
-            route(name="grouped", to=["pair"], when={"PatientID": {"not": "BUSY"}}),
-        ],
-    )
+    p = pipeline(tmp_path, "least_queued")
     x = study(tmp_path, 1, "X")
     p.receive(x)
     p.plan()
     assert deliver(p, "m1", max_jobs=10) == sops(x)  # m1: nothing waiting
-    p.receive(make_study(tmp_path / "in", 2, prefix="B", patient_id="BUSY"))  # m2: 2
-    p.plan()
+    queue_directly(tmp_path, "m2", make_study(tmp_path / "in", 2, prefix="B"))  # m2: 2
     late = make_study(tmp_path / "in", 5, prefix="L", study_uid=study_uid(x))
     y = study(tmp_path, 1, "Y")
     p.receive(late + y)
@@ -409,14 +413,11 @@ def test_moving_follows_the_strategy(tmp_path: Path) -> None:
             "m3": M3,
             "trio": {"type": "group", "members": ["m1", "m2", "m3"], "strategy": "least_queued"},
         },
-        routes=[
-            route(name="direct", to=["m2"], when={"PatientID": "BUSY"}),
-            route(name="grouped", to=["trio"], when={"PatientID": {"not": "BUSY"}}),
-        ],
+        routes=[route(to=["trio"])],
     )
-    busy = make_study(tmp_path / "in", 3, prefix="X", patient_id="BUSY")
+    queue_directly(tmp_path, "m2", make_study(tmp_path / "in", 3, prefix="X"))
     a = study(tmp_path, 2, "A")
-    p.receive(busy + a)
+    p.receive(a)
     p.plan()
     assert where(p, a) == {"m1": sops(a)}
     set_state(p, "m1", "ok", admin=1)  # paused by an operator
@@ -428,9 +429,11 @@ def test_moving_follows_the_strategy(tmp_path: Path) -> None:
 def test_moving_to_a_member_that_already_has_the_instances_sends_them_once(
     tmp_path: Path,
 ) -> None:
-    p = pipeline(tmp_path, routes=[route(name="g", to=["pair"]), route(name="d", to=["m2"])])
     a = study(tmp_path, 3, "A")
-    p.receive(a)
+    queue_directly(tmp_path, "m2", a)
+    p = pipeline(tmp_path)
+    with p.engine.begin() as conn:  # received again after the reload: planned again
+        conn.execute(update(instances).values(routed=0))
     p.plan()
     assert where(p, a) == {"m1": sops(a), "m2": sops(a)}
     deliver(p, "m1", max_jobs=1)
@@ -476,8 +479,22 @@ def test_a_study_moves_back_whole_when_its_new_member_is_paused(tmp_path: Path) 
     assert where(p, a) == {"m1": sops(a)}
 
 
+def _direct_to_m1(tmp_path: Path) -> Pipeline:
+    """m1 outside any group, sent to directly; ``pair`` groups m2 and m3."""
+    return pipeline(
+        tmp_path,
+        destinations={
+            "m1": M1,
+            "m2": M2,
+            "m3": M3,
+            "pair": {"type": "group", "members": ["m2", "m3"]},
+        },
+        routes=[route(to=["m1"])],
+    )
+
+
 def test_direct_jobs_of_a_paused_member_do_not_move(tmp_path: Path) -> None:
-    p = pipeline(tmp_path, routes=[route(to=["m1"])])
+    p = _direct_to_m1(tmp_path)
     a = study(tmp_path, 2, "A")
     p.receive(a)
     p.plan()
@@ -537,6 +554,29 @@ def test_group_errors_name_the_key(group: str, expected: str) -> None:
     assert any(expected in e for e in found), found
 
 
+def test_a_member_belongs_to_one_group_and_is_not_sent_to_directly() -> None:
+    """A member's queue holds each instance once, whichever route put it there: a
+    move away from a paused member would take a second group's or a direct route's
+    delivery with it, so both are refused, naming the key and the way out."""
+    shared = _errors(
+        f"destinations: {{{_MEMBERS}, g1: {{type: group, members: [m1, m2]}}, "
+        "g2: {type: group, members: [m2, m1]}}\n"
+        "routes: [{name: a, to: [g1]}, {name: b, to: [g2]}]"
+    )
+    assert any(
+        "destinations.g2.members[1]: 'm1' is already a member of group 'g1'" in e for e in shared
+    ), shared
+    direct = _errors(
+        f"destinations: {{{_MEMBERS}, pair: {{type: group, members: [m1, m2]}}}}\n"
+        "routes: [{name: a, to: [pair]}, {name: b, to: [m1]}]"
+    )
+    assert any(
+        "routes[1] (b).to[0]: 'm1' is a member of group 'pair': send to the group, or give "
+        "the direct route a destination of its own" in e
+        for e in direct
+    ), direct
+
+
 def test_a_group_is_a_destination_routes_name_and_its_members_are_used() -> None:
     config = _load(
         f"destinations: {{{_MEMBERS}, pair: {{type: group, members: [m2, m1]}}}}\n"
@@ -554,7 +594,7 @@ def test_moving_jobs_by_hand_to_a_group_is_refused(tmp_path: Path) -> None:
     from dicomrouter.control.errors import Invalid
     from dicomrouter.control.jobs import move_jobs
 
-    p = pipeline(tmp_path, routes=[route(to=["m1"])])
+    p = _direct_to_m1(tmp_path)
     p.receive(study(tmp_path, 1, "A"))
     p.plan()
     with pytest.raises(Invalid, match="'pair' is a group: move the jobs to one of its members"):

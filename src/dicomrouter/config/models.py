@@ -94,7 +94,50 @@ def reference_problems(
                     )
                 )
     problems += group_problems(destinations)
+    problems += _direct_to_member_problems(routes, destinations)
     return problems + pipeline_reference_problems(routes, destinations, transforms or {})
+
+
+def _direct_to_member_problems(routes: Any, destinations: Any) -> list[tuple[KeyPath, str]]:
+    """Routes that send to a group's member directly. A member's queue holds each
+    instance once, whichever route put it there, so a study the group moves away
+    from a paused member would take the direct route's delivery with it (and a
+    direct delivery queued first would keep the group from failing over)."""
+    if not isinstance(routes, list):
+        return []
+    member_of = group_membership(destinations)
+    problems: list[tuple[KeyPath, str]] = []
+    for index, route in enumerate(routes):
+        targets = getattr(route, "to", None) if not isinstance(route, dict) else route.get("to")
+        if not isinstance(targets, list):
+            continue
+        for position, target in enumerate(targets):
+            if isinstance(target, str) and target in member_of:
+                problems.append(
+                    (
+                        ("routes", index, "to", position),
+                        f"{target!r} is a member of group {member_of[target]!r}: send to the "
+                        "group, or give the direct route a destination of its own with the "
+                        "same address (one queue cannot serve a group and a direct route)",
+                    )
+                )
+    return problems
+
+
+def group_membership(destinations: Any) -> dict[str, str]:
+    """Member name -> the first group (in file order) that lists it."""
+    member_of: dict[str, str] = {}
+    if not isinstance(destinations, dict):
+        return member_of
+    for name, dest in destinations.items():
+        is_group = dest.get("type") if isinstance(dest, dict) else getattr(dest, "type", None)
+        if is_group != "group":
+            continue
+        members = dest.get("members") if isinstance(dest, dict) else dest.members
+        for member in members if isinstance(members, list) else []:
+            if isinstance(member, str):
+                member_of.setdefault(member, str(name))
+    return member_of
 
 
 def pipeline_reference_problems(
@@ -674,7 +717,7 @@ class FolderDestinationConfig(BaseDestinationConfig):
     @model_validator(mode="after")
     def _check_dicomdir(self) -> FolderDestinationConfig:
         if not self.dicomdir:
-            if "dicomdir_folder" in self.model_fields_set:
+            if self.dicomdir_folder != DEFAULT_DICOMDIR_FOLDER:
                 raise ValueError("dicomdir_folder is used only with dicomdir: true")
             return self
         if "layout" in self.model_fields_set:
@@ -958,6 +1001,7 @@ def group_problems(destinations: Any) -> list[tuple[KeyPath, str]]:
         return getattr(value, "type", None)
 
     known = sorted(str(name) for name, value in destinations.items() if kind(value) != "group")
+    member_of = group_membership(destinations)
     problems: list[tuple[KeyPath, str]] = []
     for name, dest in destinations.items():
         if kind(dest) != "group":
@@ -982,6 +1026,15 @@ def group_problems(destinations: Any) -> list[tuple[KeyPath, str]]:
                 )
             elif kind(destinations[member]) == "group":
                 problems.append((where, f"{member!r} is a group: a group's members are not groups"))
+            elif member_of.get(member, name) != name:
+                problems.append(
+                    (
+                        where,
+                        f"{member!r} is already a member of group {member_of[member]!r}: a "
+                        "destination belongs to one group at most (give it a second "
+                        "destination with the same address for this group)",
+                    )
+                )
             seen.add(member)
     return problems
 
