@@ -157,6 +157,80 @@ def test_a_bare_200_says_every_instance_was_stored(study: list[Path]) -> None:
     assert [r.outcome for r in results] == [Outcome.SUCCESS] * 3
 
 
+@pytest.mark.parametrize("reason", [0x0000, 0xB000, None])
+def test_an_instance_in_the_failed_sop_sequence_is_never_delivered(
+    study: list[Path], reason: int | None
+) -> None:
+    """A Failure Reason of 0x0000 or 0xBxxx is the server's mistake, not a store."""
+    batch = outgoing(study[:2])
+    uids = [inst.sop_instance_uid for inst in batch]
+    answer = stow_json(stored=[uids[0]], failed=[(uids[1], reason)])
+    with stow_server(lambda request: (202, JSON, answer)) as server:
+        results = by_key(sender(server.url).send(batch))
+    assert results[0].outcome is Outcome.SUCCESS
+    assert results[1].outcome is Outcome.PERMANENT and results[1].status == reason
+    assert "not stored" in results[1].message or "refused" in results[1].message
+
+
+@pytest.mark.parametrize("reason", [0xA700, 0xA7FF, 0x0213])
+def test_out_of_resources_in_the_failed_sop_sequence_is_transient(
+    study: list[Path], reason: int
+) -> None:
+    batch = outgoing(study[:1])
+    answer = stow_json(failed=[(batch[0].sop_instance_uid, reason)])
+    with stow_server(lambda request: (202, JSON, answer)) as server:
+        [result] = sender(server.url).send(batch)
+    assert result.outcome is Outcome.TRANSIENT and result.status == reason
+
+
+@pytest.mark.parametrize(
+    ("media", "body"),
+    [
+        ("text/html", b"<html><body>Please sign in</body></html>"),
+        (JSON, b'{"status": "ok"}'),
+        (XML, b"<html><body>Please sign in</body></html>"),
+    ],
+)
+def test_a_200_that_is_not_a_store_response_is_not_trusted(
+    study: list[Path], media: str, body: bytes
+) -> None:
+    """A proxy's sign-in page answers 200 too: its instances are sent again."""
+    with stow_server(lambda request: (200, media, body)) as server:
+        results = sender(server.url).send(outgoing(study[:2]))
+    assert [r.outcome for r in results] == [Outcome.TRANSIENT] * 2
+    assert "but not a Store Instances Response" in results[0].message
+    assert body.decode()[:20] in results[0].message
+
+
+def test_a_200_whose_response_names_nothing_says_every_instance_was_stored(
+    study: list[Path],
+) -> None:
+    with stow_server(lambda request: (200, JSON, b"[{}]")) as server:
+        results = sender(server.url).send(outgoing(study[:2]))
+    assert [r.outcome for r in results] == [Outcome.SUCCESS] * 2
+
+
+@pytest.mark.parametrize(
+    ("media", "build", "quote"), [(JSON, stow_json, b'"'), (XML, stow_xml, b"")]
+)
+def test_one_unreadable_reason_leaves_the_rest_of_the_response_readable(
+    study: list[Path], media: str, build: Any, quote: bytes
+) -> None:
+    """A Failure Reason sent as text ("Processing failure") is shown, the instance
+    failed for good; the others keep what the response says of them."""
+    batch = outgoing(study[:3])
+    uids = [inst.sop_instance_uid for inst in batch]
+    answer = build(stored=uids[:2], warnings={uids[1]: 0xB007}, failed=[(uids[2], 0xC000)])
+    answer = answer.replace(b"45063", quote + b"Coerced " + quote)
+    answer = answer.replace(b"49152", quote + b"Processing failure" + quote)
+    with stow_server(lambda request: (200, media, answer)) as server:
+        results = by_key(sender(server.url).send(batch))
+    assert results[0].outcome is Outcome.SUCCESS
+    assert results[1].outcome is Outcome.WARNING and "'Coerced'" in results[1].message
+    assert results[2].outcome is Outcome.PERMANENT and results[2].status is None
+    assert "failure reason 'Processing failure'" in results[2].message
+
+
 def test_responses_in_either_encoding_parse_the_same() -> None:
     for media, build in ((JSON, stow_json), (XML, stow_xml)):
         answer = parse_response(
@@ -166,6 +240,8 @@ def test_responses_in_either_encoding_parse_the_same() -> None:
         assert answer.stored == {"1.2": None, "1.3": 0xB000}
         assert answer.failed == {"1.4": 0x0110}
     assert not parse_response(JSON, b"<html>oops</html>").readable
+    assert not parse_response(JSON, b'{"ok": true}').readable
+    assert parse_response(JSON, b"[{}]").readable
 
 
 # -- HTTP statuses ---------------------------------------------------------------------

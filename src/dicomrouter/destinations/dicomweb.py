@@ -10,13 +10,15 @@
   (:func:`~.stow.parse_response`, JSON or XML):
 
   - 200/202: each instance in the Referenced SOP Sequence is ``SUCCESS``
-    (``WARNING`` with a Warning Reason); each in the Failed SOP Sequence is
-    classified by its Failure Reason as a C-STORE status would be
-    (:func:`~.status.classify_status`: ``0xA7xx`` transient, the rest permanent).
-    An instance the response does not name is ``TRANSIENT`` (sent again: STOW-RS
-    stores the same instance twice harmlessly, while calling it stored could lose
-    it), unless the response names nothing at all and the status is 200, which
-    says all were stored.
+    (``WARNING`` with a Warning Reason). One in the Failed SOP Sequence is never
+    delivered, whatever its Failure Reason: ``TRANSIENT`` when out of resources
+    (``0xA7xx``, ``0x0213``), else ``PERMANENT``; a reason that is not a number is
+    shown as given and counts as none (by the HTTP status). An instance the
+    response does not name is ``TRANSIENT`` (sent again: STOW-RS stores the same
+    instance twice harmlessly, while calling it stored could lose it), unless the
+    status is 200 and the body is empty or a response naming nothing, which says
+    all were stored. A body that is not a Store Instances Response (a proxy's
+    sign-in page) is not the server speaking: ``TRANSIENT``.
   - 409 and 400 (and the other 4xx but 401/403/404/405/408/413/429): the request's
     instances failed, ``PERMANENT`` unless a Failure Reason says transient.
   - 401/403: :class:`~.sender.DestinationUnavailable` with ``pause=True``: the
@@ -367,24 +369,44 @@ def _outcome(
     """What ``status`` and the response say of one instance of the request."""
     uid = item.ready.sop_instance_uid
     if uid in answer.failed:
-        reason = answer.failed[uid]
-        if reason is None:
-            outcome = Outcome.TRANSIENT if status >= 500 or status in _RETRY else Outcome.PERMANENT
-            return outcome, None, f"HTTP {status}: refused by the server (no failure reason)"
-        return classify_status(reason), reason, f"HTTP {status}: {describe_status(reason)}"
-    if uid in answer.stored and status < 300:
-        warning = answer.stored[uid]
-        if warning is None:
-            return Outcome.SUCCESS, None, f"stored (HTTP {status})"
-        return Outcome.WARNING, warning, f"stored with a warning: {describe_status(warning)}"
+        return _failed(status, answer.failed[uid], answer.texts.get(uid))
     if 200 <= status < 300:
-        if status == 200 and not answer.stored and not answer.failed:
+        if uid in answer.stored:
+            warning, text = answer.stored[uid], answer.texts.get(uid)
+            if warning is not None or text is not None:
+                what = describe_status(warning) if warning is not None else repr(text)
+                return Outcome.WARNING, warning, f"stored with a warning: {what}"
+            return Outcome.SUCCESS, None, f"stored (HTTP {status})"
+        if status == 200 and not content.strip():
             return Outcome.SUCCESS, None, "stored (HTTP 200)"
+        if not answer.readable:  # a proxy's page, say: it is not the server that spoke
+            return (
+                Outcome.TRANSIENT,
+                None,
+                f"HTTP {status} from {url}, but not a Store Instances Response{_detail(content)}",
+            )
+        if status == 200 and not answer.stored and not answer.failed:
+            return Outcome.SUCCESS, None, "stored (HTTP 200, the response names no instance)"
         return Outcome.TRANSIENT, None, f"HTTP {status}: not named in the server's response"
     what = f"HTTP {status} from {url}" + _detail(content)
     if status >= 500 or status in _RETRY:
         return Outcome.TRANSIENT, None, what
     return Outcome.PERMANENT, None, what
+
+
+def _failed(status: int, code: int | None, text: str | None) -> tuple[Outcome, int | None, str]:
+    """An instance in the Failed SOP Sequence: never delivered, whatever its
+    Failure Reason says (a ``0x0000`` or ``0xBxxx`` there is the server's mistake).
+    Transient when the reason is out of resources (``0xA7xx``, ``0x0213``), else
+    permanent; with no reason, or one that is not a number (its text shown), by the
+    HTTP status."""
+    if code is not None:
+        transient = classify_status(code) is Outcome.TRANSIENT
+        outcome = Outcome.TRANSIENT if transient else Outcome.PERMANENT
+        return outcome, code, f"HTTP {status}: not stored: {describe_status(code)}"
+    outcome = Outcome.TRANSIENT if status >= 500 or status in _RETRY else Outcome.PERMANENT
+    reason = f"failure reason {text!r}" if text else "no failure reason"
+    return outcome, None, f"HTTP {status}: refused by the server ({reason})"
 
 
 def _transcoded(inst: OutgoingInstance, target: str, allow_lossy: bool) -> tuple[bytes, str]:
