@@ -347,14 +347,35 @@ def test_a_server_that_is_down_is_unavailable(study: list[Path]) -> None:
         sender(url).probe()
 
 
-def test_a_server_that_does_not_answer_in_time_gets_the_request_retried(
-    study: list[Path],
-) -> None:
-    with stow_server() as server:
-        server.delay = 3.0
-        results = sender(server.url, timeout=0.5).send(outgoing(study[:2]))
-    assert [r.outcome for r in results] == [Outcome.TRANSIENT] * 2
-    assert "no answer in time" in results[0].message
+def test_a_server_that_accepts_but_never_answers_is_unavailable(study: list[Path]) -> None:
+    """Connections are taken (the kernel's backlog) but nothing is ever answered: as a
+    refused connection, the destination is paused and probed rather than each job
+    using up its attempts."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    reported: list[InstanceResult] = []
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/dicom-web"
+        with pytest.raises(DestinationUnavailable, match="no answer in time") as caught:
+            sender(url, timeout=0.5).send(outgoing(study[:2]), on_result=reported.append)
+    finally:
+        listener.close()
+    assert not caught.value.pause and reported == []
+
+
+def test_a_timeout_after_a_first_answer_leaves_the_rest_transient(study: list[Path]) -> None:
+    calls: list[int] = []
+
+    def respond(request: Received) -> tuple[int, str, bytes]:
+        calls.append(1)
+        if len(calls) > 1:
+            threading.Event().wait(3.0)
+        return 200, JSON, stow_json(request.uids)
+
+    with stow_server(respond) as server:
+        results = by_key(sender(server.url, timeout=0.5, max_instances=2).send(outgoing(study)))
+    outcomes = [results[k].outcome for k in range(len(study))]
+    assert outcomes == [Outcome.SUCCESS] * 2 + [Outcome.TRANSIENT] * (len(study) - 2)
+    assert "no answer in time" in results[2].message and len(server.posts) == 2
 
 
 def test_a_connection_cut_after_the_first_request_retries_the_rest(study: list[Path]) -> None:
@@ -400,6 +421,50 @@ def test_a_connection_cut_after_the_first_request_retries_the_rest(study: list[P
         listener.close()
     outcomes = [results[k].outcome for k in range(4)]
     assert outcomes == [Outcome.SUCCESS] * 2 + [Outcome.TRANSIENT] * 2
+
+
+def test_a_request_too_large_for_the_server_is_halved_until_it_fits(
+    study: list[Path], tmp_path: Path
+) -> None:
+    """A server with a body limit (nginx's client_max_body_size) of 2.5 instances:
+    413 splits the request, each instance arrives once, a transformed copy lives
+    until its last request."""
+    limit = int(2.5 * study[0].stat().st_size)
+
+    def respond(request: Received) -> tuple[int, str, bytes]:
+        if request.length > limit:
+            return 413, "text/html", b"<html>413 Request Entity Too Large</html>"
+        return 200, JSON, stow_json(request.uids)
+
+    batch = outgoing(study[:6])
+    copy = tmp_path / "copy.dcm"
+    copy.write_bytes(study[0].read_bytes())
+    first = batch[0]
+    batch[0] = OutgoingInstance(
+        **{
+            **first.__dict__,
+            "prepare": lambda: PreparedFile(
+                copy, first.sop_instance_uid, first.transfer_syntax_uid, "copy"
+            ),
+        }
+    )
+    with stow_server(respond) as server:
+        results = by_key(sender(server.url).send(batch))
+    assert [results[k].outcome for k in range(6)] == [Outcome.SUCCESS] * 6
+    assert [len(p.parts) for p in server.posts] == [6, 3, 1, 2, 3, 1, 2]
+    stored = [part for post in server.posts if post.length <= limit for part in post.parts]
+    assert stored == [path.read_bytes() for path in study[:6]]
+    assert not copy.exists()
+
+
+def test_one_instance_too_large_for_the_server_fails_naming_the_limits(
+    study: list[Path],
+) -> None:
+    with stow_server(lambda request: (413, "text/html", b"Request Entity Too Large")) as server:
+        [result] = sender(server.url).send(outgoing(study[:1]))
+    assert result.outcome is Outcome.PERMANENT and len(server.posts) == 1
+    assert "HTTP 413" in result.message and "client_max_body_size" in result.message
+    assert "destinations.ai.max_bytes" in result.message
 
 
 # -- credentials -------------------------------------------------------------------------

@@ -1113,8 +1113,9 @@ class DicomwebDestinationConfig(BaseDestinationConfig):
     timeout: Duration = Field(
         120.0,
         description="Longest wait to connect, and for each read or write of a request "
-        "(a server that stops reading or answering); then the request's instances are "
-        "retried.",
+        "(a server that stops reading or answering); then the server counts as down "
+        "(paused and probed) when it answered nothing yet in the batch, else the request's "
+        "instances and the rest of the batch are retried.",
     )
     max_instances: int = Field(10, ge=1, le=10000, description="Instances per request at most.")
     max_bytes: ByteSize = Field(

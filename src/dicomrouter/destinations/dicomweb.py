@@ -25,17 +25,19 @@
     credentials were refused, nothing will be taken until someone acts.
   - 404/405: not a STOW-RS endpoint (a wrong ``url``): the destination cannot be
     reached as configured.
-  - 503, 502, 504, 429, a refused connection or a connect timeout: the server is
-    down or overloaded. When nothing was answered in this batch yet,
+  - 503, 502, 504, 429, a refused connection, a connect, read or write timeout:
+    the server is down, overloaded or hung. When nothing was answered in this batch
+    yet,
     :class:`~.sender.DestinationUnavailable` (paused and probed, as DICOM
     destinations are); else this request's instances and the rest are
     ``TRANSIENT``.
   - A TLS failure (the server refused our certificate, which TLS 1.3 tells only
     after the request is sent): as a refused connection, the reason pointing at
     ``tls``.
-  - Other 5xx, 408, 413, a read or write timeout, a connection lost mid-request:
-    this request's instances are ``TRANSIENT`` (retried with backoff; the server may
-    or may not have stored them).
+  - 413: the request is halved and each half sent in turn; a single instance
+    refused so is ``PERMANENT``, the reason naming the server's body limit.
+  - Other 5xx, 408, a connection lost mid-request: this request's instances are
+    ``TRANSIENT`` (retried with backoff; the server may or may not have stored them).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ _ACCEPT = "application/dicom+json"  # both encodings are read; Orthanc logs an e
 #: Statuses that say the server cannot take anything now: pause and probe.
 _UNAVAILABLE = frozenset({429, 502, 503, 504})
 #: Statuses that say this request failed for a reason a retry may fix.
-_RETRY = frozenset({408, 413})
+_RETRY = frozenset({408})
 
 
 @dataclass
@@ -96,6 +98,14 @@ _Decide = Callable[[_Item], tuple[Outcome, int | None, str]]
 
 class _Stop(Exception):
     """The rest of the batch is not sent (a transient failure part way)."""
+
+
+class _Down(Exception):
+    """The server cannot take anything now (down, overloaded, hung): the reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class DicomwebSender:
@@ -282,26 +292,49 @@ class DicomwebSender:
         emit: OnResult,
         answered: bool,
     ) -> bool:
-        """Send ``group`` as one request and report its instances; True when the
-        server answered. Raises :class:`_Stop` (the rest reported ``TRANSIENT``) or
+        """Send ``group`` and report its instances; True when the server answered.
+        A request refused as too large (413) is halved and each half sent in turn.
+        Raises :class:`_Stop` (the rest reported ``TRANSIENT``) or
         :class:`DestinationUnavailable` when nothing more should be sent."""
+        waiting = [group]
+        try:
+            while waiting:
+                request = waiting.pop(0)
+                try:
+                    done = self._request(client, request, emit)
+                except _Down as down:
+                    later = [item for rest in waiting for item in rest]
+                    self._down(down.reason, request + later, batch, next_position, emit, answered)
+                if done is None:  # 413: two smaller requests, first half first
+                    half = len(request) // 2
+                    waiting[:0] = [request[:half], request[half:]]
+                answered |= done is not False
+            return answered
+        finally:
+            for item in group:  # a copy lives until its last request is answered
+                item.cleanup.close()
+
+    def _request(self, client: httpx.Client, group: list[_Item], emit: OnResult) -> bool | None:
+        """One POST of ``group``: True when answered (its instances reported), False
+        when the request failed on the way (reported ``TRANSIENT``), None when it is
+        too large for the server and should be split. Raises :class:`_Down` when the
+        server cannot take anything now."""
         url = self.config.stow_url
         body = MultipartBody([item.part for item in group], [item.size for item in group])
         headers = {"Content-Type": body.content_type, "Content-Length": str(len(body))}
         try:
-            try:
-                with client.stream("POST", url, content=body, headers=headers) as response:
-                    content = _read_capped(response.iter_bytes())
-            finally:
-                for item in group:
-                    item.cleanup.close()
+            with client.stream("POST", url, content=body, headers=headers) as response:
+                content = _read_capped(response.iter_bytes())
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            self._down(f"{url}: {_describe(exc)}", group, batch, next_position, emit, answered)
+            raise _Down(f"{url}: {_describe(exc)}") from None
+        except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:
+            # Connected but not answered: as a refused connection when it is the
+            # batch's first answer that never comes (the server is hung).
+            raise _Down(f"{url}: {_describe(exc)}") from None
         except (httpx.HTTPError, BodyChanged) as exc:
             reason = f"{url}: {_describe(exc)}"
             if _tls_refused(exc):  # TLS 1.3 reports a refused client certificate late
-                reason += f"; check destinations.{self.name}.tls"
-                self._down(reason, group, batch, next_position, emit, answered)
+                raise _Down(f"{reason}; check destinations.{self.name}.tls") from None
             log.warning("STOW of %d instance(s) failed: %s", len(group), reason)
             self._report(group, emit, lambda item: (Outcome.TRANSIENT, None, reason))
             return False
@@ -320,8 +353,19 @@ class DicomwebSender:
                 f"destinations.{self.name}.url to the server's STOW-RS base"
             )
         if status in _UNAVAILABLE:
-            reason = f"HTTP {status} from {url}" + _detail(content)
-            self._down(reason, group, batch, next_position, emit, answered)
+            raise _Down(f"HTTP {status} from {url}" + _detail(content))
+        if status == 413:
+            if len(group) > 1:
+                log.info("HTTP 413 for %d instances: sending them in two requests", len(group))
+                return None
+            reason = (
+                f"HTTP 413 from {url}: the server refuses this instance alone "
+                f"({len(body)} bytes): its request body limit (nginx: client_max_body_size) "
+                f"is lower; raise it (destinations.{self.name}.max_bytes only groups "
+                "instances under a limit)"
+            )
+            self._report(group, emit, lambda item: (Outcome.PERMANENT, None, reason))
+            return True
         answer = parse_response(response.headers.get("content-type", ""), content)
         self._report(group, emit, lambda item: _outcome(status, answer, item, url, content))
         return True
