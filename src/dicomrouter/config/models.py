@@ -704,6 +704,14 @@ class FolderDestinationConfig(BaseDestinationConfig):
 
 
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_env_name(value: str | None) -> str | None:
+    if value is not None and not _ENV_NAME_RE.match(value):
+        raise ValueError(f"{value!r} is not an environment variable name")
+    return value
+
+
 _S3_MIN_PART = 5 << 20  # S3's smallest part (but the last)
 _S3_MAX_PART = 5 << 30  # and largest, also the largest single PUT
 
@@ -831,12 +839,9 @@ class S3DestinationConfig(BaseDestinationConfig):
             raise ValueError(f"endpoint_url {value!r}: expected http://host[:port] or https://...")
         return value
 
-    @field_validator("access_key_id_env", "secret_access_key_env", "session_token_env")
-    @classmethod
-    def _env_name(cls, value: str | None) -> str | None:
-        if value is not None and not _ENV_NAME_RE.match(value):
-            raise ValueError(f"{value!r} is not an environment variable name")
-        return value
+    _env_name = field_validator("access_key_id_env", "secret_access_key_env", "session_token_env")(
+        classmethod(lambda cls, v: _check_env_name(v))
+    )
 
     @field_validator("multipart_threshold", "multipart_chunk_size")
     @classmethod
@@ -984,15 +989,6 @@ def group_problems(destinations: Any) -> list[tuple[KeyPath, str]]:
                 problems.append((where, f"{member!r} is a group: a group's members are not groups"))
             seen.add(member)
     return problems
-
-
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def _check_env_name(value: str | None) -> str | None:
-    if value is not None and not _ENV_NAME_RE.match(value):
-        raise ValueError(f"{value!r} is not an environment variable name")
-    return value
 
 
 class HttpAuthConfig(_Model):

@@ -53,15 +53,13 @@ from dataclasses import dataclass, replace
 from typing import NoReturn
 
 import httpx
-from pydicom import dcmread
 from pydicom.uid import UID
 
 from dicomrouter import tls
 from dicomrouter.config.models import DicomwebDestinationConfig
-from dicomrouter.store.part10 import PREAMBLE, encode_file_meta
-from dicomrouter.transforms.transcode import TranscodeError, encode_dataset, transcode
 
 from .outgoing import InstanceResult, OutgoingInstance, annotate, prepared
+from .recode import TranscodeError, transcoded
 from .sender import DestinationUnavailable, OnResult, ShouldStop
 from .status import Outcome, classify_status, describe_status
 from .stow import BodyChanged, MultipartBody, Part, StowResponse, parse_response
@@ -261,13 +259,14 @@ class DicomwebSender:
         part = Part(ready.path)
         if self._target and UID(self._target) != UID(ready.transfer_syntax_uid):
             try:
-                data, uid = _transcoded(ready, self._target, self.config.allow_lossy)
+                data, ds = transcoded(ready, self._target, self.config.allow_lossy)
             except TranscodeError as exc:
                 log.info("%s not sent in %s: %s", ready.sop_instance_uid, self._target, exc)
                 note = f"not sent in {self._target}: {exc}"
                 ready = replace(ready, sent_as="; ".join(filter(None, (ready.sent_as, note))))
             else:
                 part = Part(data)
+                uid = str(ds.SOPInstanceUID)  # a lossy syntax gives a new one
                 ready = replace(ready, sop_instance_uid=uid, transfer_syntax_uid=self._target)
         try:
             size = part.size
@@ -451,18 +450,6 @@ def _failed(status: int, code: int | None, text: str | None) -> tuple[Outcome, i
     outcome = Outcome.TRANSIENT if status >= 500 or status in _RETRY else Outcome.PERMANENT
     reason = f"failure reason {text!r}" if text else "no failure reason"
     return outcome, None, f"HTTP {status}: refused by the server ({reason})"
-
-
-def _transcoded(inst: OutgoingInstance, target: str, allow_lossy: bool) -> tuple[bytes, str]:
-    """The Part-10 file of ``inst`` in ``target`` and its SOP Instance UID (a lossy
-    syntax gives a new one)."""
-    try:
-        ds = dcmread(inst.path)
-    except Exception as exc:
-        raise TranscodeError(f"cannot read stored file {inst.path}: {exc}") from exc
-    transcode(ds, target, allow_lossy=allow_lossy)
-    meta = encode_file_meta(str(ds.SOPClassUID), str(ds.SOPInstanceUID), target)
-    return PREAMBLE + meta + encode_dataset(ds), str(ds.SOPInstanceUID)
 
 
 def _read_capped(blocks: Iterator[bytes]) -> bytes:

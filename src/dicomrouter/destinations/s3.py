@@ -46,7 +46,7 @@ from pydicom.uid import UID
 from dicomrouter.config.models import S3DestinationConfig
 
 from .layout import Layout, LayoutError
-from .outgoing import InstanceResult, OutgoingInstance, annotate, prepared
+from .outgoing import InstanceResult, OutgoingInstance, annotate, error_text, prepared
 from .recode import TranscodeError, transcoded, uid_label
 from .sender import DestinationUnavailable, OnResult, ShouldStop
 from .status import Outcome
@@ -300,9 +300,11 @@ class S3Sender:
         try:
             header: Dataset = dcmread(inst.path, stop_before_pixels=True)
         except Exception as exc:
-            detail = " ".join(str(exc).split()) or type(exc).__name__
             return InstanceResult(
-                inst.key, Outcome.PERMANENT, None, f"cannot read stored file {inst.path}: {detail}"
+                inst.key,
+                Outcome.PERMANENT,
+                None,
+                f"cannot read stored file {inst.path}: {error_text(exc)}",
             )
         data: bytes | None = None
         if self._target and UID(self._target) != UID(inst.transfer_syntax_uid):
