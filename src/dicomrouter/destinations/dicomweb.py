@@ -20,14 +20,14 @@
     all were stored. A body that is not a Store Instances Response (a proxy's
     sign-in page) is not the server speaking: ``TRANSIENT``.
   - 409 and 400 (and the other 4xx but 401/403/404/405/408/413/429): the request's
-    instances failed, ``PERMANENT`` unless a Failure Reason says transient.
+    instances failed, ``PERMANENT`` unless a Failure Reason says out of resources.
   - 401/403: :class:`~.sender.DestinationUnavailable` with ``pause=True``: the
     credentials were refused, nothing will be taken until someone acts.
   - 404/405: not a STOW-RS endpoint (a wrong ``url``): the destination cannot be
     reached as configured.
   - 503, 502, 504, 429, a refused connection, a connect, read or write timeout:
-    the server is down, overloaded or hung. When nothing was answered in this batch
-    yet,
+    the server is down, overloaded or hung (it takes connections but never
+    answers). When nothing was answered in this batch yet,
     :class:`~.sender.DestinationUnavailable` (paused and probed, as DICOM
     destinations are); else this request's instances and the rest are
     ``TRANSIENT``.
