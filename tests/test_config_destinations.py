@@ -86,6 +86,19 @@ def test_a_folder_destination_and_its_defaults(tmp_path: Path) -> None:
             "destinations.x.secret_access_key_env: access_key_id_env and secret_access_key_env",
         ),
         (
+            "{x: {type: s3, bucket: b, access_key_id_env: A, secret_access_key_env: 'a-b'}}",
+            "destinations.x.secret_access_key_env: 'a-b' is not an environment variable name",
+        ),
+        (
+            "{x: {type: s3, bucket: b, session_token_env: '1X'}}",
+            "destinations.x.session_token_env: '1X' is not an environment variable name",
+        ),
+        (
+            "{x: {type: dicomweb, url: 'http://h/x', auth: {type: basic, username: u, "
+            "password_env: 'P W'}}}",
+            "destinations.x.auth.password_env: 'P W' is not an environment variable name",
+        ),
+        (
             "{x: {type: s3, bucket: b, kms_key_id: k}}",
             "destinations.x.kms_key_id: needs server_side_encryption: aws:kms",
         ),

@@ -157,6 +157,80 @@ def test_a_bare_200_says_every_instance_was_stored(study: list[Path]) -> None:
     assert [r.outcome for r in results] == [Outcome.SUCCESS] * 3
 
 
+@pytest.mark.parametrize("reason", [0x0000, 0xB000, None])
+def test_an_instance_in_the_failed_sop_sequence_is_never_delivered(
+    study: list[Path], reason: int | None
+) -> None:
+    """A Failure Reason of 0x0000 or 0xBxxx is the server's mistake, not a store."""
+    batch = outgoing(study[:2])
+    uids = [inst.sop_instance_uid for inst in batch]
+    answer = stow_json(stored=[uids[0]], failed=[(uids[1], reason)])
+    with stow_server(lambda request: (202, JSON, answer)) as server:
+        results = by_key(sender(server.url).send(batch))
+    assert results[0].outcome is Outcome.SUCCESS
+    assert results[1].outcome is Outcome.PERMANENT and results[1].status == reason
+    assert "not stored" in results[1].message or "refused" in results[1].message
+
+
+@pytest.mark.parametrize("reason", [0xA700, 0xA7FF, 0x0213])
+def test_out_of_resources_in_the_failed_sop_sequence_is_transient(
+    study: list[Path], reason: int
+) -> None:
+    batch = outgoing(study[:1])
+    answer = stow_json(failed=[(batch[0].sop_instance_uid, reason)])
+    with stow_server(lambda request: (202, JSON, answer)) as server:
+        [result] = sender(server.url).send(batch)
+    assert result.outcome is Outcome.TRANSIENT and result.status == reason
+
+
+@pytest.mark.parametrize(
+    ("media", "body"),
+    [
+        ("text/html", b"<html><body>Please sign in</body></html>"),
+        (JSON, b'{"status": "ok"}'),
+        (XML, b"<html><body>Please sign in</body></html>"),
+    ],
+)
+def test_a_200_that_is_not_a_store_response_is_not_trusted(
+    study: list[Path], media: str, body: bytes
+) -> None:
+    """A proxy's sign-in page answers 200 too: its instances are sent again."""
+    with stow_server(lambda request: (200, media, body)) as server:
+        results = sender(server.url).send(outgoing(study[:2]))
+    assert [r.outcome for r in results] == [Outcome.TRANSIENT] * 2
+    assert "but not a Store Instances Response" in results[0].message
+    assert body.decode()[:20] in results[0].message
+
+
+def test_a_200_whose_response_names_nothing_says_every_instance_was_stored(
+    study: list[Path],
+) -> None:
+    with stow_server(lambda request: (200, JSON, b"[{}]")) as server:
+        results = sender(server.url).send(outgoing(study[:2]))
+    assert [r.outcome for r in results] == [Outcome.SUCCESS] * 2
+
+
+@pytest.mark.parametrize(
+    ("media", "build", "quote"), [(JSON, stow_json, b'"'), (XML, stow_xml, b"")]
+)
+def test_one_unreadable_reason_leaves_the_rest_of_the_response_readable(
+    study: list[Path], media: str, build: Any, quote: bytes
+) -> None:
+    """A Failure Reason sent as text ("Processing failure") is shown, the instance
+    failed for good; the others keep what the response says of them."""
+    batch = outgoing(study[:3])
+    uids = [inst.sop_instance_uid for inst in batch]
+    answer = build(stored=uids[:2], warnings={uids[1]: 0xB007}, failed=[(uids[2], 0xC000)])
+    answer = answer.replace(b"45063", quote + b"Coerced " + quote)
+    answer = answer.replace(b"49152", quote + b"Processing failure" + quote)
+    with stow_server(lambda request: (200, media, answer)) as server:
+        results = by_key(sender(server.url).send(batch))
+    assert results[0].outcome is Outcome.SUCCESS
+    assert results[1].outcome is Outcome.WARNING and "'Coerced'" in results[1].message
+    assert results[2].outcome is Outcome.PERMANENT and results[2].status is None
+    assert "failure reason 'Processing failure'" in results[2].message
+
+
 def test_responses_in_either_encoding_parse_the_same() -> None:
     for media, build in ((JSON, stow_json), (XML, stow_xml)):
         answer = parse_response(
@@ -166,6 +240,8 @@ def test_responses_in_either_encoding_parse_the_same() -> None:
         assert answer.stored == {"1.2": None, "1.3": 0xB000}
         assert answer.failed == {"1.4": 0x0110}
     assert not parse_response(JSON, b"<html>oops</html>").readable
+    assert not parse_response(JSON, b'{"ok": true}').readable
+    assert parse_response(JSON, b"[{}]").readable
 
 
 # -- HTTP statuses ---------------------------------------------------------------------
@@ -271,14 +347,35 @@ def test_a_server_that_is_down_is_unavailable(study: list[Path]) -> None:
         sender(url).probe()
 
 
-def test_a_server_that_does_not_answer_in_time_gets_the_request_retried(
-    study: list[Path],
-) -> None:
-    with stow_server() as server:
-        server.delay = 3.0
-        results = sender(server.url, timeout=0.5).send(outgoing(study[:2]))
-    assert [r.outcome for r in results] == [Outcome.TRANSIENT] * 2
-    assert "no answer in time" in results[0].message
+def test_a_server_that_accepts_but_never_answers_is_unavailable(study: list[Path]) -> None:
+    """Connections are taken (the kernel's backlog) but nothing is ever answered: as a
+    refused connection, the destination is paused and probed rather than each job
+    using up its attempts."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    reported: list[InstanceResult] = []
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/dicom-web"
+        with pytest.raises(DestinationUnavailable, match="no answer in time") as caught:
+            sender(url, timeout=0.5).send(outgoing(study[:2]), on_result=reported.append)
+    finally:
+        listener.close()
+    assert not caught.value.pause and reported == []
+
+
+def test_a_timeout_after_a_first_answer_leaves_the_rest_transient(study: list[Path]) -> None:
+    calls: list[int] = []
+
+    def respond(request: Received) -> tuple[int, str, bytes]:
+        calls.append(1)
+        if len(calls) > 1:
+            threading.Event().wait(3.0)
+        return 200, JSON, stow_json(request.uids)
+
+    with stow_server(respond) as server:
+        results = by_key(sender(server.url, timeout=0.5, max_instances=2).send(outgoing(study)))
+    outcomes = [results[k].outcome for k in range(len(study))]
+    assert outcomes == [Outcome.SUCCESS] * 2 + [Outcome.TRANSIENT] * (len(study) - 2)
+    assert "no answer in time" in results[2].message and len(server.posts) == 2
 
 
 def test_a_connection_cut_after_the_first_request_retries_the_rest(study: list[Path]) -> None:
@@ -324,6 +421,50 @@ def test_a_connection_cut_after_the_first_request_retries_the_rest(study: list[P
         listener.close()
     outcomes = [results[k].outcome for k in range(4)]
     assert outcomes == [Outcome.SUCCESS] * 2 + [Outcome.TRANSIENT] * 2
+
+
+def test_a_request_too_large_for_the_server_is_halved_until_it_fits(
+    study: list[Path], tmp_path: Path
+) -> None:
+    """A server with a body limit (nginx's client_max_body_size) of 2.5 instances:
+    413 splits the request, each instance arrives once, a transformed copy lives
+    until its last request."""
+    limit = int(2.5 * study[0].stat().st_size)
+
+    def respond(request: Received) -> tuple[int, str, bytes]:
+        if request.length > limit:
+            return 413, "text/html", b"<html>413 Request Entity Too Large</html>"
+        return 200, JSON, stow_json(request.uids)
+
+    batch = outgoing(study[:6])
+    copy = tmp_path / "copy.dcm"
+    copy.write_bytes(study[0].read_bytes())
+    first = batch[0]
+    batch[0] = OutgoingInstance(
+        **{
+            **first.__dict__,
+            "prepare": lambda: PreparedFile(
+                copy, first.sop_instance_uid, first.transfer_syntax_uid, "copy"
+            ),
+        }
+    )
+    with stow_server(respond) as server:
+        results = by_key(sender(server.url).send(batch))
+    assert [results[k].outcome for k in range(6)] == [Outcome.SUCCESS] * 6
+    assert [len(p.parts) for p in server.posts] == [6, 3, 1, 2, 3, 1, 2]
+    stored = [part for post in server.posts if post.length <= limit for part in post.parts]
+    assert stored == [path.read_bytes() for path in study[:6]]
+    assert not copy.exists()
+
+
+def test_one_instance_too_large_for_the_server_fails_naming_the_limits(
+    study: list[Path],
+) -> None:
+    with stow_server(lambda request: (413, "text/html", b"Request Entity Too Large")) as server:
+        [result] = sender(server.url).send(outgoing(study[:1]))
+    assert result.outcome is Outcome.PERMANENT and len(server.posts) == 1
+    assert "HTTP 413" in result.message and "client_max_body_size" in result.message
+    assert "destinations.ai.max_bytes" in result.message
 
 
 # -- credentials -------------------------------------------------------------------------

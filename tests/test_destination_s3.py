@@ -11,7 +11,9 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -402,6 +404,41 @@ def test_unknown_credentials_pause_with_the_reason(study: list[Path]) -> None:
         with pytest.raises(DestinationUnavailable) as probed:
             sender.probe()
         assert probed.value.pause and "403" in str(probed.value)
+
+
+def test_a_clock_off_the_stores_pauses_naming_the_clock(study: list[Path]) -> None:
+    """S3 answers RequestTimeTooSkewed with 403: no retry passes until the clock is
+    fixed, so the destination is paused and the reason says what to fix."""
+    error = (
+        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>RequestTimeTooSkewed</Code>'
+        b"<Message>The difference between the request time and the current time is too "
+        b"large.</Message><MaxAllowedSkewMilliseconds>900000</MaxAllowedSkewMilliseconds>"
+        b"</Error>"
+    )
+
+    class Skewed(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_PUT(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(403)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(error)))
+            self.end_headers()
+            self.wfile.write(error)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Skewed)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(DestinationUnavailable) as caught:
+            s3(url, "archive", addressing_style="path").send(outgoing(study[:1]))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert caught.value.pause
+    assert "RequestTimeTooSkewed" in str(caught.value) and "clock" in str(caught.value)
 
 
 def test_credentials_from_named_variables(

@@ -747,6 +747,14 @@ class FolderDestinationConfig(BaseDestinationConfig):
 
 
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_env_name(value: str | None) -> str | None:
+    if value is not None and not _ENV_NAME_RE.match(value):
+        raise ValueError(f"{value!r} is not an environment variable name")
+    return value
+
+
 _S3_MIN_PART = 5 << 20  # S3's smallest part (but the last)
 _S3_MAX_PART = 5 << 30  # and largest, also the largest single PUT
 
@@ -874,12 +882,9 @@ class S3DestinationConfig(BaseDestinationConfig):
             raise ValueError(f"endpoint_url {value!r}: expected http://host[:port] or https://...")
         return value
 
-    @field_validator("access_key_id_env", "secret_access_key_env", "session_token_env")
-    @classmethod
-    def _env_name(cls, value: str | None) -> str | None:
-        if value is not None and not _ENV_NAME_RE.match(value):
-            raise ValueError(f"{value!r} is not an environment variable name")
-        return value
+    _env_name = field_validator("access_key_id_env", "secret_access_key_env", "session_token_env")(
+        classmethod(lambda cls, v: _check_env_name(v))
+    )
 
     @field_validator("multipart_threshold", "multipart_chunk_size")
     @classmethod
@@ -1039,15 +1044,6 @@ def group_problems(destinations: Any) -> list[tuple[KeyPath, str]]:
     return problems
 
 
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def _check_env_name(value: str | None) -> str | None:
-    if value is not None and not _ENV_NAME_RE.match(value):
-        raise ValueError(f"{value!r} is not an environment variable name")
-    return value
-
-
 class HttpAuthConfig(_Model):
     """How a DICOMweb destination authenticates us. Secrets never go in the file: each
     names the environment variable that holds it, read when the sender starts. A
@@ -1166,8 +1162,9 @@ class DicomwebDestinationConfig(BaseDestinationConfig):
     timeout: Duration = Field(
         120.0,
         description="Longest wait to connect, and for each read or write of a request "
-        "(a server that stops reading or answering); then the request's instances are "
-        "retried.",
+        "(a server that stops reading or answering); then the server counts as down "
+        "(paused and probed) when it answered nothing yet in the batch, else the request's "
+        "instances and the rest of the batch are retried.",
     )
     max_instances: int = Field(10, ge=1, le=10000, description="Instances per request at most.")
     max_bytes: ByteSize = Field(

@@ -44,6 +44,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from .outgoing import error_text
+
 log = logging.getLogger(__name__)
 
 __all__ = ["FILESET_DIR", "Records", "file_id", "write_dicomdir"]
@@ -105,8 +107,8 @@ def write_dicomdir(
                 for record in records:
                     _encode(record)  # a value that cannot be encoded leaves this file out
         except Exception as exc:
-            left_out[path] = f"not in the DICOMDIR: {_detail(exc)}"
-            log.warning("%s left out of the DICOMDIR: %s", path, _detail(exc))
+            left_out[path] = f"not in the DICOMDIR: {error_text(exc)}"
+            log.warning("%s left out of the DICOMDIR: %s", path, error_text(exc))
             continue
         seen[path] = (stamp, uid, tree.place(records, uid))
     put(study / "DICOMDIR", _encode_dicomdir(tree))
@@ -240,7 +242,3 @@ def _record_source(header: Dataset) -> Dataset:
             "application/pdf" if UID(header.SOPClassUID).endswith(".104.1") else "text/XML"
         )
     return header
-
-
-def _detail(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -10,30 +10,34 @@
   (:func:`~.stow.parse_response`, JSON or XML):
 
   - 200/202: each instance in the Referenced SOP Sequence is ``SUCCESS``
-    (``WARNING`` with a Warning Reason); each in the Failed SOP Sequence is
-    classified by its Failure Reason as a C-STORE status would be
-    (:func:`~.status.classify_status`: ``0xA7xx`` transient, the rest permanent).
-    An instance the response does not name is ``TRANSIENT`` (sent again: STOW-RS
-    stores the same instance twice harmlessly, while calling it stored could lose
-    it), unless the response names nothing at all and the status is 200, which
-    says all were stored.
+    (``WARNING`` with a Warning Reason). One in the Failed SOP Sequence is never
+    delivered, whatever its Failure Reason: ``TRANSIENT`` when out of resources
+    (``0xA7xx``, ``0x0213``), else ``PERMANENT``; a reason that is not a number is
+    shown as given and counts as none (by the HTTP status). An instance the
+    response does not name is ``TRANSIENT`` (sent again: STOW-RS stores the same
+    instance twice harmlessly, while calling it stored could lose it), unless the
+    status is 200 and the body is empty or a response naming nothing, which says
+    all were stored. A body that is not a Store Instances Response (a proxy's
+    sign-in page) is not the server speaking: ``TRANSIENT``.
   - 409 and 400 (and the other 4xx but 401/403/404/405/408/413/429): the request's
-    instances failed, ``PERMANENT`` unless a Failure Reason says transient.
+    instances failed, ``PERMANENT`` unless a Failure Reason says out of resources.
   - 401/403: :class:`~.sender.DestinationUnavailable` with ``pause=True``: the
     credentials were refused, nothing will be taken until someone acts.
   - 404/405: not a STOW-RS endpoint (a wrong ``url``): the destination cannot be
     reached as configured.
-  - 503, 502, 504, 429, a refused connection or a connect timeout: the server is
-    down or overloaded. When nothing was answered in this batch yet,
+  - 503, 502, 504, 429, a refused connection, a connect, read or write timeout:
+    the server is down, overloaded or hung (it takes connections but never
+    answers). When nothing was answered in this batch yet,
     :class:`~.sender.DestinationUnavailable` (paused and probed, as DICOM
     destinations are); else this request's instances and the rest are
     ``TRANSIENT``.
   - A TLS failure (the server refused our certificate, which TLS 1.3 tells only
     after the request is sent): as a refused connection, the reason pointing at
     ``tls``.
-  - Other 5xx, 408, 413, a read or write timeout, a connection lost mid-request:
-    this request's instances are ``TRANSIENT`` (retried with backoff; the server may
-    or may not have stored them).
+  - 413: the request is halved and each half sent in turn; a single instance
+    refused so is ``PERMANENT``, the reason naming the server's body limit.
+  - Other 5xx, 408, a connection lost mid-request: this request's instances are
+    ``TRANSIENT`` (retried with backoff; the server may or may not have stored them).
 """
 
 from __future__ import annotations
@@ -49,15 +53,13 @@ from dataclasses import dataclass, replace
 from typing import NoReturn
 
 import httpx
-from pydicom import dcmread
 from pydicom.uid import UID
 
 from dicomrouter import tls
 from dicomrouter.config.models import DicomwebDestinationConfig
-from dicomrouter.store.part10 import PREAMBLE, encode_file_meta
-from dicomrouter.transforms.transcode import TranscodeError, encode_dataset, transcode
 
 from .outgoing import InstanceResult, OutgoingInstance, annotate, prepared
+from .recode import TranscodeError, transcoded
 from .sender import DestinationUnavailable, OnResult, ShouldStop
 from .status import Outcome, classify_status, describe_status
 from .stow import BodyChanged, MultipartBody, Part, StowResponse, parse_response
@@ -73,7 +75,7 @@ _ACCEPT = "application/dicom+json"  # both encodings are read; Orthanc logs an e
 #: Statuses that say the server cannot take anything now: pause and probe.
 _UNAVAILABLE = frozenset({429, 502, 503, 504})
 #: Statuses that say this request failed for a reason a retry may fix.
-_RETRY = frozenset({408, 413})
+_RETRY = frozenset({408})
 
 
 @dataclass
@@ -94,6 +96,14 @@ _Decide = Callable[[_Item], tuple[Outcome, int | None, str]]
 
 class _Stop(Exception):
     """The rest of the batch is not sent (a transient failure part way)."""
+
+
+class _Down(Exception):
+    """The server cannot take anything now (down, overloaded, hung): the reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class DicomwebSender:
@@ -249,13 +259,14 @@ class DicomwebSender:
         part = Part(ready.path)
         if self._target and UID(self._target) != UID(ready.transfer_syntax_uid):
             try:
-                data, uid = _transcoded(ready, self._target, self.config.allow_lossy)
+                data, ds = transcoded(ready, self._target, self.config.allow_lossy)
             except TranscodeError as exc:
                 log.info("%s not sent in %s: %s", ready.sop_instance_uid, self._target, exc)
                 note = f"not sent in {self._target}: {exc}"
                 ready = replace(ready, sent_as="; ".join(filter(None, (ready.sent_as, note))))
             else:
                 part = Part(data)
+                uid = str(ds.SOPInstanceUID)  # a lossy syntax gives a new one
                 ready = replace(ready, sop_instance_uid=uid, transfer_syntax_uid=self._target)
         try:
             size = part.size
@@ -280,26 +291,49 @@ class DicomwebSender:
         emit: OnResult,
         answered: bool,
     ) -> bool:
-        """Send ``group`` as one request and report its instances; True when the
-        server answered. Raises :class:`_Stop` (the rest reported ``TRANSIENT``) or
+        """Send ``group`` and report its instances; True when the server answered.
+        A request refused as too large (413) is halved and each half sent in turn.
+        Raises :class:`_Stop` (the rest reported ``TRANSIENT``) or
         :class:`DestinationUnavailable` when nothing more should be sent."""
+        waiting = [group]
+        try:
+            while waiting:
+                request = waiting.pop(0)
+                try:
+                    done = self._request(client, request, emit)
+                except _Down as down:
+                    later = [item for rest in waiting for item in rest]
+                    self._down(down.reason, request + later, batch, next_position, emit, answered)
+                if done is None:  # 413: two smaller requests, first half first
+                    half = len(request) // 2
+                    waiting[:0] = [request[:half], request[half:]]
+                answered |= done is not False
+            return answered
+        finally:
+            for item in group:  # a copy lives until its last request is answered
+                item.cleanup.close()
+
+    def _request(self, client: httpx.Client, group: list[_Item], emit: OnResult) -> bool | None:
+        """One POST of ``group``: True when answered (its instances reported), False
+        when the request failed on the way (reported ``TRANSIENT``), None when it is
+        too large for the server and should be split. Raises :class:`_Down` when the
+        server cannot take anything now."""
         url = self.config.stow_url
         body = MultipartBody([item.part for item in group], [item.size for item in group])
         headers = {"Content-Type": body.content_type, "Content-Length": str(len(body))}
         try:
-            try:
-                with client.stream("POST", url, content=body, headers=headers) as response:
-                    content = _read_capped(response.iter_bytes())
-            finally:
-                for item in group:
-                    item.cleanup.close()
+            with client.stream("POST", url, content=body, headers=headers) as response:
+                content = _read_capped(response.iter_bytes())
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            self._down(f"{url}: {_describe(exc)}", group, batch, next_position, emit, answered)
+            raise _Down(f"{url}: {_describe(exc)}") from None
+        except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:
+            # Connected but not answered: as a refused connection when it is the
+            # batch's first answer that never comes (the server is hung).
+            raise _Down(f"{url}: {_describe(exc)}") from None
         except (httpx.HTTPError, BodyChanged) as exc:
             reason = f"{url}: {_describe(exc)}"
             if _tls_refused(exc):  # TLS 1.3 reports a refused client certificate late
-                reason += f"; check destinations.{self.name}.tls"
-                self._down(reason, group, batch, next_position, emit, answered)
+                raise _Down(f"{reason}; check destinations.{self.name}.tls") from None
             log.warning("STOW of %d instance(s) failed: %s", len(group), reason)
             self._report(group, emit, lambda item: (Outcome.TRANSIENT, None, reason))
             return False
@@ -318,8 +352,19 @@ class DicomwebSender:
                 f"destinations.{self.name}.url to the server's STOW-RS base"
             )
         if status in _UNAVAILABLE:
-            reason = f"HTTP {status} from {url}" + _detail(content)
-            self._down(reason, group, batch, next_position, emit, answered)
+            raise _Down(f"HTTP {status} from {url}" + _detail(content))
+        if status == 413:
+            if len(group) > 1:
+                log.info("HTTP 413 for %d instances: sending them in two requests", len(group))
+                return None
+            reason = (
+                f"HTTP 413 from {url}: the server refuses this instance alone "
+                f"({len(body)} bytes): its request body limit (nginx: client_max_body_size) "
+                f"is lower; raise it (destinations.{self.name}.max_bytes only groups "
+                "instances under a limit)"
+            )
+            self._report(group, emit, lambda item: (Outcome.PERMANENT, None, reason))
+            return True
         answer = parse_response(response.headers.get("content-type", ""), content)
         self._report(group, emit, lambda item: _outcome(status, answer, item, url, content))
         return True
@@ -367,19 +412,24 @@ def _outcome(
     """What ``status`` and the response say of one instance of the request."""
     uid = item.ready.sop_instance_uid
     if uid in answer.failed:
-        reason = answer.failed[uid]
-        if reason is None:
-            outcome = Outcome.TRANSIENT if status >= 500 or status in _RETRY else Outcome.PERMANENT
-            return outcome, None, f"HTTP {status}: refused by the server (no failure reason)"
-        return classify_status(reason), reason, f"HTTP {status}: {describe_status(reason)}"
-    if uid in answer.stored and status < 300:
-        warning = answer.stored[uid]
-        if warning is None:
-            return Outcome.SUCCESS, None, f"stored (HTTP {status})"
-        return Outcome.WARNING, warning, f"stored with a warning: {describe_status(warning)}"
+        return _failed(status, answer.failed[uid], answer.texts.get(uid))
     if 200 <= status < 300:
-        if status == 200 and not answer.stored and not answer.failed:
+        if uid in answer.stored:
+            warning, text = answer.stored[uid], answer.texts.get(uid)
+            if warning is not None or text is not None:
+                what = describe_status(warning) if warning is not None else repr(text)
+                return Outcome.WARNING, warning, f"stored with a warning: {what}"
+            return Outcome.SUCCESS, None, f"stored (HTTP {status})"
+        if status == 200 and not content.strip():
             return Outcome.SUCCESS, None, "stored (HTTP 200)"
+        if not answer.readable:  # a proxy's page, say: it is not the server that spoke
+            return (
+                Outcome.TRANSIENT,
+                None,
+                f"HTTP {status} from {url}, but not a Store Instances Response{_detail(content)}",
+            )
+        if status == 200 and not answer.stored and not answer.failed:
+            return Outcome.SUCCESS, None, "stored (HTTP 200, the response names no instance)"
         return Outcome.TRANSIENT, None, f"HTTP {status}: not named in the server's response"
     what = f"HTTP {status} from {url}" + _detail(content)
     if status >= 500 or status in _RETRY:
@@ -387,16 +437,19 @@ def _outcome(
     return Outcome.PERMANENT, None, what
 
 
-def _transcoded(inst: OutgoingInstance, target: str, allow_lossy: bool) -> tuple[bytes, str]:
-    """The Part-10 file of ``inst`` in ``target`` and its SOP Instance UID (a lossy
-    syntax gives a new one)."""
-    try:
-        ds = dcmread(inst.path)
-    except Exception as exc:
-        raise TranscodeError(f"cannot read stored file {inst.path}: {exc}") from exc
-    transcode(ds, target, allow_lossy=allow_lossy)
-    meta = encode_file_meta(str(ds.SOPClassUID), str(ds.SOPInstanceUID), target)
-    return PREAMBLE + meta + encode_dataset(ds), str(ds.SOPInstanceUID)
+def _failed(status: int, code: int | None, text: str | None) -> tuple[Outcome, int | None, str]:
+    """An instance in the Failed SOP Sequence: never delivered, whatever its
+    Failure Reason says (a ``0x0000`` or ``0xBxxx`` there is the server's mistake).
+    Transient when the reason is out of resources (``0xA7xx``, ``0x0213``), else
+    permanent; with no reason, or one that is not a number (its text shown), by the
+    HTTP status."""
+    if code is not None:
+        transient = classify_status(code) is Outcome.TRANSIENT
+        outcome = Outcome.TRANSIENT if transient else Outcome.PERMANENT
+        return outcome, code, f"HTTP {status}: not stored: {describe_status(code)}"
+    outcome = Outcome.TRANSIENT if status >= 500 or status in _RETRY else Outcome.PERMANENT
+    reason = f"failure reason {text!r}" if text else "no failure reason"
+    return outcome, None, f"HTTP {status}: refused by the server ({reason})"
 
 
 def _read_capped(blocks: Iterator[bytes]) -> bytes:

@@ -35,7 +35,7 @@ from pydicom.dataset import Dataset
 from dicomrouter.config.models import FolderDestinationConfig
 
 from .dicomdir import FILESET_DIR, Records, file_id, write_dicomdir
-from .outgoing import InstanceResult
+from .outgoing import InstanceResult, error_text
 from .status import Outcome
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ def render_preview(path: Path, kind: str) -> bytes | None:
     try:
         ds = dcmread(path, defer_size="4 KB")
     except Exception as exc:
-        raise ExtraError(f"cannot read {path.name}: {_detail(exc)}") from None
+        raise ExtraError(f"cannot read {path.name}: {error_text(exc)}") from None
     if "PixelData" not in ds:
         return None
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
@@ -125,7 +125,7 @@ def render_preview(path: Path, kind: str) -> bytes | None:
     except ExtraError:
         raise
     except Exception as exc:  # a codec missing, damaged pixel data, odd attributes
-        raise ExtraError(f"cannot render the image: {_detail(exc)}") from None
+        raise ExtraError(f"cannot render the image: {error_text(exc)}") from None
 
 
 def _to_8bit(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
@@ -206,7 +206,7 @@ def encapsulated_document(path: Path) -> tuple[bytes, str] | None:
     try:
         ds = dcmread(path, stop_before_pixels=True)  # (0042,0011) comes before pixels
     except Exception as exc:
-        raise ExtraError(f"cannot read {path.name}: {_detail(exc)}") from None
+        raise ExtraError(f"cannot read {path.name}: {error_text(exc)}") from None
     suffix = DOCUMENT_SUFFIXES.get(str(ds.get("SOPClassUID", "")))
     if suffix is None:
         return None
@@ -364,7 +364,9 @@ class FolderExtras:
                     known = self._known_of(study.folder)
                     missing = write_dicomdir(study.folder, self._put, known, _KNOWN_FILES)
             except Exception as exc:  # never lose the results held for it
-                text = exc.strerror if isinstance(exc, OSError) and exc.strerror else _detail(exc)
+                text = (
+                    exc.strerror if isinstance(exc, OSError) and exc.strerror else error_text(exc)
+                )
                 log.warning("DICOMDIR of %s not written: %s", study.folder, text)
                 out += [
                     InstanceResult(r.key, Outcome.TRANSIENT, None, f"DICOMDIR not written: {text}")
@@ -422,7 +424,3 @@ def _is_part10(path: Path) -> bool:
             return fh.read(4) == b"DICM"
     except OSError:
         return False
-
-
-def _detail(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -93,8 +93,9 @@ def prepared(inst: OutgoingInstance) -> Iterator[OutgoingInstance | InstanceResu
         return
     except Exception as exc:  # an unreadable stored file: this instance, not the batch
         log.warning("cannot transform %s: %s", inst.sop_instance_uid, exc, exc_info=True)
-        detail = " ".join(str(exc).split()) or type(exc).__name__
-        yield InstanceResult(inst.key, Outcome.PERMANENT, None, f"cannot transform: {detail}")
+        yield InstanceResult(
+            inst.key, Outcome.PERMANENT, None, f"cannot transform: {error_text(exc)}"
+        )
         return
     try:
         yield replace(
@@ -108,6 +109,12 @@ def prepared(inst: OutgoingInstance) -> Iterator[OutgoingInstance | InstanceResu
     finally:
         if ready.temporary:
             ready.path.unlink(missing_ok=True)
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception as one line for a delivery's reason (its type when it says
+    nothing)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def annotate(result: InstanceResult, original: OutgoingInstance, sent: OutgoingInstance) -> None:

@@ -1,6 +1,7 @@
 """The Part-10 file of an instance in another transfer syntax, for the kinds that
-write files themselves (``folder``, ``s3``): the DICOM sender transcodes on the
-association instead. The same code as DICOM destinations (``transforms.transcode``).
+make the file they send themselves (``folder``, ``s3``, ``dicomweb``): the DICOM
+sender transcodes on the association instead. The same code as DICOM destinations
+(``transforms.transcode``).
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ from pydicom.uid import UID
 from dicomrouter.config.models import S3DestinationConfig
 
 from .layout import Layout, LayoutError
-from .outgoing import InstanceResult, OutgoingInstance, annotate, prepared
+from .outgoing import InstanceResult, OutgoingInstance, annotate, error_text, prepared
 from .recode import TranscodeError, transcoded, uid_label
 from .sender import DestinationUnavailable, OnResult, ShouldStop
 from .status import Outcome
@@ -76,11 +76,16 @@ _REFUSED = frozenset(
         "KMS.DisabledException",
         "KMS.NotFoundException",
         "KMS.KMSInvalidStateException",
+        # Our clock is more than 15 minutes off the store's (S3 answers it with 403):
+        # no retry can pass until someone fixes this machine's clock.
+        "RequestTimeTooSkewed",
         "403",
         "Forbidden",
         "301",
     }
 )
+#: What to do about an error code, added to its reason.
+_HINTS = {"RequestTimeTooSkewed": "fix this machine's clock (NTP)"}
 #: The body arrived other than it was sent, or the upload vanished: retry this
 #: instance.
 _RETRY = frozenset({"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch", "NoSuchUpload"})
@@ -91,7 +96,6 @@ _BUSY = frozenset(
         "Throttling",
         "ThrottlingException",
         "RequestTimeout",
-        "RequestTimeTooSkewed",
         "InternalError",
         "ServiceUnavailable",
         "OperationAborted",
@@ -296,9 +300,11 @@ class S3Sender:
         try:
             header: Dataset = dcmread(inst.path, stop_before_pixels=True)
         except Exception as exc:
-            detail = " ".join(str(exc).split()) or type(exc).__name__
             return InstanceResult(
-                inst.key, Outcome.PERMANENT, None, f"cannot read stored file {inst.path}: {detail}"
+                inst.key,
+                Outcome.PERMANENT,
+                None,
+                f"cannot read stored file {inst.path}: {error_text(exc)}",
             )
         data: bytes | None = None
         if self._target and UID(self._target) != UID(inst.transfer_syntax_uid):
@@ -521,6 +527,8 @@ class S3Sender:
             elif operation.startswith("Head") and code == "403":
                 text = "access denied, or credentials refused (a HEAD answer names no reason)"
             detail = f"{code}{f': {text}' if text else ''} (HTTP {status})"
+            if code in _HINTS:
+                detail += f"; {_HINTS[code]}"
             return _Failed(self._kind(code, status, operation), f"{where}: {detail}", code)
         if isinstance(exc, boto_errors.NoCredentialsError | boto_errors.PartialCredentialsError):
             return _Failed("refused", f"{where}: no AWS credentials found ({exc})")

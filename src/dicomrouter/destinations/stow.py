@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
@@ -31,6 +32,7 @@ _FAILED = "00081198"  # FailedSOPSequence
 _SOP_INSTANCE = "00081155"  # ReferencedSOPInstanceUID
 _WARNING = "00081196"  # WarningReason
 _FAILURE = "00081197"  # FailureReason
+_TAG = re.compile(r"[0-9A-Fa-f]{8}")
 
 
 class BodyChanged(OSError):
@@ -96,6 +98,10 @@ class StowResponse:
     """Stored instances, with their Warning Reason (None: none)."""
     failed: dict[str, int | None] = field(default_factory=dict)
     """Instances not stored, with their Failure Reason (None: none given)."""
+    texts: dict[str, str] = field(default_factory=dict)
+    """A Warning or Failure Reason given as text that is not a number, as given, by
+    SOP Instance UID (its code above is None): one odd value leaves the rest of the
+    response readable."""
     readable: bool = False
     """The body was a response data set (either sequence may still be absent)."""
 
@@ -121,8 +127,8 @@ def _from_json(body: bytes) -> StowResponse:
     data = json.loads(body)
     if isinstance(data, list):  # the DICOM JSON model: an array of data sets
         data = data[0] if data else {}
-    if not isinstance(data, dict):
-        raise ValueError("not a DICOM JSON data set")
+    if not isinstance(data, dict) or not all(_TAG.fullmatch(str(key)) for key in data):
+        raise ValueError("not a DICOM JSON data set")  # keys are tags: {"ok": true} is not
     response = StowResponse(readable=True)
     for tag, target, reason_tag in (
         (_REFERENCED, response.stored, _WARNING),
@@ -131,8 +137,7 @@ def _from_json(body: bytes) -> StowResponse:
         for item in (data.get(tag) or {}).get("Value") or []:
             uid = _json_value(item, _SOP_INSTANCE)
             if isinstance(uid, str) and uid:
-                reason = _json_value(item, reason_tag)
-                target[uid.strip()] = _code(reason)
+                _note(response, target, uid.strip(), _json_value(item, reason_tag))
     return response
 
 
@@ -160,8 +165,7 @@ def _from_xml(body: bytes) -> StowResponse:
                 continue
             uid = _xml_value(item, _SOP_INSTANCE)
             if uid:
-                reason = _xml_value(item, reason_tag)
-                target[uid] = _code(reason)
+                _note(response, target, uid, _xml_value(item, reason_tag))
     return response
 
 
@@ -174,17 +178,26 @@ def _xml_value(item: ET.Element, tag: str) -> str | None:
     return None
 
 
+def _note(response: StowResponse, target: dict[str, int | None], uid: str, reason: object) -> None:
+    """Record ``uid`` in ``target`` with its reason's code, keeping a reason that is
+    not a number as text."""
+    code = target[uid] = _code(reason)
+    if code is None and reason is not None and str(reason).strip():
+        response.texts[uid] = " ".join(str(reason).split())
+
+
 def _code(value: object) -> int | None:
     """A Warning or Failure Reason (US): a number, or text in decimal (PS3.18 F.2)
-    or, from some servers, hexadecimal."""
-    if isinstance(value, int):
+    or, from some servers, hexadecimal; None when absent or not a number."""
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip():
         text = value.strip()
-        try:
-            return int(text)
-        except ValueError:
-            return int(text, 16)
+        for base in (10, 16):
+            try:
+                return int(text, base)
+            except ValueError:
+                continue
     return None
 
 
