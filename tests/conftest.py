@@ -50,7 +50,42 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 #: Test modules that touch the index in-process: run on both databases.
-BOTH_DATABASES = frozenset({"test_migrations", "test_store"})
+BOTH_DATABASES = frozenset(
+    {
+        "test_alerts",
+        "test_api_audit",
+        "test_api_auth",
+        "test_api_config_checks",
+        "test_api_destinations",
+        "test_api_jobs",
+        "test_api_reidentify",
+        "test_api_routes",
+        "test_api_security",
+        "test_api_status",
+        "test_api_studies",
+        "test_certificate_expiry",
+        "test_commitment_store",
+        "test_config_versions",
+        "test_dispatch_transforming",
+        "test_dispatch_worker",
+        "test_loops_guard",
+        "test_metrics",
+        "test_migrations",
+        "test_notifications",
+        "test_queue",
+        "test_queue_transforms",
+        "test_readiness",
+        "test_recovery",
+        "test_reidentify",  # tests/transforms
+        "test_retention",
+        "test_retention_crossfeature",
+        "test_retention_surfaces",
+        "test_store",
+        "test_unplanned",
+        "test_web",
+        "test_web_readable",
+    }
+)
 DATABASES = ("sqlite", "postgresql")
 
 
