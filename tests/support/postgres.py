@@ -55,12 +55,6 @@ class Postgres:
         #: is several times faster than creating a database and its schema per test.
         self.template = "template0"
 
-    def _execute(self, sql: str) -> None:
-        import psycopg
-
-        with psycopg.connect(self._libpq(self.admin_url), autocommit=True) as conn:
-            conn.execute(sql)
-
     def execute(self, sql: str, database: str | None = None, role: str | None = None) -> None:
         """Run ``sql`` (autocommit) in ``database`` as ``role`` (default: the admin URL's)."""
         import psycopg
@@ -78,7 +72,7 @@ class Postgres:
         ``template``: its name."""
         name = f"{prefix}_{os.getpid()}_{next(_counter)}"
         owner = f" OWNER {self.app_role}" if self.app_role else ""
-        self._execute(f"CREATE DATABASE {name} TEMPLATE {template}{owner} STRATEGY FILE_COPY")
+        self.execute(f"CREATE DATABASE {name} TEMPLATE {template}{owner} STRATEGY FILE_COPY")
         return name
 
     def prepare_template(self) -> None:
@@ -91,7 +85,7 @@ class Postgres:
         self.template = name
 
     def drop(self, name: str) -> None:
-        self._execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        self.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
     def url_for(self, database: str, role: str | None) -> str:
         head, _, tail = self._libpq(self.admin_url).partition("://")
@@ -119,8 +113,10 @@ def _as_postgres(command: list[str]) -> list[str]:
 
 
 @contextmanager
-def throwaway_cluster() -> Iterator[Postgres]:
-    """Start a cluster of our own (see the module docstring); stop and delete it."""
+def throwaway_cluster(durable: bool = False) -> Iterator[Postgres]:
+    """Start a cluster of our own (see the module docstring); stop and delete it.
+    ``durable`` keeps PostgreSQL's fsync on (benchmarks: a commit costs what it costs
+    in production); the tests turn it off."""
     bindir = postgres_bin()
     if bindir is None:
         skip_or_fail("PostgreSQL (Debian package postgresql) not installed", "PostgreSQL tests")
@@ -149,12 +145,14 @@ def throwaway_cluster() -> Iterator[Postgres]:
         capture_output=True,
         env=env,
     )
-    # fsync off: this cluster lives for one test session and is never crashed; the
-    # durability the router relies on is PostgreSQL's own, unchanged by a test.
     settings = (
         f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={root} "
-        "-c fsync=off -c full_page_writes=off -c max_connections=300"
+        "-c max_connections=300"
     )
+    if not durable:
+        # This cluster lives for one test session and is never crashed; the
+        # durability the router relies on is PostgreSQL's own, unchanged by a test.
+        settings += " -c fsync=off -c full_page_writes=off"
     subprocess.run(
         _as_postgres(
             [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-o", settings]
@@ -166,7 +164,7 @@ def throwaway_cluster() -> Iterator[Postgres]:
     )
     try:
         server = Postgres(f"postgresql://postgres@/postgres?host={root}&port={port}", APP_ROLE)
-        server._execute(f"CREATE ROLE {APP_ROLE} LOGIN")
+        server.execute(f"CREATE ROLE {APP_ROLE} LOGIN")
         yield server
     finally:
         subprocess.run(
