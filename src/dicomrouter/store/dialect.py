@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Integer, Table
+from sqlalchemy import Boolean, Integer, Table
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
@@ -81,3 +81,31 @@ def _int_part(element: int_part, compiler: Any, **kw: Any) -> str:
 @compiles(int_part, POSTGRESQL)
 def _int_part_postgresql(element: int_part, compiler: Any, **kw: Any) -> str:
     return f"CAST(trunc({compiler.process(element.clauses, **kw)}) AS BIGINT)"
+
+
+class like_any_case(FunctionElement[bool]):  # noqa: N801 (an SQL operator, named like one)
+    """``column LIKE pattern ESCAPE '\\'`` matching letters in any case, as SQLite's
+    LIKE does (ASCII letters); PostgreSQL's LIKE is case-sensitive: ILIKE there.
+    Arguments: the column, the pattern."""
+
+    type = Boolean()
+    name = "like_any_case"
+    inherit_cache = True
+    _is_implicitly_boolean = True  # a comparison: no "= 1" on SQLite
+
+
+def _like_operands(element: like_any_case, compiler: Any, **kw: Any) -> tuple[str, str]:
+    column, pattern = element.clauses.clauses
+    return compiler.process(column, **kw), compiler.process(pattern, **kw)
+
+
+@compiles(like_any_case)
+def _like_any_case(element: like_any_case, compiler: Any, **kw: Any) -> str:
+    column, pattern = _like_operands(element, compiler, **kw)
+    return f"{column} LIKE {pattern} ESCAPE '\\'"
+
+
+@compiles(like_any_case, POSTGRESQL)
+def _like_any_case_postgresql(element: like_any_case, compiler: Any, **kw: Any) -> str:
+    column, pattern = _like_operands(element, compiler, **kw)
+    return f"{column} ILIKE {pattern} ESCAPE '\\'"
