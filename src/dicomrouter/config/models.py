@@ -1176,9 +1176,12 @@ class RouterConfig(_Model):
         "`?host=/run/postgresql` for a Unix socket); see docs/deployment.md, "
         '"One node on PostgreSQL". Both are tested with the same suite.',
     )
-    _check_database = field_validator("database")(
-        classmethod(lambda cls, v: None if v is None else index_url(v))
-    )
+    @field_validator("database")
+    @classmethod
+    def _database(cls, value: str | None) -> str | None:
+        if value is not None:
+            index_url(value)  # raises for another kind of database
+        return value
     destinations: dict[str, DestinationConfig] = Field(
         default_factory=dict,
         description="Named destinations; each has a `type` (`dicom`, the default, or "
@@ -1281,7 +1284,9 @@ class RouterConfig(_Model):
 
     @property
     def database_url(self) -> str:
-        return self.database or f"sqlite:///{(self.storage.path / 'index.sqlite').resolve()}"
+        if self.database:
+            return index_url(self.database)
+        return f"sqlite:///{(self.storage.path / 'index.sqlite').resolve()}"
 
 
 #: URL schemes ``database`` accepts, and the SQLAlchemy driver each one means.
