@@ -153,8 +153,10 @@ def create_index_engine(
     waits is a millisecond a modality waits for its C-STORE response.
 
     A ``writer`` engine starts every transaction with ``BEGIN IMMEDIATE`` (the write
-    lock up-front, so concurrent writers queue instead of failing); a reader engine
-    (``writer=False``) never takes the write lock: WAL lets it read alongside writers.
+    lock up-front, so concurrent writers queue instead of failing; on PostgreSQL the
+    advisory lock of :data:`.dialect.WRITE_LOCK_SQL`); a reader engine
+    (``writer=False``) never takes the write lock: WAL lets it read alongside writers
+    (PostgreSQL readers never wait for writers).
 
     ``durable_commits=False`` (SQLite ``synchronous=NORMAL``, per connection) is for
     the dispatch process: its commits do not wait for an fsync of the WAL, so it

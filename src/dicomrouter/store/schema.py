@@ -28,7 +28,11 @@ metadata = MetaData()
 Integer = _Integer().with_variant(BigInteger(), "postgresql")
 
 SCHEMA_VERSION = 7
-"""Bumped with each schema change: the number of its revision in ``store/migrations``."""
+"""Bumped with each schema change: the number of its revision in ``store/migrations``.
+Every change to a table below, a new table included, comes with that revision: an
+existing index is only ever changed by revisions (the notes "added to version 7
+before its release" below date from before Alembic, when ``create_all`` ran on every
+start)."""
 
 meta_info = Table(
     "meta_info",
