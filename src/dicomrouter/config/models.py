@@ -1176,12 +1176,14 @@ class RouterConfig(_Model):
         "`?host=/run/postgresql` for a Unix socket); see docs/deployment.md, "
         '"One node on PostgreSQL". Both are tested with the same suite.',
     )
+
     @field_validator("database")
     @classmethod
     def _database(cls, value: str | None) -> str | None:
         if value is not None:
             index_url(value)  # raises for another kind of database
         return value
+
     destinations: dict[str, DestinationConfig] = Field(
         default_factory=dict,
         description="Named destinations; each has a `type` (`dicom`, the default, or "
