@@ -261,8 +261,10 @@ def test_a_running_router_delivers_then_purges_and_keeps_the_trace(
         with engine.connect() as conn:
             rows = conn.execute(select(instances.c.purged_at, instances.c.purge_reason)).all()
         assert len(rows) == 3 and all(r.purged_at and "delivered" in r.purge_reason for r in rows)
+        # The run is audited once it has finished, a moment after its last unlink.
+        wait_until(lambda: audit.query(engine, action="retention.purge")[1], 30, message="audited")
         _, entries = audit.query(engine, action="retention.purge")
-        assert entries and entries[0]["actor"] == "system"
+        assert entries[0]["actor"] == "system"
         engine.dispose()
 
 
