@@ -1,88 +1,179 @@
 #!/usr/bin/env python
-"""How the operator surface's queries scale with the index: a synthetic index of N
-instances (100 per study, every instance matched by one route and delivered, one job
-per 10 instances over ~N/2 seconds of history), then the median of 3 runs of each
-control-plane call the dashboard and the API make.
+"""How the operator surface's queries, claims and planning scale with the index: a
+synthetic index of N instances (100 per study, every instance matched by one route and
+delivered, one job per 10 instances over ~N/2 seconds of history), then the median of
+3 runs of each control-plane call the dashboard and the API make; then every job
+queued again (N/10 pending jobs) and the median of 3 claims (200 jobs) and of 3
+planner batches (100 new instances, instance-level route).
 
     python bench/index_queries.py --instances 1000000
+    python bench/index_queries.py --instances 1000000 --postgresql
 
-Not a test: run by hand (building 1M rows takes about a minute).
+``--postgresql`` puts the index on a PostgreSQL cluster the bench starts itself
+(Debian's ``postgresql``, fsync on; tests/support/postgres.py). Not a test: run by
+hand (building 1M rows takes about a minute on SQLite, a few on PostgreSQL).
 """
 
 from __future__ import annotations
 
 import argparse
-import sqlite3
+import contextlib
+import itertools
 import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from sqlalchemy import Engine, Table, update
+
 from dicomrouter.config import parse_config
 from dicomrouter.control import destinations, jobs, routes, status, studies
+from dicomrouter.queue import JobStore, Planner
 from dicomrouter.store import ObjectStore, create_index_engine
+from dicomrouter.store.schema import instances, job_instances, route_matches
+from dicomrouter.store.schema import jobs as jobs_table
 
-INSERT_INSTANCE = (
-    "INSERT INTO instances (sop_instance_uid, sop_class_uid, transfer_syntax_uid, "
-    "study_instance_uid, series_instance_uid, patient_id, patient_name, accession_number, "
-    "study_date, study_description, modality, path, size, received_at, calling_ae, "
-    "called_ae, source_address, generation, routed) "
-    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-)
-INSERT_JOB = (
-    "INSERT INTO jobs (destination, level, resource_uid, study_instance_uid, routes, state, "
-    "priority, attempts, next_attempt_at, created_at, updated_at, finished_at) "
-    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
-)
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # for tests.support when run as a script
+
+CHUNK = 10_000
 
 
-def build(path: Path, n: int) -> None:
-    create_index_engine(f"sqlite:///{path}").dispose()
-    db = sqlite3.connect(path)
+def _instance(i: int, n: int, now: float, routed: int = 1) -> dict[str, Any]:
+    return {
+        "sop_instance_uid": f"1.2.{i}", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+        "transfer_syntax_uid": "1.2.840.10008.1.2.1", "study_instance_uid": f"1.3.{i // 100}",
+        "series_instance_uid": f"1.4.{i // 100}", "patient_id": f"P{i // 100 % 5000}",
+        "patient_name": "DOE^J", "accession_number": f"A{i // 100}", "study_date": "20261122",
+        "study_description": "CT HEAD", "modality": "CT", "path": f"x/{i}.dcm", "size": 9000,
+        "received_at": now - (n - i) * 0.5, "calling_ae": "CT1", "called_ae": "R",
+        "source_address": "127.0.0.1", "generation": 1, "routed": routed,
+    }  # fmt: skip
+
+
+def _insert(engine: Engine, table: Table, rows: Iterable[dict[str, Any]]) -> None:
+    iterator = iter(rows)
+    while chunk := list(itertools.islice(iterator, CHUNK)):
+        with engine.begin() as conn:
+            conn.execute(table.insert(), chunk)
+
+
+def build(url: str, n: int) -> None:
+    engine = create_index_engine(url)
     now = time.time()
-    db.executemany(
-        INSERT_INSTANCE,
+    _insert(engine, instances, (_instance(i, n, now) for i in range(n)))
+    _insert(
+        engine,
+        route_matches,
         (
-            (f"1.2.{i}", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", f"1.3.{i // 100}",
-             f"1.4.{i // 100}", f"P{i // 100 % 5000}", "DOE^J", f"A{i // 100}", "20261122",
-             "CT HEAD", "CT", f"x/{i}.dcm", 9000, now - (n - i) * 0.5, "CT1", "R",
-             "127.0.0.1", 1, 1)
+            {
+                "instance_id": i + 1,
+                "route": "all",
+                "generation": 1,
+                "matched_at": now - (n - i) * 0.5,
+            }
             for i in range(n)
         ),
-    )  # fmt: skip
-    db.executemany(
-        "INSERT INTO route_matches VALUES (?,?,?,?)",
-        ((i + 1, "all", 1, now - (n - i) * 0.5) for i in range(n)),
     )
     count = n // 10
-    db.executemany(
-        INSERT_JOB,
+    _insert(
+        engine,
+        jobs_table,
         (
-            ("pacs", "study", f"1.3.{j}", f"1.3.{j}", "all", "completed", 0, 0, now,
-             now - (count - j) * 5, now - (count - j) * 5, now)
+            {"destination": "pacs", "level": "study", "resource_uid": f"1.3.{j}",
+             "study_instance_uid": f"1.3.{j}", "routes": "all", "state": "completed",
+             "priority": 0, "attempts": 0, "next_attempt_at": now,
+             "created_at": now - (count - j) * 5, "updated_at": now - (count - j) * 5,
+             "finished_at": now}
             for j in range(count)
         ),
     )  # fmt: skip
-    db.executemany(
-        "INSERT INTO job_instances VALUES (?,?,?,?,?,?,?,?)",
-        ((i // 10 + 1, i + 1, "pacs", 1, "completed", 0, None, now - (n - i) * 0.5)
-         for i in range(n)),
+    _insert(
+        engine,
+        job_instances,
+        (
+            {"job_id": i // 10 + 1, "instance_id": i + 1, "destination": "pacs",
+             "generation": 1, "state": "completed", "status": 0,
+             "updated_at": now - (n - i) * 0.5}
+            for i in range(n)
+        ),
     )  # fmt: skip
-    db.commit()
-    db.close()
+    _vacuum_analyze(engine)
+    engine.dispose()
+
+
+def _vacuum_analyze(engine: Engine) -> None:
+    """PostgreSQL after a bulk load or a bulk update: statistics for the planner and
+    no dead rows, as autovacuum would leave a live index (SQLite: as it is)."""
+    if engine.dialect.name != "postgresql":
+        return
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("VACUUM ANALYZE")
+
+
+def _median_ms(call: Callable[[], Any], runs: int = 3) -> float:
+    times = []
+    for _ in range(runs):
+        begin = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times) * 1000
+
+
+def claim_and_plan(url: str, root: Path, n: int) -> dict[str, float]:
+    """Every job queued again (pending, due), then claims and planner batches."""
+    engine = create_index_engine(url, create=False)
+    with engine.begin() as conn:
+        conn.execute(
+            update(jobs_table).values(state="pending", next_attempt_at=0, finished_at=None)
+        )
+        conn.execute(update(job_instances).values(state="pending"))
+    _vacuum_analyze(engine)
+    queue = JobStore(engine)
+    claims = iter(range(3))
+    claim_ms = _median_ms(lambda: queue.claim("pacs", f"bench-{next(claims)}", lease=60))
+    config = parse_config(
+        {
+            "storage": {"path": str(root)},
+            "destinations": {"pacs": {"ae_title": "P", "host": "127.0.0.1", "port": 4242}},
+            "routes": [{"name": "all", "trigger": "instance", "to": ["pacs"]}],
+        },
+        environ={},
+    )
+    now = time.time()
+    _insert(engine, instances, (_instance(n + i, n, now, routed=0) for i in range(300)))
+    _vacuum_analyze(engine)
+    planner = Planner(config, engine, ObjectStore(root))
+    plan_ms = _median_ms(planner.route_new_instances)
+    engine.dispose()
+    return {"claim 200 jobs": claim_ms, "plan 100 instances": plan_ms}
+
+
+@contextlib.contextmanager
+def index_url(root: Path, postgresql: bool) -> Iterator[str]:
+    if not postgresql:
+        yield f"sqlite:///{root / 'index.sqlite'}"
+        return
+    from tests.support.postgres import throwaway_cluster
+
+    with throwaway_cluster(durable=True) as server, server.database("bench") as url:
+        yield url
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=1_000_000)
+    parser.add_argument("--postgresql", action="store_true", help="index on PostgreSQL")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, index_url(Path(folder), args.postgresql) as url:
         root = Path(folder)
         started = time.perf_counter()
-        build(root / "index.sqlite", args.instances)
+        build(url, args.instances)
         print(f"built {args.instances} instances in {time.perf_counter() - started:.0f} s")
         config = parse_config(
             {
@@ -92,7 +183,6 @@ def main() -> None:
             },
             environ={},
         )
-        url = f"sqlite:///{root / 'index.sqlite'}"
         ctx = SimpleNamespace(
             config=config,
             engine=create_index_engine(url, create=False),
@@ -123,12 +213,12 @@ def main() -> None:
         }
         print(f"{'call':30} {'median ms':>10}")
         for name, call in calls.items():
-            times = []
-            for _ in range(3):
-                begin = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - begin)
-            print(f"{name:30} {statistics.median(times) * 1000:10.1f}")
+            print(f"{name:30} {_median_ms(call):10.1f}")
+        ctx.engine.dispose()
+        ctx.reader.dispose()
+        print(f"-- {args.instances // 10} jobs queued")
+        for name, ms in claim_and_plan(url, root, args.instances).items():
+            print(f"{name:30} {ms:10.1f}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,10 @@ b. ``storescu -> Orthanc -> storescp``: the peer, a Lua ``OnStoredInstance`` scr
 c. ``storescu -> dicomrouter -> storescp``: ``python -m dicomrouter serve``;
 d. ``storescu +tls -> dicomrouter (dicom.tls listener) -> storescp``: the same router,
    received over DICOM TLS (mutual, with a throwaway PKI), forwarded in plain;
-e. ``storescu +tls -> storescp +tls``: what TLS costs dcmtk alone, for reference.
+e. ``storescu +tls -> storescp +tls``: what TLS costs dcmtk alone, for reference;
+f. ``storescu -> dicomrouter -> storescp`` with the index on PostgreSQL (leg
+   ``router_pg``, not in the default legs): a durable cluster the bench starts itself
+   (Debian's ``postgresql``, fsync on), a new database per run.
 
 Every dcmtk tool and Orthanc gets ``TCP_NODELAY=1`` (see docs: without it Nagle's
 algorithm dominates the numbers). Every server is started fresh for each repeat, so no
@@ -54,6 +57,7 @@ if str(REPO) not in sys.path:
 
 from tests.support.dcmtk import dcmtk_env, dcmtk_tool, free_port  # noqa: E402
 from tests.support.orthanc import Orthanc, orthanc_executable  # noqa: E402
+from tests.support.postgres import Postgres, postgres_bin, throwaway_cluster  # noqa: E402
 from tests.support.synth import (  # noqa: E402
     LARGE_SHAPE,
     SMALL_SHAPE,
@@ -85,6 +89,7 @@ LEGS = {
     "router": "c. dicomrouter",
     "router_tls": "d. dicomrouter, TLS in",
     "direct_tls": "e. direct, TLS",
+    "router_pg": "f. dicomrouter, PostgreSQL index",
 }
 TLS_LEGS = ("router_tls", "direct_tls")
 DEFAULT_LEGS = "direct,orthanc,router,router_tls,direct_tls"
@@ -366,13 +371,15 @@ def router(
     tls: bool = False,
     pipeline: list[dict[str, Any]] | None = None,
     destination: dict[str, Any] | None = None,
+    database: str | None = None,
 ) -> Iterator[tuple[int, int]]:
     """A fresh ``python -m dicomrouter serve`` forwarding everything to ``dest_port``.
     Yields (the port to send to, the router's pid). With ``tls``, that port is a
     ``dicom.tls`` listener (the PKI's server certificate, client certificates
     required); the plain port stays, for the C-ECHO readiness check. With
     ``pipeline`` (transform steps), the route sends through it. ``destination``
-    replaces the DICOM destination (another kind: ``dest_port`` is then unused)."""
+    replaces the DICOM destination (another kind: ``dest_port`` is then unused).
+    ``database``: the index's URL (default: SQLite in the storage folder)."""
     port, http_port = free_port(), free_port()
     storage = workdir / f"{name}-router-storage"
     shutil.rmtree(storage, ignore_errors=True)
@@ -402,6 +409,8 @@ def router(
     if pipeline is not None:
         config["transforms"] = {"bench": pipeline}
         config["routes"][0]["transform"] = "bench"
+    if database is not None:
+        config["database"] = database
     config_path = workdir / f"{name}-router.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     log_path = workdir / f"{name}-router.log"
@@ -562,15 +571,16 @@ def run_router(
     timeout: float,
     memory: dict[str, int] | None = None,
     tls: bool = False,
+    database: str | None = None,
 ) -> tuple[float, int | None]:
     """``memory``, when given, receives the peak PSS of the router's processes too;
     ``tls``: storescu sends over DICOM TLS to the router's ``dicom.tls`` listener (the
-    router still forwards in plain to the same storescp)."""
-    name = "router_tls" if tls else "router"
+    router still forwards in plain to the same storescp). ``database``: the index."""
+    name = "router_pg" if database else "router_tls" if tls else "router"
     options = client_tls_options(workdir) if tls else []
     with (
         storescp(workdir, name, fork=len(sources) > 1) as (dest_port, outdir),
-        router(workdir, name, dest_port, tls=tls) as (port, pid),
+        router(workdir, name, dest_port, tls=tls, database=database) as (port, pid),
         RssSampler(pid, pss=memory is not None) as rss,
     ):
         seconds = send_and_wait(ROUTER_AET, port, sources, outdir, n, timeout, options)
@@ -594,12 +604,26 @@ def run_direct_tls(
         return send_and_wait(DEST_AET, dest_port, sources, outdir, n, timeout, options), None
 
 
+#: The PostgreSQL server of the ``router_pg`` leg (main() starts it when selected).
+_POSTGRES: list[Postgres] = []
+
+
+def run_router_pg(
+    workdir: Path, sources: list[Path], n: int, timeout: float
+) -> tuple[float, int | None]:
+    """The router leg with its index on PostgreSQL (a durable cluster of the bench's
+    own, fsync on; a new database per run, created before the clock starts)."""
+    with _POSTGRES[0].database("bench") as url:
+        return run_router(workdir, sources, n, timeout, database=url)
+
+
 RUNNERS = {
     "direct": run_direct,
     "orthanc": run_orthanc,
     "router": run_router,
     "router_tls": run_router_tls,
     "direct_tls": run_direct_tls,
+    "router_pg": run_router_pg,
 }
 
 # Throughput ratios reported (first / second): the router against its ceiling and its
@@ -610,6 +634,7 @@ RATIOS = (
     ("orthanc", "direct"),
     ("router_tls", "router"),
     ("direct_tls", "direct"),
+    ("router_pg", "router"),
 )
 
 
@@ -908,6 +933,8 @@ def main(argv: list[str] | None = None) -> int:
             legs[leg] = no_router or no_tls
         elif leg == "direct_tls":
             legs[leg] = no_tls
+        elif leg == "router_pg":
+            legs[leg] = no_router or (None if postgres_bin() else "PostgreSQL not installed")
         else:
             legs[leg] = None
     for leg, reason in legs.items():
@@ -926,7 +953,10 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"[dim]dicomrouter: {info['dicomrouter']}; load average {load}[/dim]")
     results: list[DatasetResult] = []
     huge: dict[str, Any] | None = None
+    cluster = contextlib.ExitStack()
     try:
+        if "router_pg" in legs and legs["router_pg"] is None:
+            _POSTGRES.append(cluster.enter_context(throwaway_cluster(durable=True)))
         for name, n, shape in (
             ("small", args.small, SMALL_SHAPE),
             ("large", args.large, LARGE_SHAPE),
@@ -941,6 +971,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.huge_gb > 0:
             huge = run_huge(args, legs.get("router", "router leg not selected"), workdir, results)
     finally:
+        cluster.close()
         if args.keep:
             console.print(f"[dim]kept {workdir}[/dim]")
         else:

@@ -22,11 +22,15 @@ missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 # tests/test_packaging.py checks the systemd unit with systemd-analyze verify.
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+# The index's second database: the suite starts a throwaway PostgreSQL cluster of its
+# own with Debian's initdb/pg_ctl (tests/support/postgres.py), unless
+# DICOMROUTER_TEST_POSTGRES_URL names a server; the packaged service is not started.
+compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]} (apt-get)"
   $SUDO apt-get update -qq
-  # The packaged Orthanc service must not start (the tests start their own Orthanc
-  # instances on free ports, and 4242 stays free for the quick start): invoke-rc.d
+  # The packaged Orthanc and PostgreSQL services must not start (the tests start their
+  # own instances on free ports, and 4242 stays free for the quick start): invoke-rc.d
   # honours RUNLEVEL=1, deb-systemd-invoke only a policy-rc.d that says no.
   policy_added=""
   if [ ! -e /usr/sbin/policy-rc.d ]; then

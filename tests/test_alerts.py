@@ -334,6 +334,7 @@ def test_alert_config_is_checked() -> None:
         RouterConfig.model_validate({"alerts": {"webhooks": {"x": {"url": "ftp://host/"}}}})
 
 
+@pytest.mark.sqlite_only
 def test_real_router_alerts_when_a_destination_goes_down_and_back(
     tmp_path: Path, receiver: Receiver, dcmtk: None
 ) -> None:

@@ -140,6 +140,7 @@ def test_readyz_fails_below_the_disk_watermark(tmp_path: Path) -> None:
     assert response.json()["checks"]["disk"]["ok"] is False
 
 
+@pytest.mark.sqlite_only
 def test_an_old_index_is_upgraded_in_place(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'index.sqlite'}"
     create_index_engine(url).dispose()

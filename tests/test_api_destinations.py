@@ -156,6 +156,7 @@ def test_echo_reports_success_time_and_failure(tmp_path: Path, dcmtk: None) -> N
     ]
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.interop
 def test_pause_through_http_stops_deliveries_and_resume_sends_them(
     tmp_path: Path, pacs: StoreSCP

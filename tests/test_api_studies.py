@@ -85,6 +85,7 @@ def test_search_filters_combine_and_accept_dicom_wildcards(tmp_path: Path) -> No
     assert found(env, patient_name="DOE^*") == [ct]
     assert found(env, patient_name="SMITH^ANN?") == [mr]
     assert found(env, patient_name="SMITH^AN?") == []  # ? is exactly one character
+    assert found(env, patient_name="doe^*") == [ct]  # letters in any case, on both databases
     assert found(env, patient_id="P2") == [mr]
     assert found(env, patient_id="P") == []  # no wildcard: exact
     assert found(env, accession_number="ACC1") == [ct]

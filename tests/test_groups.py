@@ -645,6 +645,7 @@ def test_the_trace_and_job_views_say_which_member_got_what_through_which_group(
     assert detail is not None and detail["via_group"] == "pair"
 
 
+@pytest.mark.sqlite_only
 def test_an_index_from_schema_7_upgrades_its_jobs_are_direct(tmp_path: Path) -> None:
     import sqlite3
 
@@ -664,6 +665,7 @@ def test_an_index_from_schema_7_upgrades_its_jobs_are_direct(tmp_path: Path) -> 
             " 'pending', 0, 0, 0, 0, 0, 0)"
         )
         raw.execute("UPDATE meta_info SET value = '7' WHERE key = 'schema'")
+        raw.execute("UPDATE alembic_version SET version_num = '0007'")
     engine = create_index_engine(url)
     with engine.connect() as conn:
         assert conn.execute(select(jobs.c.id, jobs.c.via_group)).all() == [(1, None)]

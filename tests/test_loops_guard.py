@@ -11,13 +11,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 
 from dicomrouter.config import hosts
 from dicomrouter.control import loops
 from dicomrouter.observe.alerts import AlertEvaluator
 from dicomrouter.queue import loops as queue_loops
 from dicomrouter.store import Provenance, read_header
+from dicomrouter.store.dialect import WRITE_LOCK_KEY
 from dicomrouter.store.schema import instances, job_instances, loop_events
 from tests.support.api import ApiEnv, api_env
 from tests.support.dcmtk import free_port
@@ -188,6 +189,19 @@ def test_loop_detected_alerts_once_per_destination_and_not_again_after_a_restart
         assert conn.execute(select(loop_events.c.id)).all()
 
 
+def _postgresql_write_lock(engine: Engine) -> str:
+    """The PostgreSQL equivalent of trying SQLite's write lock: the advisory lock every
+    writer transaction takes (store/dialect.py), tried from another connection."""
+    import psycopg
+
+    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as probe:
+        if probe.execute(f"SELECT pg_try_advisory_lock({WRITE_LOCK_KEY})").fetchone() == (True,):
+            probe.execute(f"SELECT pg_advisory_unlock({WRITE_LOCK_KEY})")
+            return "free"
+        return "held by a writer"
+
+
 def test_a_hanging_name_lookup_never_holds_the_index_write_lock(
     tmp_path: Path, monkeypatch: Any
 ) -> None:
@@ -208,6 +222,8 @@ def test_a_hanging_name_lookup_never_holds_the_index_write_lock(
     answer = threading.Event()
 
     def write_lock() -> str:
+        if env.engine.dialect.name == "postgresql":
+            return _postgresql_write_lock(env.engine)
         probe = sqlite3.connect(database, timeout=0)
         try:
             probe.execute("BEGIN IMMEDIATE")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, func, select
 
@@ -83,6 +84,7 @@ def route_to(pacs_port: int, **dest: Any) -> dict[str, Any]:
     }
 
 
+@pytest.mark.sqlite_only
 def test_metrics_after_real_traffic(tmp_path: Path, dcmtk: None) -> None:
     ct = make_small_study(tmp_path / "ct", 5, prefix="CT")
     mr = make_small_study(tmp_path / "mr", 3, prefix="MR", modality="MR")
@@ -153,6 +155,7 @@ def test_metrics_after_real_traffic(tmp_path: Path, dcmtk: None) -> None:
         assert value(s, "dicomrouter_failed_instances_total", destination="pacs") is None
 
 
+@pytest.mark.sqlite_only
 def test_outbound_association_counted_while_open(tmp_path: Path, dcmtk: None) -> None:
     """The dispatcher keeps an idle association 2 s; a scrape right after delivery
     sees it open, and the livesum gauge returns to 0 when it closes."""
@@ -270,6 +273,7 @@ def test_index_collector_queue_and_state(tmp_path: Path) -> None:
     assert value(s, "dicomrouter_destination_state", destination="b", state="disabled") == 1
 
 
+@pytest.mark.sqlite_only  # no index: the process's own counters
 def test_recording_functions_in_process() -> None:
     """Outcomes map to disjoint counters; only deliveries feed the latency histogram."""
     import time
@@ -290,6 +294,7 @@ def test_recording_functions_in_process() -> None:
     assert value(s, "dicomrouter_delivery_latency_seconds_bucket", destination=dest, le="2.5") == 1
 
 
+@pytest.mark.sqlite_only  # no index: the process's own counters
 def test_calling_ae_labels_are_bounded(monkeypatch: Any) -> None:
     """Without an allow-list anyone may call with any title: past MAX_AE_LABELS titles,
     new ones are counted under one label instead of a new series each."""

@@ -482,6 +482,7 @@ def test_detecting_again_does_not_duplicate(tmp_path: Path, receiver: Receiver) 
     assert receiver.events("/hook") == ["study_received"]
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.interop
 def test_router_process_notifies_received_completed_delivered_in_order(
     tmp_path: Path, receiver: Receiver, dcmtk: None

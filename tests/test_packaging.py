@@ -166,7 +166,7 @@ def test_the_compose_file_matches_the_dockerfile() -> None:
     assert targets == {volume, docker["WORKDIR"][0]}
     assert router["environment"]["DICOMROUTER_STORAGE__PATH"] == volume
     assert set(compose["volumes"]) == {v.split(":")[0] for v in router["volumes"]} - {"./config"}
-    # The optional PostgreSQL service is there, commented out, for later.
+    # The optional PostgreSQL service is there, commented out.
     assert "# postgres:" in (ROOT / "compose.yaml").read_text()
 
 

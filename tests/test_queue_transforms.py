@@ -11,6 +11,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import select, text
 
 from dicomrouter.queue import JobStore
@@ -101,6 +102,7 @@ def test_a_route_joining_a_waiting_job_raises_its_priority(tmp_path: Path) -> No
     assert [(j["id"], j["priority"]) for j in p.job_list()] == [(job["id"], 10)]
 
 
+@pytest.mark.sqlite_only
 def test_an_index_from_schema_6_keeps_its_deliveries_and_takes_pipelines(tmp_path: Path) -> None:
     """Schema 7 rebuilds job_instances (its unique key gains the pipeline): every
     delivery survives, and the same instance may then go out through two pipelines."""

@@ -83,6 +83,7 @@ def _dispatch_pids(router: RouterProcess) -> list[int]:
     return [int(p) for p in re.findall(r"dispatch process started \(pid (\d+)\)", router.log())]
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.interop
 @pytest.mark.timeout(240)
 def test_readyz_follows_the_dispatch_process_of_a_running_router(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from tests.support.api import ApiEnv, api_env
 from tests.support.synth import make_study
 from tests.test_alerts import Receiver, alerts_section, make_env, receiver  # noqa: F401
 from tests.test_queue import DEST, Pipeline, route, uids
-from tests.test_unplanned import BREAK, REPAIR
+from tests.test_unplanned import break_index, repair_index
 
 OTHER = {**DEST, "ae_title": "OTHER", "port": 4243}
 
@@ -214,7 +214,7 @@ def test_unplanned_alert_fires_after_its_delay_and_resolves(
     )
     p.receive(make_study(tmp_path / "in", 2))
     with p.engine.begin() as conn:
-        conn.exec_driver_sql(BREAK)
+        break_index(conn)
     p.plan()
     now = time.time()
     clock = [now]
@@ -226,7 +226,7 @@ def test_unplanned_alert_fires_after_its_delay_and_resolves(
     assert alert.details["count"] == 2 and "disk is full" in alert.summary
     assert receiver.bodies("/ops")[0]["severity"] == "error"
     with p.engine.begin() as conn:
-        conn.exec_driver_sql(REPAIR)
+        repair_index(conn)
     assert p.planner.retry_unplanned(now=now + 3600) == 2
     [resolved] = evaluator.run_once()
     assert (resolved.event, resolved.status) == ("unplanned", "resolved")
@@ -240,7 +240,7 @@ def test_unplanned_instances_in_status_api_metrics_and_dashboard(tmp_path: Path)
     files = make_study(tmp_path / "in", 2)
     p.receive(files)
     with p.engine.begin() as conn:
-        conn.exec_driver_sql(BREAK)
+        break_index(conn)
     p.plan()
     env = api_env(tmp_path, {"storage": storage, "destinations": {"pacs": DEST}})
     status = env.viewer.get("/api/v1/status").json()["unplanned"]
@@ -256,7 +256,7 @@ def test_unplanned_instances_in_status_api_metrics_and_dashboard(tmp_path: Path)
 
     assert env.viewer.post("/api/v1/unplanned/replan", json={}).status_code == 403
     with p.engine.begin() as conn:
-        conn.exec_driver_sql(REPAIR)
+        repair_index(conn)
     assert p.planner.retry_unplanned() == 0  # not due for 5 s
     [first, _] = [i["instance_id"] for i in listed["items"]]
     replanned = env.operator.post("/api/v1/unplanned/replan", json={"ids": [first]})

@@ -6,7 +6,6 @@ no network. Time is moved by running the purge with a later ``now``.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -448,7 +447,7 @@ def _check_invariants(s: Site) -> None:
 
 def _run_child(tmp_path: Path, s: Site, stage: str, nth: int) -> subprocess.Popen[str]:
     src = str(Path(__file__).resolve().parents[1] / "src")
-    config = json.loads(s.config.model_dump_json())
+    config = s.settings()
     code = _CHILD.format(src=src, config=config, stage=stage, nth=nth, later=31 * DAY)
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
 
@@ -633,6 +632,7 @@ def test_a_copy_the_receiver_retracted_is_never_planned(tmp_path: Path) -> None:
     assert s.open_deliveries_of_purged() == []
 
 
+@pytest.mark.sqlite_only  # about SQLite's query plan
 def test_purge_batches_walk_the_live_index_in_order_without_sorting(tmp_path: Path) -> None:
     """Each batch seeks past the last one in ix_instances_live's own order: a sort
     would evaluate every remaining candidate for every batch (quadratic)."""

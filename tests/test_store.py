@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -220,14 +221,15 @@ def _header() -> InstanceHeader:
     return InstanceHeader.from_dataset(read_header(get_testdata_file("CT_small.dcm")))
 
 
-def test_record_new_then_overwritten(tmp_path: Path) -> None:
-    index = InstanceIndex(create_index_engine(f"sqlite:///{tmp_path / 'i.sqlite'}"))
+def test_record_new_then_overwritten(index_url: str) -> None:
+    index = InstanceIndex(create_index_engine(index_url))
     index.prepare()  # what the receiver does at start-up
     assert index.record(_header(), "a/b/c.dcm", 10, Provenance("CT1")) is Recorded.NEW
     assert index.exists(_header().sop_instance_uid)
     assert index.record(_header(), "a/b/c.dcm", 11, Provenance("CT1")) is Recorded.OVERWRITTEN
 
 
+@pytest.mark.sqlite_only
 def test_locked_index_is_reported_unavailable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -249,6 +251,38 @@ def test_locked_index_is_reported_unavailable(
     assert index.record(_header(), "a/b/c.dcm", 10, Provenance()) is Recorded.NEW
 
 
+def test_a_postgresql_lock_timeout_is_retried_until_the_lock_is_gone(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL says "busy" by SQLSTATE (55P03, lock_not_available), never in words
+    SQLite uses: the receiver retries it, and succeeds once the lock is released."""
+    import psycopg
+
+    create_index_engine(postgres_url).dispose()
+    engine = create_index_engine(postgres_url, create=False, busy_timeout_ms=100)
+    index = InstanceIndex(engine)
+    monkeypatch.setattr(index_module, "_LOCK_WAIT", 30.0)
+    holder = psycopg.connect(postgres_url)
+    holder.execute("LOCK TABLE instances IN EXCLUSIVE MODE")  # INSERTs wait behind it
+    release = threading.Timer(1.0, holder.rollback)
+    release.start()
+    try:
+        assert index.record(_header(), "a/b/c.dcm", 10, Provenance()) is Recorded.NEW
+    finally:
+        release.join()
+        holder.close()
+        engine.dispose()
+    # And a lock held past the wait is reported, not waited for without end.
+    monkeypatch.setattr(index_module, "_LOCK_WAIT", 0.3)
+    holder = psycopg.connect(postgres_url)
+    holder.execute("LOCK TABLE instances IN EXCLUSIVE MODE")
+    try:
+        with pytest.raises(IndexUnavailable, match="lock timeout"):
+            index.record(_header(), "a/b/c.dcm", 11, Provenance())
+    finally:
+        holder.close()
+
+
 def test_commit_without_replace_keeps_the_first_copy(tmp_path: Path) -> None:
     store = ObjectStore(tmp_path / "s")
     store.prepare()
@@ -262,8 +296,8 @@ def test_commit_without_replace_keeps_the_first_copy(tmp_path: Path) -> None:
     assert second.exists()  # left for the caller (pynetdicom removes it)
 
 
-def test_record_without_replace_keeps_the_indexed_copy(tmp_path: Path) -> None:
-    index = InstanceIndex(create_index_engine(f"sqlite:///{tmp_path / 'i.sqlite'}"))
+def test_record_without_replace_keeps_the_indexed_copy(index_url: str) -> None:
+    index = InstanceIndex(create_index_engine(index_url))
     assert (
         index.record(_header(), "a/b/c.dcm", 10, Provenance("CT1"), replace=False) is Recorded.NEW
     )

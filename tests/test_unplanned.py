@@ -1,6 +1,6 @@
 """Instances that cannot be planned are planned again later, never left behind.
 
-The index write is made to fail for real (a SQLite trigger that aborts every new job,
+The index write is made to fail for real (a trigger that aborts every new job,
 as a full disk or a broken database would), then made to work again.
 """
 
@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import Connection, select
 
 from dicomrouter.queue import unplanned
 from dicomrouter.store import create_index_engine
@@ -18,11 +19,33 @@ from dicomrouter.store.schema import unplanned as unplanned_rows
 from tests.support.synth import make_study
 from tests.test_queue import DEST, Pipeline, route, uids
 
-BREAK = (
-    "CREATE TRIGGER broken_index BEFORE INSERT ON jobs "
-    "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
-)
-REPAIR = "DROP TRIGGER broken_index"
+#: A trigger that makes every new job fail as a full disk would, per database.
+_BREAK = {
+    "sqlite": [
+        "CREATE TRIGGER broken_index BEFORE INSERT ON jobs "
+        "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION broken_index() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "RAISE EXCEPTION 'database or disk is full' USING ERRCODE = 'disk_full'; END $$",
+        "CREATE TRIGGER broken_index BEFORE INSERT ON jobs "
+        "FOR EACH ROW EXECUTE FUNCTION broken_index()",
+    ],
+}
+_REPAIR = {
+    "sqlite": ["DROP TRIGGER broken_index"],
+    "postgresql": ["DROP TRIGGER broken_index ON jobs", "DROP FUNCTION broken_index()"],
+}
+
+
+def break_index(conn: Connection) -> None:
+    for statement in _BREAK[conn.dialect.name]:
+        conn.exec_driver_sql(statement)
+
+
+def repair_index(conn: Connection) -> None:
+    for statement in _REPAIR[conn.dialect.name]:
+        conn.exec_driver_sql(statement)
 
 
 def _pipeline(tmp_path: Path) -> Pipeline:
@@ -44,7 +67,7 @@ def test_an_instance_that_cannot_be_planned_is_retried_with_backoff_until_planne
     files = make_study(tmp_path / "in", 3)
     p.receive(files)
     with p.engine.begin() as conn:
-        conn.exec_driver_sql(BREAK)
+        break_index(conn)
     before = time.time()
     p.plan()
     rows = _rows(p)
@@ -65,7 +88,7 @@ def test_an_instance_that_cannot_be_planned_is_retried_with_backoff_until_planne
         assert next_at >= tried + 2 * unplanned.FIRST_DELAY
     # The index works again: the next due retry plans every instance, no restart.
     with p.engine.begin() as conn:
-        conn.exec_driver_sql(REPAIR)
+        repair_index(conn)
     assert p.planner.retry_unplanned(now=time.time() + 3600) == 3
     assert _rows(p) == []
     planned = p.job_list()
@@ -86,10 +109,10 @@ def test_replan_now_makes_set_aside_instances_due_at_once(tmp_path: Path) -> Non
     p = _pipeline(tmp_path)
     p.receive(make_study(tmp_path / "in", 2))
     with p.engine.begin() as conn:
-        conn.exec_driver_sql(BREAK)
+        break_index(conn)
     p.plan()
     with p.engine.begin() as conn:
-        conn.exec_driver_sql(REPAIR)
+        repair_index(conn)
     assert p.planner.retry_unplanned() == 0  # not due for 5 s
     first = _rows(p)[0][0]
     assert unplanned.replan_now(p.engine, [first]) == 1
@@ -105,7 +128,7 @@ def test_summary_lists_what_waits(tmp_path: Path) -> None:
     files = make_study(tmp_path / "in", 2)
     p.receive(files)
     with p.engine.begin() as conn:
-        conn.exec_driver_sql(BREAK)
+        break_index(conn)
     p.plan()
     found = unplanned.summary(p.engine)
     assert found.count == 2 and found.oldest_failed_at is not None
@@ -113,6 +136,7 @@ def test_summary_lists_what_waits(tmp_path: Path) -> None:
     assert all(item.attempts == 1 and item.last_error for item in found.items)
 
 
+@pytest.mark.sqlite_only
 def test_instances_an_earlier_version_set_aside_are_retried_after_the_upgrade(
     tmp_path: Path,
 ) -> None:

@@ -6,6 +6,7 @@ planner, and delivered (or refused) by settling claims as a dispatch worker does
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,13 @@ class Site:
         self.planner = Planner(self.config, self.engine, self.store)
         self.jobs = JobStore(self.engine)
         self.purger = Purger(self.config, self.engine, self.store)
+
+    def settings(self) -> dict[str, Any]:
+        """The configuration as a process started on this site reads it (YAML), with
+        the index this site uses (SQLite or PostgreSQL) named."""
+        data: dict[str, Any] = json.loads(self.config.model_dump_json())
+        data["database"] = self.config.database_url
+        return data
 
     def receive(self, files: list[Path]) -> list[str]:
         """Store and index as the receiver does; returns the relative paths."""

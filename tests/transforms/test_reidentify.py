@@ -9,13 +9,12 @@ audited without the decrypted value; another key gives a clear error.
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom import dcmread
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from dicomrouter.config import RouterConfig, parse_config
 from dicomrouter.control import reidentify as control
@@ -65,13 +64,20 @@ class Ctx:
         self.config, self.engine, self.reader = config, engine, engine
 
 
+def _index(tmp_path: Path) -> Engine:
+    """The index of ``config_for(tmp_path)`` (SQLite or PostgreSQL: conftest.py)."""
+    config = config_for(tmp_path)
+    config.storage.path.mkdir(parents=True, exist_ok=True)
+    return create_index_engine(config.database_url)
+
+
 def deidentified(tmp_path: Path, n: int = 2, env: dict[str, str] = ENV) -> tuple[Engine, Any]:
     """``n`` instances of one study through the pipeline, as the dispatch worker does
     it; returns the index and the transformed copies' data sets."""
     files = make_study(
         tmp_path / "in", n, patient_id=PATIENT_ID, patient_name=PATIENT_NAME, series_count=1
     )
-    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    engine = _index(tmp_path)
     transforms = Transforms(config_for(tmp_path), engine, tmp_path / "outgoing", environ=env)
     transforms.prepare_workdir()
     chain = transforms.chain("research", None)
@@ -159,8 +165,11 @@ def test_recording_is_idempotent_and_encrypted_at_rest(tmp_path: Path) -> None:
     transforms.recorder.commit(records)
     transforms.recorder.commit(records)
     assert rows.count(engine) == 7
+    # What the index holds: its files on SQLite, every row of the mapping on both.
+    with engine.connect() as conn:
+        raw = repr(conn.execute(text("SELECT * FROM pseudonym_map")).all()).encode()
     engine.dispose()
-    raw = b"".join(path.read_bytes() for path in tmp_path.glob("index.sqlite*") if path.is_file())
+    raw += b"".join(p.read_bytes() for p in (tmp_path / "data").glob("index.sqlite*"))
     originals = [dcmread(f) for f in sorted((tmp_path / "in").glob("*.dcm"))]
     assert raw  # the file is there
     for ds in originals:
@@ -170,11 +179,11 @@ def test_recording_is_idempotent_and_encrypted_at_rest(tmp_path: Path) -> None:
 
 
 def test_a_failed_commit_sends_nothing_and_the_delivery_waits(tmp_path: Path) -> None:
-    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    engine = _index(tmp_path)
     transforms = Transforms(config_for(tmp_path), engine, tmp_path / "outgoing", environ=ENV)
     transforms.prepare_workdir()
-    with sqlite3.connect(tmp_path / "index.sqlite") as conn:
-        conn.execute("DROP TABLE pseudonym_map")
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE pseudonym_map"))
     chain = transforms.chain("research", None)
     assert not isinstance(chain, str)
     path = make_study(tmp_path / "in", 1)[0]
@@ -194,7 +203,7 @@ def test_a_failed_commit_sends_nothing_and_the_delivery_waits(tmp_path: Path) ->
 
 
 def test_a_missing_key_makes_deliveries_wait(tmp_path: Path) -> None:
-    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    engine = _index(tmp_path)
     env = {"DEID_SECRET": SECRET}
     transforms = Transforms(config_for(tmp_path), engine, tmp_path / "outgoing", environ=env)
     transforms.prepare_workdir()
@@ -290,7 +299,6 @@ def test_retention_keeps_the_mapping_and_purges_around_it(tmp_path: Path) -> Non
     config = parse_config(
         {
             "storage": {"path": str(tmp_path / "data")},
-            "database": f"sqlite:///{tmp_path / 'index.sqlite'}",
             "retention": {"keep_history": "1h"},
         },
         environ={},

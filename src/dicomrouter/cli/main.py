@@ -165,13 +165,12 @@ def echo(
     # Imported here, not at the top: see cli/__init__.py.
     from dicomrouter.control import destinations as control
     from dicomrouter.control.errors import ControlError
-    from dicomrouter.store import create_index_engine
+    from dicomrouter.store import create_index_engine, missing_index_file
 
     path = config_path(config)  # --config, $DICOMROUTER_CONFIG, ./dicomrouter.yaml
     settings = load(path)
-    index_file = settings.storage.path / "index.sqlite"
     try:
-        if settings.database is None and not index_file.exists():
+        if missing_index_file(settings.database_url) is not None:
             result = control.echo_destination(settings, target)  # nothing to audit into yet
         else:
             engine = create_index_engine(settings.database_url)

@@ -38,11 +38,11 @@ class LocalContext:
 
 def _context(config: Path | None) -> LocalContext:
     # Imported here, not at the top: see cli/__init__.py.
-    from dicomrouter.store import create_index_engine
+    from dicomrouter.store import create_index_engine, missing_index_file
 
     settings = load(config)
-    index_file = settings.storage.path / "index.sqlite"
-    if settings.database is None and not index_file.exists():
+    index_file = missing_index_file(settings.database_url)
+    if index_file is not None:
         fail(f"no index at {index_file}: has the router run with this configuration?")
     engine = create_index_engine(settings.database_url)
     return LocalContext(settings, engine, engine)

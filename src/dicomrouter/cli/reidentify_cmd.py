@@ -49,13 +49,13 @@ def reidentify_command(
     from dicomrouter.control import reidentify as control
     from dicomrouter.control.errors import ControlError
     from dicomrouter.security import Principal, Role
-    from dicomrouter.store import create_index_engine
+    from dicomrouter.store import create_index_engine, missing_index_file
 
     if (pseudonym is None) == (original is None):
         fail("give a PSEUDONYM, or --original ID (not both)", 2)
     settings = load(config)
-    index_file = settings.storage.path / "index.sqlite"
-    if settings.database is None and not index_file.exists():
+    index_file = missing_index_file(settings.database_url)
+    if index_file is not None:
         fail(f"no index at {index_file}: has the router run with this configuration?")
     engine = create_index_engine(settings.database_url)
     ctx = _LocalContext(settings, engine, engine)

@@ -1735,10 +1735,20 @@ class RouterConfig(_Model):
     )
     database: str | None = Field(
         None,
-        description="SQLAlchemy URL of the index. "
-        "Default: SQLite at `<storage.path>/index.sqlite`. Other databases (PostgreSQL, "
-        "for scale-out) are planned; only SQLite is tested today.",
+        description="URL of the index. Default: SQLite at `<storage.path>/index.sqlite` "
+        "(`sqlite:////abs/path/index.sqlite` names another file). PostgreSQL: "
+        "`postgresql://user:password@host:5432/dbname` (psycopg 3; "
+        "`?host=/run/postgresql` for a Unix socket); see docs/deployment.md, "
+        '"One node on PostgreSQL". Both are tested with the same suite.',
     )
+
+    @field_validator("database")
+    @classmethod
+    def _database(cls, value: str | None) -> str | None:
+        if value is not None:
+            index_url(value)  # raises for another kind of database
+        return value
+
     destinations: dict[str, DestinationConfig] = Field(
         default_factory=dict,
         description="Named destinations; each has a `type` (`dicom`, the default, "
@@ -1859,4 +1869,29 @@ class RouterConfig(_Model):
 
     @property
     def database_url(self) -> str:
-        return self.database or f"sqlite:///{(self.storage.path / 'index.sqlite').resolve()}"
+        if self.database:
+            return index_url(self.database)
+        return f"sqlite:///{(self.storage.path / 'index.sqlite').resolve()}"
+
+
+#: URL schemes ``database`` accepts, and the SQLAlchemy driver each one means.
+_DATABASE_SCHEMES = {
+    "sqlite": "sqlite",
+    "sqlite+pysqlite": "sqlite+pysqlite",
+    "postgresql": "postgresql+psycopg",
+    "postgres": "postgresql+psycopg",
+    "postgresql+psycopg": "postgresql+psycopg",
+}
+
+
+def index_url(url: str) -> str:
+    """``url`` with the driver the index uses: the plain ``postgresql://`` (libpq's own
+    form) means psycopg 3. Raises ValueError for any other kind of database."""
+    scheme, sep, rest = url.partition("://")
+    driver = _DATABASE_SCHEMES.get(scheme.lower()) if sep else None
+    if driver is None:
+        what = f"unsupported database {scheme!r}" if sep else "not a URL (no scheme://)"
+        raise ValueError(
+            f"{what}: use sqlite:////path/to/index.sqlite or postgresql://user:password@host/dbname"
+        )
+    return f"{driver}://{rest}"

@@ -13,11 +13,12 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, Integer, cast, func, select
+from sqlalchemy import Engine, func, select
 
 from dicomrouter import __version__
 from dicomrouter.queue import states as S
 from dicomrouter.store import heartbeat
+from dicomrouter.store.dialect import int_part
 from dicomrouter.store.schema import instances, job_instances, jobs
 
 from .destinations import destination_summaries, recently_touched_jobs
@@ -165,7 +166,7 @@ def throughput(
     ]
 
     def bucket(column: Any) -> Any:
-        return cast((column - start) / bucket_s, Integer).label("b")
+        return int_part((column - start) / bucket_s).label("b")
 
     with engine.connect() as conn:
         received = select(bucket(instances.c.received_at), func.count()).where(

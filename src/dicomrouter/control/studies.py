@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, Engine, func, select
 
 from dicomrouter.queue import states as S
+from dicomrouter.store.dialect import like_any_case
 from dicomrouter.store.schema import attempts, instances, job_instances, jobs, route_matches
 
 from .loops import trace_events as loop_trace_events
@@ -65,7 +66,7 @@ def _text_filter(column: Any, value: str) -> ColumnElement[bool]:
     pattern = _like_pattern(value.strip())
     if pattern is None:
         return column == value.strip()  # type: ignore[no-any-return]
-    return column.like(pattern, escape="\\")  # type: ignore[no-any-return]
+    return like_any_case(column, pattern)  # letters in any case, on both databases
 
 
 def _study_filters(

@@ -310,6 +310,9 @@ class JobStore:
                     )
                     .order_by(jobs.c.priority.desc(), jobs.c.id)
                     .limit(max_jobs)
+                    # PostgreSQL: jobs another transaction is claiming are passed
+                    # over, not waited for (SQLite: no-op, its write lock serialises).
+                    .with_for_update(skip_locked=True)
                 )
             ]
             if not candidates:

@@ -10,17 +10,24 @@ The audit log is append-only: on SQLite two triggers refuse any UPDATE or DELETE
 (``store/database.py``). Pruning drops the DELETE trigger, deletes, and creates it
 again, all in one transaction (SQLite DDL is transactional): no other connection
 ever sees the log without its guard, and a crash rolls all three back together.
+On PostgreSQL the trigger lets a DELETE through only in a transaction that set
+``dicomrouter.prune_audit`` (``SET LOCAL``: it ends with the transaction). Where the
+application role may not DELETE from the log at all (docs/deployment.md), pruning
+is refused by the database: it is logged, and the rest of the run goes on.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, exists, select
+from sqlalchemy.exc import DBAPIError
 
 from dicomrouter.queue import states as S
-from dicomrouter.store.database import APPEND_ONLY_DELETE_TRIGGER
+from dicomrouter.store.database import APPEND_ONLY_DELETE_TRIGGER, AUDIT_PRUNE_SETTING
+from dicomrouter.store.dialect import sqlstate
 from dicomrouter.store.schema import (
     attempts,
     audit_log,
@@ -35,6 +42,10 @@ from dicomrouter.store.schema import (
 )
 
 _CHUNK = 500
+#: PostgreSQL's insufficient_privilege: the role may not DELETE from the audit log.
+_NOT_ALLOWED = "42501"
+
+log = logging.getLogger("dicomrouter.retention")
 
 
 def prune_history(engine: Engine, cutoff: float) -> int:
@@ -54,6 +65,11 @@ def prune_history(engine: Engine, cutoff: float) -> int:
                 )
                 .where(instances.c.purged_at.is_not(None), instances.c.purged_at < cutoff)
                 .limit(_CHUNK)
+                # PostgreSQL: the receiver may make a tombstone live again (the same
+                # SOP Instance UID received again) between this read and the DELETE
+                # below; the row lock makes it wait for this transaction instead.
+                # (SQLite's write lock already keeps the receiver out; no-op there.)
+                .with_for_update()
             ).all()
             if not gone:
                 break
@@ -130,12 +146,25 @@ def prune_audit(engine: Engine, cutoff: float) -> int:
     """Delete audit rows older than ``cutoff``, keeping the log append-only for every
     other writer (see the module docstring). Returns rows deleted."""
     sqlite = engine.dialect.name == "sqlite"
-    with engine.begin() as conn:
-        if not conn.execute(select(audit_log.c.id).where(audit_log.c.at < cutoff).limit(1)).first():
-            return 0
-        if sqlite:
-            conn.exec_driver_sql("DROP TRIGGER IF EXISTS audit_log_no_delete")
-        deleted = conn.execute(delete(audit_log).where(audit_log.c.at < cutoff)).rowcount
-        if sqlite:
-            conn.exec_driver_sql(APPEND_ONLY_DELETE_TRIGGER)
+    try:
+        with engine.begin() as conn:
+            old = select(audit_log.c.id).where(audit_log.c.at < cutoff).limit(1)
+            if not conn.execute(old).first():
+                return 0
+            if sqlite:
+                conn.exec_driver_sql("DROP TRIGGER IF EXISTS audit_log_no_delete")
+            else:
+                conn.exec_driver_sql(f"SET LOCAL {AUDIT_PRUNE_SETTING} = 'on'")
+            deleted = conn.execute(delete(audit_log).where(audit_log.c.at < cutoff)).rowcount
+            if sqlite:
+                conn.exec_driver_sql(APPEND_ONLY_DELETE_TRIGGER)
+    except DBAPIError as exc:
+        if sqlstate(exc) != _NOT_ALLOWED:
+            raise
+        log.warning(
+            "audit log entries older than retention.keep_audit were kept: this role may "
+            "not delete them (%s); prune them as the table's owner",
+            str(exc.orig).strip(),
+        )
+        return 0
     return int(deleted or 0)

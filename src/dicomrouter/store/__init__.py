@@ -1,6 +1,6 @@
 """Store/index stage: durable object files plus the SQL index every later stage reads."""
 
-from .database import create_index_engine
+from .database import create_index_engine, missing_index_file
 from .files import ObjectStore, StorageError
 from .header import InstanceHeader, missing_identity, read_header
 from .index import IndexUnavailable, InstanceIndex, Provenance, Recorded
@@ -17,6 +17,7 @@ __all__ = [
     "StorageError",
     "create_index_engine",
     "missing_identity",
+    "missing_index_file",
     "read_header",
     "validate_uid",
 ]

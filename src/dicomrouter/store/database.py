@@ -1,97 +1,31 @@
-"""Engine creation: the embedded SQLite default, tuned for several processes.
+"""Engine creation: the embedded SQLite default, tuned for several processes, or
+PostgreSQL (``postgresql://``, through psycopg 3).
 
 SQLite runs in WAL mode with ``synchronous=FULL``: a commit is on disk when it
 returns, which is what lets the receiver answer success right after it. The
 receiver and the dispatcher are separate processes, so a generous busy timeout
 turns lock contention into short waits instead of errors.
+
+PostgreSQL commits durably by default (``synchronous_commit=on``). SQLite lets one
+writer in at a time, and every write transaction (``BEGIN IMMEDIATE``) relies on it:
+the planner, claims, retention, commitments, the loop guards, the audit log. On
+PostgreSQL a writer engine takes one transaction-level advisory lock first
+(:data:`.dialect.WRITE_LOCK_SQL`), which gives those transactions exactly the same
+guarantee; the reasons are in docs/deployment.md ("One node on PostgreSQL").
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, create_engine, event, inspect, select
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
+from dicomrouter.config.models import index_url
+
+from . import migrations
+from .dialect import POSTGRESQL, SQLITE, WRITE_LOCK_SQL
 from .private import PRIVATE_FILE, private_file, tighten
-from .schema import SCHEMA_VERSION, meta_info, metadata
-
-
-class IndexVersionError(RuntimeError):
-    pass
-
-
-#: Upgrades of an existing index, by the version they produce. New tables are made
-#: by ``create_all``; only changes to existing tables need a step here. Each step
-#: runs in the same transaction as the version bump.
-MIGRATIONS: dict[int, list[str]] = {
-    2: [
-        "ALTER TABLE destination_state ADD COLUMN admin_paused INTEGER NOT NULL DEFAULT 0",
-        "CREATE INDEX IF NOT EXISTS ix_instances_received_at ON instances (received_at)",
-        "CREATE INDEX IF NOT EXISTS ix_instances_accession ON instances (accession_number)",
-        "CREATE INDEX IF NOT EXISTS ix_route_matches_route ON route_matches (route, matched_at)",
-        "CREATE INDEX IF NOT EXISTS ix_jobs_state ON jobs (state)",
-        "CREATE INDEX IF NOT EXISTS ix_jobs_created ON jobs (created_at)",
-        "CREATE INDEX IF NOT EXISTS ix_job_instances_updated ON job_instances (updated_at)",
-    ],
-    3: [
-        "ALTER TABLE instances ADD COLUMN purged_at FLOAT",
-        "ALTER TABLE instances ADD COLUMN purge_reason TEXT",
-        "CREATE INDEX IF NOT EXISTS ix_instances_live ON instances (purged_at, received_at, size)",
-        "CREATE INDEX IF NOT EXISTS ix_job_instances_instance "
-        "ON job_instances (instance_id, state)",
-    ],
-    # Instances an earlier version set aside for good (routed = -1) are retried now.
-    4: [
-        "INSERT INTO unplanned (instance_id, generation, attempts, first_failed_at, "
-        "next_attempt_at, last_error) SELECT id, generation, 1, received_at, 0, "
-        "'set aside by an earlier version, which never retried it' FROM instances "
-        "WHERE routed = -1 AND id NOT IN (SELECT instance_id FROM unplanned)",
-    ],
-    # 5: the http_sessions table (server-side dashboard sessions) is new: create_all
-    # makes it, nothing else changes.
-    5: [],
-    # Connection failures (unreachable destination) are counted apart from delivery
-    # attempts; open jobs get theirs from the attempts they already recorded.
-    6: [
-        "ALTER TABLE jobs ADD COLUMN connection_failures INTEGER NOT NULL DEFAULT 0",
-        "UPDATE jobs SET connection_failures = (SELECT count(*) FROM attempts "
-        "WHERE attempts.job_id = jobs.id AND attempts.outcome = 'unavailable') "
-        "WHERE state IN ('scheduled', 'pending', 'in_progress')",
-    ],
-    # Transforms: a job names its routes' pipeline, and a delivery is unique per
-    # (destination, instance, generation, pipeline). The unique constraint changes,
-    # so job_instances is rebuilt (SQLite cannot alter a constraint).
-    7: [
-        "ALTER TABLE jobs ADD COLUMN transform VARCHAR(128) NOT NULL DEFAULT ''",
-        "CREATE TABLE job_instances_v7 ("
-        "job_id INTEGER NOT NULL REFERENCES jobs (id), "
-        "instance_id INTEGER NOT NULL REFERENCES instances (id), "
-        "destination VARCHAR(128) NOT NULL, generation INTEGER NOT NULL, "
-        "state VARCHAR(16) NOT NULL, status INTEGER, message TEXT, "
-        "updated_at FLOAT NOT NULL, transform VARCHAR(128) NOT NULL DEFAULT '', "
-        "sent_as TEXT, sent_uid VARCHAR(64), commitment VARCHAR(16), "
-        "commitment_uid VARCHAR(64), PRIMARY KEY (job_id, instance_id), "
-        "CONSTRAINT uq_delivery_v7 UNIQUE (destination, instance_id, generation, transform))",
-        "INSERT INTO job_instances_v7 (job_id, instance_id, destination, generation, state, "
-        "status, message, updated_at) SELECT job_id, instance_id, destination, generation, "
-        "state, status, message, updated_at FROM job_instances",
-        "DROP TABLE job_instances",
-        "ALTER TABLE job_instances_v7 RENAME TO job_instances",
-        "CREATE INDEX IF NOT EXISTS ix_job_instances_state ON job_instances (job_id, state)",
-        "CREATE INDEX IF NOT EXISTS ix_job_instances_updated ON job_instances (updated_at)",
-        "CREATE INDEX IF NOT EXISTS ix_job_instances_instance "
-        "ON job_instances (instance_id, state)",
-        "CREATE INDEX IF NOT EXISTS ix_job_instances_commitment ON job_instances (commitment_uid)",
-    ],
-    # Groups (``type: group``): a job remembers the group it was planned through;
-    # the group_affinity and group_rotation tables are new (create_all).
-    8: [
-        "ALTER TABLE jobs ADD COLUMN via_group VARCHAR(128)",
-    ],
-}
-
 
 #: The audit log is append-only: the index itself refuses to change or delete a row.
 #: (Retention's audit pruning lifts the DELETE guard inside its own transaction only:
@@ -103,19 +37,28 @@ _APPEND_ONLY_SQLITE = [
 ]
 APPEND_ONLY_DELETE_TRIGGER = _APPEND_ONLY_SQLITE[1]
 
+#: The setting (transaction-local, ``SET LOCAL``) under which the PostgreSQL trigger
+#: lets a DELETE of audit rows through: retention's audit pruning, and nothing else.
+#: A role that may not DELETE from ``audit_log`` at all (the documented REVOKE) is
+#: refused whatever it sets.
+AUDIT_PRUNE_SETTING = "dicomrouter.prune_audit"
 
-_ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)", re.IGNORECASE)
-
-
-def _already_applied(conn: Connection, statement: str) -> bool:
-    """An ``ADD COLUMN`` whose column exists (SQLite has no ``IF NOT EXISTS`` for it):
-    an index some steps of which were applied by hand, or a copy restored over a
-    newer schema, upgrades instead of failing. Other steps say ``IF NOT EXISTS``."""
-    match = _ADD_COLUMN.match(statement.strip())
-    if match is None:
-        return False
-    table, column = match.groups()
-    return column in {c["name"] for c in inspect(conn).get_columns(table)}
+#: PostgreSQL: one function refuses UPDATE, DELETE and TRUNCATE of the audit log
+#: (DELETE only under :data:`AUDIT_PRUNE_SETTING`). Created with the schema; the owner
+#: of the table alone may drop it, which is why the application role should not own
+#: it where the log must hold against the application itself (docs/deployment.md).
+APPEND_ONLY_POSTGRESQL = [
+    "CREATE OR REPLACE FUNCTION audit_log_append_only() RETURNS trigger "
+    "LANGUAGE plpgsql AS $$ BEGIN "
+    f"IF TG_OP = 'DELETE' AND current_setting('{AUDIT_PRUNE_SETTING}', true) = 'on' "
+    "THEN RETURN OLD; END IF; "
+    "RAISE EXCEPTION 'audit_log is append-only' USING ERRCODE = 'restrict_violation'; "
+    "END $$",
+    "CREATE OR REPLACE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log "
+    "FOR EACH ROW EXECUTE FUNCTION audit_log_append_only()",
+    "CREATE OR REPLACE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log "
+    "FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only()",
+]
 
 
 def _private_sqlite(path: Path) -> None:
@@ -139,6 +82,62 @@ def _sqlite_pragmas(busy_timeout_ms: int, synchronous: str):  # type: ignore[no-
     return apply
 
 
+def missing_index_file(url: str) -> Path | None:
+    """The SQLite file ``url`` names, when it does not exist yet (the commands that
+    read an index refuse to create an empty one); None for PostgreSQL, which the
+    router never creates."""
+    parsed = make_url(index_url(url))
+    if parsed.get_backend_name() != SQLITE or parsed.database in (None, "", ":memory:"):
+        return None
+    path = Path(parsed.database)
+    return None if path.exists() else path
+
+
+def _sqlite_engine(
+    url: str, create: bool, busy_timeout_ms: int, writer: bool, durable_commits: bool
+) -> Engine:
+    database = make_url(url).database
+    if create and database and database != ":memory:":
+        _private_sqlite(Path(database))
+    engine = create_engine(
+        url,
+        connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False},
+    )
+    synchronous = "FULL" if durable_commits else "NORMAL"
+    event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms, synchronous))
+    # pysqlite's own transaction handling defers BEGIN; take the write lock
+    # up-front so concurrent writers queue instead of failing with "locked".
+    if writer:
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+
+    @event.listens_for(engine, "connect")
+    def _no_auto_begin(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        dbapi_connection.isolation_level = None
+
+    return engine
+
+
+def _postgresql_engine(
+    url: str, busy_timeout_ms: int, writer: bool, durable_commits: bool
+) -> Engine:
+    """PostgreSQL waits for a lock without polling, so SQLite's busy timeout becomes
+    ``lock_timeout`` (the receiver's 0, "do not sleep in SQLite's busy handler",
+    becomes the same 60 s its own retries allow). ``durable_commits=False`` is
+    ``synchronous_commit=off``: the same bargain as SQLite's ``synchronous=NORMAL``
+    (atomic, may forget the last commits on a power loss, never corrupts). Settings
+    travel in the connection's start-up packet: no extra round trip."""
+    options = [f"-c lock_timeout={int(busy_timeout_ms or 60_000)}"]
+    if not durable_commits:
+        options.append("-c synchronous_commit=off")
+    engine = create_engine(url, pool_pre_ping=True, connect_args={"options": " ".join(options)})
+    if writer:
+        # SQLite's BEGIN IMMEDIATE: one writer transaction at a time (released at
+        # commit or rollback). Readers and the receiver's one-statement upserts do
+        # not take it.
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql(WRITE_LOCK_SQL))
+    return engine
+
+
 def create_index_engine(
     url: str,
     create: bool = True,
@@ -154,8 +153,10 @@ def create_index_engine(
     waits is a millisecond a modality waits for its C-STORE response.
 
     A ``writer`` engine starts every transaction with ``BEGIN IMMEDIATE`` (the write
-    lock up-front, so concurrent writers queue instead of failing); a reader engine
-    (``writer=False``) never takes the write lock: WAL lets it read alongside writers.
+    lock up-front, so concurrent writers queue instead of failing; on PostgreSQL the
+    advisory lock of :data:`.dialect.WRITE_LOCK_SQL`); a reader engine
+    (``writer=False``) never takes the write lock: WAL lets it read alongside writers
+    (PostgreSQL readers never wait for writers).
 
     ``durable_commits=False`` (SQLite ``synchronous=NORMAL``, per connection) is for
     the dispatch process: its commits do not wait for an fsync of the WAL, so it
@@ -165,50 +166,22 @@ def create_index_engine(
     crash. The next durable commit (every C-STORE's) syncs them anyway, the WAL
     being one sequential file. What was promised to a sender stays ``FULL``.
     """
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        if create and parsed.database and parsed.database != ":memory:":
-            _private_sqlite(Path(parsed.database))
-        engine = create_engine(
-            url,
-            connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False},
-        )
-        synchronous = "FULL" if durable_commits else "NORMAL"
-        event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms, synchronous))
-        # pysqlite's own transaction handling defers BEGIN; take the write lock
-        # up-front so concurrent writers queue instead of failing with "locked".
-        if writer:
-            event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
-
-        @event.listens_for(engine, "connect")
-        def _no_auto_begin(dbapi_connection, _record):  # type: ignore[no-untyped-def]
-            dbapi_connection.isolation_level = None
-
+    url = index_url(url)
+    backend = make_url(url).get_backend_name()
+    if backend == SQLITE:
+        engine = _sqlite_engine(url, create, busy_timeout_ms, writer, durable_commits)
+    elif backend == POSTGRESQL:
+        engine = _postgresql_engine(url, busy_timeout_ms, writer, durable_commits)
     else:
-        engine = create_engine(url, pool_pre_ping=True)
+        raise ValueError(f"database: {backend} is not supported (sqlite or postgresql)")
     if create:
-        metadata.create_all(engine)
-        if parsed.get_backend_name() == "sqlite":
-            with engine.begin() as conn:
+        with engine.begin() as conn:
+            new = migrations.upgrade(conn)
+            if backend == SQLITE:
+                # Every start (IF NOT EXISTS): an index from before the triggers gets them.
                 for statement in _APPEND_ONLY_SQLITE:
                     conn.exec_driver_sql(statement)
-        with engine.begin() as conn:
-            row = conn.execute(select(meta_info.c.value).where(meta_info.c.key == "schema")).first()
-            if row is None:
-                conn.execute(meta_info.insert().values(key="schema", value=str(SCHEMA_VERSION)))
-            elif int(row.value) > SCHEMA_VERSION:
-                raise IndexVersionError(
-                    f"index schema version {row.value} is newer than this dicomrouter "
-                    f"({SCHEMA_VERSION}); upgrade dicomrouter"
-                )
-            elif int(row.value) < SCHEMA_VERSION:
-                for version in range(int(row.value) + 1, SCHEMA_VERSION + 1):
-                    for statement in MIGRATIONS.get(version, []):
-                        if not _already_applied(conn, statement):
-                            conn.exec_driver_sql(statement)
-                conn.execute(
-                    meta_info.update()
-                    .where(meta_info.c.key == "schema")
-                    .values(value=str(SCHEMA_VERSION))
-                )
+            elif new:
+                for statement in APPEND_ONLY_POSTGRESQL:
+                    conn.exec_driver_sql(statement)
     return engine

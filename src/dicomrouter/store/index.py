@@ -10,16 +10,12 @@ from typing import Any
 
 from sqlalchemy import Engine, bindparam, literal_column, select
 
+from .dialect import is_busy, upsert_insert
 from .header import InstanceHeader
 from .schema import instances
 
 _LOCK_WAIT = 60.0  # seconds before a locked index is reported as an error (0xA700)
 _LOCK_RETRY_SLEEP = 0.0003
-
-
-def _is_lock_error(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return "locked" in text or "busy" in text
 
 
 def _parameters(order: tuple[str, ...] | None, values: dict[str, Any]) -> Any:
@@ -93,7 +89,7 @@ class InstanceIndex:
                 return result
             except Exception as exc:  # the DBAPI's own OperationalError on this path
                 raw.rollback()
-                if not _is_lock_error(exc) or time.monotonic() > deadline:
+                if not is_busy(exc) or time.monotonic() > deadline:
                     raise IndexUnavailable(str(exc)) from exc
             finally:
                 raw.close()
@@ -221,11 +217,9 @@ class InstanceIndex:
     def _insert(self) -> Any:
         """An INSERT of every column but ``id`` as named parameters, in the dialect
         flavour that has ON CONFLICT (SQLite and PostgreSQL share the syntax)."""
-        from sqlalchemy.dialects import postgresql, sqlite
-
-        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
         columns = [c.name for c in instances.columns if c.name != "id"]
-        return dialect.insert(instances).values({name: bindparam(name) for name in columns})
+        insert = upsert_insert(self.engine.dialect.name, instances)
+        return insert.values({name: bindparam(name) for name in columns})
 
     def _compile(self, statement: Any) -> tuple[str, tuple[str, ...] | None]:
         """SQL text for this engine's dialect, and the parameter order for positional

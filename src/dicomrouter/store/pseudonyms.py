@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Engine, func, select
-from sqlalchemy.dialects import postgresql, sqlite
 
+from .dialect import upsert_insert
 from .schema import pseudonym_map
 
 #: Columns a recorded row is given (``recorded_at`` is added here).
@@ -23,16 +23,9 @@ FIELDS = ("pipeline", "kind", "lookup", "pseudonym", "sealed", "key_id")
 
 
 def _insert_or_ignore(conn: Connection) -> Any:
-    dialect = conn.dialect.name
-    if dialect == "sqlite":
-        return sqlite.insert(pseudonym_map).on_conflict_do_nothing(
-            index_elements=["pipeline", "kind", "lookup"]
-        )
-    if dialect == "postgresql":
-        return postgresql.insert(pseudonym_map).on_conflict_do_nothing(
-            index_elements=["pipeline", "kind", "lookup"]
-        )
-    raise NotImplementedError(f"insert-or-ignore on {dialect}")  # pragma: no cover
+    return upsert_insert(conn.dialect.name, pseudonym_map).on_conflict_do_nothing(
+        index_elements=["pipeline", "kind", "lookup"]
+    )
 
 
 def record(engine: Engine, rows: Iterable[Mapping[str, str]]) -> int:

@@ -7,22 +7,32 @@ identical on every backend.
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     Float,
     ForeignKey,
     Index,
-    Integer,
     MetaData,
     String,
     Table,
     Text,
     UniqueConstraint,
 )
+from sqlalchemy import Integer as _Integer
 
 metadata = MetaData()
 
+#: Every integer column: SQLite's INTEGER is 64-bit already (and an ``INTEGER PRIMARY
+#: KEY`` must stay one, the rowid); PostgreSQL's is 32-bit, too small for sizes in
+#: bytes and for any id a client may send (the API's largest id is a plain 404).
+Integer = _Integer().with_variant(BigInteger(), "postgresql")
+
 SCHEMA_VERSION = 8
-"""Bumped when the schema changes; ``database.MIGRATIONS`` upgrades older indexes."""
+"""Bumped with each schema change: the number of its revision in ``store/migrations``.
+Every change to a table below, a new table included, comes with that revision: an
+existing index is only ever changed by revisions (the notes "added to version 7
+before its release" below date from before Alembic, when ``create_all`` ran on every
+start)."""
 
 meta_info = Table(
     "meta_info",
