@@ -22,12 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
-
 from dicomrouter.config import FolderDestinationConfig
-from dicomrouter.destinations import OutgoingInstance
 from dicomrouter.destinations.dicomdir import write_dicomdir
 from dicomrouter.destinations.folder import FolderSender
+from tests.support.outgoing import outgoing
 from tests.support.synth import make_study
 
 LEGS: dict[str, dict[str, Any]] = {
@@ -37,22 +35,6 @@ LEGS: dict[str, dict[str, Any]] = {
     "dicomdir": {"dicomdir": True},
     "all extras": {"render": "png", "extract_documents": True, "dicomdir": True},
 }
-
-
-def outgoing(files: list[Path]) -> list[OutgoingInstance]:
-    out = []
-    for key, path in enumerate(files):
-        ds = dcmread(path, stop_before_pixels=True)
-        out.append(
-            OutgoingInstance(
-                key,
-                path,
-                str(ds.SOPClassUID),
-                str(ds.SOPInstanceUID),
-                str(ds.file_meta.TransferSyntaxUID),
-            )
-        )
-    return out
 
 
 def main() -> None:

@@ -49,8 +49,8 @@ if str(REPO) not in sys.path:
 from pydicom import dcmread  # noqa: E402
 
 from dicomrouter.config import S3DestinationConfig  # noqa: E402
-from dicomrouter.destinations import OutgoingInstance  # noqa: E402
 from dicomrouter.destinations.s3 import S3Sender  # noqa: E402
+from tests.support.outgoing import outgoing  # noqa: E402
 from tests.support.s3 import KEY_ID, REGION, SECRET, MotoS3Process, client  # noqa: E402
 from tests.support.synth import make_study  # noqa: E402
 
@@ -67,15 +67,6 @@ def huge_files(folder: Path, count: int, size: int) -> list[Path]:
         ds.PixelData = ds.PixelData + os.urandom(extra - extra % 2)
         ds.save_as(path, enforce_file_format=True)
     return files
-
-
-def outgoing(files: list[Path]) -> list[OutgoingInstance]:
-    out = []
-    for key, path in enumerate(files):
-        ds = dcmread(path, stop_before_pixels=True)
-        uids = (str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID))
-        out.append(OutgoingInstance(key, path, *uids))
-    return out
 
 
 def keys_of(files: list[Path]) -> list[str]:

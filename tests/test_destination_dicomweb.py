@@ -35,6 +35,7 @@ from dicomrouter.destinations.dicomweb import DicomwebSender
 from dicomrouter.destinations.stow import MultipartBody, Part, parse_response
 from dicomrouter.transforms import TransformRefused
 from tests.support.dcmtk import free_port
+from tests.support.outgoing import outgoing
 from tests.support.stow_server import Received, stow_json, stow_server, stow_xml
 from tests.support.synth import make_study
 
@@ -45,22 +46,6 @@ XML = "application/dicom+xml"
 def sender(url: str, environ: dict[str, str] | None = None, **extra: Any) -> DicomwebSender:
     config = DicomwebDestinationConfig(type="dicomweb", url=url, **extra)
     return DicomwebSender(config, "ai", environ=environ or {})
-
-
-def outgoing(files: list[Path]) -> list[OutgoingInstance]:
-    out = []
-    for key, path in enumerate(files):
-        ds = dcmread(path, stop_before_pixels=True)
-        out.append(
-            OutgoingInstance(
-                key,
-                path,
-                str(ds.SOPClassUID),
-                str(ds.SOPInstanceUID),
-                str(ds.file_meta.TransferSyntaxUID),
-            )
-        )
-    return out
 
 
 def by_key(results: list[InstanceResult]) -> dict[int, InstanceResult]:

@@ -30,35 +30,12 @@ from dicomrouter.destinations.folder import (
 )
 from dicomrouter.transforms import TransformRefused
 from tests.support import mounted_tmpfs
+from tests.support.outgoing import outgoing, retag
 from tests.support.synth import make_study
 
 
 def folder(path: Path, **extra: Any) -> FolderSender:
     return FolderSender(FolderDestinationConfig(type="folder", path=path, **extra))
-
-
-def outgoing(files: list[Path]) -> list[OutgoingInstance]:
-    out = []
-    for key, path in enumerate(files):
-        ds = dcmread(path, stop_before_pixels=True)
-        out.append(
-            OutgoingInstance(
-                key,
-                path,
-                str(ds.SOPClassUID),
-                str(ds.SOPInstanceUID),
-                str(ds.file_meta.TransferSyntaxUID),
-            )
-        )
-    return out
-
-
-def retag(path: Path, **values: Any) -> Path:
-    ds = dcmread(path)
-    for keyword, value in values.items():
-        setattr(ds, keyword, value)
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def written(root: Path) -> list[Path]:

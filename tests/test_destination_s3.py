@@ -32,6 +32,7 @@ from dicomrouter.destinations import (
 )
 from dicomrouter.destinations.layout import MAX_COMPONENT_BYTES
 from dicomrouter.destinations.s3 import S3Sender
+from tests.support.outgoing import outgoing, retag
 from tests.support.s3 import KEY_ID, SECRET, CorruptingProxy, MotoS3, MotoS3Process
 from tests.support.synth import make_study
 
@@ -71,30 +72,6 @@ def s3(url: str, bucket: str, **extra: Any) -> S3Sender:
     sender = create_sender(config)
     assert isinstance(sender, S3Sender)
     return sender
-
-
-def outgoing(files: list[Path]) -> list[OutgoingInstance]:
-    out = []
-    for key, path in enumerate(files):
-        ds = dcmread(path, stop_before_pixels=True)
-        out.append(
-            OutgoingInstance(
-                key,
-                path,
-                str(ds.SOPClassUID),
-                str(ds.SOPInstanceUID),
-                str(ds.file_meta.TransferSyntaxUID),
-            )
-        )
-    return out
-
-
-def retag(path: Path, **values: Any) -> Path:
-    ds = dcmread(path)
-    for keyword, value in values.items():
-        setattr(ds, keyword, value)
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def keys(moto: MotoS3, bucket: str) -> list[str]:
