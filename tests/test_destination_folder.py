@@ -331,8 +331,9 @@ def test_a_full_disk_pauses_the_destination_and_keeps_nothing_partial(
     assert outcomes[:3] == [Outcome.SUCCESS] * 3, results
     assert Outcome.TRANSIENT in outcomes and Outcome.PERMANENT not in outcomes
     assert "No space left" in results[-1].message
-    for path in written(small_fs):  # what is there is whole
-        assert path.stat().st_size == files[0].stat().st_size
+    sources = {f"{dcmread(f, stop_before_pixels=True).SOPInstanceUID}.dcm": f for f in files}
+    for path in written(small_fs):  # what is there is whole: the file sent, byte for byte
+        assert path.read_bytes() == sources[path.name].read_bytes()
     assert os.listdir(small_fs / TMP_DIR) == []
     # The next batch cannot write anything: the destination is unavailable (pauses).
     with pytest.raises(DestinationUnavailable, match="No space left"):

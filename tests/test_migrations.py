@@ -80,6 +80,23 @@ def test_an_index_from_before_alembic_is_upgraded_to_match_the_schema(tmp_path: 
     engine.dispose()
 
 
+@pytest.mark.sqlite_only
+def test_an_index_of_schema_8_from_before_alembic_upgrades(tmp_path: Path) -> None:
+    """Schema 8 (groups) was an in-place step for a while before Alembic: such an
+    index says 8 in ``meta_info``, has the groups' column and tables, and no
+    ``alembic_version``. It is stamped at the last legacy revision and comes through
+    revision 0008, which finds its work done."""
+    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    engine = create_index_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE alembic_version")
+    engine.dispose()
+    engine = create_index_engine(url)
+    assert _versions(engine) == (migrations.HEAD, str(SCHEMA_VERSION))
+    assert _differences(engine) == []
+    engine.dispose()
+
+
 def test_an_index_newer_than_this_code_is_refused(index_url: str) -> None:
     create_index_engine(index_url).dispose()
     engine = create_index_engine(index_url, create=False)
