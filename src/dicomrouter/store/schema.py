@@ -27,7 +27,7 @@ metadata = MetaData()
 #: bytes and for any id a client may send (the API's largest id is a plain 404).
 Integer = _Integer().with_variant(BigInteger(), "postgresql")
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 """Bumped with each schema change: the number of its revision in ``store/migrations``.
 Every change to a table below, a new table included, comes with that revision: an
 existing index is only ever changed by revisions (the notes "added to version 7
@@ -118,6 +118,11 @@ process_heartbeats = Table(
     Column("heartbeat_at", Float, nullable=False),
     Column("ok", Integer, nullable=False, default=1),  # the process's own check passed
     Column("detail", Text, nullable=False, default=""),  # why not ok, or what it serves
+    # What the process runs (the nodes view): the dicomrouter release, the
+    # configuration version, and a receiver's open associations.
+    Column("software_version", String(64), nullable=False, default="", server_default=""),
+    Column("config_version", Integer),
+    Column("open_associations", Integer, nullable=False, default=0, server_default="0"),
 )
 
 # Pending series/study triggers: fire when now - last_arrival >= stable_after.
@@ -256,6 +261,10 @@ destination_state = Table(
     Column("last_error", Text),
     Column("last_success_at", Float),
     Column("updated_at", Float, nullable=False),
+    # Health is shared by every node; one probes a paused destination: the one named
+    # here, until probe_until (the database's clock), after which another takes over.
+    Column("probe_owner", String(255)),
+    Column("probe_until", Float),
 )
 
 # Which member of a group (``type: group``) each study goes to: chosen when the
