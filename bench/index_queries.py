@@ -9,6 +9,13 @@ planner batches (100 new instances, instance-level route).
     python bench/index_queries.py --instances 1000000
     python bench/index_queries.py --instances 1000000 --postgresql
 
+``--queue`` measures instead what the dispatch process asks of the index as the
+queue grows (issue 14: claim and plan cost flat from 1k to 1M queued jobs), on one
+index per size and database, the sizes interleaved (see :func:`queue_scale`):
+
+    python bench/index_queries.py --queue --sizes 1000,10000,100000,1000000 \
+        --databases sqlite,postgresql --repeats 5
+
 ``--postgresql`` puts the index on a PostgreSQL cluster the bench starts itself
 (Debian's ``postgresql``, fsync on; tests/support/postgres.py). Not a test: run by
 hand (building 1M rows takes about a minute on SQLite, a few on PostgreSQL).
@@ -169,7 +176,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=1_000_000)
     parser.add_argument("--postgresql", action="store_true", help="index on PostgreSQL")
+    parser.add_argument(
+        "--queue", action="store_true", help="queue scale: see bench/queue_scale.py"
+    )
+    parser.add_argument("--sizes", default="1000,10000,100000,1000000", help="queued jobs")
+    parser.add_argument("--databases", default="sqlite,postgresql")
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    if args.queue:
+        from queue_scale import run  # bench/, the script's folder
+
+        run(
+            [int(size) for size in args.sizes.split(",")],
+            args.databases.split(","),
+            args.repeats,
+        )
+        return
     with tempfile.TemporaryDirectory() as folder, index_url(Path(folder), args.postgresql) as url:
         root = Path(folder)
         started = time.perf_counter()
