@@ -16,11 +16,13 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Engine, event, inspect, text
 
+from dicomrouter.queue import JobStore
+from dicomrouter.queue import states as S
 from dicomrouter.store import create_index_engine, migrations
 from dicomrouter.store.migrations import IndexVersionError
-from dicomrouter.store.schema import SCHEMA_VERSION, metadata
+from dicomrouter.store.schema import JOB_WAITING, SCHEMA_VERSION, metadata
 
 
 def _differences(engine: Engine) -> list[object]:
@@ -154,3 +156,72 @@ def test_an_index_at_an_older_revision_is_upgraded_in_place(
         kept = conn.execute(text("SELECT value FROM meta_info WHERE key = 'kept'")).scalar()
     assert "note" in columns and kept == "yes"
     engine.dispose()
+
+
+def _claim_plan(engine: Engine) -> str:
+    """The query plan of the claim's first statement (the one that picks the jobs),
+    as the database would run it on an index of any size: PostgreSQL is told to
+    avoid a scan of the table and a sort (on an empty table it would rightly prefer
+    them), so the plan shows whether an index gives the claim order."""
+    statements: list[tuple[str, object]] = []
+
+    def grab(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        statements.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", grab)
+    try:
+        JobStore(engine).claim("pacs", "node:1", lease=60)
+    finally:
+        event.remove(engine, "before_cursor_execute", grab)
+    statement, parameters = next(s for s in statements if "ORDER BY" in s[0])
+    with engine.connect() as conn:
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        cursor = raw.cursor()
+        if engine.dialect.name == "postgresql":
+            cursor.execute("SET enable_seqscan = off")
+            cursor.execute("SET enable_sort = off")
+            cursor.execute("EXPLAIN " + statement, parameters)
+        else:
+            cursor.execute("EXPLAIN QUERY PLAN " + statement, parameters)
+        plan = "\n".join(str(row[-1]) for row in cursor.fetchall())
+        raw.rollback()
+    return plan
+
+
+@pytest.mark.parametrize("prebuilt", [False, True], ids=["built", "built_beforehand"])
+def test_an_index_of_schema_9_gets_the_claim_and_resource_indexes(
+    index_url: str, prebuilt: bool
+) -> None:
+    """Revision 0010 on an index of schema 9 (its ``ix_jobs_resource`` led by
+    destination and level, no ``ix_jobs_waiting``; or with ``ix_jobs_waiting`` built
+    beforehand by an operator, CONCURRENTLY): the upgraded index is the new one, and
+    the claim reads its jobs from ``ix_jobs_waiting`` in claim order, without a sort."""
+    engine = create_index_engine(index_url)
+    with engine.begin() as conn:
+        if not prebuilt:
+            conn.exec_driver_sql("DROP INDEX ix_jobs_waiting")
+        conn.exec_driver_sql("DROP INDEX ix_jobs_resource")
+        conn.exec_driver_sql(
+            "CREATE INDEX ix_jobs_resource ON jobs (destination, level, resource_uid)"
+        )
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0009'")
+        conn.exec_driver_sql("UPDATE meta_info SET value = '9' WHERE key = 'schema'")
+    engine.dispose()
+    engine = create_index_engine(index_url)
+    assert _versions(engine) == (migrations.HEAD, str(SCHEMA_VERSION))
+    assert _differences(engine) == []
+    with engine.connect() as conn:
+        found = {ix["name"]: ix["column_names"] for ix in inspect(conn).get_indexes("jobs")}
+    assert found["ix_jobs_resource"] == ["destination", "resource_uid", "state"]
+    assert "ix_jobs_waiting" in found
+    plan = _claim_plan(engine)
+    assert "ix_jobs_waiting" in plan and "Sort" not in plan and "B-TREE" not in plan, plan
+    engine.dispose()
+
+
+def test_the_claims_condition_is_the_waiting_states_of_the_queue() -> None:
+    """``ix_jobs_waiting`` and the claim share one condition, written with literals
+    (a partial index is used only by the very same expression): the waiting states."""
+    rendered = str(JOB_WAITING.compile(compile_kwargs={"literal_binds": True}))
+    assert rendered == "jobs.state IN (" + ", ".join(f"'{s}'" for s in S.WAITING_STATES) + ")"

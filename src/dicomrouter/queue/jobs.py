@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Row, and_, bindparam, case, func, select, update
 
 from dicomrouter.config import BaseDestinationConfig
-from dicomrouter.store.schema import attempts, instances, job_instances, jobs
+from dicomrouter.store.schema import JOB_WAITING, attempts, instances, job_instances, jobs
 
 from . import states as S
 
@@ -305,7 +305,7 @@ class JobStore:
                     select(jobs.c.id)
                     .where(
                         jobs.c.destination == dest_name,
-                        jobs.c.state.in_(S.WAITING_STATES),
+                        JOB_WAITING,  # as ix_jobs_waiting says it: read in claim order
                         jobs.c.next_attempt_at <= now,
                     )
                     .order_by(jobs.c.priority.desc(), jobs.c.id)

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    literal_column,
 )
 from sqlalchemy import Integer as _Integer
 
@@ -27,7 +28,7 @@ metadata = MetaData()
 #: bytes and for any id a client may send (the API's largest id is a plain 404).
 Integer = _Integer().with_variant(BigInteger(), "postgresql")
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 """Bumped with each schema change: the number of its revision in ``store/migrations``.
 Every change to a table below, a new table included, comes with that revision: an
 existing index is only ever changed by revisions (the notes "added to version 7
@@ -174,7 +175,28 @@ jobs = Table(
     Column("via_group", String(128)),
 )
 Index("ix_jobs_claim", jobs.c.destination, jobs.c.state, jobs.c.next_attempt_at)
-Index("ix_jobs_resource", jobs.c.destination, jobs.c.level, jobs.c.resource_uid)
+#: A job waiting to be claimed (``scheduled`` or ``pending``: queue/states.py
+#: WAITING_STATES), written with literals: a partial index is used only by a query
+#: whose condition is this very expression (SQLite: the same terms, in the same order;
+#: a bound parameter would not do), so the claim filters with it.
+JOB_WAITING = jobs.c.state.in_([literal_column("'scheduled'"), literal_column("'pending'")])
+# The claim (schema 10): a destination's waiting jobs in the order they are claimed,
+# so that taking the first 200 reads about 200 entries, however long the queue (with
+# ix_jobs_claim, it read and sorted every job due). ``next_attempt_at`` is in it to
+# pass over jobs backing off without reading their rows.
+Index(
+    "ix_jobs_waiting",
+    jobs.c.destination,
+    jobs.c.priority.desc(),
+    jobs.c.id,
+    jobs.c.next_attempt_at,
+    sqlite_where=JOB_WAITING,
+    postgresql_where=JOB_WAITING,
+)
+# The planner's "is a job for this resource waiting already?" (destination and a list
+# of resource UIDs, any level): resource_uid second (schema 10; it came after level,
+# which neither database skips, so that query read every job of the destination).
+Index("ix_jobs_resource", jobs.c.destination, jobs.c.resource_uid, jobs.c.state)
 Index("ix_jobs_study", jobs.c.study_instance_uid)
 Index("ix_jobs_state", jobs.c.state)
 Index("ix_jobs_created", jobs.c.created_at)
