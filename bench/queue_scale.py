@@ -24,8 +24,9 @@ size to the smallest:
 - ``recover``: ``JobStore.recover`` with 20 expired leases;
 - the dispatcher's periodic reads and writes: ``open_jobs_by_destination`` (at
   start and on reload), ``wake_destination`` of ``archive`` (a paused destination
-  answers again), ``groups.move_waiting`` (nothing to move), ``commitment.expire``
-  (nothing due), ``unplanned.due``.
+  answers again; 200 of its jobs back off, from its last claims before the pause),
+  ``groups.move_waiting`` (nothing to move), ``commitment.expire`` (nothing due),
+  ``unplanned.due``.
 """
 
 from __future__ import annotations
@@ -205,7 +206,8 @@ class Subject:
             "fire 10 stable triggers": (self._go_quiet, self.planner.fire_stable_triggers),
             "recover (20 expired)": (self._expire, self.queue.recover),
             "open_jobs_by_destination": (None, self.queue.open_jobs_by_destination),
-            "wake_destination": (None, lambda: self.queue.wake_destination("archive", archive)),
+            "wake_destination": (self._back_off, lambda: self.queue.wake_destination(
+                "archive", archive)),
             "groups.move_waiting": (None, lambda: groups.move_waiting(
                 self.engine, self.config, time.time(), self.planner.reader)),
             "commitment.expire": (None, lambda: commitment.expire(self.engine, self.policies)),
@@ -243,6 +245,16 @@ class Subject:
                 update(triggers)
                 .where(triggers.c.route == "studies", triggers.c.uid.in_(studies))
                 .values(pending=1, last_arrival=time.time() - 3600)
+            )
+
+    def _back_off(self) -> None:
+        """200 jobs of ``archive`` wait out a backoff (its last claims before the pause)."""
+        ids = [(self.round * 200 + k) * 4 % self.n + 4 for k in range(200)]
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id.in_(ids), jobs.c.state == "pending")
+                .values(next_attempt_at=time.time() + 600)
             )
 
     def _expire(self) -> None:

@@ -616,6 +616,36 @@ def test_a_successful_probe_pulls_backed_off_jobs_forward(tmp_path: Path) -> Non
     assert due and all(at <= time.time() for at in due), due
 
 
+def test_waking_a_destination_writes_only_the_jobs_that_wait_for_something(
+    tmp_path: Path,
+) -> None:
+    """A resume brings forward what backs off and what waits for a send window;
+    a job due already is left as it is (on a long queue, rewriting every waiting job
+    held the write lock for seconds)."""
+    p = Pipeline(tmp_path, {"destinations": {"pacs": DEST}, "routes": [route()]})
+    p.receive(make_study(tmp_path / "in", 3))
+    p.plan()
+    due, backing_off, scheduled = p.job_list()
+    with p.engine.begin() as conn:
+        conn.execute(
+            jobs.update()
+            .where(jobs.c.id == backing_off["id"])
+            .values(next_attempt_at=time.time() + 600)
+        )
+        conn.execute(
+            jobs.update()
+            .where(jobs.c.id == scheduled["id"])
+            .values(state=S.SCHEDULED, next_attempt_at=time.time() - 60)
+        )
+    assert p.jobs.wake_destination("pacs", p.config.destinations["pacs"]) == 2
+    after = {job["id"]: job for job in p.job_list()}
+    assert {job["state"] for job in after.values()} == {S.PENDING}
+    assert all(job["next_attempt_at"] <= time.time() for job in after.values())
+    assert after[due["id"]]["updated_at"] == pytest.approx(due["updated_at"])
+    assert after[due["id"]]["next_attempt_at"] == pytest.approx(due["next_attempt_at"])
+    assert p.jobs.wake_destination("pacs", p.config.destinations["pacs"]) == 0
+
+
 def test_a_job_interrupted_three_times_in_a_row_fails_instead_of_looping(tmp_path: Path) -> None:
     """An object that kills the dispatch process mid-send must not be claimed again
     after every restart for ever (holding up every destination): each recovered

@@ -14,7 +14,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, and_, bindparam, case, func, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    and_,
+    bindparam,
+    case,
+    func,
+    or_,
+    select,
+    update,
+)
 
 from dicomrouter.config import BaseDestinationConfig
 from dicomrouter.store.schema import JOB_WAITING, attempts, instances, job_instances, jobs
@@ -992,13 +1003,26 @@ class JobStore:
         return int(result.rowcount or 0)
 
     def wake_destination(self, dest_name: str, dest: BaseDestinationConfig) -> int:
-        """A paused destination answered again: its queue resumes now, not after backoff."""
+        """A paused destination answered again: its queue resumes now, not after backoff.
+        Returns how many jobs it brought forward. A job due already, in the state it
+        would get, is left as it is: a queue of a million is not rewritten (two index
+        ranges of ``ix_jobs_claim``: what backs off, and the other waiting state)."""
         now = time.time()
         state, at = initial_state(dest, now)
+        other = next(s for s in S.WAITING_STATES if s != state)
         with self.engine.begin() as conn:
             result = conn.execute(
                 update(jobs)
-                .where(jobs.c.destination == dest_name, jobs.c.state.in_(S.WAITING_STATES))
+                .where(
+                    or_(  # the destination in each branch: SQLite reads two index ranges
+                        and_(
+                            jobs.c.destination == dest_name,
+                            jobs.c.state == state,
+                            jobs.c.next_attempt_at > at,
+                        ),
+                        and_(jobs.c.destination == dest_name, jobs.c.state == other),
+                    )
+                )
                 .values(next_attempt_at=at, state=state, updated_at=now)
             )
         return int(result.rowcount or 0)
