@@ -19,10 +19,11 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, event, inspect, text
 
 from dicomrouter.queue import JobStore
+from dicomrouter.queue import jobs as queue_jobs
 from dicomrouter.queue import states as S
 from dicomrouter.store import create_index_engine, migrations
 from dicomrouter.store.migrations import IndexVersionError
-from dicomrouter.store.schema import JOB_WAITING, SCHEMA_VERSION, metadata
+from dicomrouter.store.schema import JOB_WAITING, SCHEMA_VERSION, jobs, metadata
 
 
 def _differences(engine: Engine) -> list[object]:
@@ -158,19 +159,28 @@ def test_an_index_at_an_older_revision_is_upgraded_in_place(
     engine.dispose()
 
 
-def _claim_plan(engine: Engine) -> str:
-    """The query plan of the claim's first statement (the one that picks the jobs),
-    as the database would run it on an index of any size: PostgreSQL is told to
-    avoid a scan of the table and a sort (on an empty table it would rightly prefer
-    them), so the plan shows whether an index gives the claim order."""
+def _claim_plan(engine: Engine, monkeypatch: pytest.MonkeyPatch, backlog: int) -> str:
+    """The query plan of the claim's statement that picks the jobs, one job due and
+    ``backlog`` as the threshold of a backlog (queue/jobs.py), as the database would
+    run it on an index of any size: PostgreSQL is told to avoid a scan of the table
+    and a sort (on a tiny table it would rightly prefer them), so the plan shows
+    whether an index gives the claim order."""
+    with engine.begin() as conn:
+        conn.execute(
+            jobs.insert().values(
+                destination="pacs", level="study", resource_uid="1.2", state="pending",
+                next_attempt_at=0.0, created_at=0.0, updated_at=0.0,
+            )
+        )  # fmt: skip
     statements: list[tuple[str, object]] = []
 
     def grab(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
         statements.append((statement, parameters))
 
+    monkeypatch.setattr(queue_jobs, "BACKLOG", backlog)
     event.listen(engine, "before_cursor_execute", grab)
     try:
-        JobStore(engine).claim("pacs", "node:1", lease=60)
+        assert JobStore(engine).claim("pacs", "node:1", lease=60) is not None
     finally:
         event.remove(engine, "before_cursor_execute", grab)
     statement, parameters = next(s for s in statements if "ORDER BY" in s[0])
@@ -191,7 +201,7 @@ def _claim_plan(engine: Engine) -> str:
 
 @pytest.mark.parametrize("prebuilt", [False, True], ids=["built", "built_beforehand"])
 def test_an_index_of_schema_9_gets_the_claim_and_resource_indexes(
-    index_url: str, prebuilt: bool
+    index_url: str, prebuilt: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Revision 0010 on an index of schema 9 (its ``ix_jobs_resource`` led by
     destination and level, no ``ix_jobs_waiting``; or with ``ix_jobs_waiting`` built
@@ -215,8 +225,21 @@ def test_an_index_of_schema_9_gets_the_claim_and_resource_indexes(
         found = {ix["name"]: ix["column_names"] for ix in inspect(conn).get_indexes("jobs")}
     assert found["ix_jobs_resource"] == ["destination", "resource_uid", "state"]
     assert "ix_jobs_waiting" in found
-    plan = _claim_plan(engine)
+    plan = _claim_plan(engine, monkeypatch, backlog=1)
     assert "ix_jobs_waiting" in plan and "Sort" not in plan and "B-TREE" not in plan, plan
+    engine.dispose()
+
+
+@pytest.mark.sqlite_only
+def test_a_claim_of_a_few_due_jobs_among_many_backing_off_reads_them_from_ix_jobs_claim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fewer jobs due than a backlog: the claim reads the due ones (a range of
+    ``ix_jobs_claim``) and sorts them, instead of walking ``ix_jobs_waiting`` past
+    every job backing off. (PostgreSQL chooses from its statistics either way.)"""
+    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    plan = _claim_plan(engine, monkeypatch, backlog=1000)
+    assert "ix_jobs_claim (destination=? AND state=? AND next_attempt_at<?)" in plan, plan
     engine.dispose()
 
 

@@ -616,6 +616,38 @@ def test_a_successful_probe_pulls_backed_off_jobs_forward(tmp_path: Path) -> Non
     assert due and all(at <= time.time() for at in due), due
 
 
+@pytest.mark.parametrize("backlog", [1, 1000], ids=["backlog", "few_due"])
+def test_a_claim_takes_the_most_urgent_due_jobs_oldest_first(
+    tmp_path: Path, backlog: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whichever index the claim reads (a backlog: ix_jobs_waiting in claim order;
+    a few due: ix_jobs_claim, sorted), it takes the same jobs: due ones, the most
+    urgent first, then the oldest; jobs backing off are passed over."""
+    from dicomrouter.queue import jobs as queue_jobs
+
+    monkeypatch.setattr(queue_jobs, "BACKLOG", backlog)
+    p = Pipeline(tmp_path, {"destinations": {"pacs": DEST}, "routes": [route()]})
+    p.receive(make_study(tmp_path / "in", 8))
+    p.plan()
+    ids = [job["id"] for job in p.job_list()]
+    priorities = [0, 10, -10, 10, 0, 10, 0, 0]
+    backing_off = {ids[3], ids[6]}
+    with p.engine.begin() as conn:
+        for job_id, priority in zip(ids, priorities, strict=True):
+            later = time.time() + 600 if job_id in backing_off else 0.0
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id)
+                .values(priority=priority, next_attempt_at=later)
+            )
+    claim = p.jobs.claim("pacs", "w", lease=60, max_jobs=4)
+    assert claim is not None
+    assert sorted(claim.job_ids) == sorted([ids[1], ids[5], ids[0], ids[4]])
+    rest = p.jobs.claim("pacs", "w2", lease=60, max_jobs=4)
+    assert rest is not None and sorted(rest.job_ids) == sorted([ids[7], ids[2]])
+    assert p.jobs.claim("pacs", "w3", lease=60) is None
+
+
 def test_waking_a_destination_writes_only_the_jobs_that_wait_for_something(
     tmp_path: Path,
 ) -> None:

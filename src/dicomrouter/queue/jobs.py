@@ -96,6 +96,32 @@ def _chunks(values: Sequence[Any], size: int = 500) -> Iterator[Sequence[Any]]:
         yield values[start : start + size]
 
 
+#: Jobs due at once from which a claim reads them in claim order (see below).
+BACKLOG = 1000
+
+
+def _waiting_condition(conn: Connection, dest_name: str, now: float) -> Any:
+    """How the claim names the waiting jobs, which decides the index it reads; None
+    when none is due. With a backlog (``BACKLOG`` jobs due or more), it is
+    ``JOB_WAITING``, the condition of ``ix_jobs_waiting``: the claim walks that index
+    in claim order and stops at its last job, however long the queue. With a few
+    due among many backing off (a destination refusing everything for a while), that
+    walk would pass over every job backing off, on each claim: the claim then reads
+    the few due from ``ix_jobs_claim`` and sorts them (bound parameters, which SQLite
+    does not match with the partial index). Counting up to ``BACKLOG`` reads at most
+    that many entries of ``ix_jobs_claim``."""
+    waiting = jobs.c.state.in_(S.WAITING_STATES)
+    due = select(jobs.c.id).where(
+        jobs.c.destination == dest_name, waiting, jobs.c.next_attempt_at <= now
+    )
+    count = conn.execute(
+        select(func.count()).select_from(due.limit(BACKLOG).subquery())
+    ).scalar_one()
+    if not count:
+        return None
+    return JOB_WAITING if count >= BACKLOG else waiting
+
+
 def _waiting_key(plan: Delivery) -> tuple[str, str, str, str | None]:
     """The waiting job a planned delivery joins: same resource, pipeline and group."""
     return (plan.level, plan.resource_uid, plan.transform, plan.via_group)
@@ -310,15 +336,14 @@ class JobStore:
     ) -> Claim | None:
         now = time.time() if now is None else now
         with self.engine.begin() as conn:
+            waiting = _waiting_condition(conn, dest_name, now)
+            if waiting is None:
+                return None
             candidates = [
                 row.id
                 for row in conn.execute(
                     select(jobs.c.id)
-                    .where(
-                        jobs.c.destination == dest_name,
-                        JOB_WAITING,  # as ix_jobs_waiting says it: read in claim order
-                        jobs.c.next_attempt_at <= now,
-                    )
+                    .where(jobs.c.destination == dest_name, waiting, jobs.c.next_attempt_at <= now)
                     .order_by(jobs.c.priority.desc(), jobs.c.id)
                     .limit(max_jobs)
                     # PostgreSQL: jobs another transaction is claiming are passed
