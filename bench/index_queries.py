@@ -16,6 +16,9 @@ index per size and database, the sizes interleaved (see :func:`queue_scale`):
     python bench/index_queries.py --queue --sizes 1000,10000,100000,1000000 \
         --databases sqlite,postgresql --repeats 5
 
+``--backing-off`` (same options): claims when most jobs back off, and the upgrade of
+a long queue to schema 10 (``queue_scale.backing_off``).
+
 ``--postgresql`` puts the index on a PostgreSQL cluster the bench starts itself
 (Debian's ``postgresql``, fsync on; tests/support/postgres.py). Not a test: run by
 hand (building 1M rows takes about a minute on SQLite, a few on PostgreSQL).
@@ -179,14 +182,20 @@ def main() -> None:
     parser.add_argument(
         "--queue", action="store_true", help="queue scale: see bench/queue_scale.py"
     )
+    parser.add_argument(
+        "--backing-off",
+        action="store_true",
+        help="claims among jobs backing off, upgrade to schema 10: see bench/queue_scale.py",
+    )
     parser.add_argument("--sizes", default="1000,10000,100000,1000000", help="queued jobs")
     parser.add_argument("--databases", default="sqlite,postgresql")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    if args.queue:
-        from queue_scale import run  # bench/, the script's folder
+    if args.queue or args.backing_off:
+        import queue_scale  # bench/, the script's folder
 
-        run(
+        measure = queue_scale.run if args.queue else queue_scale.backing_off
+        measure(
             [int(size) for size in args.sizes.split(",")],
             args.databases.split(","),
             args.repeats,

@@ -327,3 +327,73 @@ def run(sizes: Sequence[int], databases: Sequence[str], repeats: int) -> None:
                 ms = [statistics.median(times[(database, n, name)]) * 1000 for n in sizes]
                 cells = "".join(f"{m:10.1f}" for m in ms)
                 print(f"{name:28}{cells}{ms[-1] / ms[0]:8.1f}")
+
+
+def _jobs_only(engine: Engine, n: int, backing_off: bool) -> None:
+    """The ``jobs`` table of the main run alone (no instances nor deliveries): the
+    claim's first statements and the schema-10 indexes read nothing else."""
+    now = time.time()
+    _bulk(
+        engine,
+        "jobs",
+        ("id", "destination", "level", "resource_uid", "study_instance_uid", "routes",
+         "transform", "state", "priority", "attempts", "connection_failures",
+         "next_attempt_at", "created_at", "updated_at"),
+        ((i + 1, _destination(i), "instance", f"1.2.{i}", f"1.3.{i // STUDY}", "all", "",
+          "pending", 10 if i % 10 == 0 else -10 if i % 10 == 9 else 0, 0, 0,
+          now + 3600 if backing_off or i % 7 == 6 else now - (n - i) * 0.1, now, now)
+         for i in range(n)),
+    )  # fmt: skip
+    if engine.dialect.name == "postgresql":
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM ANALYZE jobs")
+
+
+def _claims_ms(queue: JobStore, repeats: int, max_jobs: int) -> float:
+    """Median of claims of ``pacs``, each released (the same jobs each time)."""
+    times = []
+    for round_ in range(repeats):
+        begin = time.perf_counter()
+        claim = queue.claim("pacs", f"bench:{round_}", 60.0, max_jobs)
+        times.append(time.perf_counter() - begin)
+        if claim is not None:
+            queue.release(claim)
+    return statistics.median(times) * 1000
+
+
+def backing_off(sizes: Sequence[int], databases: Sequence[str], repeats: int) -> None:
+    """What was measured apart from the main run, per size: a claim of 20 when every
+    job of ``pacs`` backs off but the newest 0, 100 or 5000 jobs (a destination that
+    refused everything for a while); then the upgrade of that ``jobs`` table from
+    schema 9 (revision 0010: its two indexes built in the upgrade's transaction)."""
+    with _servers(databases) as url:
+        for database, n in itertools.product(databases, sizes):
+            with url(database, n) as made:
+                engine = create_index_engine(made)
+                _jobs_only(engine, n, backing_off=True)
+                queue = JobStore(engine)
+                for due in (0, 100, 5000):
+                    ids = list(range(max(n - due, 0) + 1, n + 1))
+                    for start in range(0, len(ids), 500):
+                        with engine.begin() as conn:
+                            conn.execute(
+                                update(jobs)
+                                .where(jobs.c.id.in_(ids[start : start + 500]))
+                                .values(next_attempt_at=0.0)
+                            )
+                    ms = _claims_ms(queue, repeats, 20)
+                    print(f"{database} {n}: the newest {due} due, claim of 20: {ms:.1f} ms")
+                with engine.begin() as conn:
+                    for statement in (
+                        "DROP INDEX ix_jobs_waiting",
+                        "DROP INDEX ix_jobs_resource",
+                        "CREATE INDEX ix_jobs_resource ON jobs (destination, level, resource_uid)",
+                        "UPDATE alembic_version SET version_num = '0009'",
+                        "UPDATE meta_info SET value = '9' WHERE key = 'schema'",
+                    ):
+                        conn.exec_driver_sql(statement)
+                engine.dispose()
+                begin = time.perf_counter()
+                create_index_engine(made).dispose()
+                took = time.perf_counter() - begin
+                print(f"{database} {n}: upgrade from schema 9 to 10 in {took:.1f} s", flush=True)
