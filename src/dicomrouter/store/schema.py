@@ -178,12 +178,13 @@ Index("ix_jobs_claim", jobs.c.destination, jobs.c.state, jobs.c.next_attempt_at)
 #: A job waiting to be claimed (``scheduled`` or ``pending``: queue/states.py
 #: WAITING_STATES), written with literals: a partial index is used only by a query
 #: whose condition is this very expression (SQLite: the same terms, in the same order;
-#: a bound parameter would not do), so the claim filters with it.
+#: a bound parameter would not do), so a claim of a backlog filters with it.
 JOB_WAITING = jobs.c.state.in_([literal_column("'scheduled'"), literal_column("'pending'")])
-# The claim (schema 10): a destination's waiting jobs in the order they are claimed,
-# so that taking the first 200 reads about 200 entries, however long the queue (with
-# ix_jobs_claim, it read and sorted every job due). ``next_attempt_at`` is in it to
-# pass over jobs backing off without reading their rows.
+# The claim of a backlog (schema 10): a destination's waiting jobs in the order they
+# are claimed, so that taking the first 200 reads about 200 entries, however long the
+# queue (with ix_jobs_claim, it read and sorted every job due; it still does when only
+# a few are due: queue/jobs.py). ``next_attempt_at`` is in it to pass over jobs
+# backing off without reading their rows.
 Index(
     "ix_jobs_waiting",
     jobs.c.destination,
