@@ -3,6 +3,15 @@
 Workers claim jobs under a lease (owner + expiry). A worker that dies simply stops
 renewing; its jobs go back to ``pending`` when the lease expires, or at once when
 the same node restarts. Every state change is one short transaction.
+
+Several nodes may share one PostgreSQL index, each with its own workers. What keeps
+them apart: every writer transaction holds the write lock (``store/database.py``),
+so a claim's checks and its update are one step for all nodes; leases, retries and
+due times are in the database's clock (:func:`~dicomrouter.store.dialect.database_now`),
+so a node whose clock is off neither takes live leases nor leaves dead ones; and a
+claim counts the live lease owners of its destination, so ``max_associations``
+(``max_workers``) holds for the sum over nodes (:meth:`JobStore.claim`). A test may
+still pass ``now=``; otherwise the database says what time it is.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Row, and_, bindparam, case, func, select, update
 
 from dicomrouter.config import BaseDestinationConfig
+from dicomrouter.store.dialect import database_now
 from dicomrouter.store.schema import attempts, instances, job_instances, jobs
 
 from . import states as S
@@ -296,9 +306,24 @@ class JobStore:
         max_jobs: int = 200,
         max_items: int = 5000,
         now: float | None = None,
+        max_owners: int | None = None,
     ) -> Claim | None:
-        now = time.time() if now is None else now
+        """Lease due jobs of ``dest_name`` to ``owner`` until ``now + lease`` (the
+        database's now), highest priority first, up to ``max_jobs`` jobs and
+        ``max_items`` instances. None: nothing due, or ``max_owners`` other owners
+        hold live leases on the destination already.
+
+        ``max_owners`` is the destination's ``max_associations`` (``max_workers``):
+        each worker on each node is an owner, so counting the distinct owners of live
+        leases, under the write lock every claim holds, keeps the limit across all
+        nodes, not per node. An expired lease does not count: its holder is presumed
+        dead and recovery hands its jobs on."""
         with self.engine.begin() as conn:
+            now = database_now(conn) if now is None else now
+            if max_owners is not None and not self._slot_free(
+                conn, dest_name, owner, max_owners, now
+            ):
+                return None
             candidates = [
                 row.id
                 for row in conn.execute(
@@ -388,11 +413,31 @@ class JobStore:
             claim.job_ids = [j for j in claimed if j not in unloaded]
         return claim
 
+    @staticmethod
+    def _slot_free(
+        conn: Connection, dest_name: str, owner: str, max_owners: int, now: float
+    ) -> bool:
+        """Whether ``owner`` may hold a lease on ``dest_name``: it holds one already,
+        or fewer than ``max_owners`` owners (on any node) hold live ones."""
+        holders = set(
+            conn.execute(
+                select(jobs.c.lease_owner)
+                .where(
+                    jobs.c.destination == dest_name,
+                    jobs.c.state == S.IN_PROGRESS,
+                    jobs.c.lease_expires_at > now,
+                )
+                .distinct()
+            ).scalars()
+        )
+        return owner in holders or len(holders) < max_owners
+
     def renew(self, claim: Claim, lease: float) -> set[int]:
-        """Extend the lease. Returns the jobs this worker must stop sending: canceled
-        meanwhile, or no longer ours (the lease expired and was recovered)."""
-        now = time.time()
+        """Extend the lease (to the database's now + ``lease``). Returns the jobs
+        this worker must stop sending: canceled meanwhile, or no longer ours (the
+        lease expired and was recovered)."""
         with self.engine.begin() as conn:
+            now = database_now(conn)
             conn.execute(
                 update(jobs)
                 .where(jobs.c.id.in_(claim.job_ids), jobs.c.lease_owner == claim.owner)
@@ -415,7 +460,6 @@ class JobStore:
         pending (with the reason); a canceled instance is never overwritten."""
         if not results:
             return
-        now = time.time()
         statement = (
             update(job_instances)
             .where(
@@ -429,7 +473,7 @@ class JobStore:
                 message=bindparam("b_message"),
                 sent_as=bindparam("b_sent_as"),
                 sent_uid=bindparam("b_sent_uid"),
-                updated_at=now,
+                updated_at=bindparam("b_now"),
             )
         )
         rows = [
@@ -445,7 +489,8 @@ class JobStore:
             for r in results
         ]
         with self.engine.begin() as conn:
-            conn.execute(statement, rows)
+            now = database_now(conn)  # the loop guard compares it with other nodes' times
+            conn.execute(statement, [{**row, "b_now": now} for row in rows])
 
     def finish(
         self,
@@ -475,9 +520,11 @@ class JobStore:
         an unreachable destination is paused and probed, and its jobs wait without
         using up ``retry.max_attempts`` (a peer may be down for a week); such a try
         counts as a connection failure (``jobs.connection_failures``) instead.
+
+        The next attempt is due in the database's time, as every lease is.
         """
-        now = time.time()
         with self.engine.begin() as conn:
+            now = database_now(conn)
             counts = {
                 (row.job_id, row.state): row.n
                 for row in conn.execute(
@@ -600,8 +647,8 @@ class JobStore:
 
     def release(self, claim: Claim) -> None:
         """Give jobs back untouched (shutdown or window closed)."""
-        now = time.time()
         with self.engine.begin() as conn:
+            now = database_now(conn)
             conn.execute(
                 update(jobs)
                 .where(
@@ -623,10 +670,10 @@ class JobStore:
         :data:`HOLD_DELAY` at most: their transforms cannot run now (a secret missing
         from the environment, a pipeline no longer configured). They wait, with the
         reason, as long as it takes; they are never sent untransformed."""
-        now = time.time() if now is None else now
-        state, window_at = initial_state(dest, now)
         delay = min(HOLD_DELAY, dest.retry.max_delay)
         with self.engine.begin() as conn:
+            now = database_now(conn) if now is None else now
+            state, window_at = initial_state(dest, now)
             for job_id, reason in reasons.items():
                 conn.execute(
                     update(jobs)
@@ -649,20 +696,28 @@ class JobStore:
     def recover(self, owner_prefix: str | None = None, now: float | None = None) -> int:
         """Return expired leases (and, at start-up, this node's own) to ``pending``.
 
+        With several nodes, a lease of another node is taken back only once it has
+        expired in the database's clock (never by a node's own clock, never because
+        an owner merely shares a prefix: ``owner_prefix`` is matched literally, ``_``
+        and ``%`` in a host name included). ``owner_prefix`` is the restarted node's
+        own (``<node>:``): what it held died with its previous process, so it is
+        taken back at once.
+
         A lease is only ever left behind by a delivery that did not finish: a
         graceful stop releases its claims. So each recovered job gets an
         ``interrupted`` attempt, and a job interrupted ``MAX_INTERRUPTIONS`` times in
         a row fails instead: an object that kills the dispatch process (a decoder
         crash, memory exhausted by a huge conversion) would otherwise be claimed
         again after every restart and hold every destination up for ever."""
-        now = time.time() if now is None else now
-        condition = and_(jobs.c.state == S.IN_PROGRESS, jobs.c.lease_expires_at < now)
-        if owner_prefix is not None:
-            condition = and_(
-                jobs.c.state == S.IN_PROGRESS,
-                (jobs.c.lease_expires_at < now) | jobs.c.lease_owner.like(owner_prefix + "%"),
-            )
         with self.engine.begin() as conn:
+            now = database_now(conn) if now is None else now
+            condition = and_(jobs.c.state == S.IN_PROGRESS, jobs.c.lease_expires_at < now)
+            if owner_prefix is not None:
+                condition = and_(
+                    jobs.c.state == S.IN_PROGRESS,
+                    (jobs.c.lease_expires_at < now)
+                    | jobs.c.lease_owner.startswith(owner_prefix, autoescape=True),
+                )
             stuck = [row.id for row in conn.execute(select(jobs.c.id).where(condition))]
             if not stuck:
                 return 0
@@ -717,8 +772,8 @@ class JobStore:
     # -- manual actions ---------------------------------------------------------------
     def retry(self, job_ids: Sequence[int]) -> int:
         """Send again what did not arrive: failed/canceled instances become pending."""
-        now = time.time()
         with self.engine.begin() as conn:
+            now = database_now(conn)
             eligible = [
                 row.id
                 for row in conn.execute(
@@ -802,8 +857,8 @@ class JobStore:
         )
 
     def cancel(self, job_ids: Sequence[int]) -> int:
-        now = time.time()
         with self.engine.begin() as conn:
+            now = database_now(conn)
             eligible = [
                 row.id
                 for row in conn.execute(
@@ -859,8 +914,8 @@ class JobStore:
         stuck behind the outage, and a retry by hand starts the clock again. Their
         undelivered instances become failed and an attempt records why. Returns the
         failed jobs and how many instances they left undelivered."""
-        now = time.time()
         with self.engine.begin() as conn:
+            now = database_now(conn)
             stale = [
                 row.id
                 for row in conn.execute(
@@ -901,8 +956,8 @@ class JobStore:
         where its instances went: its history, and what its old destination did
         receive, stay true. Jobs a worker holds are left alone. Returns (moved job
         ids, the target's jobs that received instances)."""
-        now = time.time()
         with self.engine.begin() as conn:
+            now = database_now(conn)
             rows = conn.execute(
                 select(
                     jobs.c.id,
@@ -966,18 +1021,21 @@ class JobStore:
             ).all()
         return {row[0]: int(row[1]) for row in rows}
 
-    def defer_to_window(self, dest_name: str, dest: BaseDestinationConfig, now: float) -> int:
+    def defer_to_window(
+        self, dest_name: str, dest: BaseDestinationConfig, now: float | None = None
+    ) -> int:
         """The destination's send window is closed: its ``pending`` jobs (a retry that
         fell due after the window closed, a claim stopped at closing time) become
         ``scheduled`` for the next opening, so that the queue says what they wait
-        for and nothing reads them as stuck."""
+        for and nothing reads them as stuck. (``now``: the database's, by default.)"""
         if dest.send_window is None:
             return 0
-        moment = datetime.fromtimestamp(now)
-        if dest.send_window.contains(moment):
-            return 0
-        opens = dest.send_window.next_open(moment).timestamp()
         with self.engine.begin() as conn:
+            now = database_now(conn) if now is None else now
+            moment = datetime.fromtimestamp(now)
+            if dest.send_window.contains(moment):
+                return 0
+            opens = dest.send_window.next_open(moment).timestamp()
             result = conn.execute(
                 update(jobs)
                 .where(jobs.c.destination == dest_name, jobs.c.state == S.PENDING)
@@ -993,9 +1051,9 @@ class JobStore:
 
     def wake_destination(self, dest_name: str, dest: BaseDestinationConfig) -> int:
         """A paused destination answered again: its queue resumes now, not after backoff."""
-        now = time.time()
-        state, at = initial_state(dest, now)
         with self.engine.begin() as conn:
+            now = database_now(conn)
+            state, at = initial_state(dest, now)
             result = conn.execute(
                 update(jobs)
                 .where(jobs.c.destination == dest_name, jobs.c.state.in_(S.WAITING_STATES))
