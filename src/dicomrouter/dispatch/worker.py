@@ -4,6 +4,15 @@ A destination gets ``workers`` workers (``max_associations`` for DICOM,
 ``max_workers`` for the other kinds), each a thread with its own sender (made by the
 registry for the destination's kind), so a hung destination only ever blocks its
 own workers.
+
+``max_associations`` is a limit across all nodes sharing the index: a claim is
+refused while that many owners (workers, on any node) hold live leases on the
+destination (``JobStore.claim``). A worker keeps its association open between claims
+only on SQLite (one node): on a shared index an idle association would hold a slot
+no lease shows, so the association is released before the lease is (``send``
+returns with it closed), and a worker with an association open always holds a
+lease. (Storage commitment's N-ACTION, after the claim settles, and the C-ECHO probe
+of a paused destination open short associations of their own: not counted.)
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from dicomrouter.observe import metrics
 from dicomrouter.queue import Claim, ItemResult, JobStore, QueuedInstance, commitment
 from dicomrouter.queue import states as S
 from dicomrouter.store import ObjectStore
+from dicomrouter.store.dialect import SQLITE
 
 from .health import DestinationHealth
 from .transforming import Chain, Transforms, preparer
@@ -108,8 +118,15 @@ class DestinationWorker(threading.Thread):
         self.stop_event = stop
         self.transforms = transforms
         self.owner = f"{node_id()}:{os.getpid()}:{name}:{index}"
+        # Between claims, an association is kept only where no other node can take
+        # the slot meanwhile (see the module docstring). An idle HTTP connection
+        # holds no slot of a peer: DICOMweb keeps its own.
+        slot_held_idle = jobs.engine.dialect.name != SQLITE and isinstance(
+            self.dest, DicomDestinationConfig
+        )
+        keep_alive = 0.0 if slot_held_idle else _KEEP_ALIVE
         self.sender = create_sender(
-            self.dest, SenderOptions(calling_ae=config.ae_title, keep_alive=_KEEP_ALIVE, name=name)
+            self.dest, SenderOptions(calling_ae=config.ae_title, keep_alive=keep_alive, name=name)
         )
         self.current_claim: Claim | None = None
         self._deferred_at = 0.0
@@ -143,6 +160,7 @@ class DestinationWorker(threading.Thread):
             self.owner,
             self.config.dispatch.lease,
             max_items=max(self.dest.batch_size, 1) * 5,
+            max_owners=self.dest.workers,
         )
         if claim is None:
             return False
@@ -160,7 +178,7 @@ class DestinationWorker(threading.Thread):
         if self.index != 0 or now - self._deferred_at < _DEFER_EVERY:
             return
         self._deferred_at = now
-        deferred = self.jobs.defer_to_window(self.dest_name, self.dest, now)
+        deferred = self.jobs.defer_to_window(self.dest_name, self.dest)
         if deferred:
             log.info(
                 "destination %s: %d job(s) scheduled for the next send window",
