@@ -330,3 +330,96 @@ def test_recovery_by_prefix_takes_only_this_nodes_leases(tmp_path: Path) -> None
     with p.engine.connect() as conn:
         state = conn.execute(select(jobs.c.state).where(jobs.c.id == theirs.job_ids[0])).scalar()
     assert state == S.IN_PROGRESS
+
+
+# -- end to end: a real peer counts the associations ----------------------------------------
+
+
+def _established(port: int) -> int:
+    """TCP connections accepted on ``port`` and open now (the server's side of each
+    association), from /proc/net/tcp{,6}."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state = fields[1], fields[3]
+            if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
+
+
+def test_two_nodes_open_one_association_at_a_time_to_a_one_association_peer(
+    tmp_path: Path, postgres_url: str, dcmtk: None
+) -> None:
+    """Two nodes' workers (real DICOM senders, their own engines and lease owners)
+    send one study to storescp with ``max_associations: 1``. storescp forks a child
+    per association, so it would take two at once; a sampler counts the open ones:
+    never two, and every instance arrives. (An association kept open between claims
+    would be one the other node's lease count cannot see: on a shared index a worker
+    keeps none.)"""
+    from dicomrouter.dispatch.health import DestinationHealth
+    from dicomrouter.dispatch.transforming import Transforms
+    from dicomrouter.dispatch.worker import DestinationWorker
+    from tests.support.dcmtk import StoreSCP, free_port, sop_uids
+
+    scp = StoreSCP(free_port(), "PACS", tmp_path / "pacs", extra_args=["--fork"])
+    dest = {"ae_title": "PACS", "host": "127.0.0.1", "port": scp.port}
+    config = {
+        "database": postgres_url,
+        "destinations": {"pacs": {**dest, "max_associations": 1, "batch_size": 3}},
+        "routes": [route()],
+    }
+    a, b = _nodes(tmp_path, config)
+    files = make_study(tmp_path / "in", 30)
+    a.receive(files)
+    a.plan()
+    stop = threading.Event()
+    workers = [
+        DestinationWorker(
+            "pacs",
+            index,
+            p.config,
+            p.jobs,
+            p.store,
+            DestinationHealth("pacs", p.config.destinations["pacs"], p.engine),
+            stop,
+            Transforms(p.config, p.engine, p.store.root / "outgoing"),
+        )
+        for index, p in enumerate((a, b))
+    ]
+    assert workers[0].owner != workers[1].owner
+    for p in (a, b):
+        # A worker claims again the moment it settles a claim; a pause before each
+        # claim lets the other node's worker, polling, take its turns.
+        p.jobs.claim = _after_a_pause(p.jobs.claim)  # type: ignore[method-assign]
+    peak = 0
+    with scp:
+        baseline = _established(scp.port)  # nothing open once the readiness echo ended
+        for worker in workers:
+            worker.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            peak = max(peak, _established(scp.port) - baseline)
+            if _count(a, jobs, jobs.c.state.in_(S.OPEN_STATES)) == 0:
+                break
+            time.sleep(0.002)
+        stop.set()
+        for worker in workers:
+            worker.join(30)
+        received = scp.received_sops()
+        associations = scp.association_count()
+    assert received == sop_uids(files)
+    assert peak == 1
+    assert associations >= 2  # claims of 15 instances at most (batch_size x 5)
+
+
+def _after_a_pause(claim: Any) -> Any:
+    def paused(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.08)
+        return claim(*args, **kwargs)
+
+    return paused
