@@ -320,10 +320,6 @@ class JobStore:
         dead and recovery hands its jobs on."""
         with self.engine.begin() as conn:
             now = database_now(conn) if now is None else now
-            if max_owners is not None and not self._slot_free(
-                conn, dest_name, owner, max_owners, now
-            ):
-                return None
             candidates = [
                 row.id
                 for row in conn.execute(
@@ -341,6 +337,11 @@ class JobStore:
                 )
             ]
             if not candidates:
+                return None
+            # Counted once there is work (an idle poll pays nothing for it).
+            if max_owners is not None and not self._slot_free(
+                conn, dest_name, owner, max_owners, now
+            ):
                 return None
             conn.execute(
                 update(jobs)
