@@ -392,6 +392,7 @@ def test_two_nodes_open_one_association_at_a_time_to_a_one_association_peer(
         for index, p in enumerate((a, b))
     ]
     assert workers[0].owner != workers[1].owner
+    _heartbeat_of_another_node(a)  # node B's dispatch process beats
     for p in (a, b):
         # A worker claims again the moment it settles a claim; a pause before each
         # claim lets the other node's worker, polling, take its turns.
@@ -423,3 +424,68 @@ def _after_a_pause(claim: Any) -> Any:
         return claim(*args, **kwargs)
 
     return paused
+
+
+def _heartbeat_of_another_node(p: Pipeline, node: str = "nodeB") -> None:
+    from dicomrouter.store.heartbeat import DISPATCH
+    from dicomrouter.store.schema import process_heartbeats
+
+    now = time.time()
+    with p.engine.begin() as conn:
+        conn.execute(
+            process_heartbeats.insert().values(
+                node=node, role=DISPATCH, pid=1, started_at=now, heartbeat_at=now, ok=1, detail=""
+            )
+        )
+
+
+def test_a_single_node_on_postgresql_keeps_its_association_between_claims(
+    tmp_path: Path, postgres_url: str, dcmtk: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alone on the index, a DICOM worker reuses its association for the next claim,
+    as on SQLite; once another node's dispatch process heartbeats, it releases it
+    before its lease."""
+    from dicomrouter.dispatch import worker as worker_module
+    from dicomrouter.dispatch.health import DestinationHealth
+    from dicomrouter.dispatch.transforming import Transforms
+    from dicomrouter.dispatch.worker import DestinationWorker
+    from dicomrouter.store.heartbeat import INTERVAL
+    from tests.support.dcmtk import StoreSCP, free_port
+
+    monkeypatch.setattr(worker_module, "_KEEP_ALIVE", 3600.0)  # no race with the clock
+    scp = StoreSCP(free_port(), "PACS", tmp_path / "pacs")
+    p = Pipeline(
+        tmp_path,
+        {
+            "database": postgres_url,
+            "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": scp.port}},
+            "routes": [route()],
+        },
+    )
+    worker = DestinationWorker(
+        "pacs",
+        0,
+        p.config,
+        p.jobs,
+        p.store,
+        DestinationHealth("pacs", p.config.destinations["pacs"], p.engine),
+        threading.Event(),
+        Transforms(p.config, p.engine, p.store.root / "outgoing"),
+    )
+    opened = []
+    with scp:
+        echoes = scp.association_count()
+        for n in range(2):
+            p.receive(make_study(tmp_path / "in", 2, prefix=f"A{n}"))
+            p.plan()
+            assert worker._tick()
+            opened.append((scp.association_count() - echoes, _established(scp.port)))
+        _heartbeat_of_another_node(p)
+        worker._nodes_checked -= INTERVAL  # the worker's next look at the heartbeats
+        p.receive(make_study(tmp_path / "in", 2, prefix="B"))
+        p.plan()
+        assert worker._tick()
+        opened.append((scp.association_count() - echoes, _established(scp.port)))
+        worker.sender.close()
+    # (associations so far, open now) after each claim
+    assert opened == [(1, 1), (1, 1), (2, 0)]

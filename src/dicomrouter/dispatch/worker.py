@@ -7,12 +7,14 @@ own workers.
 
 ``max_associations`` is a limit across all nodes sharing the index: a claim is
 refused while that many owners (workers, on any node) hold live leases on the
-destination (``JobStore.claim``). A worker keeps its association open between claims
-only on SQLite (one node): on a shared index an idle association would hold a slot
-no lease shows, so the association is released before the lease is (``send``
-returns with it closed), and a worker with an association open always holds a
-lease. (Storage commitment's N-ACTION, after the claim settles, and the C-ECHO probe
-of a paused destination open short associations of their own: not counted.)
+destination (``JobStore.claim``). An association kept open between claims
+(``keep_alive``) would hold a slot of the peer that no lease shows, so a DICOM worker
+keeps one only while no other node dispatches from the index (SQLite: never;
+PostgreSQL: no other node's dispatch heartbeat, checked every few seconds). Otherwise
+the association is released before the lease is (``send`` returns with it closed),
+and a worker with an association open always holds a lease. (Storage commitment's
+N-ACTION, after the claim settles, and the C-ECHO probe of a paused destination open
+short associations of their own: not counted.)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 from datetime import datetime
 
 from pydicom.uid import UID, generate_uid
+from sqlalchemy import Engine, select
 
 from dicomrouter.config import (
     BaseDestinationConfig,
@@ -48,8 +51,9 @@ from dicomrouter.dicomnet.commitment import Reference
 from dicomrouter.observe import metrics
 from dicomrouter.queue import Claim, ItemResult, JobStore, QueuedInstance, commitment
 from dicomrouter.queue import states as S
-from dicomrouter.store import ObjectStore
-from dicomrouter.store.dialect import SQLITE
+from dicomrouter.store import ObjectStore, heartbeat
+from dicomrouter.store.dialect import SQLITE, database_now
+from dicomrouter.store.schema import process_heartbeats
 
 from .health import DestinationHealth
 from .transforming import Chain, Transforms, preparer
@@ -66,6 +70,9 @@ _FLUSH_EVERY = 0.5  # seconds between persisting per-instance results
 _KEEP_ALIVE = 2.0  # seconds an idle association is kept for the next claim
 _RENEW_EVERY = 2.0  # seconds between lease renewals (and cancel checks) during a send
 _DEFER_EVERY = 30.0  # seconds between marking waiting jobs scheduled while the window is closed
+#: A node whose dispatch process heartbeated this recently (the database's time; wide,
+#: as heartbeats carry the node's own clock) shares the destinations' slots.
+_NODE_SEEN_WITHIN = 600.0
 
 
 def skip_reason(dest: BaseDestinationConfig, name: str, sop_class_uid: str) -> str | None:
@@ -95,6 +102,23 @@ def node_id() -> str:
     return socket.gethostname()
 
 
+def dispatching_elsewhere(engine: Engine, node: str) -> bool:
+    """Whether another node's dispatch process shares this index (it heartbeated
+    lately): then an idle association would hold a slot its claims cannot see."""
+    with engine.connect() as conn:
+        since = database_now(conn) - _NODE_SEEN_WITHIN
+        row = conn.execute(
+            select(process_heartbeats.c.node)
+            .where(
+                process_heartbeats.c.role == heartbeat.DISPATCH,
+                process_heartbeats.c.node != node,
+                process_heartbeats.c.heartbeat_at > since,
+            )
+            .limit(1)
+        ).first()
+    return row is not None
+
+
 class DestinationWorker(threading.Thread):
     def __init__(
         self,
@@ -118,18 +142,12 @@ class DestinationWorker(threading.Thread):
         self.stop_event = stop
         self.transforms = transforms
         self.owner = f"{node_id()}:{os.getpid()}:{name}:{index}"
-        # Between claims, an association is kept only where no other node can take
-        # the slot meanwhile (see the module docstring). An idle HTTP connection
-        # holds no slot of a peer: DICOMweb keeps its own.
-        slot_held_idle = jobs.engine.dialect.name != SQLITE and isinstance(
-            self.dest, DicomDestinationConfig
-        )
-        keep_alive = 0.0 if slot_held_idle else _KEEP_ALIVE
         self.sender = create_sender(
-            self.dest, SenderOptions(calling_ae=config.ae_title, keep_alive=keep_alive, name=name)
+            self.dest, SenderOptions(calling_ae=config.ae_title, keep_alive=_KEEP_ALIVE, name=name)
         )
         self.current_claim: Claim | None = None
         self._deferred_at = 0.0
+        self._nodes_checked = -heartbeat.INTERVAL
 
     def run(self) -> None:
         poll = self.config.dispatch.poll_interval
@@ -155,6 +173,7 @@ class DestinationWorker(threading.Thread):
         if window is not None and not window.contains(datetime.now()):
             self._defer_to_window()
             return False
+        self._share_slots()
         claim = self.jobs.claim(
             self.dest_name,
             self.owner,
@@ -170,6 +189,19 @@ class DestinationWorker(threading.Thread):
         finally:
             self.current_claim = None
         return True
+
+    def _share_slots(self) -> None:
+        """Between claims, keep the association open only while no other node can
+        take its slot (see the module docstring). An idle HTTP connection holds no
+        slot of a peer: DICOMweb keeps its own."""
+        if not isinstance(self.sender, DicomSender) or self.jobs.engine.dialect.name == SQLITE:
+            return
+        now = time.monotonic()
+        if now - self._nodes_checked < heartbeat.INTERVAL:
+            return
+        self._nodes_checked = now
+        shared = dispatching_elsewhere(self.jobs.engine, node_id())
+        self.sender.keep_alive = 0.0 if shared else _KEEP_ALIVE
 
     def _defer_to_window(self) -> None:
         """While the window is closed, mark what waits for it ``scheduled`` (first
