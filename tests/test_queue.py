@@ -735,7 +735,7 @@ def test_a_worker_marks_waiting_jobs_scheduled_while_its_window_is_closed() -> N
         index=0,
         _deferred_at=0.0,
         health=SimpleNamespace(paused=False),
-        jobs=SimpleNamespace(defer_to_window=lambda name, dest, at: calls.append(name) or 0),
+        jobs=SimpleNamespace(defer_to_window=lambda name, dest: calls.append(name) or 0),
     )
     fake._defer_to_window = lambda: DestinationWorker._defer_to_window(fake)  # type: ignore[arg-type]
     assert DestinationWorker._tick(fake) is False  # type: ignore[arg-type]

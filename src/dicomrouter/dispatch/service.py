@@ -249,7 +249,7 @@ class Dispatcher:
                     # moved by one thread, each time in one write transaction.
                     if self.planner.config.groups:
                         groups.move_waiting(
-                            self.engine, self.planner.config, time.time(), self.planner.reader
+                            self.engine, self.planner.config, reader=self.planner.reader
                         )
                     last_moves = now
                 failures = 0

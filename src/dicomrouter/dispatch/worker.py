@@ -4,6 +4,17 @@ A destination gets ``workers`` workers (``max_associations`` for DICOM,
 ``max_workers`` for the other kinds), each a thread with its own sender (made by the
 registry for the destination's kind), so a hung destination only ever blocks its
 own workers.
+
+``max_associations`` is a limit across all nodes sharing the index: a claim is
+refused while that many owners (workers, on any node) hold live leases on the
+destination (``JobStore.claim``). An association kept open between claims
+(``keep_alive``) would hold a slot of the peer that no lease shows, so a DICOM worker
+keeps one only while no other node dispatches from the index (SQLite: never;
+PostgreSQL: no other node's dispatch heartbeat, checked every few seconds). Otherwise
+the association is released before the lease is (``send`` returns with it closed),
+and a worker with an association open always holds a lease. (Storage commitment's
+N-ACTION, after the claim settles, and the C-ECHO probe of a paused destination open
+short associations of their own: not counted.)
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import time
 from datetime import datetime
 
 from pydicom.uid import UID, generate_uid
+from sqlalchemy import Engine, select
 
 from dicomrouter.config import (
     BaseDestinationConfig,
@@ -39,7 +51,9 @@ from dicomrouter.dicomnet.commitment import Reference
 from dicomrouter.observe import metrics
 from dicomrouter.queue import Claim, ItemResult, JobStore, QueuedInstance, commitment
 from dicomrouter.queue import states as S
-from dicomrouter.store import ObjectStore
+from dicomrouter.store import ObjectStore, heartbeat
+from dicomrouter.store.dialect import SQLITE, database_now
+from dicomrouter.store.schema import process_heartbeats
 
 from .health import DestinationHealth
 from .transforming import Chain, Transforms, preparer
@@ -56,6 +70,9 @@ _FLUSH_EVERY = 0.5  # seconds between persisting per-instance results
 _KEEP_ALIVE = 2.0  # seconds an idle association is kept for the next claim
 _RENEW_EVERY = 2.0  # seconds between lease renewals (and cancel checks) during a send
 _DEFER_EVERY = 30.0  # seconds between marking waiting jobs scheduled while the window is closed
+#: A node whose dispatch process heartbeated this recently (the database's time; wide,
+#: as heartbeats carry the node's own clock) shares the destinations' slots.
+_NODE_SEEN_WITHIN = 600.0
 
 
 def skip_reason(dest: BaseDestinationConfig, name: str, sop_class_uid: str) -> str | None:
@@ -83,6 +100,23 @@ def _class_label(uid: str) -> str:
 def node_id() -> str:
     """Lease owners are ``<node>:<pid>:<worker>``; a restarted node reclaims its own."""
     return socket.gethostname()
+
+
+def dispatching_elsewhere(engine: Engine, node: str) -> bool:
+    """Whether another node's dispatch process shares this index (it heartbeated
+    lately): then an idle association would hold a slot its claims cannot see."""
+    with engine.connect() as conn:
+        since = database_now(conn) - _NODE_SEEN_WITHIN
+        row = conn.execute(
+            select(process_heartbeats.c.node)
+            .where(
+                process_heartbeats.c.role == heartbeat.DISPATCH,
+                process_heartbeats.c.node != node,
+                process_heartbeats.c.heartbeat_at > since,
+            )
+            .limit(1)
+        ).first()
+    return row is not None
 
 
 class DestinationWorker(threading.Thread):
@@ -113,6 +147,7 @@ class DestinationWorker(threading.Thread):
         )
         self.current_claim: Claim | None = None
         self._deferred_at = 0.0
+        self._nodes_checked = -heartbeat.INTERVAL
 
     def run(self) -> None:
         poll = self.config.dispatch.poll_interval
@@ -138,11 +173,13 @@ class DestinationWorker(threading.Thread):
         if window is not None and not window.contains(datetime.now()):
             self._defer_to_window()
             return False
+        self._share_slots()
         claim = self.jobs.claim(
             self.dest_name,
             self.owner,
             self.config.dispatch.lease,
             max_items=max(self.dest.batch_size, 1) * 5,
+            max_owners=self.dest.workers,
         )
         if claim is None:
             return False
@@ -153,6 +190,19 @@ class DestinationWorker(threading.Thread):
             self.current_claim = None
         return True
 
+    def _share_slots(self) -> None:
+        """Between claims, keep the association open only while no other node can
+        take its slot (see the module docstring). An idle HTTP connection holds no
+        slot of a peer: DICOMweb keeps its own."""
+        if not isinstance(self.sender, DicomSender) or self.jobs.engine.dialect.name == SQLITE:
+            return
+        now = time.monotonic()
+        if now - self._nodes_checked < heartbeat.INTERVAL:
+            return
+        self._nodes_checked = now
+        shared = dispatching_elsewhere(self.jobs.engine, node_id())
+        self.sender.keep_alive = 0.0 if shared else _KEEP_ALIVE
+
     def _defer_to_window(self) -> None:
         """While the window is closed, mark what waits for it ``scheduled`` (first
         worker only, at most every ``_DEFER_EVERY`` seconds: one short write)."""
@@ -160,7 +210,7 @@ class DestinationWorker(threading.Thread):
         if self.index != 0 or now - self._deferred_at < _DEFER_EVERY:
             return
         self._deferred_at = now
-        deferred = self.jobs.defer_to_window(self.dest_name, self.dest, now)
+        deferred = self.jobs.defer_to_window(self.dest_name, self.dest)
         if deferred:
             log.info(
                 "destination %s: %d job(s) scheduled for the next send window",

@@ -12,12 +12,14 @@ again. Each resend uses one of the job's delivery attempts: once
 destination that never commits is not sent the same study forever. A destination
 that refuses the commitment SOP class never gets a resend: sending again cannot
 make it commit.
+
+Deadlines are in the database's clock: one node opens a transaction, and any node's
+dispatcher may find it past its deadline.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +33,7 @@ from dicomrouter.dicomnet.commitment import (
     describe_failure,
 )
 from dicomrouter.dicomnet.pdu import ProtocolError
+from dicomrouter.store.dialect import database_now
 from dicomrouter.store.schema import commitments, instances, job_instances, jobs
 
 from . import states as S
@@ -89,9 +92,9 @@ def open_transaction(
     timeout: float,
     now: float | None = None,
 ) -> None:
-    now = time.time() if now is None else now
     job_ids = sorted({d.job_id for d in deliveries})
     with engine.begin() as conn:
+        now = database_now(conn) if now is None else now
         conn.execute(
             insert(commitments).values(
                 transaction_uid=transaction_uid,
@@ -142,9 +145,9 @@ def record_report(
 ) -> Settled | None:
     """Apply an N-EVENT-REPORT: ``committed`` SOP Instance UIDs, ``failed`` ones with
     a reason. None when the transaction is unknown (or already settled)."""
-    now = time.time() if now is None else now
     committed_set = set(committed)
     with engine.begin() as conn:
+        now = database_now(conn) if now is None else now
         row = conn.execute(
             select(commitments.c.destination, commitments.c.state).where(
                 commitments.c.transaction_uid == transaction_uid
@@ -204,8 +207,8 @@ def end_transaction(
     commitment, or answered the N-ACTION with a failure; ``timed_out``): every
     delivery still pending fails, and with ``on_failure`` "resend" a timed-out one
     is queued again (a refused one never is)."""
-    now = time.time() if now is None else now
     with engine.begin() as conn:
+        now = database_now(conn) if now is None else now
         destination = conn.execute(
             select(commitments.c.destination).where(
                 commitments.c.transaction_uid == transaction_uid
@@ -228,8 +231,8 @@ def expire(
 ) -> list[Settled]:
     """End the transactions past their deadline. ``policies``: destination -> its
     :class:`Policy`; a destination no longer configured warns."""
-    now = time.time() if now is None else now
     with engine.connect() as conn:
+        now = database_now(conn) if now is None else now
         due = conn.execute(
             select(commitments.c.transaction_uid, commitments.c.destination, commitments.c.sent_at)
             .where(commitments.c.state == PENDING, commitments.c.deadline <= now)

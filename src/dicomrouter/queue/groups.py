@@ -28,6 +28,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Row, Select, delete, func, select, update
 
 from dicomrouter.config import GroupDestinationConfig, RouterConfig
+from dicomrouter.store.dialect import database_now
 from dicomrouter.store.schema import (
     destination_state,
     group_affinity,
@@ -212,7 +213,7 @@ class GroupMove:
 
 
 def move_waiting(
-    engine: Engine, config: RouterConfig, now: float, reader: Engine | None = None
+    engine: Engine, config: RouterConfig, now: float | None = None, reader: Engine | None = None
 ) -> list[GroupMove]:
     """Move the waiting work of paused members of every group (see the module
     docstring). Idempotent: a second run finds nothing left waiting for a paused
@@ -221,14 +222,15 @@ def move_waiting(
 
     Whether there is anything to move is read first through ``reader`` (which never
     takes the write lock the receiver needs for each C-STORE); only a group with work
-    to move takes it."""
+    to move takes it. The moved jobs are due at ``now``: the database's, by default
+    (another node's workers claim them)."""
     with (reader or engine).connect() as conn:
-        chooser = GroupChooser(conn, config, now)
+        chooser = GroupChooser(conn, config, database_now(conn) if now is None else now)
         busy = [name for name in sorted(config.groups) if _waiting_work(conn, chooser, name)]
     moves: list[GroupMove] = []
     for name in busy:
         with engine.begin() as conn:
-            moves += _move_group(conn, config, name, now)
+            moves += _move_group(conn, config, name, database_now(conn) if now is None else now)
     log_moves(moves)
     return moves
 

@@ -3,6 +3,15 @@
 Workers claim jobs under a lease (owner + expiry). A worker that dies simply stops
 renewing; its jobs go back to ``pending`` when the lease expires, or at once when
 the same node restarts. Every state change is one short transaction.
+
+Several nodes may share one PostgreSQL index, each with its own workers. What keeps
+them apart: every writer transaction holds the write lock (``store/database.py``),
+so a claim's checks and its update are one step for all nodes; leases, retries and
+due times are in the database's clock (:func:`~dicomrouter.store.dialect.database_now`),
+so a node whose clock is off neither takes live leases nor leaves dead ones; and a
+claim counts the live lease owners of its destination, so ``max_associations``
+(``max_workers``) holds for the sum over nodes (:meth:`JobStore.claim`). A test may
+still pass ``now=``; otherwise the database says what time it is.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from sqlalchemy import (
 )
 
 from dicomrouter.config import BaseDestinationConfig
+from dicomrouter.store.dialect import database_now
 from dicomrouter.store.schema import JOB_WAITING, attempts, instances, job_instances, jobs
 
 from . import states as S
@@ -333,9 +343,20 @@ class JobStore:
         max_jobs: int = 200,
         max_items: int = 5000,
         now: float | None = None,
+        max_owners: int | None = None,
     ) -> Claim | None:
-        now = time.time() if now is None else now
+        """Lease due jobs of ``dest_name`` to ``owner`` until ``now + lease`` (the
+        database's now), highest priority first, up to ``max_jobs`` jobs and
+        ``max_items`` instances. None: nothing due, or ``max_owners`` other owners
+        hold live leases on the destination already.
+
+        ``max_owners`` is the destination's ``max_associations`` (``max_workers``):
+        each worker on each node is an owner, so counting the distinct owners of live
+        leases, under the write lock every claim holds, keeps the limit across all
+        nodes, not per node. An expired lease does not count: its holder is presumed
+        dead and recovery hands its jobs on."""
         with self.engine.begin() as conn:
+            now = database_now(conn) if now is None else now
             waiting = _waiting_condition(conn, dest_name, now)
             if waiting is None:
                 return None
@@ -352,6 +373,11 @@ class JobStore:
                 )
             ]
             if not candidates:
+                return None
+            # Counted once there is work (an idle poll pays nothing for it).
+            if max_owners is not None and not self._slot_free(
+                conn, dest_name, owner, max_owners, now
+            ):
                 return None
             conn.execute(
                 update(jobs)
@@ -424,11 +450,31 @@ class JobStore:
             claim.job_ids = [j for j in claimed if j not in unloaded]
         return claim
 
+    @staticmethod
+    def _slot_free(
+        conn: Connection, dest_name: str, owner: str, max_owners: int, now: float
+    ) -> bool:
+        """Whether ``owner`` may hold a lease on ``dest_name``: it holds one already,
+        or fewer than ``max_owners`` owners (on any node) hold live ones."""
+        holders = set(
+            conn.execute(
+                select(jobs.c.lease_owner)
+                .where(
+                    jobs.c.destination == dest_name,
+                    jobs.c.state == S.IN_PROGRESS,
+                    jobs.c.lease_expires_at > now,
+                )
+                .distinct()
+            ).scalars()
+        )
+        return owner in holders or len(holders) < max_owners
+
     def renew(self, claim: Claim, lease: float) -> set[int]:
-        """Extend the lease. Returns the jobs this worker must stop sending: canceled
-        meanwhile, or no longer ours (the lease expired and was recovered)."""
-        now = time.time()
+        """Extend the lease (to the database's now + ``lease``). Returns the jobs
+        this worker must stop sending: canceled meanwhile, or no longer ours (the
+        lease expired and was recovered)."""
         with self.engine.begin() as conn:
+            now = database_now(conn)
             conn.execute(
                 update(jobs)
                 .where(jobs.c.id.in_(claim.job_ids), jobs.c.lease_owner == claim.owner)
@@ -451,7 +497,6 @@ class JobStore:
         pending (with the reason); a canceled instance is never overwritten."""
         if not results:
             return
-        now = time.time()
         statement = (
             update(job_instances)
             .where(
@@ -465,7 +510,7 @@ class JobStore:
                 message=bindparam("b_message"),
                 sent_as=bindparam("b_sent_as"),
                 sent_uid=bindparam("b_sent_uid"),
-                updated_at=now,
+                updated_at=bindparam("b_now"),
             )
         )
         rows = [
@@ -481,7 +526,8 @@ class JobStore:
             for r in results
         ]
         with self.engine.begin() as conn:
-            conn.execute(statement, rows)
+            now = database_now(conn)  # the loop guard compares it with other nodes' times
+            conn.execute(statement, [{**row, "b_now": now} for row in rows])
 
     def finish(
         self,
@@ -511,9 +557,11 @@ class JobStore:
         an unreachable destination is paused and probed, and its jobs wait without
         using up ``retry.max_attempts`` (a peer may be down for a week); such a try
         counts as a connection failure (``jobs.connection_failures``) instead.
+
+        The next attempt is due in the database's time, as every lease is.
         """
-        now = time.time()
         with self.engine.begin() as conn:
+            now = database_now(conn)
             counts = {
                 (row.job_id, row.state): row.n
                 for row in conn.execute(
@@ -636,8 +684,8 @@ class JobStore:
 
     def release(self, claim: Claim) -> None:
         """Give jobs back untouched (shutdown or window closed)."""
-        now = time.time()
         with self.engine.begin() as conn:
+            now = database_now(conn)
             conn.execute(
                 update(jobs)
                 .where(
@@ -659,10 +707,10 @@ class JobStore:
         :data:`HOLD_DELAY` at most: their transforms cannot run now (a secret missing
         from the environment, a pipeline no longer configured). They wait, with the
         reason, as long as it takes; they are never sent untransformed."""
-        now = time.time() if now is None else now
-        state, window_at = initial_state(dest, now)
         delay = min(HOLD_DELAY, dest.retry.max_delay)
         with self.engine.begin() as conn:
+            now = database_now(conn) if now is None else now
+            state, window_at = initial_state(dest, now)
             for job_id, reason in reasons.items():
                 conn.execute(
                     update(jobs)
@@ -685,20 +733,28 @@ class JobStore:
     def recover(self, owner_prefix: str | None = None, now: float | None = None) -> int:
         """Return expired leases (and, at start-up, this node's own) to ``pending``.
 
+        With several nodes, a lease of another node is taken back only once it has
+        expired in the database's clock (never by a node's own clock, never because
+        an owner merely shares a prefix: ``owner_prefix`` is matched literally, ``_``
+        and ``%`` in a host name included). ``owner_prefix`` is the restarted node's
+        own (``<node>:``): what it held died with its previous process, so it is
+        taken back at once.
+
         A lease is only ever left behind by a delivery that did not finish: a
         graceful stop releases its claims. So each recovered job gets an
         ``interrupted`` attempt, and a job interrupted ``MAX_INTERRUPTIONS`` times in
         a row fails instead: an object that kills the dispatch process (a decoder
         crash, memory exhausted by a huge conversion) would otherwise be claimed
         again after every restart and hold every destination up for ever."""
-        now = time.time() if now is None else now
-        condition = and_(jobs.c.state == S.IN_PROGRESS, jobs.c.lease_expires_at < now)
-        if owner_prefix is not None:
-            condition = and_(
-                jobs.c.state == S.IN_PROGRESS,
-                (jobs.c.lease_expires_at < now) | jobs.c.lease_owner.like(owner_prefix + "%"),
-            )
         with self.engine.begin() as conn:
+            now = database_now(conn) if now is None else now
+            condition = and_(jobs.c.state == S.IN_PROGRESS, jobs.c.lease_expires_at < now)
+            if owner_prefix is not None:
+                condition = and_(
+                    jobs.c.state == S.IN_PROGRESS,
+                    (jobs.c.lease_expires_at < now)
+                    | jobs.c.lease_owner.startswith(owner_prefix, autoescape=True),
+                )
             stuck = [row.id for row in conn.execute(select(jobs.c.id).where(condition))]
             if not stuck:
                 return 0
@@ -753,8 +809,8 @@ class JobStore:
     # -- manual actions ---------------------------------------------------------------
     def retry(self, job_ids: Sequence[int]) -> int:
         """Send again what did not arrive: failed/canceled instances become pending."""
-        now = time.time()
         with self.engine.begin() as conn:
+            now = database_now(conn)
             eligible = [
                 row.id
                 for row in conn.execute(
@@ -838,8 +894,8 @@ class JobStore:
         )
 
     def cancel(self, job_ids: Sequence[int]) -> int:
-        now = time.time()
         with self.engine.begin() as conn:
+            now = database_now(conn)
             eligible = [
                 row.id
                 for row in conn.execute(
@@ -895,8 +951,8 @@ class JobStore:
         stuck behind the outage, and a retry by hand starts the clock again. Their
         undelivered instances become failed and an attempt records why. Returns the
         failed jobs and how many instances they left undelivered."""
-        now = time.time()
         with self.engine.begin() as conn:
+            now = database_now(conn)
             stale = [
                 row.id
                 for row in conn.execute(
@@ -937,8 +993,8 @@ class JobStore:
         where its instances went: its history, and what its old destination did
         receive, stay true. Jobs a worker holds are left alone. Returns (moved job
         ids, the target's jobs that received instances)."""
-        now = time.time()
         with self.engine.begin() as conn:
+            now = database_now(conn)
             rows = conn.execute(
                 select(
                     jobs.c.id,
@@ -1002,18 +1058,21 @@ class JobStore:
             ).all()
         return {row[0]: int(row[1]) for row in rows}
 
-    def defer_to_window(self, dest_name: str, dest: BaseDestinationConfig, now: float) -> int:
+    def defer_to_window(
+        self, dest_name: str, dest: BaseDestinationConfig, now: float | None = None
+    ) -> int:
         """The destination's send window is closed: its ``pending`` jobs (a retry that
         fell due after the window closed, a claim stopped at closing time) become
         ``scheduled`` for the next opening, so that the queue says what they wait
-        for and nothing reads them as stuck."""
+        for and nothing reads them as stuck. (``now``: the database's, by default.)"""
         if dest.send_window is None:
             return 0
-        moment = datetime.fromtimestamp(now)
-        if dest.send_window.contains(moment):
-            return 0
-        opens = dest.send_window.next_open(moment).timestamp()
         with self.engine.begin() as conn:
+            now = database_now(conn) if now is None else now
+            moment = datetime.fromtimestamp(now)
+            if dest.send_window.contains(moment):
+                return 0
+            opens = dest.send_window.next_open(moment).timestamp()
             result = conn.execute(
                 update(jobs)
                 .where(jobs.c.destination == dest_name, jobs.c.state == S.PENDING)
@@ -1032,10 +1091,10 @@ class JobStore:
         Returns how many jobs it brought forward. A job due already, in the state it
         would get, is left as it is: a queue of a million is not rewritten (two index
         ranges of ``ix_jobs_claim``: what backs off, and the other waiting state)."""
-        now = time.time()
-        state, at = initial_state(dest, now)
-        other = next(s for s in S.WAITING_STATES if s != state)
         with self.engine.begin() as conn:
+            now = database_now(conn)
+            state, at = initial_state(dest, now)
+            other = next(s for s in S.WAITING_STATES if s != state)
             result = conn.execute(
                 update(jobs)
                 .where(

@@ -5,12 +5,20 @@ once per instance, and either queues deliveries at once (``trigger: instance``) 
 arms a series/study trigger that fires when the series or study has been quiet for
 ``stable_after``. Everything one pass decides is written in one transaction, so a
 crash re-plans the batch rather than half-planning it.
+
+Every node sharing a PostgreSQL index plans, so planners run concurrently. A pass
+reads its batch (and headers) before taking the write lock, so another planner may
+plan the same instances meanwhile; under the lock the pass keeps only those still
+unplanned at the generation it read, and plans nothing twice. A trigger is claimed
+(``pending`` 1 -> 0 at the ``last_arrival`` read) before its plan is written, so it
+fires once. Quiet times (``stable_after``) and due times are measured in the
+database's clock (:func:`~dicomrouter.store.dialect.database_now`), which every
+node shares.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,6 +30,7 @@ from sqlalchemy import Connection, Engine, Row, and_, bindparam, delete, select,
 from dicomrouter.config import RouteConfig, RouterConfig
 from dicomrouter.rules import Condition, InstanceFacts, compile_condition
 from dicomrouter.store import ObjectStore, create_index_engine, read_header
+from dicomrouter.store.dialect import database_now
 from dicomrouter.store.schema import instances, route_matches, triggers
 from dicomrouter.store.schema import unplanned as set_aside_rows
 
@@ -122,6 +131,9 @@ class Planner:
         it can never hold up the instances behind it; :meth:`retry_unplanned` plans
         it again later. If even setting it aside fails (nothing can be written), the
         error propagates and the instances stay to be planned on the next pass.
+
+        Instances another planner (another node) planned meanwhile are left to it and
+        not counted, so two planners together plan each instance once.
         """
         try:
             return self._route_batch(limit)
@@ -144,8 +156,7 @@ class Planner:
     def retry_unplanned(self, now: float | None = None, limit: int = PLAN_BATCH) -> int:
         """Plan again the set-aside instances whose retry time has come, one by one
         (one that fails again waits longer; the others are not held up). Returns how
-        many were planned."""
-        now = time.time() if now is None else now
+        many were planned. (``now``: the database's, by default.)"""
         planned = 0
         for instance_id in unplanned.due(self.reader, now, limit):
             if self._plan_one(instance_id, None, retry=True):
@@ -167,7 +178,7 @@ class Planner:
                 generation = conn.execute(
                     select(instances.c.generation).where(instances.c.id == instance_id)
                 ).scalar()
-            now = time.time()
+            now = database_now(conn)
             next_at = (
                 unplanned.set_aside(conn, instance_id, generation, error, now)
                 if generation is not None
@@ -204,18 +215,11 @@ class Planner:
             return 0
         facts = {row.id: self._facts(row) for row in batch} if self.routes else {}
         self.loops.prepare({row.calling_ae for row in batch})
-        now = time.time()
         with self.engine.begin() as conn:
-            batch_ids = [row.id for row in batch]
-            retracted = set(
-                conn.execute(
-                    select(instances.c.id).where(
-                        instances.c.id.in_(batch_ids),
-                        instances.c.purged_at.is_not(None),
-                    )
-                ).scalars()
-            )
-            batch = [row for row in batch if row.id not in retracted]
+            now = database_now(conn)
+            batch, retracted = self._still_unplanned(conn, batch, -1 if retry else 0)
+            if not batch and not retracted:
+                return 0  # another planner (another node) planned all of it meanwhile
             plans: Plans = {}
             self.loops.begin()
             self._groups = GroupChooser(conn, self.config, now)
@@ -244,9 +248,41 @@ class Planner:
                 )
             # An earlier generation may have been set aside: planned now, it is done
             # (a retracted copy too: there is nothing left to plan for it).
-            conn.execute(delete(set_aside_rows).where(set_aside_rows.c.instance_id.in_(batch_ids)))
+            done = [row.id for row in batch] + sorted(retracted)
+            conn.execute(delete(set_aside_rows).where(set_aside_rows.c.instance_id.in_(done)))
         groups.log_moves(self._groups.moves)
         return len(batch)
+
+    @staticmethod
+    def _still_unplanned(
+        conn: Connection, batch: Sequence[Row], routed: int
+    ) -> tuple[list[Row], set[int]]:
+        """Under the write lock: the rows of ``batch`` still to plan (``routed`` as
+        read, same generation, not purged), and the ids whose copy was retracted.
+        The batch was read before the lock; another planner may have planned some of
+        it since, or the instance been received again (its new generation is planned
+        on a later pass)."""
+        now_in_index = {
+            row.id: row
+            for row in conn.execute(
+                select(
+                    instances.c.id,
+                    instances.c.generation,
+                    instances.c.routed,
+                    instances.c.purged_at,
+                ).where(instances.c.id.in_([row.id for row in batch]))
+            )
+        }
+        retracted = {i for i, row in now_in_index.items() if row.purged_at is not None}
+        still = [
+            row
+            for row in batch
+            if (current := now_in_index.get(row.id)) is not None
+            and current.purged_at is None
+            and current.routed == routed
+            and current.generation == row.generation
+        ]
+        return still, retracted
 
     def _facts(self, row: Row) -> InstanceFacts | None:
         """What the rules see. A header that cannot be read (the file was validated
@@ -332,12 +368,20 @@ class Planner:
     # -- stable series/studies --------------------------------------------------------
     def fire_stable_triggers(self, now: float | None = None) -> int:
         """Fire armed triggers whose series/study has been quiet for ``stable_after``
-        (``now`` is the clock the quiet time is measured against)."""
-        now = time.time() if now is None else now
+        (``now`` is the clock the quiet time is measured against: the database's,
+        unless given).
+
+        Every node runs this. Each trigger is claimed before its plan is written:
+        ``pending`` goes from 1 to 0 only where it is still 1 at the ``last_arrival``
+        read, so a trigger another node fired meanwhile, or that a new arrival re-armed,
+        is left alone (the write lock already serialises firers; the claim does not
+        rely on it)."""
         by_name = {route.name: route for route in self.routes}
         fired = 0
         self.loops.prepare()
         with self.engine.begin() as conn:
+            db_now = database_now(conn)
+            now = db_now if now is None else now
             armed = conn.execute(select(triggers).where(triggers.c.pending == 1)).all()
             plans: Plans = {}
             self.loops.begin()
@@ -349,14 +393,21 @@ class Planner:
                     continue
                 if now - trig.last_arrival < route.config.stable_after:
                     continue
-                self._plan_trigger(conn, route, trig, plans)
-                conn.execute(
+                claimed = conn.execute(
                     update(triggers)
-                    .where(triggers.c.id == trig.id, triggers.c.last_arrival == trig.last_arrival)
+                    .where(
+                        triggers.c.id == trig.id,
+                        triggers.c.pending == 1,
+                        triggers.c.last_arrival == trig.last_arrival,
+                    )
                     .values(pending=0, fired_at=now)
-                )
+                ).rowcount
+                if not claimed:
+                    continue
+                self._plan_trigger(conn, route, trig, plans)
                 fired += 1
-            self._commit_plans(conn, plans, time.time())
+            # Due now in the database's time, even when a test moved ``now`` ahead.
+            self._commit_plans(conn, plans, db_now)
         groups.log_moves(self._groups.moves)
         return fired
 

@@ -2,7 +2,10 @@
 
 An instance the receiver acknowledged must reach its destinations even when its plan
 could not be written (the index was full, the database refused, the header could
-not be read). The planner sets such an instance aside (``instances.routed = -1``)
+not be read). A plan that another planner (another node) wrote first is not a
+failure: the planner skips what is planned already (``Planner._still_unplanned``), so
+concurrent planners never set an instance aside. Retry times are in the database's
+clock, which every node shares. The planner sets such an instance aside (``instances.routed = -1``)
 so that it does not hold up the ones behind it, and records it here with a retry
 time: 5 s after the first failure, doubling up to 5 min. The planner's loop picks
 due ones up again; :func:`replan_now` brings them forward (the operator's re-plan).
@@ -11,12 +14,12 @@ Nothing here waits for a restart.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, func, select, update
 
+from dicomrouter.store.dialect import database_now
 from dicomrouter.store.schema import instances, unplanned
 
 #: Delay before the first retry, doubled after each failed one, up to the cap.
@@ -95,9 +98,11 @@ def set_aside(
     return next_at
 
 
-def due(engine: Engine, now: float, limit: int) -> list[int]:
-    """Set-aside instances whose retry time has come, longest waiting first."""
+def due(engine: Engine, now: float | None, limit: int) -> list[int]:
+    """Set-aside instances whose retry time has come (at ``now``, by default the
+    database's), longest waiting first."""
     with engine.connect() as conn:
+        now = database_now(conn) if now is None else now
         return list(
             conn.execute(
                 select(unplanned.c.instance_id)
@@ -136,8 +141,8 @@ def summary(engine: Engine, limit: int = LISTED) -> UnplannedSummary:
 def replan_now(engine: Engine, instance_ids: Sequence[int] | None = None) -> int:
     """Make set-aside instances (all, or these) due now; the planner takes them on
     its next pass. Returns how many."""
-    statement = update(unplanned).values(next_attempt_at=time.time())
-    if instance_ids is not None:
-        statement = statement.where(unplanned.c.instance_id.in_(list(instance_ids)))
     with engine.begin() as conn:
+        statement = update(unplanned).values(next_attempt_at=database_now(conn))
+        if instance_ids is not None:
+            statement = statement.where(unplanned.c.instance_id.in_(list(instance_ids)))
         return int(conn.execute(statement).rowcount or 0)

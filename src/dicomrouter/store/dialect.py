@@ -2,15 +2,17 @@
 
 Everything else is SQLAlchemy Core, written once. Here: the INSERT that has
 ``ON CONFLICT`` (both databases share the syntax, SQLAlchemy has one construct per
-dialect), which errors mean "the index is busy, try again", and the lock that gives
-PostgreSQL's writers SQLite's one-writer-at-a-time (see ``database.py``).
+dialect), which errors mean "the index is busy, try again", the lock that gives
+PostgreSQL's writers SQLite's one-writer-at-a-time (see ``database.py``), and whose
+clock leases and due times are measured by (:func:`database_now`).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from sqlalchemy import Boolean, Integer, Table
+from sqlalchemy import Boolean, Connection, Integer, Table
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
@@ -27,6 +29,27 @@ BUSY_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
 #: ``BEGIN IMMEDIATE``. Any constant works; this one spells "dicomrtr" in ASCII.
 WRITE_LOCK_KEY = 0x6469636F6D727472
 WRITE_LOCK_SQL = f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
+
+
+#: The database server's clock, as seconds since the epoch. ``clock_timestamp()``, not
+#: ``now()``: a writer transaction may have waited for the write lock, and the time
+#: that matters is when its statements run, not when it began.
+_NOW_SQL = "SELECT extract(epoch FROM clock_timestamp())"
+
+
+def database_now(conn: Connection) -> float:
+    """The time every node agrees on, for leases and "due" times: the database's.
+
+    Several nodes share one PostgreSQL index, and their clocks drift; a node whose
+    clock runs an hour ahead would otherwise take live leases of the others as
+    expired, and one an hour behind would leave expired ones alone. So a lease's
+    expiry, a job's next attempt and a trigger's quiet time are written and compared
+    in the server's time (one round trip, on the transaction's connection). SQLite
+    is one file on one machine: its processes share the machine's clock, which is
+    ``time.time()``, with no round trip."""
+    if conn.dialect.name == POSTGRESQL:
+        return float(conn.exec_driver_sql(_NOW_SQL).scalar_one())
+    return time.time()
 
 
 def sqlstate(exc: BaseException) -> str | None:
