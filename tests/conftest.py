@@ -81,6 +81,7 @@ BOTH_DATABASES = frozenset(
         "test_retention",
         "test_retention_crossfeature",
         "test_retention_surfaces",
+        "test_shared_health",
         "test_store",
         "test_unplanned",
         "test_web",

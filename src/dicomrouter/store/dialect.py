@@ -8,9 +8,10 @@ PostgreSQL's writers SQLite's one-writer-at-a-time (see ``database.py``).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from sqlalchemy import Boolean, Integer, Table
+from sqlalchemy import Boolean, Connection, Engine, Integer, Table, text
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
@@ -27,6 +28,56 @@ BUSY_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
 #: ``BEGIN IMMEDIATE``. Any constant works; this one spells "dicomrtr" in ASCII.
 WRITE_LOCK_KEY = 0x6469636F6D727472
 WRITE_LOCK_SQL = f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
+
+
+def database_now(conn: Connection) -> float:
+    """The database's clock, in seconds since the epoch: what leases shared by several
+    nodes are measured with, so that no node's clock decides for another. PostgreSQL's
+    ``clock_timestamp()`` (the time now, not the transaction's start); SQLite serves
+    one node only, whose clock it is."""
+    if conn.dialect.name == POSTGRESQL:
+        return float(
+            conn.execute(text("SELECT extract(epoch from clock_timestamp())")).scalar_one()
+        )
+    return time.time()
+
+
+def notify(conn: Connection, channel: str, payload: str) -> None:
+    """PostgreSQL's ``NOTIFY channel, payload``, sent when ``conn``'s transaction
+    commits (never if it rolls back). Nothing on SQLite, which has no other node to
+    tell: its readers poll."""
+    if conn.dialect.name == POSTGRESQL:
+        conn.execute(
+            text("SELECT pg_notify(:channel, :payload)"), {"channel": channel, "payload": payload}
+        )
+
+
+#: Keepalives of a dedicated connection, both ends: a node that vanishes from the
+#: network (power cut, cable) is noticed by the server within about 25 s, which then
+#: ends its session and frees what it held (an advisory lock); the node notices too.
+KEEPALIVES = {"idle": 10, "interval": 5, "count": 3}
+
+
+def dedicated_connection(engine: Engine, purpose: str) -> Any:
+    """A psycopg connection of its own, in autocommit, beside ``engine``'s pool (for
+    PostgreSQL only): for what lives as long as a session (an advisory lock held by
+    a leader, a LISTEN). ``purpose`` becomes its ``application_name``, so
+    ``pg_stat_activity`` shows which node holds what."""
+    import psycopg
+
+    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    server = " ".join(f"-c tcp_keepalives_{k}={v}" for k, v in KEEPALIVES.items())
+    return psycopg.connect(
+        url,
+        autocommit=True,
+        application_name=f"dicomrouter {purpose}"[:63],
+        options=server,
+        keepalives=1,
+        keepalives_idle=KEEPALIVES["idle"],
+        keepalives_interval=KEEPALIVES["interval"],
+        keepalives_count=KEEPALIVES["count"],
+        connect_timeout=10,
+    )
 
 
 def sqlstate(exc: BaseException) -> str | None:
