@@ -198,7 +198,7 @@ class Purger:
                     "another 'dicomrouter purge'); try again when it has finished"
                 ) from None
             # Across nodes: the index's lock (always ours on SQLite: one node).
-            across = Leadership(self.engine, "retention purge")
+            across = Leadership(self.engine, "retention purge", announce=False)
             if not across.check():
                 raise PurgeBusy(
                     "a purge is running on another node sharing this index (or the index "

@@ -37,9 +37,12 @@ def lock_key(duty: str) -> int:
 class Leadership:
     """Whether this process is the leader for ``duty`` (thread-safe)."""
 
-    def __init__(self, engine: Engine, duty: str) -> None:
+    def __init__(self, engine: Engine, duty: str, announce: bool = True) -> None:
+        """``announce``: log each time this process becomes the leader (a duty that
+        holds the lock for one run at a time, as the purge, need not)."""
         self.engine = engine
         self.duty = duty
+        self.announce = announce
         self.key = lock_key(duty)
         self.shared = engine.dialect.name == POSTGRESQL
         self._lock = threading.Lock()
@@ -72,7 +75,7 @@ class Leadership:
                 self._drop()
                 return False
             self._held = bool(row and row[0])
-            if self._held:
+            if self._held and self.announce:
                 log.info("this node is now the %s leader", self.duty)
             return self._held
 
