@@ -61,7 +61,9 @@ class DestinationHealth:
     most every ``REFRESH`` s) and changes it (written through at once).
 
     ``owner`` names this process as a prober (default: host and pid); two objects of
-    one destination with different owners behave as two nodes."""
+    one destination with different owners behave as two nodes. ``reader`` serves the
+    periodic re-reads (an engine that does not take the write lock; default
+    ``engine``)."""
 
     def __init__(
         self,
@@ -69,10 +71,12 @@ class DestinationHealth:
         config: BaseDestinationConfig,
         engine: Engine,
         owner: str | None = None,
+        reader: Engine | None = None,
     ):
         self.name = name
         self.config = config
         self.engine = engine
+        self.reader = reader or engine
         self.owner = owner or default_owner()
         self._lock = threading.Lock()
         self.state = OK
@@ -138,7 +142,7 @@ class DestinationHealth:
         if time.monotonic() - self._checked < REFRESH:
             return
         try:
-            with self.engine.connect() as conn:
+            with self.reader.connect() as conn:
                 self._read(conn)
         except Exception as exc:
             self._checked = time.monotonic()

@@ -61,16 +61,18 @@ KEEPALIVES = {"idle": 10, "interval": 5, "count": 3}
 def dedicated_connection(engine: Engine, purpose: str) -> Any:
     """A psycopg connection of its own, in autocommit, beside ``engine``'s pool (for
     PostgreSQL only): for what lives as long as a session (an advisory lock held by
-    a leader, a LISTEN). ``purpose`` becomes its ``application_name``, so
-    ``pg_stat_activity`` shows which node holds what."""
+    a leader, a LISTEN). ``purpose`` goes into its ``application_name`` (after the
+    URL's own, if it names one), so ``pg_stat_activity`` shows which node holds what."""
     import psycopg
 
     url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    named = engine.url.query.get("application_name")  # a node's name for its connections
+    name = f"{named} ({purpose})" if isinstance(named, str) else f"dicomrouter {purpose}"
     server = " ".join(f"-c tcp_keepalives_{k}={v}" for k, v in KEEPALIVES.items())
     return psycopg.connect(
         url,
         autocommit=True,
-        application_name=f"dicomrouter {purpose}"[:63],
+        application_name=name[:63],
         options=server,
         keepalives=1,
         keepalives_idle=KEEPALIVES["idle"],
