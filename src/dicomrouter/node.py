@@ -96,13 +96,16 @@ class Node:
         except OSError as exc:
             log.warning("cannot record the configuration version: %s", exc)
             return
-        if self._file_is_history(text):
+        older = self._file_is_history(text)
+        if older is not None:
             loaded = versions.load_newest(self.control_engine, self.config_path, self.config)
-            if loaded is not None:
-                version, self.config = loaded
-                versions.write_newest(self.control_engine, self.config_path, version)
-                self.config_version = version.id
+            if loaded is None:  # logged; the file runs, as the version it is
+                self.config_version = older.id
                 return
+            version, self.config = loaded
+            versions.write_newest(self.control_engine, self.config_path, version)
+            self.config_version = version.id
+            return
         version_id, created = versions.record_if_new(
             self.control_engine, text, author=audit.SYSTEM, source="startup"
         )
@@ -110,8 +113,9 @@ class Node:
         if created:
             log.info("configuration recorded as version %d", version_id)
 
-    def _file_is_history(self, text: str) -> bool:
-        """Whether the file holds an older recorded version (logged): not recorded."""
+    def _file_is_history(self, text: str) -> versions.Version | None:
+        """The older recorded version the file holds (logged), not to be recorded
+        again; None when the file's text is new or the newest."""
         older = versions.file_is_history(self.control_engine, text)
         if older is not None:
             log.warning(
@@ -123,7 +127,7 @@ class Node:
                 older.id,
                 older.id,
             )
-        return older is not None
+        return older
 
     def reload(self) -> bool:
         """Re-read the configuration file (SIGHUP). An invalid file is logged with its
@@ -134,7 +138,7 @@ class Node:
             return False
         try:
             text = versions.normalize(path.read_text(encoding="utf-8"))
-            if self._file_is_history(text):
+            if self._file_is_history(text) is not None:
                 self.converge_on_newest()
                 return True
             new = versions.parse_yaml(text, path.parent, str(path))
@@ -213,9 +217,8 @@ class Node:
         version, config = loaded
         if version.id != self.config_version or versions.changed_keys(self.config, config):
             log.warning("running the newest recorded configuration, version %d", version.id)
-        versions.write_newest(
-            self.control_engine, self.config_path, version
-        )  # before the children read it
+        # Written before the children are told: their answers show the file.
+        versions.write_newest(self.control_engine, self.config_path, version)
         self._install(config)
         self.config_version = version.id
 
