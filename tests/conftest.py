@@ -82,6 +82,7 @@ BOTH_DATABASES = frozenset(
         "test_retention_crossfeature",
         "test_retention_surfaces",
         "test_several_nodes",
+        "test_shared_health",
         "test_store",
         "test_unplanned",
         "test_web",

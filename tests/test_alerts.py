@@ -383,3 +383,64 @@ def test_real_router_alerts_when_a_destination_goes_down_and_back(
     entries = audit.query(engine, action="alert.destination_down")[1]
     assert sorted(e["detail"]["payload"]["status"] for e in entries) == ["firing", "resolved"]
     assert all(e["outcome"] == "ok" and e["target"] == "pacs" for e in entries)
+
+
+def test_one_node_alerts_and_another_takes_over_when_it_dies(
+    tmp_path: Path, receiver: Receiver, postgres: Any, postgres_url: str
+) -> None:
+    """Two nodes' alert threads on one PostgreSQL: only the leader (the advisory lock's
+    holder) checks and sends; when its session dies the other takes over, without
+    repeating the alert the first one sent, and resolves it."""
+    from dicomrouter.store.leadership import Leadership, lock_key
+
+    threads, engines = [], []
+    for name in ("a", "b"):
+        data = {
+            "database": postgres_url,
+            "storage": {"path": str(tmp_path / name)},
+            "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}},
+            "alerts": alerts_section(receiver, destination_down={"after": "1m"}),
+        }
+        config = parse_config(data, environ={})
+        config.storage.path.mkdir(parents=True)
+        engine = create_index_engine(postgres_url)
+        evaluator = AlertEvaluator(lambda c=config: c, engine, engine, config.storage.path)
+        threads.append(AlertThread(evaluator, Leadership(engine, "alerts")))
+        engines.append(engine)
+    a, b = threads
+    set_destination(engines[0], "pacs", state="paused", paused_since=time.time() - 120)
+
+    def round_of(thread: AlertThread) -> list[Any] | None:
+        return thread.evaluator.run_once() if thread.leads() else None
+
+    assert [len(round_of(a) or []), round_of(b)] == [1, None]  # a leads; b does nothing
+    assert round_of(b) is None and round_of(a) == []  # no repeat, still one leader
+    assert [body["status"] for body in receiver.bodies("/ops")] == ["firing"]
+
+    # a's node dies: PostgreSQL ends its session, and the lock goes with it.
+    key = lock_key("alerts")
+    postgres.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+        f"AND granted AND classid = {(key >> 32) & 0xFFFFFFFF}::bigint::oid "
+        f"AND objid = {key & 0xFFFFFFFF}::bigint::oid AND objsubid = 1"
+    )
+    wait_until(b.leads, 10, message="b takes the alerts over")
+    assert not a.leads()  # a learns it lost the lock (its connection is gone)
+    assert b.evaluator.run_once() == []  # the incident a fired is not fired again
+    set_destination(engines[0], "pacs", state="ok", paused_since=None)
+    [resolved] = b.evaluator.run_once()
+    assert resolved.status == "resolved"
+    assert [body["status"] for body in receiver.bodies("/ops")] == ["firing", "resolved"]
+    for thread in threads:
+        assert thread.leadership is not None
+        thread.leadership.release()
+    for engine in engines:
+        engine.dispose()
+
+
+@pytest.mark.sqlite_only
+def test_on_sqlite_the_one_node_always_leads(tmp_path: Path, receiver: Receiver) -> None:
+    from dicomrouter.store.leadership import Leadership
+
+    env = make_env(tmp_path, receiver)
+    assert Leadership(env.engine, "alerts").check()

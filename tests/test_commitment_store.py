@@ -192,3 +192,24 @@ def test_a_report_through_the_listener_handler_and_the_alert(tmp_path: Path) -> 
     )
     (reply,) = commitment.serve_report(pipeline.engine, unknown, {})
     assert reply.status == Status.SUCCESS
+
+
+def test_two_nodes_expiring_one_transaction_end_it_once(tmp_path: Path) -> None:
+    """Every node's dispatch process runs the expiry: two passes that both saw the
+    transaction due (read before either wrote) end it once, and the second leaves the
+    first one's counts and resends as they were."""
+    pipeline, deliveries = delivered(tmp_path, on_timeout="resend")
+    commitment.open_transaction(pipeline.engine, "1.2.3.30", "pacs", deliveries, 60, now=100.0)
+    first = commitment.end_transaction(
+        pipeline.engine, "1.2.3.30", commitment.TIMED_OUT, "no report", RESEND, now=161.0
+    )
+    second = commitment.end_transaction(
+        pipeline.engine, "1.2.3.30", commitment.TIMED_OUT, "no report", RESEND, now=162.0
+    )
+    assert first == commitment.Settled("pacs", 0, 3, 3)
+    assert second == commitment.Settled("pacs", 0, 0, 0)
+    with pipeline.engine.connect() as conn:
+        row = conn.execute(select(commitments)).one()
+        used = set(conn.execute(select(jobs.c.attempts)).scalars())
+    assert (row.state, row.failed, row.finished_at) == ("timed_out", 3, 161.0)
+    assert used == {1}  # one resend used one attempt, not two

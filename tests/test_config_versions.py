@@ -584,3 +584,46 @@ def test_api_config_bodies_must_be_yaml_or_json(tmp_path: Path) -> None:
             assert response.status_code == 200, (url, media, response.text)
         assert client.request(method, url, json={"yaml": text}).status_code == 200
     assert versions.list_versions(env.engine)[0] == 1  # the same text: no new version
+
+
+def test_a_file_holding_an_older_version_is_history_and_gets_the_newest(setup) -> None:
+    """Several nodes: a node's file is recorded only if its text is new; an older
+    version in it is history (it is given the newest), and a text never recorded (an
+    edit not applied yet) is neither history nor overwritten."""
+    path, running, engine = setup
+    first = path.read_text()
+    newer = first.replace("port: 11113", "port: 11114")
+    second, _ = versions.record_if_new(engine, newer, author="a", source="api")
+    older = versions.file_is_history(engine, first)
+    assert older is not None and older.id == 1
+    assert versions.file_is_history(engine, newer) is None  # the newest: nothing to do
+    edit = newer.replace("port: 11114", "port: 11115")
+    assert versions.file_is_history(engine, edit) is None  # new: it is recorded
+    newest = versions.get_version(engine, second)
+    assert newest is not None
+    assert versions.write_newest(engine, path, newest)
+    assert path.read_text() == newer and stat.S_IMODE(path.stat().st_mode) == 0o640
+    path.write_text(edit)
+    assert not versions.write_newest(engine, path, newest)  # the edit stays for its author
+    assert path.read_text() == edit
+
+
+def test_recording_a_version_is_announced_to_listeners(tmp_path: Path, postgres_url: str) -> None:
+    """PostgreSQL: every node hears of a new version at once (NOTIFY at commit)."""
+    from dicomrouter.store.listen import Listener
+    from tests.support.router import wait_until
+
+    engine = create_index_engine(postgres_url)
+    heard: list[str | None] = []
+    listener = Listener(engine, versions.CHANNEL, heard.append)
+    listener.start()
+    try:
+        wait_until(lambda: heard == [None], 10, message="listening")  # (re)connected
+        first = versions.record_version(engine, "a: 1\n", author="a", source="api")
+        second, created = versions.record_if_new(engine, "a: 2\n", author="a", source="api")
+        versions.record_if_new(engine, "a: 2\n", author="a", source="api")  # not new: silent
+        wait_until(lambda: len(heard) == 3, 10, message="two announcements")
+        assert created and heard == [None, str(first), str(second)]
+    finally:
+        listener.stop()
+        engine.dispose()

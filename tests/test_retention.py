@@ -674,3 +674,26 @@ def test_history_pruning_removes_the_fired_triggers_of_what_is_gone(tmp_path: Pa
         left = set(conn.execute(select(instances.c.path)).scalars())
     assert left == set(kept)
     assert studies == {s.rows()[next(iter(s.rows()))].study_instance_uid}
+
+
+def test_a_purge_on_another_node_excludes_this_one(tmp_path: Path) -> None:
+    """Nodes sharing the storage and a PostgreSQL index purge one at a time: the index's
+    lock, held by another node's purge, refuses this one (the file lock alone cannot
+    be trusted on shared storage); on SQLite (one node) the file lock is the lock."""
+    from dicomrouter.retention.purge import PurgeBusy, Purger
+    from dicomrouter.store.leadership import Leadership
+
+    s = site(tmp_path)
+    other_node = create_index_engine(s.config.database_url, create=False)
+    elsewhere = Leadership(other_node, "retention purge")
+    assert elsewhere.check()  # another node's purge runs
+    purger = Purger(s.config, s.engine, s.store)
+    try:
+        if s.engine.dialect.name == "postgresql":
+            with pytest.raises(PurgeBusy, match="another node"):
+                purger.run()
+        elsewhere.release()  # its purge ended (or its node died)
+        assert purger.run().ended_at is not None
+    finally:
+        elsewhere.release()
+        other_node.dispose()

@@ -12,6 +12,15 @@ the configuration file. This process validates it (an invalid file is refused wi
 its errors and changes nothing), records it as a version if it is new, applies it to
 the receiver and forwards SIGHUP to the children, which load that newest recorded
 version: what they run is always what this process validated.
+
+Several nodes on one index: a version recorded on any node reaches this one within
+seconds. This process hears it announced (PostgreSQL ``NOTIFY``, ``store/listen.py``)
+and polls the newest version's id every ``VERSION_POLL`` s besides; a newer one is
+run here (:meth:`converge_on_newest`) and written to this node's file. At start-up
+and on SIGHUP the file is recorded only if its text was never recorded: an older
+version in the file (a node started with the file it had before another node
+changed the configuration) is not news, and the node runs the newest version
+(see ``control/versions.py``). ``config_version`` is the version this node runs.
 """
 
 from __future__ import annotations
@@ -31,10 +40,13 @@ from dicomrouter.queue import commitment
 from dicomrouter.receive import Receiver
 from dicomrouter.store import InstanceIndex, ObjectStore, audit, create_index_engine
 from dicomrouter.store.heartbeat import RECEIVER, HeartbeatThread
+from dicomrouter.store.listen import Listener
 
 log = logging.getLogger("dicomrouter")
 
 _SWEEP_EVERY = 60.0
+#: Seconds between two looks at the newest configuration version (besides NOTIFY).
+VERSION_POLL = 5.0
 
 
 class Node:
@@ -51,7 +63,10 @@ class Node:
         self.engine = create_index_engine(config.database_url, create=False, busy_timeout_ms=0)
         # Versions and audit rows: ordinary transactions that may wait for the lock.
         self.control_engine = create_index_engine(config.database_url, create=False)
+        #: The configuration version this node runs (None: none recorded, no file).
+        self.config_version: int | None = None
         self._record_startup_version()
+        config = self.config  # the newest version, if the file was an older one
         control_engine = self.control_engine
         self.receiver = Receiver(
             config,
@@ -63,12 +78,17 @@ class Node:
             ),
         )
         self.heartbeat: HeartbeatThread | None = None
+        self.listener: Listener | None = None
+        self._wake = threading.Event()
+        self._newer = threading.Event()  # a version was announced (or may have been)
+        self._version_polled = time.monotonic()
         self.children = [ChildProcess("dispatch", (config, config_path))]
         if config.http.enabled:
             self.children.append(ChildProcess("http", (config, config_path)))
 
     def _record_startup_version(self) -> None:
-        """The file as started is a version, unless it is the newest one already."""
+        """The file as started is a version, unless it is the newest one already, or
+        an older one (then this node starts on the newest, and writes it to the file)."""
         if self.config_path is None:
             return
         try:
@@ -76,11 +96,38 @@ class Node:
         except OSError as exc:
             log.warning("cannot record the configuration version: %s", exc)
             return
+        older = self._file_is_history(text)
+        if older is not None:
+            loaded = versions.load_newest(self.control_engine, self.config_path, self.config)
+            if loaded is None:  # logged; the file runs, as the version it is
+                self.config_version = older.id
+                return
+            version, self.config = loaded
+            versions.write_newest(self.control_engine, self.config_path, version)
+            self.config_version = version.id
+            return
         version_id, created = versions.record_if_new(
             self.control_engine, text, author=audit.SYSTEM, source="startup"
         )
+        self.config_version = version_id
         if created:
             log.info("configuration recorded as version %d", version_id)
+
+    def _file_is_history(self, text: str) -> versions.Version | None:
+        """The older recorded version the file holds (logged), not to be recorded
+        again; None when the file's text is new or the newest."""
+        older = versions.file_is_history(self.control_engine, text)
+        if older is not None:
+            log.warning(
+                "%s holds configuration version %d, older than the newest recorded one "
+                "(another node, or the API, changed it since): running the newest version "
+                "and writing it to the file, not recording the old one again (to go back "
+                "to it, roll back to version %d)",
+                self.config_path,
+                older.id,
+                older.id,
+            )
+        return older
 
     def reload(self) -> bool:
         """Re-read the configuration file (SIGHUP). An invalid file is logged with its
@@ -91,6 +138,9 @@ class Node:
             return False
         try:
             text = versions.normalize(path.read_text(encoding="utf-8"))
+            if self._file_is_history(text) is not None:
+                self.converge_on_newest()
+                return True
             new = versions.parse_yaml(text, path.parent, str(path))
             refusal = versions.lockout(new, self.config)
             if refusal is not None:
@@ -117,6 +167,7 @@ class Node:
         changed = versions.changed_keys(self.config, new)
         restart = versions.restart_required(changed)
         self._install(versions.effective(new, self.config))
+        self.config_version = version_id
         audit.record(
             self.control_engine,
             audit.SYSTEM,
@@ -164,9 +215,35 @@ class Node:
         if loaded is None:
             return
         version, config = loaded
-        if versions.changed_keys(self.config, config):
+        if version.id != self.config_version or versions.changed_keys(self.config, config):
             log.warning("running the newest recorded configuration, version %d", version.id)
+        # Written before the children are told: their answers show the file.
+        versions.write_newest(self.control_engine, self.config_path, version)
         self._install(config)
+        self.config_version = version.id
+
+    def _announced(self, payload: str | None) -> None:
+        """A version was recorded somewhere (or the listener reconnected): look."""
+        self._newer.set()
+        self._wake.set()
+
+    def _follow_versions(self) -> None:
+        """Run the newest version when another node (or this node's API) recorded one
+        this node does not run yet: when announced, and every ``VERSION_POLL`` s."""
+        if self.config_path is None:
+            return
+        if not self._newer.is_set() and time.monotonic() - self._version_polled < VERSION_POLL:
+            return
+        self._newer.clear()
+        self._version_polled = time.monotonic()
+        try:
+            newest = versions.newest_id(self.control_engine)
+        except Exception as exc:
+            log.warning("cannot read the newest configuration version: %s", exc)
+            return
+        if newest is not None and newest != self.config_version:
+            log.info("configuration version %d was recorded: running it", newest)
+            self.converge_on_newest()
 
     def start(self) -> None:
         """Listen first (a port in use fails fast, with nothing else started), then
@@ -180,6 +257,9 @@ class Node:
         beats = create_index_engine(self.config.database_url, create=False, durable_commits=False)
         self.heartbeat = HeartbeatThread(beats, RECEIVER, self.receiver.health)
         self.heartbeat.start()
+        if Listener.needed(self.control_engine) and self.config_path is not None:
+            self.listener = Listener(self.control_engine, versions.CHANNEL, self._announced)
+            self.listener.start()
         try:
             for child in self.children:
                 child.start()
@@ -188,6 +268,8 @@ class Node:
             raise
 
     def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.stop()
         if self.heartbeat is not None:
             self.heartbeat.stop()
             self.heartbeat.engine.dispose()
@@ -211,7 +293,7 @@ class Node:
     def serve_forever(self) -> None:
         """Run until SIGTERM/SIGINT; a child process that dies is restarted; SIGHUP
         reloads the configuration (in this loop, not in the signal handler)."""
-        stop, reload, wake = threading.Event(), threading.Event(), threading.Event()
+        stop, reload, wake = threading.Event(), threading.Event(), self._wake
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             log.info("received signal %d: shutting down", signum)
@@ -242,6 +324,7 @@ class Node:
                     except Exception:  # e.g. the index locked for a minute: keep serving
                         log.exception("configuration reload failed; converging on the newest")
                         self.converge_on_newest()
+                self._follow_versions()
                 if time.monotonic() - last_sweep >= _SWEEP_EVERY:
                     self._sweep_aborted_transfers()
                     last_sweep = time.monotonic()

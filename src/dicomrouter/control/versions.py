@@ -22,6 +22,17 @@ anchors, tags or block scalars unable to hide a secret from the mask.
 Texts are normalized to ``\n`` line ends (browsers send a textarea with ``\r\n``)
 before they are validated, hashed, diffed or written.
 
+Several nodes on one index share the versions: whichever node records one (its API,
+its SIGHUP), every node runs it within seconds. Recording a version announces its id
+on PostgreSQL's ``NOTIFY`` channel :data:`CHANNEL`; each node's supervisor listens,
+and polls :func:`newest_id` every few seconds as well (the only way on SQLite), then
+runs the newest version and writes it to its own file (:func:`write_newest`), so
+that the file stays the active configuration on every node. A node records its
+file (at start-up, or on SIGHUP) only if the file's text was never recorded
+(:func:`file_is_history`): a file holding an older version, such as the one a
+node was started with before another node changed the configuration, is history,
+and the node runs the newest version instead of reverting everyone.
+
 No HTTP here: the REST API, the dashboard and the CLI are thin edges over this; they
 call :func:`apply_config` / :func:`rollback_config`, which raise ``control.errors``.
 """
@@ -55,6 +66,7 @@ from dicomrouter.config import (
 from dicomrouter.config.lint import lint
 from dicomrouter.security import Principal, Role
 from dicomrouter.store import audit
+from dicomrouter.store.dialect import notify
 from dicomrouter.store.schema import config_versions
 from dicomrouter.transforms.lint import lint_pipelines
 
@@ -63,6 +75,8 @@ from .errors import Conflict, Invalid, NotFound
 log = logging.getLogger("dicomrouter.config")
 
 SOURCES = ("startup", "api", "sighup", "rollback", "import")
+#: PostgreSQL NOTIFY channel announcing each new version's id to every node.
+CHANNEL = "dicomrouter_config"
 
 #: Keys read once at start-up: a change is recorded but takes effect at the next
 #: restart (the sockets are bound, the index and storage are open in three processes).
@@ -526,7 +540,9 @@ def _insert_version(conn: Connection, text: str, author: str, source: str, comme
             comment=comment,
         )
     )
-    return int(result.inserted_primary_key[0])  # type: ignore[index]
+    version_id = int(result.inserted_primary_key[0])  # type: ignore[index]
+    notify(conn, CHANNEL, str(version_id))  # delivered at commit, to every node
+    return version_id
 
 
 def record_if_new(
@@ -545,6 +561,36 @@ def record_if_new(
         if newest is not None and newest.sha256 == sha256(text):
             return int(newest.id), False
         return _insert_version(conn, text, author, source, comment), True
+
+
+def newest_id(engine: Engine) -> int | None:
+    """The newest version's id (what each node polls for: one indexed read)."""
+    with engine.connect() as conn:
+        found = conn.execute(select(func.max(config_versions.c.id))).scalar()
+    return None if found is None else int(found)
+
+
+def file_is_history(engine: Engine, text: str) -> Version | None:
+    """Whether a node's file must not be recorded: its text is an older version than
+    the newest (this node ran it before another node changed the configuration, or
+    it is an old copy). Returns that older version, or None when the text is new
+    (an edit: it is recorded) or is the newest version already."""
+    digest = sha256(text)
+    with engine.connect() as conn:
+        newest = conn.execute(
+            select(config_versions.c.id, config_versions.c.sha256)
+            .order_by(config_versions.c.id.desc())
+            .limit(1)
+        ).first()
+        if newest is None or newest.sha256 == digest:
+            return None
+        older = conn.execute(
+            select(config_versions)
+            .where(config_versions.c.sha256 == digest)
+            .order_by(config_versions.c.id.desc())
+            .limit(1)
+        ).first()
+    return None if older is None else _version(older, False)
 
 
 def latest_version(engine: Engine, with_yaml: bool = True) -> Version | None:
@@ -597,6 +643,37 @@ def active_text(config_path: Path | None, config: RouterConfig) -> str:
     if config_path is not None:
         return read_file(config_path)
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def write_newest(engine: Engine, config_path: Path, version: Version) -> bool:
+    """Make a node's file hold ``version`` (the newest, recorded by any node), so the
+    file stays the active configuration. A file holding a text never recorded (an
+    edit not applied yet, or refused as invalid) is left for its author, and logged.
+    Returns whether it was written; a file that cannot be written is logged, and the
+    node runs the version anyway."""
+    text = version.yaml or ""
+    current = normalize(read_file(config_path))
+    if current == text:
+        return False
+    with engine.connect() as conn:
+        recorded = conn.execute(
+            select(config_versions.c.id).where(config_versions.c.sha256 == sha256(current)).limit(1)
+        ).first()
+    if current.strip() and recorded is None:
+        log.warning(
+            "%s holds changes never applied: left as it is, although this node runs "
+            "version %d (SIGHUP this node to apply them)",
+            config_path,
+            version.id,
+        )
+        return False
+    try:
+        write_atomically(config_path, text)
+    except OSError as exc:
+        log.warning("cannot write configuration version %d to %s: %s", version.id, config_path, exc)
+        return False
+    log.info("configuration version %d written to %s", version.id, config_path)
+    return True
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -136,7 +136,7 @@ class Dispatcher:
         if self.stop_event.is_set():
             return
         dest = config.destinations[name]
-        health = DestinationHealth(name, dest, self.engine)
+        health = DestinationHealth(name, dest, self.engine, reader=self.planner.reader)
         workers = [
             _Worker(
                 name,

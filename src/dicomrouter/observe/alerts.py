@@ -45,6 +45,13 @@ docs/alerts.md)::
      "details": {...}}
 
 ``text`` makes the same POST readable by chat webhooks (Slack, Mattermost).
+
+Several nodes on one PostgreSQL index: every node's HTTP process runs the thread,
+but only the leader of the duty ``alerts`` (``store/leadership.py``: a session-level
+advisory lock) checks and sends, alerts and event notifications alike; the others
+only ask, every round, whether the leader is gone. A node that becomes the leader
+rebuilds the open incidents from the audit log first (the previous leader audited
+every alert it sent), so a failover neither repeats nor forgets an alert.
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ from dicomrouter.control.jobs import orphaned_queues
 from dicomrouter.control.unplanned import summary as unplanned_summary
 from dicomrouter.queue import commitment
 from dicomrouter.store import audit
+from dicomrouter.store.leadership import Leadership
 from dicomrouter.store.schema import jobs, loop_events
 from dicomrouter.tls import TlsError, certificate_not_after
 
@@ -168,6 +176,17 @@ class AlertEvaluator:
         self.notifier = Notifier(get_config, engine, reader, self._allowed, clock, self.stop)
 
     # -- state ------------------------------------------------------------------
+
+    def take_over(self) -> None:
+        """This process just became the alert leader (another node led until now):
+        forget what it knew and rebuild it from the audit log, where the previous
+        leader recorded every alert. What ended without an audit row (commitment
+        failures) is looked for from one check interval back."""
+        now = self.clock()
+        back = now - self.get_config().alerts.check_interval
+        self._incidents.clear()
+        self._failed_since = self._loops_since = self._commitments_since = back
+        self._restore()
 
     def _restore(self) -> None:
         """Rebuild open incidents and the failed-jobs watermark from the audit log,
@@ -633,11 +652,27 @@ class AlertEvaluator:
 
 
 class AlertThread(threading.Thread):
-    """Runs :meth:`AlertEvaluator.run_once` every ``alerts.check_interval``."""
+    """Runs :meth:`AlertEvaluator.run_once` every ``alerts.check_interval``, while this
+    process leads the duty (``leadership``; None: always, as on one node)."""
 
-    def __init__(self, evaluator: AlertEvaluator) -> None:
+    def __init__(self, evaluator: AlertEvaluator, leadership: Leadership | None = None) -> None:
         super().__init__(name="alerts", daemon=True)
         self.evaluator = evaluator
+        self.leadership = leadership
+        self._led = True  # the evaluator's state is current (it was built just now)
+
+    def leads(self) -> bool:
+        """Whether this process is the alert leader now; on becoming it after another
+        node led, the evaluator's incidents are rebuilt first (:meth:`take_over`)."""
+        if self.leadership is None:
+            return True
+        if not self.leadership.check():
+            self._led = False
+            return False
+        if not self._led:
+            self.evaluator.take_over()
+            self._led = True
+        return True
 
     def run(self) -> None:
         """Alerts every ``alerts.check_interval``; event notifications (detect, send)
@@ -648,6 +683,12 @@ class AlertThread(threading.Thread):
         last_check = time.monotonic()
         while not stop.wait(self._tick()):
             config = evaluator.get_config()
+            try:
+                if not self.leads():
+                    continue  # another node alerts; ask again next round
+            except Exception:
+                log.exception("cannot tell whether this node leads the alerts")
+                continue
             if time.monotonic() - last_check >= config.alerts.check_interval - 0.01:
                 last_check = time.monotonic()
                 try:
@@ -669,13 +710,16 @@ class AlertThread(threading.Thread):
         self.evaluator.stop.set()
         if self.is_alive():
             self.join(timeout)
+        if self.leadership is not None:
+            self.leadership.release()  # another node takes over at its next round
 
 
 def start_alerts(ctx: Any) -> AlertThread:
     """Start the alert thread over an ``api.AppContext`` (its config may be replaced
-    by a hot reload; the thread reads it at every check)."""
+    by a hot reload; the thread reads it at every check); it alerts while this node
+    leads the duty ``alerts``."""
     evaluator = AlertEvaluator(lambda: ctx.config, ctx.engine, ctx.reader, ctx.store.root)
-    thread = AlertThread(evaluator)
+    thread = AlertThread(evaluator, Leadership(ctx.engine, "alerts"))
     thread.start()
     return thread
 

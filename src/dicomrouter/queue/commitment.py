@@ -209,11 +209,15 @@ def end_transaction(
     is queued again (a refused one never is)."""
     with engine.begin() as conn:
         now = database_now(conn) if now is None else now
-        destination = conn.execute(
-            select(commitments.c.destination).where(
+        destination, current = conn.execute(
+            select(commitments.c.destination, commitments.c.state).where(
                 commitments.c.transaction_uid == transaction_uid
             )
-        ).scalar_one()
+        ).one()
+        if current != PENDING:
+            # Ended already: by its report, or by another node's expiry pass (every
+            # node's dispatch process runs :func:`expire`; the write lock orders them).
+            return Settled(destination, 0, 0, 0)
         rows = [(j, i, message) for j, i, _uid in _pending_rows(conn, transaction_uid)]
         policy = on_failure if state == TIMED_OUT else WARN_ONLY
         resent = _fail(conn, rows, policy, now)
@@ -230,7 +234,8 @@ def expire(
     engine: Engine, policies: Mapping[str, Policy], now: float | None = None
 ) -> list[Settled]:
     """End the transactions past their deadline. ``policies``: destination -> its
-    :class:`Policy`; a destination no longer configured warns."""
+    :class:`Policy`; a destination no longer configured warns. Safe on several nodes
+    at once: a transaction another node ended meanwhile is left as it ended."""
     with engine.connect() as conn:
         now = database_now(conn) if now is None else now
         due = conn.execute(

@@ -23,7 +23,12 @@ loses its file: the receiver checks its file is still there after its index comm
 (one stat) and answers 0xA700 if a purge took it (see ``Receiver._store``).
 
 Only one purge runs at a time per storage folder (``<storage>/.purge.lock``): the
-sweeper in the dispatch process and ``dicomrouter purge`` exclude each other.
+sweeper in the dispatch process and ``dicomrouter purge`` exclude each other. Several
+nodes sharing the folder and a PostgreSQL index also exclude each other through the
+index (the ``retention purge`` advisory lock, ``store/leadership.py``), which a file
+lock on shared storage cannot be trusted to do: each node's sweeper tries, one
+purges, the others skip that round. A node killed mid-purge frees the lock with its
+session, and the next purge, on any node, recovers what it left.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from sqlalchemy import Engine, bindparam, func, select, tuple_, update
 from dicomrouter.config import RouterConfig
 from dicomrouter.queue import states as S
 from dicomrouter.store import ObjectStore, create_index_engine
+from dicomrouter.store.leadership import Leadership
 from dicomrouter.store.schema import instances, job_instances, purge_runs
 
 from . import policy
@@ -191,7 +197,17 @@ class Purger:
                     f"a purge of {self.store.root} is already running (the sweeper, or "
                     "another 'dicomrouter purge'); try again when it has finished"
                 ) from None
-            yield  # the lock goes with the file (and with the process, if killed)
+            # Across nodes: the index's lock (always ours on SQLite: one node).
+            across = Leadership(self.engine, "retention purge", announce=False)
+            if not across.check():
+                raise PurgeBusy(
+                    "a purge is running on another node sharing this index (or the index "
+                    "cannot be reached); try again when it has finished"
+                )
+            try:
+                yield  # the locks go with the file and the session (and the process)
+            finally:
+                across.release()
 
     def _begin_run(self, report: PurgeReport, actor: str) -> int:
         with self.engine.begin() as conn:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import Boolean, Connection, Integer, Table
+from sqlalchemy import Boolean, Connection, Engine, Integer, Table, text
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
@@ -50,6 +50,46 @@ def database_now(conn: Connection) -> float:
     if conn.dialect.name == POSTGRESQL:
         return float(conn.exec_driver_sql(_NOW_SQL).scalar_one())
     return time.time()
+
+
+def notify(conn: Connection, channel: str, payload: str) -> None:
+    """PostgreSQL's ``NOTIFY channel, payload``, sent when ``conn``'s transaction
+    commits (never if it rolls back). Nothing on SQLite, which has no other node to
+    tell: its readers poll."""
+    if conn.dialect.name == POSTGRESQL:
+        conn.execute(
+            text("SELECT pg_notify(:channel, :payload)"), {"channel": channel, "payload": payload}
+        )
+
+
+#: Keepalives of a dedicated connection, both ends: a node that vanishes from the
+#: network (power cut, cable) is noticed by the server within about 25 s, which then
+#: ends its session and frees what it held (an advisory lock); the node notices too.
+KEEPALIVES = {"idle": 10, "interval": 5, "count": 3}
+
+
+def dedicated_connection(engine: Engine, purpose: str) -> Any:
+    """A psycopg connection of its own, in autocommit, beside ``engine``'s pool (for
+    PostgreSQL only): for what lives as long as a session (an advisory lock held by
+    a leader, a LISTEN). ``purpose`` goes into its ``application_name`` (after the
+    URL's own, if it names one), so ``pg_stat_activity`` shows which node holds what."""
+    import psycopg
+
+    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    named = engine.url.query.get("application_name")  # a node's name for its connections
+    name = f"{named} ({purpose})" if isinstance(named, str) else f"dicomrouter {purpose}"
+    server = " ".join(f"-c tcp_keepalives_{k}={v}" for k, v in KEEPALIVES.items())
+    return psycopg.connect(
+        url,
+        autocommit=True,
+        application_name=name[:63],
+        options=server,
+        keepalives=1,
+        keepalives_idle=KEEPALIVES["idle"],
+        keepalives_interval=KEEPALIVES["interval"],
+        keepalives_count=KEEPALIVES["count"],
+        connect_timeout=10,
+    )
 
 
 def sqlstate(exc: BaseException) -> str | None:
