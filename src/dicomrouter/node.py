@@ -41,11 +41,12 @@ class Node:
     def __init__(self, config: RouterConfig, config_path: Path | None = None):
         self.config = config
         self.config_path = config_path
-        self.store = ObjectStore(config.storage.path)
+        self.store = ObjectStore(config.storage.path, config.node.name)
         self.store.prepare()
         self.store.lock()
-        # Before any child starts: they inherit the variable that turns it on.
-        enable_multiprocess(self.store.root / ".metrics")
+        # Before any child starts: they inherit the variable that turns it on. Per
+        # node: emptying it at start must not take another node's counters.
+        enable_multiprocess(self.store.root / ".metrics" / config.node.name)
         create_index_engine(config.database_url).dispose()  # create, check or upgrade
         # The receiver retries a locked index itself, with sub-millisecond sleeps.
         self.engine = create_index_engine(config.database_url, create=False, busy_timeout_ms=0)
@@ -178,7 +179,9 @@ class Node:
         # Its own engine, without the fsync: a heartbeat is no promise, and the write
         # lock it takes every few seconds is the one each C-STORE needs.
         beats = create_index_engine(self.config.database_url, create=False, durable_commits=False)
-        self.heartbeat = HeartbeatThread(beats, RECEIVER, self.receiver.health)
+        self.heartbeat = HeartbeatThread(
+            beats, self.config.node.name, RECEIVER, self.receiver.health
+        )
         self.heartbeat.start()
         try:
             for child in self.children:

@@ -25,7 +25,7 @@ from dicomrouter.store import ObjectStore
 
 from .health import DestinationHealth
 from .transforming import Transforms
-from .worker import DestinationWorker, node_id
+from .worker import DestinationWorker, owner_prefix
 
 log = logging.getLogger("dicomrouter.dispatch")
 
@@ -76,7 +76,7 @@ class Dispatcher:
         self.store = store
         self.jobs = JobStore(engine)
         self.planner = Planner(config, engine, store)
-        self.transforms = Transforms(config, engine, store.root / "outgoing")
+        self.transforms = Transforms(config, engine, store.outgoing)
         self.stop_event = threading.Event()
         self.threads: list[threading.Thread] = []
         self.destinations: dict[str, _Destination] = {}
@@ -92,7 +92,7 @@ class Dispatcher:
         except Exception:
             log.exception("purge recovery at start-up failed; the first sweep retries it")
         self.transforms.prepare_workdir()
-        recovered = self.jobs.recover(owner_prefix=node_id() + ":")
+        recovered = self.jobs.recover(owner_prefix=owner_prefix(self.config))
         if recovered:
             log.warning("resumed %d job(s) that were in progress before a restart", recovered)
         self._warn_orphans(self.config)

@@ -7,15 +7,15 @@ thread of its own) saying whether its own check passed: the receiver that its
 listener accepts connections, the dispatch process that its planner runs. Readiness
 is a fresh heartbeat from each, from a process that still exists, reporting ok.
 
-Rows are keyed by (node, role), so several nodes sharing one index can report side
-by side; a restarted process overwrites its predecessor's row.
+Rows are keyed by (node, role), ``node`` being ``node.name``, so several nodes
+sharing one index report side by side; a restarted process overwrites its
+predecessor's row.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -35,10 +35,6 @@ REQUIRED_ROLES = (RECEIVER, DISPATCH)
 
 Probe = Callable[[], tuple[bool, str]]
 """A process's own check: (ok, detail)."""
-
-
-def node_name() -> str:
-    return socket.gethostname()
 
 
 @dataclass(frozen=True)
@@ -64,11 +60,17 @@ class ProcessCheck:
 
 
 def beat(
-    engine: Engine, role: str, started_at: float, ok: bool, detail: str, now: float | None = None
+    engine: Engine,
+    node: str,
+    role: str,
+    started_at: float,
+    ok: bool,
+    detail: str,
+    now: float | None = None,
 ) -> None:
-    """Write this process's heartbeat for ``role`` on this node."""
+    """Write this process's heartbeat for ``role`` on ``node``."""
     now = time.time() if now is None else now
-    node, pid = node_name(), os.getpid()
+    pid = os.getpid()
     values: dict[str, object] = {"pid": pid, "started_at": started_at, "heartbeat_at": now}
     values.update(ok=int(ok), detail=detail[:500])
     with engine.begin() as conn:
@@ -105,11 +107,11 @@ def pid_exists(pid: int) -> bool:
 
 
 def check(
-    engine: Engine, roles: tuple[str, ...] = REQUIRED_ROLES, now: float | None = None
+    engine: Engine, node: str, roles: tuple[str, ...] = REQUIRED_ROLES, now: float | None = None
 ) -> list[ProcessCheck]:
-    """Readiness of each of ``roles`` on this node, from their heartbeats."""
+    """Readiness of each of ``roles`` on ``node`` (this one), from their heartbeats."""
     now = time.time() if now is None else now
-    found = {hb.role: hb for hb in read(engine, node_name())}
+    found = {hb.role: hb for hb in read(engine, node)}
     checks = []
     for role in roles:
         hb = found.get(role)
@@ -134,9 +136,12 @@ class HeartbeatThread(threading.Thread):
     write (index locked, disk full) is logged once per streak and tried again: the
     heartbeat going stale is then exactly what readiness should see."""
 
-    def __init__(self, engine: Engine, role: str, probe: Probe, interval: float = INTERVAL):
+    def __init__(
+        self, engine: Engine, node: str, role: str, probe: Probe, interval: float = INTERVAL
+    ):
         super().__init__(name=f"heartbeat-{role}", daemon=True)
-        self.engine, self.role, self.probe, self.interval = engine, role, probe, interval
+        self.engine, self.node, self.role = engine, node, role
+        self.probe, self.interval = probe, interval
         self.started_at = time.time()
         self.stop_event = threading.Event()
         self._failing = False
@@ -147,7 +152,7 @@ class HeartbeatThread(threading.Thread):
         except Exception as exc:  # a broken probe is a failed check, not a dead thread
             ok, detail = False, f"check failed: {exc}"
         try:
-            beat(self.engine, self.role, self.started_at, ok, detail)
+            beat(self.engine, self.node, self.role, self.started_at, ok, detail)
         except Exception as exc:
             if not self._failing:
                 log.warning("cannot write the %s heartbeat: %s", self.role, exc)
