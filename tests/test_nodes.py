@@ -10,14 +10,18 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+from sqlalchemy import Engine, select
 
+from dicomrouter import __version__
 from dicomrouter.config import ConfigError, parse_config
 from dicomrouter.control import versions
 from dicomrouter.dispatch.worker import owner_prefix
-from dicomrouter.store import ObjectStore, StorageError, create_index_engine
-from dicomrouter.store.schema import instances, process_heartbeats
-from tests.support.router import RouterProcess
+from dicomrouter.store import ObjectStore, StorageError, create_index_engine, heartbeat
+from dicomrouter.store.schema import instances
+from tests.support.dcmtk import HOST
+from tests.support.router import RouterProcess, wait_until
 from tests.support.synth import make_study
 
 
@@ -45,6 +49,31 @@ def test_a_version_from_another_node_keeps_this_nodes_name() -> None:
 
 def test_lease_owners_start_with_the_node_name() -> None:
     assert owner_prefix(parse_config({"node": {"name": "n1"}}, environ={})) == "n1:"
+
+
+def test_a_heartbeat_says_what_the_process_runs(tmp_path: Path, index_url: str) -> None:
+    engine = create_index_engine(index_url)
+    runs = {"version": 3, "open": 2}
+    thread = heartbeat.HeartbeatThread(
+        engine,
+        "n1",
+        heartbeat.RECEIVER,
+        lambda: (True, "listening"),
+        config_version=lambda: runs["version"],
+        open_associations=lambda: runs["open"],
+    )
+    thread.beat_once()
+    (row,) = heartbeat.read(engine, "n1")
+    assert (row.software_version, row.config_version, row.open_associations) == (
+        __version__,
+        3,
+        2,
+    )
+    runs.update(version=4, open=0)  # a new version loaded, the association closed
+    thread.beat_once()
+    (row,) = heartbeat.read(engine, "n1")
+    assert (row.config_version, row.open_associations, row.ok) == (4, 0, True)
+    engine.dispose()
 
 
 def _files(folder: Path) -> set[str]:
@@ -130,25 +159,40 @@ def test_two_routers_share_one_postgresql_index_and_one_folder(
         }
         return RouterProcess(tmp_path / name, config)
 
-    sent = {}
     with node("alpha") as alpha, node("beta") as beta:
         for router in (alpha, beta):
             files = make_study(tmp_path / f"in-{router.config['node']['name']}", 3)
             result = router.send(files)
             assert result.returncode == 0, result.stderr + router.log()[-2000:]
-            sent[router.config["node"]["name"]] = files
         engine = create_index_engine(postgres_url, create=False)
         try:
             with engine.connect() as conn:
                 paths = list(conn.execute(select(instances.c.path)).scalars())
-                query = select(process_heartbeats.c.node, process_heartbeats.c.role)
-                beats = {tuple(row) for row in conn.execute(query)}
-                assert conn.execute(select(func.count()).select_from(instances)).scalar() == 6
+            assert len(paths) == 6
+            assert all((shared / "objects" / path).is_file() for path in paths)
+            # Each node recorded its own file at start (alpha first: version 1).
+            beats = {(b.node, b.role): b for b in heartbeat.read(engine)}
+            assert {key: (b.software_version, b.config_version) for key, b in beats.items()} == {
+                (name, role): (__version__, version)
+                for name, version in (("alpha", 1), ("beta", 2))
+                for role in ("receiver", "dispatch")
+            }
+            # An association held open shows in alpha's receiver heartbeat.
+            ae = AE(ae_title="HOLDER")
+            ae.add_requested_context(Verification)
+            assoc = ae.associate(HOST, alpha.port, ae_title=alpha.ae_title)
+            assert assoc.is_established
+            try:
+                wait_until(lambda: _open(engine, "alpha") == 1, 20, message="1 open association")
+            finally:
+                assoc.release()
+            wait_until(lambda: _open(engine, "alpha") == 0, 20, message="none open")
         finally:
             engine.dispose()
-        assert all((shared / "objects" / path).is_file() for path in paths)
-        assert beats == {
-            (name, role) for name in ("alpha", "beta") for role in ("receiver", "dispatch")
-        }
         assert {p.name for p in (shared / "tmp").iterdir()} == {"alpha", "beta"}
         assert {p.name for p in (shared / "nodes").iterdir()} == {"alpha.lock", "beta.lock"}
+
+
+def _open(engine: Engine, node: str) -> int:
+    (receiver,) = [b for b in heartbeat.read(engine, node) if b.role == heartbeat.RECEIVER]
+    return receiver.open_associations

@@ -83,6 +83,9 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._planner_config: RouterConfig | None = None
         self._retiring: set[str] = set()  # destinations whose old workers are finishing
+        #: The configuration version this process runs (None: unknown), reported in
+        #: its heartbeat; set by whoever loads one (``apply``, the process at start).
+        self.config_version: int | None = None
 
     def start(self) -> None:
         # Before the planner and workers: a file a killed purge left in trash for a
@@ -161,6 +164,8 @@ class Dispatcher:
         with self._lock:
             old = self.config
             self.config = config
+            if version is not None:
+                self.config_version = version
             self._planner_config = config
             self.transforms.apply(config, version)
             for name in sorted(set(self.destinations) | set(config.senders)):
