@@ -1555,6 +1555,16 @@ class UnplannedAlertConfig(ResolvableAlertConfig):
     )
 
 
+class NodeDownAlertConfig(ResolvableAlertConfig):
+    """A node sharing the index stopped writing heartbeats."""
+
+    after: Duration = Field(
+        60.0,
+        description="How long after a node's last heartbeat the alert fires (a node is "
+        "down 20 s after its last heartbeat, so less than that means at once).",
+    )
+
+
 class CertificateExpiryAlertConfig(ResolvableAlertConfig):
     """A configured certificate (or CA certificate) expires soon, or has expired."""
 
@@ -1611,6 +1621,13 @@ class AlertEventsConfig(_Model):
         description="A certificate file of the configuration (`dicom.tls`, `http.tls`, "
         "a destination's `tls`, their CA bundles) expires within `before`, or has "
         "expired; one alert per file.",
+    )
+    node_down: NodeDownAlertConfig = Field(
+        default_factory=lambda: NodeDownAlertConfig(),
+        description="A node sharing the index (several nodes: docs/operations.md, "
+        "*Nodes*) has written no heartbeat for `after`: stopped, killed, hung or cut "
+        "off from the index. One incident per node; resolved when it beats again "
+        "(or is forgotten with `dicomrouter nodes forget`).",
     )
 
 
