@@ -126,7 +126,10 @@ def _node(name: str, beats: list[heartbeat.Heartbeat], now: float, newest: int |
         config_version=config_version,
         behind=config_version is not None and newest is not None and config_version < newest,
         last_heartbeat_age_s=age,
-        open_associations=sum(p.open_associations for p in processes if p.role == "receiver"),
+        # Every receiving process (a role named receiver, or receiver-<n>).
+        open_associations=sum(
+            p.open_associations for p in processes if p.role.startswith(heartbeat.RECEIVER)
+        ),
         processes=processes,
     )
 

@@ -121,6 +121,8 @@ class ObjectStore:
         seconds: a node removed for good leaves its partial files behind, and a file
         being received is written to continuously. For the purge's orphan scan."""
         removed = _sweep(self.tmp.parent, older_than)
+        if not self.tmp.parent.is_dir():
+            return removed
         for folder in self.tmp.parent.iterdir():
             if folder.is_dir():
                 removed += _sweep(folder, older_than)
