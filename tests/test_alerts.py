@@ -22,8 +22,9 @@ from sqlalchemy import Engine, update
 
 from dicomrouter.config import RouterConfig, parse_config
 from dicomrouter.config.models import WebhookConfig
-from dicomrouter.observe.alerts import AlertEvaluator, AlertThread, post_json
-from dicomrouter.store import audit, create_index_engine
+from dicomrouter.control import nodes
+from dicomrouter.observe.alerts import AlertEvaluator, AlertThread, iso, post_json
+from dicomrouter.store import audit, create_index_engine, heartbeat
 from dicomrouter.store.schema import destination_state, jobs
 from tests.support.router import all_settled, wait_until
 
@@ -230,6 +231,53 @@ def test_destination_down_after_threshold_then_resolved(tmp_path: Path, receiver
     set_destination(env.engine, "ai", state="ok", admin_paused=1, paused_since=now - 3600)
     [paused] = evaluator.run_once()
     assert paused.target == "ai" and "paused by an operator" in paused.summary
+
+
+def _node_beats(engine: Engine, node: str, at: float) -> None:
+    for role in heartbeat.REQUIRED_ROLES:
+        heartbeat.beat(engine, node, role, at - 600, True, "", now=at, config_version=1)
+
+
+def test_node_down_fires_for_a_silent_node_and_resolves_when_it_beats(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    env = make_env(tmp_path, receiver, node_down={"after": "1m"})
+    now = time.time()
+    _node_beats(env.engine, "alpha", now)
+    _node_beats(env.engine, "beta", now - 30)  # down (20 s), not for a minute yet
+    clock = [now]
+    evaluator = env.evaluator(lambda: clock[0])
+    assert evaluator.run_once() == []
+    clock[0] = now + 31
+    [alert] = [a for a in evaluator.run_once() if a.target == "beta"]
+    assert (alert.event, alert.status) == ("node_down", "firing")
+    assert alert.summary.startswith("node beta is down: no heartbeat since ")
+    assert alert.details["last_heartbeat"] == iso(now - 30)
+    body = receiver.bodies("/ops")[-1]
+    assert body["severity"] == "critical" and body["host"] == env.config.node.name
+    clock[0] += 600  # still silent: no repeat (alpha is down by now too)
+    assert [a.target for a in evaluator.run_once()] == ["alpha"]
+    _node_beats(env.engine, "beta", clock[0])
+    [back] = [a for a in evaluator.run_once() if a.target == "beta"]
+    assert (back.status, back.summary) == ("resolved", "node beta is up again")
+
+
+def test_a_forgotten_node_is_not_alerted(tmp_path: Path, receiver: Receiver) -> None:
+    env = make_env(tmp_path, receiver, node_down={"after": "0s"})
+    now = time.time()
+    _node_beats(env.engine, "gone", now - 3600)
+    _node_beats(env.engine, "retired", now - 3600)
+    nodes.forget(env.engine, "retired", actor="ops")  # before any alert
+    evaluator = env.evaluator(lambda: now)
+    [alert] = evaluator.run_once()
+    assert (alert.target, alert.status) == ("gone", "firing")
+    nodes.forget(env.engine, "gone", actor="ops")
+    [end] = evaluator.run_once()
+    assert (end.target, end.status) == ("gone", "resolved")
+    assert end.summary == "node gone was forgotten (taken out)"
+    assert evaluator.run_once() == []
+    # A restart of the alerting process does not bring it back either.
+    assert env.evaluator(lambda: now).run_once() == []
 
 
 def test_queue_stale_fires_and_resolves(tmp_path: Path, receiver: Receiver) -> None:

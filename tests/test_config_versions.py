@@ -608,6 +608,23 @@ def test_a_file_holding_an_older_version_is_history_and_gets_the_newest(setup) -
     assert path.read_text() == edit
 
 
+def test_a_version_naming_another_node_is_not_written_into_this_nodes_file(setup) -> None:
+    """A version recorded from another node's file names that node (``node.name``):
+    written here, it would make this node start under the other's name and take its
+    leases. This node's file keeps its own text; a version naming no node, or this
+    one, is written."""
+    path, running, engine = setup
+    first = path.read_text()
+    theirs = "node:\n  name: node-a\n" + first.replace("port: 11113", "port: 11114")
+    their_id, _ = versions.record_if_new(engine, theirs, author="a", source="api")
+    version = versions.get_version(engine, their_id)
+    assert version is not None
+    assert not versions.write_newest(engine, path, version, "node-b")
+    assert path.read_text() == first
+    assert versions.write_newest(engine, path, version, "node-a")
+    assert path.read_text() == theirs
+
+
 def test_recording_a_version_is_announced_to_listeners(tmp_path: Path, postgres_url: str) -> None:
     """PostgreSQL: every node hears of a new version at once (NOTIFY at commit)."""
     from dicomrouter.store.listen import Listener

@@ -53,18 +53,20 @@ class Node:
     def __init__(self, config: RouterConfig, config_path: Path | None = None):
         self.config = config
         self.config_path = config_path
-        self.store = ObjectStore(config.storage.path)
+        #: The configuration version this node runs (None: started without a file),
+        #: reported in its heartbeat; set wherever a version is recorded or loaded.
+        self.config_version: int | None = None
+        self.store = ObjectStore(config.storage.path, config.node.name)
         self.store.prepare()
         self.store.lock()
-        # Before any child starts: they inherit the variable that turns it on.
-        enable_multiprocess(self.store.root / ".metrics")
+        # Before any child starts: they inherit the variable that turns it on. Per
+        # node: emptying it at start must not take another node's counters.
+        enable_multiprocess(self.store.root / ".metrics" / config.node.name)
         create_index_engine(config.database_url).dispose()  # create, check or upgrade
         # The receiver retries a locked index itself, with sub-millisecond sleeps.
         self.engine = create_index_engine(config.database_url, create=False, busy_timeout_ms=0)
         # Versions and audit rows: ordinary transactions that may wait for the lock.
         self.control_engine = create_index_engine(config.database_url, create=False)
-        #: The configuration version this node runs (None: none recorded, no file).
-        self.config_version: int | None = None
         self._record_startup_version()
         config = self.config  # the newest version, if the file was an older one
         control_engine = self.control_engine
@@ -103,7 +105,9 @@ class Node:
                 self.config_version = older.id
                 return
             version, self.config = loaded
-            versions.write_newest(self.control_engine, self.config_path, version)
+            versions.write_newest(
+                self.control_engine, self.config_path, version, self.config.node.name
+            )
             self.config_version = version.id
             return
         version_id, created = versions.record_if_new(
@@ -218,7 +222,7 @@ class Node:
         if version.id != self.config_version or versions.changed_keys(self.config, config):
             log.warning("running the newest recorded configuration, version %d", version.id)
         # Written before the children are told: their answers show the file.
-        versions.write_newest(self.control_engine, self.config_path, version)
+        versions.write_newest(self.control_engine, self.config_path, version, config.node.name)
         self._install(config)
         self.config_version = version.id
 
@@ -255,7 +259,14 @@ class Node:
         # Its own engine, without the fsync: a heartbeat is no promise, and the write
         # lock it takes every few seconds is the one each C-STORE needs.
         beats = create_index_engine(self.config.database_url, create=False, durable_commits=False)
-        self.heartbeat = HeartbeatThread(beats, RECEIVER, self.receiver.health)
+        self.heartbeat = HeartbeatThread(
+            beats,
+            self.config.node.name,
+            RECEIVER,
+            self.receiver.health,
+            config_version=lambda: self.config_version,
+            open_associations=self.receiver.open_associations,
+        )
         self.heartbeat.start()
         if Listener.needed(self.control_engine) and self.config_path is not None:
             self.listener = Listener(self.control_engine, versions.CHANNEL, self._announced)

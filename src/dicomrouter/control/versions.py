@@ -81,6 +81,7 @@ CHANNEL = "dicomrouter_config"
 #: Keys read once at start-up: a change is recorded but takes effect at the next
 #: restart (the sockets are bound, the index and storage are open in three processes).
 RESTART_KEYS = (
+    "node",  # its name is the node's identity: never taken from another node's version
     "dicom.port",
     "dicom.bind",
     "dicom.tls",  # and every key under it (a SIGHUP reloads the same files)
@@ -414,6 +415,7 @@ def effective(new: RouterConfig, running: RouterConfig) -> RouterConfig:
     """``new`` with the start-up-bound keys (``RESTART_KEYS``) kept at their running
     values: what the processes actually run on until a restart."""
     result = new.model_copy(deep=True)
+    result.node = running.node
     result.dicom.port, result.dicom.bind = running.dicom.port, running.dicom.bind
     result.dicom.tls = running.dicom.tls
     result.storage.path = running.storage.path
@@ -645,13 +647,33 @@ def active_text(config_path: Path | None, config: RouterConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-def write_newest(engine: Engine, config_path: Path, version: Version) -> bool:
+def write_newest(
+    engine: Engine, config_path: Path, version: Version, node_name: str | None = None
+) -> bool:
     """Make a node's file hold ``version`` (the newest, recorded by any node), so the
     file stays the active configuration. A file holding a text never recorded (an
     edit not applied yet, or refused as invalid) is left for its author, and logged.
     Returns whether it was written; a file that cannot be written is logged, and the
-    node runs the version anyway."""
+    node runs the version anyway.
+
+    A version that names another node (``node.name``, recorded from that node's own
+    file) is not written into this node's file either: this node would start under
+    the other's name at its next start and take its leases. (``node.name`` is read
+    at start only; name each node in its environment, ``DICOMROUTER_NODE__NAME``,
+    and share one file.)"""
     text = version.yaml or ""
+    named = _node_name_in(text)
+    if node_name is not None and named is not None and named != node_name:
+        log.warning(
+            "configuration version %d names node %r: not written to %s, which stays this "
+            "node's (%r) own; set node.name in the environment (DICOMROUTER_NODE__NAME) "
+            "rather than in a file shared by several nodes",
+            version.id,
+            named,
+            config_path,
+            node_name,
+        )
+        return False
     current = normalize(read_file(config_path))
     if current == text:
         return False
@@ -674,6 +696,17 @@ def write_newest(engine: Engine, config_path: Path, version: Version) -> bool:
         return False
     log.info("configuration version %d written to %s", version.id, config_path)
     return True
+
+
+def _node_name_in(text: str) -> str | None:
+    """The ``node.name`` a configuration text sets, if it sets one."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    node = data.get("node") if isinstance(data, dict) else None
+    name = node.get("name") if isinstance(node, dict) else None
+    return str(name) if name is not None else None
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -24,6 +24,9 @@ queries as the metrics:
 - ``certificate_expiry``: a certificate file of the configuration (TLS listeners,
   destinations, CA bundles) expires within ``before`` or has expired (one incident
   per configuration key; resolved when the file is renewed or no longer named).
+- ``node_down``: a node sharing the index has written no heartbeat for ``after``
+  (one incident per node; resolved when it beats again, or once it is forgotten:
+  a node taken out for good is not alerted).
 
 Each condition is an *incident*: it fires once when it starts (after its delay)
 and, if ``send_resolved``, once more when it ends. Incidents survive a restart of
@@ -58,7 +61,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import socket
 import threading
 import time
 from collections import deque
@@ -74,6 +76,7 @@ from dicomrouter import __version__
 from dicomrouter.config import RouterConfig
 from dicomrouter.config.models import AlertEventConfig, ResolvableAlertConfig
 from dicomrouter.control.jobs import orphaned_queues
+from dicomrouter.control.nodes import DOWN, list_nodes
 from dicomrouter.control.unplanned import summary as unplanned_summary
 from dicomrouter.queue import commitment
 from dicomrouter.store import audit
@@ -101,6 +104,7 @@ SEVERITY = {
     "orphaned_jobs": "warning",
     "certificate_expiry": "warning",
     "commitment_failed": "error",
+    "node_down": "critical",
 }
 _JOBS_LISTED = 20  # failed jobs named in one alert; the count says how many in all
 _DISK_HYSTERESIS = 1.05  # resolved only 5% above the watermark: no flapping
@@ -124,7 +128,7 @@ class Alert:
             "source": "dicomrouter",
             "version": __version__,
             "router": config.ae_title,
-            "host": socket.gethostname(),
+            "host": config.node.name,
             "event": self.event,
             "status": self.status,
             "severity": SEVERITY.get(self.event, "warning"),
@@ -262,6 +266,45 @@ class AlertEvaluator:
             alerts += self._certificates(config, now)
         if events.commitment_failed.enabled:
             alerts += self._commitments(now)
+        if events.node_down.enabled:
+            alerts += self._nodes(config, now)
+        return alerts
+
+    def _nodes(self, config: RouterConfig, now: float) -> list[Alert]:
+        """One incident per node that stopped heartbeating, from its last heartbeat;
+        a node forgotten meanwhile ends its incident."""
+        rule = config.alerts.events.node_down
+        found = {node.name: node for node in list_nodes(self.reader, now).nodes}
+        open_ones = {target for event, target in self._incidents if event == "node_down"}
+        alerts: list[Alert] = []
+        for name in sorted(set(found) | open_ones):
+            node = found.get(name)
+            down = node is not None and node.state == DOWN
+            last = None if node is None else now - node.last_heartbeat_age_s
+            details: dict[str, Any] = {"node": name, "forgotten": node is None}
+            if node is not None:
+                details.update(
+                    last_heartbeat=iso(last),
+                    software_version=node.software_version,
+                    config_version=node.config_version,
+                    processes=[p.role for p in node.processes],
+                )
+            back = (
+                f"node {name} was forgotten (taken out)"
+                if node is None
+                else f"node {name} is up again"
+            )
+            alerts += self._transition(
+                rule,
+                ("node_down", name),
+                down,
+                last,
+                now,
+                f"node {name} is down: no heartbeat since {{since}}",
+                back,
+                details,
+                delay=rule.after,
+            )
         return alerts
 
     def _commitments(self, now: float) -> list[Alert]:
