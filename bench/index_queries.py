@@ -148,7 +148,7 @@ def claim_and_plan(url: str, root: Path, n: int) -> dict[str, float]:
     now = time.time()
     _insert(engine, instances, (_instance(n + i, n, now, routed=0) for i in range(300)))
     _vacuum_analyze(engine)
-    planner = Planner(config, engine, ObjectStore(root))
+    planner = Planner(config, engine, ObjectStore(root, "bench"))
     plan_ms = _median_ms(planner.route_new_instances)
     engine.dispose()
     return {"claim 200 jobs": claim_ms, "plan 100 instances": plan_ms}
@@ -187,7 +187,7 @@ def main() -> None:
             config=config,
             engine=create_index_engine(url, create=False),
             reader=create_index_engine(url, create=False, writer=False),
-            store=ObjectStore(root),
+            store=ObjectStore(root, "bench"),
             started_at=time.time(),
             config_path=None,
         )

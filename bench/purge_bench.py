@@ -159,7 +159,7 @@ def _config(storage: Path, **retention: Any) -> Any:
 def purge_cost(workdir: Path, n: int) -> dict[str, Any]:
     storage = workdir / "cost"
     config = _config(storage)
-    store = ObjectStore(storage)
+    store = ObjectStore(storage, "bench")
     store.prepare()
     engine = create_index_engine(config.database_url)
     started = time.perf_counter()
@@ -205,7 +205,7 @@ from dicomrouter.retention import Purger
 from dicomrouter.store import ObjectStore, create_index_engine
 config = parse_config({config!r}, environ={{}})
 purger = Purger(config, create_index_engine(config.database_url, create=False),
-                ObjectStore(config.storage.path))
+                ObjectStore(config.storage.path, config.node.name))
 if {background!r}:
     from dicomrouter.retention.sweeper import in_background
     in_background(purger)  # as the sweeper runs it
@@ -241,7 +241,7 @@ def latency(
         "interval": "365d",
     }
     config = _config(storage, **far)
-    store = ObjectStore(storage)
+    store = ObjectStore(storage, "bench")
     store.prepare()
     engine = create_index_engine(config.database_url)
     base = time.time() - 1000 * DAY

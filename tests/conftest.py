@@ -72,6 +72,7 @@ BOTH_DATABASES = frozenset(
         "test_loops_guard",
         "test_metrics",
         "test_migrations",
+        "test_nodes",
         "test_notifications",
         "test_queue",
         "test_queue_transforms",

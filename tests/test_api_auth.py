@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import socket
 import time
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def test_the_audit_log_is_append_only(tmp_path: Path) -> None:
 def _processes_running(engine: Engine) -> None:
     """The receiver's and dispatch process's heartbeats, as a running node writes them."""
     for role in heartbeat.REQUIRED_ROLES:
-        heartbeat.beat(engine, role, time.time(), True, "")
+        heartbeat.beat(engine, socket.gethostname(), role, time.time(), True, "")  # default node
 
 
 def test_probes_are_open_by_default_and_closed_on_request(tmp_path: Path) -> None:

@@ -236,7 +236,7 @@ def test_dispatcher_apply_replaces_removes_and_adds_destinations(tmp_path: Path)
         "dispatch": {"poll_interval": "20ms"},
     }
     config = parse_config(data, environ={})
-    store = ObjectStore(config.storage.path)
+    store = ObjectStore(config.storage.path, config.node.name)
     store.prepare()
     dispatcher = Dispatcher(config, create_index_engine(config.database_url), store)
     dispatcher.start()
@@ -283,7 +283,7 @@ def test_receiver_apply_and_rejections_are_audited(tmp_path: Path) -> None:
         "dicom": {"port": free_port(), "bind": HOST},
     }
     config = parse_config(data, environ={})
-    store = ObjectStore(config.storage.path)
+    store = ObjectStore(config.storage.path, config.node.name)
     store.prepare()
     engine = create_index_engine(config.database_url)
     receiver = Receiver(config, store, InstanceIndex(engine))
@@ -316,7 +316,7 @@ def test_rejection_audits_are_bounded(tmp_path: Path, monkeypatch: Any, caplog: 
     from dicomrouter.receive import scp
 
     config = parse_config({"storage": {"path": str(tmp_path / "data")}}, environ={})
-    store = ObjectStore(config.storage.path)
+    store = ObjectStore(config.storage.path, config.node.name)
     store.prepare()
     engine = create_index_engine(config.database_url)
     receiver = Receiver(config, store, InstanceIndex(engine))

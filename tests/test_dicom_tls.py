@@ -122,7 +122,7 @@ def tls_receiver(tmp_path: Path, pki: Pki):  # type: ignore[no-untyped-def]
         "dicom": {"port": free_port(), "bind": HOST, "tls": router_tls(pki, free_port())},
     }
     config = parse_config(data, environ={})
-    store = ObjectStore(config.storage.path)
+    store = ObjectStore(config.storage.path, config.node.name)
     store.prepare()
     receiver = Receiver(config, store, InstanceIndex(create_index_engine(config.database_url)))
     receiver.start()

@@ -89,7 +89,7 @@ def assert_index_consistent(router: RouterProcess) -> dict[str, str]:
 
 
 def tmp_files(router: RouterProcess) -> list[Path]:
-    return list((router.storage / "tmp").iterdir())
+    return router.files_under("tmp")
 
 
 def received_uids(scp: StoreSCP) -> Counter[str]:

@@ -230,7 +230,7 @@ def test_echo_a_configured_destination_by_name(tmp_path: Path, pacs: StoreSCP) -
     assert "no destination 'nowhere' in the configuration (known: pacs, gone)" in unknown.stderr
     # With the router's index there, the echo is audited like the API's.
     settings = parse_config(data, environ={})
-    ObjectStore(settings.storage.path).prepare()
+    ObjectStore(settings.storage.path, settings.node.name).prepare()
     create_index_engine(settings.database_url).dispose()
     assert cli("echo", "pacs", "-c", str(config)).returncode == 0
     from dicomrouter.store import audit
@@ -248,7 +248,7 @@ def test_every_refused_c_store_is_logged_with_status_and_reason(
         "dicom": {"port": free_port(), "bind": HOST},
     }
     config = parse_config(data, environ={})
-    store = ObjectStore(config.storage.path)
+    store = ObjectStore(config.storage.path, config.node.name)
     store.prepare()
     receiver = Receiver(config, store, InstanceIndex(create_index_engine(config.database_url)))
     files = make_study(tmp_path / "in", 3)

@@ -630,7 +630,7 @@ def mode(path: Path) -> int:
 def test_storage_folders_and_the_index_are_created_private(tmp_path: Path) -> None:
     old = os.umask(0o022)  # the usual umask: would give 0755 folders and 0644 files
     try:
-        store = ObjectStore(tmp_path / "data")
+        store = ObjectStore(tmp_path / "data", "test")
         store.prepare()
         engine = create_index_engine(f"sqlite:///{store.root / 'index.sqlite'}")
         audit.record(engine, "someone", "test.write")  # a write, through the WAL
@@ -662,7 +662,7 @@ def test_existing_open_files_and_folders_are_tightened_at_start_up(
         path.touch()
         path.chmod(0o644)
     with caplog.at_level(logging.WARNING):
-        ObjectStore(root).prepare()
+        ObjectStore(root, "test").prepare()
         engine = create_index_engine(f"sqlite:///{index}")  # open: SQLite keeps its files
     for folder in (root, root / "objects", root / "tmp"):
         assert mode(folder) == 0o700, folder

@@ -16,6 +16,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from dicomrouter.config import DicomDestinationConfig, parse_config
+from dicomrouter.dispatch.worker import owner_prefix
 from dicomrouter.queue import ItemResult, JobStore, Planner
 from dicomrouter.queue import states as S
 from dicomrouter.queue.views import job_detail, list_jobs
@@ -39,7 +40,7 @@ class Pipeline:
     def __init__(self, tmp_path: Path, config: dict[str, Any]):
         config.setdefault("storage", {"path": str(tmp_path / "store")})
         self.config = parse_config(config, environ={})
-        self.store = ObjectStore(self.config.storage.path)
+        self.store = ObjectStore(self.config.storage.path, self.config.node.name)
         self.store.prepare()
         self.engine = create_index_engine(self.config.database_url)
         self.index = InstanceIndex(self.engine)
@@ -406,6 +407,23 @@ def test_expired_lease_is_recovered_and_restart_reclaims_own_jobs(tmp_path: Path
     assert p.jobs.recover(now=time.time() + 2) == 1  # nodeB's lease expired
     assert p.jobs.recover(owner_prefix="nodeA:") == 1  # nodeA restarted
     assert {j["state"] for j in p.job_list()} == {S.PENDING}
+
+
+def test_a_restarted_node_reclaims_its_own_leases_only_whatever_its_name(tmp_path: Path) -> None:
+    """``_`` is a LIKE wildcard: node ``a_b`` must not take node ``axb``'s leases
+    (another node, alive, still sending them)."""
+    p = Pipeline(
+        tmp_path, {"node": {"name": "a_b"}, "destinations": {"pacs": DEST}, "routes": [route()]}
+    )
+    p.receive(make_study(tmp_path / "in", 2))
+    p.plan()
+    mine = owner_prefix(p.config)
+    assert mine == "a_b:"
+    assert p.jobs.claim("pacs", f"{mine}1:pacs:0", lease=60, max_jobs=1) is not None
+    assert p.jobs.claim("pacs", "axb:1:pacs:0", lease=60, max_jobs=1) is not None
+    assert p.jobs.recover(owner_prefix=mine) == 1
+    states = {j["lease_owner"] or "": j["state"] for j in p.job_list()}
+    assert states == {"": S.PENDING, "axb:1:pacs:0": S.IN_PROGRESS}
 
 
 def test_cancel_and_retry(tmp_path: Path) -> None:

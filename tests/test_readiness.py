@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -25,7 +26,9 @@ from tests.support.router import RouterProcess, wait_until
 
 
 def _beat(engine, role: str, ok: bool = True, detail: str = "", age: float = 0.0) -> None:  # type: ignore[no-untyped-def]
-    heartbeat.beat(engine, role, time.time() - 60, ok, detail, now=time.time() - age)
+    heartbeat.beat(
+        engine, socket.gethostname(), role, time.time() - 60, ok, detail, now=time.time() - age
+    )
 
 
 def test_ready_when_both_processes_beat(tmp_path: Path) -> None:

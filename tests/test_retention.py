@@ -309,7 +309,7 @@ def _race(tmp_path: Path, script: list[tuple[str, str]]) -> tuple[Site, int, str
     ds.save_as(temp)
 
     # The receiver as in the node process: its own store object and index engine.
-    store = ObjectStore(s.store.root)
+    store = ObjectStore(s.store.root, s.store.node)
     engine = create_index_engine(s.config.database_url, create=False, busy_timeout_ms=0)
     index = InstanceIndex(engine)
     receiver = Receiver(s.config, store, index)
@@ -410,7 +410,7 @@ from dicomrouter.store import ObjectStore, create_index_engine
 purge.BATCH = 3
 config = parse_config({config!r}, environ={{}})
 engine = create_index_engine(config.database_url, create=False)
-purger = Purger(config, engine, ObjectStore(config.storage.path))
+purger = Purger(config, engine, ObjectStore(config.storage.path, config.node.name))
 stage, nth = {stage!r}, {nth!r}
 seen = {{}}
 def hook(name):
@@ -608,7 +608,7 @@ def test_with_on_duplicate_ignore_a_purged_instance_received_again_is_stored_aga
     s.plan()
     s.settle()
     assert s.purge(days_later=8).purged == 1
-    receiver = Receiver(s.config, ObjectStore(s.store.root), InstanceIndex(s.engine))
+    receiver = Receiver(s.config, ObjectStore(s.store.root, s.store.node), InstanceIndex(s.engine))
     temp = s.store.tmp / "again.dcm"
     temp.write_bytes(files[0].read_bytes())
     sop = dcmread(files[0], stop_before_pixels=True).SOPInstanceUID

@@ -62,7 +62,7 @@ def test_valid_uid_is_stripped_of_padding() -> None:
 
 
 def test_paths_stay_inside_storage(tmp_path: Path) -> None:
-    store = ObjectStore(tmp_path / "s")
+    store = ObjectStore(tmp_path / "s", "test")
     store.prepare()
     assert store.relative_path("1.2", "1.2.3", "1.2.3.4") == "1.2/1.2.3/1.2.3.4.dcm"
     with pytest.raises(InvalidUID):
@@ -74,7 +74,7 @@ def test_paths_stay_inside_storage(tmp_path: Path) -> None:
 
 
 def test_commit_moves_the_file_into_place(tmp_path: Path) -> None:
-    store = ObjectStore(tmp_path / "s")
+    store = ObjectStore(tmp_path / "s", "test")
     store.prepare()
     temp = store.tmp / "incoming.dcm"
     temp.write_bytes(b"x" * 100)
@@ -85,7 +85,7 @@ def test_commit_moves_the_file_into_place(tmp_path: Path) -> None:
 
 
 def test_sweep_removes_only_idle_partial_files(tmp_path: Path) -> None:
-    store = ObjectStore(tmp_path / "s")
+    store = ObjectStore(tmp_path / "s", "test")
     store.prepare()
     old, fresh = store.tmp / "old.dcm", store.tmp / "fresh.dcm"
     old.write_bytes(b"a")
@@ -284,7 +284,7 @@ def test_a_postgresql_lock_timeout_is_retried_until_the_lock_is_gone(
 
 
 def test_commit_without_replace_keeps_the_first_copy(tmp_path: Path) -> None:
-    store = ObjectStore(tmp_path / "s")
+    store = ObjectStore(tmp_path / "s", "test")
     store.prepare()
     relative = store.relative_path("1.2", "1.2.3", "1.2.3.4")
     first, second = store.tmp / "a.dcm", store.tmp / "b.dcm"

@@ -87,7 +87,7 @@ def test_a_coercion_pipeline_changes_what_it_declares_and_nothing_else(
         before = {p.name: digest(p) for p in stored_files(router)}
         items = [item for job in jobs for item in job_items(router, job["id"])]
         assert all(item["sent_as"].startswith("fix-ct1 @") for item in items), items
-        assert not list((router.storage / "outgoing").iterdir()), "transformed copies left"
+        assert not router.files_under("outgoing"), "transformed copies left"
         after = {p.name: digest(p) for p in stored_files(router)}
     assert before == after and len(before) == 3
     originals = {str(dcmread(f).SOPInstanceUID): dcmread(f) for f in files}

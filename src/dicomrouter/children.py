@@ -205,10 +205,19 @@ def _dispatch_main(
     # Not durable_commits: see create_index_engine; nothing here is a promise made to
     # a sender, and the receiver's write lock is the one that must stay free.
     engine = create_index_engine(config.database_url, create=False, durable_commits=False)
-    store = ObjectStore(config.storage.path)
+    store = ObjectStore(config.storage.path, config.node.name)
     dispatcher = Dispatcher(config, engine, store)
+    # The node recorded the configuration it started us on before starting us.
+    newest = versions.latest_version(engine, with_yaml=False) if config_path else None
+    dispatcher.config_version = None if newest is None else newest.id
     dispatcher.start()
-    heartbeat = HeartbeatThread(engine, DISPATCH, dispatcher.health)
+    heartbeat = HeartbeatThread(
+        engine,
+        config.node.name,
+        DISPATCH,
+        dispatcher.health,
+        config_version=lambda: dispatcher.config_version,
+    )
     heartbeat.start()
     ready()
     while not stop.wait(0.2):

@@ -41,11 +41,15 @@ class Node:
     def __init__(self, config: RouterConfig, config_path: Path | None = None):
         self.config = config
         self.config_path = config_path
-        self.store = ObjectStore(config.storage.path)
+        #: The configuration version this node runs (None: started without a file),
+        #: reported in its heartbeat; set wherever a version is recorded or loaded.
+        self.config_version: int | None = None
+        self.store = ObjectStore(config.storage.path, config.node.name)
         self.store.prepare()
         self.store.lock()
-        # Before any child starts: they inherit the variable that turns it on.
-        enable_multiprocess(self.store.root / ".metrics")
+        # Before any child starts: they inherit the variable that turns it on. Per
+        # node: emptying it at start must not take another node's counters.
+        enable_multiprocess(self.store.root / ".metrics" / config.node.name)
         create_index_engine(config.database_url).dispose()  # create, check or upgrade
         # The receiver retries a locked index itself, with sub-millisecond sleeps.
         self.engine = create_index_engine(config.database_url, create=False, busy_timeout_ms=0)
@@ -79,6 +83,7 @@ class Node:
         version_id, created = versions.record_if_new(
             self.control_engine, text, author=audit.SYSTEM, source="startup"
         )
+        self.config_version = version_id
         if created:
             log.info("configuration recorded as version %d", version_id)
 
@@ -117,6 +122,7 @@ class Node:
         changed = versions.changed_keys(self.config, new)
         restart = versions.restart_required(changed)
         self._install(versions.effective(new, self.config))
+        self.config_version = version_id
         audit.record(
             self.control_engine,
             audit.SYSTEM,
@@ -167,6 +173,7 @@ class Node:
         if versions.changed_keys(self.config, config):
             log.warning("running the newest recorded configuration, version %d", version.id)
         self._install(config)
+        self.config_version = version.id
 
     def start(self) -> None:
         """Listen first (a port in use fails fast, with nothing else started), then
@@ -178,7 +185,14 @@ class Node:
         # Its own engine, without the fsync: a heartbeat is no promise, and the write
         # lock it takes every few seconds is the one each C-STORE needs.
         beats = create_index_engine(self.config.database_url, create=False, durable_commits=False)
-        self.heartbeat = HeartbeatThread(beats, RECEIVER, self.receiver.health)
+        self.heartbeat = HeartbeatThread(
+            beats,
+            self.config.node.name,
+            RECEIVER,
+            self.receiver.health,
+            config_version=lambda: self.config_version,
+            open_associations=self.receiver.open_associations,
+        )
         self.heartbeat.start()
         try:
             for child in self.children:

@@ -55,7 +55,7 @@ def api_env(tmp_path: Path, config: dict[str, Any] | None = None) -> ApiEnv:
     data.setdefault("storage", {"path": str(tmp_path / "data")})
     data.setdefault("auth", auth_section())
     settings = parse_config(data, environ={})
-    store = ObjectStore(settings.storage.path)
+    store = ObjectStore(settings.storage.path, settings.node.name)
     store.prepare()
     engine = create_index_engine(settings.database_url)
     ctx = AppContext(

@@ -38,7 +38,7 @@ class Site:
         config.setdefault("destinations", {"pacs": DEST})
         config.setdefault("routes", [{"name": "all", "to": ["pacs"]}])
         self.config = parse_config(config, environ={})
-        self.store = ObjectStore(self.config.storage.path)
+        self.store = ObjectStore(self.config.storage.path, self.config.node.name)
         self.store.prepare()
         self.engine = create_index_engine(self.config.database_url)
         self.index = InstanceIndex(self.engine)

@@ -114,6 +114,11 @@ class RouterProcess:
     def storage(self) -> Path:
         return Path(self.config["storage"]["path"])
 
+    def files_under(self, folder: str) -> list[Path]:
+        """The files in ``<storage>/<folder>`` (``tmp``, ``outgoing``: one folder per
+        node inside), however deep."""
+        return sorted(p for p in (self.storage / folder).rglob("*") if p.is_file())
+
     def start(self, timeout: float = 60.0, wait_ready: bool = True) -> RouterProcess:
         """Start and wait until the node says it is ready: DICOM answers C-ECHO and the
         child processes (dispatch, HTTP) have started. ``wait_ready=False`` returns as

@@ -303,7 +303,7 @@ def test_retention_keeps_the_mapping_and_purges_around_it(tmp_path: Path) -> Non
         },
         environ={},
     )
-    store = ObjectStore(config.storage.path)
+    store = ObjectStore(config.storage.path, config.node.name)
     store.prepare()
     report = purge(config, engine, store, actor="test", source="test")
     assert report.purged == 0

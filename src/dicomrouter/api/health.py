@@ -59,7 +59,7 @@ def readiness(ctx: Any) -> dict[str, dict[str, Any]]:
     except OSError as exc:
         checks["disk"] = {"ok": False, "error": str(exc)}
     try:
-        for process in heartbeat.check(ctx.reader):
+        for process in heartbeat.check(ctx.reader, ctx.config.node.name):
             checks[process.role] = {
                 "ok": process.ok,
                 "pid": process.pid,

@@ -39,7 +39,7 @@ def build_context(config: RouterConfig, config_path: Path | None):  # type: igno
         config=config,
         engine=create_index_engine(config.database_url, create=False),
         reader=create_index_engine(config.database_url, create=False, writer=False),
-        store=ObjectStore(config.storage.path),
+        store=ObjectStore(config.storage.path, config.node.name),
         config_path=config_path,
     )
 

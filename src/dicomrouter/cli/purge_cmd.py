@@ -39,7 +39,7 @@ def purge_command(
     if index_file is not None:
         fail(f"no index at {index_file}: has the router run with this configuration?")
     engine = create_index_engine(settings.database_url)
-    store = ObjectStore(settings.storage.path)
+    store = ObjectStore(settings.storage.path, settings.node.name)
     try:
         report = purge(
             settings, engine, store, actor=getpass.getuser(), source="cli", dry_run=dry_run

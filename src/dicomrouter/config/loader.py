@@ -18,7 +18,7 @@ from .transforms import STEP_KINDS
 
 ENV_PREFIX = "DICOMROUTER_"
 #: Top-level sections that environment variables may override (the node settings).
-NODE_KEYS = {"ae_title", "dicom", "storage", "database", "log_level", "dispatch", "http"}
+NODE_KEYS = {"ae_title", "node", "dicom", "storage", "database", "log_level", "dispatch", "http"}
 
 
 #: The largest YAML text parsed at all (the HTTP service bounds uploads lower, with

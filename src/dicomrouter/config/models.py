@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -405,6 +406,40 @@ class StorageConfig(_Model):
         ge=0,
         description="Bytes of free disk below which C-STOREs are refused with 0xA700.",
     )
+
+
+_NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _default_node_name() -> str:
+    return socket.gethostname()
+
+
+class NodeConfig(_Model):
+    """This node's identity among several nodes sharing one index and one storage
+    folder. Read at start-up only, and never taken from another node's version."""
+
+    name: str = Field(
+        default_factory=_default_node_name,
+        description="This node's name, unique among the nodes sharing the index: it "
+        "names its heartbeats, the owners of its job leases "
+        "(`<node>:<pid>:<destination>:<worker>`), its own folders `<storage>/tmp/<node>/` "
+        "and `<storage>/outgoing/<node>/`, and its lock `<storage>/nodes/<node>.lock`. "
+        "Letters, digits, `.`, `_` and `-`, at most 64 characters. Read at start-up "
+        "only; per node, so usually set with `DICOMROUTER_NODE__NAME`.",
+        json_schema_extra={"shown_default": "the host name"},
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NODE_NAME_RE.match(value):
+            raise ValueError(
+                f"{value!r} is not a usable node name: letters, digits, '.', '_' and '-', "
+                "starting with a letter or digit, at most 64 characters "
+                "(it names folders and lease owners)"
+            )
+        return value
 
 
 class RetryConfig(_Model):
@@ -1725,6 +1760,10 @@ class RouterConfig(_Model):
     """The whole file."""
 
     ae_title: str = Field("DICOMROUTER", description="Our AE title, called and calling.")
+    node: NodeConfig = Field(
+        default_factory=lambda: NodeConfig(),
+        description="This node among several sharing one index and one storage folder.",
+    )
     dicom: DicomListenerConfig = Field(
         default_factory=lambda: DicomListenerConfig(),
         description="The DICOM listener modalities send to.",

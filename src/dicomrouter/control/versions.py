@@ -67,6 +67,7 @@ SOURCES = ("startup", "api", "sighup", "rollback", "import")
 #: Keys read once at start-up: a change is recorded but takes effect at the next
 #: restart (the sockets are bound, the index and storage are open in three processes).
 RESTART_KEYS = (
+    "node",  # its name is the node's identity: never taken from another node's version
     "dicom.port",
     "dicom.bind",
     "dicom.tls",  # and every key under it (a SIGHUP reloads the same files)
@@ -400,6 +401,7 @@ def effective(new: RouterConfig, running: RouterConfig) -> RouterConfig:
     """``new`` with the start-up-bound keys (``RESTART_KEYS``) kept at their running
     values: what the processes actually run on until a restart."""
     result = new.model_copy(deep=True)
+    result.node = running.node
     result.dicom.port, result.dicom.bind = running.dicom.port, running.dicom.bind
     result.dicom.tls = running.dicom.tls
     result.storage.path = running.storage.path

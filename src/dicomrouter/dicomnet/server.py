@@ -116,6 +116,12 @@ class Server:
         return listener
 
     @property
+    def open_associations(self) -> int:
+        """Associations established now (not connections still negotiating)."""
+        with self._lock:
+            return sum(1 for c in self._active.values() if c.established)
+
+    @property
     def listening(self) -> bool:
         """Every accept loop runs (readiness)."""
         if not self._threads or self._stopping.is_set():

@@ -25,7 +25,7 @@ from dicomrouter.store import ObjectStore
 
 from .health import DestinationHealth
 from .transforming import Transforms
-from .worker import DestinationWorker, node_id
+from .worker import DestinationWorker, owner_prefix
 
 log = logging.getLogger("dicomrouter.dispatch")
 
@@ -76,13 +76,16 @@ class Dispatcher:
         self.store = store
         self.jobs = JobStore(engine)
         self.planner = Planner(config, engine, store)
-        self.transforms = Transforms(config, engine, store.root / "outgoing")
+        self.transforms = Transforms(config, engine, store.outgoing)
         self.stop_event = threading.Event()
         self.threads: list[threading.Thread] = []
         self.destinations: dict[str, _Destination] = {}
         self._lock = threading.Lock()
         self._planner_config: RouterConfig | None = None
         self._retiring: set[str] = set()  # destinations whose old workers are finishing
+        #: The configuration version this process runs (None: unknown), reported in
+        #: its heartbeat; set by whoever loads one (``apply``, the process at start).
+        self.config_version: int | None = None
 
     def start(self) -> None:
         # Before the planner and workers: a file a killed purge left in trash for a
@@ -92,7 +95,7 @@ class Dispatcher:
         except Exception:
             log.exception("purge recovery at start-up failed; the first sweep retries it")
         self.transforms.prepare_workdir()
-        recovered = self.jobs.recover(owner_prefix=node_id() + ":")
+        recovered = self.jobs.recover(owner_prefix=owner_prefix(self.config))
         if recovered:
             log.warning("resumed %d job(s) that were in progress before a restart", recovered)
         self._warn_orphans(self.config)
@@ -161,6 +164,8 @@ class Dispatcher:
         with self._lock:
             old = self.config
             self.config = config
+            if version is not None:
+                self.config_version = version
             self._planner_config = config
             self.transforms.apply(config, version)
             for name in sorted(set(self.destinations) | set(config.senders)):

@@ -3,8 +3,9 @@
 A job carries its routes' pipeline name (``jobs.transform``); the destination names
 its own (``destinations.<name>.transform``). The route's runs first, then the
 destination's. The copy is made just before the instance is sent (one at a time, in
-``<storage>/outgoing``) and deleted right after, so transforms cost disk for one
-instance per worker, never a batch; the stored original is only ever read.
+``<storage>/outgoing/<node>``, this node's own) and deleted right after, so transforms
+cost disk for one instance per worker, never a batch; the stored original is only
+ever read.
 
 The compiled pipelines of the running configuration are swapped whole on reload:
 a worker takes them once per claim, so a claim never mixes two versions.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from datetime import datetime
@@ -80,9 +79,11 @@ def _class_label(uid: str) -> str:
     return f"{name} ({uid})" if name and name != uid else uid
 
 
-def node_id() -> str:
-    """Lease owners are ``<node>:<pid>:<worker>``; a restarted node reclaims its own."""
-    return socket.gethostname()
+def owner_prefix(config: RouterConfig) -> str:
+    """Lease owners are ``<node.name>:<pid>:<destination>:<worker>``: a restarted
+    node reclaims its own leases by this prefix, never another node's (a node name
+    has no colon)."""
+    return f"{config.node.name}:"
 
 
 class DestinationWorker(threading.Thread):
@@ -107,7 +108,7 @@ class DestinationWorker(threading.Thread):
         self.health = health
         self.stop_event = stop
         self.transforms = transforms
-        self.owner = f"{node_id()}:{os.getpid()}:{name}:{index}"
+        self.owner = f"{owner_prefix(config)}{os.getpid()}:{name}:{index}"
         self.sender = create_sender(
             self.dest, SenderOptions(calling_ae=config.ae_title, keep_alive=_KEEP_ALIVE, name=name)
         )

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import socket
 import threading
 import time
 from collections import deque
@@ -116,7 +115,7 @@ class Alert:
             "source": "dicomrouter",
             "version": __version__,
             "router": config.ae_title,
-            "host": socket.gethostname(),
+            "host": config.node.name,
             "event": self.event,
             "status": self.status,
             "severity": SEVERITY.get(self.event, "warning"),

@@ -212,7 +212,7 @@ class IndexCollector(Collector):
             "1 when this node's process has a fresh heartbeat and reports ok (see /readyz).",
             labels=["role"],
         )
-        for process in heartbeat.check(self.engine):
+        for process in heartbeat.check(self.engine, config.node.name):
             up.add_metric([process.role], 1.0 if process.ok else 0.0)
         yield up
 

@@ -541,7 +541,7 @@ class Notifier:
             "source": "dicomrouter",
             "version": __version__,
             "router": config.ae_title,
-            "host": socket.gethostname(),
+            "host": config.node.name,
             "kind": "notification",
             "event": event,
             "event_id": event_id,

@@ -660,7 +660,10 @@ class JobStore:
         if owner_prefix is not None:
             condition = and_(
                 jobs.c.state == S.IN_PROGRESS,
-                (jobs.c.lease_expires_at < now) | jobs.c.lease_owner.like(owner_prefix + "%"),
+                # Escaped: ``_`` in a node name is a LIKE wildcard; "a_b:" must not
+                # take node "axb"'s leases.
+                (jobs.c.lease_expires_at < now)
+                | jobs.c.lease_owner.startswith(owner_prefix, autoescape=True),
             )
         with self.engine.begin() as conn:
             stuck = [row.id for row in conn.execute(select(jobs.c.id).where(condition))]

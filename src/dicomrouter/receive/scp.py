@@ -226,6 +226,11 @@ class Receiver:
             return False, "the DICOM listener is not accepting connections"
         return True, "listening on " + ", ".join(map(self._describe, acceptor.listeners))
 
+    def open_associations(self) -> int:
+        """For the receiver's heartbeat (the nodes view): associations open now."""
+        acceptor = self._acceptor
+        return 0 if acceptor is None else acceptor.open_associations
+
     def stop(self) -> None:
         if self._acceptor is not None:
             self._acceptor.stop()

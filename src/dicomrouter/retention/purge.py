@@ -589,9 +589,9 @@ class Purger:
         return orphans
 
     def remove_orphans(self) -> int:
-        """Orphaned object files and stale ``tmp/`` leftovers, removed."""
+        """Orphaned object files and stale ``tmp/`` leftovers (of every node), removed."""
         removed = self._remove_unreferenced(self.find_orphans())
-        removed += self.store.sweep_tmp(older_than=self._orphan_grace())
+        removed += self.store.sweep_every_tmp(older_than=self._orphan_grace())
         if removed:
             log.info("removed %d orphaned file(s)", removed)
         return removed

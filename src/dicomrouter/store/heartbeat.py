@@ -7,15 +7,17 @@ thread of its own) saying whether its own check passed: the receiver that its
 listener accepts connections, the dispatch process that its planner runs. Readiness
 is a fresh heartbeat from each, from a process that still exists, reporting ok.
 
-Rows are keyed by (node, role), so several nodes sharing one index can report side
-by side; a restarted process overwrites its predecessor's row.
+Rows are keyed by (node, role), ``node`` being ``node.name``, so several nodes
+sharing one index report side by side; a restarted process overwrites its
+predecessor's row. Each row also says what the process runs, for the nodes view:
+the dicomrouter release, the configuration version, and a receiver's open
+associations.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine, select, update
 
+from dicomrouter import __version__
 from dicomrouter.store.schema import process_heartbeats
 
 log = logging.getLogger("dicomrouter.heartbeat")
@@ -37,10 +40,6 @@ Probe = Callable[[], tuple[bool, str]]
 """A process's own check: (ok, detail)."""
 
 
-def node_name() -> str:
-    return socket.gethostname()
-
-
 @dataclass(frozen=True)
 class Heartbeat:
     node: str
@@ -50,6 +49,9 @@ class Heartbeat:
     heartbeat_at: float
     ok: bool
     detail: str
+    software_version: str = ""
+    config_version: int | None = None
+    open_associations: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,13 +66,23 @@ class ProcessCheck:
 
 
 def beat(
-    engine: Engine, role: str, started_at: float, ok: bool, detail: str, now: float | None = None
+    engine: Engine,
+    node: str,
+    role: str,
+    started_at: float,
+    ok: bool,
+    detail: str,
+    now: float | None = None,
+    *,
+    config_version: int | None = None,
+    open_associations: int = 0,
 ) -> None:
-    """Write this process's heartbeat for ``role`` on this node."""
+    """Write this process's heartbeat for ``role`` on ``node``."""
     now = time.time() if now is None else now
-    node, pid = node_name(), os.getpid()
+    pid = os.getpid()
     values: dict[str, object] = {"pid": pid, "started_at": started_at, "heartbeat_at": now}
-    values.update(ok=int(ok), detail=detail[:500])
+    values.update(ok=int(ok), detail=detail[:500], software_version=__version__[:64])
+    values.update(config_version=config_version, open_associations=open_associations)
     with engine.begin() as conn:
         changed = conn.execute(
             update(process_heartbeats)
@@ -88,7 +100,18 @@ def read(engine: Engine, node: str | None = None) -> list[Heartbeat]:
         query = query.where(table.c.node == node)
     with engine.connect() as conn:
         return [
-            Heartbeat(r.node, r.role, r.pid, r.started_at, r.heartbeat_at, bool(r.ok), r.detail)
+            Heartbeat(
+                r.node,
+                r.role,
+                r.pid,
+                r.started_at,
+                r.heartbeat_at,
+                bool(r.ok),
+                r.detail,
+                r.software_version,
+                r.config_version,
+                r.open_associations,
+            )
             for r in conn.execute(query)
         ]
 
@@ -105,11 +128,11 @@ def pid_exists(pid: int) -> bool:
 
 
 def check(
-    engine: Engine, roles: tuple[str, ...] = REQUIRED_ROLES, now: float | None = None
+    engine: Engine, node: str, roles: tuple[str, ...] = REQUIRED_ROLES, now: float | None = None
 ) -> list[ProcessCheck]:
-    """Readiness of each of ``roles`` on this node, from their heartbeats."""
+    """Readiness of each of ``roles`` on ``node`` (this one), from their heartbeats."""
     now = time.time() if now is None else now
-    found = {hb.role: hb for hb in read(engine, node_name())}
+    found = {hb.role: hb for hb in read(engine, node)}
     checks = []
     for role in roles:
         hb = found.get(role)
@@ -132,11 +155,26 @@ def check(
 class HeartbeatThread(threading.Thread):
     """Writes ``role``'s heartbeat now and every :data:`INTERVAL` seconds. A failed
     write (index locked, disk full) is logged once per streak and tried again: the
-    heartbeat going stale is then exactly what readiness should see."""
+    heartbeat going stale is then exactly what readiness should see.
 
-    def __init__(self, engine: Engine, role: str, probe: Probe, interval: float = INTERVAL):
+    ``config_version`` and ``open_associations`` are asked at each beat: the
+    process sets what it runs where it loads a configuration version."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        node: str,
+        role: str,
+        probe: Probe,
+        interval: float = INTERVAL,
+        *,
+        config_version: Callable[[], int | None] = lambda: None,
+        open_associations: Callable[[], int] = lambda: 0,
+    ):
         super().__init__(name=f"heartbeat-{role}", daemon=True)
-        self.engine, self.role, self.probe, self.interval = engine, role, probe, interval
+        self.engine, self.node, self.role = engine, node, role
+        self.probe, self.interval = probe, interval
+        self.config_version, self.open_associations = config_version, open_associations
         self.started_at = time.time()
         self.stop_event = threading.Event()
         self._failing = False
@@ -147,7 +185,21 @@ class HeartbeatThread(threading.Thread):
         except Exception as exc:  # a broken probe is a failed check, not a dead thread
             ok, detail = False, f"check failed: {exc}"
         try:
-            beat(self.engine, self.role, self.started_at, ok, detail)
+            version, associations = self.config_version(), self.open_associations()
+        except Exception as exc:  # as a broken probe: say so, keep beating
+            version, associations, ok = None, 0, False
+            detail = f"cannot tell what this process runs: {exc}"
+        try:
+            beat(
+                self.engine,
+                self.node,
+                self.role,
+                self.started_at,
+                ok,
+                detail,
+                config_version=version,
+                open_associations=associations,
+            )
         except Exception as exc:
             if not self._failing:
                 log.warning("cannot write the %s heartbeat: %s", self.role, exc)
