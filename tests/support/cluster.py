@@ -49,6 +49,14 @@ def owner_node(lease_owner: str) -> str:
     return lease_owner.partition(":")[0]
 
 
+def with_application_name(url: str, name: str) -> str:
+    """A PostgreSQL URL whose connections say which node opened them
+    (``pg_stat_activity.application_name``), as docs/deployment.md advises."""
+    if not url.startswith("postgres") or "application_name=" in url:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}application_name={name}"
+
+
 class Cluster:
     """``with Cluster(workdir, database_url, config, names) as cluster:`` starts one
     node per name and stops them all afterwards.
@@ -74,7 +82,7 @@ class Cluster:
         for name in names:
             node_config = copy.deepcopy(config)
             node_config["node"] = {**node_config.get("node", {}), "name": name}
-            node_config["database"] = database_url
+            node_config["database"] = with_application_name(database_url, name)
             node_config.setdefault("storage", {})["path"] = str(self.storage)
             self.nodes[name] = RouterProcess(self.workdir / name, node_config)
         self._index: Engine | None = None
