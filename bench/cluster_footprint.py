@@ -10,7 +10,8 @@ http, receivers), PSS from ``/proc/<pid>/smaps_rollup`` and RSS from
 ``/proc/<pid>/status``, and counts the PostgreSQL connections of each node
 (``pg_stat_activity`` by ``application_name``, which the harness sets to the node's
 name). It reports each at idle (before the sends) and at its peak (until every job
-completed), and checks that every instance arrived.
+completed), how much the database grew per instance routed (``pg_database_size``),
+and checks that every instance arrived.
 
     PYTHONPATH=src python3 bench/cluster_footprint.py --nodes 2 --instances 300
 """
@@ -76,6 +77,11 @@ def connections(cluster: Cluster) -> dict[str, int]:
     return {str(name): int(count) for name, count in rows}
 
 
+def database_size(cluster: Cluster) -> int:
+    with cluster.index.connect() as conn:
+        return int(conn.execute(text("SELECT pg_database_size(current_database())")).scalar_one())
+
+
 class Sampler(threading.Thread):
     def __init__(self, cluster: Cluster):
         super().__init__(daemon=True)
@@ -130,6 +136,7 @@ def main() -> None:
             sampler = Sampler(cluster)
             time.sleep(6)  # a heartbeat and the first planning passes: idle
             idle_memory, idle_conns = sampler.sample()
+            idle_size = database_size(cluster)
             sampler.start()
             started = time.monotonic()
             with ThreadPoolExecutor(args.nodes) as pool:
@@ -154,6 +161,7 @@ def main() -> None:
             sampler.done.set()
             sampler.join()
             assert len(pacs.received()) == args.nodes * args.instances, "instances missing"
+            grown = database_size(cluster) - idle_size
         print(
             f"\n{args.nodes} nodes, {args.instances} small instances sent to each, "
             f"routed in {elapsed:.1f} s\n"
@@ -170,6 +178,11 @@ def main() -> None:
         print("| --- | --- | --- |")
         for name in names:
             print(f"| {name} | {idle_conns.get(name, 0)} | {sampler.peak_conn.get(name, 0)} |")
+        total = args.nodes * args.instances
+        print(
+            f"\nindex: +{grown / 1024:.0f} KB for {total} instances routed "
+            f"({grown / total / 1024:.1f} KB each: instance, route match, job, delivery, attempt)"
+        )
 
 
 if __name__ == "__main__":
