@@ -96,6 +96,8 @@ LAZY: dict[tuple[str, str], str] = {
     ("dicomrouter.cli.main", "dicomrouter.control.destinations"): _CLI,
     ("dicomrouter.cli.main", "dicomrouter.control.errors"): _CLI,
     ("dicomrouter.cli.loops_cmd", "dicomrouter.control.loops"): _CLI,
+    ("dicomrouter.cli.nodes_cmd", "dicomrouter.control.nodes"): _CLI,
+    ("dicomrouter.cli.nodes_cmd", "dicomrouter.control.errors"): _CLI,
     ("dicomrouter.cli.purge_cmd", "dicomrouter.control.retention"): _CLI,
     ("dicomrouter.cli.purge_cmd", "dicomrouter.retention"): _CLI,
     ("dicomrouter.cli.purge_cmd", "dicomrouter.store"): _CLI,

@@ -5,21 +5,27 @@ sharing a PostgreSQL index and a folder."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from sqlalchemy import Engine, select
+from typer.testing import CliRunner
 
 from dicomrouter import __version__
+from dicomrouter.cli.main import app as cli
 from dicomrouter.config import ConfigError, parse_config
-from dicomrouter.control import versions
+from dicomrouter.control import nodes, versions
+from dicomrouter.control.errors import Conflict
 from dicomrouter.dispatch.worker import owner_prefix
-from dicomrouter.store import ObjectStore, StorageError, create_index_engine, heartbeat
+from dicomrouter.store import ObjectStore, StorageError, audit, create_index_engine, heartbeat
 from dicomrouter.store.schema import instances
+from tests.support.api import ApiEnv, api_env
 from tests.support.dcmtk import HOST
 from tests.support.router import RouterProcess, wait_until
 from tests.support.synth import make_study
@@ -196,3 +202,116 @@ def test_two_routers_share_one_postgresql_index_and_one_folder(
 def _open(engine: Engine, node: str) -> int:
     (receiver,) = [b for b in heartbeat.read(engine, node) if b.role == heartbeat.RECEIVER]
     return receiver.open_associations
+
+
+# -- the nodes view: control, API, CLI, dashboard, metrics ---------------------------------
+def _beat(engine: Engine, node: str, age: float, version: int, associations: int = 0) -> None:
+    """Both processes of ``node`` as if they last beat ``age`` seconds ago."""
+    for role in heartbeat.REQUIRED_ROLES:
+        heartbeat.beat(
+            engine,
+            node,
+            role,
+            time.time() - 3600,
+            True,
+            "",
+            now=time.time() - age,
+            config_version=version,
+            open_associations=associations if role == heartbeat.RECEIVER else 0,
+        )
+
+
+def _cluster(tmp_path: Path) -> ApiEnv:
+    """Node alpha up on version 2 (the newest) with 3 open associations; node beta
+    down for a minute, on version 1."""
+    env = api_env(tmp_path)
+    for text in ("log_level: INFO\n", "log_level: DEBUG\n"):
+        versions.record_version(env.engine, text, author="test", source="api")
+    _beat(env.engine, "alpha", age=1, version=2, associations=3)
+    _beat(env.engine, "beta", age=heartbeat.STALE_AFTER + 40, version=1)
+    return env
+
+
+def test_the_api_lists_every_node_up_or_down_and_forgets_only_a_down_one(
+    tmp_path: Path,
+) -> None:
+    env = _cluster(tmp_path)
+    answer = env.viewer.get("/api/v1/nodes")
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["newest_config_version"] == 2
+    nodes = {n["name"]: n for n in body["nodes"]}
+    assert set(nodes) == {"alpha", "beta"}
+    alpha, beta = nodes["alpha"], nodes["beta"]
+    assert (alpha["state"], alpha["config_version"], alpha["behind"]) == ("up", 2, False)
+    assert (beta["state"], beta["config_version"], beta["behind"]) == ("down", 1, True)
+    assert alpha["open_associations"] == 3 and alpha["software_version"] == __version__
+    assert beta["last_heartbeat_age_s"] > heartbeat.STALE_AFTER
+    assert {p["role"] for p in alpha["processes"]} == {"receiver", "dispatch"}
+    assert env.viewer.get("/api/v1/nodes/beta").json()["state"] == "down"
+    assert env.viewer.get("/api/v1/nodes/gamma").status_code == 404
+
+    assert env.viewer.delete("/api/v1/nodes/beta").status_code == 403
+    refused = env.operator.delete("/api/v1/nodes/alpha")
+    assert refused.status_code == 409 and "is up" in refused.json()["detail"]
+    forgotten = env.operator.delete("/api/v1/nodes/beta")
+    assert forgotten.status_code == 200 and forgotten.json()["name"] == "beta"
+    assert [n["name"] for n in env.viewer.get("/api/v1/nodes").json()["nodes"]] == ["alpha"]
+    [entry] = audit.query(env.engine, action="node.forget")[1]
+    assert entry["target"] == "beta" and entry["actor"] == "operator-token"
+
+
+def test_a_node_that_beats_again_is_up_again(tmp_path: Path) -> None:
+    env = _cluster(tmp_path)
+    _beat(env.engine, "beta", age=0, version=2)
+    beta = nodes.get_node(env.engine, "beta")
+    assert (beta.state, beta.behind) == ("up", False)
+    with pytest.raises(Conflict):
+        nodes.forget(env.engine, "beta", actor="someone")
+
+
+def test_the_cli_lists_nodes_and_forgets_a_down_one(tmp_path: Path) -> None:
+    env = _cluster(tmp_path)
+    config = tmp_path / "dicomrouter.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"path": str(env.config.storage.path)}}))
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["nodes", "--config", str(config)])
+    assert listed.exit_code == 0, listed.output
+    assert "alpha" in listed.output and "beta" in listed.output
+    assert listed.output.count("DOWN") == 1 and listed.output.count("(behind)") == 1
+    as_json = runner.invoke(cli, ["nodes", "--json", "--config", str(config)])
+    states = {n["name"]: n["state"] for n in json.loads(as_json.output)["nodes"]}
+    assert states == {"alpha": "up", "beta": "down"}
+    refused = runner.invoke(cli, ["nodes", "forget", "alpha", "--config", str(config)])
+    assert refused.exit_code == 1 and "is up" in refused.output
+    done = runner.invoke(cli, ["nodes", "forget", "beta", "--config", str(config)])
+    assert done.exit_code == 0, done.output
+    listed = runner.invoke(cli, ["nodes", "list", "--json", "--config", str(config)])
+    assert [n["name"] for n in json.loads(listed.output)["nodes"]] == ["alpha"]
+    [entry] = audit.query(env.engine, action="node.forget")[1]
+    assert entry["source"] == "cli" and entry["target"] == "beta"
+
+
+def test_the_dashboard_shows_nodes_and_flags_a_down_or_older_one(tmp_path: Path) -> None:
+    env = _cluster(tmp_path)
+    overview = env.viewer.get("/")
+    assert overview.status_code == 200
+    assert "node beta is down: no heartbeat for" in overview.text
+    assert "node beta runs configuration version 1, older than the newest (2)" in overview.text
+    assert "node alpha" not in overview.text
+    page = env.viewer.get("/nodes")
+    assert page.status_code == 200 and "alpha" in page.text and "beta" in page.text
+    assert "/forget" not in page.text  # a viewer gets no button
+    page = env.operator.get("/nodes").text
+    assert 'action="/nodes/beta/forget"' in page and 'action="/nodes/alpha/forget"' not in page
+    same = {"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"}
+    assert env.operator.post("/nodes/beta/forget", headers=same).status_code == 200
+    assert [n.name for n in nodes.list_nodes(env.engine).nodes] == ["alpha"]
+    assert "node beta" not in env.viewer.get("/").text
+
+
+def test_metrics_say_which_nodes_are_up(tmp_path: Path) -> None:
+    env = _cluster(tmp_path)
+    text = env.viewer.get("/metrics").text
+    assert 'dicomrouter_node_up{node="alpha"} 1.0' in text
+    assert 'dicomrouter_node_up{node="beta"} 0.0' in text

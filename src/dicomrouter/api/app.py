@@ -39,6 +39,7 @@ from . import (
     jobs,
     loops,
     metrics_api,
+    nodes,
     pseudonyms,
     recovery,
     routes,
@@ -188,6 +189,7 @@ def create_app(ctx: AppContext) -> FastAPI:
         pseudonyms,
         metrics_api,
         loops,
+        nodes,
         docs_page,
     ):
         app.include_router(module.router)

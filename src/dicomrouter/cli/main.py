@@ -25,6 +25,7 @@ from .common import (
     parse_target,
 )
 from .loops_cmd import loops_app
+from .nodes_cmd import nodes_app
 from .purge_cmd import purge_command
 from .queue_cmd import queue_app
 from .reidentify_cmd import reidentify_command
@@ -41,6 +42,7 @@ app = typer.Typer(
 )
 app.add_typer(queue_app, name="queue")
 app.add_typer(loops_app, name="loops")
+app.add_typer(nodes_app, name="nodes")
 app.command("check")(check_command)
 app.command("test-rule")(test_rule_command)
 app.command("send")(send_command)

@@ -55,6 +55,7 @@ from dicomrouter import __version__
 from dicomrouter.config import RouterConfig
 from dicomrouter.control.jobs import orphaned_queues
 from dicomrouter.control.loops import held_count
+from dicomrouter.control.nodes import UP, list_nodes
 from dicomrouter.control.retention import retention_status
 from dicomrouter.control.unplanned import summary
 from dicomrouter.queue import states as S
@@ -215,6 +216,15 @@ class IndexCollector(Collector):
         for process in heartbeat.check(self.engine, config.node.name):
             up.add_metric([process.role], 1.0 if process.ok else 0.0)
         yield up
+        node_up = GaugeMetricFamily(
+            "dicomrouter_node_up",
+            "1 for each node sharing the index with a fresh heartbeat, 0 for one that is "
+            "down (not forgotten): every node's scrape shows them all.",
+            labels=["node"],
+        )
+        for node in list_nodes(self.engine, now).nodes:
+            node_up.add_metric([node.name], 1.0 if node.state == UP else 0.0)
+        yield node_up
 
     def _retention(self) -> Iterator[Any]:
         try:

@@ -19,6 +19,7 @@ from . import (
     destinations_pages,
     jobs_pages,
     login,
+    nodes_pages,
     overview,
     recovery_pages,
     routes_pages,
@@ -41,5 +42,6 @@ def mount_dashboard(app: FastAPI) -> None:
         routes_pages,
         config_pages,
         audit_pages,
+        nodes_pages,
     ):
         app.include_router(module.router)

@@ -40,6 +40,7 @@ NAV: tuple[tuple[str, str, Role], ...] = (
     ("/jobs", "Jobs", Role.viewer),
     ("/studies", "Studies", Role.viewer),
     ("/routes", "Routes", Role.viewer),
+    ("/nodes", "Nodes", Role.viewer),
     ("/config", "Configuration", CONFIG_ROLE),
     ("/audit", "Audit log", AUDIT_ROLE),
 )

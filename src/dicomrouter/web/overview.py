@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
 from dicomrouter.control.destinations import DestinationState
+from dicomrouter.control.nodes import Nodes, list_nodes
 from dicomrouter.control.status import node_status, throughput
 from dicomrouter.security import Principal
 
@@ -36,9 +37,19 @@ OLDEST = (Series("age", "oldest pending (not counting send windows)", "s-pending
 FAILURE = (Series("rate", "failed in the last hour", "s-failed"),)
 
 
-def problems(status: dict[str, Any]) -> list[str]:
+def problems(status: dict[str, Any], nodes: Nodes | None = None) -> list[str]:
     """What an operator should look at first, in words."""
     found = []
+    for node in nodes.down if nodes else []:
+        found.append(
+            f"node {node.name} is down: no heartbeat for {age(node.last_heartbeat_age_s)} "
+            "(forget it on the Nodes page if it was taken out for good)"
+        )
+    for node in nodes.behind if nodes else []:
+        found.append(
+            f"node {node.name} runs configuration version {node.config_version}, "
+            f"older than the newest ({nodes.newest_config_version if nodes else ''})"
+        )
     disk = status.get("disk") or {}
     if disk and not disk.get("ok", True):
         found.append("free disk space is below the watermark: receiving is refused")
@@ -125,10 +136,12 @@ def overview(request: Request, range: str = "1h", principal: Principal = viewer)
     # index-wide counts may be 5 s old, the series a quarter of a bucket.
     status = node_status(ctx, max_age=5.0)
     points = throughput(ctx.reader, time.time() - span, bucket, max_age=min(bucket / 4, 300.0))
+    nodes = list_nodes(ctx.reader)
     values = {
         "title": "Overview",
         "status": status,
-        "problems": problems(status),
+        "nodes": nodes,
+        "problems": problems(status, nodes),
         "range": key,
         "ranges": list(RANGES),
         "charts": charts(status, points, span),
