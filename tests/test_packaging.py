@@ -176,3 +176,53 @@ def test_the_deployment_guide_uses_the_shipped_files() -> None:
         assert shipped in text
     assert "compose.yaml" in text and "docker build" in text
     assert "CAP_NET_BIND_SERVICE" in text
+    assert "deploy/compose-cluster.yml" in text
+
+
+def test_the_cluster_compose_file_runs_two_nodes_on_one_database_and_one_volume() -> None:
+    """deploy/compose-cluster.yml (docs/deployment.md, "Compose: two nodes and
+    PostgreSQL"): the image the Dockerfile builds, twice, with distinct node names and
+    published ports, the same configuration folder and the same storage volume, on
+    the PostgreSQL service of the file; each node's environment is a valid
+    configuration. Compose itself checks it too when it is installed."""
+    from dicomrouter.config import parse_config
+
+    path = ROOT / "deploy" / "compose-cluster.yml"
+    compose = yaml.safe_load(path.read_text())
+    services = compose["services"]
+    assert set(services) == {"postgres", "node-a", "node-b"}
+    docker = dockerfile()
+    (storage,) = docker["VOLUME"]
+    nodes = [services["node-a"], services["node-b"]]
+    names, published, mounts = [], [], []
+    database = services["postgres"]["environment"]
+    for node in nodes:
+        assert node["build"] == ".." and node["image"] == services["node-a"]["image"]
+        assert node["depends_on"]["postgres"]["condition"] == "service_healthy"
+        env = {key: str(value) for key, value in node["environment"].items()}
+        config = parse_config({}, environ=env)  # every variable valid, none ignored
+        assert str(config.storage.path) == storage
+        url = env["DICOMROUTER_DATABASE"]
+        assert url.startswith(
+            f"postgresql://{database['POSTGRES_USER']}:{database['POSTGRES_PASSWORD']}"
+            f"@postgres/{database['POSTGRES_DB']}?application_name={config.node.name}"
+        )
+        names.append(config.node.name)
+        ports = {int(t): int(p) for p, t in (m.split(":") for m in node["ports"])}
+        assert set(ports) == {DEFAULTS.dicom.port, DEFAULTS.http.port}
+        published += ports.values()
+        mounts.append(sorted(node["volumes"]))
+    assert len(set(names)) == 2, "each node needs its own node.name"
+    assert len(set(published)) == 4, "two nodes on one host publish distinct ports"
+    # One configuration folder and one storage volume, the same for both.
+    assert (
+        mounts[0] == mounts[1] == sorted(["../config:/etc/dicomrouter", f"dicom-shared:{storage}"])
+    )
+    assert set(compose["volumes"]) == {"dicom-shared", "postgres-data"}
+    compose_tool = shutil.which("docker-compose")
+    if compose_tool:
+        result = subprocess.run(
+            [compose_tool, "-f", str(path), "config", "--quiet"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr

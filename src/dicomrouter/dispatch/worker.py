@@ -201,7 +201,7 @@ class DestinationWorker(threading.Thread):
         if now - self._nodes_checked < heartbeat.INTERVAL:
             return
         self._nodes_checked = now
-        shared = dispatching_elsewhere(self.jobs.engine, node_id())
+        shared = dispatching_elsewhere(self.jobs.engine, self.config.node.name)
         self.sender.keep_alive = 0.0 if shared else _KEEP_ALIVE
 
     def _defer_to_window(self) -> None:
