@@ -176,13 +176,21 @@ def test_two_routers_share_one_postgresql_index_and_one_folder(
                 paths = list(conn.execute(select(instances.c.path)).scalars())
             assert len(paths) == 6
             assert all((shared / "objects" / path).is_file() for path in paths)
-            # Each node recorded its own file at start (alpha first: version 1).
-            beats = {(b.node, b.role): b for b in heartbeat.read(engine)}
-            assert {key: (b.software_version, b.config_version) for key, b in beats.items()} == {
-                (name, role): (__version__, version)
-                for name, version in (("alpha", 1), ("beta", 2))
+            # Each node recorded its own file at start (alpha first: version 1, beta
+            # version 2); alpha then runs the newest, 2, under its own name, and its
+            # file, which names it, is not overwritten by beta's.
+            expected = {
+                (name, role): (__version__, 2)
+                for name in ("alpha", "beta")
                 for role in ("receiver", "dispatch")
             }
+
+            def running() -> dict[tuple[str, str], tuple[str, int | None]]:
+                beats = heartbeat.read(engine)
+                return {(b.node, b.role): (b.software_version, b.config_version) for b in beats}
+
+            wait_until(lambda: running() == expected, 30, message=f"{expected}")
+            assert yaml.safe_load(alpha.config_path.read_text())["node"]["name"] == "alpha"
             # An association held open shows in alpha's receiver heartbeat.
             ae = AE(ae_title="HOLDER")
             ae.add_requested_context(Verification)
