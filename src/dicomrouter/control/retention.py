@@ -128,6 +128,10 @@ def purge(
 ) -> PurgeReport:
     """Run a retention pass now (every step, orphans included), audited as ``actor``.
     Raises ``retention.PurgeBusy`` while another pass runs."""
-    report = Purger(config, engine, store).run(dry_run=dry_run, actor=actor, scan_orphans=True)
+    purger = Purger(config, engine, store)
+    try:
+        report = purger.run(dry_run=dry_run, actor=actor, scan_orphans=True)
+    finally:
+        purger.close()
     record(engine, report, actor, source)
     return report

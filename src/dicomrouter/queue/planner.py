@@ -94,12 +94,11 @@ class Planner:
         self.engine = engine
         self.store = store
         self.jobs = JobStore(engine)
-        # Reads that must not hold the write lock (SQLite: a reader engine on the same
-        # file; other databases: the same engine).
-        self.reader = (
-            create_index_engine(str(engine.url), create=False, writer=False)
-            if engine.dialect.name == "sqlite"
-            else engine
+        # Reads that must not hold the write lock: a reader engine (SQLite: WAL readers
+        # beside the writer; PostgreSQL: no advisory lock, which every transaction of
+        # the writer engine takes, reads included).
+        self.reader = create_index_engine(
+            engine.url.render_as_string(hide_password=False), create=False, writer=False
         )
         self.routes = compile_routes(config)
         self._needs_header = any(route.condition is not None for route in self.routes)

@@ -131,10 +131,10 @@ class Purger:
         self.config = config
         self.engine = engine
         self.store = store
-        self.reader = (
-            create_index_engine(str(engine.url), create=False, writer=False)
-            if engine.dialect.name == "sqlite"
-            else engine
+        # Reads without the write lock (PostgreSQL: without the advisory lock every
+        # transaction of the writer engine takes).
+        self.reader = create_index_engine(
+            engine.url.render_as_string(hide_password=False), create=False, writer=False
         )
         #: Called after each step of a batch ("marked", "moved", "checked") and of an
         #: orphan removal ("orphan-moved"): tests inject interleavings and crashes here.
@@ -145,6 +145,11 @@ class Purger:
         self.pace = 0.0
 
     # -- the run ---------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the reader's connections (a purge run from the API or at start-up
+        makes a Purger for one pass)."""
+        self.reader.dispose()
+
     def run(
         self,
         *,

@@ -75,12 +75,14 @@ def recover_at_start(config: RouterConfig, engine: Engine, store: ObjectStore) -
     file a killed purge had moved into trash gets it back first. Returns how many
     files were handled (0 when another purge holds the lock: it recovered first)."""
     durable = durable_engine(engine)
+    purger = Purger(config, durable, store)
     try:
-        return Purger(config, durable, store).recover_exclusive()
+        return purger.recover_exclusive()
     except PurgeBusy as exc:
         log.info("purge recovery at start-up skipped: %s", exc)
         return 0
     finally:
+        purger.close()
         if durable is not engine:
             durable.dispose()
 
