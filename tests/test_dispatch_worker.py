@@ -119,3 +119,64 @@ def test_an_unreachable_destination_still_waits_for_pause_after_failures(
     worker, health = _worker(p, RefusingAfter(0, down))
     assert worker._tick()
     assert health.state != PAUSED and health.failures == 1
+
+
+class StallingAfter(RefusingAfter):
+    """Takes ``accepted`` instances, reports them, then stalls until ``go`` is set
+    (a peer that stops answering part way through a batch), then refuses the rest."""
+
+    def __init__(self, accepted: int) -> None:
+        super().__init__(accepted, DestinationUnavailable("stalled, then refused"))
+        self.stalled = threading.Event()
+        self.go = threading.Event()
+
+    def send(
+        self,
+        batch: Sequence[OutgoingInstance],
+        on_result: OnResult | None = None,
+        should_stop: ShouldStop | None = None,
+    ) -> list[InstanceResult]:
+        def stall_then(result: InstanceResult) -> None:
+            if on_result is not None:
+                on_result(result)
+            if len(self.seen) == self.accepted:
+                self.stalled.set()
+                self.go.wait(30)
+
+        return super().send(batch, on_result=stall_then, should_stop=should_stop)
+
+
+def test_results_answered_before_a_stall_are_written_while_it_lasts(tmp_path: Path) -> None:
+    """A peer answers three instances at once, then stalls: the three are written to
+    the index during the stall (by the lease renewer), not only at the next answer.
+    A node killed during the stall would otherwise leave them to be sent again by
+    the node that takes over its jobs."""
+    p = Pipeline(
+        tmp_path,
+        {
+            "destinations": {"pacs": {"type": "folder", "path": str(tmp_path / "out")}},
+            "routes": [route(forward="study")],
+            "dispatch": {"lease": "3s"},
+        },
+    )
+    p.receive(make_study(tmp_path / "in", 5))
+    p.plan()
+    sender = StallingAfter(3)
+    worker, _health = _worker(p, sender)  # type: ignore[arg-type]
+    ticking = threading.Thread(target=worker._tick)
+    ticking.start()
+    try:
+        assert sender.stalled.wait(30)
+
+        def completed() -> int:
+            (job,) = p.job_list()
+            detail = job_detail(p.engine, job["id"])
+            assert detail is not None
+            return sum(i["state"] == S.ITEM_COMPLETED for i in detail["instances"])
+
+        from tests.support.router import wait_until
+
+        wait_until(lambda: completed() == 3, 10, message="the 3 answered before the stall")
+    finally:
+        sender.go.set()
+        ticking.join(30)

@@ -316,15 +316,13 @@ class DestinationWorker(threading.Thread):
         # Held by a pipeline that cannot run: the job waits (see _hold), unsent.
         held = {r.job_id: r.message for r in settled if r.state == S.ITEM_PENDING}
         self.jobs.record_results(settled)
-        buffer: list[ItemResult] = []
+        buffer = _Results(self.jobs)
         counts = {"sent": 0, "failed": 0}
         per_job: dict[int, list[int]] = {}  # job id -> [sent, failed]
-        last_flush = time.monotonic()
         errors: dict[int, str] = {}  # job id -> its last failure, never another job's
-        renewer = _LeaseRenewer(self.jobs, claim, self.config.dispatch.lease)
+        renewer = _LeaseRenewer(self.jobs, claim, self.config.dispatch.lease, buffer)
 
         def on_result(result: InstanceResult) -> None:
-            nonlocal last_flush
             item = by_key[result.key]
             state = _ITEM_STATE[result.outcome]
             metrics.delivery_result(self.dest_name, result.outcome, item.received_at)
@@ -338,7 +336,7 @@ class DestinationWorker(threading.Thread):
                 tally[1] += 1
                 counts["failed"] += 1
                 errors[item.job_id] = result.message
-            buffer.append(
+            buffer.add(
                 ItemResult(
                     item.job_id,
                     item.instance_id,
@@ -349,11 +347,6 @@ class DestinationWorker(threading.Thread):
                     sent_uid=result.sent_uid,
                 )
             )
-            now = time.monotonic()
-            if now - last_flush >= _FLUSH_EVERY:
-                self.jobs.record_results(buffer)
-                buffer.clear()
-                last_flush = now
 
         def should_stop() -> bool:
             if self.stop_event.is_set() or renewer.stop_sending:
@@ -370,7 +363,7 @@ class DestinationWorker(threading.Thread):
             results = self.sender.send(batch, on_result=on_result, should_stop=should_stop)
         except DestinationUnavailable as exc:
             renewer.stop()
-            self.jobs.record_results(buffer)
+            buffer.flush()
             if counts["sent"]:
                 self.health.record_success()  # it took some before it stopped
             self.health.record_unreachable(str(exc), pause_now=exc.pause)
@@ -388,7 +381,7 @@ class DestinationWorker(threading.Thread):
             return
         except Exception as exc:
             renewer.stop()
-            self.jobs.record_results(buffer)
+            buffer.flush()
             log.exception("unexpected error sending to %s", self.dest_name)
             self.jobs.finish(
                 claim,
@@ -402,7 +395,7 @@ class DestinationWorker(threading.Thread):
             )
             return
         renewer.stop()
-        self.jobs.record_results(buffer)
+        buffer.flush()
         if batch and (counts["sent"] or not results):
             self.health.record_success()
         self._hold(claim, held)
@@ -510,19 +503,56 @@ class DestinationWorker(threading.Thread):
         )
 
 
+class _Results:
+    """Per-instance results of a claim, written to the index at most every
+    ``_FLUSH_EVERY`` seconds as they come, and by the lease renewer between results:
+    a peer that answers some instances and then stalls would otherwise leave those
+    answered unrecorded until the next answer, and a node killed meanwhile would
+    have them sent again by the node taking over its jobs."""
+
+    def __init__(self, jobs: JobStore) -> None:
+        self.jobs = jobs
+        self._lock = threading.Lock()
+        self._pending: list[ItemResult] = []
+        self._flushed_at = time.monotonic()
+
+    def add(self, result: ItemResult) -> None:
+        with self._lock:
+            self._pending.append(result)
+            due = time.monotonic() - self._flushed_at >= _FLUSH_EVERY
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is pending (one transaction; nothing when nothing is). Under the
+        lock: a flush that returns has every earlier result written, whichever thread
+        wrote it, so the claim is settled only after all of them."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            self._flushed_at = time.monotonic()
+            if pending:
+                try:
+                    self.jobs.record_results(pending)
+                except BaseException:
+                    self._pending[:0] = pending  # written by the next flush
+                    raise
+
+
 class _LeaseRenewer(threading.Thread):
     """Keeps a claim's lease alive while it is being sent, whatever the peer does.
 
     Renewing from the send loop would stop while a response is awaited, and a lease
     shorter than a DIMSE timeout would then expire under a live send. Every renewal
-    also reports jobs canceled meanwhile or no longer ours, so the send stops soon.
+    also reports jobs canceled meanwhile or no longer ours, so the send stops soon,
+    and first writes the results not written yet (see :class:`_Results`).
     """
 
-    def __init__(self, jobs: JobStore, claim: Claim, lease: float):
+    def __init__(self, jobs: JobStore, claim: Claim, lease: float, results: _Results):
         super().__init__(name="lease-renewer", daemon=True)
         self.jobs = jobs
         self.claim = claim
         self.lease = lease
+        self.results = results
         self.interval = min(lease / 3, _RENEW_EVERY)
         self.stop_sending = False
         self._done = threading.Event()
@@ -530,6 +560,7 @@ class _LeaseRenewer(threading.Thread):
     def run(self) -> None:
         while not self._done.wait(self.interval):
             try:
+                self.results.flush()
                 if self.jobs.renew(self.claim, self.lease):
                     self.stop_sending = True
             except Exception:
