@@ -53,7 +53,8 @@ LAYERS: dict[str, frozenset[str]] = {
         "web": ("edge",),
         "api": ("web", "observe"),
         # Processes and the command line.
-        "children": ("api", "dispatch"),
+        "receivers": ("receive", "control"),
+        "children": ("api", "dispatch", "receivers"),
         "node": ("children", "receive"),
         "cli": ("node",),
         "__main__": ("cli",),
@@ -84,6 +85,7 @@ LAZY: dict[tuple[str, str], str] = {
     ("dicomrouter.children", "dicomrouter.store"): _CHILD,
     ("dicomrouter.children", "dicomrouter.store.heartbeat"): _CHILD,
     ("dicomrouter.children", "dicomrouter.api.server"): _CHILD,
+    ("dicomrouter.children", "dicomrouter.receivers"): _CHILD,
     ("dicomrouter.api.server", "dicomrouter.edge.context"): _SERVER,
     ("dicomrouter.api.server", "dicomrouter.store"): _SERVER,
     ("dicomrouter.api.server", "dicomrouter.control.versions"): _SERVER,

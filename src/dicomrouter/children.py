@@ -1,4 +1,5 @@
-"""The node's child processes, dispatch and HTTP: starting and supervising them, and
+"""The node's child processes, dispatch, HTTP and the receive processes
+(``dicom.processes`` > 1): starting and supervising them, and
 their entry point (``python -m dicomrouter.children ROLE READY_FD PARENT_PID``).
 
 Why ``subprocess`` and not ``multiprocessing``: its "spawn" start method always
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("dicomrouter")
 
 _PR_SET_PDEATHSIG = 1
+#: Receive processes are children named ``receiver-1``, ``receiver-2``... (the roles
+#: of ``store.heartbeat.receiver_roles``, not imported here: see :func:`main`).
+RECEIVER_ROLE_PREFIX = "receiver-"
 _START_TIMEOUT = 60.0
 
 
@@ -227,6 +231,20 @@ def _dispatch_main(
     os._exit(0)
 
 
+def _receiver_main(
+    config: RouterConfig, config_path: Path | None, ready: Callable[[], None], role: str
+) -> None:
+    """One of ``dicom.processes`` receive processes (``receiver-N``): the node's
+    receiver, bound to the same ports as its siblings (``SO_REUSEPORT``)."""
+    configure_logging(config.log_level, role)
+    # Imported here: each child loads only what its role needs (module docstring).
+    from dicomrouter.receivers import serve_receiver
+
+    serve_receiver(config, config_path, role, on_ready=ready)
+    logging.shutdown()
+    os._exit(0)
+
+
 def _http_main(config: RouterConfig, config_path: Path | None, ready: Callable[[], None]) -> None:
     configure_logging(config.log_level, "http")
     # Imported here: each child loads only what its role needs (module docstring).
@@ -254,7 +272,8 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     _die_with_parent(parent)
-    if role == "http":
+    receiver = role.startswith(RECEIVER_ROLE_PREFIX)
+    if role == "http" or receiver:
         exclude_pixel_libraries()  # before the configuration (and pydicom) is loaded
     config, config_path = pickle.load(sys.stdin.buffer)
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -265,7 +284,10 @@ def main(argv: list[str]) -> None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
 
-    ROLES[role](config, config_path, ready)
+    if receiver:
+        _receiver_main(config, config_path, ready, role)
+    else:
+        ROLES[role](config, config_path, ready)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Run a router node: the receiver in this process; dispatch and HTTP in child processes.
+"""Run a router node: the receiver in this process (or, with ``dicom.processes`` above
+1, in that many child processes sharing the ports); dispatch and HTTP in child processes.
 
 Separate processes because receiving and sending are both CPU-bound Python on the
 GIL: parallel associations in one process gave no gain, separate processes do
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -27,10 +29,10 @@ from dicomrouter.children import ChildProcess
 from dicomrouter.config import ConfigError, RouterConfig
 from dicomrouter.control import versions
 from dicomrouter.observe.metrics import enable_multiprocess
-from dicomrouter.queue import commitment
 from dicomrouter.receive import Receiver
-from dicomrouter.store import InstanceIndex, ObjectStore, audit, create_index_engine
-from dicomrouter.store.heartbeat import RECEIVER, HeartbeatThread
+from dicomrouter.receivers import ReceiverEngines, make_receiver
+from dicomrouter.store import ObjectStore, audit, create_index_engine
+from dicomrouter.store.heartbeat import RECEIVER, HeartbeatThread, receiver_roles
 
 log = logging.getLogger("dicomrouter")
 
@@ -47,21 +49,16 @@ class Node:
         # Before any child starts: they inherit the variable that turns it on.
         enable_multiprocess(self.store.root / ".metrics")
         create_index_engine(config.database_url).dispose()  # create, check or upgrade
-        # The receiver retries a locked index itself, with sub-millisecond sleeps.
-        self.engine = create_index_engine(config.database_url, create=False, busy_timeout_ms=0)
+        self.engines = ReceiverEngines(config.database_url)
         # Versions and audit rows: ordinary transactions that may wait for the lock.
-        self.control_engine = create_index_engine(config.database_url, create=False)
+        self.control_engine = self.engines.control
         self._record_startup_version()
-        control_engine = self.control_engine
-        self.receiver = Receiver(
-            config,
-            self.store,
-            InstanceIndex(self.engine),
-            audit_engine=control_engine,
-            on_event_report=lambda request: commitment.serve_report(
-                control_engine, request, commitment.policies(self.receiver.config.destinations)
-            ),
-        )
+        self.processes = config.dicom.process_count
+        # One receive process: this one. Several: children (started by start()).
+        self.receiver: Receiver | None = None
+        if self.processes == 1:
+            self.receiver = make_receiver(config, self.store, self.engines)
+        self._reserved: list[socket.socket] = []
         self.heartbeat: HeartbeatThread | None = None
         self.children = [ChildProcess("dispatch", (config, config_path))]
         if config.http.enabled:
@@ -142,7 +139,8 @@ class Node:
         """Run on ``config`` here and tell the children, which load the newest
         recorded version (always validated before it was recorded)."""
         assert self.config_path is not None
-        self.receiver.apply(config)
+        if self.receiver is not None:
+            self.receiver.apply(config)
         self.config = config
         logging.getLogger().setLevel(config.log_level)
         for child in self.children:
@@ -174,12 +172,21 @@ class Node:
         swept = self.store.sweep_tmp()
         if swept:
             log.info("removed %d partial file(s) left by interrupted transfers", swept)
-        self.receiver.start()
-        # Its own engine, without the fsync: a heartbeat is no promise, and the write
-        # lock it takes every few seconds is the one each C-STORE needs.
-        beats = create_index_engine(self.config.database_url, create=False, durable_commits=False)
-        self.heartbeat = HeartbeatThread(beats, RECEIVER, self.receiver.health)
-        self.heartbeat.start()
+        if self.receiver is not None:
+            self.receiver.start()
+            # Without the fsync: a heartbeat is no promise, and the write lock it
+            # takes every few seconds is the one each C-STORE needs.
+            self.heartbeat = HeartbeatThread(self.engines.beats, RECEIVER, self.receiver.health)
+            self.heartbeat.start()
+        else:
+            self._reserve_ports()
+            receivers = [
+                ChildProcess(role, (self.config, self.config_path))
+                for role in receiver_roles(self.processes)
+            ]
+            self.children = receivers + self.children  # receivers listen first
+            for child in self.children:
+                child.args = (self.config, self.config_path)
         try:
             for child in self.children:
                 child.start()
@@ -187,17 +194,40 @@ class Node:
             self.stop()
             raise
 
+    def _reserve_ports(self) -> None:
+        """Bind each DICOM port here, with ``SO_REUSEPORT`` and without listening:
+        port 0 becomes a fixed port the receive processes all bind (the configuration
+        they get names it), and the port stays ours while one of them restarts.
+        The kernel hands connections only to listening sockets, never to these."""
+        listener = self.config.dicom
+        family = socket.AF_INET6 if ":" in listener.bind else socket.AF_INET
+        ports: list[int] = []
+        for port in listener.ports:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            self._reserved.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((listener.bind, port))
+            ports.append(int(sock.getsockname()[1]))
+        config = self.config.model_copy(deep=True)
+        if config.dicom.port is not None:
+            config.dicom.port = ports.pop(0)
+        if config.dicom.tls is not None:
+            config.dicom.tls.port = ports.pop(0)
+        self.config = config
+
     def stop(self) -> None:
         if self.heartbeat is not None:
             self.heartbeat.stop()
-            self.heartbeat.engine.dispose()
         for child in self.children:  # all at once: the stops overlap (TimeoutStopSec)
             child.terminate()
-        self.receiver.stop()
+        if self.receiver is not None:
+            self.receiver.stop()
         for child in self.children:
             child.stop()
-        self.engine.dispose()
-        self.control_engine.dispose()
+        for sock in self._reserved:
+            sock.close()
+        self.engines.dispose()
 
     def _sweep_aborted_transfers(self) -> None:
         """Remove partial files of transfers aborted mid-instance. A file still being

@@ -44,6 +44,10 @@ from .transforms import (
 TRANSFER_SYNTAX_NAMES = (*LOSSLESS_SYNTAXES, *LOSSY_SYNTAXES)
 _KNOWN_SYNTAX_UIDS = {uid for uid in (*LOSSLESS_SYNTAXES.values(), *LOSSY_SYNTAXES.values()) if uid}
 
+#: ``dicom.processes``: the default is the CPUs up to this many; never more than the max.
+DEFAULT_MAX_RECEIVE_PROCESSES = 4
+MAX_RECEIVE_PROCESSES = 64
+
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash, 1..16 chars
 
 
@@ -356,6 +360,23 @@ class DicomListenerConfig(_Model):
     network_timeout: Duration = Field(
         120.0, description="Idle network timeout before an inbound association is aborted."
     )
+    processes: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_RECEIVE_PROCESSES,
+        description="Receive processes sharing the DICOM ports (each runs its own "
+        "associations on its own GIL). Unset: the number of CPUs, at most 4. 1: the node "
+        "process receives itself, as before. With several, each enforces its share of "
+        "`max_associations` (divided, rounded up) and the whole `max_associations_per_host`; "
+        "about 45 MB of memory (PSS) each (docs/benchmarks.md). Takes effect at restart.",
+    )
+
+    @property
+    def process_count(self) -> int:
+        """How many receive processes run: ``processes``, or the CPUs (at most 4)."""
+        if self.processes is not None:
+            return self.processes
+        return max(1, min(os.cpu_count() or 1, DEFAULT_MAX_RECEIVE_PROCESSES))
 
     @field_validator("allowed_callers")
     @classmethod

@@ -29,6 +29,14 @@ WRITE_LOCK_KEY = 0x6469636F6D727472
 WRITE_LOCK_SQL = f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
 
 
+def begin_write_sql(dialect_name: str) -> str | None:
+    """What opens a write transaction on a raw DBAPI connection of the index. SQLite
+    connections run with ``isolation_level = None`` (each statement commits on its
+    own) so a transaction of several statements starts with ``BEGIN IMMEDIATE`` (the
+    write lock up-front); psycopg opens one implicitly: None."""
+    return "BEGIN IMMEDIATE" if dialect_name == SQLITE else None
+
+
 def sqlstate(exc: BaseException) -> str | None:
     """The SQLSTATE of a DBAPI error, or of the one an SQLAlchemy error wraps (psycopg
     sets it; sqlite3 has none)."""

@@ -42,4 +42,3 @@ def upgrade() -> None:
             sa.Column("probe_until", sa.Float, nullable=True),
         ],
     )
-
