@@ -21,6 +21,7 @@ import os
 import pickle
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -58,8 +59,12 @@ class ChildProcess:
     """A supervised child process: started with a readiness handshake, restarted
     with backoff when it dies (up to every 5 min for one that keeps dying)."""
 
-    def __init__(self, name: str, args: tuple[Any, ...]):
+    def __init__(self, name: str, args: tuple[Any, ...], channel: bool = False):
+        """``channel``: give the child one end of a new Unix socket pair at each start
+        (its descriptor is the last argument); :attr:`channel` is ours."""
         self.name, self.args = name, args
+        self.wants_channel = channel
+        self.channel: socket.socket | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self._restart_delay, self._last_restart, self._next_restart = 1.0, 0.0, 0.0
         self._terminated: subprocess.Popen[bytes] | None = None  # the one sent SIGTERM
@@ -68,17 +73,27 @@ class ChildProcess:
         ready_r, ready_w = os.pipe()
         command = [sys.executable, "-m", "dicomrouter.children", self.name]
         command += [str(ready_w), str(os.getpid())]
+        passed = [ready_w]
+        theirs: socket.socket | None = None
+        if self.wants_channel:
+            if self.channel is not None:
+                self.channel.close()
+            self.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            command.append(str(theirs.fileno()))
+            passed.append(theirs.fileno())
         # Blocked signals are inherited: the child starts immune to SIGHUP until it
         # can handle it (a reload during its start-up must not kill it).
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         try:
-            self.process = subprocess.Popen(command, stdin=subprocess.PIPE, pass_fds=(ready_w,))
+            self.process = subprocess.Popen(command, stdin=subprocess.PIPE, pass_fds=passed)
         except BaseException:
             os.close(ready_r)
             raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
             os.close(ready_w)  # the child holds its own copy
+            if theirs is not None:
+                theirs.close()
         try:
             assert self.process.stdin is not None
             try:
@@ -232,15 +247,20 @@ def _dispatch_main(
 
 
 def _receiver_main(
-    config: RouterConfig, config_path: Path | None, ready: Callable[[], None], role: str
+    config: RouterConfig,
+    config_path: Path | None,
+    ready: Callable[[], None],
+    role: str,
+    channel: socket.socket | None,
 ) -> None:
     """One of ``dicom.processes`` receive processes (``receiver-N``): the node's
-    receiver, bound to the same ports as its siblings (``SO_REUSEPORT``)."""
+    receiver, bound to the same ports as its siblings (``SO_REUSEPORT``), or serving
+    what the node accepts and hands over ``channel``."""
     configure_logging(config.log_level, role)
     # Imported here: each child loads only what its role needs (module docstring).
     from dicomrouter.receivers import serve_receiver
 
-    serve_receiver(config, config_path, role, on_ready=ready)
+    serve_receiver(config, config_path, role, on_ready=ready, channel=channel)
     logging.shutdown()
     os._exit(0)
 
@@ -285,7 +305,8 @@ def main(argv: list[str]) -> None:
         os.close(ready_fd)
 
     if receiver:
-        _receiver_main(config, config_path, ready, role)
+        channel = socket.socket(fileno=int(argv[3])) if len(argv) > 3 else None
+        _receiver_main(config, config_path, ready, role, channel)
     else:
         ROLES[role](config, config_path, ready)
 

@@ -18,6 +18,7 @@ version: what they run is always what this process validated.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import threading
@@ -28,6 +29,7 @@ from types import FrameType
 from dicomrouter.children import ChildProcess
 from dicomrouter.config import ConfigError, RouterConfig
 from dicomrouter.control import versions
+from dicomrouter.dicomnet.handoff import Acceptor
 from dicomrouter.observe.metrics import enable_multiprocess
 from dicomrouter.receive import Receiver
 from dicomrouter.receivers import ReceiverEngines, make_receiver
@@ -59,6 +61,7 @@ class Node:
         if self.processes == 1:
             self.receiver = make_receiver(config, self.store, self.engines)
         self._reserved: list[socket.socket] = []
+        self._handoff: Acceptor | None = None
         self.heartbeat: HeartbeatThread | None = None
         self.children = [ChildProcess("dispatch", (config, config_path))]
         if config.http.enabled:
@@ -179,26 +182,38 @@ class Node:
             self.heartbeat = HeartbeatThread(self.engines.beats, RECEIVER, self.receiver.health)
             self.heartbeat.start()
         else:
-            self._reserve_ports()
+            handoff = os.environ.get("DICOMROUTER_RECEIVE_HANDOFF") == "1"
+            self._bind_ports(listen=handoff)
             receivers = [
-                ChildProcess(role, (self.config, self.config_path))
+                ChildProcess(role, (self.config, self.config_path), channel=handoff)
                 for role in receiver_roles(self.processes)
             ]
+            if handoff:
+                self._handoff = Acceptor(
+                    [
+                        (sock, n == 1 or self.config.dicom.port is None)
+                        for n, sock in enumerate(self._reserved)
+                    ],
+                    lambda: [c.channel for c in receivers if c.channel is not None and c.alive()],
+                )
             self.children = receivers + self.children  # receivers listen first
             for child in self.children:
                 child.args = (self.config, self.config_path)
         try:
             for child in self.children:
                 child.start()
+            if self._handoff is not None:
+                self._handoff.start()
         except BaseException:
             self.stop()
             raise
 
-    def _reserve_ports(self) -> None:
+    def _bind_ports(self, listen: bool) -> None:
         """Bind each DICOM port here, with ``SO_REUSEPORT`` and without listening:
         port 0 becomes a fixed port the receive processes all bind (the configuration
         they get names it), and the port stays ours while one of them restarts.
-        The kernel hands connections only to listening sockets, never to these."""
+        The kernel hands connections only to listening sockets, never to these.
+        ``listen``: listen here instead (this process accepts and hands over)."""
         listener = self.config.dicom
         family = socket.AF_INET6 if ":" in listener.bind else socket.AF_INET
         ports: list[int] = []
@@ -206,8 +221,11 @@ class Node:
             sock = socket.socket(family, socket.SOCK_STREAM)
             self._reserved.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if not listen:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((listener.bind, port))
+            if listen:
+                sock.listen(64)
             ports.append(int(sock.getsockname()[1]))
         config = self.config.model_copy(deep=True)
         if config.dicom.port is not None:
@@ -219,6 +237,8 @@ class Node:
     def stop(self) -> None:
         if self.heartbeat is not None:
             self.heartbeat.stop()
+        if self._handoff is not None:
+            self._handoff.stop()
         for child in self.children:  # all at once: the stops overlap (TimeoutStopSec)
             child.terminate()
         if self.receiver is not None:
