@@ -18,7 +18,7 @@ import pytest
 from pydicom import dcmread
 
 from tests.support.dcmtk import HOST, StoreSCP, dcmtk_env, dcmtk_tool, sop_uids
-from tests.support.router import AE_TITLE, RouterProcess, all_settled, wait_until
+from tests.support.router import AE_TITLE, RouterProcess, all_settled, node_children, wait_until
 from tests.support.synth import make_small_study
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(300)]
@@ -63,14 +63,7 @@ def _acknowledged(output: str) -> list[str]:
 def _children(router: RouterProcess) -> dict[str, int]:
     """Role -> pid of the node's live child processes."""
     assert router.process is not None
-    pids = subprocess.run(
-        ["pgrep", "-P", str(router.process.pid)], capture_output=True, text=True
-    ).stdout.split()
-    roles = {}
-    for pid in pids:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        roles[argv[argv.index(b"dicomrouter.children") + 1].decode()] = int(pid)
-    return roles
+    return node_children(router.process.pid)
 
 
 def _readyz(router: RouterProcess) -> dict[str, Any]:
@@ -87,8 +80,9 @@ def test_four_modalities_at_once_on_two_receive_processes_are_stored_and_routed(
 ) -> None:
     studies = _studies(tmp_path / "in", 4, 25)
     with RouterProcess(tmp_path / "router", _to(pacs, 2)) as router:
+        # The node receives (receiver-1); receiver-2 is forked from it.
         roles = _children(router)
-        assert sorted(roles) == ["dispatch", "http", "receiver-1", "receiver-2"]
+        assert sorted(roles) == ["dispatch", "http", "receiver-2"]
         senders = [_storescu(router.port, files, f"CT{n}") for n, files in enumerate(studies)]
         outputs = [sender.communicate(timeout=240)[0] for sender in senders]
         for sender, output in zip(senders, outputs, strict=True):
@@ -105,23 +99,23 @@ def test_a_killed_receive_process_is_restarted_and_the_port_keeps_serving(
     tmp_path: Path, pacs: StoreSCP
 ) -> None:
     with RouterProcess(tmp_path / "router", _to(pacs, 2)) as router:
-        killed = _children(router)["receiver-1"]
+        killed = _children(router)["receiver-2"]
         os.kill(killed, signal.SIGKILL)
         # The other receive process still listens on the port meanwhile.
         first = make_small_study(tmp_path / "first", 5)
         assert router.send(first).returncode == 0
         wait_until(
-            lambda: router.log().count("receiver-1 process started") == 2,
+            lambda: router.log().count("receiver-2 process started") == 2,
             60,
-            message="receiver-1 restarted",
+            message="receiver-2 restarted",
         )
-        assert "receiver-1 process exited unexpectedly" in router.log()
-        restarted = _children(router)["receiver-1"]
+        assert "receiver-2 process exited unexpectedly" in router.log()
+        restarted = _children(router)["receiver-2"]
         assert restarted != killed
         wait_until(
-            lambda: _readyz(router)["checks"]["receiver-1"].get("pid") == restarted,
+            lambda: _readyz(router)["checks"]["receiver-2"].get("pid") == restarted,
             30,
-            message="the new receiver-1 heartbeat",
+            message="the new receiver-2 heartbeat",
         )
         assert _readyz(router)["status"] == "ready"
         # Several associations, so that both processes serve some after the restart.

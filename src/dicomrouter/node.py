@@ -17,24 +17,27 @@ version: what they run is always what this process validated.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from dicomrouter.children import ChildProcess
+from dicomrouter.children import ChildProcess, ForkTarget
 from dicomrouter.config import ConfigError, RouterConfig
 from dicomrouter.control import versions
 from dicomrouter.dicomnet.handoff import Acceptor
+from dicomrouter.observe.logs import configure_logging
 from dicomrouter.observe.metrics import enable_multiprocess
 from dicomrouter.receive import Receiver
-from dicomrouter.receivers import ReceiverEngines, make_receiver
+from dicomrouter.receivers import ReceiverEngines, make_receiver, serve_receiver
 from dicomrouter.store import ObjectStore, audit, create_index_engine
-from dicomrouter.store.heartbeat import RECEIVER, HeartbeatThread, receiver_roles
+from dicomrouter.store.heartbeat import HeartbeatThread, receiver_roles
 
 log = logging.getLogger("dicomrouter")
 
@@ -56,10 +59,13 @@ class Node:
         self.control_engine = self.engines.control
         self._record_startup_version()
         self.processes = config.dicom.process_count
-        # One receive process: this one. Several: children (started by start()).
+        # This process receives, and with dicom.processes N > 1 so do N - 1 children
+        # forked from it (start()), all on the same ports. (The hand-off variant, a
+        # measurement: the node accepts for N children and does not receive itself.)
+        handoff = self.processes > 1 and os.environ.get("DICOMROUTER_RECEIVE_HANDOFF") == "1"
         self.receiver: Receiver | None = None
-        if self.processes == 1:
-            self.receiver = make_receiver(config, self.store, self.engines)
+        if not handoff:
+            self.receiver = make_receiver(config, self.store, self.engines, self.processes)
         self._reserved: list[socket.socket] = []
         self._handoff: Acceptor | None = None
         self.heartbeat: HeartbeatThread | None = None
@@ -177,18 +183,25 @@ class Node:
             log.info("removed %d partial file(s) left by interrupted transfers", swept)
         if self.receiver is not None:
             self.receiver.start()
+            roles = receiver_roles(self.processes)
             # Without the fsync: a heartbeat is no promise, and the write lock it
             # takes every few seconds is the one each C-STORE needs.
-            self.heartbeat = HeartbeatThread(self.engines.beats, RECEIVER, self.receiver.health)
+            self.heartbeat = HeartbeatThread(self.engines.beats, roles[0], self.receiver.health)
             self.heartbeat.start()
+            if len(roles) > 1:
+                self.config = self._on_bound_ports(self.receiver)
+                forked = [ChildProcess(role, (), fork=self._receive_as(role)) for role in roles[1:]]
+                self.children = forked + self.children  # receive first
+                for child in self.children[len(forked) :]:
+                    child.args = (self.config, self.config_path)
+                gc.freeze()  # what is imported now stays shared with the forked children
         else:
-            handoff = os.environ.get("DICOMROUTER_RECEIVE_HANDOFF") == "1"
-            self._bind_ports(listen=handoff)
+            self._bind_ports(listen=True)
             receivers = [
-                ChildProcess(role, (self.config, self.config_path), channel=handoff)
+                ChildProcess(role, (self.config, self.config_path), channel=True)
                 for role in receiver_roles(self.processes)
             ]
-            if handoff:
+            if True:
                 self._handoff = Acceptor(
                     [
                         (sock, n == 1 or self.config.dicom.port is None)
@@ -207,6 +220,31 @@ class Node:
         except BaseException:
             self.stop()
             raise
+
+    def _on_bound_ports(self, receiver: Receiver) -> RouterConfig:
+        """The configuration with the ports the receiver is bound to (``port: 0``
+        becomes the one it got): the port every receive process binds."""
+        config = self.config.model_copy(deep=True)
+        for listener in receiver.listeners:
+            port = listener.address[1]
+            if listener.tls is not None and config.dicom.tls is not None:
+                config.dicom.tls.port = port
+            else:
+                config.dicom.port = port
+        return config
+
+    def _receive_as(self, role: str) -> ForkTarget:
+        """What receive process ``role`` runs once forked: the newest configuration
+        this process runs, a receiver of its own on the same ports."""
+
+        def run(ready: Callable[[], None]) -> None:
+            assert self.receiver is not None
+            for listener in self.receiver.listeners:  # ours: the child binds its own
+                listener.sock.close()
+            configure_logging(self.config.log_level, role)
+            serve_receiver(self.config, self.config_path, role, on_ready=ready)
+
+        return run
 
     def _bind_ports(self, listen: bool) -> None:
         """Bind each DICOM port here, with ``SO_REUSEPORT`` and without listening:

@@ -166,6 +166,11 @@ class Receiver:
         return self._acceptor.address
 
     @property
+    def listeners(self) -> list[Listener]:
+        """The bound ports (none before ``start()``, or when connections are handed over)."""
+        return list(self._acceptor.listeners) if self._acceptor is not None else []
+
+    @property
     def tls_address(self) -> tuple[str, int] | None:
         """Where the TLS listener is bound, if there is one."""
         assert self._acceptor is not None
