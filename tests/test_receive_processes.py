@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydicom import dcmread
 
 from tests.support.dcmtk import HOST, StoreSCP, dcmtk_env, dcmtk_tool, sop_uids
@@ -167,3 +168,25 @@ def _count_rows(storage: Path) -> int:
             return int(conn.execute("SELECT count(*) FROM instances").fetchone()[0])
     except sqlite3.Error:
         return 0
+
+
+def test_sighup_reaches_every_receive_process(tmp_path: Path, pacs: StoreSCP) -> None:
+    """A reload that stops accepting a caller applies in each receive process: none
+    of several associations from it (spread over the processes by the kernel) gets
+    through, and each process logs the version it now runs."""
+    files = make_small_study(tmp_path / "in", 1)
+    with RouterProcess(tmp_path / "router", _to(pacs, 2)) as router:
+        assert router.send(files, calling="OLDCT").returncode == 0
+        config = router.config
+        config["dicom"]["allowed_callers"] = ["NEWCT"]
+        router.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        assert router.process is not None
+        router.process.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda: "receiver-2 runs on configuration version 2" in router.log(),
+            60,
+            message="receiver-2 reloaded",
+        )
+        refused = [router.send(files, calling="OLDCT").returncode for _ in range(8)]
+        assert all(code != 0 for code in refused), refused
+        assert router.send(files, calling="NEWCT").returncode == 0
