@@ -18,9 +18,18 @@ import pytest
 import yaml
 from pydicom import dcmread
 
-from tests.support.dcmtk import HOST, StoreSCP, dcmtk_env, dcmtk_tool, sop_uids
-from tests.support.router import AE_TITLE, RouterProcess, all_settled, node_children, wait_until
+from tests.support.dcmtk import HOST, StoreSCP, dcmtk_env, dcmtk_tool, free_port, sop_uids
+from tests.support.pki import Pki
+from tests.support.router import (
+    AE_TITLE,
+    RouterProcess,
+    all_settled,
+    node_children,
+    storescu,
+    wait_until,
+)
 from tests.support.synth import make_small_study
+from tests.test_dicom_tls import router_tls, tls_options
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(300)]
 
@@ -190,3 +199,24 @@ def test_sighup_reaches_every_receive_process(tmp_path: Path, pacs: StoreSCP) ->
         refused = [router.send(files, calling="OLDCT").returncode for _ in range(8)]
         assert all(code != 0 for code in refused), refused
         assert router.send(files, calling="NEWCT").returncode == 0
+
+
+def test_each_receive_process_serves_the_tls_listener(
+    tmp_path: Path, pacs: StoreSCP, pki: Pki
+) -> None:
+    tls_port = free_port()
+    config = _to(pacs, 2)
+    config["dicom"]["tls"] = router_tls(pki, tls_port)
+    client = tls_options(pki, pki.client_cert, pki.client_key)
+    with RouterProcess(tmp_path / "router", config) as router:
+        lines = router.log().splitlines()
+        for role in ("MainProcess", "receiver-2"):
+            line = next(x for x in lines if f"{role} dicomrouter.receive: listening" in x)
+            assert f":{tls_port} (TLS)" in line, line
+        sent: set[str] = set()
+        for run in range(6):
+            files = make_small_study(tmp_path / f"in{run}", 2)
+            result = storescu(files, tls_port, calling=f"CT{run}", extra=client)
+            assert result.returncode == 0, result.stderr
+            sent |= sop_uids(files)
+        wait_until(lambda: pacs.received_sops() == sent, 90, message="12 delivered")
