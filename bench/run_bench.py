@@ -91,7 +91,6 @@ LEGS = {
     "direct_tls": "e. direct, TLS",
     "router_pg": "f. dicomrouter, PostgreSQL index",
     "router_p2": "g. dicomrouter, 2 receive processes",
-    "router_p2h": "h. dicomrouter, 2 receive processes, hand-off",
 }
 TLS_LEGS = ("router_tls", "direct_tls")
 DEFAULT_LEGS = "direct,orthanc,router,router_tls,direct_tls"
@@ -375,7 +374,6 @@ def router(
     destination: dict[str, Any] | None = None,
     database: str | None = None,
     processes: int = 1,
-    handoff: bool = False,
 ) -> Iterator[tuple[int, int]]:
     """A fresh ``python -m dicomrouter serve`` forwarding everything to ``dest_port``.
     Yields (the port to send to, the router's pid). With ``tls``, that port is a
@@ -385,9 +383,7 @@ def router(
     replaces the DICOM destination (another kind: ``dest_port`` is then unused).
     ``database``: the index's URL (default: SQLite in the storage folder).
     ``processes``: ``dicom.processes`` (the legs but ``router_p2`` pin 1, the
-    single receiver they always measured, whatever the machine's default).
-    ``handoff``: the node accepts and hands connections to them (instead of
-    ``SO_REUSEPORT``), the variant measured against it."""
+    single receiver they always measured, whatever the machine's default)."""
     port, http_port = free_port(), free_port()
     storage = workdir / f"{name}-router-storage"
     shutil.rmtree(storage, ignore_errors=True)
@@ -426,7 +422,7 @@ def router(
     proc = subprocess.Popen(
         [sys.executable, "-m", "dicomrouter", "serve", "--config", str(config_path)],
         cwd=workdir,
-        env={**_env(), "DICOMROUTER_RECEIVE_HANDOFF": "1" if handoff else "0"},
+        env=_env(),
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -581,7 +577,6 @@ def run_router(
     tls: bool = False,
     database: str | None = None,
     processes: int = 1,
-    handoff: bool = False,
 ) -> tuple[float, int | None]:
     """``memory``, when given, receives the peak PSS of the router's processes too;
     ``tls``: storescu sends over DICOM TLS to the router's ``dicom.tls`` listener (the
@@ -589,7 +584,6 @@ def run_router(
     ``processes``: its ``dicom.processes``."""
     name = "router_pg" if database else "router_tls" if tls else "router"
     name += f"_p{processes}" if processes > 1 else ""
-    name += "h" if handoff else ""
     options = client_tls_options(workdir) if tls else []
     with (
         storescp(workdir, name, fork=len(sources) > 1) as (dest_port, outdir),
@@ -600,7 +594,6 @@ def run_router(
             tls=tls,
             database=database,
             processes=processes,
-            handoff=handoff,
         ) as (
             port,
             pid,
@@ -635,13 +628,6 @@ def run_router_p2(
     return run_router(workdir, sources, n, timeout, processes=2)
 
 
-def run_router_p2h(
-    workdir: Path, sources: list[Path], n: int, timeout: float
-) -> tuple[float, int | None]:
-    """Two receive processes, the node accepting and handing connections over."""
-    return run_router(workdir, sources, n, timeout, processes=2, handoff=True)
-
-
 #: The PostgreSQL server of the ``router_pg`` leg (main() starts it when selected).
 _POSTGRES: list[Postgres] = []
 
@@ -663,7 +649,6 @@ RUNNERS = {
     "direct_tls": run_direct_tls,
     "router_pg": run_router_pg,
     "router_p2": run_router_p2,
-    "router_p2h": run_router_p2h,
 }
 
 # Throughput ratios reported (first / second): the router against its ceiling and its
@@ -678,7 +663,6 @@ RATIOS = (
     ("router_p2", "direct"),
     ("router_p2", "orthanc"),
     ("router_p2", "router"),
-    ("router_p2h", "router_p2"),
 )
 
 
@@ -970,15 +954,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     legs: dict[str, str | None] = {}
     no_router = (
-        router_unavailable()
-        if {"router", "router_tls", "router_p2", "router_p2h"} & set(wanted)
-        else None
+        router_unavailable() if {"router", "router_tls", "router_p2"} & set(wanted) else None
     )
     no_tls = tls_unavailable() if set(TLS_LEGS) & set(wanted) else None
     for leg in wanted:
         if leg == "orthanc":
             legs[leg] = None if orthanc_executable() else "Orthanc not installed"
-        elif leg in ("router", "router_p2", "router_p2h"):
+        elif leg in ("router", "router_p2"):
             legs[leg] = no_router
         elif leg == "router_tls":
             legs[leg] = no_router or no_tls

@@ -54,8 +54,8 @@ LAYERS: dict[str, frozenset[str]] = {
         "api": ("web", "observe"),
         # Processes and the command line.
         "receivers": ("receive", "control"),
-        "children": ("api", "dispatch", "receivers"),
-        "node": ("children", "receive"),
+        "children": ("api", "dispatch"),
+        "node": ("children", "receivers"),
         "cli": ("node",),
         "__main__": ("cli",),
     }.items()
@@ -85,7 +85,6 @@ LAZY: dict[tuple[str, str], str] = {
     ("dicomrouter.children", "dicomrouter.store"): _CHILD,
     ("dicomrouter.children", "dicomrouter.store.heartbeat"): _CHILD,
     ("dicomrouter.children", "dicomrouter.api.server"): _CHILD,
-    ("dicomrouter.children", "dicomrouter.receivers"): _CHILD,
     ("dicomrouter.api.server", "dicomrouter.edge.context"): _SERVER,
     ("dicomrouter.api.server", "dicomrouter.store"): _SERVER,
     ("dicomrouter.api.server", "dicomrouter.control.versions"): _SERVER,

@@ -40,7 +40,6 @@ def test_children_stop_together() -> None:
     node.heartbeat = None
     node.receiver = _Quiet()  # type: ignore[assignment]
     node.engines = _Quiet()  # type: ignore[assignment]
-    node._handoff, node._reserved = None, []
     node.children = [_slow_child("dispatch", 2.0), _slow_child("http", 2.0)]
     started = time.monotonic()
     node.stop()

@@ -1,5 +1,5 @@
-"""The node's child processes, dispatch, HTTP and the receive processes
-(``dicom.processes`` > 1): starting and supervising them, and
+"""The node's child processes, dispatch, HTTP and the receive processes forked from
+the node (``dicom.processes`` > 1): starting and supervising them, and
 their entry point (``python -m dicomrouter.children ROLE READY_FD PARENT_PID``).
 
 Why ``subprocess`` and not ``multiprocessing``: its "spawn" start method always
@@ -8,6 +8,8 @@ have no use for, and its child unpickles a function of ``dicomrouter.node``, so
 every child imported the receiver and everything it needs. Here each child imports
 what its role needs and nothing else. The configuration reaches the child pickled on
 its stdin (our own code on both ends); readiness comes back as one byte on a pipe.
+The receive processes are the exception: they need exactly what the node imported,
+so they are forked from it (``os.fork``, :class:`Forked`) and share those pages.
 
 Pixel libraries stay out of the processes that never decode pixel data (the node,
 which receives, and the HTTP service): see :func:`exclude_pixel_libraries`.
@@ -21,7 +23,6 @@ import os
 import pickle
 import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,9 +41,6 @@ log = logging.getLogger("dicomrouter")
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
-#: Receive processes are children named ``receiver-1``, ``receiver-2``... (the roles
-#: of ``store.heartbeat.receiver_roles``, not imported here: see :func:`main`).
-RECEIVER_ROLE_PREFIX = "receiver-"
 _START_TIMEOUT = 60.0
 
 
@@ -99,22 +97,12 @@ class ChildProcess:
     """A supervised child process: started with a readiness handshake, restarted
     with backoff when it dies (up to every 5 min for one that keeps dying)."""
 
-    def __init__(
-        self,
-        name: str,
-        args: tuple[Any, ...],
-        channel: bool = False,
-        fork: ForkTarget | None = None,
-    ):
-        """``channel``: give the child one end of a new Unix socket pair at each start
-        (its descriptor is the last argument); :attr:`channel` is ours.
-        ``fork``: make the child with ``os.fork`` and run this in it (``args`` unused):
+    def __init__(self, name: str, args: tuple[Any, ...], fork: ForkTarget | None = None):
+        """``fork``: make the child with ``os.fork`` and run this in it (``args`` unused):
         a receive process shares the pages of the modules this process imported,
         instead of importing its own copy (docs/benchmarks.md: 50 MB less PSS each)."""
         self.name, self.args = name, args
-        self.wants_channel = channel
         self.fork = fork
-        self.channel: socket.socket | None = None
         self.process: subprocess.Popen[bytes] | Forked | None = None
         self._restart_delay, self._last_restart, self._next_restart = 1.0, 0.0, 0.0
         self._terminated: subprocess.Popen[bytes] | Forked | None = None  # the one sent SIGTERM
@@ -126,27 +114,17 @@ class ChildProcess:
         ready_r, ready_w = os.pipe()
         command = [sys.executable, "-m", "dicomrouter.children", self.name]
         command += [str(ready_w), str(os.getpid())]
-        passed = [ready_w]
-        theirs: socket.socket | None = None
-        if self.wants_channel:
-            if self.channel is not None:
-                self.channel.close()
-            self.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            command.append(str(theirs.fileno()))
-            passed.append(theirs.fileno())
         # Blocked signals are inherited: the child starts immune to SIGHUP until it
         # can handle it (a reload during its start-up must not kill it).
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         try:
-            self.process = subprocess.Popen(command, stdin=subprocess.PIPE, pass_fds=passed)
+            self.process = subprocess.Popen(command, stdin=subprocess.PIPE, pass_fds=(ready_w,))
         except BaseException:
             os.close(ready_r)
             raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
             os.close(ready_w)  # the child holds its own copy
-            if theirs is not None:
-                theirs.close()
         try:
             assert isinstance(self.process, subprocess.Popen) and self.process.stdin is not None
             try:
@@ -350,25 +328,6 @@ def _dispatch_main(
     os._exit(0)
 
 
-def _receiver_main(
-    config: RouterConfig,
-    config_path: Path | None,
-    ready: Callable[[], None],
-    role: str,
-    channel: socket.socket | None,
-) -> None:
-    """One of ``dicom.processes`` receive processes (``receiver-N``): the node's
-    receiver, bound to the same ports as its siblings (``SO_REUSEPORT``), or serving
-    what the node accepts and hands over ``channel``."""
-    configure_logging(config.log_level, role)
-    # Imported here: each child loads only what its role needs (module docstring).
-    from dicomrouter.receivers import serve_receiver
-
-    serve_receiver(config, config_path, role, on_ready=ready, channel=channel)
-    logging.shutdown()
-    os._exit(0)
-
-
 def _http_main(config: RouterConfig, config_path: Path | None, ready: Callable[[], None]) -> None:
     configure_logging(config.log_level, "http")
     # Imported here: each child loads only what its role needs (module docstring).
@@ -396,8 +355,7 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     _die_with_parent(parent)
-    receiver = role.startswith(RECEIVER_ROLE_PREFIX)
-    if role == "http" or receiver:
+    if role == "http":
         exclude_pixel_libraries()  # before the configuration (and pydicom) is loaded
     config, config_path = pickle.load(sys.stdin.buffer)
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -408,11 +366,7 @@ def main(argv: list[str]) -> None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
 
-    if receiver:
-        channel = socket.socket(fileno=int(argv[3])) if len(argv) > 3 else None
-        _receiver_main(config, config_path, ready, role, channel)
-    else:
-        ROLES[role](config, config_path, ready)
+    ROLES[role](config, config_path, ready)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Run a router node: the receiver in this process (or, with ``dicom.processes`` above
-1, in that many child processes sharing the ports); dispatch and HTTP in child processes.
+"""Run a router node: the receiver in this process (and, with ``dicom.processes`` N above
+1, in N - 1 processes forked from it, on the same ports); dispatch and HTTP in child
+processes.
 
 Separate processes because receiving and sending are both CPU-bound Python on the
 GIL: parallel associations in one process gave no gain, separate processes do
@@ -19,9 +20,7 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +30,6 @@ from types import FrameType
 from dicomrouter.children import ChildProcess, ForkTarget
 from dicomrouter.config import ConfigError, RouterConfig
 from dicomrouter.control import versions
-from dicomrouter.dicomnet.handoff import Acceptor
 from dicomrouter.observe.logs import configure_logging
 from dicomrouter.observe.metrics import enable_multiprocess
 from dicomrouter.receive import Receiver
@@ -60,14 +58,8 @@ class Node:
         self._record_startup_version()
         self.processes = config.dicom.process_count
         # This process receives, and with dicom.processes N > 1 so do N - 1 children
-        # forked from it (start()), all on the same ports. (The hand-off variant, a
-        # measurement: the node accepts for N children and does not receive itself.)
-        handoff = self.processes > 1 and os.environ.get("DICOMROUTER_RECEIVE_HANDOFF") == "1"
-        self.receiver: Receiver | None = None
-        if not handoff:
-            self.receiver = make_receiver(config, self.store, self.engines, self.processes)
-        self._reserved: list[socket.socket] = []
-        self._handoff: Acceptor | None = None
+        # forked from it (start()), all on the same ports (SO_REUSEPORT).
+        self.receiver = make_receiver(config, self.store, self.engines, self.processes)
         self.heartbeat: HeartbeatThread | None = None
         self.children = [ChildProcess("dispatch", (config, config_path))]
         if config.http.enabled:
@@ -148,8 +140,7 @@ class Node:
         """Run on ``config`` here and tell the children, which load the newest
         recorded version (always validated before it was recorded)."""
         assert self.config_path is not None
-        if self.receiver is not None:
-            self.receiver.apply(config)
+        self.receiver.apply(config)
         self.config = config
         logging.getLogger().setLevel(config.log_level)
         for child in self.children:
@@ -181,42 +172,22 @@ class Node:
         swept = self.store.sweep_tmp()
         if swept:
             log.info("removed %d partial file(s) left by interrupted transfers", swept)
-        if self.receiver is not None:
-            self.receiver.start()
-            roles = receiver_roles(self.processes)
-            # Without the fsync: a heartbeat is no promise, and the write lock it
-            # takes every few seconds is the one each C-STORE needs.
-            self.heartbeat = HeartbeatThread(self.engines.beats, roles[0], self.receiver.health)
-            self.heartbeat.start()
-            if len(roles) > 1:
-                self.config = self._on_bound_ports(self.receiver)
-                forked = [ChildProcess(role, (), fork=self._receive_as(role)) for role in roles[1:]]
-                self.children = forked + self.children  # receive first
-                for child in self.children[len(forked) :]:
-                    child.args = (self.config, self.config_path)
-                gc.freeze()  # what is imported now stays shared with the forked children
-        else:
-            self._bind_ports(listen=True)
-            receivers = [
-                ChildProcess(role, (self.config, self.config_path), channel=True)
-                for role in receiver_roles(self.processes)
-            ]
-            if True:
-                self._handoff = Acceptor(
-                    [
-                        (sock, n == 1 or self.config.dicom.port is None)
-                        for n, sock in enumerate(self._reserved)
-                    ],
-                    lambda: [c.channel for c in receivers if c.channel is not None and c.alive()],
-                )
-            self.children = receivers + self.children  # receivers listen first
-            for child in self.children:
+        self.receiver.start()
+        roles = receiver_roles(self.processes)
+        # Without the fsync: a heartbeat is no promise, and the write lock it takes
+        # every few seconds is the one each C-STORE needs.
+        self.heartbeat = HeartbeatThread(self.engines.beats, roles[0], self.receiver.health)
+        self.heartbeat.start()
+        if len(roles) > 1:
+            self.config = self._on_bound_ports(self.receiver)
+            forked = [ChildProcess(role, (), fork=self._receive_as(role)) for role in roles[1:]]
+            self.children = forked + self.children  # receive first
+            for child in self.children[len(forked) :]:
                 child.args = (self.config, self.config_path)
+            gc.freeze()  # what is imported now stays shared with the forked children
         try:
             for child in self.children:
                 child.start()
-            if self._handoff is not None:
-                self._handoff.start()
         except BaseException:
             self.stop()
             raise
@@ -238,7 +209,6 @@ class Node:
         this process runs, a receiver of its own on the same ports."""
 
         def run(ready: Callable[[], None]) -> None:
-            assert self.receiver is not None
             for listener in self.receiver.listeners:  # ours: the child binds its own
                 listener.sock.close()
             configure_logging(self.config.log_level, role)
@@ -246,45 +216,14 @@ class Node:
 
         return run
 
-    def _bind_ports(self, listen: bool) -> None:
-        """Bind each DICOM port here, with ``SO_REUSEPORT`` and without listening:
-        port 0 becomes a fixed port the receive processes all bind (the configuration
-        they get names it), and the port stays ours while one of them restarts.
-        The kernel hands connections only to listening sockets, never to these.
-        ``listen``: listen here instead (this process accepts and hands over)."""
-        listener = self.config.dicom
-        family = socket.AF_INET6 if ":" in listener.bind else socket.AF_INET
-        ports: list[int] = []
-        for port in listener.ports:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            self._reserved.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if not listen:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((listener.bind, port))
-            if listen:
-                sock.listen(64)
-            ports.append(int(sock.getsockname()[1]))
-        config = self.config.model_copy(deep=True)
-        if config.dicom.port is not None:
-            config.dicom.port = ports.pop(0)
-        if config.dicom.tls is not None:
-            config.dicom.tls.port = ports.pop(0)
-        self.config = config
-
     def stop(self) -> None:
         if self.heartbeat is not None:
             self.heartbeat.stop()
-        if self._handoff is not None:
-            self._handoff.stop()
         for child in self.children:  # all at once: the stops overlap (TimeoutStopSec)
             child.terminate()
-        if self.receiver is not None:
-            self.receiver.stop()
+        self.receiver.stop()
         for child in self.children:
             child.stop()
-        for sock in self._reserved:
-            sock.close()
         self.engines.dispose()
 
     def _sweep_aborted_transfers(self) -> None:

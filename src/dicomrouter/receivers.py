@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -52,7 +51,6 @@ def make_receiver(
     store: ObjectStore,
     engines: ReceiverEngines,
     processes: int = 1,
-    channel: socket.socket | None = None,
 ) -> Receiver:
     """The receiver, answering storage commitment reports from ``engines.control``."""
     control: Engine = engines.control
@@ -69,7 +67,6 @@ def make_receiver(
         audit_engine=control,
         on_event_report=on_event_report,
         processes=processes,
-        channel=channel,
     )
     return receiver
 
@@ -79,7 +76,6 @@ def serve_receiver(
     config_path: Path | None,
     role: str,
     on_ready: Callable[[], None],
-    channel: socket.socket | None = None,
 ) -> None:
     """Run receive process ``role`` until SIGTERM; SIGHUP applies the newest recorded
     configuration version (the node validated it before recording it)."""
@@ -92,7 +88,7 @@ def serve_receiver(
     signal.signal(signal.SIGHUP, lambda signum, frame: reload.set())
     engines = ReceiverEngines(config.database_url)
     store = ObjectStore(config.storage.path)
-    receiver = make_receiver(config, store, engines, config.dicom.process_count, channel)
+    receiver = make_receiver(config, store, engines, config.dicom.process_count)
     receiver.start()
     heartbeat = HeartbeatThread(engines.beats, role, receiver.health)
     heartbeat.start()

@@ -44,7 +44,8 @@ from .transforms import (
 TRANSFER_SYNTAX_NAMES = (*LOSSLESS_SYNTAXES, *LOSSY_SYNTAXES)
 _KNOWN_SYNTAX_UIDS = {uid for uid in (*LOSSLESS_SYNTAXES.values(), *LOSSY_SYNTAXES.values()) if uid}
 
-#: ``dicom.processes``: the default is the CPUs up to this many; never more than the max.
+#: ``dicom.processes``: the default is the CPUs but one, up to this many; never more
+#: than the max.
 DEFAULT_MAX_RECEIVE_PROCESSES = 4
 MAX_RECEIVE_PROCESSES = 64
 
@@ -364,19 +365,23 @@ class DicomListenerConfig(_Model):
         None,
         ge=1,
         le=MAX_RECEIVE_PROCESSES,
-        description="Receive processes sharing the DICOM ports (each runs its own "
-        "associations on its own GIL). Unset: the number of CPUs, at most 4. 1: the node "
-        "process receives itself, as before. With several, each enforces its share of "
-        "`max_associations` (divided, rounded up) and the whole `max_associations_per_host`; "
-        "about 45 MB of memory (PSS) each (docs/benchmarks.md). Takes effect at restart.",
+        description="Receive processes sharing the DICOM ports (`SO_REUSEPORT`), each "
+        "running its associations on its own GIL: the node process and N - 1 processes "
+        "forked from it. Unset: the number of CPUs but one (the dispatch process needs "
+        "one), at least 1 and at most 4; on 2 CPUs a second receiver measured slower "
+        "(docs/benchmarks.md). Each enforces its share of `max_associations` (divided, "
+        "rounded up) and the whole `max_associations_per_host`. Memory: each one beyond "
+        "the first adds about 15-40 MB of PSS (it shares the node's pages). Takes effect "
+        "at restart.",
     )
 
     @property
     def process_count(self) -> int:
-        """How many receive processes run: ``processes``, or the CPUs (at most 4)."""
+        """How many receive processes run: ``processes``, or the CPUs but one (at
+        least 1, at most 4)."""
         if self.processes is not None:
             return self.processes
-        return max(1, min(os.cpu_count() or 1, DEFAULT_MAX_RECEIVE_PROCESSES))
+        return max(1, min((os.cpu_count() or 1) - 1, DEFAULT_MAX_RECEIVE_PROCESSES))
 
     @field_validator("allowed_callers")
     @classmethod

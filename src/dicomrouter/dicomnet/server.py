@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from . import handoff
 from .acceptor import AcceptorAssociation
 from .handler import AcceptorSettings, ServiceHandler
 from .negotiation import Capabilities, Identity
@@ -120,25 +119,6 @@ class Server:
         thread.start()
         return listener
 
-    def adopt(self, channel: socket.socket, tls: ssl.SSLContext | None) -> None:
-        """Serve the connections another process accepted and hands over ``channel``
-        (:mod:`.handoff`); ``tls``: the context for those that came to a TLS port."""
-
-        def serve(sock: socket.socket, address: tuple[str, int], secure: bool) -> None:
-            if secure and tls is None:
-                sock.close()
-                return
-            self.serve(sock, address, tls if secure else None)
-
-        thread = threading.Thread(
-            target=handoff.receive,
-            args=(channel, serve, self.housekeeping, self._stopping),
-            name="dicom-handoff",
-            daemon=True,
-        )
-        self._threads.append(thread)
-        thread.start()
-
     @property
     def listening(self) -> bool:
         """Every accept loop runs (readiness)."""
@@ -202,47 +182,32 @@ class Server:
                 log.warning("accepting a DICOM connection failed: %s", exc)
                 self._stopping.wait(0.1)
                 continue
-            self.serve(sock, address, listener.tls)
-
-    def serve(
-        self, sock: socket.socket, address: tuple[str, int], tls: ssl.SSLContext | None
-    ) -> None:
-        """Serve an accepted connection on a thread of its own (or close it: an address
-        not allowed, no room to negotiate). ``tls``: the context of the port it came
-        to. Called by the accept loops, or with sockets accepted by another process."""
-        host, port = str(address[0]), int(address[1])
-        try:
-            allowed = self.handler.allow_connection(host)
-        except Exception:
-            log.exception("connection check failed for %s", host)
-            allowed = False
-        if not allowed or not self._room_to_negotiate(host):
-            sock.close()
-            return
-        key = 0
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
-                self._next_id += 1
-                key = self._next_id
-                association = AcceptorAssociation(self, sock, host, port, key, tls)
-                thread = threading.Thread(
-                    target=association.run, name=f"assoc-{host}:{port}", daemon=True
-                )
-                self._active[key] = _Connection(thread, sock, time.monotonic(), host)
-            thread.start()
-        except Exception as exc:  # e.g. "can't start new thread": keep accepting
-            log.error("cannot serve a DICOM connection from %s: %s", host, exc)
-            self._finished(key)
-            sock.close()
-            self._stopping.wait(0.1)
-
-    def housekeeping(self) -> None:
-        """What each accept-loop turn does besides accepting (ARTIM, refusal reports),
-        for a server that only :meth:`serve` s sockets accepted elsewhere: call it
-        every half second or so."""
-        self._enforce_artim()
-        self._refusals.flush()
+            host, port = str(address[0]), int(address[1])
+            try:
+                allowed = self.handler.allow_connection(host)
+            except Exception:
+                log.exception("connection check failed for %s", host)
+                allowed = False
+            if not allowed or not self._room_to_negotiate(host):
+                sock.close()
+                continue
+            key = 0
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                with self._lock:
+                    self._next_id += 1
+                    key = self._next_id
+                    association = AcceptorAssociation(self, sock, host, port, key, listener.tls)
+                    thread = threading.Thread(
+                        target=association.run, name=f"assoc-{host}:{port}", daemon=True
+                    )
+                    self._active[key] = _Connection(thread, sock, time.monotonic(), host)
+                thread.start()
+            except Exception as exc:  # e.g. "can't start new thread": keep accepting
+                log.error("cannot serve a DICOM connection from %s: %s", host, exc)
+                self._finished(key)
+                sock.close()
+                self._stopping.wait(0.1)
 
     def _room_to_negotiate(self, host: str) -> bool:
         """Whether a new connection from ``host`` may wait to associate. At most

@@ -15,7 +15,6 @@ import errno
 import ipaddress
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -130,17 +129,13 @@ class Receiver:
         audit_engine: Engine | None = None,
         on_event_report: Callable[[Request], Iterable[Reply]] | None = None,
         processes: int = 1,
-        channel: socket.socket | None = None,
     ):
         """``on_event_report`` answers N-EVENT-REPORTs (storage commitment reports
         of destinations calling back; the node passes queue.commitment's).
         ``processes`` > 1: this is one of that many receive processes sharing the
-        ports (``SO_REUSEPORT``), each admitting its share of the associations.
-        ``channel``: serve the connections the node accepts and hands over it
-        (``dicomnet.handoff``) instead of listening."""
+        ports (``SO_REUSEPORT``), each admitting its share of the associations."""
         self.config = config
         self.processes = processes
-        self.channel = channel
         self.on_event_report = on_event_report
         self.store = store
         self.index = index
@@ -167,7 +162,7 @@ class Receiver:
 
     @property
     def listeners(self) -> list[Listener]:
-        """The bound ports (none before ``start()``, or when connections are handed over)."""
+        """The bound ports (none before ``start()``)."""
         return list(self._acceptor.listeners) if self._acceptor is not None else []
 
     @property
@@ -210,6 +205,8 @@ class Receiver:
         listener = self.config.dicom
         shared = self.processes > 1
         try:
+            if listener.port is not None:  # `dicom.port: null`: no plain listener
+                acceptor.listen(listener.bind, listener.port, reuse_port=shared)
             if listener.tls is not None:
                 self._tls = ReloadableServerContext(
                     listener.tls.certificate,
@@ -218,27 +215,18 @@ class Receiver:
                     listener.tls.require_client_certificate,
                     name="dicom.tls",
                 )
-            tls = self._tls.context if self._tls is not None else None
-            if self.channel is not None:
-                acceptor.adopt(self.channel, tls)
-            else:
-                if listener.port is not None:  # `dicom.port: null`: no plain listener
-                    acceptor.listen(listener.bind, listener.port, reuse_port=shared)
-                if listener.tls is not None:
-                    acceptor.listen(listener.bind, listener.tls.port, tls, reuse_port=shared)
+                acceptor.listen(
+                    listener.bind, listener.tls.port, self._tls.context, reuse_port=shared
+                )
         except BaseException:
             acceptor.stop()
             raise
         self._acceptor = acceptor
-        log.info("listening for DICOM as %s on %s", self.config.ae_title, self._where())
-
-    def _where(self) -> str:
-        if self.channel is not None:
-            return "the connections the node accepts on " + ", ".join(
-                map(str, self.config.dicom.ports)
-            )
-        assert self._acceptor is not None
-        return ", ".join(map(self._describe, self._acceptor.listeners))
+        log.info(
+            "listening for DICOM as %s on %s",
+            self.config.ae_title,
+            ", ".join(self._describe(listener) for listener in acceptor.listeners),
+        )
 
     @staticmethod
     def _describe(listener: Listener) -> str:
@@ -250,7 +238,7 @@ class Receiver:
         acceptor = self._acceptor
         if acceptor is None or not acceptor.listening:
             return False, "the DICOM listener is not accepting connections"
-        return True, "listening on " + self._where()
+        return True, "listening on " + ", ".join(map(self._describe, acceptor.listeners))
 
     def stop(self) -> None:
         if self._acceptor is not None:
