@@ -111,9 +111,10 @@ def engine(index_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
-def test_concurrent_rows_are_all_committed_in_fewer_transactions(engine: Engine) -> None:
+def test_concurrent_rows_are_all_committed(engine: Engine) -> None:
     """Sixteen threads record at once; every call returns its generation with its row
-    committed, and the rows shared transactions."""
+    committed. On SQLite the rows shared transactions; PostgreSQL shares the flush of
+    concurrent commits itself, and each row is its own transaction there."""
     index = InstanceIndex(engine)
     index.prepare()
     start = threading.Barrier(16)
@@ -135,5 +136,9 @@ def test_concurrent_rows_are_all_committed_in_fewer_transactions(engine: Engine)
     assert sorted(results.values()) == [1] * 160
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(instances)).scalar() == 160
-    assert index.group.rows == 160
-    assert index.group.transactions < 160
+    if engine.dialect.name == "sqlite":
+        assert index.group is not None
+        assert index.group.rows == 160
+        assert index.group.transactions < 160
+    else:
+        assert index.group is None

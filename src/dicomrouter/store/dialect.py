@@ -37,6 +37,16 @@ def begin_write_sql(dialect_name: str) -> str | None:
     return "BEGIN IMMEDIATE" if dialect_name == SQLITE else None
 
 
+def groups_commits_itself(dialect_name: str) -> bool:
+    """Whether the database already shares one WAL flush among the commits of
+    concurrent connections. PostgreSQL does (its WAL writer flushes every commit
+    waiting at that moment): grouping the receiver's rows in one transaction on top
+    only serialised them, 2x slower per row with four senders (docs/benchmarks.md).
+    SQLite lets one writer in at a time, each commit its own fsync: there the
+    receiver groups them (``store.groupcommit``)."""
+    return dialect_name == POSTGRESQL
+
+
 def sqlstate(exc: BaseException) -> str | None:
     """The SQLSTATE of a DBAPI error, or of the one an SQLAlchemy error wraps (psycopg
     sets it; sqlite3 has none)."""

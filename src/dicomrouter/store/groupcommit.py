@@ -6,7 +6,9 @@ per row makes N modalities sending at once queue for N fsyncs one after the othe
 Here the first association thread to arrive commits what is waiting; the threads that
 arrive while that commit runs gather behind it and the first of them commits all
 their rows in one transaction, one fsync, as soon as the previous commit returns. No
-thread waits for company: alone, a row is committed at once, as before.
+thread waits for company: alone, a row is committed at once, as before. Used on
+SQLite, whose single writer lock makes each commit its own fsync; PostgreSQL already
+flushes concurrent commits together (``dialect.groups_commits_itself``).
 
 The promise is unchanged: :meth:`GroupCommit.run` returns (or raises) only after the
 transaction holding that thread's work has committed (or failed). A transaction that

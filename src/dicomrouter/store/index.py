@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import Engine, bindparam, literal_column, select
 
-from .dialect import begin_write_sql, is_busy, upsert_insert
+from .dialect import begin_write_sql, groups_commits_itself, is_busy, upsert_insert
 from .groupcommit import GroupCommit, Work
 from .header import InstanceHeader
 from .schema import instances
@@ -52,8 +52,11 @@ class Provenance:
 class InstanceIndex:
     def __init__(self, engine: Engine):
         self.engine = engine
-        # The receiver's rows: concurrent associations share one commit (groupcommit).
-        self.group = GroupCommit(self._transaction, alone=lambda exc: not _busy_cause(exc))
+        # The receiver's rows: concurrent associations share one commit (groupcommit),
+        # where the database does not do it itself.
+        self.group: GroupCommit | None = None
+        if not groups_commits_itself(engine.dialect.name):
+            self.group = GroupCommit(self._transaction, alone=lambda exc: not _busy_cause(exc))
         self._begin = begin_write_sql(engine.dialect.name)
 
     def prepare(self) -> None:
@@ -135,7 +138,8 @@ class InstanceIndex:
     ) -> int:
         """:meth:`record`, returning the generation now indexed (0: the existing record
         was kept). The receiver needs it to retract exactly its own copy (:meth:`retract`).
-        Committed, with the rows of concurrent callers (:class:`.GroupCommit`), on return."""
+        Committed on return; on SQLite with the rows of concurrent callers
+        (:class:`.GroupCommit`)."""
         values = {
             "sop_instance_uid": header.sop_instance_uid,
             "sop_class_uid": header.sop_class_uid,
@@ -169,6 +173,8 @@ class InstanceIndex:
             row = cursor.fetchone()
             return 0 if row is None else int(row[0])
 
+        if self.group is None:
+            return int(self._run(upsert, commit=True))
         return int(self.group.run(upsert))
 
     def _transaction(self, works: list[Work]) -> list[Any]:
