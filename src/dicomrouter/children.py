@@ -8,8 +8,11 @@ have no use for, and its child unpickles a function of ``dicomrouter.node``, so
 every child imported the receiver and everything it needs. Here each child imports
 what its role needs and nothing else. The configuration reaches the child pickled on
 its stdin (our own code on both ends); readiness comes back as one byte on a pipe.
-The receive processes are the exception: they need exactly what the node imported,
-so they are forked from it (``os.fork``, :class:`Forked`) and share those pages.
+The receive processes and the HTTP service are the exception: they need what the
+node imported (the index layer, the models; numpy excluded in all of them), so they
+are forked from it (``os.fork``, :class:`Forked`) and share those pages. Dispatch
+is not: it may decode pixel data, and pydicom decides at import whether numpy is
+there.
 
 Pixel libraries stay out of the processes that never decode pixel data (the node,
 which receives, and the HTTP service): see :func:`exclude_pixel_libraries`.

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from dicomrouter.children import ChildProcess, ForkTarget
+from dicomrouter.children import ROLES, ChildProcess, ForkTarget
 from dicomrouter.config import ConfigError, RouterConfig
 from dicomrouter.control import versions
 from dicomrouter.observe.logs import configure_logging
@@ -63,7 +63,9 @@ class Node:
         self.heartbeat: HeartbeatThread | None = None
         self.children = [ChildProcess("dispatch", (config, config_path))]
         if config.http.enabled:
-            self.children.append(ChildProcess("http", (config, config_path)))
+            # Forked too: it imports what the node has (the index layer, the models)
+            # and shares those pages; numpy is excluded in both (children.py).
+            self.children.append(ChildProcess("http", (), fork=self._run_forked("http")))
 
     def _record_startup_version(self) -> None:
         """The file as started is a version, unless it is the newest one already."""
@@ -180,11 +182,12 @@ class Node:
         self.heartbeat.start()
         if len(roles) > 1:
             self.config = self._on_bound_ports(self.receiver)
-            forked = [ChildProcess(role, (), fork=self._receive_as(role)) for role in roles[1:]]
+            forked = [ChildProcess(role, (), fork=self._run_forked(role)) for role in roles[1:]]
             self.children = forked + self.children  # receive first
-            for child in self.children[len(forked) :]:
-                child.args = (self.config, self.config_path)
-            gc.freeze()  # what is imported now stays shared with the forked children
+            for child in self.children:
+                if child.fork is None:
+                    child.args = (self.config, self.config_path)
+        gc.freeze()  # what is imported now stays shared with the forked children
         try:
             for child in self.children:
                 child.start()
@@ -204,13 +207,17 @@ class Node:
                 config.dicom.port = port
         return config
 
-    def _receive_as(self, role: str) -> ForkTarget:
-        """What receive process ``role`` runs once forked: the newest configuration
-        this process runs, a receiver of its own on the same ports."""
+    def _run_forked(self, role: str) -> ForkTarget:
+        """What child ``role`` runs once forked, on the newest configuration this
+        process runs: a receive process (a receiver of its own on the same ports),
+        or the HTTP service."""
 
         def run(ready: Callable[[], None]) -> None:
-            for listener in self.receiver.listeners:  # ours: the child binds its own
+            for listener in self.receiver.listeners:  # ours: a receive process binds its own
                 listener.sock.close()
+            if role == "http":
+                ROLES["http"](self.config, self.config_path, ready)
+                return
             configure_logging(self.config.log_level, role)
             serve_receiver(self.config, self.config_path, role, on_ready=ready)
 
