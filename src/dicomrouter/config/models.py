@@ -371,8 +371,8 @@ class DicomListenerConfig(_Model):
         "one), at least 1 and at most 4; on 2 CPUs a second receiver measured slower "
         "(docs/benchmarks.md). Each enforces its share of `max_associations` (divided, "
         "rounded up) and the whole `max_associations_per_host`. Memory: each one beyond "
-        "the first adds about 15-40 MB of PSS (it shares the node's pages). Takes effect "
-        "at restart.",
+        "the first adds about 15-40 MB of PSS (it shares the node's pages); the node "
+        "with dispatch and HTTP takes about 230-250 MB. Takes effect at restart.",
     )
 
     @property
