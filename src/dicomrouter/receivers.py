@@ -1,12 +1,13 @@
 """The receiver as the node wires it, and a receive process of its own.
 
-With ``dicom.processes: 1`` the node process receives (:func:`make_receiver` there).
-With more, each of ``receiver-1``..``receiver-N`` is a child process
-(:func:`serve_receiver`) binding the same ports with ``SO_REUSEPORT``: the kernel
+The node process always receives (:func:`make_receiver`). With ``dicom.processes``
+N above 1, ``receiver-2``..``receiver-N`` are forked from it and run
+:func:`serve_receiver`, binding the same ports with ``SO_REUSEPORT``: the kernel
 spreads new connections over them, each runs its associations on its own GIL, and
 the node supervises them like its other children (one that dies is restarted; the
-others keep the port served meanwhile). Measured against one acceptor handing
-sockets to workers in docs/benchmarks.md ("Several receive processes").
+others keep the port served meanwhile). Why ``SO_REUSEPORT`` rather than one
+acceptor handing sockets over, and why forked: docs/benchmarks.md ("Several
+receive processes").
 """
 
 from __future__ import annotations
