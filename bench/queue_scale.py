@@ -189,7 +189,7 @@ class Subject:
         self.config = _config(root)
         self.engine = create_index_engine(url, create=False)
         self.queue = JobStore(self.engine)
-        self.planner = Planner(self.config, self.engine, ObjectStore(root))
+        self.planner = Planner(self.config, self.engine, ObjectStore(root, self.config.node.name))
         self.policies = commitment.policies(self.config.destinations)
         self.round = 0
         self.claimed: Any = None

@@ -90,6 +90,7 @@ LEGS = {
     "router_tls": "d. dicomrouter, TLS in",
     "direct_tls": "e. direct, TLS",
     "router_pg": "f. dicomrouter, PostgreSQL index",
+    "router_p2": "g. dicomrouter, 2 receive processes",
 }
 TLS_LEGS = ("router_tls", "direct_tls")
 DEFAULT_LEGS = "direct,orthanc,router,router_tls,direct_tls"
@@ -372,6 +373,7 @@ def router(
     pipeline: list[dict[str, Any]] | None = None,
     destination: dict[str, Any] | None = None,
     database: str | None = None,
+    processes: int = 1,
 ) -> Iterator[tuple[int, int]]:
     """A fresh ``python -m dicomrouter serve`` forwarding everything to ``dest_port``.
     Yields (the port to send to, the router's pid). With ``tls``, that port is a
@@ -379,11 +381,13 @@ def router(
     required); the plain port stays, for the C-ECHO readiness check. With
     ``pipeline`` (transform steps), the route sends through it. ``destination``
     replaces the DICOM destination (another kind: ``dest_port`` is then unused).
-    ``database``: the index's URL (default: SQLite in the storage folder)."""
+    ``database``: the index's URL (default: SQLite in the storage folder).
+    ``processes``: ``dicom.processes`` (the legs but ``router_p2`` pin 1, the
+    single receiver they always measured, whatever the machine's default)."""
     port, http_port = free_port(), free_port()
     storage = workdir / f"{name}-router-storage"
     shutil.rmtree(storage, ignore_errors=True)
-    dicom: dict[str, Any] = {"port": port, "bind": "127.0.0.1"}
+    dicom: dict[str, Any] = {"port": port, "bind": "127.0.0.1", "processes": processes}
     send_port = port
     if tls:
         pki = bench_pki(workdir)
@@ -572,15 +576,28 @@ def run_router(
     memory: dict[str, int] | None = None,
     tls: bool = False,
     database: str | None = None,
+    processes: int = 1,
 ) -> tuple[float, int | None]:
     """``memory``, when given, receives the peak PSS of the router's processes too;
     ``tls``: storescu sends over DICOM TLS to the router's ``dicom.tls`` listener (the
-    router still forwards in plain to the same storescp). ``database``: the index."""
+    router still forwards in plain to the same storescp). ``database``: the index.
+    ``processes``: its ``dicom.processes``."""
     name = "router_pg" if database else "router_tls" if tls else "router"
+    name += f"_p{processes}" if processes > 1 else ""
     options = client_tls_options(workdir) if tls else []
     with (
         storescp(workdir, name, fork=len(sources) > 1) as (dest_port, outdir),
-        router(workdir, name, dest_port, tls=tls, database=database) as (port, pid),
+        router(
+            workdir,
+            name,
+            dest_port,
+            tls=tls,
+            database=database,
+            processes=processes,
+        ) as (
+            port,
+            pid,
+        ),
         RssSampler(pid, pss=memory is not None) as rss,
     ):
         seconds = send_and_wait(ROUTER_AET, port, sources, outdir, n, timeout, options)
@@ -604,6 +621,13 @@ def run_direct_tls(
         return send_and_wait(DEST_AET, dest_port, sources, outdir, n, timeout, options), None
 
 
+def run_router_p2(
+    workdir: Path, sources: list[Path], n: int, timeout: float
+) -> tuple[float, int | None]:
+    """The router leg with two receive processes sharing the port."""
+    return run_router(workdir, sources, n, timeout, processes=2)
+
+
 #: The PostgreSQL server of the ``router_pg`` leg (main() starts it when selected).
 _POSTGRES: list[Postgres] = []
 
@@ -624,6 +648,7 @@ RUNNERS = {
     "router_tls": run_router_tls,
     "direct_tls": run_direct_tls,
     "router_pg": run_router_pg,
+    "router_p2": run_router_p2,
 }
 
 # Throughput ratios reported (first / second): the router against its ceiling and its
@@ -635,6 +660,9 @@ RATIOS = (
     ("router_tls", "router"),
     ("direct_tls", "direct"),
     ("router_pg", "router"),
+    ("router_p2", "direct"),
+    ("router_p2", "orthanc"),
+    ("router_p2", "router"),
 )
 
 
@@ -901,6 +929,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1,
         help="concurrent storescu per run, each with its share of the dataset (default 1)",
     )
+    parser.add_argument(
+        "--huge-processes", type=int, default=1, help="dicom.processes of the flat-memory run"
+    )
     parser.add_argument("--json", type=Path, help="also write results as JSON here")
     parser.add_argument("--workdir", type=Path, help="scratch parent folder (default: /tmp)")
     parser.add_argument("--timeout", type=float, help="per-run timeout in seconds")
@@ -922,12 +953,14 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]unknown legs: {', '.join(sorted(unknown))}[/red]")
         return 2
     legs: dict[str, str | None] = {}
-    no_router = router_unavailable() if {"router", "router_tls"} & set(wanted) else None
+    no_router = (
+        router_unavailable() if {"router", "router_tls", "router_p2"} & set(wanted) else None
+    )
     no_tls = tls_unavailable() if set(TLS_LEGS) & set(wanted) else None
     for leg in wanted:
         if leg == "orthanc":
             legs[leg] = None if orthanc_executable() else "Orthanc not installed"
-        elif leg == "router":
+        elif leg in ("router", "router_p2"):
             legs[leg] = no_router
         elif leg == "router_tls":
             legs[leg] = no_router or no_tls
@@ -1031,7 +1064,12 @@ def run_huge(
         os.sync()
         memory: dict[str, int] = {}
         seconds, peak = run_router(
-            workdir, [source], n, timeout_for(n, total, args.timeout), memory=memory
+            workdir,
+            [source],
+            n,
+            timeout_for(n, total, args.timeout),
+            memory=memory,
+            processes=args.huge_processes,
         )
     except BenchError as exc:
         report["status"] = f"failed: {exc}"
@@ -1039,6 +1077,7 @@ def run_huge(
     finally:
         shutil.rmtree(source, ignore_errors=True)
     report.update(
+        processes=args.huge_processes,
         instances=n,
         bytes=total,
         seconds=seconds,

@@ -17,7 +17,8 @@ fresh router and a fresh dcmtk ``storescp``, the same study sent by one ``stores
 
 Every 0.5 s the script reads ``VmRSS`` from ``/proc/<pid>/status`` of the node (the
 ``serve`` process) and of its children, told apart by their command line
-(``python -m dicomrouter.children dispatch|http``). It reports, per process, the RSS
+(``python -m dicomrouter.children dispatch``) or, for the HTTP process forked from
+the node, its process name. It reports, per process, the RSS
 when idle (before the send), the median and the peak during the transfer, and the CPU
 seconds each used during the transfer (``/proc/<pid>/stat``). The clock runs from
 ``storescu``'s start to the last file written by storescp (as in ``run_bench.py``).
@@ -103,14 +104,17 @@ def cpu_seconds(pid: int) -> float:
 
 
 def router_pids(node: int) -> dict[str, int]:
-    """The node and its children by role, from their command lines."""
+    """The node and its children by role: from their command lines, or for those
+    forked from the node (http, receiver-N), from their process names."""
     pids = {"node": node}
     for child in _children(node):
         with contextlib.suppress(OSError):
             argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
             if b"dicomrouter.children" in argv:
                 role = argv[argv.index(b"dicomrouter.children") + 1].decode()
-                pids[role] = child
+            else:
+                role = Path(f"/proc/{child}/comm").read_text().strip()
+            pids[role] = child
     return pids
 
 

@@ -68,6 +68,7 @@ BOTH_DATABASES = frozenset(
         "test_config_versions",
         "test_dispatch_transforming",
         "test_dispatch_worker",
+        "test_groupcommit",
         "test_groups",
         "test_loops_guard",
         "test_metrics",

@@ -240,3 +240,18 @@ def test_configuration_reference_is_current() -> None:
     assert committed == render_reference(), (
         "docs/configuration.md is stale: run `dicomrouter config-docs -o docs/configuration.md`"
     )
+
+
+@pytest.mark.parametrize("value", [0, -1, 65, "two"])
+def test_dicom_processes_out_of_range_names_the_key(value: object) -> None:
+    (error,) = errors_of({"dicom": {"processes": value}})
+    assert error.startswith("dicom.processes"), error
+
+
+def test_dicom_processes_defaults_to_the_cpus_but_one_at_most_four(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for cpus, expected in ((1, 1), (2, 1), (3, 2), (16, 4), (None, 1)):
+        monkeypatch.setattr("os.cpu_count", lambda cpus=cpus: cpus)
+        assert parse_config({}, environ={}).dicom.process_count == expected
+    assert parse_config({"dicom": {"processes": 8}}, environ={}).dicom.process_count == 8

@@ -37,7 +37,13 @@ from pynetdicom.sop_class import Verification
 
 from tests.support.dcmtk import HOST, StoreSCP, free_port
 from tests.support.nodelay import install_tcp_nodelay
-from tests.support.router import AE_TITLE, RouterProcess, all_settled, wait_until
+from tests.support.router import (
+    AE_TITLE,
+    RouterProcess,
+    all_settled,
+    node_children,
+    wait_until,
+)
 from tests.support.synth import make_large_study, make_small_study
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
@@ -598,29 +604,27 @@ def _maps(pid: int) -> str:
 
 
 @pytest.mark.interop
-def test_a_node_runs_two_children_and_numpy_only_where_pixels_are_decoded(
-    tmp_path: Path, pacs
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_node_runs_its_children_and_numpy_only_where_pixels_are_decoded(
+    tmp_path: Path, pacs, processes: int
 ) -> None:  # type: ignore[no-untyped-def]
     """Nothing but the dispatch and HTTP children (no multiprocessing resource
-    tracker), and numpy loaded only in the dispatch process, which may decompress;
-    the node, which receives, and the HTTP process parse headers without it."""
-    with RouterProcess(tmp_path / "router", _everything_to(pacs)) as router:
+    tracker), and the receive processes with ``dicom.processes`` above 1; numpy
+    loaded only in the dispatch process, which may decompress; the processes that
+    receive and the HTTP process parse headers without it."""
+    config = {**_everything_to(pacs), "dicom": {"processes": processes}}
+    with RouterProcess(tmp_path / "router", config) as router:
         assert router.process is not None
         wait_until(lambda: "dicomrouter ready" in router.log(), 60, message="ready")
         files = make_small_study(tmp_path / "in", 3)
         assert router.send(files).returncode == 0  # the receiver has parsed headers
         wait_until(lambda: len(pacs.received_files()) == 3, 60, message="3 delivered")
         node = router.process.pid
-        children = subprocess.run(
-            ["pgrep", "-P", str(node)], capture_output=True, text=True
-        ).stdout.split()
-        roles: dict[str, int] = {}
-        for pid in children:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            roles[argv[argv.index(b"dicomrouter.children") + 1].decode()] = int(pid)
-        assert sorted(roles) == ["dispatch", "http"], children
-        assert len(children) == 2
-        for pid in (node, roles["http"]):
+        roles = node_children(node)
+        # The node receives; with dicom.processes N, receiver-2..N are forked from it.
+        receivers = [f"receiver-{n}" for n in range(2, processes + 1)]
+        assert sorted(roles) == ["dispatch", "http", *receivers], roles
+        for pid in (node, roles["http"], *(roles[r] for r in receivers)):
             assert "/numpy/" not in _maps(pid)
         assert "/numpy/" in _maps(roles["dispatch"])
         assert "http process started" in router.log()

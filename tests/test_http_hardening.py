@@ -36,7 +36,7 @@ from dicomrouter.store import ObjectStore, audit, create_index_engine
 from dicomrouter.store.schema import jobs
 from tests.support.api import PASSWORD, TOKENS, ApiEnv, api_env, auth_section
 from tests.support.dcmtk import HOST
-from tests.support.router import RouterProcess, wait_until
+from tests.support.router import RouterProcess, node_children, wait_until
 from tests.support.seed import Seeder
 
 MB = 1024 * 1024
@@ -179,17 +179,9 @@ def test_the_http_process_does_not_grow_with_a_100_mb_body(tmp_path: Path) -> No
 
 
 def _http_pid(router: RouterProcess) -> int | None:
-    """The node's child running ``python -m dicomrouter.children http``."""
+    """The node's child serving HTTP (forked from the node, named ``http``)."""
     assert router.process is not None
-    node = router.process.pid
-    for pid in Path(f"/proc/{node}/task/{node}/children").read_text().split():
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"dicomrouter.children" in args and b"http" in args:
-            return int(pid)
-    return None
+    return node_children(router.process.pid).get("http")
 
 
 def _rss(pid: int) -> int:

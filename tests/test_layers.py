@@ -53,8 +53,9 @@ LAYERS: dict[str, frozenset[str]] = {
         "web": ("edge",),
         "api": ("web", "observe"),
         # Processes and the command line.
+        "receivers": ("receive", "control"),
         "children": ("api", "dispatch"),
-        "node": ("children", "receive"),
+        "node": ("children", "receivers"),
         "cli": ("node",),
         "__main__": ("cli",),
     }.items()

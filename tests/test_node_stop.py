@@ -39,7 +39,7 @@ def test_children_stop_together() -> None:
     node = object.__new__(Node)
     node.heartbeat = None
     node.receiver = _Quiet()  # type: ignore[assignment]
-    node.engine = node.control_engine = _Quiet()  # type: ignore[assignment]
+    node.engines = _Quiet()  # type: ignore[assignment]
     node.children = [_slow_child("dispatch", 2.0), _slow_child("http", 2.0)]
     started = time.monotonic()
     node.stop()

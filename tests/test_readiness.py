@@ -31,8 +31,13 @@ def _beat(engine, role: str, ok: bool = True, detail: str = "", age: float = 0.0
     )
 
 
+#: One receive process: the node itself, role ``receiver`` (the default depends on the
+#: machine's CPUs).
+ONE_RECEIVER = {"dicom": {"processes": 1}}
+
+
 def test_ready_when_both_processes_beat(tmp_path: Path) -> None:
-    env = api_env(tmp_path)
+    env = api_env(tmp_path, ONE_RECEIVER)
     _beat(env.engine, "receiver", detail="listening on 0.0.0.0:104")
     _beat(env.engine, "dispatch")
     answer = env.anonymous.get("/readyz")
@@ -52,7 +57,7 @@ def test_ready_when_both_processes_beat(tmp_path: Path) -> None:
     ],
 )
 def test_not_ready_names_the_process(tmp_path: Path, role: str, how: str, says: str) -> None:
-    env = api_env(tmp_path)
+    env = api_env(tmp_path, ONE_RECEIVER)
     other = "receiver" if role == "dispatch" else "dispatch"
     _beat(env.engine, other)
     if how == "stale":
@@ -74,6 +79,20 @@ def test_not_ready_names_the_process(tmp_path: Path, role: str, how: str, says: 
         assert checks[other]["ok"] is True
 
 
+def test_with_several_receive_processes_each_must_beat(tmp_path: Path) -> None:
+    env = api_env(tmp_path, {"dicom": {"processes": 2}})
+    _beat(env.engine, "dispatch")
+    _beat(env.engine, "receiver-1")
+    answer = env.anonymous.get("/readyz")
+    assert answer.status_code == 503
+    checks = answer.json()["checks"]
+    assert checks["receiver-1"]["ok"] is True
+    assert "the receiver-2 process has not started" in checks["receiver-2"]["error"]
+    assert "receiver" not in checks  # the node itself does not receive then
+    _beat(env.engine, "receiver-2")
+    assert env.anonymous.get("/readyz").status_code == 200
+
+
 def _readyz(port: int) -> tuple[int, dict]:  # type: ignore[type-arg]
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
@@ -90,7 +109,7 @@ def _dispatch_pids(router: RouterProcess) -> list[int]:
 @pytest.mark.interop
 @pytest.mark.timeout(240)
 def test_readyz_follows_the_dispatch_process_of_a_running_router(tmp_path: Path) -> None:
-    with RouterProcess(tmp_path / "router", {}) as router:
+    with RouterProcess(tmp_path / "router", ONE_RECEIVER) as router:
         port = int(router.config["http"]["port"])
         status, body = wait_until(lambda: _readyz(port), 30, message="/readyz answers")
         assert status == 200, body

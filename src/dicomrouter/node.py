@@ -1,4 +1,6 @@
-"""Run a router node: the receiver in this process; dispatch and HTTP in child processes.
+"""Run a router node: the receiver in this process (and, with ``dicom.processes`` N above
+1, in N - 1 processes forked from it, on the same ports); dispatch and HTTP in child
+processes.
 
 Separate processes because receiving and sending are both CPU-bound Python on the
 GIL: parallel associations in one process gave no gain, separate processes do
@@ -25,21 +27,24 @@ changed the configuration) is not news, and the node runs the newest version
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from dicomrouter.children import ChildProcess
+from dicomrouter.children import ROLES, ChildProcess, ForkTarget
 from dicomrouter.config import ConfigError, RouterConfig
 from dicomrouter.control import versions
+from dicomrouter.observe.logs import configure_logging
 from dicomrouter.observe.metrics import enable_multiprocess
-from dicomrouter.queue import commitment
 from dicomrouter.receive import Receiver
-from dicomrouter.store import InstanceIndex, ObjectStore, audit, create_index_engine
-from dicomrouter.store.heartbeat import RECEIVER, HeartbeatThread
+from dicomrouter.receivers import ReceiverEngines, make_receiver, serve_receiver
+from dicomrouter.store import ObjectStore, audit, create_index_engine
+from dicomrouter.store.heartbeat import HeartbeatThread, receiver_roles
 from dicomrouter.store.listen import Listener
 
 log = logging.getLogger("dicomrouter")
@@ -63,22 +68,15 @@ class Node:
         # node: emptying it at start must not take another node's counters.
         enable_multiprocess(self.store.root / ".metrics" / config.node.name)
         create_index_engine(config.database_url).dispose()  # create, check or upgrade
-        # The receiver retries a locked index itself, with sub-millisecond sleeps.
-        self.engine = create_index_engine(config.database_url, create=False, busy_timeout_ms=0)
+        self.engines = ReceiverEngines(config.database_url)
         # Versions and audit rows: ordinary transactions that may wait for the lock.
-        self.control_engine = create_index_engine(config.database_url, create=False)
+        self.control_engine = self.engines.control
         self._record_startup_version()
         config = self.config  # the newest version, if the file was an older one
-        control_engine = self.control_engine
-        self.receiver = Receiver(
-            config,
-            self.store,
-            InstanceIndex(self.engine),
-            audit_engine=control_engine,
-            on_event_report=lambda request: commitment.serve_report(
-                control_engine, request, commitment.policies(self.receiver.config.destinations)
-            ),
-        )
+        self.processes = config.dicom.process_count
+        # This process receives, and with dicom.processes N > 1 so do N - 1 children
+        # forked from it (start()), all on the same ports (SO_REUSEPORT).
+        self.receiver = make_receiver(config, self.store, self.engines, self.processes)
         self.heartbeat: HeartbeatThread | None = None
         self.listener: Listener | None = None
         self._wake = threading.Event()
@@ -86,7 +84,9 @@ class Node:
         self._version_polled = time.monotonic()
         self.children = [ChildProcess("dispatch", (config, config_path))]
         if config.http.enabled:
-            self.children.append(ChildProcess("http", (config, config_path)))
+            # Forked too: it imports what the node has (the index layer, the models)
+            # and shares those pages; numpy is excluded in both (children.py).
+            self.children.append(ChildProcess("http", (), fork=self._run_forked("http")))
 
     def _record_startup_version(self) -> None:
         """The file as started is a version, unless it is the newest one already, or
@@ -256,41 +256,82 @@ class Node:
         if swept:
             log.info("removed %d partial file(s) left by interrupted transfers", swept)
         self.receiver.start()
-        # Its own engine, without the fsync: a heartbeat is no promise, and the write
-        # lock it takes every few seconds is the one each C-STORE needs.
-        beats = create_index_engine(self.config.database_url, create=False, durable_commits=False)
+        roles = receiver_roles(self.processes)
+        # Without the fsync: a heartbeat is no promise, and the write lock it takes
+        # every few seconds is the one each C-STORE needs.
         self.heartbeat = HeartbeatThread(
-            beats,
+            self.engines.beats,
             self.config.node.name,
-            RECEIVER,
+            roles[0],
             self.receiver.health,
             config_version=lambda: self.config_version,
             open_associations=self.receiver.open_associations,
         )
         self.heartbeat.start()
-        if Listener.needed(self.control_engine) and self.config_path is not None:
-            self.listener = Listener(self.control_engine, versions.CHANNEL, self._announced)
-            self.listener.start()
+        if len(roles) > 1:
+            self.config = self._on_bound_ports(self.receiver)
+            forked = [ChildProcess(role, (), fork=self._run_forked(role)) for role in roles[1:]]
+            self.children = forked + self.children  # receive first
+            for child in self.children:
+                if child.fork is None:
+                    child.args = (self.config, self.config_path)
+        gc.freeze()  # what is imported now stays shared with the forked children
         try:
             for child in self.children:
                 child.start()
         except BaseException:
             self.stop()
             raise
+        # After the forks: no child inherits the listening connection.
+        if Listener.needed(self.control_engine) and self.config_path is not None:
+            self.listener = Listener(self.control_engine, versions.CHANNEL, self._announced)
+            self.listener.start()
+
+    def _on_bound_ports(self, receiver: Receiver) -> RouterConfig:
+        """The configuration with the ports the receiver is bound to (``port: 0``
+        becomes the one it got): the port every receive process binds."""
+        config = self.config.model_copy(deep=True)
+        for listener in receiver.listeners:
+            port = listener.address[1]
+            if listener.tls is not None and config.dicom.tls is not None:
+                config.dicom.tls.port = port
+            else:
+                config.dicom.port = port
+        return config
+
+    def _run_forked(self, role: str) -> ForkTarget:
+        """What child ``role`` runs once forked, on the newest configuration this
+        process runs: a receive process (a receiver of its own on the same ports),
+        or the HTTP service."""
+
+        def run(ready: Callable[[], None]) -> None:
+            for listener in self.receiver.listeners:  # ours: a receive process binds its own
+                listener.sock.close()
+            if role == "http":
+                ROLES["http"](self.config, self.config_path, ready)
+                return
+            configure_logging(self.config.log_level, role)
+            serve_receiver(
+                self.config,
+                self.config_path,
+                role,
+                on_ready=ready,
+                config_version=self.config_version,
+            )
+
+        return run
 
     def stop(self) -> None:
         if self.listener is not None:
             self.listener.stop()
         if self.heartbeat is not None:
             self.heartbeat.stop()
-            self.heartbeat.engine.dispose()
         for child in self.children:  # all at once: the stops overlap (TimeoutStopSec)
             child.terminate()
         self.receiver.stop()
         for child in self.children:
             child.stop()
-        self.engine.dispose()
-        self.control_engine.dispose()
+        self.engines.dispose()
 
     def _sweep_aborted_transfers(self) -> None:
         """Remove partial files of transfers aborted mid-instance. A file still being

@@ -56,6 +56,24 @@ def storescu(
     return subprocess.run(command, capture_output=True, text=True, env=dcmtk_env(), timeout=timeout)
 
 
+def node_children(node: int) -> dict[str, int]:
+    """Role -> pid of a node's live child processes: ``dispatch`` and ``http`` (by
+    their command line) and the receive processes forked from the node (by their
+    process name, ``receiver-N``)."""
+    pids = subprocess.run(["pgrep", "-P", str(node)], capture_output=True, text=True).stdout
+    roles = {}
+    for pid in pids.split():
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:  # gone meanwhile
+            continue
+        if b"dicomrouter.children" in argv:
+            name = argv[argv.index(b"dicomrouter.children") + 1].decode()
+        roles[name] = int(pid)
+    return roles
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -58,8 +58,9 @@ def readiness(ctx: Any) -> dict[str, dict[str, Any]]:
         }
     except OSError as exc:
         checks["disk"] = {"ok": False, "error": str(exc)}
+    roles = heartbeat.required_roles(ctx.config.dicom.process_count)
     try:
-        for process in heartbeat.check(ctx.reader, ctx.config.node.name):
+        for process in heartbeat.check(ctx.reader, ctx.config.node.name, roles):
             checks[process.role] = {
                 "ok": process.ok,
                 "pid": process.pid,
@@ -67,7 +68,7 @@ def readiness(ctx: Any) -> dict[str, dict[str, Any]]:
                 ("detail" if process.ok else "error"): process.reason,
             }
     except Exception as exc:
-        for role in heartbeat.REQUIRED_ROLES:
+        for role in roles:
             checks[role] = {"ok": False, "error": f"cannot read heartbeats: {exc}"[:300]}
     return checks
 

@@ -110,7 +110,14 @@ def node_status(ctx: Any, max_age: float = 0.0) -> dict[str, Any]:
         # jobs whose destination is no longer configured (moved or canceled by hand).
         "unplanned": asdict(unplanned),
         "orphaned": [asdict(q) for q in orphaned_queues(ctx.reader, ctx.config.destinations)],
-        "processes": [asdict(check) for check in heartbeat.check(ctx.reader, ctx.config.node.name)],
+        "processes": [
+            asdict(check)
+            for check in heartbeat.check(
+                ctx.reader,
+                ctx.config.node.name,
+                heartbeat.required_roles(ctx.config.dicom.process_count)
+            )
+        ],
         "retention": _recent.get(
             ("retention", id(ctx.reader)),
             max_age,

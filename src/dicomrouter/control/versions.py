@@ -85,6 +85,7 @@ RESTART_KEYS = (
     "dicom.port",
     "dicom.bind",
     "dicom.tls",  # and every key under it (a SIGHUP reloads the same files)
+    "dicom.processes",
     "storage.path",
     "database",
     "http.enabled",
@@ -418,6 +419,7 @@ def effective(new: RouterConfig, running: RouterConfig) -> RouterConfig:
     result.node = running.node
     result.dicom.port, result.dicom.bind = running.dicom.port, running.dicom.bind
     result.dicom.tls = running.dicom.tls
+    result.dicom.processes = running.dicom.processes
     result.storage.path = running.storage.path
     result.database = running.database
     result.http.enabled = running.http.enabled

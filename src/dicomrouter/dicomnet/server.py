@@ -100,10 +100,14 @@ class Server:
         """The first listener's address."""
         return self.listeners[0].address
 
-    def listen(self, bind: str, port: int, tls: ssl.SSLContext | None = None) -> Listener:
-        """Bind a port (0: any free one) and start its accept loop."""
+    def listen(
+        self, bind: str, port: int, tls: ssl.SSLContext | None = None, reuse_port: bool = False
+    ) -> Listener:
+        """Bind a port (0: any free one) and start its accept loop. ``reuse_port``:
+        share the port with other processes (``SO_REUSEPORT``; the kernel spreads
+        new connections over every listening socket bound to it)."""
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
-        sock = socket.create_server((bind, port), family=family, backlog=64)
+        sock = socket.create_server((bind, port), family=family, backlog=64, reuse_port=reuse_port)
         sock.settimeout(0.5)
         listener = Listener(sock, tls)
         self.listeners.append(listener)

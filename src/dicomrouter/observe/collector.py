@@ -30,7 +30,8 @@ Series:
   could not be written (retried automatically), and how long the oldest has waited;
 - ``dicomrouter_orphaned_jobs{destination}``: open jobs of destinations that are no
   longer configured (nothing sends them);
-- ``dicomrouter_process_up{role}``: 1 when the receiver / dispatch process of this
+- ``dicomrouter_process_up{role}``: 1 when a receiver (``receiver``, or
+  ``receiver-1``..``receiver-N`` with ``dicom.processes`` N) / the dispatch process of this
   node has a fresh heartbeat and reports ok (what ``/readyz`` checks);
 - ``dicomrouter_certificate_expiry_seconds{key}``: seconds until a configured
   certificate file (``key`` is its configuration key, e.g. ``http.tls.certificate``)
@@ -213,7 +214,8 @@ class IndexCollector(Collector):
             "1 when this node's process has a fresh heartbeat and reports ok (see /readyz).",
             labels=["role"],
         )
-        for process in heartbeat.check(self.engine, config.node.name):
+        roles = heartbeat.required_roles(config.dicom.process_count)
+        for process in heartbeat.check(self.engine, config.node.name, roles):
             up.add_metric([process.role], 1.0 if process.ok else 0.0)
         yield up
         node_up = GaugeMetricFamily(

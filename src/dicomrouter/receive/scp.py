@@ -94,7 +94,9 @@ def _networks(config: RouterConfig) -> list[ipaddress.IPv4Network | ipaddress.IP
     return [ipaddress.ip_network(n, strict=False) for n in config.dicom.allowed_networks or []]
 
 
-def _settings(config: RouterConfig) -> AcceptorSettings:
+def _settings(config: RouterConfig, processes: int = 1) -> AcceptorSettings:
+    """The acceptor's settings; with several receive processes, each admits its share
+    of ``max_associations`` (rounded up)."""
     listener = config.dicom
     callers = listener.allowed_callers
     return AcceptorSettings(
@@ -105,7 +107,7 @@ def _settings(config: RouterConfig) -> AcceptorSettings:
         private_transfer_syntaxes=(
             tuple(ACCEPTED_TRANSFER_SYNTAXES) if listener.accept_private_sop_classes else ()
         ),
-        max_associations=listener.max_associations,
+        max_associations=-(-listener.max_associations // processes),
         max_associations_per_host=listener.max_associations_per_host,
         acse_timeout=listener.acse_timeout,
         dimse_timeout=listener.dimse_timeout,
@@ -126,16 +128,20 @@ class Receiver:
         index: InstanceIndex,
         audit_engine: Engine | None = None,
         on_event_report: Callable[[Request], Iterable[Reply]] | None = None,
+        processes: int = 1,
     ):
         """``on_event_report`` answers N-EVENT-REPORTs (storage commitment reports
-        of destinations calling back; the node passes queue.commitment's)."""
+        of destinations calling back; the node passes queue.commitment's).
+        ``processes`` > 1: this is one of that many receive processes sharing the
+        ports (``SO_REUSEPORT``), each admitting its share of the associations."""
         self.config = config
+        self.processes = processes
         self.on_event_report = on_event_report
         self.store = store
         self.index = index
         self._acceptor: Server | None = None
         self._tls: ReloadableServerContext | None = None
-        self._settings = _settings(config)
+        self._settings = _settings(config, processes)
         # Per-association counts of stored / refused objects, for one log line each.
         self._tally: dict[Peer, tuple[int, int]] = {}
         self._tally_lock = threading.Lock()
@@ -155,6 +161,11 @@ class Receiver:
         return self._acceptor.address
 
     @property
+    def listeners(self) -> list[Listener]:
+        """The bound ports (none before ``start()``)."""
+        return list(self._acceptor.listeners) if self._acceptor is not None else []
+
+    @property
     def tls_address(self) -> tuple[str, int] | None:
         """Where the TLS listener is bound, if there is one."""
         assert self._acceptor is not None
@@ -171,7 +182,7 @@ class Receiver:
         if self._tls is not None:
             self._tls.reload()
         self._networks = _networks(config)
-        self._settings = _settings(config)
+        self._settings = _settings(config, self.processes)
         self.config = config
 
     def start(self) -> None:
@@ -192,9 +203,10 @@ class Receiver:
             roles={STORAGE_COMMITMENT_PUSH: (True, True)},
         )
         listener = self.config.dicom
+        shared = self.processes > 1
         try:
             if listener.port is not None:  # `dicom.port: null`: no plain listener
-                acceptor.listen(listener.bind, listener.port)
+                acceptor.listen(listener.bind, listener.port, reuse_port=shared)
             if listener.tls is not None:
                 self._tls = ReloadableServerContext(
                     listener.tls.certificate,
@@ -203,7 +215,9 @@ class Receiver:
                     listener.tls.require_client_certificate,
                     name="dicom.tls",
                 )
-                acceptor.listen(listener.bind, listener.tls.port, self._tls.context)
+                acceptor.listen(
+                    listener.bind, listener.tls.port, self._tls.context, reuse_port=shared
+                )
         except BaseException:
             acceptor.stop()
             raise

@@ -92,6 +92,24 @@ def dedicated_connection(engine: Engine, purpose: str) -> Any:
     )
 
 
+def begin_write_sql(dialect_name: str) -> str | None:
+    """What opens a write transaction on a raw DBAPI connection of the index. SQLite
+    connections run with ``isolation_level = None`` (each statement commits on its
+    own) so a transaction of several statements starts with ``BEGIN IMMEDIATE`` (the
+    write lock up-front); psycopg opens one implicitly: None."""
+    return "BEGIN IMMEDIATE" if dialect_name == SQLITE else None
+
+
+def groups_commits_itself(dialect_name: str) -> bool:
+    """Whether the database already shares one WAL flush among the commits of
+    concurrent connections. PostgreSQL does (its WAL writer flushes every commit
+    waiting at that moment): grouping the receiver's rows in one transaction on top
+    only serialised them, 2x slower per row with four senders (docs/benchmarks.md).
+    SQLite lets one writer in at a time, each commit its own fsync: there the
+    receiver groups them (``store.groupcommit``)."""
+    return dialect_name == POSTGRESQL
+
+
 def sqlstate(exc: BaseException) -> str | None:
     """The SQLSTATE of a DBAPI error, or of the one an SQLAlchemy error wraps (psycopg
     sets it; sqlite3 has none)."""

@@ -36,6 +36,20 @@ STALE_AFTER = 4 * INTERVAL
 RECEIVER, DISPATCH = "receiver", "dispatch"
 REQUIRED_ROLES = (RECEIVER, DISPATCH)
 
+
+def receiver_roles(processes: int) -> tuple[str, ...]:
+    """The receivers' roles: ``receiver`` (the node itself) for one receive process,
+    ``receiver-1``..``receiver-N`` for ``dicom.processes`` N above 1."""
+    if processes == 1:
+        return (RECEIVER,)
+    return tuple(f"{RECEIVER}-{n}" for n in range(1, processes + 1))
+
+
+def required_roles(processes: int) -> tuple[str, ...]:
+    """Every role a ready node runs, with ``processes`` receive processes."""
+    return (*receiver_roles(processes), DISPATCH)
+
+
 Probe = Callable[[], tuple[bool, str]]
 """A process's own check: (ok, detail)."""
 

@@ -10,7 +10,8 @@ from typing import Any
 
 from sqlalchemy import Engine, bindparam, literal_column, select
 
-from .dialect import is_busy, upsert_insert
+from .dialect import begin_write_sql, groups_commits_itself, is_busy, upsert_insert
+from .groupcommit import GroupCommit, Work
 from .header import InstanceHeader
 from .schema import instances
 
@@ -21,6 +22,11 @@ _LOCK_RETRY_SLEEP = 0.0003
 def _parameters(order: tuple[str, ...] | None, values: dict[str, Any]) -> Any:
     """DBAPI parameters: a tuple in ``order`` for positional dialects, else the dict."""
     return tuple(values[name] for name in order) if order is not None else values
+
+
+def _busy_cause(exc: BaseException) -> bool:
+    """Whether ``exc`` (an :class:`IndexUnavailable`) comes from a lock held too long."""
+    return exc.__cause__ is not None and is_busy(exc.__cause__)
 
 
 class IndexUnavailable(RuntimeError):
@@ -46,6 +52,12 @@ class Provenance:
 class InstanceIndex:
     def __init__(self, engine: Engine):
         self.engine = engine
+        # The receiver's rows: concurrent associations share one commit (groupcommit),
+        # where the database does not do it itself.
+        self.group: GroupCommit | None = None
+        if not groups_commits_itself(engine.dialect.name):
+            self.group = GroupCommit(self._transaction, alone=lambda exc: not _busy_cause(exc))
+        self._begin = begin_write_sql(engine.dialect.name)
 
     def prepare(self) -> None:
         """Compile the receive path's statements now (importing the SQL dialects and
@@ -125,7 +137,9 @@ class InstanceIndex:
         replace: bool = True,
     ) -> int:
         """:meth:`record`, returning the generation now indexed (0: the existing record
-        was kept). The receiver needs it to retract exactly its own copy (:meth:`retract`)."""
+        was kept). The receiver needs it to retract exactly its own copy (:meth:`retract`).
+        Committed on return; on SQLite with the rows of concurrent callers
+        (:class:`.GroupCommit`)."""
         values = {
             "sop_instance_uid": header.sop_instance_uid,
             "sop_class_uid": header.sop_class_uid,
@@ -159,7 +173,19 @@ class InstanceIndex:
             row = cursor.fetchone()
             return 0 if row is None else int(row[0])
 
-        return int(self._run(upsert, commit=True))
+        if self.group is None:
+            return int(self._run(upsert, commit=True))
+        return int(self.group.run(upsert))
+
+    def _transaction(self, works: list[Work]) -> list[Any]:
+        """``works`` in one transaction, committed (and durable) on return."""
+
+        def together(cursor: Any) -> list[Any]:
+            if self._begin is not None:
+                cursor.execute(self._begin)
+            return [work(cursor) for work in works]
+
+        return list(self._run(together, commit=True))
 
     def retract(self, sop_instance_uid: str, generation: int, reason: str) -> None:
         """The receiver's copy vanished between its commit and its answer: a purge took
