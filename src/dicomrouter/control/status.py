@@ -115,7 +115,7 @@ def node_status(ctx: Any, max_age: float = 0.0) -> dict[str, Any]:
             for check in heartbeat.check(
                 ctx.reader,
                 ctx.config.node.name,
-                heartbeat.required_roles(ctx.config.dicom.process_count)
+                heartbeat.required_roles(ctx.config.dicom.process_count),
             )
         ],
         "retention": _recent.get(
