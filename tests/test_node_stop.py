@@ -38,6 +38,7 @@ def _slow_child(name: str, seconds: float) -> ChildProcess:
 def test_children_stop_together() -> None:
     node = object.__new__(Node)
     node.heartbeat = None
+    node.listener = None
     node.receiver = _Quiet()  # type: ignore[assignment]
     node.engines = _Quiet()  # type: ignore[assignment]
     node.children = [_slow_child("dispatch", 2.0), _slow_child("http", 2.0)]
