@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 
 from dicomrouter.queue import ItemResult, JobStore
 from dicomrouter.queue import states as S
+from dicomrouter.store.dialect import database_now
 from dicomrouter.store.schema import instances, job_instances, jobs, triggers, unplanned
 from tests.support.synth import make_study
 from tests.test_queue import DEST, Pipeline, route
@@ -314,6 +315,30 @@ def test_a_node_whose_clock_runs_ahead_does_not_fire_a_study_early(
     skewed(+HOUR)
     assert p.planner.fire_stable_triggers() == 0
     assert p.job_list() == []
+
+
+def test_a_node_whose_clock_is_off_is_up_while_it_beats_and_down_once_silent(
+    tmp_path: Path, postgres_url: str, skewed: Any
+) -> None:
+    """Heartbeats are judged by the database's clock: node B, an hour behind, is up
+    (and ready) while it beats; node C, an hour ahead, is down once it has been
+    silent for longer than STALE_AFTER, not an hour later."""
+    from dicomrouter.control import nodes
+    from dicomrouter.store import heartbeat
+
+    p = _pg_pipeline(tmp_path, postgres_url)
+    for name, offset in (("nodeB", -HOUR), ("nodeC", +HOUR)):
+        skewed(offset)
+        for role in heartbeat.REQUIRED_ROLES:
+            heartbeat.beat(p.engine, name, role, time.time(), True, "")
+        assert all(c.ok for c in heartbeat.check(p.engine, name))  # the node's readiness
+    skewed(0)  # node A looks
+    view = {n.name: n.state for n in nodes.list_nodes(p.engine).nodes}
+    assert view == {"nodeB": nodes.UP, "nodeC": nodes.UP}
+    with p.engine.connect() as conn:
+        later = database_now(conn) + heartbeat.STALE_AFTER + 1
+    view = {n.name: n.state for n in nodes.list_nodes(p.engine, later).nodes}
+    assert view == {"nodeB": nodes.DOWN, "nodeC": nodes.DOWN}
 
 
 def test_recovery_by_prefix_takes_only_this_nodes_leases(tmp_path: Path) -> None:
