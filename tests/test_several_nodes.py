@@ -341,6 +341,37 @@ def test_a_node_whose_clock_is_off_is_up_while_it_beats_and_down_once_silent(
     assert view == {"nodeB": nodes.DOWN, "nodeC": nodes.DOWN}
 
 
+def test_a_node_whose_clock_runs_ahead_does_not_give_up_early(
+    tmp_path: Path, postgres_url: str, skewed: Any
+) -> None:
+    """``give_up_after`` counts from ``paused_since``, in the database's time: a node
+    an hour ahead does not fail the jobs of a destination unreachable for a moment."""
+    from dicomrouter.dispatch.health import DestinationHealth
+    from dicomrouter.dispatch.transforming import Transforms
+    from dicomrouter.dispatch.worker import DestinationWorker
+
+    p = _pg_pipeline(tmp_path, postgres_url, give_up_after="30m")
+    p.receive(make_study(tmp_path / "in", 2))
+    p.plan()
+    health = DestinationHealth("pacs", p.config.destinations["pacs"], p.engine)
+    health.record_unreachable("connection refused", pause_now=True)
+    worker = DestinationWorker(
+        "pacs",
+        0,
+        p.config,
+        p.jobs,
+        p.store,
+        health,
+        threading.Event(),
+        Transforms(p.config, p.engine, p.store.root / "outgoing"),
+    )
+    skewed(+HOUR)
+    health._checked = 0.0  # the worker's next look at the shared row
+    worker._give_up_if_due()
+    assert _count(p, jobs, jobs.c.state == S.FAILED) == 0
+    assert _count(p, jobs, jobs.c.state.in_(S.WAITING_STATES)) > 0
+
+
 def test_recovery_by_prefix_takes_only_this_nodes_leases(tmp_path: Path) -> None:
     """A restarted node takes its own leases back at once, never another node's whose
     name the prefix would match as a pattern (``_`` is a LIKE wildcard)."""

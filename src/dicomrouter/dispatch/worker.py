@@ -237,13 +237,14 @@ class DestinationWorker(threading.Thread):
         since = self.health.paused_since
         if limit is None or since is None or not self.health.unreachable:
             return
-        if time.time() - since < limit:
+        now = self.health.database_time()  # paused_since and updated_at are in it
+        if now - since < limit:
             return
         reason = (
             f"gave up: destination unreachable and job waiting for more than "
             f"{format_duration(limit)} ({self.health.last_error or 'no answer'})"
         )
-        failed, undelivered = self.jobs.give_up(self.dest_name, time.time() - limit, reason)
+        failed, undelivered = self.jobs.give_up(self.dest_name, now - limit, reason)
         for _ in range(undelivered):
             metrics.delivery_result(self.dest_name, "permanent", None)
         if failed:
