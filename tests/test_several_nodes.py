@@ -9,6 +9,8 @@ tests need a server with a clock of its own: PostgreSQL only.
 
 from __future__ import annotations
 
+import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -392,20 +394,58 @@ def test_recovery_by_prefix_takes_only_this_nodes_leases(tmp_path: Path) -> None
 
 
 def _established(port: int) -> int:
-    """TCP connections accepted on ``port`` and open now (the server's side of each
-    association), from /proc/net/tcp{,6}."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            local, state = fields[1], fields[3]
-            if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
-                count += 1
-    return count
+    """TCP connections accepted on ``port`` and open now (see :func:`_connections`)."""
+    return len(_connections(port))
+
+
+def _connections(port: int) -> set[int]:
+    """The client ports of the TCP connections to ``port`` on 127.0.0.1 that are
+    established (the peer's side of each association), asked of the kernel by
+    sock_diag (netlink; what ``ss`` uses), which filters by port in one pass.
+
+    Not a snapshot all the same: a thread of this process may close one connection
+    and open the next while the kernel walks its table, and both then show as
+    established. (/proc/net/tcp, a page per read() and 7 ms a listing here, did
+    that often.) A connection shown in two listings in a row was established all
+    the time between them (a connection is established once, for one stretch):
+    :class:`_Sampler` counts those."""
+    states = 1 << 1  # TCP_ESTABLISHED
+    request = struct.pack("=BBBBI", socket.AF_INET, socket.IPPROTO_TCP, 0, 0, states)
+    request += struct.pack(">HH", port, 0) + bytes(32) + struct.pack("=IQ", 0, 2**64 - 1)
+    dump = 0x1 | 0x300  # NLM_F_REQUEST | NLM_F_DUMP
+    message = struct.pack("=IHHII", 16 + len(request), 20, dump, 1, 0) + request
+    found: set[int] = set()
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 4) as diag:  # NETLINK_SOCK_DIAG
+        diag.sendto(message, (0, 0))
+        while True:
+            data, offset = diag.recv(1 << 16), 0
+            while offset < len(data):
+                length, kind = struct.unpack_from("=IH", data, offset)
+                if kind == 3:  # NLMSG_DONE
+                    return found
+                if kind == 2:  # NLMSG_ERROR
+                    raise OSError("sock_diag refused the request")
+                state = data[offset + 17]  # inet_diag_msg after the 16-byte header
+                local, remote = struct.unpack_from(">HH", data, offset + 20)
+                if state == 1 and local == port:
+                    found.add(remote)
+                offset += (length + 3) & ~3
+
+
+class _Sampler:
+    """Samples the connections to ``port`` (but those in ``ignore``)."""
+
+    def __init__(self, port: int, ignore: set[int]) -> None:
+        self.port, self.ignore, self.last = port, ignore, set[int]()
+        self.seen = 0  # the most in one listing (it sees associations at all)
+
+    def open_together(self) -> int:
+        """How many were open at one instant: those established in this listing and
+        the previous one (all of them were, at the moment between the two)."""
+        now = _connections(self.port) - self.ignore
+        together, self.last = len(now & self.last), now
+        self.seen = max(self.seen, len(now))
+        return together
 
 
 def test_two_nodes_open_one_association_at_a_time_to_a_one_association_peer(
@@ -455,22 +495,23 @@ def test_two_nodes_open_one_association_at_a_time_to_a_one_association_peer(
         p.jobs.claim = _after_a_pause(p.jobs.claim)  # type: ignore[method-assign]
     peak = 0
     with scp:
-        baseline = _established(scp.port)  # nothing open once the readiness echo ended
+        # Nothing open once the readiness echo ended (its connection, if left, aside).
+        sampler = _Sampler(scp.port, ignore=_connections(scp.port))
         for worker in workers:
             worker.start()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            peak = max(peak, _established(scp.port) - baseline)
+            peak = max(peak, sampler.open_together())
             if _count(a, jobs, jobs.c.state.in_(S.OPEN_STATES)) == 0:
                 break
-            time.sleep(0.002)
+            time.sleep(0.0005)
         stop.set()
         for worker in workers:
             worker.join(30)
         received = scp.received_sops()
         associations = scp.association_count()
     assert received == sop_uids(files)
-    assert peak == 1
+    assert peak <= 1 and sampler.seen >= 1
     assert associations >= 2  # claims of 15 instances at most (batch_size x 5)
 
 
