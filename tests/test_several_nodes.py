@@ -24,6 +24,7 @@ from dicomrouter.queue import ItemResult, JobStore
 from dicomrouter.queue import states as S
 from dicomrouter.store.dialect import database_now
 from dicomrouter.store.schema import instances, job_instances, jobs, triggers, unplanned
+from tests.support.router import wait_until
 from tests.support.synth import make_study
 from tests.test_queue import DEST, Pipeline, route
 
@@ -372,6 +373,41 @@ def test_a_node_whose_clock_runs_ahead_does_not_give_up_early(
     worker._give_up_if_due()
     assert _count(p, jobs, jobs.c.state == S.FAILED) == 0
     assert _count(p, jobs, jobs.c.state.in_(S.WAITING_STATES)) > 0
+
+
+def test_a_worker_cut_off_from_the_index_stops_sending_before_its_lease_runs_out(
+    tmp_path: Path,
+) -> None:
+    """A node that cannot renew its lease (the index unreachable, here locked) stops
+    sending the claim before the lease can run out: after that, another node takes
+    the jobs, and the two would send them at once."""
+    import sqlite3
+
+    from dicomrouter.dispatch.worker import _LeaseRenewer
+    from dicomrouter.store import create_index_engine
+    from dicomrouter.store.dialect import WRITE_LOCK_KEY, dedicated_connection
+
+    p = Pipeline(tmp_path, {"destinations": {"pacs": DEST}, "routes": [route()]})
+    p.receive(make_study(tmp_path / "in", 2))
+    p.plan()
+    jobs_store = JobStore(create_index_engine(p.config.database_url, busy_timeout_ms=0))
+    claim = jobs_store.claim("pacs", "nodeA:1:pacs:0", lease=0.9)
+    assert claim is not None
+    renewer = _LeaseRenewer(jobs_store, claim, 0.9)
+    # Every renewal now fails (SQLite: locked) or waits (PostgreSQL: the write lock).
+    if p.engine.dialect.name == "sqlite":
+        blocker = sqlite3.connect(p.config.database_url.removeprefix("sqlite:///"))
+        blocker.execute("BEGIN IMMEDIATE")
+    else:
+        blocker = dedicated_connection(p.engine, "test blocker")
+        blocker.execute(f"SELECT pg_advisory_lock({WRITE_LOCK_KEY})")
+    try:
+        renewer.start()
+        wait_until(lambda: renewer.stop_sending, 30, 0.05, "the renewer stops the send")
+    finally:
+        blocker.close()  # the lock goes with it
+        renewer.stop()
+        jobs_store.engine.dispose()
 
 
 def test_recovery_by_prefix_takes_only_this_nodes_leases(tmp_path: Path) -> None:

@@ -516,7 +516,10 @@ class _LeaseRenewer(threading.Thread):
 
     Renewing from the send loop would stop while a response is awaited, and a lease
     shorter than a DIMSE timeout would then expire under a live send. Every renewal
-    also reports jobs canceled meanwhile or no longer ours, so the send stops soon.
+    also reports jobs canceled meanwhile or no longer ours, so the send stops soon;
+    so does a lease it could not renew in time (this node cut off from the index):
+    another node takes the jobs once it runs out, and they must not go out twice at
+    once.
     """
 
     def __init__(self, jobs: JobStore, claim: Claim, lease: float):
@@ -525,14 +528,27 @@ class _LeaseRenewer(threading.Thread):
         self.claim = claim
         self.lease = lease
         self.interval = min(lease / 3, _RENEW_EVERY)
-        self.stop_sending = False
+        self._lost = False  # jobs canceled or no longer ours
+        #: time.monotonic() when the lease last ran ``lease`` from then, at the latest
+        #: (the start of the last renewal that went through; the claim's before that).
+        self.renewed = time.monotonic()
         self._done = threading.Event()
+
+    @property
+    def stop_sending(self) -> bool:
+        """Stop between instances: jobs were lost, or the lease was not renewed for
+        so long that it may run out before the next renewal (a renewal failing or
+        hanging: this node cut off from the index), after which another node sends
+        them too."""
+        return self._lost or time.monotonic() - self.renewed >= self.lease - self.interval
 
     def run(self) -> None:
         while not self._done.wait(self.interval):
+            attempt = time.monotonic()
             try:
                 if self.jobs.renew(self.claim, self.lease):
-                    self.stop_sending = True
+                    self._lost = True
+                self.renewed = attempt
             except Exception:
                 log.exception("lease renewal failed; retrying")
 
