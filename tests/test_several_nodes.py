@@ -410,6 +410,22 @@ def test_a_worker_cut_off_from_the_index_stops_sending_before_its_lease_runs_out
         jobs_store.engine.dispose()
 
 
+def test_a_dashboard_session_lives_on_every_node_whatever_their_clocks(
+    tmp_path: Path, postgres_url: str, skewed: Any
+) -> None:
+    """Behind a load balancer a session started on one node is checked on the
+    others: one whose clock runs an hour ahead neither refuses it as expired nor
+    deletes it (and the others) when someone logs in there."""
+    from dicomrouter.control import sessions
+
+    p = _pg_pipeline(tmp_path, postgres_url)
+    token = sessions.start(p.engine, "alice", 1800)
+    skewed(+HOUR)
+    assert sessions.start(p.engine, "bob", 1800)
+    live = sessions.find(p.engine, token)
+    assert live is not None and live.user == "alice"
+
+
 def test_recovery_by_prefix_takes_only_this_nodes_leases(tmp_path: Path) -> None:
     """A restarted node takes its own leases back at once, never another node's whose
     name the prefix would match as a pattern (``_`` is a LIKE wildcard)."""
