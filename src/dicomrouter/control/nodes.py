@@ -10,13 +10,13 @@ or an operator forgets it: a node taken out for good.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from sqlalchemy import Engine, delete, func, select
 
 from dicomrouter.store import audit, heartbeat
+from dicomrouter.store.dialect import database_now
 from dicomrouter.store.schema import process_heartbeats
 
 from .errors import Conflict, NotFound
@@ -82,12 +82,14 @@ class Nodes:
 
 
 def list_nodes(engine: Engine, now: float | None = None) -> Nodes:
-    """Every node that has a heartbeat row, sorted by name."""
-    now = time.time() if now is None else now
+    """Every node that has a heartbeat row, sorted by name. Ages are in the
+    database's time, the clock heartbeats are written in (``now`` aside)."""
     newest = latest_version(engine, with_yaml=False)
     newest_id = None if newest is None else newest.id
+    beats, db_now = heartbeat.read_at(engine)
+    now = db_now if now is None else now
     by_node: dict[str, list[heartbeat.Heartbeat]] = {}
-    for beat in heartbeat.read(engine):
+    for beat in beats:
         by_node.setdefault(beat.node, []).append(beat)
     return Nodes([_node(name, beats, now, newest_id) for name, beats in by_node.items()], newest_id)
 
@@ -141,16 +143,15 @@ def forget(
     shown nor alerted as down. A node that is up is refused (it would only come
     back at its next heartbeat); one that starts again later simply reappears.
     Audited as ``node.forget``."""
-    now = time.time() if now is None else now
     node = get_node(engine, name, now)
     if node.state == UP:
         raise Conflict(
             f"node {name!r} is up (heartbeat {node.last_heartbeat_age_s:.0f} s ago): "
             "stop it first; only a node that is down can be forgotten"
         )
-    stale = now - heartbeat.STALE_AFTER
     table = process_heartbeats
     with engine.begin() as conn:
+        stale = (database_now(conn) if now is None else now) - heartbeat.STALE_AFTER
         # Checked again in the deleting transaction: one that beat meanwhile stays.
         fresh = conn.execute(
             select(func.count()).where(table.c.node == name, table.c.heartbeat_at >= stale)

@@ -10,17 +10,21 @@ The lifetime slides: every request made with a session moves its expiry to
 the row is rewritten at most every :data:`TOUCH_INTERVAL` seconds, so a session can
 end up to that much earlier than the lifetime says. Expired rows are deleted when
 someone logs in.
+
+Every time here is the database's (``database_now``): behind a load balancer, a
+session started on one node is checked and slid on the others, whose wall clocks
+may differ (one ahead would log everyone out, or delete their sessions).
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
-import time
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, delete, select, update
 
+from dicomrouter.store.dialect import database_now
 from dicomrouter.store.schema import http_sessions
 
 #: Seconds between two writes of one session's expiry.
@@ -35,6 +39,8 @@ class Session:
     user: str
     last_seen: float
     expires_at: float
+    #: The database's time when it was found live (what :func:`touch` compares).
+    found_at: float = 0.0
 
 
 def _key(token: str) -> str:
@@ -44,8 +50,8 @@ def _key(token: str) -> str:
 def start(engine: Engine, user: str, lifetime: float, source: str = "") -> str:
     """A new session for ``user``; returns the token for the cookie."""
     token = secrets.token_urlsafe(32)
-    now = time.time()
     with engine.begin() as conn:
+        now = database_now(conn)
         conn.execute(delete(http_sessions).where(http_sessions.c.expires_at <= now))
         conn.execute(
             http_sessions.insert().values(
@@ -73,18 +79,19 @@ def find(engine: Engine, token: str) -> Session | None:
                 http_sessions.c.expires_at,
             ).where(http_sessions.c.id == _key(token))
         ).first()
-    if row is None or row.expires_at <= time.time():
+        now = database_now(conn)
+    if row is None or row.expires_at <= now:
         return None
-    return Session(row.id, row.user, row.last_seen, row.expires_at)
+    return Session(row.id, row.user, row.last_seen, row.expires_at, now)
 
 
 def touch(engine: Engine, session: Session, lifetime: float) -> None:
     """Slide the session's expiry to now + ``lifetime`` (at most every
     :data:`TOUCH_INTERVAL` seconds)."""
-    now = time.time()
-    if now - session.last_seen < TOUCH_INTERVAL:
+    if session.found_at - session.last_seen < TOUCH_INTERVAL:
         return
     with engine.begin() as conn:
+        now = database_now(conn)
         conn.execute(
             update(http_sessions)
             .where(http_sessions.c.id == session.key)

@@ -263,6 +263,11 @@ class DestinationHealth:
             self.next_probe_at = time.monotonic() + interval
             return True
 
+    def database_time(self) -> float:
+        """The database's time now, by this clock and its offset as of the last read
+        (``paused_since`` is in the database's time)."""
+        return time.time() + self._skew
+
     def _lease_over(self) -> bool:
         """Whether the probe lease is free or run out, by the database's clock as of
         the last read (caller holds the lock)."""

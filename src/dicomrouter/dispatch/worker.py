@@ -237,13 +237,14 @@ class DestinationWorker(threading.Thread):
         since = self.health.paused_since
         if limit is None or since is None or not self.health.unreachable:
             return
-        if time.time() - since < limit:
+        now = self.health.database_time()  # paused_since and updated_at are in it
+        if now - since < limit:
             return
         reason = (
             f"gave up: destination unreachable and job waiting for more than "
             f"{format_duration(limit)} ({self.health.last_error or 'no answer'})"
         )
-        failed, undelivered = self.jobs.give_up(self.dest_name, time.time() - limit, reason)
+        failed, undelivered = self.jobs.give_up(self.dest_name, now - limit, reason)
         for _ in range(undelivered):
             metrics.delivery_result(self.dest_name, "permanent", None)
         if failed:
@@ -543,8 +544,10 @@ class _LeaseRenewer(threading.Thread):
 
     Renewing from the send loop would stop while a response is awaited, and a lease
     shorter than a DIMSE timeout would then expire under a live send. Every renewal
-    also reports jobs canceled meanwhile or no longer ours, so the send stops soon,
-    and first writes the results not written yet (see :class:`_Results`).
+    also reports jobs canceled meanwhile or no longer ours, so the send stops soon;
+    so does a lease it could not renew in time (this node cut off from the index):
+    another node takes the jobs once it runs out, and they must not go out twice at
+    once. Each renewal first writes the results not written yet (:class:`_Results`).
     """
 
     def __init__(self, jobs: JobStore, claim: Claim, lease: float, results: _Results):
@@ -554,15 +557,28 @@ class _LeaseRenewer(threading.Thread):
         self.lease = lease
         self.results = results
         self.interval = min(lease / 3, _RENEW_EVERY)
-        self.stop_sending = False
+        self._lost = False  # jobs canceled or no longer ours
+        #: time.monotonic() when the lease last ran ``lease`` from then, at the latest
+        #: (the start of the last renewal that went through; the claim's before that).
+        self.renewed = time.monotonic()
         self._done = threading.Event()
+
+    @property
+    def stop_sending(self) -> bool:
+        """Stop between instances: jobs were lost, or the lease was not renewed for
+        so long that it may run out before the next renewal (a renewal failing or
+        hanging: this node cut off from the index), after which another node sends
+        them too."""
+        return self._lost or time.monotonic() - self.renewed >= self.lease - self.interval
 
     def run(self) -> None:
         while not self._done.wait(self.interval):
+            attempt = time.monotonic()
             try:
                 self.results.flush()
                 if self.jobs.renew(self.claim, self.lease):
-                    self.stop_sending = True
+                    self._lost = True
+                self.renewed = attempt
             except Exception:
                 log.exception("lease renewal failed; retrying")
 

@@ -80,6 +80,7 @@ from dicomrouter.control.nodes import DOWN, list_nodes
 from dicomrouter.control.unplanned import summary as unplanned_summary
 from dicomrouter.queue import commitment
 from dicomrouter.store import audit
+from dicomrouter.store.dialect import database_now
 from dicomrouter.store.leadership import Leadership
 from dicomrouter.store.schema import jobs, loop_events
 from dicomrouter.tls import TlsError, certificate_not_after
@@ -274,7 +275,11 @@ class AlertEvaluator:
         """One incident per node that stopped heartbeating, from its last heartbeat;
         a node forgotten meanwhile ends its incident."""
         rule = config.alerts.events.node_down
-        found = {node.name: node for node in list_nodes(self.reader, now).nodes}
+        # Heartbeats are in the database's clock: this check's moment, carried into it
+        # (a node whose wall clock is off is neither down while it beats nor up after).
+        with self.reader.connect() as conn:
+            skew = database_now(conn) - time.time()
+        found = {node.name: node for node in list_nodes(self.reader, now + skew).nodes}
         open_ones = {target for event, target in self._incidents if event == "node_down"}
         alerts: list[Alert] = []
         for name in sorted(set(found) | open_ones):

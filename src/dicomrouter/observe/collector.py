@@ -224,7 +224,7 @@ class IndexCollector(Collector):
             "down (not forgotten): every node's scrape shows them all.",
             labels=["node"],
         )
-        for node in list_nodes(self.engine, now).nodes:
+        for node in list_nodes(self.engine).nodes:
             node_up.add_metric([node.name], 1.0 if node.state == UP else 0.0)
         yield node_up
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, select, update
 
 from dicomrouter import __version__
+from dicomrouter.store.dialect import database_now
 from dicomrouter.store.schema import process_heartbeats
 
 log = logging.getLogger("dicomrouter.heartbeat")
@@ -91,13 +92,16 @@ def beat(
     config_version: int | None = None,
     open_associations: int = 0,
 ) -> None:
-    """Write this process's heartbeat for ``role`` on ``node``."""
-    now = time.time() if now is None else now
+    """Write this process's heartbeat for ``role`` on ``node``, at the database's
+    time (``now`` aside): other nodes judge its age by their own reading of that
+    clock, so a node whose wall clock is off is neither shown down while it beats
+    nor up long after it died."""
     pid = os.getpid()
-    values: dict[str, object] = {"pid": pid, "started_at": started_at, "heartbeat_at": now}
+    values: dict[str, object] = {"pid": pid, "started_at": started_at}
     values.update(ok=int(ok), detail=detail[:500], software_version=__version__[:64])
     values.update(config_version=config_version, open_associations=open_associations)
     with engine.begin() as conn:
+        values["heartbeat_at"] = database_now(conn) if now is None else now
         changed = conn.execute(
             update(process_heartbeats)
             .where(process_heartbeats.c.node == node, process_heartbeats.c.role == role)
@@ -108,6 +112,12 @@ def beat(
 
 
 def read(engine: Engine, node: str | None = None) -> list[Heartbeat]:
+    return read_at(engine, node)[0]
+
+
+def read_at(engine: Engine, node: str | None = None) -> tuple[list[Heartbeat], float]:
+    """The heartbeats (of ``node``, or all), and the database's time as they were
+    read: the clock their ``heartbeat_at`` is in, to tell their age by."""
     table = process_heartbeats
     query = select(table).order_by(table.c.node, table.c.role)
     if node is not None:
@@ -127,7 +137,7 @@ def read(engine: Engine, node: str | None = None) -> list[Heartbeat]:
                 r.open_associations,
             )
             for r in conn.execute(query)
-        ]
+        ], database_now(conn)
 
 
 def pid_exists(pid: int) -> bool:
@@ -144,9 +154,11 @@ def pid_exists(pid: int) -> bool:
 def check(
     engine: Engine, node: str, roles: tuple[str, ...] = REQUIRED_ROLES, now: float | None = None
 ) -> list[ProcessCheck]:
-    """Readiness of each of ``roles`` on ``node`` (this one), from their heartbeats."""
-    now = time.time() if now is None else now
-    found = {hb.role: hb for hb in read(engine, node)}
+    """Readiness of each of ``roles`` on ``node`` (this one), from their heartbeats
+    (their age in the database's time, unless ``now`` is given)."""
+    beats, db_now = read_at(engine, node)
+    now = db_now if now is None else now
+    found = {hb.role: hb for hb in beats}
     checks = []
     for role in roles:
         hb = found.get(role)
