@@ -383,7 +383,7 @@ def test_a_worker_cut_off_from_the_index_stops_sending_before_its_lease_runs_out
     the jobs, and the two would send them at once."""
     import sqlite3
 
-    from dicomrouter.dispatch.worker import _LeaseRenewer
+    from dicomrouter.dispatch.worker import _LeaseRenewer, _Results
     from dicomrouter.store import create_index_engine
     from dicomrouter.store.dialect import WRITE_LOCK_KEY, dedicated_connection
 
@@ -393,7 +393,7 @@ def test_a_worker_cut_off_from_the_index_stops_sending_before_its_lease_runs_out
     jobs_store = JobStore(create_index_engine(p.config.database_url, busy_timeout_ms=0))
     claim = jobs_store.claim("pacs", "nodeA:1:pacs:0", lease=0.9)
     assert claim is not None
-    renewer = _LeaseRenewer(jobs_store, claim, 0.9)
+    renewer = _LeaseRenewer(jobs_store, claim, 0.9, _Results(jobs_store))
     # Every renewal now fails (SQLite: locked) or waits (PostgreSQL: the write lock).
     if p.engine.dialect.name == "sqlite":
         blocker = sqlite3.connect(p.config.database_url.removeprefix("sqlite:///"))
