@@ -8,6 +8,7 @@ are all delivered after it, none twice; a new route and destination start at onc
 
 from __future__ import annotations
 
+import os
 import signal
 import tempfile
 import threading
@@ -230,6 +231,7 @@ def test_dispatcher_apply_replaces_removes_and_adds_destinations(tmp_path: Path)
     """In-process: a changed destination's workers are replaced, a removed one's stop,
     an added one's start; the planner routes with the new rules."""
     data: dict[str, Any] = {
+        "node": {"name": "router-7"},
         "storage": {"path": str(tmp_path / "data")},
         "destinations": {"a": _dest("A", free_port()), "b": _dest("B", free_port())},
         "routes": [{"name": "r", "to": ["a", "b"]}],
@@ -260,6 +262,10 @@ def test_dispatcher_apply_replaces_removes_and_adds_destinations(tmp_path: Path)
         assert dispatcher.destinations["a"].workers[0].dest.port == new.destinations["a"].port
         assert "b" not in dispatcher.destinations
         wait_until(lambda: [r.name for r in dispatcher.planner.routes] == ["r2"], 10)
+        # Probes of a paused destination are leased under this node's name (shared
+        # health: another node sees which node probes).
+        health = dispatcher.destinations["c"].workers[0].health
+        assert health.owner == f"router-7:{os.getpid()}"
     finally:
         dispatcher.stop()
     assert not any(t.is_alive() for t in dispatcher.threads)

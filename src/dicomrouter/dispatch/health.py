@@ -52,7 +52,8 @@ LEASE_PROBES = 2
 
 
 def default_owner() -> str:
-    """Who probes, as ``probe_owner`` shows it: this node and process."""
+    """Who probes, as ``probe_owner`` shows it, when the caller names no owner: this
+    host and process (the dispatcher names its node, ``node.name``, and process)."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 

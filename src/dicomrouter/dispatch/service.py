@@ -11,6 +11,7 @@ at once. Jobs live in the index, not in the workers, so none is lost or sent twi
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -139,7 +140,13 @@ class Dispatcher:
         if self.stop_event.is_set():
             return
         dest = config.destinations[name]
-        health = DestinationHealth(name, dest, self.engine, reader=self.planner.reader)
+        health = DestinationHealth(
+            name,
+            dest,
+            self.engine,
+            owner=f"{self.config.node.name}:{os.getpid()}",
+            reader=self.planner.reader,
+        )
         workers = [
             _Worker(
                 name,
