@@ -28,6 +28,7 @@ from dicomrouter.destinations import SenderOptions, VerificationNotSupported, cr
 from dicomrouter.queue import JobStore
 from dicomrouter.queue import states as S
 from dicomrouter.store import audit
+from dicomrouter.store.dialect import database_now
 from dicomrouter.store.schema import attempts, destination_state, job_instances, jobs
 
 from .errors import Conflict, Invalid, NotFound
@@ -267,8 +268,8 @@ def pause(ctx: Any, name: str, actor: str, source: str = "") -> dict[str, Any]:
     within a second; a batch already on the wire finishes. Raises :class:`Conflict`
     if it is already paused by an operator."""
     _configured(ctx, name)
-    now = time.time()
     with ctx.engine.begin() as conn:
+        now = database_now(conn)  # paused_since is compared with the database's time
         row = conn.execute(
             select(destination_state.c.admin_paused).where(destination_state.c.name == name)
         ).first()
@@ -302,8 +303,8 @@ def resume(ctx: Any, name: str, actor: str, source: str = "") -> dict[str, Any]:
     the C-ECHO probe; resuming a destination that is not paused by an operator
     raises :class:`Conflict`."""
     dest = _configured(ctx, name)
-    now = time.time()
     with ctx.engine.begin() as conn:
+        now = database_now(conn)
         changed = conn.execute(
             update(destination_state)
             .where(destination_state.c.name == name, destination_state.c.admin_paused != 0)
