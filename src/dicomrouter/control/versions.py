@@ -549,6 +549,15 @@ def _insert_version(conn: Connection, text: str, author: str, source: str, comme
     return version_id
 
 
+def _newest(conn: Connection) -> Any:
+    """The newest version's id and sha256 (a row), or None."""
+    return conn.execute(
+        select(config_versions.c.id, config_versions.c.sha256)
+        .order_by(config_versions.c.id.desc())
+        .limit(1)
+    ).first()
+
+
 def record_if_new(
     engine: Engine, text: str, *, author: str, source: str, comment: str = ""
 ) -> tuple[int, bool]:
@@ -557,11 +566,7 @@ def record_if_new(
     write transaction, so the node and the HTTP process recording the same file at
     once make one version, not two."""
     with engine.begin() as conn:
-        newest = conn.execute(
-            select(config_versions.c.id, config_versions.c.sha256)
-            .order_by(config_versions.c.id.desc())
-            .limit(1)
-        ).first()
+        newest = _newest(conn)
         if newest is not None and newest.sha256 == sha256(text):
             return int(newest.id), False
         return _insert_version(conn, text, author, source, comment), True
@@ -581,11 +586,7 @@ def file_is_history(engine: Engine, text: str) -> Version | None:
     (an edit: it is recorded) or is the newest version already."""
     digest = sha256(text)
     with engine.connect() as conn:
-        newest = conn.execute(
-            select(config_versions.c.id, config_versions.c.sha256)
-            .order_by(config_versions.c.id.desc())
-            .limit(1)
-        ).first()
+        newest = _newest(conn)
         if newest is None or newest.sha256 == digest:
             return None
         older = conn.execute(
