@@ -590,7 +590,12 @@ def test_give_up_waits_for_the_outage_not_the_job_age(tmp_path: Path) -> None:
     from dicomrouter.dispatch.worker import DestinationWorker
 
     calls: list[float] = []
-    health = SimpleNamespace(paused_since=time.time() - 60, unreachable=True, last_error="down")
+    health = SimpleNamespace(
+        paused_since=time.time() - 60,
+        unreachable=True,
+        last_error="down",
+        database_time=time.time,  # one machine: the database's clock is this one
+    )
     fake = SimpleNamespace(
         dest=SimpleNamespace(give_up_after=3600.0),
         dest_name="pacs",
